@@ -1,0 +1,140 @@
+# Configuration: one JSON object. Keys follow mosquitto.conf where the
+# concept is the same. A board profile (boards/<name>.json, "config" part)
+# replaces the defaults below; the user's file replaces those. Any unknown
+# key or bad value stops the start with ConfigError naming the key, before
+# a socket is opened.
+import json
+
+
+class ConfigError(Exception):
+    pass
+
+
+_U16 = 65535
+_BIG = 268435455
+
+# key: (default, kind, lo, hi). kind: "int", "bool", "str", "str?", "list",
+# "dict", "level". Range checks apply to ints.
+SCHEMA = {
+    "port": (1883, "int", 0, _U16),
+    "bind_address": ("0.0.0.0", "str", 0, 0),
+    "listeners": ([], "list", 0, 0),
+    "allow_anonymous": (False, "bool", 0, 0),
+    "password_file": (None, "str?", 0, 0),
+    "acl_file": (None, "str?", 0, 0),
+    "max_connections": (8, "int", 1, 1000),
+    "max_sessions": (16, "int", 0, 10000),
+    "max_inflight_messages": (10, "int", 1, _U16),
+    "max_queued_messages": (32, "int", 0, 100000),
+    "queue_qos0_messages": (False, "bool", 0, 0),
+    "max_packet_size": (8192, "int", 64, _BIG),
+    "max_keepalive": (_U16, "int", 1, _U16),
+    "max_topic_length": (256, "int", 1, _U16),
+    "max_topic_levels": (16, "int", 1, 1000),
+    "max_subscriptions": (16, "int", 1, 10000),
+    "max_retained_messages": (64, "int", 0, 100000),
+    "max_topic_alias": (10, "int", 0, _U16),
+    "retain_available": (True, "bool", 0, 0),
+    "persistence": (False, "bool", 0, 0),
+    "persistence_location": ("data", "str", 0, 0),
+    "store_max_bytes": (262144, "int", 4096, 1 << 30),
+    "persistent_client_expiration": (0, "int", 0, 0xFFFFFFFF),
+    "connect_timeout": (10, "int", 1, 3600),
+    "sys_interval": (10, "int", 0, 3600),
+    "min_free_heap": (16384, "int", 0, 1 << 30),
+    "write_buffer_size": (1024, "int", 128, 1 << 20),
+    "read_buffer_size": (512, "int", 64, 1 << 20),
+    "log_level": ("info", "level", 0, 0),
+    "log_dest": ("stdout", "str", 0, 0),
+    "bridges": ([], "list", 0, 0),
+    "network": ({}, "dict", 0, 0),
+}
+
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check(key, v):
+    default, kind, lo, hi = SCHEMA[key]
+    if kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError("config key '%s': expected an integer, got %r" % (key, v))
+        if v < lo or v > hi:
+            raise ConfigError("config key '%s': %d is outside %d..%d" % (key, v, lo, hi))
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError("config key '%s': expected true or false, got %r" % (key, v))
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise ConfigError("config key '%s': expected a string, got %r" % (key, v))
+    elif kind == "str?":
+        if v is not None and not isinstance(v, str):
+            raise ConfigError("config key '%s': expected a string or null, got %r" % (key, v))
+    elif kind == "list":
+        if not isinstance(v, list):
+            raise ConfigError("config key '%s': expected a list, got %r" % (key, v))
+    elif kind == "dict":
+        if not isinstance(v, dict):
+            raise ConfigError("config key '%s': expected an object, got %r" % (key, v))
+    elif kind == "level":
+        if v not in _LEVELS:
+            raise ConfigError("config key '%s': expected one of %s, got %r" % (key, ", ".join(_LEVELS), v))
+
+
+def _merge(cfg, layer, where):
+    if not isinstance(layer, dict):
+        raise ConfigError("%s: expected a JSON object" % where)
+    for k in layer:
+        if k not in SCHEMA:
+            raise ConfigError("%s: unknown config key '%s'" % (where, k))
+        _check(k, layer[k])
+        cfg[k] = layer[k]
+
+
+def build(profile_cfg=None, user_cfg=None, overrides=None):
+    # Returns a complete, checked config dict.
+    cfg = {}
+    for k in SCHEMA:
+        d = SCHEMA[k][0]
+        cfg[k] = list(d) if isinstance(d, list) else (dict(d) if isinstance(d, dict) else d)
+    if profile_cfg:
+        _merge(cfg, profile_cfg, "board profile")
+    if user_cfg:
+        _merge(cfg, user_cfg, "config file")
+    if overrides:
+        _merge(cfg, overrides, "command line")
+    _check_listeners(cfg)
+    return cfg
+
+
+def _check_listeners(cfg):
+    ls = cfg["listeners"]
+    if not ls:
+        ls.append({"port": cfg["port"], "bind_address": cfg["bind_address"], "protocol": "mqtt"})
+    for i, L in enumerate(ls):
+        where = "config key 'listeners'[%d]" % i
+        if not isinstance(L, dict):
+            raise ConfigError("%s: expected an object" % where)
+        for k in L:
+            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile", "http_dir"):
+                raise ConfigError("%s: unknown key '%s'" % (where, k))
+        p = L.get("port")
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= _U16:
+            raise ConfigError("%s: 'port' must be an integer 0..65535" % where)
+        L.setdefault("bind_address", cfg["bind_address"])
+        L.setdefault("protocol", "mqtt")
+        if L["protocol"] not in ("mqtt", "websockets"):
+            raise ConfigError("%s: 'protocol' must be mqtt or websockets" % where)
+        if ("certfile" in L) != ("keyfile" in L):
+            raise ConfigError("%s: 'certfile' and 'keyfile' go together" % where)
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("cannot read config file %s: %s" % (path, e))
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError("config file %s is not valid JSON: %s" % (path, e))

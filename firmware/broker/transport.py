@@ -1,0 +1,72 @@
+# Byte transports under the MQTT connection: plain TCP here; TLS and
+# WebSocket wrap or replace it without the protocol code knowing.
+#
+# Interface every transport provides:
+#   await t.recv_into(mv) -> n   bytes read into mv; 0 means end of stream
+#   await t.send(mv)             writes all of mv (backpressure: waits)
+#   t.close()
+#   t.peer                       "ip:port" of the remote end
+#
+# We talk to the socket directly instead of through asyncio.Stream because
+# Stream.write() copies into an unbounded bytes buffer on every call, and
+# Stream.readinto() waits for readability before every read. Here a read is
+# tried first and the task waits on the poller only when nothing is there.
+from asyncio import core
+
+_EAGAIN = 11
+
+
+class TcpTransport:
+    def __init__(self, sock, peer):
+        self.sock = sock
+        self.peer = peer
+
+    async def recv_into(self, mv):
+        s = self.sock
+        while True:
+            try:
+                n = s.readinto(mv)
+            except OSError as e:
+                if e.args[0] != _EAGAIN:
+                    raise
+                n = None
+            if n is not None:
+                return n
+            yield core._io_queue.queue_read(s)
+
+    async def send(self, mv):
+        s = self.sock
+        off = 0
+        end = len(mv)
+        while off < end:
+            try:
+                n = s.write(mv[off:] if off else mv)
+            except OSError as e:
+                if e.args[0] != _EAGAIN:
+                    raise
+                n = None
+            if n:
+                off += n
+            else:
+                yield core._io_queue.queue_write(s)
+
+    def close(self):
+        # Callers cancel the tasks that wait on this socket first; cancelling
+        # a task takes it out of asyncio's poller.
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def peer_str(addr):
+    # The unix port gives a raw sockaddr bytearray; boards give (ip, port).
+    if isinstance(addr, tuple):
+        return "%s:%d" % (addr[0], addr[1])
+    try:
+        import socket
+
+        a = socket.sockaddr(addr)
+        return "%s:%d" % (a[1], a[2])
+    except Exception:
+        return "?"
