@@ -66,7 +66,7 @@ def peer_str(addr):
     try:
         import socket
 
-        a = socket.sockaddr(addr)
-        return "%s:%d" % (a[1], a[2])
+        a = socket.sockaddr(addr)  # (family, address bytes, port, ...)
+        return "%s:%d" % (socket.inet_ntop(a[0], a[1]), a[2])
     except Exception:
         return "?"

@@ -1,0 +1,81 @@
+# Starts the broker from a checked config: persistence, authentication,
+# listeners, bridges, and the once-a-second housekeeping. The board's
+# main.py and the host runner (tools/mp_host.py) both call run().
+import asyncio
+import gc
+from broker import log
+from broker.core import Broker
+from broker.server import listen, accept_loop
+from broker import sys_tree
+
+
+async def _housekeeping(b, wdt):
+    last = {}
+    interval = b.cfg["sys_interval"]
+    n = 0
+    while True:
+        await asyncio.sleep(1)
+        try:
+            if wdt is not None:
+                wdt.feed()
+            b.tick()
+            n += 1
+            if interval and n >= interval:
+                n = 0
+                sys_tree.publish(b, last)
+        except MemoryError:
+            gc.collect()
+            log.warning("housekeeping: out of memory")
+        except Exception as e:
+            log.error("housekeeping failed: %r", e)
+
+
+def start(cfg, wdt=None):
+    # Sets everything up and returns the Broker; the caller runs the loop.
+    log.set_level(cfg["log_level"])
+    b = Broker(cfg)
+    if cfg["persistence"]:
+        from broker.persist import Persist
+
+        b.persist = Persist(b, cfg["persistence_location"], cfg["store_max_bytes"])
+        b.persist.load()
+    if cfg["password_file"]:
+        from broker.auth import PasswordFile
+
+        b.auth = PasswordFile(cfg["password_file"])
+    if cfg["acl_file"]:
+        from broker.acl import Acl
+
+        b.acl = Acl.load(cfg["acl_file"])
+    for L in cfg["listeners"]:
+        wrap = None
+        if L["protocol"] == "websockets" or "certfile" in L:
+            from broker.listeners import wrapper
+
+            wrap = wrapper(L, cfg)
+        s = listen(L["bind_address"], L["port"])
+        asyncio.create_task(accept_loop(b, s, wrap))
+        log.info("listening on %s:%d (%s%s)", L["bind_address"], L["port"], L["protocol"],
+                 ", tls" if "certfile" in L else "")
+    if cfg["bridges"]:
+        from broker.bridge import start_bridges
+
+        start_bridges(b)
+    if cfg["allow_anonymous"]:
+        log.info("anonymous clients are allowed")
+    asyncio.create_task(_housekeeping(b, wdt))
+    gc.collect()
+    log.info("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
+    return b
+
+
+def run(cfg, profile=None, wdt=None):
+    async def main():
+        start(cfg, wdt)
+        while True:
+            await asyncio.sleep(3600)
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.new_event_loop()

@@ -1,0 +1,292 @@
+# The broker's shared state and the publish path: sessions, subscriptions,
+# retained messages, routing a message to its receivers, and feeding each
+# connection's writer from its session queue. Packet handlers live in
+# handle_*.py; sockets in server.py; flash in persist.py.
+import gc
+import time
+from micropython import const
+from broker import log
+from broker.session import Session, SENT, RELEASED, NEVER
+from broker.subs import Subs
+from broker.retain import Retained
+from broker.message import Message
+
+_NO_LOCAL = const(0x04)
+_RAP = const(0x08)
+
+
+class Closed(Exception):
+    # Raised inside a handler to end the connection once its reply is sent.
+    pass
+
+
+class Broker:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.sessions = {}  # client id -> Session
+        self.conns = []  # live Connection objects, CONNECT seen or not
+        self.subs = Subs()
+        self.retained = Retained(cfg["max_retained_messages"])
+        self.persist = None  # persist.Persist when persistence is on
+        self.auth = None
+        self.acl = None
+        self.started = time.time()
+        self.hits = []  # scratch list reused by route()
+        self.sys_extra = None  # callable -> [(name, value)] for $SYS
+        # Counters, named after the $SYS topics they feed.
+        self.stats_msgs_recv = 0
+        self.stats_msgs_sent = 0
+        self.stats_pkts_recv = 0
+        self.stats_bytes_recv = 0
+        self.stats_bytes_sent = 0
+        self.stats_dropped = 0
+        self.stats_refused = 0
+        self.stats_expired = 0
+        self.stats_auth_failed = 0
+
+    @staticmethod
+    def now_ms():
+        return time.ticks_ms()
+
+    def connected_count(self):
+        n = 0
+        for s in self.sessions.values():
+            if s.conn is not None:
+                n += 1
+        return n
+
+    # ------------------------------------------------------------ routing
+
+    def route(self, msg, origin, keep=True):
+        # Delivers msg to every matching subscription: one copy per session
+        # at the highest granted QoS, carrying every matching subscription
+        # identifier, plus one copy per matching share group.
+        # Returns the number of sessions it went to.
+        if msg.retain and keep:
+            self.retained.set(msg)
+        hits = self.hits
+        del hits[:]
+        self.subs.match(msg.topic, hits)
+        n = len(hits)
+        if n == 1:
+            sub = hits[0]
+            s = sub.session
+            if sub.opts & _NO_LOCAL and s is origin:
+                return 0
+            q = sub.opts & 3
+            self.deliver(s, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
+                         (sub.subid,) if sub.subid else None)
+            sent = 1
+        elif n:
+            sent = self._route_many(msg, origin, hits)
+        else:
+            sent = 0
+        if self.subs.shared:
+            del hits[:]
+            self.subs.match_shared(msg.topic, hits)
+            for sub in hits:
+                q = sub.opts & 3
+                self.deliver(sub.session, msg, q if q < msg.qos else msg.qos,
+                             msg.retain and sub.opts & _RAP, (sub.subid,) if sub.subid else None)
+                sent += 1
+        return sent
+
+    def _route_many(self, msg, origin, hits):
+        best = {}  # session -> [qos, retain, subids]
+        for sub in hits:
+            s = sub.session
+            if sub.opts & _NO_LOCAL and s is origin:
+                continue
+            q = sub.opts & 3
+            if q > msg.qos:
+                q = msg.qos
+            r = msg.retain and sub.opts & _RAP
+            e = best.get(s)
+            if e is None:
+                best[s] = [q, r, [sub.subid] if sub.subid else None]
+            else:
+                if q > e[0]:
+                    e[0] = q
+                if r:
+                    e[1] = r
+                if sub.subid:
+                    if e[2] is None:
+                        e[2] = [sub.subid]
+                    else:
+                        e[2].append(sub.subid)
+        for s in best:
+            e = best[s]
+            self.deliver(s, msg, e[0], e[1], e[2])
+        return len(best)
+
+    def deliver(self, s, msg, qos, retain, subids):
+        c = s.conn
+        if c is None:
+            if qos == 0 and not self.cfg["queue_qos0_messages"]:
+                return
+            if self.acl is not None and not self.acl.can_read(s.client_id, s.username, msg.topic):
+                return
+            if not s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"]):
+                self.stats_dropped += 1
+            elif qos and self.persist is not None:
+                self.persist.queued(s, msg, qos, retain, subids)
+            return
+        if self.acl is not None and not self.acl.can_read(s.client_id, s.username, msg.topic):
+            return
+        if not s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"]):
+            self.stats_dropped += 1
+            return
+        if qos and self.persist is not None and s.expiry:
+            self.persist.queued(s, msg, qos, retain, subids)
+        c.wake.set()
+
+    def pump(self, c, s):
+        # Moves queued messages into the connection's output buffer while
+        # there is room and the client's Receive Maximum allows.
+        q = s.queue
+        if not q:
+            return
+        now = time.time()
+        v = c.version
+        inf = s.inflight
+        while q:
+            e = q[0]
+            msg = e[0]
+            qos = e[1]
+            if msg.expires is not None and msg.expired(now):
+                q.pop(0)
+                self.stats_expired += 1
+                if qos and self.persist is not None:
+                    self.persist.dequeued(s, msg)
+                continue
+            if qos and len(inf) >= c.send_max:
+                return
+            pid = s.next_pid() if qos else 0
+            alias, send_topic = c.out_alias(msg.topic) if c.alias_out_max else (0, True)
+            pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+            n = len(pkt)
+            if n > c.max_out:
+                # Too big for this client (MQTT-3.1.2-24): discard as if sent.
+                q.pop(0)
+                self.stats_dropped += 1
+                if qos and self.persist is not None:
+                    self.persist.dequeued(s, msg)
+                continue
+            if not c.room(n):
+                if c.olen or c.big is not None:
+                    return
+                c.big = pkt  # larger than the whole buffer: goes alone
+            else:
+                c.obuf[c.olen : c.olen + n] = pkt
+                c.olen += n
+            q.pop(0)
+            self.stats_msgs_sent += 1
+            if qos:
+                inf[pid] = [msg, qos, e[2], e[3], SENT]
+                if self.persist is not None and s.expiry:
+                    self.persist.sent(s, pid, msg)
+
+    def resend_inflight(self, c, s):
+        # On session resumption: PUBLISH again with DUP for unacknowledged
+        # QoS 1/2 messages, PUBREL for those already released (MQTT-4.4.0-1).
+        now = time.time()
+        for pid in sorted(s.inflight):
+            e = s.inflight[pid]
+            if e[4] == RELEASED:
+                c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+            else:
+                pkt = e[0].wire(c.version, e[1], e[2], pid, e[3], 0, True, now)
+                pkt = bytearray(pkt)
+                pkt[0] |= 0x08
+                c.send(pkt)
+
+    # ------------------------------------------------------------ sessions
+
+    def connection_closed(self, c):
+        if c in self.conns:
+            self.conns.remove(c)
+        s = c.session
+        if s is None or s.conn is not c:
+            return
+        s.conn = None
+        now = time.time()
+        s.gone_at = now
+        if s.will is not None and not c.normal_close:
+            if s.will_delay and s.expiry:
+                s.will_at = now + min(s.will_delay, s.expiry)
+            else:
+                self.publish_will(s)
+        elif c.normal_close:
+            s.will = None
+        if s.expiry == 0:
+            self.end_session(s)
+        elif self.persist is not None:
+            self.persist.session_changed(s)
+        log.info("client %s disconnected", s.client_id)
+
+    def publish_will(self, s):
+        w = s.will
+        s.will = None
+        s.will_at = None
+        if w is None:
+            return
+        if self.acl is not None and not self.acl.can_write(s.client_id, s.username, w.topic):
+            return
+        self.stats_msgs_recv += 1
+        self.route(w, None)
+
+    def end_session(self, s):
+        # Session over: its will (if still delayed) goes out now
+        # (MQTT-3.1.3-9), its subscriptions and queue go.
+        if s.will is not None and s.conn is None:
+            self.publish_will(s)
+        for k in s.subs:
+            self.subs.remove(s.subs[k])
+        s.subs = {}
+        s.queue = []
+        s.inflight = {}
+        if self.sessions.get(s.client_id) is s:
+            del self.sessions[s.client_id]
+        if self.persist is not None:
+            self.persist.session_ended(s)
+
+    def tick(self):
+        # Once a second: keep-alive, connect timeout, delayed wills and
+        # session expiry.
+        now_ms = time.ticks_ms()
+        cto = self.cfg["connect_timeout"] * 1000
+        for c in self.conns:
+            if c.closing:
+                continue
+            if c.session is None:
+                if time.ticks_diff(now_ms, c.born) > cto:
+                    log.info("%s sent no CONNECT in %d s; closing", c.t.peer, cto // 1000)
+                    c.close_soon()
+            elif c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500:
+                c.protocol_error(0x8D, "keep alive timeout")
+                c.close_soon()
+        now = time.time()
+        dead = None
+        for s in self.sessions.values():
+            if s.conn is not None:
+                continue
+            if s.will_at is not None and now >= s.will_at:
+                self.publish_will(s)
+            if s.expiry != NEVER and s.gone_at is not None and now - s.gone_at >= s.expiry:
+                if dead is None:
+                    dead = []
+                dead.append(s)
+        if dead:
+            for s in dead:
+                log.info("session %s expired", s.client_id)
+                self.end_session(s)
+
+    def heap(self):
+        return gc.mem_alloc(), gc.mem_free()
+
+
+def make_message(topic, payload, qos, retain, props=None, topic_b=None):
+    expiry = None
+    if props is not None:
+        expiry = props.get(0x02)
+    return Message(topic, payload, qos, retain, props, expiry, topic_b)

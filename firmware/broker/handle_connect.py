@@ -1,0 +1,181 @@
+# CONNECT -> CONNACK (MQTT 3.1.1 3.1/3.2, 5.0 3.1/3.2): protocol version,
+# client identifier, credentials, will, session take-over and resumption,
+# and the limits of a small board (session table, heap).
+import gc
+import time
+from mqtt.errors import MQTTError
+from mqtt.packets import decode, encode, Connack, Disconnect, v3_connack_code
+from mqtt import props as P
+from mqtt.topic import valid_topic
+from mqtt.wire import utf8_valid
+from broker import log
+from broker.session import Session, NEVER
+from broker.core import make_message, Closed
+
+_ids = 0
+
+
+def _refuse(c, reason, why):
+    b = c.broker
+    b.stats_refused += 1
+    log.info("refused %s: 0x%02X %s", c.t.peer, reason, why)
+    if c.version == 5:
+        pr = {P.REASON_STRING: why} if why else None
+        c.send(encode(Connack(False, reason, pr), 5))
+    else:
+        c.send(encode(Connack(False, v3_connack_code(reason)), 4))
+    c.disconnect_reason = reason
+    raise Closed()
+
+
+def check_topic(cfg, topic):
+    # Topic name rules plus the board's limits on length and depth.
+    if not valid_topic(topic):
+        return False
+    if len(topic) > cfg["max_topic_length"]:
+        return False
+    return topic.count("/") < cfg["max_topic_levels"]
+
+
+def on_connect(c, mv, off, end):
+    b = c.broker
+    cfg = b.cfg
+    try:
+        pkt = decode(0x10, mv, off, end, 4)
+    except MQTTError as e:
+        if e.reason == 0x84:
+            # Answer in the version the client asked for when we can tell.
+            c.version = 5 if end - off > 6 and mv[off + 6] == 5 else 4
+            _refuse(c, 0x84, "unsupported protocol version")
+        log.info("bad CONNECT from %s: %s", c.t.peer, e)
+        c.disconnect_reason = e.reason
+        raise Closed()
+    v = 5 if pkt.version == 5 else 4
+    c.version = v
+    pr = pkt.props or {}
+    if P.AUTH_METHOD in pr:
+        _refuse(c, 0x8C, "enhanced authentication is not supported")
+
+    # Client identifier (MQTT-3.1.3-6..8).
+    cid = pkt.client_id
+    assigned = None
+    if not cid:
+        if v == 4 and (not pkt.clean or pkt.version == 3):
+            _refuse(c, 0x85, "empty client id needs clean session")
+        global _ids
+        _ids += 1
+        cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
+
+    # Credentials.
+    if b.auth is not None and pkt.username is not None:
+        if not b.auth.check(pkt.username, pkt.password or b""):
+            b.stats_auth_failed += 1
+            _refuse(c, 0x86, "bad user name or password")
+    elif pkt.username is None and not cfg["allow_anonymous"]:
+        b.stats_auth_failed += 1
+        _refuse(c, 0x87, "anonymous clients are not allowed")
+    elif pkt.username is not None and b.auth is None and not cfg["allow_anonymous"]:
+        _refuse(c, 0x86, "no password file")
+
+    # Will.
+    will = None
+    wdelay = 0
+    if pkt.will_topic is not None:
+        if not check_topic(cfg, pkt.will_topic):
+            _refuse(c, 0x90, "will topic is not valid")
+        if pkt.will_retain and not cfg["retain_available"]:
+            _refuse(c, 0x9A, "retain not available")
+        wp = pkt.will_props or {}
+        if wp.get(P.PAYLOAD_FORMAT) == 1 and not utf8_valid(pkt.will_payload, 0, len(pkt.will_payload)):
+            _refuse(c, 0x99, "will payload is not UTF-8")
+        wdelay = wp.get(P.WILL_DELAY, 0)
+        will = make_message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
+
+    # Heap headroom: refuse before the session costs anything.
+    if gc.mem_free() < cfg["min_free_heap"]:
+        gc.collect()
+        if gc.mem_free() < cfg["min_free_heap"]:
+            _refuse(c, 0x89, "server busy: low memory")
+
+    old = b.sessions.get(cid)
+    if old is None or old.conn is None:
+        if b.connected_count() >= cfg["max_connections"]:
+            _refuse(c, 0x97, "too many connections")
+    if old is None and len(b.sessions) >= cfg["max_sessions"]:
+        _refuse(c, 0x97, "session table full")
+
+    # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
+    if old is not None and old.conn is not None:
+        oc = old.conn
+        log.info("client %s taken over from %s", cid, oc.t.peer)
+        if oc.version == 5:
+            oc.send(encode(Disconnect(0x8E), 5))
+        oc.session = None
+        oc.normal_close = True
+        old.conn = None
+        old.gone_at = time.time()
+        if old.will is not None and (pkt.clean or old.will_delay == 0):
+            b.publish_will(old)
+        oc.close_soon()
+
+    present = False
+    if old is not None and pkt.clean:
+        b.end_session(old)
+        old = None
+    if old is not None:
+        s = old
+        present = True
+    else:
+        s = Session(cid)
+    s.will = will
+    s.will_delay = wdelay
+    s.will_at = None
+    s.version = v
+    s.username = pkt.username
+    if v == 5:
+        s.expiry = pr.get(P.SESSION_EXPIRY, 0)
+    else:
+        s.expiry = 0 if pkt.clean else (cfg["persistent_client_expiration"] or NEVER)
+    c.session_expiry_set = s.expiry
+
+    # Limits the client asked for (v5).
+    if P.RECEIVE_MAXIMUM in pr:
+        c.send_max = min(pr[P.RECEIVE_MAXIMUM], cfg["max_inflight_messages"])
+    if P.MAXIMUM_PACKET_SIZE in pr:
+        c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
+    if P.TOPIC_ALIAS_MAXIMUM in pr:
+        c.alias_out_max = min(pr[P.TOPIC_ALIAS_MAXIMUM], cfg["max_topic_alias"])
+    if pr.get(P.REQUEST_PROBLEM_INFO) == 0:
+        c.problem_info = False
+
+    ka = pkt.keepalive
+    ack_props = None
+    if v == 5:
+        ack_props = {}
+        mk = cfg["max_keepalive"]
+        if ka > mk or (ka == 0 and mk < 65535):
+            ka = mk
+            ack_props[P.SERVER_KEEP_ALIVE] = ka
+        if assigned is not None:
+            ack_props[P.ASSIGNED_CLIENT_ID] = assigned
+        if cfg["max_inflight_messages"] < 65535:
+            ack_props[P.RECEIVE_MAXIMUM] = cfg["max_inflight_messages"]
+        ack_props[P.MAXIMUM_PACKET_SIZE] = cfg["max_packet_size"]
+        if cfg["max_topic_alias"]:
+            ack_props[P.TOPIC_ALIAS_MAXIMUM] = cfg["max_topic_alias"]
+        if not cfg["retain_available"]:
+            ack_props[P.RETAIN_AVAILABLE] = 0
+    c.keepalive = ka
+
+    b.sessions[cid] = s
+    s.conn = c
+    s.gone_at = None
+    c.session = s
+    c.send(encode(Connack(present, 0, ack_props), v))
+    log.info("client %s connected from %s (v%s, clean=%d, keepalive=%d)",
+             cid, c.t.peer, "5" if v == 5 else "3.1.1", pkt.clean, ka)
+    if present:
+        b.resend_inflight(c, s)
+    if b.persist is not None:
+        b.persist.session_changed(s)
+    c.wake.set()

@@ -1,0 +1,88 @@
+# Incoming PUBLISH (MQTT 3.3, 4.3): topic and alias resolution, checks,
+# authorization, routing, and the QoS 1/2 acknowledgements. QoS 2 follows
+# the spec's method B (4.3.3): the message is routed when it arrives and
+# only its packet identifier is kept until PUBREL, which saves holding the
+# message in RAM. Mosquitto holds it until PUBREL instead; receivers see
+# exactly one copy either way.
+from micropython import const
+from mqtt.errors import MQTTError
+from mqtt.packets import decode_publish
+from mqtt.wire import utf8_valid
+from broker.message import Message
+from broker.handle_connect import check_topic
+
+_TOPIC_ALIAS = const(0x23)
+_EXPIRY = const(0x02)
+_PFI = const(0x01)
+
+
+def _ack(c, t, pid, reason):
+    # PUBACK (t=4) or PUBREC (t=5). v5 may carry a reason; 3.1.1 cannot.
+    if c.version == 5 and reason:
+        pkt = bytes(((t << 4), 3, pid >> 8, pid & 0xFF, reason))
+    else:
+        pkt = bytes(((t << 4), 2, pid >> 8, pid & 0xFF))
+    p = c.broker.persist
+    if p is not None and p.dirty():
+        # Acknowledge only once what it promises is on flash.
+        p.hold(c, pkt)
+    else:
+        c.send(pkt)
+
+
+def on_publish(c, first, mv, off, end):
+    b = c.broker
+    cfg = b.cfg
+    s = c.session
+    qos = (first >> 1) & 3
+    retain = first & 1
+    topic, pid, pr, poff = decode_publish(first, mv, off, end, c.version)
+    if pr is not None and _TOPIC_ALIAS in pr:
+        a = pr[_TOPIC_ALIAS]
+        if a > cfg["max_topic_alias"]:
+            raise MQTTError(0x94, "topic alias %d over the maximum" % a)
+        if c.alias_in is None:
+            c.alias_in = {}
+        if topic:
+            c.alias_in[a] = topic
+        else:
+            topic = c.alias_in.get(a)
+            if topic is None:
+                raise MQTTError(0x82, "unknown topic alias %d" % a)
+    elif not topic:
+        raise MQTTError(0x82, "empty topic without alias")
+    if not check_topic(cfg, topic):
+        raise MQTTError(0x90, "topic name not valid")
+    if retain and not cfg["retain_available"]:
+        raise MQTTError(0x9A, "retain not available")
+    if qos == 2 and pid in s.qos2_in:
+        # A resent QoS 2 message we already routed: acknowledge only.
+        _ack(c, 5, pid, 0)
+        return
+    b.stats_msgs_recv += 1
+    if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
+        if qos:
+            _ack(c, 3 + qos, pid, 0x99)
+        return
+    if b.acl is not None and not b.acl.can_write(s.client_id, s.username, topic):
+        # v5 says why; 3.1.1 acknowledges and drops, as Mosquitto does.
+        if qos:
+            _ack(c, 3 + qos, pid, 0x87)
+        return
+    if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"]:
+        raise MQTTError(0x93, "receive maximum exceeded")
+    msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
+                  pr.get(_EXPIRY) if pr is not None else None)
+    p = b.persist
+    if p is not None and qos and p.full():
+        # The store cannot take what this acknowledgement would promise.
+        _ack(c, 3 + qos, pid, 0x97)
+        return
+    n = b.route(msg, s)
+    if qos == 1:
+        _ack(c, 4, pid, 0 if n or retain else 0x10)
+    elif qos == 2:
+        s.qos2_in[pid] = True
+        if p is not None and s.expiry:
+            p.qos2_received(s, pid)
+        _ack(c, 5, pid, 0 if n or retain else 0x10)

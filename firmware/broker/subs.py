@@ -1,0 +1,97 @@
+# The subscription table. Filters without wildcards sit in a dict keyed by
+# the filter, so most publishes find their receivers with one lookup;
+# wildcard filters are matched one by one (a gateway has tens, not
+# thousands). Shared subscriptions ($share/group/filter) are grouped so
+# that each message goes to one member of each group.
+from mqtt.topic import matches
+
+
+class Sub:
+    def __init__(self, session, flt, opts, subid, group):
+        self.session = session
+        self.filter = flt  # without the $share/group/ prefix
+        self.opts = opts  # subscription options byte
+        self.subid = subid  # 0 when none
+        self.group = group  # None unless shared
+
+
+def _wild(f):
+    return "+" in f or "#" in f
+
+
+class Subs:
+    def __init__(self):
+        self.exact = {}  # filter -> [Sub]
+        self.wild = []  # [Sub]
+        self.shared = {}  # (group, filter) -> [Sub, next index]
+        self.count = 0
+
+    def add(self, sub):
+        if sub.group is not None:
+            k = (sub.group, sub.filter)
+            g = self.shared.get(k)
+            if g is None:
+                self.shared[k] = [[sub], 0]
+            else:
+                g[0].append(sub)
+        elif _wild(sub.filter):
+            self.wild.append(sub)
+        else:
+            lst = self.exact.get(sub.filter)
+            if lst is None:
+                self.exact[sub.filter] = [sub]
+            else:
+                lst.append(sub)
+        self.count += 1
+
+    def remove(self, sub):
+        if sub.group is not None:
+            k = (sub.group, sub.filter)
+            g = self.shared.get(k)
+            if g is not None and sub in g[0]:
+                g[0].remove(sub)
+                if not g[0]:
+                    del self.shared[k]
+                self.count -= 1
+        elif _wild(sub.filter):
+            if sub in self.wild:
+                self.wild.remove(sub)
+                self.count -= 1
+        else:
+            lst = self.exact.get(sub.filter)
+            if lst is not None and sub in lst:
+                lst.remove(sub)
+                if not lst:
+                    del self.exact[sub.filter]
+                self.count -= 1
+
+    def match(self, topic, out):
+        # Appends every matching non-shared Sub to out.
+        lst = self.exact.get(topic)
+        if lst is not None:
+            out.extend(lst)
+        for s in self.wild:
+            if matches(s.filter, topic):
+                out.append(s)
+
+    def match_shared(self, topic, out):
+        # Appends one Sub per matching share group: round robin over the
+        # members, skipping those whose client is offline when another is
+        # online (an offline member still queues if it is the only one).
+        for k in self.shared:
+            if not matches(k[1], topic):
+                continue
+            g = self.shared[k]
+            members = g[0]
+            n = len(members)
+            pick = None
+            for i in range(n):
+                s = members[(g[1] + i) % n]
+                if s.session.conn is not None:
+                    pick = s
+                    g[1] = (g[1] + i + 1) % n
+                    break
+            if pick is None:
+                pick = members[g[1] % n]
+                g[1] = (g[1] + 1) % n
+            out.append(pick)

@@ -1,0 +1,53 @@
+# $SYS/broker/... topics, named as Mosquitto names them where it has them,
+# published as retained messages every sys_interval seconds when changed.
+import gc
+import time
+from broker.message import Message
+
+VERSION = "mpbroker 0.1.0"
+
+
+def _values(b):
+    alloc = gc.mem_alloc()
+    free = gc.mem_free()
+    v = [
+        ("version", VERSION),
+        ("uptime", "%d seconds" % (time.time() - b.started)),
+        ("clients/connected", b.connected_count()),
+        ("clients/total", len(b.sessions)),
+        ("clients/maximum", b.cfg["max_connections"]),
+        ("clients/refused", b.stats_refused),
+        ("messages/received", b.stats_msgs_recv),
+        ("messages/sent", b.stats_msgs_sent),
+        ("publish/messages/dropped", b.stats_dropped),
+        ("messages/expired", b.stats_expired),
+        ("bytes/received", b.stats_bytes_recv),
+        ("bytes/sent", b.stats_bytes_sent),
+        ("retained messages/count", len(b.retained.msgs)),
+        ("retained messages/dropped", b.retained.dropped),
+        ("subscriptions/count", b.subs.count),
+        ("auth/failed", b.stats_auth_failed),
+        ("heap/used", alloc),
+        ("heap/free", free),
+    ]
+    if b.persist is not None:
+        for k, x in b.persist.sys_values():
+            v.append((k, x))
+    if b.sys_extra is not None:
+        for k, x in b.sys_extra():
+            v.append((k, x))
+    return v
+
+
+def publish(b, last):
+    # last: dict topic -> payload last published, so unchanged values are
+    # not sent again.
+    for k, x in _values(b):
+        t = "$SYS/broker/" + k
+        p = str(x).encode()
+        if last.get(t) == p:
+            continue
+        last[t] = p
+        m = Message(t, p, 0, True)
+        b.retained.sys[t] = m
+        b.route(m, None, False)
