@@ -55,17 +55,17 @@ def start(cfg, wdt=None):
             wrap = wrapper(L, cfg)
         s = listen(L["bind_address"], L["port"])
         asyncio.create_task(accept_loop(b, s, wrap))
-        log.info("listening on %s:%d (%s%s)", L["bind_address"], L["port"], L["protocol"],
+        log.notice("listening on %s:%d (%s%s)", L["bind_address"], L["port"], L["protocol"],
                  ", tls" if "certfile" in L else "")
     if cfg["bridges"]:
         from broker.bridge import start_bridges
 
         start_bridges(b)
     if cfg["allow_anonymous"]:
-        log.info("anonymous clients are allowed")
+        log.notice("anonymous clients are allowed")
     asyncio.create_task(_housekeeping(b, wdt))
     gc.collect()
-    log.info("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
+    log.notice("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
     return b
 
 

@@ -22,34 +22,34 @@ _CONNECT = const(1)
 
 
 class Connection:
+    # Defaults live on the class: an instance stores only what differs,
+    # which keeps an idle connection's attribute table small.
+    obuf = None  # from broker.wpool while there is output
+    olen = 0
+    big = None  # one packet larger than obuf, sent on its own
+    session = None
+    version = 4
+    keepalive = 0
+    max_out = 268435455  # client's Maximum Packet Size
+    alias_in = None  # alias -> topic (v5)
+    alias_out = None  # topic -> alias (v5)
+    alias_out_max = 0
+    problem_info = True
+    closing = False
+    finishing = False
+    normal_close = False
+    disconnect_reason = None
+    writer = None
+    reader = None
+    session_expiry_set = 0
+
     def __init__(self, broker, transport):
         self.broker = broker
         self.t = transport
-        cfg = broker.cfg
-        self.rbuf = bytearray(cfg["read_buffer_size"])
-        self.obuf = bytearray(cfg["write_buffer_size"])
-        self.olen = 0
-        self.big = None  # one packet larger than obuf, sent on its own
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()
-        self.session = None
-        self.version = 4
-        self.keepalive = 0
-        self.last_rx = broker.now_ms()
-        self.born = self.last_rx
-        self.max_out = 268435455  # client's Maximum Packet Size
-        self.send_max = cfg["max_inflight_messages"]  # client's Receive Maximum
-        self.alias_in = None  # alias -> topic (v5)
-        self.alias_out = None  # topic -> alias (v5)
-        self.alias_out_max = 0
-        self.problem_info = True
-        self.closing = False
-        self.finishing = False
-        self.normal_close = False
-        self.disconnect_reason = None
-        self.writer = None
-        self.reader = None
-        self.session_expiry_set = 0
+        self.last_rx = self.born = broker.now_ms()
+        self.send_max = broker.cfg["max_inflight_messages"]  # client's Receive Maximum
 
     # ------------------------------------------------------------ output
 
@@ -58,6 +58,8 @@ class Connection:
         # goes to `big` (at most one waits there); the reader then pauses
         # until the writer drains, so this stays bounded.
         n = len(data)
+        if self.obuf is None:
+            self.obuf = self.broker.wpool.get()
         o = self.olen
         if o + n <= len(self.obuf) and self.big is None:
             self.obuf[o : o + n] = data
@@ -72,7 +74,11 @@ class Connection:
         self.send(encode(pkt, self.version))
 
     def room(self, n):
-        return self.big is None and self.olen + n <= len(self.obuf)
+        if self.big is not None:
+            return False
+        if self.obuf is None:
+            self.obuf = self.broker.wpool.get()
+        return self.olen + n <= len(self.obuf)
 
     def out_alias(self, topic):
         # Outgoing topic aliases (v5): the first alias_out_max topics get
@@ -92,33 +98,38 @@ class Connection:
 
     async def writer_loop(self):
         t = self.t
-        mv = memoryview(self.obuf)
-        s = self.session
+        b = self.broker
         try:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
                 while True:
                     s = self.session
-                    if s is not None and self.big is None:
-                        self.broker.pump(self, s)
+                    if s is not None and self.big is None and s.queue:
+                        b.pump(self, s)
                     n = self.olen
                     if n:
+                        ob = self.obuf
+                        mv = memoryview(ob)
                         await t.send(mv[:n])
                         # Handlers may have appended while we waited.
                         rest = self.olen - n
                         if rest:
-                            self.obuf[0:rest] = mv[n : n + rest]
+                            ob[0:rest] = mv[n : n + rest]
                         self.olen = rest
-                        self.broker.stats_bytes_sent += n
+                        b.stats_bytes_sent += n
                         continue
                     if self.big is not None:
-                        b = self.big
+                        x = self.big
                         self.big = None
-                        await t.send(b)
-                        self.broker.stats_bytes_sent += len(b)
+                        await t.send(x)
+                        b.stats_bytes_sent += len(x)
                         continue
                     break
+                # Drained: an idle connection holds no output buffer.
+                if self.obuf is not None:
+                    b.wpool.put(self.obuf)
+                    self.obuf = None
                 self.drained.set()
                 if self.closing:
                     break
@@ -135,40 +146,80 @@ class Connection:
 
     async def run(self):
         # The reader; the connection lives as long as this coroutine.
+        # Reads land in the broker's shared buffer and are handled at once
+        # (no await in between), so an idle connection holds no buffer. Only
+        # a packet split across reads gets a buffer of its own from the pool
+        # until it is complete. Transports that cannot hand over whole reads
+        # synchronously (shared_ok False) keep their own buffer.
         b = self.broker
         self.reader = asyncio.current_task()
         self.writer = asyncio.create_task(self.writer_loop())
-        buf = self.rbuf
-        mv = memoryview(buf)
+        smv = b.rmv
+        pool = b.rpool
+        own = not getattr(self.t, "shared_ok", True)
+        buf = pool.get() if own else None
+        mv = memoryview(buf) if own else None
         have = 0
         maxp = b.cfg["max_packet_size"]
+        again = False  # packets left in buf after a backpressure pause
         try:
             while not self.closing:
-                n = await self.t.recv_into(mv[have:])
-                if not n:
-                    break
-                have += n
-                self.last_rx = b.now_ms()
-                b.stats_bytes_recv += n
+                if again:
+                    cur = mv
+                    n = 0
+                elif buf is None:
+                    n = await self.t.recv_into(smv)
+                    if not n:
+                        break
+                    cur = smv
+                    have = n
+                else:
+                    n = await self.t.recv_into(mv[have:])
+                    if not n:
+                        break
+                    cur = mv
+                    have += n
+                if n:
+                    self.last_rx = b.now_ms()
+                    b.stats_bytes_recv += n
                 pos = 0
+                paused = False
                 while not self.closing:
-                    r = frame(buf, pos, have, maxp)
+                    r = frame(cur, pos, have, maxp)
                     if r is None:
                         break
                     h, rem = r
                     total = h + rem
                     if pos + total > have:
-                        if total > len(buf):
-                            await self._read_big(mv, pos, have, h, total)
-                            pos = have = 0
+                        if total > len(cur):
+                            await self._read_big(cur, pos, have, h, total)
+                            pos = have
                         break
-                    self.dispatch(buf[pos], mv, pos + h, pos + total)
+                    first = cur[pos]
+                    self.dispatch(first, cur, pos + h, pos + total)
                     pos += total
-                if pos:
-                    rest = have - pos
-                    if rest:
-                        buf[0:rest] = mv[pos:have]
+                    if b.pressure and first >> 4 == _PUBLISH:
+                        # A queue this message went to is filling up.
+                        paused = True
+                        break
+                rest = have - pos
+                again = paused and rest > 0
+                if rest == 0:
+                    have = 0
+                    if buf is not None and not own:
+                        pool.put(buf)
+                        buf = mv = None
+                elif cur is smv:
+                    # Part of a packet: keep it in a buffer of our own.
+                    buf = pool.get()
+                    mv = memoryview(buf)
+                    buf[0:rest] = smv[pos:have]
                     have = rest
+                elif pos:
+                    buf[0:rest] = mv[pos:have]
+                    have = rest
+                if paused and not self.closing:
+                    await b.relieve(self.session)
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
                     self.drained.clear()
@@ -189,6 +240,8 @@ class Connection:
         except Exception as e:
             log.error("error serving %s: %r", self.t.peer, e)
             self.protocol_error(0x83, "internal error")
+        if buf is not None:
+            pool.put(buf)
         await self.finish()
 
     async def _read_big(self, mv, pos, have, h, total):

@@ -2,6 +2,7 @@
 # retained messages, routing a message to its receivers, and feeding each
 # connection's writer from its session queue. Packet handlers live in
 # handle_*.py; sockets in server.py; flash in persist.py.
+import asyncio
 import gc
 import time
 from micropython import const
@@ -12,6 +13,8 @@ from broker.retain import Retained
 from broker.message import Message
 
 _NO_LOCAL = const(0x04)
+_STALL_MS = const(2000)  # a queue with no progress this long stops holding publishers back
+_STUCK_MS = const(10000)  # ...and this long disconnects its client
 _RAP = const(0x08)
 
 
@@ -20,9 +23,29 @@ class Closed(Exception):
     pass
 
 
+class Pool:
+    # Spare buffers of one size. Busy connections hold one each; idle ones
+    # give theirs back, and a few spares are kept to spare the allocator.
+    def __init__(self, size, keep):
+        self.size = size
+        self.keep = keep
+        self.free = []
+
+    def get(self):
+        return self.free.pop() if self.free else bytearray(self.size)
+
+    def put(self, buf):
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+
+
 class Broker:
     def __init__(self, cfg):
         self.cfg = cfg
+        self.rbuf = bytearray(cfg["read_buffer_size"])  # shared by all readers
+        self.rmv = memoryview(self.rbuf)
+        self.rpool = Pool(cfg["read_buffer_size"], 2)
+        self.wpool = Pool(cfg["write_buffer_size"], 2)
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not
         self.subs = Subs()
@@ -32,6 +55,7 @@ class Broker:
         self.acl = None
         self.started = time.time()
         self.hits = []  # scratch list reused by route()
+        self.pressure = False  # a connected session's queue is past half full
         self.sys_extra = None  # callable -> [(name, value)] for $SYS
         # Counters, named after the $SYS topics they feed.
         self.stats_msgs_recv = 0
@@ -133,12 +157,48 @@ class Broker:
             return
         if self.acl is not None and not self.acl.can_read(s.client_id, s.username, msg.topic):
             return
-        if not s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"]):
+        q = s.queue
+        lim = self.cfg["max_queued_messages"]
+        if not s.enqueue(msg, qos, bool(retain), subids, lim):
             self.stats_dropped += 1
             return
         if qos and self.persist is not None and s.expiry:
             self.persist.queued(s, msg, qos, retain, subids)
+        if len(q) >= (lim >> 1) and s.full_since is None:
+            # Past half full: publishers pause until this drains (backpressure).
+            self.pressure = True
         c.wake.set()
+
+    def congested(self, now_ms, me=None):
+        # True while a connected session's queue is past half full and its
+        # writer is making progress. A session whose writer has moved
+        # nothing for _STALL_MS no longer holds publishers back: its queue
+        # drops messages instead, and tick() disconnects it after _STUCK_MS.
+        lim = self.cfg["max_queued_messages"] >> 1
+        busy = False
+        for s in self.sessions.values():
+            if s.conn is None or s is me:
+                # A publisher never waits on its own queue: it must keep
+                # reading to take its acknowledgements.
+                continue
+            if len(s.queue) >= lim:
+                if s.full_since is None:
+                    s.full_since = now_ms
+                elif time.ticks_diff(now_ms, s.full_since) > _STALL_MS:
+                    continue
+                busy = True
+            else:
+                s.full_since = None
+        return busy
+
+    async def relieve(self, me):
+        # Called by a reader that has just routed messages into a queue
+        # past half full: yield to the writers until the queues drain.
+        i = 0
+        while self.congested(time.ticks_ms(), me):
+            await asyncio.sleep_ms(0 if i < 8 else 1)
+            i += 1
+        self.pressure = False
 
     def pump(self, c, s):
         # Moves queued messages into the connection's output buffer while
@@ -157,7 +217,7 @@ class Broker:
                 q.pop(0)
                 self.stats_expired += 1
                 if qos and self.persist is not None:
-                    self.persist.dequeued(s, msg)
+                    self.persist.dequeued(s, e)
                 continue
             if qos and len(inf) >= c.send_max:
                 return
@@ -170,7 +230,7 @@ class Broker:
                 q.pop(0)
                 self.stats_dropped += 1
                 if qos and self.persist is not None:
-                    self.persist.dequeued(s, msg)
+                    self.persist.dequeued(s, e)
                 continue
             if not c.room(n):
                 if c.olen or c.big is not None:
@@ -180,11 +240,12 @@ class Broker:
                 c.obuf[c.olen : c.olen + n] = pkt
                 c.olen += n
             q.pop(0)
+            s.full_since = None  # progress: not stuck
             self.stats_msgs_sent += 1
             if qos:
                 inf[pid] = [msg, qos, e[2], e[3], SENT]
                 if self.persist is not None and s.expiry:
-                    self.persist.sent(s, pid, msg)
+                    self.persist.sent(s, pid, e)
 
     def resend_inflight(self, c, s):
         # On session resumption: PUBLISH again with DUP for unacknowledged
@@ -240,6 +301,8 @@ class Broker:
         # (MQTT-3.1.3-9), its subscriptions and queue go.
         if s.will is not None and s.conn is None:
             self.publish_will(s)
+        if self.persist is not None:
+            self.persist.session_ended(s)
         for k in s.subs:
             self.subs.remove(s.subs[k])
         s.subs = {}
@@ -247,8 +310,6 @@ class Broker:
         s.inflight = {}
         if self.sessions.get(s.client_id) is s:
             del self.sessions[s.client_id]
-        if self.persist is not None:
-            self.persist.session_ended(s)
 
     def tick(self):
         # Once a second: keep-alive, connect timeout, delayed wills and
@@ -264,6 +325,11 @@ class Broker:
                     c.close_soon()
             elif c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500:
                 c.protocol_error(0x8D, "keep alive timeout")
+                c.close_soon()
+            elif c.session.full_since is not None and time.ticks_diff(now_ms, c.session.full_since) > _STUCK_MS:
+                # A subscriber that stopped reading: it has lost messages for
+                # a while already; free its connection (its session stays).
+                c.protocol_error(0x97, "not reading: queue full")
                 c.close_soon()
         now = time.time()
         dead = None

@@ -65,7 +65,7 @@ def _on_ack(c, t, mv, off, end):
         if e is not None and (e[1] == 1) == (t == _PUBACK):
             del s.inflight[pid]
             if b.persist is not None and s.expiry:
-                b.persist.acked(s, pid, e[0])
+                b.persist.acked(s, pid)
             c.wake.set()
         return
     # PUBREC
@@ -79,7 +79,7 @@ def _on_ack(c, t, mv, off, end):
         # The receiver refused it: the flow ends here (MQTT-4.3.3 v5).
         del s.inflight[pid]
         if b.persist is not None and s.expiry:
-            b.persist.acked(s, pid, e[0])
+            b.persist.acked(s, pid)
         c.wake.set()
         return
     if e[4] != RELEASED:

@@ -70,7 +70,12 @@ def on_publish(c, first, mv, off, end):
             _ack(c, 3 + qos, pid, 0x87)
         return
     if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"]:
-        raise MQTTError(0x93, "receive maximum exceeded")
+        # v5 clients were told our Receive Maximum in CONNACK. 3.1.1 has no
+        # such limit, so those get more room, but not without bound.
+        if c.version == 5:
+            raise MQTTError(0x93, "receive maximum exceeded")
+        if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
+            raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
     msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
                   pr.get(_EXPIRY) if pr is not None else None)
     p = b.persist

@@ -41,6 +41,11 @@ def _emit(lv, fmt, args):
             pass
 
 
+def notice(fmt, *args):
+    # Start-up and shutdown lines: shown whatever the level.
+    _emit(INFO, fmt, args)
+
+
 def debug(fmt, *args):
     if level <= DEBUG:
         _emit(DEBUG, fmt, args)

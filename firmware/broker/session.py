@@ -27,6 +27,7 @@ class Session:
         self.username = None
         self._pid = 0
         self.dropped = 0  # messages dropped for this session
+        self.full_since = None  # ticks_ms when the queue passed half full
 
     def next_pid(self):
         p = self._pid

@@ -8,6 +8,8 @@ VERSION = "mpbroker 0.1.0"
 
 
 def _values(b):
+    # Collect first, so heap/used is live data, not garbage not yet swept.
+    gc.collect()
     alloc = gc.mem_alloc()
     free = gc.mem_free()
     v = [

@@ -29,7 +29,7 @@
 # 0. A data frame or fragmented message longer than max_size (the broker
 # passes its max_packet_size) ends the connection with 1009.
 #
-# Memory: per connection a few ints and one 34-byte buffer (receive header,
+# Memory: per connection a few ints and one 32-byte buffer (receive header,
 # its mask, send header). Payload is unmasked in place in the caller's
 # buffer, never copied; nothing is allocated from a length field before it
 # passed the limits; only ping and close payloads (at most 125 bytes, rare)
@@ -59,8 +59,8 @@ _OP_PONG = const(10)
 
 # Layout of the per-connection buffer.
 _MASK = const(14)  # [0:14] receive header, [14:18] its masking key
-_TX = const(18)  # [18:34] send header, plus a payload of up to 14 bytes
-_BUFLEN = const(34)
+_TX = const(18)  # [18:32] send header, plus a payload of up to 12 bytes
+_BUFLEN = const(32)
 
 # _st bits
 _IN_MSG = const(1)  # a fragmented message is open
@@ -225,7 +225,7 @@ class WsTransport:
         self._ph = 0  # masking key index of the next payload byte
         self._msg = 0  # bytes so far in the open fragmented message
         self._st = 0
-        self.close_sent = 0  # close code we sent, 0 for none
+        self.close_sent = 0  # close code we sent: 0 none, 1005 one without code
         self.close_rcvd = 0  # close code the client sent (1005: no code)
 
     @property
@@ -261,16 +261,6 @@ class WsTransport:
         self._x = x[n:] if n < len(x) else None
         return n
 
-    async def _fill(self, a, b):
-        # Read self._m[a:b] exactly; False at end of stream.
-        m = self._m
-        while a < b:
-            n = await self._recv(m[a:b])
-            if not n:
-                return False
-            a += n
-        return True
-
     async def _header(self):
         m = self._m
         # A masked header has at least 6 bytes, so asking for up to 6 never
@@ -299,7 +289,7 @@ class WsTransport:
             # message inside an open one.
             return await self._fail(CLOSE_PROTOCOL_ERROR)
         hl = 6 if n < 126 else 8 if n == 126 else 14
-        if got < hl and not await self._fill(got, hl):
+        if got < hl and not await self._fill(m[got:hl]):
             self._st |= _RX_END
             return
         if n == 126:
@@ -333,7 +323,7 @@ class WsTransport:
         # n <= 125 was checked before this allocation.
         fr = bytearray(2 + n)
         p = memoryview(fr)[2:]
-        if n and not await self._fill_into(p):
+        if n and not await self._fill(p):
             self._st |= _RX_END
             return
         _unmask(p, n, self._m, 0)
@@ -355,14 +345,17 @@ class WsTransport:
                 await self._send_close(0)
             else:
                 code = fr[2] << 8 | fr[3] if n >= 2 else 0
-                if not _code_ok(code) or not _utf8_ok(p[2:]):
-                    self.close_rcvd = code
-                    return await self._fail(CLOSE_PROTOCOL_ERROR)
                 self.close_rcvd = code
+                if not _code_ok(code):
+                    return await self._fail(CLOSE_PROTOCOL_ERROR)
+                if not _utf8_ok(p[2:]):
+                    # RFC 6455 8.1: the reason must be UTF-8.
+                    return await self._fail(CLOSE_INVALID_DATA)
                 await self._send_close(code)
             self._st |= _RX_END
 
-    async def _fill_into(self, buf):
+    async def _fill(self, buf):
+        # Fill buf exactly; False at end of stream.
         a = 0
         b = len(buf)
         while a < b:

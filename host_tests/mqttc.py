@@ -1,0 +1,296 @@
+"""A tiny MQTT test client for the broker behaviour tests, built on our
+codec (lib/mqtt) and brokerproc.Raw.
+
+    c = Client(port, "cid", version=5, props={0x11: 60})   # sends CONNECT, reads CONNACK
+    c.connack                           # the decoded Connack
+    c.subscribe([("a/#", 1)])           # -> list of SUBACK reason codes
+    c.publish("a/b", b"x", qos=2)       # runs the QoS 1/2 flow, -> final ack
+    m = c.expect(PUBLISH)               # next packet, asserted to be a PUBLISH
+    c.ack(m)                            # PUBACK, or PUBREC/PUBREL/PUBCOMP
+    assert c.poll(0.3) is None          # nothing arrives for 0.3 s
+    c.expect(DISCONNECT); assert c.closed()
+
+Packets are decoded objects (mqtt.packets.Publish, Ack, ...). recv_raw()
+gives the exact bytes. Packets that arrive while publish() waits for its
+acknowledgement are kept and handed out by the next recv()/expect().
+"""
+import os
+import socket
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_LIB = os.path.join(os.path.dirname(_HERE), "lib")
+if _LIB not in sys.path:
+    sys.path.insert(0, _LIB)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from mqtt import packets as P  # noqa: E402
+from mqtt.errors import MQTTError  # noqa: E402
+from mqtt.packets import (  # noqa: E402,F401
+    CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, SUBACK, UNSUBSCRIBE,
+    UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH, Connect, Publish, Ack, Subscribe, Unsubscribe,
+    Disconnect, Empty,
+)
+from brokerproc import BrokerProc, Raw  # noqa: E402,F401
+
+# Property identifiers used by the tests.
+PFI = 0x01
+EXPIRY = 0x02
+CONTENT_TYPE = 0x03
+RESPONSE_TOPIC = 0x08
+CORRELATION = 0x09
+SUBID = 0x0B
+SESSION_EXPIRY = 0x11
+ASSIGNED_ID = 0x12
+SERVER_KEEP_ALIVE = 0x13
+REASON_STRING = 0x1F
+RECEIVE_MAX = 0x21
+TOPIC_ALIAS_MAX = 0x22
+TOPIC_ALIAS = 0x23
+USER = 0x26
+MAX_PACKET = 0x27
+WILL_DELAY = 0x18
+
+# Subscription option bits (v5 3.8.3.1).
+NL = 0x04
+RAP = 0x08
+
+
+def RH(n):
+    return n << 4
+
+
+class Closed(AssertionError):
+    pass
+
+
+def split(raw):
+    """(first byte, body bytes) of one whole packet."""
+    i = 1
+    while raw[i] & 0x80:
+        i += 1
+    return raw[0], raw[i + 1:]
+
+
+def decode(raw, version):
+    first, body = split(raw)
+    return P.decode(first, body, 0, len(body), version)
+
+
+def enc(pkt, version):
+    return P.encode(pkt, version)
+
+
+def wait_for(pred, timeout=5.0, step=0.05):
+    """Polls pred() until it is true; returns its last value."""
+    end = time.time() + timeout
+    while True:
+        v = pred()
+        if v or time.time() >= end:
+            return v
+        time.sleep(step)
+
+
+class Client:
+    def __init__(self, port, client_id="", version=5, clean=True, keepalive=60, props=None,
+                 will_topic=None, will_payload=b"", will_qos=0, will_retain=False, will_props=None,
+                 username=None, password=None, connect=True, expect_ok=True, rcvbuf=None):
+        self.port = port
+        self.version = version
+        self.client_id = client_id
+        self._pid = 0
+        self.stash = []
+        if rcvbuf is None:
+            self.raw = Raw(port)
+        else:
+            # A small receive buffer, set before connecting, for slow readers.
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            s.settimeout(5)
+            s.connect(("127.0.0.1", port))
+            self.raw = Raw.__new__(Raw)
+            self.raw.s = s
+            self.raw.buf = b""
+        self.connack = None
+        if connect:
+            self.send(Connect(client_id, version=version, clean=clean, keepalive=keepalive,
+                              username=username, password=password, will_topic=will_topic,
+                              will_payload=will_payload, will_qos=will_qos, will_retain=will_retain,
+                              will_props=will_props, props=props))
+            self.connack = self.expect(CONNACK)
+            if expect_ok:
+                assert self.connack.reason == 0, "CONNACK refused: %r" % self.connack
+
+    # ------------------------------------------------------------ plumbing
+
+    def next_pid(self):
+        self._pid = self._pid % 65535 + 1
+        return self._pid
+
+    def send(self, pkt):
+        self.raw.send(P.encode(pkt, self.version))
+
+    def send_raw(self, data):
+        self.raw.send(data)
+
+    def recv_raw(self, timeout=5):
+        """Exact bytes of the next packet; None at EOF; socket.timeout if none."""
+        return self.raw.recv_packet(timeout)
+
+    def recv(self, timeout=5):
+        """Next decoded packet; raises Closed at EOF, socket.timeout if none."""
+        if self.stash:
+            return self.stash.pop(0)
+        raw = self.raw.recv_packet(timeout)
+        if raw is None:
+            raise Closed("connection closed by the broker")
+        return self._decode(raw)
+
+    def _decode(self, raw):
+        try:
+            return decode(raw, self.version)
+        except MQTTError as e:
+            raise AssertionError("broker sent an invalid v%d packet %r: %s" % (self.version, raw, e))
+
+    def poll(self, timeout=0.3):
+        """The next packet, or None when nothing comes within timeout."""
+        try:
+            return self.recv(timeout)
+        except socket.timeout:
+            return None
+
+    def expect(self, t, timeout=5):
+        try:
+            p = self.recv(timeout)
+        except socket.timeout:
+            raise AssertionError("no %s within %ss" % (P.NAMES[t], timeout))
+        assert p.type == t, "expected %s, got %r" % (P.NAMES[t], p)
+        return p
+
+    def _wait(self, t, pid, timeout=5):
+        # Waits for an ack of type t and pid, keeping other packets.
+        end = time.time() + timeout
+        held = []
+        try:
+            while True:
+                left = end - time.time()
+                if left <= 0:
+                    raise AssertionError("no %s for pid %d within %ss" % (P.NAMES[t], pid, timeout))
+                if self.stash:
+                    p = self.stash.pop(0)
+                else:
+                    try:
+                        raw = self.raw.recv_packet(left)
+                    except socket.timeout:
+                        continue
+                    if raw is None:
+                        raise Closed("connection closed waiting for %s" % P.NAMES[t])
+                    p = self._decode(raw)
+                if p.type == t and getattr(p, "pid", None) == pid:
+                    return p
+                held.append(p)
+        finally:
+            self.stash[:0] = held
+
+    def closed(self, timeout=5):
+        """True when the broker closes the connection within timeout (any
+        packets before the close are discarded)."""
+        self.stash = []
+        return self.raw.closed(timeout)
+
+    def close(self):
+        try:
+            self.raw.close()
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ MQTT
+
+    def subscribe(self, topics, props=None, pid=None):
+        """topics: [(filter, options)] or a single filter string (QoS 0)."""
+        if isinstance(topics, str):
+            topics = [(topics, 0)]
+        pid = pid or self.next_pid()
+        self.send(Subscribe(pid, list(topics), props))
+        a = self._wait(SUBACK, pid)
+        return a.reasons
+
+    def unsubscribe(self, filters, props=None):
+        if isinstance(filters, str):
+            filters = [filters]
+        pid = self.next_pid()
+        self.send(Unsubscribe(pid, list(filters), props))
+        return self._wait(UNSUBACK, pid).reasons
+
+    def publish(self, topic, payload=b"", qos=0, retain=False, props=None, dup=False, pid=None,
+                complete=True):
+        """Sends a PUBLISH; for QoS 1 returns the PUBACK, for QoS 2 the
+        PUBREC (complete=False) or the PUBCOMP after sending PUBREL."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        if qos and pid is None:
+            pid = self.next_pid()
+        self.send(Publish(topic, payload, qos, retain, dup, pid or 0, props))
+        if qos == 1:
+            return self._wait(PUBACK, pid)
+        if qos == 2:
+            rec = self._wait(PUBREC, pid)
+            if not complete or rec.reason >= 0x80:
+                return rec
+            self.send(Ack(PUBREL, pid))
+            return self._wait(PUBCOMP, pid)
+        return None
+
+    def ack(self, m):
+        """Acknowledges a received PUBLISH as a well-behaved client."""
+        if m.qos == 1:
+            self.send(Ack(PUBACK, m.pid))
+        elif m.qos == 2:
+            self.send(Ack(PUBREC, m.pid))
+            self._wait(PUBREL, m.pid)
+            self.send(Ack(PUBCOMP, m.pid))
+
+    def get(self, timeout=5, ack=True):
+        """Next PUBLISH (acknowledged unless ack=False)."""
+        m = self.expect(PUBLISH, timeout)
+        if ack:
+            self.ack(m)
+        return m
+
+    def messages(self, n=None, timeout=0.5, ack=True):
+        """PUBLISHes until n are read, or until none comes for `timeout`."""
+        out = []
+        while n is None or len(out) < n:
+            try:
+                p = self.recv(timeout)
+            except socket.timeout:
+                break
+            assert p.type == PUBLISH, "expected PUBLISH, got %r" % p
+            if ack:
+                self.ack(p)
+            out.append(p)
+        return out
+
+    def raw_publish(self, timeout=5):
+        """Next packet's exact bytes, asserted to be a PUBLISH (for tests
+        that check timing and must not depend on the properties decoding)."""
+        raw = self.raw.recv_packet(timeout)
+        assert raw is not None, "connection closed"
+        assert raw[0] >> 4 == PUBLISH, "expected PUBLISH, got %r" % raw
+        return raw
+
+    def ping(self, timeout=5):
+        self.send(Empty(PINGREQ))
+        return self.expect(PINGRESP, timeout)
+
+    def disconnect(self, reason=0, props=None):
+        self.send(Disconnect(reason, props))
+        ok = self.raw.closed(3)
+        self.close()
+        return ok
+
+
+def connect_bytes(client_id="", version=4, **kw):
+    return P.encode(Connect(client_id, version=version, **kw))

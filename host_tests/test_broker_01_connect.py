@@ -1,0 +1,266 @@
+"""CONNECT / CONNACK, session take-over, connect timeout and keep-alive
+(MQTT 3.1.1 ch. 3.1, 3.2, 4.x; MQTT 5.0 ch. 3.1, 3.2, 4.13)."""
+import socket
+import time
+
+import pytest
+
+from mqttc import (BrokerProc, Raw, Client, Closed, Connect, Publish, Empty, decode, split, CONNACK,
+                   DISCONNECT, PINGREQ, PINGRESP, PUBLISH, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
+                   MAX_PACKET, TOPIC_ALIAS_MAX)
+from mqtt import packets as P
+
+HEAP = "220K"
+CONFIG = {
+    "connect_timeout": 1,
+    "max_keepalive": 30,
+    "max_inflight_messages": 7,
+    "max_packet_size": 4096,
+    "max_topic_alias": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+def connect_raw(port, client_id, version=4, **kw):
+    r = Raw(port)
+    r.send(P.encode(Connect(client_id, version=version, **kw)))
+    return r
+
+
+# ---------------------------------------------------------------- CONNACK
+
+
+def test_v311_connack_is_byte_exact(broker):
+    r = connect_raw(broker.port, "c01-v311", version=4)
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.close()
+
+
+def test_v31_mqisdp_connect_is_accepted(broker):
+    r = connect_raw(broker.port, "c01-v31", version=3)
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.close()
+
+
+def test_v5_connack_is_byte_exact_and_carries_configured_limits(broker):
+    r = connect_raw(broker.port, "c01-v5", version=5, keepalive=20)
+    raw = r.recv_packet()
+    # 20 len | flags 00 | reason 00 | props: RM=7, TAM=5, MPS=4096
+    expect = bytes([0x20, 0x0E, 0x00, 0x00, 0x0B,
+                    0x21, 0x00, 0x07,
+                    0x22, 0x00, 0x05,
+                    0x27, 0x00, 0x00, 0x10, 0x00])
+    assert raw == expect
+    ack = decode(raw, 5)
+    assert ack.reason == 0 and ack.session_present is False
+    assert ack.props[RECEIVE_MAX] == CONFIG["max_inflight_messages"]
+    assert ack.props[MAX_PACKET] == CONFIG["max_packet_size"]
+    assert ack.props[TOPIC_ALIAS_MAX] == CONFIG["max_topic_alias"]
+    r.close()
+
+
+def test_v5_client_asking_more_keepalive_than_max_gets_server_keep_alive(broker):
+    c = Client(broker.port, "c01-ska", version=5, keepalive=100)
+    assert c.connack.props[SERVER_KEEP_ALIVE] == CONFIG["max_keepalive"]
+    c.close()
+
+
+def test_v5_client_within_max_keepalive_gets_no_server_keep_alive(broker):
+    c = Client(broker.port, "c01-ska2", version=5, keepalive=20)
+    assert SERVER_KEEP_ALIVE not in (c.connack.props or {})
+    c.close()
+
+
+# ---------------------------------------------------------------- protocol errors
+
+
+def test_v5_second_connect_gets_disconnect_0x82_then_close(broker):
+    c = Client(broker.port, "c01-2nd5", version=5)
+    c.send_raw(P.encode(Connect("c01-2nd5", version=5)))
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x82
+    assert c.closed()
+
+
+def test_v311_second_connect_closes_connection(broker):
+    c = Client(broker.port, "c01-2nd4", version=4)
+    c.send_raw(P.encode(Connect("c01-2nd4", version=4)))
+    assert c.raw.recv_packet(5) is None  # closed, nothing sent
+
+
+@pytest.mark.parametrize("first", [
+    pytest.param(b"\xc0\x00", id="pingreq"),
+    pytest.param(b"\x30\x05\x00\x01a\x68\x69", id="publish"),
+    pytest.param(b"\x82\x06\x00\x01\x00\x01a\x00", id="subscribe"),
+    pytest.param(b"\xe0\x00", id="disconnect"),
+])
+def test_first_packet_not_connect_closes_connection(broker, first):
+    r = Raw(broker.port)
+    r.send(first)
+    assert r.recv_packet(5) is None
+    r.close()
+
+
+@pytest.mark.parametrize("level", [0, 2, 3, 6, 255])
+def test_unsupported_protocol_level_gets_v311_connack_0x01_then_close(broker, level):
+    # 3.1.1 MQTT-3.1.2-2: CONNACK return code 0x01, then disconnect.
+    body = b"\x00\x04MQTT" + bytes([level, 0x02, 0x00, 0x3C]) + b"\x00\x03abc"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    assert r.recv_packet() == b"\x20\x02\x00\x01"
+    assert r.closed()
+
+
+def test_v5_bad_protocol_name_gets_connack_0x84_then_close(broker):
+    # 5.0 3.1.2.1: the server MAY answer a CONNECT it does not understand
+    # with CONNACK 0x84, and MUST then close the connection.
+    body = b"\x00\x04MQTX\x05\x02\x00\x3C\x00\x00\x03abc"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    raw = r.recv_packet()
+    assert raw is not None, "closed without a CONNACK"
+    ack = decode(raw, 5)
+    assert ack.type == CONNACK and ack.reason == 0x84
+    assert r.closed()
+
+
+def test_connect_with_reserved_flag_set_is_closed(broker):
+    # 3.1.1 MQTT-3.1.2-3 / 5.0 MQTT-3.1.2-3: reserved flag must be 0.
+    body = b"\x00\x04MQTT\x04\x03\x00\x3C\x00\x03abc"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    assert r.closed()
+
+
+# ---------------------------------------------------------------- client identifier
+
+
+def test_v5_empty_client_id_gets_assigned_client_identifier(broker):
+    a = Client(broker.port, "", version=5)
+    b = Client(broker.port, "", version=5)
+    ida = a.connack.props.get(ASSIGNED_ID)
+    idb = b.connack.props.get(ASSIGNED_ID)
+    assert ida and idb and ida != idb
+    # The assigned identifier is the session's: both connections work.
+    a.ping()
+    b.ping()
+    a.close()
+    b.close()
+
+
+def test_v311_empty_client_id_with_clean_session_is_accepted(broker):
+    r = connect_raw(broker.port, "", version=4, clean=True)
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.send(b"\xc0\x00")
+    assert r.recv_packet() == b"\xd0\x00"
+    r.close()
+
+
+def test_v311_empty_client_id_without_clean_session_gets_0x02_then_close(broker):
+    r = connect_raw(broker.port, "", version=4, clean=False)
+    assert r.recv_packet() == b"\x20\x02\x00\x02"
+    assert r.closed()
+
+
+# ---------------------------------------------------------------- take-over
+
+
+def test_v5_session_takeover_sends_disconnect_0x8e_to_old_connection(broker):
+    old = Client(broker.port, "c01-take5", version=5)
+    new = Client(broker.port, "c01-take5", version=5)
+    d = old.expect(DISCONNECT)
+    assert d.reason == 0x8E
+    assert old.closed()
+    new.ping()
+    new.close()
+
+
+def test_v311_session_takeover_closes_old_connection(broker):
+    old = Client(broker.port, "c01-take4", version=4)
+    new = Client(broker.port, "c01-take4", version=4)
+    assert old.raw.recv_packet(5) is None
+    new.ping()
+    new.close()
+
+
+def test_session_takeover_new_connection_receives_messages(broker):
+    old = Client(broker.port, "c01-take-sub", version=5, clean=False, props={0x11: 60})
+    old.subscribe([("c01/take/t", 1)])
+    new = Client(broker.port, "c01-take-sub", version=5, clean=False, props={0x11: 60})
+    assert new.connack.session_present is True
+    pub = Client(broker.port, "c01-take-pub", version=5)
+    pub.publish("c01/take/t", b"after", qos=1)
+    m = new.get()
+    assert m.topic == "c01/take/t" and m.payload == b"after"
+    new.disconnect(props={0x11: 0})
+    pub.close()
+    old.close()
+
+
+# ---------------------------------------------------------------- timers
+
+
+def test_socket_without_connect_is_closed_after_connect_timeout(broker):
+    r = Raw(broker.port)
+    t0 = time.time()
+    assert r.closed(timeout=5)
+    dt = time.time() - t0
+    # connect_timeout is 1 s; the check runs once a second.
+    assert 0.9 <= dt <= 3.0, dt
+    r.close()
+
+
+def test_partial_connect_is_closed_after_connect_timeout(broker):
+    r = Raw(broker.port)
+    r.send(b"\x10\x20\x00\x04MQ")  # half a CONNECT, then silence
+    t0 = time.time()
+    assert r.closed(timeout=5)
+    assert time.time() - t0 <= 3.0
+    r.close()
+
+
+def test_v5_keepalive_expiry_sends_disconnect_0x8d_after_one_and_a_half_times(broker):
+    c = Client(broker.port, "c01-ka5", version=5, keepalive=1)
+    t0 = time.time()
+    d = c.expect(DISCONNECT, timeout=5)
+    dt = time.time() - t0
+    assert d.reason == 0x8D
+    assert c.closed()
+    assert 1.4 <= dt <= 3.0, dt
+
+
+def test_v311_keepalive_expiry_closes_connection(broker):
+    c = Client(broker.port, "c01-ka4", version=4, keepalive=1)
+    t0 = time.time()
+    assert c.raw.recv_packet(5) is None
+    dt = time.time() - t0
+    assert 1.4 <= dt <= 3.0, dt
+
+
+def test_pingreq_keeps_connection_alive_past_keepalive(broker):
+    c = Client(broker.port, "c01-ka-ping", version=4, keepalive=1)
+    end = time.time() + 3.2
+    while time.time() < end:
+        c.send(Empty(PINGREQ))
+        assert c.expect(PINGRESP).type == PINGRESP
+        time.sleep(0.5)
+    c.ping()
+    c.close()
+
+
+def test_keepalive_zero_connection_is_not_closed(broker):
+    c = Client(broker.port, "c01-ka0", version=4, keepalive=0)
+    assert c.poll(2.2) is None
+    c.ping()
+    c.close()

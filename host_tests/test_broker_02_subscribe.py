@@ -1,0 +1,331 @@
+"""SUBSCRIBE / UNSUBSCRIBE: wildcards, $ topics, overlapping and shared
+subscriptions, subscription options and SUBACK/UNSUBACK codes
+(MQTT 3.1.1 3.8-3.11, 4.7; MQTT 5.0 3.8-3.11, 4.7, 4.8)."""
+import pytest
+
+from mqttc import (BrokerProc, Client, Subscribe, Unsubscribe, PUBLISH, SUBACK, UNSUBACK, DISCONNECT,
+                   SUBID, NL, RAP, RH)
+
+HEAP = "220K"
+CONFIG = {"max_subscriptions": 32}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+@pytest.fixture
+def pub(broker):
+    c = Client(broker.port, "s02-pub", version=5)
+    yield c
+    c.close()
+
+
+def topics_of(msgs):
+    return sorted(m.topic for m in msgs)
+
+
+# ---------------------------------------------------------------- wildcards
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_plus_wildcard_matches_exactly_one_level(broker, pub, version):
+    s = Client(broker.port, "s02-plus-%d" % version, version=version)
+    s.subscribe([("w%d/+/x" % version, 0)])
+    p = "w%d/" % version
+    for t in ("a/x", "b/x", "a/b/x", "x", "a/x/y", "/x"):
+        pub.publish(p + t, t, qos=1)
+    got = s.messages(timeout=0.5)
+    assert topics_of(got) == [p + "/x", p + "a/x", p + "b/x"]
+    s.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_hash_wildcard_matches_parent_and_all_children(broker, pub, version):
+    s = Client(broker.port, "s02-hash-%d" % version, version=version)
+    s.subscribe([("h%d/#" % version, 0)])
+    p = "h%d" % version
+    for t in (p, p + "/a", p + "/a/b/c", p + "x", "z/" + p):
+        pub.publish(t, b"1", qos=1)
+    assert topics_of(s.messages(timeout=0.5)) == sorted([p, p + "/a", p + "/a/b/c"])
+    s.close()
+
+
+def test_plus_matches_empty_level(broker, pub):
+    s = Client(broker.port, "s02-plus-empty", version=5)
+    s.subscribe([("pe/+/z", 0)])
+    pub.publish("pe//z", b"1", qos=1)
+    m = s.get()
+    assert m.topic == "pe//z"
+    s.close()
+
+
+def test_dollar_topics_not_matched_by_leading_wildcards(broker, pub):
+    # MQTT-4.7.2-1: filters starting with # or + do not match $ topics.
+    s = Client(broker.port, "s02-dollar", version=5)
+    s.subscribe([("#", RH(2)), ("+/d02/x", 0)])
+    d = Client(broker.port, "s02-dollar2", version=5)
+    d.subscribe([("$d02/#", 0)])
+    pub.publish("$d02/x", b"dollar", qos=1)
+    pub.publish("d02/x", b"plain", qos=1)
+    got = d.messages(timeout=0.5)
+    assert [m.payload for m in got] == [b"dollar"]
+    seen = s.messages(timeout=0.5)
+    assert [m.topic for m in seen if m.topic.startswith("$")] == []
+    assert b"plain" in [m.payload for m in seen]
+    s.close()
+    d.close()
+
+
+# ---------------------------------------------------------------- overlapping
+
+
+def test_overlapping_subscriptions_deliver_one_copy_at_highest_qos(broker, pub):
+    s = Client(broker.port, "s02-ovl", version=5)
+    s.subscribe([("ovl/#", 0), ("ovl/+", 2), ("ovl/a", 1)])
+    pub.publish("ovl/a", b"x", qos=2)
+    got = s.messages(timeout=0.5)
+    assert len(got) == 1, got
+    assert got[0].qos == 2
+    s.close()
+
+
+def test_v311_overlapping_subscriptions_deliver_at_highest_qos(broker, pub):
+    # 3.1.1 MQTT-3.3.5-1: delivered respecting the highest granted QoS.
+    s = Client(broker.port, "s02-ovl4", version=4)
+    s.subscribe([("ovl4/#", 1), ("ovl4/a", 0)])
+    pub.publish("ovl4/a", b"x", qos=1)
+    got = s.messages(timeout=0.5)
+    assert got and max(m.qos for m in got) == 1
+    s.close()
+
+
+def test_overlapping_subscriptions_carry_every_subscription_identifier(broker, pub):
+    s = Client(broker.port, "s02-subids", version=5)
+    s.subscribe([("sid/#", 0)], props={SUBID: 11})
+    s.subscribe([("sid/+", 1)], props={SUBID: 22})
+    s.subscribe([("sid/a", 0)])  # no identifier
+    pub.publish("sid/a", b"x", qos=1)
+    got = s.messages(timeout=0.5)
+    assert len(got) == 1
+    assert sorted(got[0].props[SUBID]) == [11, 22]
+    assert got[0].qos == 1
+    s.close()
+
+
+def test_subscription_identifier_is_sent_with_matching_message(broker, pub):
+    s = Client(broker.port, "s02-subid1", version=5)
+    s.subscribe([("sid1/+", 1)], props={SUBID: 268435455})
+    pub.publish("sid1/a", b"x", qos=1)
+    m = s.get()
+    assert m.props[SUBID] == [268435455]
+    s.close()
+
+
+def test_resubscribe_replaces_subscription_options(broker, pub):
+    s = Client(broker.port, "s02-resub", version=5)
+    s.subscribe([("resub/t", 2)])
+    assert s.subscribe([("resub/t", 0)]) == [0]
+    pub.publish("resub/t", b"x", qos=2)
+    got = s.messages(timeout=0.5)
+    assert len(got) == 1 and got[0].qos == 0
+    s.close()
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_no_local_suppresses_own_messages(broker):
+    a = Client(broker.port, "s02-nl-a", version=5)
+    b = Client(broker.port, "s02-nl-b", version=5)
+    a.subscribe([("nl/t", 1 | NL)])
+    a.publish("nl/t", b"mine", qos=1)
+    b.publish("nl/t", b"theirs", qos=1)
+    got = a.messages(timeout=0.5)
+    assert [m.payload for m in got] == [b"theirs"]
+    a.close()
+    b.close()
+
+
+def test_without_no_local_own_messages_are_delivered(broker):
+    a = Client(broker.port, "s02-nl-off", version=5)
+    a.subscribe([("nloff/t", 1)])
+    a.publish("nloff/t", b"mine", qos=1)
+    got = a.messages(timeout=0.5)
+    assert [m.payload for m in got] == [b"mine"]
+    a.close()
+
+
+def test_no_local_on_shared_subscription_is_protocol_error(broker):
+    # 5.0 MQTT-3.8.3-4.
+    a = Client(broker.port, "s02-nl-share", version=5)
+    a.send(Subscribe(1, [("$share/g/nls/t", NL)]))
+    d = a.expect(DISCONNECT)
+    assert d.reason == 0x82
+    assert a.closed()
+
+
+def test_retain_as_published_keeps_retain_flag(broker, pub):
+    a = Client(broker.port, "s02-rap", version=5)
+    a.subscribe([("rap/t", 1 | RAP)])
+    b = Client(broker.port, "s02-norap", version=5)
+    b.subscribe([("rap/t", 1)])
+    pub.publish("rap/t", b"r", qos=1, retain=True)
+    ma = a.get()
+    mb = b.get()
+    assert ma.retain is True
+    assert mb.retain is False
+    pub.publish("rap/t", b"", qos=1, retain=True)  # clean up
+    a.close()
+    b.close()
+
+
+def _retained_on_subscribe(c, flt, opts):
+    c.subscribe([(flt, opts)])
+    return [m for m in c.messages(timeout=0.4) if m.retain]
+
+
+def test_retain_handling_0_sends_retained_on_every_subscribe(broker, pub):
+    pub.publish("rh0/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rh0", version=5)
+    assert [m.payload for m in _retained_on_subscribe(c, "rh0/t", 1 | RH(0))] == [b"kept"]
+    assert [m.payload for m in _retained_on_subscribe(c, "rh0/t", 1 | RH(0))] == [b"kept"]
+    c.close()
+
+
+def test_retain_handling_1_sends_retained_only_for_new_subscription(broker, pub):
+    pub.publish("rh1/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rh1", version=5)
+    assert [m.payload for m in _retained_on_subscribe(c, "rh1/t", 1 | RH(1))] == [b"kept"]
+    assert _retained_on_subscribe(c, "rh1/t", 1 | RH(1)) == []
+    c.close()
+
+
+def test_retain_handling_2_never_sends_retained(broker, pub):
+    pub.publish("rh2/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rh2", version=5)
+    assert _retained_on_subscribe(c, "rh2/t", 1 | RH(2)) == []
+    # ... but live messages still flow.
+    pub.publish("rh2/t", b"live", qos=1)
+    assert c.get().payload == b"live"
+    c.close()
+
+
+# ---------------------------------------------------------------- shared
+
+
+def test_shared_subscription_delivers_each_message_to_exactly_one_member(broker, pub):
+    a = Client(broker.port, "s02-sh-a", version=5)
+    b = Client(broker.port, "s02-sh-b", version=5)
+    a.subscribe([("$share/g1/sh/t", 1)])
+    b.subscribe([("$share/g1/sh/t", 1)])
+    for i in range(10):
+        pub.publish("sh/t", b"%d" % i, qos=1)
+    ga = [m.payload for m in a.messages(timeout=0.5)]
+    gb = [m.payload for m in b.messages(timeout=0.5)]
+    assert sorted(ga + gb, key=int) == [b"%d" % i for i in range(10)]
+    assert ga and gb, "all messages went to one member"
+    a.close()
+    b.close()
+
+
+def test_two_share_groups_each_get_one_copy(broker, pub):
+    a = Client(broker.port, "s02-sh2-a", version=5)
+    b = Client(broker.port, "s02-sh2-b", version=5)
+    c = Client(broker.port, "s02-sh2-c", version=5)
+    a.subscribe([("$share/ga/sh2/#", 1)])
+    b.subscribe([("$share/ga/sh2/#", 1)])
+    c.subscribe([("$share/gb/sh2/#", 1)])
+    for i in range(6):
+        pub.publish("sh2/x", b"%d" % i, qos=1)
+    ga = [m.payload for m in a.messages(timeout=0.5)] + [m.payload for m in b.messages(timeout=0.3)]
+    gc = [m.payload for m in c.messages(timeout=0.3)]
+    want = [b"%d" % i for i in range(6)]
+    assert sorted(ga, key=int) == want
+    assert gc == want
+    for x in (a, b, c):
+        x.close()
+
+
+def test_shared_and_normal_subscription_of_same_client_get_a_copy_each(broker, pub):
+    # 5.0 4.8.2: a shared subscription is independent of normal ones.
+    a = Client(broker.port, "s02-sh3", version=5)
+    a.subscribe([("$share/g3/sh3/t", 1), ("sh3/t", 1)])
+    pub.publish("sh3/t", b"x", qos=1)
+    assert len(a.messages(timeout=0.5)) == 2
+    a.close()
+
+
+def test_shared_subscription_gets_no_retained_messages(broker, pub):
+    # 5.0 4.8.2: retained messages are not sent for a new shared subscription.
+    pub.publish("shr/t", b"kept", qos=1, retain=True)
+    a = Client(broker.port, "s02-shr", version=5)
+    a.subscribe([("$share/g/shr/t", 1)])
+    assert a.messages(timeout=0.4) == []
+    pub.publish("shr/t", b"", qos=1, retain=True)
+    a.close()
+
+
+def test_unsubscribed_share_member_gets_nothing(broker, pub):
+    a = Client(broker.port, "s02-shu-a", version=5)
+    b = Client(broker.port, "s02-shu-b", version=5)
+    a.subscribe([("$share/gu/shu/t", 1)])
+    b.subscribe([("$share/gu/shu/t", 1)])
+    assert a.unsubscribe("$share/gu/shu/t") == [0]
+    for i in range(4):
+        pub.publish("shu/t", b"%d" % i, qos=1)
+    assert a.messages(timeout=0.3) == []
+    assert len(b.messages(timeout=0.3)) == 4
+    a.close()
+    b.close()
+
+
+# ---------------------------------------------------------------- SUBACK / UNSUBACK
+
+
+def test_v5_suback_has_a_code_per_filter_and_0x8f_for_invalid(broker):
+    c = Client(broker.port, "s02-suback5", version=5)
+    codes = c.subscribe([("ok/a", 1), ("bad/#/x", 0), ("ok/b", 2), ("a+", 0), ("ok/c", 0),
+                         ("$share/g+/x", 0), ("$share/gx", 0)])
+    assert codes == [1, 0x8F, 2, 0x8F, 0, 0x8F, 0x8F]
+    c.close()
+
+
+def test_v311_suback_byte_exact_with_0x80_for_invalid_filter(broker):
+    c = Client(broker.port, "s02-suback4", version=4)
+    c.send(Subscribe(0x1234, [("ok4/a", 0), ("ok4/#/x", 1), ("ok4/b", 2)]))
+    assert c.recv_raw() == b"\x90\x05\x12\x34\x00\x80\x02"
+    c.close()
+
+
+def test_v311_unsuback_is_byte_exact(broker):
+    c = Client(broker.port, "s02-unsuback4", version=4)
+    c.subscribe([("u4/a", 0)])
+    c.send(Unsubscribe(0x0102, ["u4/a"]))
+    assert c.recv_raw() == b"\xb0\x02\x01\x02"
+    c.close()
+
+
+def test_v5_unsuback_0x11_when_no_subscription_existed(broker):
+    c = Client(broker.port, "s02-unsuback5", version=5)
+    c.subscribe([("u5/a", 0)])
+    assert c.unsubscribe(["u5/never", "u5/a", "u5/a"]) == [0x11, 0x00, 0x11]
+    c.close()
+
+
+def test_unsubscribe_stops_delivery(broker, pub):
+    c = Client(broker.port, "s02-unsub", version=5)
+    c.subscribe([("us/a", 1), ("us/b", 1)])
+    c.unsubscribe("us/a")
+    pub.publish("us/a", b"a", qos=1)
+    pub.publish("us/b", b"b", qos=1)
+    assert [m.payload for m in c.messages(timeout=0.5)] == [b"b"]
+    c.close()

@@ -1,0 +1,131 @@
+"""Retained messages (MQTT 3.1.1 3.3.1.3; MQTT 5.0 3.3.1.3)."""
+import pytest
+
+from mqttc import BrokerProc, Client, PUBLISH, RAP
+
+HEAP = "220K"
+CONFIG = {}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+@pytest.fixture
+def pub(broker):
+    c = Client(broker.port, "r04-pub", version=5)
+    yield c
+    c.close()
+
+
+def retained(port, flt, version=5, qos=2, cid="r04-reader"):
+    c = Client(port, cid, version=version)
+    c.subscribe([(flt, qos)])
+    got = c.messages(timeout=0.3)
+    c.close()
+    return got
+
+
+def test_v311_retained_message_is_sent_on_subscribe_with_retain_flag(broker, pub):
+    pub.publish("ret/a", b"v1", qos=0, retain=True)
+    c = Client(broker.port, "r04-exact", version=4)
+    c.subscribe([("ret/a", 0)])
+    assert c.recv_raw() == b"\x31\x09\x00\x05ret/av1"
+    c.close()
+
+
+def test_retained_message_is_replaced_by_newer_one(broker, pub):
+    pub.publish("ret/b", b"old", qos=1, retain=True)
+    pub.publish("ret/b", b"new", qos=1, retain=True)
+    got = retained(broker.port, "ret/b")
+    assert [(m.payload, m.retain) for m in got] == [(b"new", True)]
+
+
+def test_retained_message_is_deleted_by_empty_payload(broker, pub):
+    pub.publish("ret/c", b"gone soon", qos=1, retain=True)
+    assert len(retained(broker.port, "ret/c")) == 1
+    pub.publish("ret/c", b"", qos=1, retain=True)
+    assert retained(broker.port, "ret/c") == []
+
+
+def test_empty_retained_publish_is_forwarded_to_current_subscribers(broker, pub):
+    # 3.1.1 3.3.1.3: a zero-byte retained PUBLISH is processed as normal.
+    s = Client(broker.port, "r04-empty-live", version=5)
+    s.subscribe([("ret/d", 1)])
+    pub.publish("ret/d", b"", qos=1, retain=True)
+    m = s.get()
+    assert m.payload == b"" and m.retain is False
+    s.close()
+
+
+def test_non_retained_publish_is_not_stored(broker, pub):
+    pub.publish("ret/e", b"live only", qos=1, retain=False)
+    assert retained(broker.port, "ret/e") == []
+
+
+def test_non_retained_publish_does_not_replace_retained(broker, pub):
+    pub.publish("ret/f", b"kept", qos=1, retain=True)
+    pub.publish("ret/f", b"passing", qos=1, retain=False)
+    assert [m.payload for m in retained(broker.port, "ret/f")] == [b"kept"]
+
+
+def test_retained_messages_match_wildcard_subscription(broker, pub):
+    for t in ("retw/a", "retw/b/c", "other/x"):
+        pub.publish(t, t.encode(), qos=1, retain=True)
+    got = retained(broker.port, "retw/#")
+    assert sorted(m.topic for m in got) == ["retw/a", "retw/b/c"]
+    assert all(m.retain for m in got)
+
+
+def test_retained_message_is_delivered_at_minimum_of_its_qos_and_granted(broker, pub):
+    pub.publish("ret/q", b"q2", qos=2, retain=True)
+    assert [m.qos for m in retained(broker.port, "ret/q", qos=1)] == [1]
+    assert [m.qos for m in retained(broker.port, "ret/q", qos=2)] == [2]
+    pub.publish("ret/q0", b"q0", qos=0, retain=True)
+    assert [m.qos for m in retained(broker.port, "ret/q0", qos=2)] == [0]
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_normal_forwarding_clears_retain_flag(broker, pub, version):
+    # 3.1.1 MQTT-3.3.1-9; 5.0 3.3.1.3 with Retain As Published 0.
+    s = Client(broker.port, "r04-clear%d" % version, version=version)
+    s.subscribe([("ret/live%d" % version, 1)])
+    pub.publish("ret/live%d" % version, b"x", qos=1, retain=True)
+    m = s.get()
+    assert m.retain is False
+    s.close()
+
+
+def test_retain_as_published_forwards_retain_flag(broker, pub):
+    s = Client(broker.port, "r04-rap", version=5)
+    s.subscribe([("ret/rap", 1 | RAP)])
+    pub.publish("ret/rap", b"x", qos=1, retain=True)
+    pub.publish("ret/rap", b"y", qos=1, retain=False)
+    got = s.messages(2)
+    assert [(m.payload, m.retain) for m in got] == [(b"x", True), (b"y", False)]
+    s.close()
+
+
+def test_retained_message_from_v5_reaches_v311_subscriber_without_properties(broker, pub):
+    pub.publish("ret/v5", b"p", qos=0, retain=True, props={0x03: "text/plain", 0x26: [("k", "v")]})
+    c = Client(broker.port, "r04-v311", version=4)
+    c.subscribe([("ret/v5", 0)])
+    assert c.recv_raw() == b"\x31\x09\x00\x06ret/v5p"
+    c.close()
+
+
+def test_retained_message_keeps_its_v5_properties(broker, pub):
+    pub.publish("ret/props", b"p", qos=1, retain=True,
+                props={0x03: "text/plain", 0x26: [("k", "v"), ("a", "b")]})
+    got = retained(broker.port, "ret/props")
+    assert len(got) == 1
+    assert got[0].props[0x03] == "text/plain"
+    assert got[0].props[0x26] == [("k", "v"), ("a", "b")]

@@ -1,0 +1,217 @@
+"""Session state across connections: clean session / clean start, session
+present, session expiry (MQTT 3.1.1 3.1.2.4, 3.2.2.2, 4.1; MQTT 5.0
+3.1.2.4, 3.1.2.11.2, 3.14.2.2.2, 4.1)."""
+import time
+
+import pytest
+
+from mqttc import BrokerProc, Client, PUBLISH, DISCONNECT, SESSION_EXPIRY
+
+HEAP = "220K"
+CONFIG = {}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+@pytest.fixture
+def pub(broker):
+    c = Client(broker.port, "s05-pub", version=5)
+    yield c
+    c.close()
+
+
+def v5(port, cid, expiry=None, clean=False, **kw):
+    props = {SESSION_EXPIRY: expiry} if expiry is not None else None
+    return Client(port, cid, version=5, clean=clean, props=props, **kw)
+
+
+# ---------------------------------------------------------------- 3.1.1
+
+
+def test_v311_clean_session_0_resumes_with_session_present_byte_exact(broker, pub):
+    c = Client(broker.port, "s05-v311", version=4, clean=False)
+    assert c.connack.session_present is False
+    c.subscribe([("s05/v311", 1)])
+    c.close()
+    from mqttc import Raw, connect_bytes
+    r = Raw(broker.port)
+    r.send(connect_bytes("s05-v311", version=4, clean=False))
+    assert r.recv_packet() == b"\x20\x02\x01\x00"
+    r.close()
+    time.sleep(0.1)
+    # The subscription outlived the connection: queued while offline.
+    pub.publish("s05/v311", b"offline", qos=1)
+    c = Client(broker.port, "s05-v311", version=4, clean=False)
+    assert c.get().payload == b"offline"
+    c.close()
+    Client(broker.port, "s05-v311", version=4, clean=True).disconnect()
+
+
+def test_v311_clean_session_1_discards_previous_session(broker, pub):
+    c = Client(broker.port, "s05-v311c", version=4, clean=False)
+    c.subscribe([("s05/v311c", 1)])
+    c.disconnect()
+    c = Client(broker.port, "s05-v311c", version=4, clean=True)
+    assert c.connack.session_present is False
+    pub.publish("s05/v311c", b"x", qos=1)
+    assert c.poll(0.3) is None
+    c.disconnect()
+    # ... and a clean session is not kept either.
+    c = Client(broker.port, "s05-v311c", version=4, clean=False)
+    assert c.connack.session_present is False
+    c.close()
+    Client(broker.port, "s05-v311c", version=4, clean=True).disconnect()
+
+
+def test_v311_offline_qos0_is_not_queued_by_default(broker, pub):
+    c = Client(broker.port, "s05-q0", version=4, clean=False)
+    c.subscribe([("s05/q0", 1)])
+    c.disconnect()
+    pub.publish("s05/q0", b"zero", qos=0)
+    pub.publish("s05/q0", b"one", qos=1)
+    c = Client(broker.port, "s05-q0", version=4, clean=False)
+    assert [m.payload for m in c.messages(timeout=0.4)] == [b"one"]
+    c.close()
+    Client(broker.port, "s05-q0", version=4, clean=True).disconnect()
+
+
+# ---------------------------------------------------------------- 5.0 expiry
+
+
+def test_v5_session_expiry_0_ends_session_at_disconnect(broker, pub):
+    c = v5(broker.port, "s05-e0", expiry=0)
+    c.subscribe([("s05/e0", 1)])
+    c.disconnect()
+    c = v5(broker.port, "s05-e0", expiry=0)
+    assert c.connack.session_present is False
+    pub.publish("s05/e0", b"x", qos=1)
+    assert c.poll(0.3) is None
+    c.close()
+
+
+def test_v5_absent_session_expiry_means_zero(broker, pub):
+    c = v5(broker.port, "s05-enone")
+    c.subscribe([("s05/enone", 1)])
+    c.close()  # even without DISCONNECT
+    time.sleep(0.2)
+    c = v5(broker.port, "s05-enone")
+    assert c.connack.session_present is False
+    c.close()
+
+
+def test_v5_session_expiry_keeps_session_and_queues_qos1(broker, pub):
+    c = v5(broker.port, "s05-e60", expiry=60)
+    c.subscribe([("s05/e60", 1)])
+    c.disconnect()
+    for i in range(3):
+        pub.publish("s05/e60", b"q%d" % i, qos=1)
+    pub.publish("s05/e60", b"zero", qos=0)  # not queued (queue_qos0_messages false)
+    c = v5(broker.port, "s05-e60", expiry=60)
+    assert c.connack.session_present is True
+    assert [m.payload for m in c.messages(timeout=0.4)] == [b"q0", b"q1", b"q2"]
+    # The subscription still works live.
+    pub.publish("s05/e60", b"live", qos=1)
+    assert c.get().payload == b"live"
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_session_is_discarded_after_its_expiry_interval(broker, pub):
+    c = v5(broker.port, "s05-e1", expiry=1)
+    c.subscribe([("s05/e1", 1)])
+    c.disconnect()
+    time.sleep(2.5)
+    c = v5(broker.port, "s05-e1", expiry=60)
+    assert c.connack.session_present is False
+    pub.publish("s05/e1", b"x", qos=1)
+    assert c.poll(0.3) is None
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_clean_start_discards_existing_session(broker, pub):
+    c = v5(broker.port, "s05-cs", expiry=60)
+    c.subscribe([("s05/cs", 1)])
+    c.disconnect()
+    pub.publish("s05/cs", b"queued", qos=1)
+    c = v5(broker.port, "s05-cs", expiry=60, clean=True)
+    assert c.connack.session_present is False
+    assert c.poll(0.3) is None
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_session_expiry_lowered_to_0_at_disconnect_ends_session(broker, pub):
+    c = v5(broker.port, "s05-dis0", expiry=60)
+    c.subscribe([("s05/dis0", 1)])
+    c.disconnect(props={SESSION_EXPIRY: 0})
+    c = v5(broker.port, "s05-dis0", expiry=60)
+    assert c.connack.session_present is False
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_session_expiry_raised_at_disconnect_keeps_session(broker, pub):
+    c = v5(broker.port, "s05-disup", expiry=1)
+    c.subscribe([("s05/disup", 1)])
+    c.disconnect(props={SESSION_EXPIRY: 60})
+    time.sleep(2.2)  # longer than the CONNECT's 1 s
+    pub.publish("s05/disup", b"kept", qos=1)
+    c = v5(broker.port, "s05-disup", expiry=60)
+    assert c.connack.session_present is True
+    assert c.get().payload == b"kept"
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_disconnect_setting_expiry_after_zero_is_protocol_error(broker):
+    # 5.0 MQTT-3.14.2-2 / 3.14.2.2.2: Protocol Error -> DISCONNECT 0x82.
+    c = v5(broker.port, "s05-dis-err", expiry=0)
+    c.subscribe([("s05/diserr", 1)])
+    c.send_raw(b"\xe0\x07\x00\x05\x11\x00\x00\x00\x3c")
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x82
+    assert c.closed()
+    c = v5(broker.port, "s05-dis-err", expiry=60)
+    assert c.connack.session_present is False
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v5_takeover_with_clean_start_0_keeps_subscriptions(broker, pub):
+    a = v5(broker.port, "s05-take", expiry=60)
+    a.subscribe([("s05/take", 1)])
+    b = v5(broker.port, "s05-take", expiry=60)
+    assert b.connack.session_present is True
+    pub.publish("s05/take", b"x", qos=1)
+    assert b.get().payload == b"x"
+    b.disconnect(props={SESSION_EXPIRY: 0})
+    a.close()
+
+
+def test_v5_queued_messages_keep_publish_order_across_qos(broker, pub):
+    c = v5(broker.port, "s05-order", expiry=60)
+    c.subscribe([("s05/order", 2)])
+    c.disconnect()
+    for i in range(8):
+        pub.publish("s05/order", b"%d" % i, qos=1 + i % 2)
+    c = v5(broker.port, "s05-order", expiry=60)
+    got = c.messages(8, timeout=2)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(8)]
+    assert [m.qos for m in got] == [1 + i % 2 for i in range(8)]
+    c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_v311_session_can_be_resumed_by_v5_client(broker, pub):
+    c = Client(broker.port, "s05-mix", version=4, clean=False)
+    c.subscribe([("s05/mix", 1)])
+    c.disconnect()
+    pub.publish("s05/mix", b"x", qos=1)
+    c = v5(broker.port, "s05-mix", expiry=60)
+    assert c.connack.session_present is True
+    assert c.get().payload == b"x"
+    c.disconnect(props={SESSION_EXPIRY: 0})

@@ -1,0 +1,226 @@
+"""Will messages (MQTT 3.1.1 3.1.2.5, 3.1.3.3; MQTT 5.0 3.1.2.5, 3.1.3.2,
+3.14.2.1)."""
+import time
+
+import pytest
+
+from mqttc import (BrokerProc, Client, Connect, PUBLISH, DISCONNECT, SESSION_EXPIRY, WILL_DELAY,
+                   CONTENT_TYPE, USER, RESPONSE_TOPIC)
+
+HEAP = "220K"
+CONFIG = {}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+def watcher(broker, topic, qos=1):
+    w = Client(broker.port, "w07-watch-" + topic.replace("/", "-"), version=5)
+    w.subscribe([(topic, qos | 0x20)])  # Retain Handling 2: live messages only
+    return w
+
+
+def willer(broker, cid, topic, version=5, props=None, will_props=None, **kw):
+    return Client(broker.port, cid, version=version, props=props, will_topic=topic,
+                  will_payload=b"bye " + cid.encode(), will_props=will_props, **kw)
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_is_published_when_socket_closes_without_disconnect(broker, version):
+    t = "will/close%d" % version
+    w = watcher(broker, t)
+    c = willer(broker, "w07-close%d" % version, t, version=version)
+    c.close()
+    m = w.get(timeout=3)
+    assert (m.topic, m.payload) == (t, b"bye w07-close%d" % version)
+    w.close()
+
+
+def test_will_is_published_on_keepalive_expiry(broker):
+    t = "will/ka"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-ka", t, version=4, keepalive=1)
+    t0 = time.time()
+    m = w.get(timeout=4)
+    assert m.payload == b"bye w07-ka"
+    assert time.time() - t0 >= 1.3
+    c.close()
+    w.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_is_published_on_protocol_error(broker, version):
+    t = "will/proto%d" % version
+    w = watcher(broker, t)
+    c = willer(broker, "w07-proto%d" % version, t, version=version)
+    c.send(Connect("again", version=version))  # second CONNECT
+    m = w.get(timeout=3)
+    assert m.payload == b"bye w07-proto%d" % version
+    c.close()
+    w.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_is_published_on_malformed_packet(broker, version):
+    t = "will/malformed%d" % version
+    w = watcher(broker, t)
+    c = willer(broker, "w07-malf%d" % version, t, version=version)
+    c.send_raw(b"\x00\x00")  # reserved packet type
+    m = w.get(timeout=3)
+    assert m.payload == b"bye w07-malf%d" % version
+    c.close()
+    w.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_will_is_not_published_after_normal_disconnect(broker, version):
+    t = "will/normal%d" % version
+    w = watcher(broker, t)
+    c = willer(broker, "w07-normal%d" % version, t, version=version)
+    assert c.disconnect()
+    assert w.poll(0.6) is None
+    w.close()
+
+
+def test_will_is_published_after_disconnect_with_will_message_0x04(broker):
+    t = "will/dis04"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-dis04", t, version=5)
+    c.disconnect(reason=0x04)
+    m = w.get(timeout=3)
+    assert m.payload == b"bye w07-dis04"
+    w.close()
+
+
+def test_will_qos_and_retain_are_honoured(broker):
+    t = "will/qosret"
+    w = watcher(broker, t, qos=2)
+    c = willer(broker, "w07-qr", t, version=5, will_qos=2, will_retain=True)
+    c.close()
+    m = w.get(timeout=3)
+    assert m.qos == 2 and m.retain is False
+    # Stored as retained: a later subscriber gets it with the retain flag.
+    r = Client(broker.port, "w07-qr-reader", version=5)
+    r.subscribe([(t, 1)])
+    m = r.get()
+    assert (m.payload, m.retain, m.qos) == (b"bye w07-qr", True, 1)
+    r.publish(t, b"", qos=1, retain=True)
+    r.close()
+    w.close()
+
+
+def test_will_properties_are_forwarded(broker):
+    t = "will/props"
+    w = watcher(broker, t)
+    wp = {CONTENT_TYPE: "text/plain", RESPONSE_TOPIC: "will/resp", USER: [("z", "1"), ("a", "2")]}
+    c = willer(broker, "w07-props", t, version=5, will_props=wp)
+    c.close()
+    m = w.get(timeout=3)
+    assert m.props[CONTENT_TYPE] == "text/plain"
+    assert m.props[RESPONSE_TOPIC] == "will/resp"
+    assert m.props[USER] == [("z", "1"), ("a", "2")]
+    w.close()
+
+
+def test_v5_will_is_published_on_session_takeover(broker):
+    # 5.0 3.1.4 / 3.1.3.2.2: the old connection is closed by the server
+    # (not by DISCONNECT) and its Will Delay Interval is 0.
+    t = "will/takeover"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-take", t, version=5)
+    c2 = Client(broker.port, "w07-take", version=5)
+    m = w.get(timeout=3)
+    assert m.payload == b"bye w07-take"
+    c2.disconnect()
+    c.close()
+    w.close()
+
+
+# ---------------------------------------------------------------- Will Delay Interval
+
+
+def test_will_delay_interval_delays_the_will(broker):
+    t = "will/delay"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-delay", t, version=5, clean=True, props={SESSION_EXPIRY: 60},
+               will_props={WILL_DELAY: 2})
+    c.close()
+    t0 = time.time()
+    assert w.poll(1.2) is None, "will sent before its delay"
+    raw = w.raw_publish(timeout=3)  # properties are checked elsewhere
+    assert raw.endswith(b"bye w07-delay")
+    assert time.time() - t0 >= 1.8
+    Client(broker.port, "w07-delay", version=5).disconnect()
+    w.close()
+
+
+def test_will_delay_is_cancelled_when_client_reconnects_in_time(broker):
+    t = "will/cancel"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-cancel", t, version=5, clean=False, props={SESSION_EXPIRY: 60},
+               will_props={WILL_DELAY: 2})
+    c.close()
+    time.sleep(0.5)
+    c = Client(broker.port, "w07-cancel", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    assert c.connack.session_present is True
+    assert w.poll(2.8) is None, "will sent although the client came back"
+    c.disconnect(props={SESSION_EXPIRY: 0})
+    w.close()
+
+
+def test_delayed_will_is_sent_when_session_ends_first(broker):
+    # 5.0 3.1.3.2.2: sent when the delay passes or the session ends,
+    # whichever is first.
+    t = "will/sessend"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-sessend", t, version=5, props={SESSION_EXPIRY: 1},
+               will_props={WILL_DELAY: 30})
+    c.close()
+    raw = w.raw_publish(timeout=4)
+    assert raw.endswith(b"bye w07-sessend")
+    w.close()
+
+
+def test_delayed_will_is_sent_at_once_when_session_expiry_is_zero(broker):
+    t = "will/sess0"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-sess0", t, version=5, props={SESSION_EXPIRY: 0},
+               will_props={WILL_DELAY: 30})
+    c.close()
+    raw = w.raw_publish(timeout=2)
+    assert raw.endswith(b"bye w07-sess0")
+    w.close()
+
+
+def test_will_delay_interval_is_not_forwarded_in_the_will_publish(broker):
+    # 5.0 2.2.2.2: Will Delay Interval (0x18) belongs to the Will
+    # Properties only; a PUBLISH carrying it is a Protocol Error for the
+    # receiver. The other will properties are forwarded (3.1.3.2).
+    t = "will/delayprop"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-delayprop", t, version=5, props={SESSION_EXPIRY: 0},
+               will_props={WILL_DELAY: 5, CONTENT_TYPE: "x/y"})
+    c.close()
+    m = w.get(timeout=2)
+    assert m.payload == b"bye w07-delayprop"
+    assert m.props == {CONTENT_TYPE: "x/y"}
+    w.close()
+
+
+def test_will_not_published_after_normal_disconnect_with_delay(broker):
+    t = "will/delaynormal"
+    w = watcher(broker, t)
+    c = willer(broker, "w07-dn", t, version=5, props={SESSION_EXPIRY: 1},
+               will_props={WILL_DELAY: 1})
+    c.disconnect()
+    assert w.poll(2.5) is None
+    w.close()

@@ -1,0 +1,8 @@
+# make run: the broker in the foreground on this host (see tools/broker).
+# PORT here is the TCP port; the device targets use PORT for the serial
+# port, so no global default is set for it.
+BOARD ?= esp32
+
+.PHONY: run
+run: venv ## run the broker here: make run [BOARD=esp32] [PORT=1883] [CONFIG=file.json]
+	@$(PY) tools/broker --board $(BOARD) --port $(or $(PORT),1883) $(if $(CONFIG),--config $(CONFIG))
