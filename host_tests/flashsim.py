@@ -8,7 +8,7 @@
 # PowerCut from inside LittleFS; the device keeps the bytes it had at that
 # instant and the caller throws the mounted filesystem away and mounts a new
 # one on a revived device (same bytes), like a reboot. The dead device
-# refuses every later program and erase, so a file object of the dead
+# answers every later call with EIO, so a file object of the dead
 # filesystem that is closed late (by the GC finaliser, say) cannot change
 # the bytes after the cut.
 import os
@@ -69,11 +69,11 @@ class FlashSim:
             return True
         return False
 
-    # A dead device does nothing and allocates nothing: the GC may close a
-    # dead filesystem's files while the heap is locked.
+    # A dead device does nothing and allocates nothing (the GC may close a
+    # dead filesystem's files while the heap is locked): it returns -EIO.
     def readblocks(self, block, buf, off=0):
         if self.dead:
-            return
+            return -5
         a = block * self.bs + off
         n = len(buf)
         buf[:] = self.data[a : a + n]
@@ -81,7 +81,7 @@ class FlashSim:
 
     def writeblocks(self, block, buf, off=None):
         if self.dead:
-            return
+            return -5
         if off is None:
             # Simple interface (not used by LittleFS with ioctl 6): erase first.
             off = 0
@@ -117,7 +117,7 @@ class FlashSim:
             return self.bs
         if op == 6:  # erase one block
             if self.dead:
-                return 0
+                return -5
             cut = self._tick()
             if cut:
                 if self.torn:

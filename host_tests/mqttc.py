@@ -294,3 +294,34 @@ class Client:
 
 def connect_bytes(client_id="", version=4, **kw):
     return P.encode(Connect(client_id, version=version, **kw))
+
+
+_sys_n = [0]
+
+
+def sys_value(port, name, timeout=3):
+    """The current (retained) value of $SYS/broker/<name>, as a str; None
+    when the broker has not published it within timeout. Uses a short-lived
+    v5 client with a fresh id."""
+    _sys_n[0] += 1
+    c = Client(port, "sysreader-%d" % _sys_n[0], version=5)
+    try:
+        c.subscribe([("$SYS/broker/" + name, 0)])
+        m = c.poll(timeout)
+        return None if m is None else m.payload.decode()
+    finally:
+        c.close()
+
+
+def sys_wait(port, name, pred, timeout=4):
+    """Reads $SYS/broker/<name> until pred(value) holds; returns the last
+    value read (None if never published)."""
+    end = time.time() + timeout
+    v = None
+    while True:
+        v = sys_value(port, name, timeout=max(0.2, min(1.5, end - time.time())))
+        if v is not None and pred(v):
+            return v
+        if time.time() >= end:
+            return v
+        time.sleep(0.2)

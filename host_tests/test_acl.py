@@ -426,7 +426,9 @@ def test_acl_cases_under_micropython(tmp_path):
     script = tmp_path / "mp_acl.py"
     script.write_text("DATA = %r\nACLFILE = %r\n" % (str(data), str(tmp_path / "acl")) + MP_SCRIPT)
     env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
-    out = subprocess.run([MICROPYTHON, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [MICROPYTHON, "-X", "heapsize=110K", str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert not [x for x in lines if not x.startswith("ok ")], lines

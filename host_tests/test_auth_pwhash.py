@@ -262,6 +262,15 @@ def test_password_file_loads_and_checks(tmp_path):
     assert not pf.check("carol", b"a-pw")
 
 
+def test_password_file_constructor_with_path_loads_too(tmp_path):
+    pf = PasswordFile(_write(tmp_path, "alice:%s\n" % pwhash.make_hash("a-pw", 10)))
+    assert len(pf) == 1 and pf.check("alice", "a-pw") and not pf.check("alice", "b")
+    empty = PasswordFile()
+    assert len(empty) == 0 and not empty.check("alice", "a-pw")
+    empty.add("bob", pwhash.make_hash("b-pw", 10))
+    assert empty.check("bob", b"b-pw")
+
+
 def test_password_file_rejects_missing_password(tmp_path):
     pf = PasswordFile.load(_write(tmp_path, "alice:%s\n" % pwhash.make_hash("", 10)))
     assert pf.check("alice", b"")
@@ -527,7 +536,7 @@ def _run_micropython(tmp_path, script, data):
     (tmp_path / "mp_test.py").write_text("DATA = %r\n" % str(tmp_path / "data.json") + script)
     env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
     out = subprocess.run(
-        [MICROPYTHON, str(tmp_path / "mp_test.py")],
+        [MICROPYTHON, "-X", "heapsize=110K", str(tmp_path / "mp_test.py")],
         capture_output=True,
         text=True,
         env=env,

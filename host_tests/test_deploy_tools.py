@@ -121,6 +121,8 @@ def test_deploy_copies_everything_then_only_what_changed(sim_board, snapshot, tm
     cfg = write_json(tmp_path / "config.json", {"network": {"mode": "none"}, "log_dest": "stdout,file"})
     sec = write_json(tmp_path / "secrets.json", {"wifi_password": "password1"})
     (fs / "board.py").write_text("raise Exception('stale source')\n")  # would shadow board.mpy
+    (fs / "mqtt").mkdir()                                                # would shadow lib/mqtt
+    (fs / "mqtt" / "topic.py").write_text("raise Exception('stale copy')\n")
 
     out = do_deploy(port, "--config", cfg, "--secrets", sec, *root)
     n_files = len(deploy.source_files(snapshot)) + 3   # + board.json, config.json, secrets.json
@@ -129,6 +131,7 @@ def test_deploy_copies_everything_then_only_what_changed(sim_board, snapshot, tm
                 "lib/mqtt/topic.mpy", "board.json", "config.json", "secrets.json", ".deploy.json"):
         assert (fs / rel).is_file(), rel
     assert not (fs / "main.mpy").exists() and not (fs / "board.py").exists()
+    assert not (fs / "mqtt").exists()
     assert json.loads((fs / "board.json").read_text()) == json.loads((snapshot / "boards" / "unix.json").read_text())
     assert (fs / "main.py").read_text() == (snapshot / "firmware" / "main.py").read_text()
     manifest = json.loads((fs / ".deploy.json").read_text())

@@ -277,6 +277,8 @@ def test_passwd_file_loads_in_broker_under_micropython(tmp_path):
     script = tmp_path / "mp.py"
     script.write_text("PWFILE = %r\n" % str(f) + MP_SCRIPT)
     env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
-    out = subprocess.run([MICROPYTHON, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [MICROPYTHON, "-X", "heapsize=110K", str(script)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "True", "True", "False"]

@@ -31,6 +31,18 @@ $(error FIRMWARE is not set: give the MicroPython firmware file, e.g. make flash
 endif
 endif
 
+# A serial port given as a path must exist: checked here, before the venv
+# prerequisite may spend a minute in pip (not with --dry-run).
+ifneq ($(filter deploy flash console,$(MAKECMDGOALS)),)
+ifeq ($(filter --dry-run,$(DEPLOY_FLAGS) $(FLASH_FLAGS)),)
+ifneq ($(filter /%,$(PORT)),)
+ifeq ($(wildcard $(PORT)),)
+$(error serial port $(PORT) does not exist. Check that the board is plugged in with a data cable and powered, that you may open the port (Linux: the dialout group), and which ports exist: `.venv/bin/mpremote connect list`)
+endif
+endif
+endif
+endif
+
 DEVICE_USER_FILES = $(if $(CONFIG),--config $(CONFIG)) $(if $(SECRETS),--secrets $(SECRETS))
 
 .PHONY: deploy flash console package-json

@@ -255,6 +255,21 @@ def digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def shadowing(board_paths):
+    # Files that would be imported instead of ours: a .py next to our .mpy
+    # (MicroPython tries .py first), and a copy of a lib/ module at the root
+    # (the root comes before /lib on sys.path), as `mip install --target /`
+    # or a hand copy leaves them.
+    out = []
+    for d in sorted(board_paths):
+        if not d.endswith(".mpy"):
+            continue
+        out.append(d[:-4] + ".py")
+        if d.startswith("lib/"):
+            out += [d[4:-4] + ".py", d[4:]]
+    return out
+
+
 def plan(new, old, force=False):
     # new: {board path: hash}; old: the device's manifest "files".
     # Returns (to copy, to remove). config.json and secrets.json not given
@@ -292,6 +307,11 @@ for f in %r:
         os.remove(f)
     except OSError:
         pass
+for d in %r:
+    try:
+        os.rmdir(d)
+    except OSError:
+        pass
 """
 
 
@@ -309,7 +329,9 @@ class Device:
         r = run(c, timeout or self.timeout, what)
         if r.returncode != 0:
             msg = (r.stderr.strip() or r.stdout.strip()).splitlines()
-            raise DeployError("%s on %s failed: %s" % (what, self.port, msg[-1] if msg else "exit %d" % r.returncode))
+            raise DeployError("%s on %s failed: %s (does the board answer? try `make console PORT=%s`, "
+                              "or press its reset button)" % (what, self.port, msg[-1] if msg else
+                                                             "exit %d" % r.returncode, self.port))
         return r.stdout
 
     def read_manifest(self, wait=0):
@@ -331,8 +353,18 @@ class Device:
             m = {}
         return m if isinstance(m, dict) else {}
 
-    def prepare(self, dirs, remove):
-        self._run(["exec", _PREPARE % (sorted(dirs), sorted(remove))], what="preparing folders")
+    def prepare(self, dirs, remove, keep_dirs=()):
+        # Makes dirs, removes files, then removes the folders those files
+        # leave empty (an empty folder still imports as a package and would
+        # hide /lib's), except keep_dirs.
+        emptied = set()
+        for f in remove:
+            d = f.rsplit("/", 1)[0] if "/" in f else ""
+            while d and d not in keep_dirs:
+                emptied.add(d)
+                d = d.rsplit("/", 1)[0] if "/" in d else ""
+        gone = sorted(emptied, key=lambda d: -d.count("/"))
+        self._run(["exec", _PREPARE % (sorted(dirs), sorted(remove), gone)], what="preparing folders")
 
     def copy(self, pairs):
         # pairs: [(local, board path)]; one mpremote call per batch.
@@ -425,10 +457,13 @@ def deploy(args):
         print("deploy: the device was last deployed as %r; now %r" % (old["board"], profile["name"]))
     old_files = old.get("files") if isinstance(old.get("files"), dict) else {}
     changed, stale = plan(hashes, old_files, args.force)
-    # A .py next to a .mpy of the same name wins the import (MicroPython
-    # tries .py first), e.g. one left by `mip install`: remove it.
-    shadows = [d[:-4] + ".py" for d in hashes if d.endswith(".mpy")]
-    dev.prepare(_dirs_of(changed), stale + shadows)
+    shadows = shadowing(hashes)
+    keep = set()
+    for d in _dirs_of(hashes):
+        while d:
+            keep.add(d)
+            d = d.rsplit("/", 1)[0] if "/" in d else ""
+    dev.prepare(_dirs_of(changed), stale + shadows, keep)
     dev.copy([(files[d], d) for d in changed])
     kept = {d: h for d, h in old_files.items() if d in ("config.json", "secrets.json") and d not in hashes}
     kept.update(hashes)

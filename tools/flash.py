@@ -97,6 +97,9 @@ def main(argv=None):
                                          "board has no auto-reset circuit" % r.returncode)
         if args.no_deploy:
             return 0
+        if not args.no_erase and not args.config:
+            print("flash: the filesystem was erased and no --config was given: the board has no "
+                  "/config.json, so main.py will not start the broker until you deploy one")
         dargs = ["--board", args.board]
         if args.port:
             dargs += ["--port", args.port]

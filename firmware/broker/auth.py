@@ -15,17 +15,24 @@ from mqtt.compat import const, ticks_diff, ticks_ms
 
 
 class PasswordFile:
-    def __init__(self):
+    # PasswordFile(path) and PasswordFile.load(path) do the same;
+    # PasswordFile() starts empty (see add()).
+    def __init__(self, path=None):
         self._users = {}  # username -> (iterations, salt, digest)
         self._dummy = None
         self.iterations = 0  # the count used for unknown users
+        if path is not None:
+            self._read(path)
+        self._finish()
 
     @classmethod
     def load(cls, path):
+        return cls(path)
+
+    def _read(self, path):
         # Reads path line by line. Raises ValueError naming the file and the
         # line for anything it cannot use; the message never quotes a
         # password or a hash.
-        pf = cls()
         try:
             f = open(path)
         except OSError as e:
@@ -37,11 +44,9 @@ class PasswordFile:
                 if not line:
                     break
                 n += 1
-                pf._add_line(line, path, n)
+                self._add_line(line, path, n)
         finally:
             f.close()
-        pf._finish()
-        return pf
 
     def _add_line(self, line, path, n):
         line = line.rstrip("\r\n")

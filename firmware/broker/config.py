@@ -40,6 +40,7 @@ SCHEMA = {
     "store_max_bytes": (262144, "int", 4096, 1 << 30),
     "persistent_client_expiration": (0, "int", 0, 0xFFFFFFFF),
     "connect_timeout": (10, "int", 1, 3600),
+    "max_tls_connections": (1, "int", 0, 1000),
     "sys_interval": (10, "int", 0, 3600),
     "min_free_heap": (16384, "int", 0, 1 << 30),
     "write_buffer_size": (1024, "int", 128, 1 << 20),

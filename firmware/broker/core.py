@@ -64,6 +64,7 @@ class Broker:
         self.stats_bytes_recv = 0
         self.stats_bytes_sent = 0
         self.stats_dropped = 0
+        self.queue_refusals = 0  # QoS 1/2 messages a full queue refused
         self.stats_refused = 0
         self.stats_expired = 0
         self.stats_auth_failed = 0
@@ -152,6 +153,8 @@ class Broker:
                 return
             if not s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"]):
                 self.stats_dropped += 1
+                if qos:
+                    self.queue_refusals += 1
             elif qos and self.persist is not None:
                 self.persist.queued(s, msg, qos, retain, subids)
             return
@@ -161,6 +164,8 @@ class Broker:
         lim = self.cfg["max_queued_messages"]
         if not s.enqueue(msg, qos, bool(retain), subids, lim):
             self.stats_dropped += 1
+            if qos:
+                self.queue_refusals += 1
             return
         if qos and self.persist is not None and s.expiry:
             self.persist.queued(s, msg, qos, retain, subids)

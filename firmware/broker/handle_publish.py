@@ -83,11 +83,19 @@ def on_publish(c, first, mv, off, end):
         # The store cannot take what this acknowledgement would promise.
         _ack(c, 3 + qos, pid, 0x97)
         return
+    refused = b.queue_refusals
     n = b.route(msg, s)
+    if b.queue_refusals != refused and c.version == 5:
+        # A full queue could not take it: say so rather than promise it
+        # (3.1.1 has no way to say it; there it is dropped and counted).
+        reason = 0x97
+    else:
+        reason = 0 if n or retain else 0x10
     if qos == 1:
-        _ack(c, 4, pid, 0 if n or retain else 0x10)
+        _ack(c, 4, pid, reason)
     elif qos == 2:
-        s.qos2_in[pid] = True
-        if p is not None and s.expiry:
-            p.qos2_received(s, pid)
-        _ack(c, 5, pid, 0 if n or retain else 0x10)
+        if reason < 0x80:
+            s.qos2_in[pid] = True
+            if p is not None and s.expiry:
+                p.qos2_received(s, pid)
+        _ack(c, 5, pid, reason)

@@ -11,6 +11,7 @@
 # is held back until the change it promises is committed. Changes made
 # while handling one batch of packets share one commit.
 import asyncio
+import gc
 import json
 import time
 import binascii
@@ -64,6 +65,18 @@ class Persist:
     # ------------------------------------------------------------ start
 
     def load(self):
+        # Restores what the store holds. Running out of heap part way
+        # leaves the rest on flash, untouched, and the broker still starts:
+        # a boot loop would lose everything.
+        try:
+            self._load()
+        except MemoryError:
+            gc.collect()
+            self.failed += 1
+            log.error("store: out of memory while restoring; the rest stays on flash")
+        asyncio.create_task(self._committer())
+
+    def _load(self):
         b = self.b
         self.report = self.store.open()
         log.info("store opened: %s", self.report)
@@ -111,15 +124,27 @@ class Persist:
                 s.will_at = s.gone_at + min(w[1], s.expiry) if w[1] else now
             b.sessions[cid] = s
         queued.sort()
+        lim = b.cfg["max_queued_messages"]
+        lost = 0
         for seq, cid, val in queued:
-            s = b.sessions.get(cid)
-            if s is None:
-                self.store.delete("q" + cid + "\0" + str(seq))
-                continue
-            m = _unpack(val[2:])
-            s.queue.append([m, val[0], bool(val[1]), None, seq])
             if seq >= self.seq:
                 self.seq = seq + 1
+            s = b.sessions.get(cid)
+            if s is None or len(s.queue) >= lim:
+                # No session, or more than the queue may hold (a smaller
+                # limit than when they were stored): dropped and counted.
+                if s is not None:
+                    lost += 1
+                self.store.delete("q" + cid + "\0" + str(seq))
+                continue
+            try:
+                s.queue.append([_unpack(val[2:]), val[0], bool(val[1]), None, seq])
+            except MemoryError:
+                lost += 1
+                self.store.delete("q" + cid + "\0" + str(seq))
+        if lost:
+            self.failed += lost
+            log.warning("store: %d queued messages did not fit and were dropped", lost)
         for cid, pid, val in inflight:
             s = b.sessions.get(cid)
             if s is None:
@@ -136,7 +161,6 @@ class Persist:
             self.store.commit()
         log.info("restored %d retained, %d sessions, %d queued, %d in flight",
                  retained, len(sessions), len(queued), len(inflight))
-        asyncio.create_task(self._committer())
 
     # ------------------------------------------------------------ commit
 
@@ -174,6 +198,10 @@ class Persist:
             await asyncio.sleep_ms(0)
             try:
                 if self.store.pending():
+                    # A commit (and a compaction) needs a few KB at once;
+                    # collect first when the heap is short rather than fail.
+                    if gc.mem_free() < 16384:
+                        gc.collect()
                     self.store.commit()
             except Exception as e:
                 # Nothing held is released: those clients will resend.
@@ -204,7 +232,7 @@ class Persist:
              "s": [[k, x.filter, x.opts, x.subid, x.group] for k, x in s.subs.items()]}
         if s.will is not None:
             d["w"] = [_b64(_pack(s.will)), s.will_delay]
-        self._put("s" + s.client_id, json.dumps(d))
+        self._put("s" + s.client_id, json.dumps(d).encode())
 
     def session_ended(self, s):
         cid = s.client_id

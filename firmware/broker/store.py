@@ -297,10 +297,10 @@ class Store:
             f.write(memoryview(h)[:4])
             f.close()
             f = None
-        except OSError as e:
+        except Exception as e:
+            # The slot being written holds nothing live, so it can go.
             self._abandon(f, p)
-            if e.args[0] == _ENOSPC:
-                raise StoreFull("filesystem full")
+            _full(e)
             raise
         self._wrote(blen + _FRAME)
         idx = self._idx
@@ -375,7 +375,9 @@ class Store:
             pass
 
     def _abandon(self, f, p):
-        # After a failed write: close what is open and remove the remains.
+        # After a failed write (no space, I/O error, MemoryError, a power
+        # cut in the simulator): close what is open, now rather than in a
+        # GC finaliser, and remove the remains.
         if f is not None:
             try:
                 f.close()
@@ -657,13 +659,17 @@ class Store:
             f.close()
             f = None
             os.rename(tmp, self._segp(ns))
-        except OSError as e:
+        except Exception as e:
             self._abandon(f, tmp)
-            if e.args[0] == _ENOSPC:
-                raise StoreFull("filesystem full")
+            _full(e)
             raise
         self._wrote(total)
         return live
+
+
+def _full(e):
+    if isinstance(e, OSError) and e.args and e.args[0] == _ENOSPC:
+        raise StoreFull("filesystem full")
 
 
 def _ns(key):

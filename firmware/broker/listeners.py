@@ -1,0 +1,87 @@
+# Listeners that need a handshake before MQTT starts: TLS (a DER
+# certificate and key, TLS 1.2 through MicroPython's ssl) and WebSocket
+# (HTTP upgrade on path /mqtt). Imported only when such a listener is
+# configured, so a plain-TCP gateway carries none of it.
+import asyncio
+from broker import log
+from broker.transport import TcpTransport
+from broker.conn import Connection
+
+_WS_PATHS = ("/mqtt", "/")
+
+
+def _tls_context(L):
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # DER only: the rp2 and unix ports before 1.29 cannot parse PEM.
+    ctx.load_cert_chain(L["certfile"], L["keyfile"])
+    return ctx
+
+
+def wrapper(L, cfg):
+    ctx = _tls_context(L) if "certfile" in L else None
+    ws = L["protocol"] == "websockets"
+    limit = cfg["max_tls_connections"]
+    live = [0]  # TLS sessions open on this listener
+
+    async def serve(broker, cs, peer):
+        t = None
+        counted = False
+        try:
+            if ctx is not None:
+                if live[0] >= limit:
+                    # Each TLS session costs 20-25 KB (on Pico W from the
+                    # Python heap): the board profile caps how many.
+                    log.warning("refused TLS connection from %s: %d sessions open", peer, live[0])
+                    broker.stats_refused += 1
+                    cs.close()
+                    return
+                live[0] += 1
+                counted = True
+                cs = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
+            t = TcpTransport(cs, peer)
+            if ws:
+                t = await asyncio.wait_for(_upgrade(t, cfg), cfg["connect_timeout"])
+                if t is None:
+                    return
+            c = Connection(broker, t)
+            broker.conns.append(c)
+            await c.run()
+        except Exception as e:
+            log.info("handshake with %s failed: %r", peer, e)
+            if t is not None:
+                t.close()
+            else:
+                try:
+                    cs.close()
+                except Exception:
+                    pass
+        finally:
+            if counted:
+                live[0] -= 1
+
+    return serve
+
+
+async def _upgrade(t, cfg):
+    from broker import http, websocket
+
+    buf = bytearray(1024)  # request head limit; browsers send ~500 B
+    req = await http.read_request(t, buf)
+    if req is None:
+        t.close()
+        return None
+    path = req[1].split("?")[0]
+    if path not in _WS_PATHS:
+        await http.respond(t, 404, "Not Found", (("Connection", "close"),))
+        t.close()
+        return None
+    w = await websocket.upgrade(t, req, max_size=cfg["max_packet_size"] + 16)
+    if w is None:
+        t.close()
+        return None
+    # WsTransport may wait inside recv_into with part of a read in the
+    # caller's buffer, so it cannot use the broker's shared read buffer.
+    w.shared_ok = False
+    return w

@@ -1,0 +1,351 @@
+"""MQTT 5.0 features carried in properties: message expiry, topic aliases in
+both directions, Receive Maximum in both directions, Maximum Packet Size,
+forwarded application properties, payload format, reason codes
+(MQTT 5.0 3.1.2.11, 3.2.2.3, 3.3.2.3, 3.4.2.1, 4.9)."""
+import time
+
+import pytest
+
+from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
+                   DISCONNECT, SESSION_EXPIRY, EXPIRY, TOPIC_ALIAS, TOPIC_ALIAS_MAX, RECEIVE_MAX,
+                   MAX_PACKET, PFI, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION, USER, SUBID)
+
+HEAP = "220K"
+CONFIG = {"max_inflight_messages": 3, "max_topic_alias": 4}
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
+        yield b
+
+
+@pytest.fixture(autouse=True)
+def still_alive(broker):
+    yield
+    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
+
+
+@pytest.fixture
+def pub(broker):
+    c = Client(broker.port, "p12-pub", version=5)
+    yield c
+    c.close()
+
+
+# ---------------------------------------------------------------- message expiry
+
+
+def test_queued_message_is_dropped_when_expired_and_survivor_carries_remaining_interval(broker, pub):
+    s = Client(broker.port, "p12-exp", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    s.subscribe([("exp/t", 1)])
+    s.disconnect()
+    pub.publish("exp/t", b"short", qos=1, props={EXPIRY: 1})
+    pub.publish("exp/t", b"long", qos=1, props={EXPIRY: 30})
+    pub.publish("exp/t", b"never", qos=1)
+    time.sleep(2.2)
+    s = Client(broker.port, "p12-exp", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    got = s.messages(timeout=0.4)
+    assert [m.payload for m in got] == [b"long", b"never"]
+    left = got[0].props[EXPIRY]
+    assert 26 <= left <= 28, left  # 30 s minus the ~2.2 s it waited
+    assert EXPIRY not in (got[1].props or {})
+    s.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_live_message_carries_message_expiry_interval(broker, pub):
+    s = Client(broker.port, "p12-explive", version=5)
+    s.subscribe([("explive/t", 0)])
+    pub.publish("explive/t", b"x", qos=0, props={EXPIRY: 100})
+    m = s.get()
+    assert 99 <= m.props[EXPIRY] <= 100
+    s.close()
+
+
+def test_expired_retained_message_is_not_sent_to_new_subscriber(broker, pub):
+    pub.publish("expret/t", b"fleeting", qos=1, retain=True, props={EXPIRY: 1})
+    pub.publish("expret/u", b"lasting", qos=1, retain=True, props={EXPIRY: 60})
+    time.sleep(2.2)
+    s = Client(broker.port, "p12-expret", version=5)
+    s.subscribe([("expret/+", 1)])
+    got = s.messages(timeout=0.4)
+    assert [m.payload for m in got] == [b"lasting"]
+    assert got[0].props[EXPIRY] <= 58
+    pub.publish("expret/u", b"", qos=1, retain=True)
+    s.close()
+
+
+# ---------------------------------------------------------------- topic alias in
+
+
+def test_topic_alias_set_then_used_with_empty_topic(broker, pub):
+    s = Client(broker.port, "p12-ta-sub", version=5)
+    s.subscribe([("ta/+", 1)])
+    pub.publish("ta/x", b"1", qos=1, props={TOPIC_ALIAS: 2})
+    pub.publish("", b"2", qos=1, props={TOPIC_ALIAS: 2})
+    pub.publish("ta/y", b"3", qos=1, props={TOPIC_ALIAS: 2})  # remapped
+    pub.publish("", b"4", qos=1, props={TOPIC_ALIAS: 2})
+    got = s.messages(4)
+    assert [(m.topic, m.payload) for m in got] == [("ta/x", b"1"), ("ta/x", b"2"), ("ta/y", b"3"),
+                                                   ("ta/y", b"4")]
+    # The alias is the publisher's: it is never forwarded.
+    assert all(TOPIC_ALIAS not in (m.props or {}) for m in got)
+    s.close()
+
+
+def test_unknown_topic_alias_gets_disconnect_0x82(broker):
+    c = Client(broker.port, "p12-ta-unknown", version=5)
+    c.send(Publish("", b"x", 0, False, False, 0, {TOPIC_ALIAS: 3}))
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x82
+    assert c.closed()
+
+
+def test_topic_alias_over_maximum_gets_disconnect_0x94(broker):
+    c = Client(broker.port, "p12-ta-max", version=5)
+    assert c.connack.props[TOPIC_ALIAS_MAX] == 4
+    c.send(Publish("ta/over", b"x", 0, False, False, 0, {TOPIC_ALIAS: 5}))
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x94
+    assert c.closed()
+
+
+def test_topic_alias_does_not_outlive_the_connection(broker):
+    c = Client(broker.port, "p12-ta-conn", version=5)
+    c.publish("ta/conn", b"x", qos=1, props={TOPIC_ALIAS: 1})
+    c.close()
+    c = Client(broker.port, "p12-ta-conn", version=5)
+    c.send(Publish("", b"x", 0, False, False, 0, {TOPIC_ALIAS: 1}))
+    assert c.expect(DISCONNECT).reason == 0x82
+
+
+# ---------------------------------------------------------------- topic alias out
+
+
+def test_broker_uses_topic_alias_towards_client_with_topic_alias_maximum(broker, pub):
+    s = Client(broker.port, "p12-tao", version=5, props={TOPIC_ALIAS_MAX: 2})
+    s.subscribe([("tao/#", 1)])
+    pub.publish("tao/a", b"1", qos=1)
+    pub.publish("tao/a", b"2", qos=1)
+    got = s.messages(2)
+    a = got[0].props[TOPIC_ALIAS]
+    assert 1 <= a <= 2
+    assert got[0].topic == "tao/a"
+    assert got[1].topic == "" and got[1].props[TOPIC_ALIAS] == a
+    assert got[1].payload == b"2"
+    s.close()
+
+
+def test_broker_never_exceeds_client_topic_alias_maximum(broker, pub):
+    s = Client(broker.port, "p12-tao1", version=5, props={TOPIC_ALIAS_MAX: 1})
+    s.subscribe([("tao1/#", 0)])
+    for t in ("tao1/a", "tao1/b", "tao1/c", "tao1/b", "tao1/a"):
+        pub.publish(t, t.encode(), qos=1)
+    got = s.messages(5)
+    seen = {}
+    for m in got:
+        a = (m.props or {}).get(TOPIC_ALIAS)
+        assert a in (None, 1)
+        if m.topic:
+            if a:
+                seen[a] = m.topic
+            assert m.payload == m.topic.encode()
+        else:
+            assert a and seen[a].encode() == m.payload
+    s.close()
+
+
+def test_no_topic_alias_towards_client_without_topic_alias_maximum(broker, pub):
+    s = Client(broker.port, "p12-tao0", version=5)
+    s.subscribe([("tao0/a", 0)])
+    pub.publish("tao0/a", b"1", qos=1)
+    pub.publish("tao0/a", b"2", qos=1)
+    for m in s.messages(2):
+        assert m.topic == "tao0/a" and TOPIC_ALIAS not in (m.props or {})
+    s.close()
+
+
+def test_topic_aliases_towards_client_restart_on_new_connection(broker, pub):
+    s = Client(broker.port, "p12-tao-re", version=5, props={TOPIC_ALIAS_MAX: 2})
+    s.subscribe([("taore/a", 0)])
+    pub.publish("taore/a", b"1", qos=1)
+    assert s.get().topic == "taore/a"
+    s.close()
+    s = Client(broker.port, "p12-tao-re", version=5, props={TOPIC_ALIAS_MAX: 2})
+    s.subscribe([("taore/a", 0)])
+    pub.publish("taore/a", b"2", qos=1)
+    m = s.get()
+    assert m.topic == "taore/a", "alias from the old connection reused: %r" % m
+    s.close()
+
+
+# ---------------------------------------------------------------- receive maximum
+
+
+def test_more_qos2_than_receive_maximum_without_pubrel_gets_disconnect_0x93(broker):
+    # 5.0 3.3.4: more unacknowledged QoS 2 PUBLISHes than the Receive
+    # Maximum we sent (3) is a Protocol Error with 0x93.
+    c = Client(broker.port, "p12-rm-in", version=5)
+    assert c.connack.props[RECEIVE_MAX] == 3
+    for pid in (1, 2, 3):
+        c.send(Publish("rm/in", b"x", 2, False, False, pid))
+        assert c.expect(PUBREC).pid == pid
+    c.send(Publish("rm/in", b"x", 2, False, False, 4))
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x93
+    assert c.closed()
+
+
+def test_qos2_within_receive_maximum_after_pubrel_is_accepted(broker):
+    c = Client(broker.port, "p12-rm-in-ok", version=5)
+    for i in range(8):
+        r = c.publish("rm/ok", b"x", qos=2)
+        assert r.type == PUBCOMP and r.reason == 0
+    c.close()
+
+
+def test_outgoing_in_flight_window_respects_client_receive_maximum(broker, pub):
+    s = Client(broker.port, "p12-rm-out", version=5, props={RECEIVE_MAX: 1})
+    s.subscribe([("rm/out", 1)])
+    for i in range(3):
+        pub.publish("rm/out", b"%d" % i, qos=1)
+    m = s.expect(PUBLISH)
+    assert m.payload == b"0"
+    assert s.poll(0.4) is None, "second message sent before the first was acknowledged"
+    s.send(Ack(PUBACK, m.pid))
+    m = s.expect(PUBLISH)
+    assert m.payload == b"1"
+    assert s.poll(0.3) is None
+    s.send(Ack(PUBACK, m.pid))
+    assert s.expect(PUBLISH).payload == b"2"
+    s.close()
+
+
+def test_qos2_counts_against_receive_maximum_until_pubcomp(broker, pub):
+    s = Client(broker.port, "p12-rm-out2", version=5, props={RECEIVE_MAX: 1})
+    s.subscribe([("rm/out2", 2)])
+    pub.publish("rm/out2", b"a", qos=2)
+    pub.publish("rm/out2", b"b", qos=2)
+    m = s.expect(PUBLISH)
+    assert m.payload == b"a"
+    s.send(Ack(PUBREC, m.pid))
+    assert s.expect(PUBREL).pid == m.pid
+    assert s.poll(0.4) is None, "next message sent before PUBCOMP"
+    s.send(Ack(PUBCOMP, m.pid))
+    assert s.expect(PUBLISH).payload == b"b"
+    s.close()
+
+
+def test_qos0_is_not_limited_by_client_receive_maximum(broker, pub):
+    s = Client(broker.port, "p12-rm-q0", version=5, props={RECEIVE_MAX: 1})
+    s.subscribe([("rm/q0", 1)])
+    pub.publish("rm/q0", b"held", qos=1)
+    for i in range(3):
+        pub.publish("rm/q0", b"%d" % i, qos=0)
+    got = s.messages(timeout=0.4, ack=False)
+    assert [m.payload for m in got][:1] == [b"held"]
+    assert sorted(m.payload for m in got[1:]) == [b"0", b"1", b"2"]
+    s.close()
+
+
+# ---------------------------------------------------------------- maximum packet size
+
+
+def test_message_over_client_maximum_packet_size_is_not_sent_but_later_ones_are(broker, pub):
+    s = Client(broker.port, "p12-mps", version=5, props={MAX_PACKET: 100})
+    s.subscribe([("mps/t", 1)])
+    pub.publish("mps/t", b"B" * 200, qos=1)
+    pub.publish("mps/t", b"small", qos=1)
+    got = s.messages(timeout=0.5)
+    assert [m.payload for m in got] == [b"small"]
+    s.close()
+
+
+def test_message_exactly_at_client_maximum_packet_size_is_sent(broker, pub):
+    # PUBLISH QoS 0: 1 + 1 + (2 + 5) + 1 + payload = 100 with 90 bytes.
+    s = Client(broker.port, "p12-mps-edge", version=5, props={MAX_PACKET: 100})
+    s.subscribe([("mps/e", 0)])
+    pub.publish("mps/e", b"E" * 90, qos=1)
+    pub.publish("mps/e", b"F" * 91, qos=1)
+    got = s.messages(timeout=0.5)
+    assert [len(m.payload) for m in got] == [90]
+    s.close()
+
+
+# ---------------------------------------------------------------- forwarded properties
+
+
+APP_PROPS = {
+    PFI: 1,
+    CONTENT_TYPE: "application/json",
+    RESPONSE_TOPIC: "reply/here",
+    CORRELATION: b"\x00\x01\xffcorr",
+    USER: [("b", "2"), ("a", "1"), ("b", "3"), ("", "")],
+}
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+@pytest.mark.parametrize("with_subid", [False, True])
+def test_application_properties_are_forwarded_unchanged(broker, pub, qos, with_subid):
+    s = Client(broker.port, "p12-fwd", version=5)
+    s.subscribe([("fwd/t", qos)], props={SUBID: 5} if with_subid else None)
+    pub.publish("fwd/t", b'{"a":1}', qos=qos, props=APP_PROPS)
+    m = s.get()
+    p = dict(m.props)
+    if with_subid:
+        assert p.pop(SUBID) == [5]
+    assert p == APP_PROPS
+    assert p[USER] == APP_PROPS[USER]  # order kept
+    s.close()
+
+
+def test_v5_properties_are_stripped_for_v311_subscriber(broker, pub):
+    s = Client(broker.port, "p12-fwd4", version=4)
+    s.subscribe([("fwd4/t", 1)])
+    pub.publish("fwd4/t", b"p", qos=0, props=APP_PROPS)
+    assert s.recv_raw() == b"\x30\x09\x00\x06fwd4/tp"
+    s.close()
+
+
+# ---------------------------------------------------------------- reason codes
+
+
+def test_payload_format_utf8_with_invalid_payload_gets_puback_0x99_and_is_not_delivered(broker, pub):
+    s = Client(broker.port, "p12-pfi", version=5)
+    s.subscribe([("pfi/t", 1)])
+    a = pub.publish("pfi/t", b"\xff\xfe bad", qos=1, props={PFI: 1})
+    assert a.reason == 0x99
+    assert s.poll(0.4) is None
+    # Valid UTF-8 with the same indicator passes.
+    a = pub.publish("pfi/t", "gr\u00fc\u00df".encode(), qos=1, props={PFI: 1})
+    assert a.reason == 0
+    assert s.get().payload == "gr\u00fc\u00df".encode()
+    s.close()
+
+
+def test_payload_format_utf8_with_invalid_payload_qos2_gets_pubrec_0x99(broker, pub):
+    r = pub.publish("pfi/t2", b"\xc3\x28", qos=2, props={PFI: 1})
+    assert r.type == PUBREC and r.reason == 0x99
+
+
+def test_puback_0x10_when_no_matching_subscribers(broker):
+    c = Client(broker.port, "p12-nosub", version=5)
+    c.send_raw(b"\x32\x0c\x00\x07nosub/t\x00\x05\x00x")
+    assert c.recv_raw() == b"\x40\x03\x00\x05\x10"
+    c.close()
+
+
+def test_pubrec_0x10_when_no_matching_subscribers(broker):
+    c = Client(broker.port, "p12-nosub2", version=5)
+    r = c.publish("nosub/t2", b"x", qos=2, complete=False)
+    assert r.reason == 0x10
+    c.send(Ack(PUBREL, r.pid))
+    assert c.expect(PUBCOMP).pid == r.pid
+    c.close()
+
+
+def test_v311_puback_has_no_reason_code_when_no_subscribers(broker):
+    c = Client(broker.port, "p12-nosub4", version=4)
+    c.send_raw(b"\x32\x0b\x00\x07nosub/t\x00\x05x")
+    assert c.recv_raw() == b"\x40\x02\x00\x05"
+    c.close()
