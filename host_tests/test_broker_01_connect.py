@@ -264,3 +264,54 @@ def test_keepalive_zero_connection_is_not_closed(broker):
     assert c.poll(2.2) is None
     c.ping()
     c.close()
+
+
+def test_server_keep_alive_is_enforced():
+    # The keep-alive the server announced (max_keepalive 1) is the one it
+    # enforces (5.0 3.2.2.3.14): silence for 1.5 s closes the connection.
+    with BrokerProc(board="esp32", config={"max_keepalive": 1}, heap=HEAP) as b:
+        c = Client(b.port, "c01-ska-enf", version=5, keepalive=60)
+        assert c.connack.props[SERVER_KEEP_ALIVE] == 1
+        t0 = time.time()
+        assert c.expect(DISCONNECT, timeout=5).reason == 0x8D
+        assert 1.4 <= time.time() - t0 <= 3.0
+        assert b.alive()
+
+
+# ---------------------------------------------------------------- other CONNECT checks
+
+
+def test_v5_connect_with_authentication_method_gets_connack_0x8c(broker):
+    # Enhanced authentication is not offered: 0x8C Bad authentication method.
+    c = Client(broker.port, "c01-authm", version=5, props={0x15: "SCRAM-SHA-1"}, expect_ok=False)
+    assert c.connack.reason == 0x8C
+    assert c.closed()
+
+
+def test_v5_auth_packet_without_authentication_method_is_protocol_error(broker):
+    c = Client(broker.port, "c01-auth", version=5)
+    c.send_raw(b"\xf0\x02\x18\x00")  # AUTH, Continue authentication
+    assert c.expect(DISCONNECT).reason == 0x82
+    assert c.closed()
+
+
+def test_v311_password_without_user_name_is_closed(broker):
+    # 3.1.1 MQTT-3.1.2-22.
+    body = b"\x00\x04MQTT\x04\x42\x00\x3C\x00\x03abc\x00\x02pw"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    assert r.closed()
+
+
+def test_will_qos_without_will_flag_is_closed(broker):
+    # 3.1.1 MQTT-3.1.2-13 / 5.0 MQTT-3.1.2-11.
+    body = b"\x00\x04MQTT\x04\x0a\x00\x3C\x00\x03abc"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    assert r.closed()
+
+
+def test_v5_user_name_and_password_are_accepted_when_anonymous_allowed(broker):
+    c = Client(broker.port, "c01-userpw", version=5, username="u", password=b"p")
+    c.ping()
+    c.close()

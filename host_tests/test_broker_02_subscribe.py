@@ -329,3 +329,36 @@ def test_unsubscribe_stops_delivery(broker, pub):
     pub.publish("us/b", b"b", qos=1)
     assert [m.payload for m in c.messages(timeout=0.5)] == [b"b"]
     c.close()
+
+
+def test_no_local_applies_per_subscription_when_overlapping(broker):
+    a = Client(broker.port, "s02-nl-ovl", version=5)
+    a.subscribe([("nlo/#", 1 | NL), ("nlo/t", 0)])
+    a.publish("nlo/t", b"mine", qos=1)
+    a.publish("nlo/u", b"mine too", qos=1)
+    got = a.messages(timeout=0.4)
+    assert [(m.topic, m.qos) for m in got] == [("nlo/t", 0)]
+    a.close()
+
+
+def test_retained_message_on_subscribe_carries_subscription_identifier(broker, pub):
+    pub.publish("ridr/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rid", version=5)
+    c.subscribe([("ridr/#", 1)], props={SUBID: 77})
+    m = c.get()
+    assert m.retain and m.props[SUBID] == [77]
+    pub.publish("ridr/t", b"", qos=1, retain=True)
+    c.close()
+
+
+def test_resumed_session_does_not_resend_retained_messages(broker, pub):
+    pub.publish("rres/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rres", version=5, clean=False, props={0x11: 60})
+    c.subscribe([("rres/t", 1)])
+    assert c.get().payload == b"kept"
+    c.close()
+    c = Client(broker.port, "s02-rres", version=5, clean=False, props={0x11: 60})
+    assert c.connack.session_present is True
+    assert c.poll(0.4) is None
+    c.disconnect(props={0x11: 0})
+    pub.publish("rres/t", b"", qos=1, retain=True)

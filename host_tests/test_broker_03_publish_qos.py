@@ -303,3 +303,38 @@ def test_v311_qos2_inbound_state_survives_reconnect(broker):
     c.close()
     s.close()
     Client(broker.port, "q03-in2-p", version=4, clean=True).disconnect()
+
+
+def test_resumed_session_resends_in_flight_first_then_queued_in_order(broker, pub):
+    # 3.1.1 MQTT-4.4.0-1, 4.6: unacknowledged PUBLISHes are resent in
+    # their original order (with DUP), then the messages queued offline.
+    cid = "q03-order-resume"
+    s = Client(broker.port, cid, version=4, clean=False)
+    s.subscribe([("ordres/t", 1)])
+    for i in range(3):
+        pub.publish("ordres/t", b"f%d" % i, qos=1)
+    first = s.messages(3, ack=False)
+    s.close()
+    for i in range(2):
+        pub.publish("ordres/t", b"q%d" % i, qos=1)
+    s = Client(broker.port, cid, version=4, clean=False)
+    got = s.messages(5, timeout=2)
+    assert [(m.payload, m.dup) for m in got] == [(b"f0", True), (b"f1", True), (b"f2", True),
+                                                 (b"q0", False), (b"q1", False)]
+    assert [m.pid for m in got[:3]] == [m.pid for m in first]
+    s.close()
+    Client(broker.port, cid, version=4, clean=True).disconnect()
+
+
+def test_v311_outgoing_in_flight_window_is_max_inflight_messages(broker, pub):
+    # 3.1.1 has no Receive Maximum: the broker's own window (10) applies.
+    s = Client(broker.port, "q03-window", version=4)
+    s.subscribe([("window/t", 1)])
+    for i in range(12):
+        pub.publish("window/t", b"%d" % i, qos=1)
+    got = s.messages(timeout=0.5, ack=False)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(10)]
+    s.send(Ack(PUBACK, got[0].pid))
+    m = s.expect(PUBLISH)
+    assert m.payload == b"10"
+    s.close()

@@ -118,7 +118,9 @@ def test_v5_session_expiry_keeps_session_and_queues_qos1(broker, pub):
     pub.publish("s05/e60", b"zero", qos=0)  # not queued (queue_qos0_messages false)
     c = v5(broker.port, "s05-e60", expiry=60)
     assert c.connack.session_present is True
-    assert [m.payload for m in c.messages(timeout=0.4)] == [b"q0", b"q1", b"q2"]
+    got = c.messages(timeout=0.4)
+    assert [m.payload for m in got] == [b"q0", b"q1", b"q2"]
+    assert [m.dup for m in got] == [False] * 3  # never sent before
     # The subscription still works live.
     pub.publish("s05/e60", b"live", qos=1)
     assert c.get().payload == b"live"

@@ -349,3 +349,32 @@ def test_v311_puback_has_no_reason_code_when_no_subscribers(broker):
     c.send_raw(b"\x32\x0b\x00\x07nosub/t\x00\x05x")
     assert c.recv_raw() == b"\x40\x02\x00\x05"
     c.close()
+
+
+def test_disconnect_from_server_respects_client_maximum_packet_size(broker):
+    # 5.0 MQTT-3.1.2-24/25: the server must not send a packet bigger than
+    # the client's Maximum Packet Size; a Reason String that does not fit
+    # is left out. Here a second CONNECT provokes DISCONNECT 0x82.
+    c = Client(broker.port, "p12-mps-dis", version=5, props={MAX_PACKET: 16})
+    c.send_raw(b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03abc")
+    raw = c.recv_raw()
+    assert raw is not None, "closed without DISCONNECT"
+    assert len(raw) <= 16, "DISCONNECT of %d bytes to a client that allows 16: %r" % (len(raw), raw)
+    assert raw[0] == 0xE0 and raw[2] == 0x82
+    assert c.closed()
+
+
+def test_message_resent_on_resume_carries_its_topic_not_an_old_alias(broker, pub):
+    s = Client(broker.port, "p12-ta-resume", version=5, clean=False,
+               props={SESSION_EXPIRY: 60, TOPIC_ALIAS_MAX: 2})
+    s.subscribe([("tares/t", 1)])
+    pub.publish("tares/t", b"1", qos=1)
+    pub.publish("tares/t", b"2", qos=1)
+    got = s.messages(2, ack=False)
+    assert got[1].topic == ""  # aliased on the first connection
+    s.close()
+    s = Client(broker.port, "p12-ta-resume", version=5, clean=False,
+               props={SESSION_EXPIRY: 60, TOPIC_ALIAS_MAX: 2})
+    again = s.messages(2)
+    assert [(m.topic, m.payload, m.dup) for m in again] == [("tares/t", b"1", True), ("tares/t", b"2", True)]
+    s.disconnect(props={SESSION_EXPIRY: 0})

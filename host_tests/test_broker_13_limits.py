@@ -120,6 +120,8 @@ LIMITS = {
     "max_queued_messages": 3,
     "queue_qos0_messages": True,
     "sys_interval": 1,
+    "max_retained_messages": 3,
+    "max_topic_levels": 4,
 }
 
 
@@ -201,6 +203,40 @@ def test_dropped_queued_messages_are_counted_in_sys(alive):
     assert int(after) == before + 2
     _resume(alive.port, "mq-cnt").disconnect(props={SESSION_EXPIRY: 0})
     p.close()
+
+
+def test_max_retained_messages_limits_stored_topics_but_allows_replacing(alive):
+    p = Client(alive.port, "mr-pub", version=5)
+    for t in ("mr/a", "mr/b", "mr/c", "mr/d"):
+        p.publish(t, t.encode(), qos=1, retain=True)
+    p.publish("mr/a", b"mr/a v2", qos=1, retain=True)  # replacing is fine when full
+    s = Client(alive.port, "mr-sub", version=5)
+    s.subscribe([("mr/#", 0)])
+    got = {m.topic: m.payload for m in s.messages(timeout=0.4)}
+    assert got == {"mr/a": b"mr/a v2", "mr/b": b"mr/b", "mr/c": b"mr/c"}
+    # Deleting one frees a slot.
+    p.publish("mr/b", b"", qos=1, retain=True)
+    p.publish("mr/d", b"mr/d", qos=1, retain=True)
+    s.close()
+    s = Client(alive.port, "mr-sub", version=5)
+    s.subscribe([("mr/#", 0)])
+    assert sorted(m.topic for m in s.messages(timeout=0.4)) == ["mr/a", "mr/c", "mr/d"]
+    for t in ("mr/a", "mr/c", "mr/d"):
+        p.publish(t, b"", qos=1, retain=True)
+    s.close()
+    p.close()
+
+
+def test_max_topic_levels_applies_to_topics_and_filters(alive):
+    c = Client(alive.port, "mtl", version=5)
+    assert c.subscribe([("l/1/2/3", 0), ("l/1/2/3/4", 0), ("l/+/+/#", 0)]) == [0, 0x8F, 0]
+    c.publish("l/1/2/3", b"4 levels", qos=1)
+    assert c.get().payload == b"4 levels"
+    c.send(Publish("l/1/2/3/4", b"5 levels", 1, False, False, 9))
+    d = c.recv(timeout=5)
+    # Refusing it is allowed either way (5.0 3.4.2.1 / 4.13): PUBACK 0x90 or DISCONNECT 0x90.
+    assert (d.type, d.reason) in ((PUBACK, 0x90), (DISCONNECT, 0x90)), d
+    c.close()
 
 
 # ---------------------------------------------------------------- max_packet_size

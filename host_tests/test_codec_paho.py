@@ -25,6 +25,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt import _packet as paho_packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -165,6 +166,19 @@ def _paho_view(pkt, version):
     return K.Ack(t, r.mid, r.reason.value, from_paho(K.NAMES[t], r.properties))
 
 
+def _paho_knows_reasons(pkt):
+    # paho's ReasonCode table lacks some codes the spec allows (for
+    # example CONNACK 0x99 Payload format invalid, 5.0 §3.2.2.2); such
+    # packets cannot go through paho's decoder at all.
+    codes = getattr(pkt, "reasons", None) or [getattr(pkt, "reason", 0)]
+    for c in codes:
+        try:
+            ReasonCode(_PAHO_TYPE[K.NAMES[pkt.type]], identifier=c)
+        except Exception:
+            return False
+    return True
+
+
 PAHO_DECODED = [(t, v) for v in (4, 5) for t in (K.CONNACK, K.PUBLISH, K.PUBACK, K.PUBREC, K.PUBREL, K.PUBCOMP,
                                                  K.SUBACK, K.UNSUBACK, K.DISCONNECT)]
 
@@ -177,6 +191,7 @@ def test_paho_decoder_reads_what_we_encode(t, version, data):
     pkt = data.draw(packets_of(t, version))
     assume(_no_bom(pkt.__dict__))
     assume(not (t == K.CONNACK and version == 5 and pkt.reason == 1))
+    assume(version != 5 or _paho_knows_reasons(pkt))
     assert _paho_view(pkt, version) == pkt
 
 

@@ -75,6 +75,11 @@ def main(argv):
         app.run(cfg, profile)
     except KeyboardInterrupt:
         print("stopped")
+    except (ValueError, OSError) as e:
+        # A password or ACL file that does not parse, a port in use: say
+        # what, without a traceback.
+        print("error: %s" % e)
+        return 2
     return 0
 
 

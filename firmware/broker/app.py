@@ -40,9 +40,10 @@ def start(cfg, wdt=None):
         b.persist = Persist(b, cfg["persistence_location"], cfg["store_max_bytes"])
         b.persist.load()
     if cfg["password_file"]:
-        from broker.auth import PasswordFile
+        from broker.auth import PasswordFile, LoginThrottle
 
-        b.auth = PasswordFile(cfg["password_file"])
+        b.auth = PasswordFile.load(cfg["password_file"])
+        b.throttle = LoginThrottle()
     if cfg["acl_file"]:
         from broker.acl import Acl
 

@@ -42,6 +42,8 @@ class Connection:
     writer = None
     reader = None
     session_expiry_set = 0
+    linger_ms = 0  # delay before a refusal goes out (failed login)
+    deferred = None  # that refusal
 
     def __init__(self, broker, transport):
         self.broker = broker
@@ -314,6 +316,10 @@ class Connection:
         # DISCONNECT), with a bound, then tear down.
         self.closing = True
         self.finishing = True
+        if self.linger_ms:
+            await asyncio.sleep_ms(self.linger_ms)
+        if self.deferred is not None:
+            self.send(self.deferred)
         w = self.writer
         if w is not None:
             self.wake.set()

@@ -11,6 +11,7 @@ from broker.session import Session, SENT, RELEASED, NEVER
 from broker.subs import Subs
 from broker.retain import Retained
 from broker.message import Message
+from mqtt.topic import matches
 
 _NO_LOCAL = const(0x04)
 _STALL_MS = const(2000)  # a queue with no progress this long stops holding publishers back
@@ -52,10 +53,13 @@ class Broker:
         self.retained = Retained(cfg["max_retained_messages"])
         self.persist = None  # persist.Persist when persistence is on
         self.auth = None
+        self.throttle = None
         self.acl = None
         self.started = time.time()
         self.hits = []  # scratch list reused by route()
         self.pressure = False  # a connected session's queue is past half full
+        # In-process receivers (the bridge): (filter, callback(msg, origin)).
+        self.taps = []
         self.sys_extra = None  # callable -> [(name, value)] for $SYS
         # Counters, named after the $SYS topics they feed.
         self.stats_msgs_recv = 0
@@ -106,6 +110,10 @@ class Broker:
             sent = self._route_many(msg, origin, hits)
         else:
             sent = 0
+        if self.taps:
+            for f, cb in self.taps:
+                if matches(f, msg.topic):
+                    cb(msg, origin)
         if self.subs.shared:
             del hits[:]
             self.subs.match_shared(msg.topic, hits)

@@ -21,9 +21,13 @@ def _refuse(c, reason, why):
     log.info("refused %s: 0x%02X %s", c.t.peer, reason, why)
     if c.version == 5:
         pr = {P.REASON_STRING: why} if why else None
-        c.send(encode(Connack(False, reason, pr), 5))
+        pkt = encode(Connack(False, reason, pr), 5)
     else:
-        c.send(encode(Connack(False, v3_connack_code(reason)), 4))
+        pkt = encode(Connack(False, v3_connack_code(reason)), 4)
+    if c.linger_ms:
+        c.deferred = pkt  # sent by Connection.finish() after the delay
+    else:
+        c.send(pkt)
     c.disconnect_reason = reason
     raise Closed()
 
@@ -66,16 +70,29 @@ def on_connect(c, mv, off, end):
         _ids += 1
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
 
-    # Credentials.
-    if b.auth is not None and pkt.username is not None:
-        if not b.auth.check(pkt.username, pkt.password or b""):
+    # Credentials. A failed login is answered late, and later each time
+    # from the same address (broker.throttle), to slow password guessing.
+    if pkt.username is not None and b.auth is not None:
+        ip = c.t.peer.rsplit(":", 1)[0]
+        wait = b.throttle.delay_ms(ip)
+        if wait:
+            # Still in the penalty of earlier failures: refused without the
+            # costly hash, and answered only when the penalty is over.
             b.stats_auth_failed += 1
+            c.linger_ms = wait
             _refuse(c, 0x86, "bad user name or password")
-    elif pkt.username is None and not cfg["allow_anonymous"]:
+        if not b.auth.check(pkt.username, pkt.password):
+            b.stats_auth_failed += 1
+            b.throttle.failed(ip)
+            c.linger_ms = b.throttle.delay_ms(ip)
+            log.warning("login failed for user %r from %s", pkt.username, c.t.peer)
+            _refuse(c, 0x86, "bad user name or password")
+        b.throttle.succeeded(ip)
+    elif not cfg["allow_anonymous"]:
+        # Anonymous, or a user name with no password file to check it in.
         b.stats_auth_failed += 1
-        _refuse(c, 0x87, "anonymous clients are not allowed")
-    elif pkt.username is not None and b.auth is None and not cfg["allow_anonymous"]:
-        _refuse(c, 0x86, "no password file")
+        log.warning("refused anonymous client from %s", c.t.peer)
+        _refuse(c, 0x87, "not authorized")
 
     # Will.
     will = None
