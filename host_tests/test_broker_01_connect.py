@@ -1,12 +1,11 @@
 """CONNECT / CONNACK, session take-over, connect timeout and keep-alive
 (MQTT 3.1.1 ch. 3.1, 3.2, 4.x; MQTT 5.0 ch. 3.1, 3.2, 4.13)."""
-import socket
 import time
 
 import pytest
 
-from mqttc import (BrokerProc, Raw, Client, Closed, Connect, Publish, Empty, decode, split, CONNACK,
-                   DISCONNECT, PINGREQ, PINGRESP, PUBLISH, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
+from mqttc import (BrokerProc, Raw, Client, Connect, Empty, decode, CONNACK,
+                   DISCONNECT, PINGREQ, PINGRESP, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
                    MAX_PACKET, TOPIC_ALIAS_MAX)
 from mqtt import packets as P
 
@@ -315,3 +314,14 @@ def test_v5_user_name_and_password_are_accepted_when_anonymous_allowed(broker):
     c = Client(broker.port, "c01-userpw", version=5, username="u", password=b"p")
     c.ping()
     c.close()
+
+
+def test_connack_refusal_respects_client_maximum_packet_size(broker):
+    # 5.0 MQTT-3.2.2-19: no Reason String when it would make the CONNACK
+    # bigger than the client's Maximum Packet Size (here 16 bytes).
+    r = connect_raw(broker.port, "c01-mps-ack", version=5, props={0x15: "X", MAX_PACKET: 16})
+    raw = r.recv_packet()
+    assert raw is not None, "closed without CONNACK"
+    assert decode(raw, 5).reason == 0x8C
+    assert len(raw) <= 16, "CONNACK of %d bytes to a client that allows 16: %r" % (len(raw), raw)
+    assert r.closed()

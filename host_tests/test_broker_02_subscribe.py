@@ -3,8 +3,7 @@ subscriptions, subscription options and SUBACK/UNSUBACK codes
 (MQTT 3.1.1 3.8-3.11, 4.7; MQTT 5.0 3.8-3.11, 4.7, 4.8)."""
 import pytest
 
-from mqttc import (BrokerProc, Client, Subscribe, Unsubscribe, PUBLISH, SUBACK, UNSUBACK, DISCONNECT,
-                   SUBID, NL, RAP, RH)
+from mqttc import BrokerProc, Client, Subscribe, Unsubscribe, DISCONNECT, SUBID, NL, RAP, RH
 
 HEAP = "220K"
 CONFIG = {"max_subscriptions": 32}

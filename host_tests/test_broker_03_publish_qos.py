@@ -3,11 +3,11 @@ delivery QoS, duplicate suppression and redelivery on session resumption
 (MQTT 3.1.1 3.3-3.7, 4.3, 4.4, 4.6; MQTT 5.0 the same sections)."""
 import pytest
 
-from mqttc import (BrokerProc, Client, Closed, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
+from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                    DISCONNECT, SESSION_EXPIRY)
 
 HEAP = "220K"
-CONFIG = {}
+CONFIG = {"max_inflight_messages": 10}
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +314,7 @@ def test_resumed_session_resends_in_flight_first_then_queued_in_order(broker, pu
     for i in range(3):
         pub.publish("ordres/t", b"f%d" % i, qos=1)
     first = s.messages(3, ack=False)
-    s.close()
+    s.disconnect()  # returns once the broker has closed: the session is offline
     for i in range(2):
         pub.publish("ordres/t", b"q%d" % i, qos=1)
     s = Client(broker.port, cid, version=4, clean=False)

@@ -1,7 +1,7 @@
 """Retained messages (MQTT 3.1.1 3.3.1.3; MQTT 5.0 3.3.1.3)."""
 import pytest
 
-from mqttc import BrokerProc, Client, PUBLISH, RAP
+from mqttc import BrokerProc, Client, RAP
 
 HEAP = "220K"
 CONFIG = {}

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mqttc import BrokerProc, Client, PUBLISH, DISCONNECT, SESSION_EXPIRY
+from mqttc import BrokerProc, Client, DISCONNECT, SESSION_EXPIRY
 
 HEAP = "220K"
 CONFIG = {}

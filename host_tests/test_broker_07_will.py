@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from mqttc import (BrokerProc, Client, Connect, PUBLISH, DISCONNECT, SESSION_EXPIRY, WILL_DELAY,
-                   CONTENT_TYPE, USER, RESPONSE_TOPIC)
+from mqttc import (BrokerProc, Client, Connect, SESSION_EXPIRY, WILL_DELAY, CONTENT_TYPE, USER,
+                   RESPONSE_TOPIC)
 
 HEAP = "220K"
 CONFIG = {}

@@ -378,3 +378,20 @@ def test_message_resent_on_resume_carries_its_topic_not_an_old_alias(broker, pub
     again = s.messages(2)
     assert [(m.topic, m.payload, m.dup) for m in again] == [("tares/t", b"1", True), ("tares/t", b"2", True)]
     s.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_pubrec_with_error_reason_ends_qos2_flow(broker, pub):
+    # 5.0 4.3.3: a PUBREC with a reason code >= 0x80 ends the exchange: no
+    # PUBREL, and the in-flight slot is free again (client RM = 1).
+    s = Client(broker.port, "p12-rec80", version=5, props={RECEIVE_MAX: 1})
+    s.subscribe([("rec80/t", 2)])
+    pub.publish("rec80/t", b"a", qos=2)
+    pub.publish("rec80/t", b"b", qos=2)
+    m = s.expect(PUBLISH)
+    assert m.payload == b"a"
+    s.send(Ack(PUBREC, m.pid, 0x80))
+    n = s.expect(PUBLISH)
+    assert n.payload == b"b", n
+    s.ack(n)
+    assert s.poll(0.3) is None
+    s.close()

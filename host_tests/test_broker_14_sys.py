@@ -1,6 +1,5 @@
 """$SYS/broker/... topics with sys_interval 1 (Mosquitto's names)."""
 import re
-import time
 
 import pytest
 

@@ -76,7 +76,13 @@ def from_paho(ctx, pp):
 def _no_bom(obj):
     # paho's readUTF refuses U+FEFF, which MQTT allows ([MQTT-1.5.4-3]);
     # keep it out of what paho has to read.
-    return "\ufeff" not in repr(obj)
+    if isinstance(obj, str):
+        return "\ufeff" not in obj
+    if isinstance(obj, dict):
+        return all(_no_bom(k) and _no_bom(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_no_bom(x) for x in obj)
+    return True
 
 
 # ---------------------------------------------------------------- properties
@@ -170,6 +176,8 @@ def _paho_knows_reasons(pkt):
     # paho's ReasonCode table lacks some codes the spec allows (for
     # example CONNACK 0x99 Payload format invalid, 5.0 §3.2.2.2); such
     # packets cannot go through paho's decoder at all.
+    if pkt.type == K.PUBLISH:
+        return True
     codes = getattr(pkt, "reasons", None) or [getattr(pkt, "reason", 0)]
     for c in codes:
         try:

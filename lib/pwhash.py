@@ -90,9 +90,9 @@ def pbkdf2_sha256(password, salt, iterations, dklen=32):
             ih = sha(ipad)
             oh = sha(opad)
             while n:
-                h = ih.copy()
+                h = ih.copy()  # pyright: ignore[reportAttributeAccessIssue]
                 h.update(u)
-                o = oh.copy()
+                o = oh.copy()  # pyright: ignore[reportAttributeAccessIssue]
                 o.update(h.digest())
                 u = o.digest()
                 acc ^= frm(u, "big")

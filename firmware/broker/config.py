@@ -104,6 +104,7 @@ def build(profile_cfg=None, user_cfg=None, overrides=None):
     if overrides:
         _merge(cfg, overrides, "command line")
     _check_listeners(cfg)
+    _check_bridges(cfg)
     return cfg
 
 
@@ -127,6 +128,95 @@ def _check_listeners(cfg):
             raise ConfigError("%s: 'protocol' must be mqtt or websockets" % where)
         if ("certfile" in L) != ("keyfile" in L):
             raise ConfigError("%s: 'certfile' and 'keyfile' go together" % where)
+
+
+_BRIDGE = {  # key: default (None: required)
+    "name": None, "addresses": None, "topics": None, "protocol_version": 4, "cleansession": False,
+    "keepalive": 60, "username": None, "password": None, "cafile": None, "clientid": None,
+    "restart_timeout": [5, 30], "max_queued": 1000, "try_private": True,
+}
+
+
+def _check_bridges(cfg):
+    # Checks each bridge and completes it with the defaults: addresses
+    # become [host, port], topic lines [pattern, direction, qos, local
+    # prefix, remote prefix] (Mosquitto's `topic` syntax, "" for empty).
+    from mqtt.topic import valid_filter
+
+    names = []
+    out = []
+    for i, B in enumerate(cfg["bridges"]):
+        def err(k, msg):
+            return ConfigError("config key 'bridges[%d].%s': %s" % (i, k, msg))
+
+        if not isinstance(B, dict):
+            raise ConfigError("config key 'bridges[%d]': expected an object" % i)
+        for k in B:
+            if k not in _BRIDGE:
+                raise err(k, "unknown key")
+        B = dict(B)  # the user's config stays as written
+        out.append(B)
+        for k in _BRIDGE:
+            if k not in B:
+                if k in ("name", "addresses", "topics"):
+                    raise err(k, "required")
+                B[k] = _BRIDGE[k]
+        n = B["name"]
+        if not isinstance(n, str) or not 0 < len(n) <= 32 or [c for c in n if c in "/+#\0 "]:
+            raise err("name", "expected 1 to 32 characters without / + # or spaces, got %r" % (n,))
+        if n in names:
+            raise err("name", "%r names two bridges" % n)
+        names.append(n)
+        a = B["addresses"]
+        if not isinstance(a, list) or not a:
+            raise err("addresses", "expected a list of \"host:port\"")
+        B["addresses"] = []
+        for j, x in enumerate(a):
+            h, _, p = x.rpartition(":") if isinstance(x, str) else ("", "", "")
+            if not p.isdigit() or not h or not 0 < int(p) <= _U16:
+                raise err("addresses[%d]" % j, "expected \"host:port\", got %r" % (x,))
+            B["addresses"].append([h.strip("[]"), int(p)])
+        t = B["topics"]
+        if not isinstance(t, list) or not t:
+            raise err("topics", "expected a list of topic lines")
+        B["topics"] = []
+        for j, line in enumerate(t):
+            w = line.split() if isinstance(line, str) else []
+            w = ["" if x == '""' else x for x in w]
+            if len(w) not in (1, 2, 3, 5):
+                raise err("topics[%d]" % j, "expected \"pattern [in|out|both] [qos] [local-prefix "
+                          "remote-prefix]\", got %r" % (line,))
+            w += ["out", "0", "", ""][len(w) - 1:] if len(w) < 5 else []
+            pat, d, q, lp, rp = w
+            if d not in ("in", "out", "both"):
+                raise err("topics[%d]" % j, "direction must be in, out or both, got %r" % d)
+            if q not in ("0", "1", "2"):
+                raise err("topics[%d]" % j, "qos must be 0, 1 or 2, got %r" % q)
+            if [c for c in lp + rp if c in "+#"]:
+                raise err("topics[%d]" % j, "a prefix cannot hold wildcards")
+            if not valid_filter(lp + pat) or not valid_filter(rp + pat):
+                raise err("topics[%d]" % j, "not a valid topic filter: %r" % (line,))
+            B["topics"].append([pat, d, int(q), lp, rp])
+        for k, lo, hi in (("protocol_version", 4, 5), ("keepalive", 1, _U16), ("max_queued", 1, 1000000)):
+            v = B[k]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise err(k, "expected an integer %d..%d, got %r" % (lo, hi, v))
+        for k in ("cleansession", "try_private"):
+            if not isinstance(B[k], bool):
+                raise err(k, "expected true or false, got %r" % (B[k],))
+        for k in ("username", "password", "cafile", "clientid"):
+            if B[k] is not None and (not isinstance(B[k], str) or not B[k]):
+                raise err(k, "expected a non-empty string, got %r" % (B[k],))
+        if B["password"] is not None and B["username"] is None and B["protocol_version"] == 4:
+            raise err("password", "MQTT 3.1.1 sends a password only with a username")
+        r = B["restart_timeout"]
+        r = [r, r] if isinstance(r, (int, float)) and not isinstance(r, bool) else r
+        if (not isinstance(r, list) or len(r) != 2 or [x for x in r if isinstance(x, bool)
+                or not isinstance(x, (int, float)) or x <= 0] or r[0] > r[1]):
+            raise err("restart_timeout", "expected seconds, or [base, cap] with 0 < base <= cap, got %r"
+                      % (B["restart_timeout"],))
+        B["restart_timeout"] = r
+    cfg["bridges"] = out
 
 
 def load_json(path):

@@ -291,10 +291,14 @@ class Connection:
         log.info("closing %s (%s): 0x%02X %s", self.t.peer, self.client_label(), reason, msg)
         self.disconnect_reason = reason
         if self.version == 5 and self.session is not None and not self.closing:
-            props = None
+            pkt = None
             if msg and self.problem_info:
-                props = {0x1F: msg[:100]}
-            self.send_packet(Disconnect(reason, props))
+                pkt = encode(Disconnect(reason, {0x1F: msg[:100]}), 5)
+                if len(pkt) > self.max_out:
+                    # The reason string must not push a packet past the
+                    # client's Maximum Packet Size (MQTT-3.14.2-3).
+                    pkt = None
+            self.send(pkt or encode(Disconnect(reason), 5))
         self.closing = True
 
     def client_label(self):

@@ -56,9 +56,9 @@ def _on_ack(c, t, mv, off, end):
         if found and b.persist is not None and s.expiry:
             b.persist.qos2_released(s, pid)
         if c.version == 5 and not found:
-            c.send(bytes((0x70, 3, pid >> 8, pid & 0xFF, 0x92)))
+            _reply(c, bytes((0x70, 3, pid >> 8, pid & 0xFF, 0x92)))
         else:
-            c.send(bytes((0x70, 2, pid >> 8, pid & 0xFF)))
+            _reply(c, bytes((0x70, 2, pid >> 8, pid & 0xFF)))
         return
     e = s.inflight.get(pid)
     if t == _PUBACK or t == _PUBCOMP:
@@ -86,7 +86,18 @@ def _on_ack(c, t, mv, off, end):
         e[4] = RELEASED
         if b.persist is not None and s.expiry:
             b.persist.released(s, pid)
-    c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+    _reply(c, bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+
+
+def _reply(c, pkt):
+    # PUBREL and PUBCOMP end a QoS 2 flow on the peer's side, which then
+    # forgets the packet identifier; they go out only once our matching
+    # state change is on flash, or a power cut could resurrect the flow.
+    p = c.broker.persist
+    if p is not None and p.dirty():
+        p.hold(c, pkt)
+    else:
+        c.send(pkt)
 
 
 def _sub_reason(c, cfg, flt, opts, group):

@@ -9,28 +9,35 @@ from mqtt.wire import put_varint
 # Properties forwarded unchanged to receivers (MQTT-3.3.2-*): everything a
 # publisher set except Topic Alias (per connection), Subscription Identifier
 # (per receiver) and Message Expiry (rewritten with the time left).
-_NOT_FORWARDED = (P.TOPIC_ALIAS, P.SUBSCRIPTION_ID, P.MESSAGE_EXPIRY)
+# Will Delay belongs to the will, not to the message it becomes.
+_NOT_FORWARDED = (P.TOPIC_ALIAS, P.SUBSCRIPTION_ID, P.MESSAGE_EXPIRY, P.WILL_DELAY)
 
 
 class Message:
+    # Defaults on the class keep each instance's attribute table small: a
+    # gateway may hold a few hundred of these.
+    expires = None  # absolute expiry in time.time() seconds; None: never
+    props = None  # forwarded properties
+    _pbody = None  # props encoded
+    _wire = None  # encoded PUBLISH per (version, retain, QoS > 0)
+
     def __init__(self, topic, payload, qos, retain, props=None, expiry=None, topic_b=None):
         self.topic = topic
         self.topic_b = topic_b if topic_b is not None else topic.encode("utf-8")
         self.payload = payload
         self.qos = qos
         self.retain = retain
-        # Absolute expiry in time.time() seconds, or None for never.
-        self.expires = None if expiry is None else time.time() + expiry
-        fwd = None
+        if expiry is not None:
+            self.expires = time.time() + expiry
         if props:
+            fwd = None
             for k in props:
                 if k not in _NOT_FORWARDED:
                     if fwd is None:
                         fwd = {}
                     fwd[k] = props[k]
-        self.props = fwd
-        self._pbody = None
-        self._wire = None  # (version, retain) -> bytearray, QoS 0 form
+            if fwd is not None:
+                self.props = fwd
 
     def expired(self, now):
         return self.expires is not None and now >= self.expires

@@ -124,19 +124,16 @@ class Persist:
                 s.will_at = s.gone_at + min(w[1], s.expiry) if w[1] else now
             b.sessions[cid] = s
         queued.sort()
-        lim = b.cfg["max_queued_messages"]
         lost = 0
         for seq, cid, val in queued:
             if seq >= self.seq:
                 self.seq = seq + 1
             s = b.sessions.get(cid)
-            if s is None or len(s.queue) >= lim:
-                # No session, or more than the queue may hold (a smaller
-                # limit than when they were stored): dropped and counted.
-                if s is not None:
-                    lost += 1
+            if s is None:
                 self.store.delete("q" + cid + "\0" + str(seq))
                 continue
+            # Kept even past max_queued_messages (a smaller limit than when
+            # they were stored): each was acknowledged to its publisher.
             try:
                 s.queue.append([_unpack(val[2:]), val[0], bool(val[1]), None, seq])
             except MemoryError:

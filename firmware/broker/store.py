@@ -3,29 +3,36 @@
 # measured flash wear and the recovery rules; this is the short version.
 #
 # Files in the store's directory:
-#   l0 .. l<slots-1>  log slots. Each commit() overwrites the next slot with
-#                     one batch frame (all the batch's puts and deletes, a
-#                     sequence number, a CRC32). Overwriting an existing small
-#                     file is ONE LittleFS metadata commit, the cheapest
-#                     durable write there is; a new file per commit would cost
-#                     three (create, close, remove later).
-#   s<xx>             one segment (snapshot) per namespace xx = the key's first
-#                     byte in hex. It holds the namespace's live records as of
+#   l0 .. l<slots-1>  log slots. commit() writes the batch (its puts and
+#                     deletes) over the next free slot: one whole-file
+#                     overwrite, one open…write…close. Overwriting an
+#                     existing small file is ONE LittleFS metadata commit,
+#                     the cheapest durable write there is (a new file per
+#                     commit costs three: create, close, remove later). A
+#                     batch too big to be stored inline in metadata but
+#                     under split_max bytes is cut into inline-sized parts
+#                     in consecutive slots, since a few inline commits cost
+#                     less than erasing a block. Each part carries the
+#                     batch's sequence number, part p of m, and a CRC32.
+#   s<xx>             one segment (snapshot) per namespace xx = the key's
+#                     first byte in hex: the namespace's live records as of
 #                     the sequence number in its header. Compaction rewrites
 #                     only the namespaces the logs touched, so cold data (say
 #                     retained messages) is not rewritten when hot data
 #                     (queued messages) churns: the Mosquitto lesson.
 #   t<xx>             a segment being written; renamed over s<xx> when whole.
 #
-# Recovery: per namespace, the segment's records, then every log op with a
-# sequence number above that segment's. A slot whose CRC fails is dropped
-# alone: LittleFS's close() is atomic, so the slot being overwritten at a
-# power cut keeps its old (already folded) content, and a bad slot can only
-# come from damage, where the later batches are still good and are kept.
+# Recovery: per namespace, the segment's records, then every op of every
+# whole batch (all m parts there, each CRC good) newer than the last
+# completed compaction and newer than that segment, in sequence order. A
+# bad or incomplete batch is dropped alone: on LittleFS a slot being
+# overwritten at a power cut keeps its old, already folded content, so only
+# the batch in progress can be incomplete, and a bad CRC anywhere else
+# means damage, where the later batches are still good and are kept.
 #
-# RAM: the store keeps only the keys written since the last compaction (an
-# index into the log slots) and one reusable record buffer; segments are
-# streamed a record at a time, never loaded whole.
+# RAM: the store keeps the keys written since the last compaction (an index
+# into the log slots, bounded by index_max) and one reusable record buffer;
+# segments are streamed a record at a time, never loaded whole.
 import os
 import struct
 from binascii import crc32
@@ -41,39 +48,24 @@ _OP_DEL = const(0x44)
 _VERSION = const(1)
 # A frame is magic, type, body length (u16), body, CRC32 of all before it.
 _FRAME = const(8)
-# A batch body starts with the sequence number (u32); each op is op, key
-# length (u16), value length (u16), key, value.
+# A part of a batch is a frame whose body is the sequence number (u32), its
+# age (u8: how many sequence numbers after the last completed compaction),
+# part, parts (u8 each), then a slice of the batch's ops. An op is op, key
+# length (u16), value length (u16), key, value; ops may straddle parts.
+_OPS = const(11)  # offset of the payload in a part
+_PART = const(15)  # a part's bytes besides its payload
 _OPH = const(5)
+_AGE_MAX = const(250)
 # What one live record costs in a segment: frame, key length, key, value.
 # used_bytes and max_bytes count in these units.
 _REC = const(10)
 _MAXLEN = const(65535)
 _ENOSPC = const(28)
 _CHUNK = const(128)
-_INLINE_COST = 0.06
 
 
 class StoreFull(Exception):
     pass
-
-
-def _keybytes(key):
-    kb = key.encode()
-    if not kb or len(kb) > _MAXLEN:
-        raise ValueError("bad key")
-    return kb
-
-
-def _readn(f, mv):
-    # readinto until mv is full or the file ends; returns the count read.
-    n = 0
-    want = len(mv)
-    while n < want:
-        r = f.readinto(mv[n:])
-        if not r:
-            break
-        n += r
-    return n
 
 
 class Store:
@@ -81,25 +73,28 @@ class Store:
         self,
         path,
         max_bytes,
-        slots=16,
-        log_max=8192,
+        slots=64,
+        log_max=16384,
         index_max=256,
         max_batch=16384,
         inline_max=120,
+        split_max=2048,
     ):
-        # slots: log files before a compaction is forced. log_max: bytes of
-        # live logs before a compaction. index_max: keys written since the
-        # last compaction (the RAM index) before a compaction. max_batch:
-        # largest staged batch, in bytes. inline_max: the filesystem's inline
-        # file limit, used only for the stats' block estimate (esp32 ~120,
-        # rp2 ~500).
+        # slots: log files; when they are used up, compact. log_max: bytes
+        # of live logs before a compaction. index_max: keys written since
+        # the last compaction (the RAM index) before a compaction. max_batch:
+        # largest staged batch in bytes. inline_max: the largest file
+        # LittleFS keeps inline in metadata (esp32 about 120, rp2 about
+        # 500); parts are cut to fit it. split_max: largest batch that is
+        # cut into inline parts rather than written as one file.
         self.path = path.rstrip("/")
         self.max_bytes = max_bytes
-        self.slots = min(slots, 64)
+        self.slots = max(1, min(slots, 255))
         self.log_max = log_max
         self.index_max = index_max
         self.max_batch = min(max_batch, _MAXLEN - _FRAME)
         self.inline_max = inline_max
+        self.split_max = split_max
         self.stats = {
             "bytes_written": 0,
             "files_written": 0,
@@ -111,37 +106,39 @@ class Store:
         self._staged = []
         self._pend = 0  # encoded bytes of the staged ops
         self._pend_put = 0  # record bytes the staged puts would add
-        self._idx = {}  # key -> slot << 16 | offset of its op, or -1 if deleted
+        self._idx = {}  # key -> slot << 16 | offset of its op; -1: deleted
         self._segs = {}  # namespace byte -> [seq, live bytes, damaged]
-        self._live = []  # (seq, slot) of slots holding unfolded ops, by seq
+        self._live = []  # (seq, first slot, parts) of unfolded batches
         self._next = 0  # next slot to write
         self._seq = 0  # last sequence number used
-        self._logb = 0  # bytes of live log slots
+        self._base = 0  # sequence number of the last completed compaction
+        self._logb = 0  # bytes in live log parts
         self._used = 0
-        self._buf = bytearray(256)
-        self._hb = bytearray(16)
-        self._opened = False
+        self._rep = None
+        self._buf = bytearray(256)  # records being read
+        self._hb = bytearray(16)  # frame headers being written
+        self._rb = bytearray(16)  # frame headers being read
+        self._pb = None  # a part being built
 
     # ---- public API ----
 
     def open(self):
-        # Recover the committed state. Removes temp files and bad log slots;
-        # never rewrites data. Returns counts for the log.
-        rep = {"recovered": 0, "dropped": 0, "dropped_bytes": 0, "removed": 0, "logs": 0}
+        # Recover the committed state. Removes temp files and bad or partial
+        # log parts; never rewrites data. Returns counts for the log.
+        rep = {"recovered": 0, "dropped": 0, "dropped_bytes": 0, "removed": 0, "batches": 0}
         self._rep = rep
-        self._staged = []
-        self._pend = self._pend_put = 0
+        self.discard()
         self._idx = {}
         self._segs = {}
         self._live = []
         self._next = 0
         self._seq = 0
+        self._base = 0
         self._logb = 0
         _mkdirs(self.path)
-        names = [e[0] for e in os.ilistdir(self.path)]
         slots = []
         segs = []
-        for name in names:
+        for name in [e[0] for e in os.ilistdir(self.path)]:
             c = name[:1]
             if c == "t":
                 self._remove(name)
@@ -153,37 +150,58 @@ class Store:
                     segs.append(int(name[1:], 16))
                 except ValueError:
                     pass
-        del names
         # Segment sequence numbers first: they decide which log ops apply.
         for ns in segs:
             seq = self._seg_seq(ns)
             self._segs[ns] = [seq, 0, 0]
-            if seq > self._seq:
-                self._seq = seq
-        # Log slots in sequence order.
+            self._seq = max(self._seq, seq)
+        # Log parts, grouped into batches in sequence order. Every part
+        # names the last compaction completed before it was written; all
+        # batches up to the newest such compaction are folded already.
         found = []
         for i in slots:
-            seq = self._slot_seq(i)
-            if seq >= 0:
-                found.append((seq, i))
+            h = self._part_head(i)
+            if h is not None:
+                found.append(h)
+                self._seq = max(self._seq, h[0])
+                self._base = max(self._base, h[0] - h[1])
         found.sort()
         idx = self._idx
-        for seq, i in found:
-            if seq > self._seq:
-                self._seq = seq
+        a = 0
+        while a < len(found):
+            seq, age, part, count, i = found[a]
+            b = a
+            while b < len(found) and found[b][0] == seq:
+                b += 1
+            if seq <= self._base:
+                a = b
+                continue
+            whole = b - a == count
+            for j in range(a, b):
+                whole = whole and found[j][2] == j - a and found[j][4] == i + j - a
+            if not whole:
+                # The batch in progress at a cut (or damage): drop it all.
+                self._drop(0)
+                for j in range(a, b):
+                    self._remove("l%d" % found[j][4])
+                    rep["removed"] += 1
+                a = b
+                continue
             live = False
-            for op, key, off, vlen in self._ops(i, False):
+            for op, key, loc, vlen in self._ops(i, count, False):
                 s = self._segs.get(_ns(key))
                 if s is not None and seq <= s[0]:
                     continue
                 live = True
-                idx[key] = (i << 16 | off) if op == _OP_PUT else -1
+                idx[key] = loc if op == _OP_PUT else -1
             if live:
-                self._live.append((seq, i))
-                self._logb += os.stat(self._slot(i))[6]
-                if i >= self._next:
-                    self._next = i + 1
-        rep["logs"] = len(self._live)
+                self._live.append((seq, i, count))
+                self._next = max(self._next, i + count)
+                for j in range(i, i + count):
+                    self._logb += os.stat(self._slot(j))[6]
+            rep["batches"] += 1
+            a = b
+        found = None
         # Stream the segments: check every record, count the live bytes.
         used = 0
         recs = 0
@@ -197,15 +215,14 @@ class Store:
             s[1] = live
             used += live
         # The logs' live puts.
-        for seq, i in self._live:
-            for op, key, off, vlen in self._ops(i, False):
-                if op == _OP_PUT and idx.get(key) == (i << 16 | off):
+        for seq, i, m in self._live:
+            for op, key, loc, vlen in self._ops(i, m, False):
+                if op == _OP_PUT and idx.get(key) == loc:
                     used += _REC + len(key.encode()) + vlen
                     recs += 1
         self._used = used
         rep["recovered"] = recs
         self.stats["records_dropped"] += rep["dropped"]
-        self._opened = True
         return rep
 
     def items(self):
@@ -217,10 +234,10 @@ class Store:
                 if typ == _T_REC and key not in idx:
                     b = self._buf
                     yield key, bytes(b[6 + (b[4] | b[5] << 8) : n - 4])
-        for seq, i in list(self._live):
-            for op, key, off, vlen in self._ops(i, True):
-                if op == _OP_PUT and idx.get(key) == (i << 16 | off):
-                    yield key, bytes(self._buf[:vlen])
+        for seq, i, m in list(self._live):
+            for op, key, loc, vlen in self._ops(i, m, True):
+                if op == _OP_PUT and idx.get(key) == loc:
+                    yield key, bytes(memoryview(self._buf)[:vlen])
 
     def put(self, key, value):
         kb = _keybytes(key)
@@ -228,7 +245,7 @@ class Store:
             value = bytes(value)
         n = _REC + len(kb) + len(value)
         op = _OPH + len(kb) + len(value)
-        if len(value) > _MAXLEN or _FRAME + 4 + op > self.max_batch:
+        if len(value) > _MAXLEN or _PART + op > self.max_batch:
             raise StoreFull("record too large")
         self._room(op)
         if self._used + self._pend_put + n > self.max_bytes:
@@ -255,83 +272,67 @@ class Store:
         self._pend = self._pend_put = 0
 
     def used_bytes(self):
+        # Exact after open() and compaction; in between, an overwritten or
+        # deleted record still counts until the next compaction.
         return self._used
 
     def commit(self):
-        # All staged changes in one file write, or none of them: on StoreFull
-        # (or any OSError) the batch is dropped and the stored state is as
+        # All staged changes, durably, or none of them: on StoreFull (or
+        # any other error) the batch is dropped and the stored state is as
         # before. Returns the batch's sequence number (0: nothing staged).
         staged = self._staged
         if not staged:
             return 0
         pend = self._pend
         self.discard()
+        cap = self.inline_max - _PART
+        if _PART + pend <= self.inline_max or _PART + pend > self.split_max or cap < 16:
+            cap = pend
+        m = (pend + cap - 1) // cap
         if (
-            self._next >= self.slots
+            self._next + m > self.slots
             or self._logb >= self.log_max
             or len(self._idx) >= self.index_max
+            or self._seq + 1 - self._base > _AGE_MAX
         ):
             self.compact()
         self._seq += 1
         seq = self._seq
         i = self._next
-        blen = 4 + pend
-        h = self._hb
-        struct.pack_into("<BBHI", h, 0, _MAGIC, _T_BATCH, blen, seq)
-        crc = crc32(memoryview(h)[:8])
-        oh = memoryview(h)[8:]
-        for key, kb, v in staged:
-            crc = self._crc_op(oh, kb, v, crc)
-        p = self._slot(i)
-        f = None
         try:
-            f = open(p, "wb")
-            f.write(memoryview(h)[:8])
-            for key, kb, v in staged:
-                self._pack_op(kb, v)
-                f.write(oh[:_OPH])
-                f.write(kb)
-                if v:
-                    f.write(v)
-            struct.pack_into("<I", h, 0, crc)
-            f.write(memoryview(h)[:4])
-            f.close()
-            f = None
-        except Exception as e:
-            # The slot being written holds nothing live, so it can go.
-            self._abandon(f, p)
-            _full(e)
+            if m == 1:
+                self._write_part(i, seq, 0, 1, staged, pend)
+            else:
+                self._write_split(i, seq, m, cap, staged)
+        except Exception:
+            # Parts already written are an incomplete batch, which open()
+            # would drop; remove them now.
+            for p in range(m):
+                self._remove("l%d" % (i + p))
             raise
-        self._wrote(blen + _FRAME)
         idx = self._idx
-        off = 8
-        loc = i << 16
+        pos = 0
         for key, kb, v in staged:
+            loc = (i + pos // cap) << 16 | (_OPS + pos % cap)
             if v is None:
                 idx[key] = -1
-                off += _OPH + len(kb)
+                pos += _OPH + len(kb)
             else:
-                idx[key] = loc | off
+                idx[key] = loc
                 self._used += _REC + len(kb) + len(v)
-                off += _OPH + len(kb) + len(v)
-        self._live.append((seq, i))
-        self._next = i + 1
-        self._logb += blen + _FRAME
+                pos += _OPH + len(kb) + len(v)
+        self._live.append((seq, i, m))
+        self._logb += pend + m * _PART
+        self._next = i + m
         self.stats["commits"] += 1
         return seq
 
     def compact(self):
-        # Fold the live log slots into the segments of the namespaces they
-        # touch. Crash-safe at every step: a segment is written under a temp
-        # name and renamed over the old one, and the slots are only reused
-        # after every touched segment has been replaced.
+        # Fold the live log batches into the segments of the namespaces
+        # they touch. Crash-safe at every step: a segment is written under a
+        # temp name and renamed over the old one, and the slots are reused
+        # only after every touched segment has been replaced.
         idx = self._idx
-        if not idx and not self._live:
-            dirty = 0
-            for ns in self._segs:
-                dirty |= self._segs[ns][2]
-            if not dirty:
-                return
         touched = {}
         for key in idx:
             touched[_ns(key)] = 1
@@ -346,21 +347,101 @@ class Store:
         for name in [e[0] for e in os.ilistdir(self.path)]:
             if name[:1] == "l" and name[1:].isdigit() and int(name[1:]) >= self.slots:
                 self._remove(name)
+        if self._live:
+            self.stats["compactions"] += 1
         self._idx = {}
         self._live = []
         self._next = 0
         self._logb = 0
+        self._base = seq
         used = 0
         for ns in self._segs:
             used += self._segs[ns][1]
         self._used = used
-        self.stats["compactions"] += 1
 
     # ---- internals ----
 
     def _room(self, op):
-        if self._pend + op > self.max_batch - _FRAME - 4:
+        if self._pend + op > self.max_batch - _PART:
             raise StoreFull("batch full: commit first")
+
+    def _head(self, blen, seq, p, m):
+        struct.pack_into(
+            "<BBHIBBB", self._hb, 0, _MAGIC, _T_BATCH, blen, seq, seq - self._base, p, m
+        )
+
+    def _write_part(self, i, seq, p, m, staged, n):
+        # One part file: the whole batch (staged ops, n bytes, streamed
+        # without a buffer) or, for a split batch, a payload slice.
+        h = self._hb
+        mv = memoryview(h)
+        ob = memoryview(self._rb)[:_OPH]
+        self._head(_OPS - 4 + n, seq, p, m)
+        crc = crc32(mv[:_OPS])
+        if staged is None:
+            crc = crc32(self._pb_mv[:n], crc)
+        else:
+            for key, kb, v in staged:
+                _pack_op(self._rb, kb, v)
+                crc = crc32(kb, crc32(ob, crc))
+                if v:
+                    crc = crc32(v, crc)
+        path = self._slot(i)
+        f = None
+        try:
+            f = open(path, "wb")
+            f.write(mv[:_OPS])
+            if staged is None:
+                f.write(self._pb_mv[:n])
+            else:
+                for key, kb, v in staged:
+                    _pack_op(self._rb, kb, v)
+                    f.write(ob)
+                    f.write(kb)
+                    if v:
+                        f.write(v)
+            struct.pack_into("<I", h, 0, crc)
+            f.write(mv[:4])
+            # close() is the commit point: LittleFS makes the new content
+            # visible atomically, or keeps the old.
+            f.close()
+            f = None
+        except Exception as e:
+            # The slot being written holds nothing live, so it can go.
+            self._abandon(f, path)
+            _full(e)
+            raise
+        self._wrote(n + _PART)
+
+    def _write_split(self, i, seq, m, cap, staged):
+        # The batch's op stream cut into m parts of cap bytes (the last one
+        # shorter), each built in a small buffer and written whole.
+        if self._pb is None or len(self._pb) < cap:
+            self._pb = bytearray(cap)
+            self._pb_mv = memoryview(self._pb)
+        pb = self._pb
+        ob = bytearray(_OPH)
+        fill = 0
+        p = 0
+        for key, kb, v in staged:
+            _pack_op(ob, kb, v)
+            for piece in (ob, kb, v):
+                if not piece:
+                    continue
+                src = memoryview(piece)
+                j = 0
+                n = len(piece)
+                while j < n:
+                    k = min(cap - fill, n - j)
+                    pb[fill : fill + k] = src[j : j + k]
+                    fill += k
+                    j += k
+                    if fill == cap:
+                        self._write_part(i + p, seq, p, m, None, fill)
+                        p += 1
+                        fill = 0
+        if fill:
+            self._write_part(i + p, seq, p, m, None, fill)
 
     def _slot(self, i):
         return "%s/l%d" % (self.path, i)
@@ -393,7 +474,7 @@ class Store:
         st["bytes_written"] += size
         st["files_written"] += 1
         if size <= self.inline_max:
-            st["block_writes"] += _INLINE_COST
+            st["block_writes"] += 0.06
         else:
             st["block_writes"] += (size + 4095) // 4096
 
@@ -402,23 +483,15 @@ class Store:
         rep["dropped"] += 1
         rep["dropped_bytes"] += nbytes
 
-    def _pack_op(self, kb, v):
-        struct.pack_into(
-            "<BHH", self._hb, 8, _OP_DEL if v is None else _OP_PUT, len(kb), len(v) if v else 0
-        )
-
-    def _crc_op(self, oh, kb, v, crc):
-        self._pack_op(kb, v)
-        crc = crc32(oh[:_OPH], crc)
-        crc = crc32(kb, crc)
-        if v:
-            crc = crc32(v, crc)
-        return crc
-
     def _grow(self, n):
-        if len(self._buf) < n:
+        # The read buffer only grows, in powers of two, so that reading
+        # records of many sizes leaves few holes in the heap.
+        k = len(self._buf)
+        if k < n:
+            while k < n:
+                k <<= 1
             self._buf = None
-            self._buf = bytearray((n + 63) & ~63)
+            self._buf = bytearray(k)
         return self._buf
 
     def _crc_file(self, f, n, crc):
@@ -432,87 +505,90 @@ class Store:
             n -= k
         return crc
 
-    # A log slot: seq if it holds one whole batch, -1 otherwise. A bad slot
-    # is dropped and removed; an empty one (a creation cut short) is not
-    # counted.
-    def _slot_seq(self, i):
+    def _part_head(self, i):
+        # (seq, age, part, parts, slot) of a log slot holding a whole,
+        # valid part, else None. A bad slot is dropped and removed; an empty
+        # one (its creation cut short) is removed without counting.
         p = self._slot(i)
         try:
             size = os.stat(p)[6]
         except OSError:
-            return -1
-        if size == 0:
-            return -1
-        seq = -1
-        try:
-            f = open(p, "rb")
+            return None
+        head = None
+        if size:
             try:
-                h = memoryview(self._hb)[:8]
-                if _readn(f, h) == 8:
-                    m, t, blen, s = struct.unpack_from("<BBHI", h)
-                    if m == _MAGIC and t == _T_BATCH and blen + _FRAME == size and blen >= 4:
-                        crc = self._crc_file(f, blen - 4, crc32(h))
-                        if crc is not None and _readn(f, h[:4]) == 4:
-                            if struct.unpack_from("<I", h)[0] == crc:
-                                seq = s
-            finally:
-                f.close()
-        except OSError:
-            seq = -1
-        if seq < 0:
-            self._drop(size)
+                f = open(p, "rb")
+                try:
+                    h = memoryview(self._rb)[:_OPS]
+                    if _readn(f, h) == _OPS:
+                        m, t, blen, seq, age, part, count = struct.unpack_from("<BBHIBBB", h)
+                        if m == _MAGIC and t == _T_BATCH and blen + _FRAME == size and part < count:
+                            crc = self._crc_file(f, size - _OPS - 4, crc32(h))
+                            if crc is not None and _readn(f, h[:4]) == 4:
+                                if struct.unpack_from("<I", h)[0] == crc:
+                                    head = (seq, age, part, count, i)
+                finally:
+                    f.close()
+            except OSError:
+                head = None
+            if head is None:
+                self._drop(size)
+        if head is None:
             self._remove("l%d" % i)
-        return seq
+            self._rep["removed"] += 1
+        return head
 
-    def _ops(self, i, values):
-        # Ops of a checked slot: (op, key, offset, value length); with
-        # `values` the value is in self._buf[:vlen] while the op is current.
-        f = open(self._slot(i), "rb")
+    def _ops(self, i, m, values):
+        # The ops of a whole batch in parts i .. i+m-1: (op, key, location,
+        # value length), the location being slot << 16 | offset of the op's
+        # first byte. With `values` the value is in self._buf[:vlen] while
+        # the op is current.
+        r = _Parts(self, i, m)
         try:
-            size = os.stat(self._slot(i))[6]
-            end = size - 4
-            off = 8
-            f.seek(8)
-            h = memoryview(self._hb)[:_OPH]
-            while off + _OPH <= end:
-                if _readn(f, h) < _OPH:
+            h = memoryview(self._rb)[:_OPH]
+            while True:
+                loc = r.loc()
+                if loc < 0 or r.read(h) < _OPH:
                     return
                 op, kl, vl = struct.unpack_from("<BHH", h)
-                if off + _OPH + kl + vl > end:
-                    return
                 b = self._grow(kl)
-                _readn(f, memoryview(b)[:kl])
+                if r.read(memoryview(b)[:kl]) < kl:
+                    return
                 try:
                     key = str(memoryview(b)[:kl], "utf-8")
                 except UnicodeError:
                     return
                 if values and op == _OP_PUT:
                     b = self._grow(vl)
-                    _readn(f, memoryview(b)[:vl])
-                elif vl:
-                    f.seek(off + _OPH + kl + vl)
-                yield op, key, off, vl
-                off += _OPH + kl + vl
+                    if r.read(memoryview(b)[:vl]) < vl:
+                        return
+                elif not r.skip(vl):
+                    return
+                yield op, key, loc, vl
         finally:
-            f.close()
+            r.close()
 
     def _seg_seq(self, ns):
         # The sequence number a segment covers: from its head frame, or from
         # its end frame when the head is damaged; -1 when neither is whole.
         seq = -1
-        for typ, n, key in self._seg_records(ns, True):
-            if typ == _T_HEAD or typ == _T_END:
-                seq = key
-                if typ == _T_HEAD:
-                    break
+        g = self._seg_records(ns, True)
+        try:
+            for typ, n, key in g:
+                if typ == _T_HEAD or typ == _T_END:
+                    seq = key
+                    if typ == _T_HEAD:
+                        break
+        finally:
+            g.close()
         return seq
 
     def _seg_records(self, ns, quiet=False):
         # Every whole, valid frame of a segment: (type, frame length, key)
         # with the frame in self._buf[:n]; for head and end frames `key` is
         # the sequence number. Damaged stretches are skipped by searching for
-        # the next frame whose CRC holds; each stretch counts as one dropped
-        # record, and the namespace is marked for a rewrite.
+        # the next frame whose CRC holds; unless quiet, each stretch counts
+        # as one dropped record and the namespace is marked for a rewrite.
         p = self._segp(ns)
         try:
             size = os.stat(p)[6]
@@ -539,13 +615,12 @@ class Store:
                 typ = b[1]
                 if typ == _T_REC:
                     kl = b[4] | b[5] << 8
-                    if 6 + kl > n - 4:
-                        key = None
-                    else:
+                    key = None
+                    if 6 + kl <= n - 4:
                         try:
                             key = str(memoryview(b)[6 : 6 + kl], "utf-8")
                         except UnicodeError:
-                            key = None
+                            pass
                     if key is None:
                         if not quiet:
                             self._drop(n)
@@ -560,16 +635,17 @@ class Store:
                 pos += n
             if bad >= 0:
                 pos = bad
-            if pos < size and not quiet:
-                self._drop(size - pos)
-            if not quiet and (pos < size or not ended):
-                self._segs[ns][2] = 1
+            if not quiet:
+                if pos < size:
+                    self._drop(size - pos)
+                if pos < size or not ended:
+                    self._segs[ns][2] = 1
         finally:
             f.close()
 
     def _frame_at(self, f, pos, size):
         # Length of the valid segment frame at pos (now in self._buf), or 0.
-        h = memoryview(self._hb)[:4]
+        h = memoryview(self._rb)[:4]
         f.seek(pos)
         if _readn(f, h) < 4:
             return 0
@@ -598,7 +674,7 @@ class Store:
         return n
 
     def _next_magic(self, f, pos, size):
-        b = memoryview(self._hb)
+        b = memoryview(self._rb)
         while pos < size:
             f.seek(pos)
             k = _readn(f, b)
@@ -617,25 +693,24 @@ class Store:
         idx = self._idx
         tmp = self._segp(ns, "t")
         h = self._hb
+        mv = memoryview(h)
         f = None
         count = 0
         live = 0
-        total = 0
         try:
             f = open(tmp, "wb")
             struct.pack_into("<BBHIB", h, 0, _MAGIC, _T_HEAD, 5, seq, _VERSION)
-            struct.pack_into("<I", h, 9, crc32(memoryview(h)[:9]))
-            f.write(memoryview(h)[:13])
-            total += 13
+            struct.pack_into("<I", h, 9, crc32(mv[:9]))
+            f.write(mv[:13])
             if ns in self._segs:
                 for typ, n, key in self._seg_records(ns, True):
                     if typ == _T_REC and key not in idx:
                         f.write(memoryview(self._buf)[:n])
                         count += 1
                         live += n
-            for s, i in self._live:
-                for op, key, off, vl in self._ops(i, True):
-                    if op != _OP_PUT or idx.get(key) != (i << 16 | off):
+            for s, i, m in self._live:
+                for op, key, loc, vl in self._ops(i, m, True):
+                    if op != _OP_PUT or idx.get(key) != loc:
                         continue
                     kb = key.encode()
                     if kb[0] != ns:
@@ -643,19 +718,17 @@ class Store:
                     n = _REC + len(kb) + vl
                     struct.pack_into("<BBHH", h, 0, _MAGIC, _T_REC, n - _FRAME, len(kb))
                     v = memoryview(self._buf)[:vl]
-                    crc = crc32(v, crc32(kb, crc32(memoryview(h)[:6])))
-                    f.write(memoryview(h)[:6])
+                    crc = crc32(v, crc32(kb, crc32(mv[:6])))
+                    f.write(mv[:6])
                     f.write(kb)
                     f.write(v)
                     struct.pack_into("<I", h, 0, crc)
-                    f.write(memoryview(h)[:4])
+                    f.write(mv[:4])
                     count += 1
                     live += n
-            total += live
             struct.pack_into("<BBHII", h, 0, _MAGIC, _T_END, 8, count, seq)
-            struct.pack_into("<I", h, 12, crc32(memoryview(h)[:12]))
-            f.write(memoryview(h)[:16])
-            total += 16
+            struct.pack_into("<I", h, 12, crc32(mv[:12]))
+            f.write(mv[:16])
             f.close()
             f = None
             os.rename(tmp, self._segp(ns))
@@ -663,8 +736,19 @@ class Store:
             self._abandon(f, tmp)
             _full(e)
             raise
-        self._wrote(total)
+        self._wrote(13 + live + 16)
         return live
+
+
+def _keybytes(key):
+    kb = key.encode()
+    if not kb or len(kb) > 1024:
+        raise ValueError("bad key")
+    return kb
+
+
+def _ns(key):
+    return key.encode()[0]
 
 
 def _full(e):
@@ -672,8 +756,16 @@ def _full(e):
         raise StoreFull("filesystem full")
 
 
-def _ns(key):
-    return key.encode()[0]
+def _readn(f, mv):
+    # readinto until mv is full or the file ends; returns the count read.
+    n = 0
+    want = len(mv)
+    while n < want:
+        r = f.readinto(mv[n:])
+        if not r:
+            break
+        n += r
+    return n
 
 
 def _mkdirs(path):
@@ -686,3 +778,70 @@ def _mkdirs(path):
     if i > 0:
         _mkdirs(path[:i])
     os.mkdir(path)
+
+
+class _Parts:
+    # The payloads of a batch's part files, read as one stream.
+    def __init__(self, st, i, m):
+        self.st = st
+        self.i = i
+        self.end = i + m
+        self.f = None
+        self.off = 0
+        self.left = 0
+
+    def _step(self):
+        # Move on to the next part; False when there is none.
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if self.i >= self.end:
+            return False
+        path = self.st._slot(self.i)
+        self.i += 1
+        self.left = os.stat(path)[6] - _OPS - 4
+        self.off = _OPS
+        self.f = open(path, "rb")
+        self.f.seek(_OPS)
+        return True
+
+    def loc(self):
+        # Location of the next byte, or -1 at the end of the batch.
+        while self.left <= 0:
+            if not self._step():
+                return -1
+        return (self.i - 1) << 16 | self.off
+
+    def read(self, mv):
+        n = 0
+        want = len(mv)
+        while n < want:
+            if self.left <= 0 and not self._step():
+                break
+            k = _readn(self.f, mv[n : n + min(want - n, self.left)])
+            if k == 0:
+                break
+            n += k
+            self.off += k
+            self.left -= k
+        return n
+
+    def skip(self, n):
+        while n > 0:
+            if self.left <= 0 and not self._step():
+                return False
+            k = min(n, self.left)
+            self.off += k
+            self.left -= k
+            n -= k
+            self.f.seek(self.off)
+        return True
+
+    def close(self):
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _pack_op(buf, kb, v):
+    struct.pack_into("<BHH", buf, 0, _OP_DEL if v is None else _OP_PUT, len(kb), len(v) if v else 0)

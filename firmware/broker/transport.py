@@ -66,7 +66,9 @@ def peer_str(addr):
     try:
         import socket
 
-        a = socket.sockaddr(addr)  # (family, address bytes, port, ...)
-        return "%s:%d" % (socket.inet_ntop(a[0], a[1]), a[2])
+        # Both exist only on the unix port, the only port that gets here.
+        a = socket.sockaddr(addr)  # pyright: ignore[reportAttributeAccessIssue]
+        ip = socket.inet_ntop(a[0], a[1])  # pyright: ignore[reportAttributeAccessIssue]
+        return "%s:%d" % (ip, a[2])
     except Exception:
         return "?"

@@ -379,8 +379,11 @@ def decode(first, buf, off, end, version):
             f, off = wire.get_str(buf, off, end)
             o, off = wire.get_u8(buf, off, end)
             if version == 5:
-                if o & 0xC0 or o & 3 == 3 or (o >> 4) & 3 == 3:
-                    raise MQTTError(MALFORMED, "bad subscription options 0x%02X" % o)
+                if o & 0xC0:
+                    raise MQTTError(MALFORMED, "reserved subscription option bits set")
+                if o & 3 == 3 or (o >> 4) & 3 == 3:
+                    # QoS 3 or Retain Handling 3: a Protocol Error (3.8.3.1)
+                    raise MQTTError(PROTOCOL_ERROR, "bad subscription options 0x%02X" % o)
             elif o & 0xFC or o & 3 == 3:
                 raise MQTTError(MALFORMED, "bad requested QoS byte 0x%02X" % o)
             topics.append((f, o))

@@ -117,7 +117,8 @@ def decode(buf, off, end, ptype):
             raise MQTTError(MALFORMED, "unknown property 0x%02X" % pid)
         t = spec[0]
         if not spec[1] & mask:
-            raise MQTTError(PROTOCOL_ERROR, "property 0x%02X not allowed here" % pid)
+            # "not valid for its packet type ... is a Malformed Packet" (2.2.2.2)
+            raise MQTTError(MALFORMED, "property 0x%02X not allowed here" % pid)
         if t == _BYTE:
             v, off = wire.get_u8(buf, off, pend)
         elif t == _U16:

@@ -1,0 +1,211 @@
+# Store behaviours on the host filesystem (MicroPython side).
+#
+#   micropython mp_store_cases.py DIR CASE
+#
+# Each case prints "OK CASE ..." or fails with an exception (exit status 1).
+import os
+import sys
+
+from broker.store import Store, StoreFull
+
+DIR = sys.argv[1]
+CASE = sys.argv[2]
+
+
+def state(st):
+    d = {}
+    for k, v in st.items():
+        assert k not in d, "key twice in items(): " + k
+        assert type(v) is bytes
+        d[k] = v
+    return d
+
+
+def reopen(**kw):
+    st = Store(DIR, kw.pop("max_bytes", 1 << 20), **kw)
+    rep = st.open()
+    return st, rep
+
+
+def exact_used(d):
+    return sum(10 + len(k.encode()) + len(v) for k, v in d.items())
+
+
+def case_round_trip():
+    st, rep = reopen()
+    assert rep["recovered"] == 0 and state(st) == {}
+    st.put("r/a", b"alpha")
+    st.put("s/b", b"")
+    st.put("q/c", b"\x00\xff" * 300)
+    st.put("é/unicode", b"u")
+    assert st.pending() > 0
+    seq = st.commit()
+    assert seq > 0 and st.pending() == 0
+    st.delete("s/b")
+    st.put("r/a", b"alpha2")
+    st.commit()
+    want = {"r/a": b"alpha2", "q/c": b"\x00\xff" * 300, "é/unicode": b"u"}
+    assert state(st) == want
+    st, rep = reopen()
+    assert state(st) == want, state(st)
+    assert rep["recovered"] == 3 and rep["dropped"] == 0, rep
+    assert st.used_bytes() == exact_used(want)
+    # After a compaction and another reopen: the same.
+    st.compact()
+    assert state(st) == want
+    st, rep = reopen()
+    assert state(st) == want
+    assert st.used_bytes() == exact_used(want)
+    print("OK round_trip", rep)
+
+
+def case_overwrite():
+    st, rep = reopen(slots=4)
+    for i in range(50):
+        st.put("r/x", b"v%d" % i)
+        if i % 3 == 0:
+            st.put("r/y", b"y%d" % i)
+        st.commit()
+    st, rep = reopen(slots=4)
+    assert state(st) == {"r/x": b"v49", "r/y": b"y48"}, state(st)
+    assert st.used_bytes() == exact_used(state(st))
+    print("OK overwrite", st.stats)
+
+
+def case_staged_not_durable():
+    st, rep = reopen()
+    st.put("a/1", b"1")
+    st.commit()
+    st.put("a/2", b"2")
+    st.delete("a/1")
+    # No commit: a restart loses the staged changes, nothing else.
+    st, rep = reopen()
+    assert state(st) == {"a/1": b"1"}
+    st.put("a/3", b"3")
+    st.discard()
+    assert st.pending() == 0
+    assert st.commit() == 0
+    st, rep = reopen()
+    assert state(st) == {"a/1": b"1"}
+    print("OK staged_not_durable")
+
+
+def case_value_copied():
+    # A bytearray or memoryview given to put() is copied: the broker may
+    # reuse its receive buffer before the commit.
+    st, rep = reopen()
+    buf = bytearray(b"payload")
+    st.put("q/1", buf)
+    st.put("q/2", memoryview(buf)[:3])
+    buf[0] = ord("X")
+    st.commit()
+    st, rep = reopen()
+    assert state(st) == {"q/1": b"payload", "q/2": b"pay"}, state(st)
+    print("OK value_copied")
+
+
+def case_bad_key():
+    st, rep = reopen()
+    for bad in ("", "k" * 2000):
+        try:
+            st.put(bad, b"x")
+        except ValueError:
+            continue
+        raise AssertionError("accepted a bad key")
+    print("OK bad_key")
+
+
+def case_store_full():
+    # max_bytes counts records as stored (10 bytes + key + value).
+    st, rep = reopen(max_bytes=1000, slots=8)
+    n = 0
+    try:
+        while True:
+            st.put("q/%03d" % n, bytes(90))
+            n += 1
+            st.commit()
+    except StoreFull:
+        pass
+    assert n == 9, n  # 9 * 105 = 945 fits, a tenth would not
+    assert st.pending() == 0
+    committed = state(st)
+    assert len(committed) == 9
+    # Nothing already stored is damaged, and nothing was half written.
+    st, rep = reopen(max_bytes=1000, slots=8)
+    assert state(st) == committed and rep["dropped"] == 0
+    assert st.used_bytes() == 945
+    # Deleting makes room again: put() compacts to reclaim it.
+    st.delete("q/000")
+    st.delete("q/001")
+    st.commit()
+    st.put("q/new", bytes(90))
+    st.put("q/new2", bytes(90))
+    st.commit()
+    st, rep = reopen(max_bytes=1000, slots=8)
+    got = state(st)
+    assert "q/000" not in got and got["q/new2"] == bytes(90) and len(got) == 9
+    # A record larger than max_bytes on its own is refused outright.
+    try:
+        st.put("q/huge", bytes(2000))
+        raise AssertionError("no StoreFull")
+    except StoreFull:
+        pass
+    # A staged batch is bounded too.
+    st2 = Store(DIR + "b", 1 << 20, max_batch=1024)
+    st2.open()
+    st2.put("a/1", bytes(600))
+    try:
+        st2.put("a/2", bytes(600))
+        raise AssertionError("no StoreFull for the batch")
+    except StoreFull:
+        pass
+    st2.commit()
+    print("OK store_full")
+
+
+def case_split_batches():
+    # Batches cut into inline-sized parts, ops straddling parts, and a
+    # batch past split_max written whole: all read back the same.
+    st, rep = reopen(inline_max=64, split_max=2048, slots=64)
+    want = {}
+    for n in (1, 2, 5, 17, 40):
+        for i in range(n):
+            k = "p/%d/%d" % (n, i)
+            v = bytes([n + i]) * (7 * i + n)
+            st.put(k, v)
+            want[k] = v
+        st.commit()
+    st.put("p/big", bytes(3000))
+    want["p/big"] = bytes(3000)
+    st.commit()
+    assert state(st) == want
+    st, rep = reopen(inline_max=64, split_max=2048, slots=64)
+    assert state(st) == want and rep["dropped"] == 0, rep
+    assert st.used_bytes() == exact_used(want)
+    st.compact()
+    st, rep = reopen(inline_max=64, split_max=2048, slots=64)
+    assert state(st) == want
+    print("OK split_batches", st.stats)
+
+
+def case_fewer_slots():
+    # Reopening with fewer slots keeps the data in the slots past the new
+    # count until the next compaction, which then removes those files.
+    st, rep = reopen(slots=16)
+    for i in range(10):
+        st.put("a/%d" % i, b"%d" % i)
+        st.commit()
+    st, rep = reopen(slots=4)
+    want = dict(("a/%d" % i, b"%d" % i) for i in range(10))
+    assert state(st) == want
+    st.put("a/x", b"x")
+    st.commit()
+    want["a/x"] = b"x"
+    assert state(st) == want
+    st, rep = reopen(slots=4)
+    assert state(st) == want
+    assert max(int(n[1:]) for n in os.listdir(DIR) if n[0] == "l") < 4
+    print("OK fewer_slots")
+
+
+globals()["case_" + CASE]()

@@ -1,0 +1,362 @@
+"""Bridges to an upstream broker (broker/bridge.py; Mosquitto's area 06).
+
+Each test starts real Mosquitto instances (/usr/sbin/mosquitto) on ephemeral
+loopback ports and the gateway under the MicroPython unix port with the
+esp32 profile and a 220K heap, then checks with paho clients on both sides.
+Every process a test starts is stopped by its PID when the test ends.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from brokerproc import BrokerProc, free_port
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+HEAP = "220K"
+pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
+
+
+class Mosquitto:
+    """One upstream broker; restart() keeps its port and persistence file."""
+
+    def __init__(self, persistence=False):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="mosq_")
+        self.conf = os.path.join(self.dir, "mosquitto.conf")
+        with open(self.conf, "w") as f:
+            f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % self.port)
+            if persistence:
+                f.write("persistence true\npersistence_location %s/\n" % self.dir)
+        self.proc = None
+        self.logf = None
+
+    def start(self):
+        self.logf = open(os.path.join(self.dir, "log"), "ab")
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", self.conf], stdout=self.logf, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        end = time.time() + 5
+        while time.time() < end:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("mosquitto did not start:\n" + self.log())
+
+    def stop(self, sig=signal.SIGTERM):
+        # SIGTERM: Mosquitto writes its persistence file on the way out.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self.logf:
+            self.logf.close()
+            self.logf = None
+
+    def log(self):
+        with open(os.path.join(self.dir, "log"), errors="replace") as f:
+            return f.read()
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Peer:
+    """A paho client that (re)subscribes on every connect and keeps what
+    it receives as (topic, payload, qos, retain, properties)."""
+
+    def __init__(self, port, cid, subs=(), version=4, clean=True):
+        self.msgs = []
+        self.cv = threading.Condition()
+        self.subs = list(subs)
+        self.acked = threading.Event()
+        proto = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
+        kw = {} if version == 5 else {"clean_session": clean}
+        c = self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto, **kw)
+        c.on_connect = self._on_connect
+        c.on_subscribe = lambda *a: self.acked.set()
+        c.on_message = self._on_message
+        c.reconnect_delay_set(1, 1)
+        props = None
+        if version == 5 and not clean:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        c.connect("127.0.0.1", port, keepalive=30, clean_start=clean if version == 5 else 3,
+                  properties=props)
+        c.loop_start()
+        if self.subs:
+            assert self.acked.wait(5), "no SUBACK"
+        else:
+            end = time.time() + 5
+            while not c.is_connected() and time.time() < end:
+                time.sleep(0.01)
+
+    def _on_connect(self, c, userdata, flags, rc, props=None):
+        if self.subs:
+            c.subscribe(self.subs)
+
+    def _on_message(self, c, userdata, m):
+        with self.cv:
+            self.msgs.append((m.topic, m.payload, m.qos, m.retain, m.properties))
+            self.cv.notify_all()
+
+    def wait(self, pred, timeout=5):
+        """Waits until pred(msgs) is true; returns the messages."""
+        end = time.time() + timeout
+        with self.cv:
+            while not pred(self.msgs):
+                left = end - time.time()
+                if left <= 0:
+                    break
+                self.cv.wait(left)
+            return list(self.msgs)
+
+    def topics(self, prefix=""):
+        with self.cv:
+            return [m[0] for m in self.msgs if m[0].startswith(prefix)]
+
+    def publish(self, topic, payload, qos=0, retain=False, props=None):
+        i = self.c.publish(topic, payload, qos, retain, props)
+        i.wait_for_publish(5)
+        assert i.is_published()
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture
+def procs():
+    """Collects brokers and clients to stop, whatever the test's outcome."""
+    items = []
+    yield items
+    for x in reversed(items):
+        try:
+            if isinstance(x, BrokerProc):
+                x.__exit__(None, None, None)
+            elif isinstance(x, Mosquitto):
+                x.cleanup()
+            else:
+                x.close()
+        except Exception:
+            pass
+
+
+def upstream(procs, persistence=False):
+    m = Mosquitto(persistence).start()
+    procs.append(m)
+    return m
+
+
+def gateway(procs, bridge, **config):
+    bridge = dict({"name": "up", "restart_timeout": [0.2, 1], "keepalive": 10}, **bridge)
+    config["bridges"] = [bridge]
+    g = BrokerProc(board="esp32", heap=HEAP, config=config)
+    procs.append(g)
+    return g.start()
+
+
+def peer(procs, port, cid, subs=(), **kw):
+    p = Peer(port, cid, subs, **kw)
+    procs.append(p)
+    return p
+
+
+def wait_state(g, value, name="up", timeout=8):
+    """Waits for the gateway's $SYS/broker/connection/<name>/state."""
+    w = Peer(g.port, "state-watch", [("$SYS/broker/connection/%s/state" % name, 0)])
+    try:
+        got = w.wait(lambda ms: ms and ms[-1][1] == value, timeout)
+        assert got and got[-1][1] == value, "bridge state never became %r:\n%s" % (value, g.log()[-3000:])
+    finally:
+        w.close()
+
+
+def first_seen(topics):
+    out = []
+    for t in topics:
+        if t not in out:
+            out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_messages_flow_both_ways_with_prefix_mapping_at_qos_0_1_2(procs, version):
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": version,
+                        "topics": ["# out 2 gw/ site1/gw/", "# in 2 cmd/ site1/cmd/"]})
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "up-sub", [("site1/gw/#", 2)], version=version)
+    local = peer(procs, g.port, "local-sub", [("cmd/#", 2)], version=version)
+    props = None
+    if version == 5:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("k", "v")]
+        props.ContentType = "text/plain"
+    for q in (0, 1, 2):
+        local.publish("gw/t%d" % q, b"out%d" % q, q, props=props)
+        up.publish("site1/cmd/c%d" % q, b"in%d" % q, q, props=props)
+    local.publish("elsewhere/x", b"stays here", 1)
+    got_up = up.wait(lambda ms: len(ms) >= 3)
+    got_local = local.wait(lambda ms: len(ms) >= 3)
+    assert [(t, p, q) for t, p, q, r, pr in got_up] == [("site1/gw/t%d" % q, b"out%d" % q, q) for q in (0, 1, 2)]
+    assert [(t, p, q) for t, p, q, r, pr in got_local] == [("cmd/c%d" % q, b"in%d" % q, q) for q in (0, 1, 2)]
+    if version == 5:
+        for msgs in (got_up, got_local):
+            for t, p, q, r, pr in msgs:
+                assert pr.UserProperty == [("k", "v")] and pr.ContentType == "text/plain", t
+    # Retained messages stay retained on the far side.
+    local.publish("gw/r", b"kept up", 1, retain=True)
+    up.publish("site1/cmd/r", b"kept here", 1, retain=True)
+    up.wait(lambda ms: len(ms) >= 4)
+    local.wait(lambda ms: len(ms) >= 4)
+    late_up = peer(procs, m.port, "up-late", [("site1/gw/r", 1)], version=version)
+    late_local = peer(procs, g.port, "local-late", [("cmd/r", 1)], version=version)
+    assert [(t, p, r) for t, p, q, r, pr in late_up.wait(lambda ms: ms)] == [("site1/gw/r", b"kept up", True)]
+    assert [(t, p, r) for t, p, q, r, pr in late_local.wait(lambda ms: ms)] == [("cmd/r", b"kept here", True)]
+    assert "elsewhere/x" not in up.topics() and "site1/gw/elsewhere/x" not in up.topics()
+    assert g.alive(), g.log()[-3000:]
+
+
+def test_upstream_restart_during_qos1_stream_delivers_every_message_in_order(procs):
+    # The upstream is stopped (SIGTERM, so that Mosquitto saves its own
+    # persistence file) in the middle of the stream and started again on
+    # the same port; the gateway keeps what it could not send meanwhile.
+    m = upstream(procs, persistence=True)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# out 1 stream/ up/"]},
+                persistence=True)
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "up-stream", [("up/#", 1)], clean=False)
+    pub = peer(procs, g.port, "pub-stream")
+    n = 60
+    want = ["up/%03d" % i for i in range(n)]
+    for i in range(n):
+        pub.publish("stream/%03d" % i, b"x" * 50, 1)
+        if i == 20:
+            m.stop()
+        elif i == 40:
+            m.start()
+        time.sleep(0.02)
+    got = up.wait(lambda ms: set(want) <= set(t for t, *_ in ms), timeout=15)
+    seen = first_seen([t for t, *_ in got])
+    assert seen == want, "missing or out of order: %s\n%s" % (sorted(set(want) - set(seen)), g.log()[-3000:])
+
+
+def test_bridge_fails_over_to_the_other_address_when_its_upstream_dies(procs):
+    a = upstream(procs)
+    b = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % a.port, "127.0.0.1:%d" % b.port],
+                        "topics": ["fo/# out 1"], "clientid": "gw.fo"})
+    wait_state(g, b"1")
+    subs = {x: peer(procs, x.port, "fo-sub-%d" % x.port, [("fo/#", 1), ("$SYS/broker/connection/gw.fo/state", 1)])
+            for x in (a, b)}
+    # The upstream in use holds the bridge's retained "1".
+    in_use = [x for x in (a, b) if (("$SYS/broker/connection/gw.fo/state", b"1")
+                                   in [(t, p) for t, p, *_ in subs[x].wait(lambda ms: ms, 2)])]
+    assert len(in_use) == 1, "bridge state on both or neither upstream"
+    first = in_use[0]
+    other = b if first is a else a
+    pub = peer(procs, g.port, "fo-pub")
+    pub.publish("fo/1", b"one", 1)
+    assert "fo/1" in [t for t, *_ in subs[first].wait(lambda ms: ("fo/1" in [m[0] for m in ms]))]
+    first.stop(signal.SIGKILL)
+    procs.remove(subs[first])
+    subs[first].c.loop_stop()
+    pub.publish("fo/2", b"two", 1)
+    got = subs[other].wait(lambda ms: "fo/2" in [m[0] for m in ms], timeout=8)
+    assert "fo/2" in [t for t, *_ in got], g.log()[-3000:]
+    assert "fo/1" not in [t for t, *_ in got]
+
+
+@pytest.mark.parametrize("mode", ["v5-no-local", "v4-try-private", "v4-plain"])
+def test_loop_setup_does_not_echo(procs, mode):
+    m = upstream(procs)
+    bridge = {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# both 1"],
+              "protocol_version": 5 if mode.startswith("v5") else 4, "try_private": mode != "v4-plain"}
+    g = gateway(procs, bridge)
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "loop-up", [("#", 1)])
+    local = peer(procs, g.port, "loop-local", [("#", 1)])
+    local.publish("loop/a", b"from below", 1)
+    up.publish("loop/b", b"from above", 1)
+    time.sleep(1.0)  # room for an echo to come round
+    assert up.topics("loop/") == ["loop/a", "loop/b"] or up.topics("loop/") == ["loop/b", "loop/a"]
+    assert sorted(local.topics("loop/")) == ["loop/a", "loop/b"], g.log()[-3000:]
+
+
+def test_gateway_killed_with_messages_waiting_sends_them_after_restart(procs):
+    port = free_port()  # the upstream's, nothing listens there yet
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % port], "topics": ["q/# out 2"], "max_queued": 30},
+                persistence=True, sys_interval=1)
+    pub = peer(procs, g.port, "sf-pub")
+    sys = peer(procs, g.port, "sf-sys", [("$SYS/broker/connection/up/messages/#", 0)])
+    # 40 messages of 200 B: more than RAM holds (the rest wait on flash only)
+    # and 10 more than max_queued (the oldest 10 are dropped).
+    for i in range(40):
+        pub.publish("q/%02d" % i, b"%02d" % i + b"." * 198, 1 + i % 2)
+    pub.publish("q/zero", b"qos 0 while down", 0)
+
+    def counters(ms):
+        d = {t.rsplit("messages/", 1)[1]: int(p) for t, p, *_ in ms}
+        return d.get("queued") == 30 and d.get("dropped") == 11
+
+    assert counters(sys.wait(counters, 4)), "counters: %s" % sys.wait(lambda ms: False, 0)
+    g.kill9()
+    procs.remove(sys)
+    procs.remove(pub)
+    m = Mosquitto()
+    m.port = port
+    with open(m.conf, "w") as f:
+        f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % port)
+    procs.append(m.start())
+    up = peer(procs, port, "sf-up", [("q/#", 2)])
+    g.start()
+    want = ["q/%02d" % i for i in range(10, 40)]
+    got = up.wait(lambda ms: len(ms) >= 30, timeout=10)
+    assert first_seen([t for t, *_ in got]) == want, g.log()[-3000:]
+    assert [p[:2] for t, p, *_ in got[:30]] == [b"%02d" % i for i in range(10, 40)]
+    assert [q for t, p, q, *_ in got[:30]] == [1 + i % 2 for i in range(10, 40)]
+
+
+def test_connection_state_is_retained_locally_and_upstream_with_a_will(procs):
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["s/# out 0"], "clientid": "gw7.up"})
+    wait_state(g, b"1")
+    topic = "$SYS/broker/connection/gw7.up/state"
+    w = peer(procs, m.port, "state-up", [(topic, 1)])
+    assert [(t, p, r) for t, p, q, r, pr in w.wait(lambda ms: ms)] == [(topic, b"1", True)]
+    g.kill9()
+    got = w.wait(lambda ms: len(ms) >= 2, timeout=5)  # the socket closes with the process
+    assert got[-1][:2] == (topic, b"0")
+
+
+@pytest.mark.parametrize("bridge,key", [
+    ({"name": "up", "topics": ["#"]}, "bridges[0].addresses"),
+    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["a/# sideways 1"]}, "bridges[0].topics[0]"),
+    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["a/# out 1", "b/# in 3"]}, "bridges[0].topics[1]"),
+    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
+], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued"])
+def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
+    g = BrokerProc(board="esp32", heap=HEAP, config={"bridges": [bridge]})
+    try:
+        with pytest.raises(RuntimeError) as e:
+            g.start()
+        assert "config error" in str(e.value) and key in str(e.value), str(e.value)
+    finally:
+        g.__exit__(None, None, None)
