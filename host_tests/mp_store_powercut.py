@@ -26,7 +26,9 @@ MODE = sys.argv[2] if len(sys.argv) > 2 else "clean"
 TORN = MODE == "torn"
 STEP = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 DIR = "/flash/data"
-OPTS = {"slots": 4, "log_max": 4096}
+# The store as the broker would set it up on each board, with few slots so
+# that the workload compacts several times.
+OPTS = {"slots": 6, "log_max": 4096, "inline_max": 120 if BOARD == "esp32" else 500}
 
 
 def val(tag, n):
@@ -35,8 +37,9 @@ def val(tag, n):
 
 
 # Commits chosen to cross every kind of write: the first use of each slot
-# (a create), slot overwrites, an inline and a multi-block value, deletes,
-# a namespace emptied out, and three compactions (slots=4).
+# (a create), slot overwrites, batches cut into inline parts, an inline and
+# a multi-block value, deletes, a namespace emptied out and filled again,
+# and several compactions.
 BATCHES = [
     [("put", "a/1", val("one", 20))],
     [("put", "q/1", val("q1", 64)), ("put", "q/2", val("q2", 64)), ("put", "r/big", val("big", 600))],
@@ -48,6 +51,11 @@ BATCHES = [
     [("put", "c/1", val("c1", 100)), ("put", "r/big", val("BIG", 700))],
     [("put", "a/2", val("two", 64))],
     [("put", "q/5", val("q5", 64)), ("del", "a/1", None)],
+    [("put", "q/%d" % i, val("m%d" % i, 40)) for i in range(6, 14)],
+    [("put", "b/huge", val("again", 4500)), ("del", "q/5", None)],
+    [("del", "q/%d" % i, None) for i in range(6, 14)],
+    [("put", "a/3", val("three", 300))],
+    [("put", "c/1", val("c1b", 90)), ("put", "c/2", val("c2", 90)), ("del", "r/big", None)],
 ]
 
 

@@ -121,7 +121,7 @@ LIMITS = {
     "queue_qos0_messages": True,
     "sys_interval": 1,
     "max_retained_messages": 3,
-    "max_topic_levels": 4,
+    "max_topic_levels": 5,  # $SYS/broker/publish/messages/dropped has 5
 }
 
 
@@ -229,10 +229,10 @@ def test_max_retained_messages_limits_stored_topics_but_allows_replacing(alive):
 
 def test_max_topic_levels_applies_to_topics_and_filters(alive):
     c = Client(alive.port, "mtl", version=5)
-    assert c.subscribe([("l/1/2/3", 0), ("l/1/2/3/4", 0), ("l/+/+/#", 0)]) == [0, 0x8F, 0]
-    c.publish("l/1/2/3", b"4 levels", qos=1)
-    assert c.get().payload == b"4 levels"
-    c.send(Publish("l/1/2/3/4", b"5 levels", 1, False, False, 9))
+    assert c.subscribe([("l/1/2/3/4", 0), ("l/1/2/3/4/5", 0), ("l/+/+/#", 0)]) == [0, 0x8F, 0]
+    c.publish("l/1/2/3/4", b"5 levels", qos=1)
+    assert c.get().payload == b"5 levels"
+    c.send(Publish("l/1/2/3/4/5", b"6 levels", 1, False, False, 9))
     d = c.recv(timeout=5)
     # Refusing it is allowed either way (5.0 3.4.2.1 / 4.13): PUBACK 0x90 or DISCONNECT 0x90.
     assert (d.type, d.reason) in ((PUBACK, 0x90), (DISCONNECT, 0x90)), d

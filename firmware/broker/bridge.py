@@ -34,7 +34,6 @@ from mqtt.packets import (frame, check_flags, decode, decode_ack, decode_publish
 from mqtt.topic import matches
 from broker import log
 from broker.message import Message
-from broker.store import StoreFull
 from broker.transport import TcpTransport
 
 _PUBLISH = const(3)
@@ -130,7 +129,7 @@ class _Link:
         self.maxp = b.cfg["max_packet_size"]
         self.wake = asyncio.Event()
         self.dead = asyncio.Event()
-        self.last_rx = self.last_tx = time.ticks_ms()
+        self.last_rx = self.last_tx = self.pinged = time.ticks_ms()
         self.send_max = b.cfg["max_inflight_messages"]
 
     def send(self, data):
@@ -237,14 +236,14 @@ class Bridge:
                 self.ins.append((rp + pat, q, lp, rp))
         self.min_heap = b.cfg["min_free_heap"]
         # Outbound queue. q: RAM head, entries [seq or None (QoS 0), msg,
-        # qos, remote topic bytes]. Stored messages with seq in
+        # qos, remote topic bytes, on flash]. Stored messages with seq in
         # [spill_lo, seq) are on flash only, newer than everything in q.
         self.q = []
         self.ram_bytes = 0
         self.seq = 0
         self.spill_lo = 0
         self.nstored = 0  # QoS 1/2 messages not yet acknowledged upstream
-        self.inflight = {}  # pid -> [seq or None, msg, qos, remote topic bytes, state]
+        self.inflight = {}  # pid -> queue entry + [state]; seq None: our state notice
         self.qos2_in = {}  # pid -> True: QoS 2 routed, PUBREL pending
         self.pid = random.getrandbits(16) or 1  # see docs/bridge.md, restarts
         self.echoes = []  # (remote topic, crc32 of payload) just sent
@@ -259,7 +258,12 @@ class Bridge:
 
     # ------------------------------------------------------------ store
 
+    # The store module is loaded whenever persistence is on, and these run
+    # only then: importing StoreFull here spares a bridge without
+    # persistence the module.
     def _put(self, key, val):
+        from broker.store import StoreFull
+
         st = self.p.store
         for _ in range(2):
             try:
@@ -274,6 +278,8 @@ class Bridge:
         return False
 
     def _del(self, key):
+        from broker.store import StoreFull
+
         st = self.p.store
         try:
             st.delete(key)
@@ -346,7 +352,7 @@ class Bridge:
                 self.nstored -= 1
                 continue
             m = _unpack(v)
-            self.q.append([s, m, v[0], m.topic_b])
+            self.q.append([s, m, v[0], m.topic_b, True])
             self.ram_bytes += len(m.payload) + len(m.topic_b)
         log.info("bridge %s: %d messages waiting for the upstream (%d in RAM)", self.name, self.nstored,
                  len(self.q))
@@ -376,7 +382,7 @@ class Bridge:
                 size = len(m.payload) + len(m.topic_b)
                 if q and self.ram_bytes + size > _RAM_BYTES:
                     break
-                q.append([s, m, v[0], m.topic_b])
+                q.append([s, m, v[0], m.topic_b, True])
                 self.ram_bytes += size
             else:
                 self.nstored -= 1  # lost from the store (counted there)
@@ -385,7 +391,8 @@ class Bridge:
     # ------------------------------------------------------------ out
 
     def tap(self, msg, origin):
-        # Called by Broker.route() for each out pattern the topic matches.
+        # Called by Broker.route() for each out pattern the topic matches,
+        # inside the publisher's handler: it must not raise.
         if origin is self or msg is self._last:
             return
         self._last = msg  # one message matching several patterns goes once
@@ -397,7 +404,11 @@ class Bridge:
                 best, lp, rp = q, l, r
         if best < 0:
             return
-        self.forward(msg, msg.qos if msg.qos < best else best, (rp + t[len(lp):]).encode())
+        try:
+            self.forward(msg, msg.qos if msg.qos < best else best, (rp + t[len(lp):]).encode())
+        except Exception as e:  # MemoryError included
+            self.dropped += 1
+            log.warning("bridge %s: could not queue %s: %r", self.name, t, e)
 
     def forward(self, msg, qos, rtb):
         L = self.link
@@ -406,7 +417,7 @@ class Bridge:
             if L is None or len(self.q) >= 2 * _RAM_MSGS:
                 self.dropped += 1
                 return
-            self.q.append([None, msg, 0, rtb])
+            self.q.append([None, msg, 0, rtb, False])
             L.wake.set()
             return
         if self.nstored >= self.c["max_queued"]:
@@ -416,18 +427,24 @@ class Bridge:
                 return
         seq = self.seq
         p = self.p
-        if p is not None and not self._put(self.kp + str(seq), _pack(rtb, msg, qos)):
+        # A message that can go out at once (link up, nothing waiting before
+        # it, room in the in-flight window) stays in RAM: flash is written
+        # for it only if the link drops before its acknowledgement.
+        direct = (L is not None and not L.closing and not self.q and self.spill_lo == seq
+                  and len(self.inflight) < L.send_max)
+        flash = p is not None and not direct
+        if flash and not self._put(self.kp + str(seq), _pack(rtb, msg, qos)):
             self.dropped += 1
             return
         self.seq = seq + 1
         self.nstored += 1
         size = len(msg.payload) + len(rtb)
-        if p is not None:
+        if flash:
             if self.spill_lo < seq or not self._ram_ok(size):
                 return  # on flash only, for now
-        elif not self._ram_ok(size):
+        elif not direct and not self._ram_ok(size):
             self._drop_oldest()  # RAM is all there is
-        self.q.append([seq, msg, qos, rtb])
+        self.q.append([seq, msg, qos, rtb, flash])
         self.ram_bytes += size
         self.spill_lo = self.seq
         if L is not None:
@@ -447,18 +464,18 @@ class Bridge:
             if e[0] is not None:
                 q.pop(i)
                 self.ram_bytes -= len(e[1].payload) + len(e[3])
-                self._done(e[0])
+                self._done(e[0], e[4])
                 self.dropped += 1
                 return
         if self.spill_lo < self.seq:
-            self._done(self.spill_lo)
+            self._done(self.spill_lo, True)
             self.spill_lo += 1
             self.dropped += 1
 
-    def _done(self, seq):
-        # A stored message is acknowledged, dropped or expired.
+    def _done(self, seq, flash):
+        # A QoS 1/2 message is acknowledged, dropped or expired.
         self.nstored -= 1
-        if self.p is not None:
+        if flash:
             self._del(self.kp + str(seq))
 
     def _next_pid(self):
@@ -491,12 +508,12 @@ class Bridge:
             if not q:
                 return
             e = q[0]
-            seq, msg, qos, rtb = e
+            seq, msg, qos, rtb, flash = e
             if msg.expires is not None and msg.expired(now):
                 q.pop(0)
                 if seq is not None:
                     self.ram_bytes -= len(msg.payload) + len(rtb)
-                    self._done(seq)
+                    self._done(seq, flash)
                 self.b.stats_expired += 1
                 continue
             if qos and len(self.inflight) >= L.send_max:
@@ -520,12 +537,14 @@ class Bridge:
                 self.ram_bytes -= len(msg.payload) + len(rtb)
             if not pid:
                 if seq is not None:
-                    self._done(seq)  # sent at QoS 0 (upstream's Maximum QoS), or too big
+                    self._done(seq, flash)  # sent at QoS 0 (upstream's Maximum QoS), or too big
                 if len(pkt) > L.max_out:
                     self.dropped += 1
                     continue
             else:
-                self.inflight[pid] = [seq, msg, sq, rtb, _SENT]
+                e[2] = sq
+                e.append(_SENT)  # the queue entry becomes the in-flight entry
+                self.inflight[pid] = e
             self.sent += 1
             if L.echo:
                 ec = self.echoes
@@ -568,7 +587,7 @@ class Bridge:
                 L.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
                 return
             if reason < 0x80:
-                e[4] = _RELEASED
+                e[5] = _RELEASED
                 L.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
                 return
         elif e is None or (e[2] == 1) != (t == _PUBACK):
@@ -578,7 +597,7 @@ class Bridge:
             self.dropped += 1
             log.warning("bridge %s: upstream refused %s (0x%02X)", self.name, e[1].topic, reason)
         if e[0] is not None:
-            self._done(e[0])
+            self._done(e[0], e[4])
         L.wake.set()
 
     def _local_topic(self, topic):
@@ -762,7 +781,7 @@ class Bridge:
         pid = self._next_pid()
         m = Message(self.up_state, b"1", 1, True)
         L.send(self._publish(L, m, 1, m.topic_b, pid, False, 0))
-        self.inflight[pid] = [None, m, 1, m.topic_b, _SENT]
+        self.inflight[pid] = [None, m, 1, m.topic_b, False, _SENT]
         self._state(b"1")
         L.reader = asyncio.create_task(self._reader(L))
         L.writer = asyncio.create_task(self._writer(L))
@@ -780,9 +799,10 @@ class Bridge:
                 log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting", self.name,
                             host, port)
                 break
-            if rx >= ka or time.ticks_diff(now, L.last_tx) >= ka:
+            if ((rx >= ka or time.ticks_diff(now, L.last_tx) >= ka)
+                    and time.ticks_diff(now, L.pinged) >= ka):
                 L.send(b"\xc0\x00")  # PINGREQ
-                L.last_tx = now
+                L.last_tx = L.pinged = now
         self._teardown(L)
         log.info("bridge %s: link to %s:%d closed", self.name, host, port)
 
@@ -795,14 +815,14 @@ class Bridge:
         now = time.time()
         for pid in sorted(inf, key=lambda k: -1 if inf[k][0] is None else inf[k][0]):
             e = inf[pid]
-            if e[4] == _RELEASED:
+            if e[5] == _RELEASED:
                 if L.present:
                     L.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
                 else:
                     # The upstream got it and then lost its session.
                     del inf[pid]
                     if e[0] is not None:
-                        self._done(e[0])
+                        self._done(e[0], e[4])
             else:
                 L.send(self._publish(L, e[1], e[2], e[3], pid, True, now))
 
@@ -820,8 +840,15 @@ class Bridge:
             else:
                 self.dropped += 1
         del q[k:]
-        for pid in [p for p in self.inflight if self.inflight[p][0] is None]:
-            del self.inflight[pid]
+        inf = self.inflight
+        for pid in [p for p in inf if inf[p][0] is None]:
+            del inf[pid]
+        # What went out straight from RAM now waits for the next link: on
+        # flash, so that a restart meanwhile does not lose it.
+        if self.p is not None:
+            for e in list(inf.values()) + q:
+                if not e[4] and self._put(self.kp + str(e[0]), _pack(e[3], e[1], e[2])):
+                    e[4] = True
         self.echoes = []
         self._state(b"0")
 

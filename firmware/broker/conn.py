@@ -196,6 +196,7 @@ class Connection:
                         if total > len(cur):
                             await self._read_big(cur, pos, have, h, total)
                             pos = have
+                            paused = b.pressure
                         break
                     first = cur[pos]
                     self.dispatch(first, cur, pos + h, pos + total)
@@ -236,7 +237,10 @@ class Connection:
         except MemoryError:
             gc.collect()
             log.warning("out of memory serving %s; closing it", self.t.peer)
-            self.disconnect_reason = 0x97
+            try:
+                self.protocol_error(0x97, "out of memory")
+            except MemoryError:
+                self.disconnect_reason = 0x97
         except OSError as e:
             log.debug("read from %s failed: %r", self.t.peer, e)
         except Exception as e:
@@ -251,9 +255,11 @@ class Connection:
         # buffer of its own. Its size was already checked against
         # max_packet_size; here we also check the heap can spare it.
         b = self.broker
-        gc.collect()
-        if gc.mem_free() - total < b.cfg["min_free_heap"] // 2:
-            raise MQTTError(0x97, "no heap for a %d byte packet" % total)
+        floor = b.cfg["min_free_heap"] // 2
+        if gc.mem_free() - total < floor:
+            gc.collect()
+            if gc.mem_free() - total < floor:
+                raise MQTTError(0x97, "no heap for a %d byte packet" % total)
         big = bytearray(total)
         bmv = memoryview(big)
         got = have - pos

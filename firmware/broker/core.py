@@ -159,8 +159,10 @@ class Broker:
                 return
             if self.acl is not None and not self.acl.can_read(s.client_id, s.username, msg.topic):
                 return
-            if not s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"]):
-                self.stats_dropped += 1
+            d = s.dropped
+            ok = s.enqueue(msg, qos, bool(retain), subids, self.cfg["max_queued_messages"])
+            self.stats_dropped += s.dropped - d  # refused, or an old QoS 0 evicted
+            if not ok:
                 if qos:
                     self.queue_refusals += 1
             elif qos and self.persist is not None:
@@ -170,8 +172,10 @@ class Broker:
             return
         q = s.queue
         lim = self.cfg["max_queued_messages"]
-        if not s.enqueue(msg, qos, bool(retain), subids, lim):
-            self.stats_dropped += 1
+        d = s.dropped
+        ok = s.enqueue(msg, qos, bool(retain), subids, lim)
+        self.stats_dropped += s.dropped - d
+        if not ok:
             if qos:
                 self.queue_refusals += 1
             return

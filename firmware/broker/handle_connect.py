@@ -22,6 +22,9 @@ def _refuse(c, reason, why):
     if c.version == 5:
         pr = {P.REASON_STRING: why} if why else None
         pkt = encode(Connack(False, reason, pr), 5)
+        if len(pkt) > c.max_out:
+            # No reason string past the client's limit (MQTT-3.2.2-19).
+            pkt = encode(Connack(False, reason), 5)
     else:
         pkt = encode(Connack(False, v3_connack_code(reason)), 4)
     if c.linger_ms:
@@ -57,6 +60,8 @@ def on_connect(c, mv, off, end):
     v = 5 if pkt.version == 5 else 4
     c.version = v
     pr = pkt.props or {}
+    if P.MAXIMUM_PACKET_SIZE in pr:
+        c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
     if P.AUTH_METHOD in pr:
         _refuse(c, 0x8C, "enhanced authentication is not supported")
 
@@ -158,8 +163,6 @@ def on_connect(c, mv, off, end):
     # Limits the client asked for (v5).
     if P.RECEIVE_MAXIMUM in pr:
         c.send_max = min(pr[P.RECEIVE_MAXIMUM], cfg["max_inflight_messages"])
-    if P.MAXIMUM_PACKET_SIZE in pr:
-        c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
     if P.TOPIC_ALIAS_MAXIMUM in pr:
         c.alias_out_max = min(pr[P.TOPIC_ALIAS_MAXIMUM], cfg["max_topic_alias"])
     if pr.get(P.REQUEST_PROBLEM_INFO) == 0:

@@ -103,7 +103,10 @@ def _reply(c, pkt):
 def _sub_reason(c, cfg, flt, opts, group):
     if group is None and flt is None:
         return 0x8F  # malformed $share
-    if not valid_filter(flt) or len(flt) > cfg["max_topic_length"] or flt.count("/") >= cfg["max_topic_levels"]:
+    if not valid_filter(flt) or len(flt) > cfg["max_topic_length"]:
+        return 0x8F
+    if flt.count("/") >= cfg["max_topic_levels"] and not flt.startswith("$SYS/"):
+        # $SYS names are ours: a low level limit must not hide them.
         return 0x8F
     if group is not None and opts & 0x04:
         # No Local on a shared subscription is a Protocol Error (3.8.3.1).

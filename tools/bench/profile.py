@@ -32,9 +32,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE)]
 import loadgen  # noqa: E402
-from brokers import Ours, wait_port, cpu_seconds  # noqa: E402
+from brokers import Ours, wait_port, cpu_seconds, ensure_built  # noqa: E402
 from bench import BENCH_CONFIG  # noqa: E402
-from brokerproc import build_host, free_port, MICROPYTHON  # noqa: E402
+from brokerproc import free_port, MICROPYTHON  # noqa: E402
 
 # Direct children of each wrapped function (for self time).
 TREE = {
@@ -55,7 +55,7 @@ def delivered(r):
 
 
 def sections(scn, seconds, board="esp32", heap="220K"):
-    build_host()
+    ensure_built()
     tmp = tempfile.TemporaryDirectory(prefix="bench_prof_")
     cfg = {"bind_address": "127.0.0.1", "allow_anonymous": True, "persistence": False,
            "log_level": "warning"}

@@ -1,0 +1,40 @@
+# Benchmarks and simulation (tools/bench, tools/sim; docs/benchmarks.md, docs/sim.md).
+#   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=2]    ours vs mosquitto vs amqtt, profile, memory
+#   make memreport                                   memory and .mpy size report only
+#   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
+# amqtt and matplotlib live in their own venv (build/bench-venv, pinned in
+# tools/bench/requirements-amqtt.txt), created here, never in .venv.
+
+BENCH_VENV := build/bench-venv
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.requirements.stamp
+BENCH_SECONDS ?= 3
+BENCH_REPEAT ?= 2
+SECONDS ?= 20
+SIM_OUT ?= build/sim
+SIM_ARGS ?= --retain --awake 3 --asleep 1 --fault kill9@$$(( $(SECONDS) * 2 / 5 )) --fault stall@$$(( $(SECONDS) * 7 / 10 )):sub0:3
+SIM_BOARD = $(if $(filter command line environment,$(origin BOARD)),$(BOARD),pico_w)
+
+.PHONY: bench memreport sim bench-venv
+
+bench-venv: $(BENCH_STAMP)
+
+$(BENCH_STAMP): tools/bench/requirements-amqtt.txt
+	@test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	@echo "bench-venv: pip install -r tools/bench/requirements-amqtt.txt into $(BENCH_VENV)"
+	@set -o pipefail; $(BENCH_PY) -m pip install -q --disable-pip-version-check -r tools/bench/requirements-amqtt.txt 2>&1 \
+	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+	@touch $@
+
+bench: venv sysdeps bench-venv ## ours vs mosquitto vs amqtt + profile + memory report -> docs/benchmarks.md (~5 min)
+	@$(BENCH_PY) tools/bench/bench.py --seconds $(BENCH_SECONDS) --repeat $(BENCH_REPEAT) --amqtt $(BENCH_VENV)/bin/amqtt
+	@$(BENCH_PY) tools/bench/profile.py --seconds $(BENCH_SECONDS)
+	@$(BENCH_PY) tools/bench/memreport.py
+	@$(BENCH_PY) tools/bench/report.py
+
+memreport: venv ## heap per client/subscription/retained/queued message and .mpy sizes, per board profile
+	@$(PY) tools/bench/memreport.py
+	@$(PY) tools/bench/report.py
+
+sim: venv bench-venv ## sensor network simulation: make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS=...]
+	@$(BENCH_PY) tools/sim/sim.py --board $(SIM_BOARD) --seconds $(SECONDS) --out $(SIM_OUT) $(SIM_ARGS)
