@@ -121,9 +121,18 @@ def get_str(buf, off, end):
     e = off + n
     if e > end:
         raise MQTTError(MALFORMED, "string runs past the packet")
-    if not utf8_valid(buf, off, e):
+    try:
+        s = str(buf[off:e], "utf-8")
+    except UnicodeError:
         raise MQTTError(MALFORMED, "invalid UTF-8 string")
-    return str(buf[off:e], "utf-8"), e
+    # As many characters as bytes means plain ASCII: then only U+0000 can
+    # be wrong, and the byte-by-byte check (slow in MicroPython) is skipped.
+    if len(s) == n:
+        if "\x00" in s:
+            raise MQTTError(MALFORMED, "U+0000 in a string")
+    elif not utf8_valid(buf, off, e):
+        raise MQTTError(MALFORMED, "invalid UTF-8 string")
+    return s, e
 
 
 def get_bin(buf, off, end):
