@@ -1,6 +1,9 @@
 # Flash wear of the store, measured on LittleFS over the RAM flash.
 #
 #   micropython -X heapsize=16M mp_store_bench.py [MESSAGES] [BOARD ...]
+#   micropython -X heapsize=16M mp_store_bench.py wear MESSAGES BOARD
+#   micropython -X heapsize=16M mp_store_bench.py baseline MESSAGES BOARD
+#   micropython -X heapsize=16M mp_store_bench.py files BOARD
 #
 # For each board (esp32: 512 blocks, progsize 32; pico_w: 212 blocks,
 # progsize 256, as the ports format them), each workload and commit batches
@@ -15,14 +18,31 @@
 # The store sits in /flash/data next to a cold namespace of 40 retained
 # messages of 1 KiB written once at the start, which compaction must not
 # keep rewriting.
+# "wear" runs the queue workload in batches of 1 for MESSAGES messages and
+# prints how the erases spread over the blocks (dynamic wear levelling):
+#   WEAR board msgs erases/msg blocks max_erases mean_erases never_erased
+# "baseline" runs the queue workload (batches of 1 and 10) through three
+# simple designs, for comparison, and prints
+#   BASE board design batch msgs erases/msg
+#   rewrite: the whole live state, with the 40 KiB of cold retained
+#            messages, to a temp file renamed over the old (Mosquitto's
+#            autosave);
+#   append:  each batch appended to one log file;
+#   newfile: each batch in a new file (removed once 32 newer exist).
+# "files" measures what one durable small write costs on LittleFS, by file
+# size and way of writing, and prints
+#   FILE board size way erases/write
+#   new:       a new file each time, written under its final name;
+#   rename:    a new file written under a temp name, then renamed;
+#   overwrite: one of 16 existing files rewritten in turn;
+#   with 16 files kept alive in the directory, as the store's slots are.
 import gc
+import os
 import sys
 
 import flashsim
 from broker.store import Store
 
-MSGS = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
-BOARDS = sys.argv[2:] or ["esp32", "pico_w"]
 INLINE = {"esp32": 128, "pico_w": 512}
 VALUE = bytes(range(64))
 
@@ -82,9 +102,108 @@ def run(board, workload, batch, msgs):
         )
     )
     flashsim.unmount()
+    return wear
 
 
-for board in BOARDS:
-    for workload in ("queue", "retained"):
-        for batch in (1, 10, 100):
-            run(board, workload, batch, MSGS)
+def baseline(board, design, batch, msgs):
+    gc.collect()
+    dev = flashsim.new(board)
+    flashsim.mount(dev, board, fmt=True)
+    os.mkdir("/flash/data")
+    cold = dict((key("c", i), bytes(1024)) for i in range(40))
+    live = {}
+    files = []
+    dev.reset_counters()
+    n = 0
+    pending = []
+    while n < msgs:
+        ops = []
+        for j in range(batch):
+            k = key("q", n)
+            live[k] = VALUE
+            ops.append(k)
+            pending.append(k)
+            if len(pending) > 32:
+                live.pop(pending.pop(0))
+            n += 1
+        if design == "rewrite":
+            with open("/flash/data/tmp", "wb") as f:
+                for k, v in cold.items():
+                    f.write(k)
+                    f.write(v)
+                for k, v in live.items():
+                    f.write(k)
+                    f.write(v)
+            os.rename("/flash/data/tmp", "/flash/data/state")
+        elif design == "append":
+            with open("/flash/data/log", "ab") as f:
+                for k in ops:
+                    f.write(k)
+                    f.write(VALUE)
+        else:
+            p = "/flash/data/b%d" % n
+            with open(p, "wb") as f:
+                for k in ops:
+                    f.write(k)
+                    f.write(VALUE)
+            files.append(p)
+            if len(files) > 32:
+                os.remove(files.pop(0))
+    print("BASE %s %s %d %d %.4f" % (board, design, batch, n, dev.erases / n))
+    flashsim.unmount()
+
+
+def file_costs(board):
+    data = bytes(range(256)) * 8
+    for size in (60, 100, 128, 300, 500, 600):
+        for way in ("new", "rename", "overwrite"):
+            gc.collect()
+            dev = flashsim.new(board)
+            flashsim.mount(dev, board, fmt=True)
+            os.mkdir("/flash/d")
+            names = []
+            for i in range(16):
+                names.append("/flash/d/f%d" % i)
+                with open(names[-1], "wb") as f:
+                    f.write(data[:size])
+            dev.reset_counters()
+            n = 400
+            for i in range(n):
+                if way == "overwrite":
+                    with open(names[i % 16], "wb") as f:
+                        f.write(data[:size])
+                    continue
+                p = "/flash/d/n%d" % i
+                with open("/flash/d/tmp" if way == "rename" else p, "wb") as f:
+                    f.write(data[:size])
+                if way == "rename":
+                    os.rename("/flash/d/tmp", p)
+                names.append(p)
+                os.remove(names.pop(0))
+            print("FILE %s %d %s %.3f" % (board, size, way, dev.erases / n))
+            flashsim.unmount()
+
+
+def wear_run(msgs, board):
+    wear = run(board, "queue", 1, msgs)
+    total = sum(wear)
+    print(
+        "WEAR %s %d %.4f %d %d %.1f %d"
+        % (board, msgs, total / msgs, len(wear), max(wear), total / len(wear), wear.count(0))
+    )
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "wear":
+    wear_run(int(sys.argv[2]), sys.argv[3])
+elif len(sys.argv) > 1 and sys.argv[1] == "files":
+    file_costs(sys.argv[2])
+elif len(sys.argv) > 1 and sys.argv[1] == "baseline":
+    for design in ("rewrite", "append", "newfile"):
+        for batch in (1, 10):
+            baseline(sys.argv[3], design, batch, int(sys.argv[2]))
+else:
+    msgs = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
+    for board in sys.argv[2:] or ["esp32", "pico_w"]:
+        for workload in ("queue", "retained"):
+            for batch in (1, 10, 100):
+                run(board, workload, batch, msgs)

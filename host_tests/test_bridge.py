@@ -30,8 +30,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto
 class Mosquitto:
     """One upstream broker; restart() keeps its port and persistence file."""
 
-    def __init__(self, persistence=False):
-        self.port = free_port()
+    def __init__(self, persistence=False, port=None):
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mosq_")
         # Started as root, Mosquitto drops to user "mosquitto", which must be
         # able to write its persistence file here.
@@ -163,8 +163,8 @@ def procs():
             pass
 
 
-def upstream(procs, persistence=False):
-    m = Mosquitto(persistence).start()
+def upstream(procs, persistence=False, port=None):
+    m = Mosquitto(persistence, port).start()
     procs.append(m)
     return m
 
@@ -220,8 +220,8 @@ def test_messages_flow_both_ways_with_prefix_mapping_at_qos_0_1_2(procs, version
     local.publish("elsewhere/x", b"stays here", 1)
     got_up = up.wait(lambda ms: len(ms) >= 3)
     got_local = local.wait(lambda ms: len(ms) >= 3)
-    assert [(t, p, q) for t, p, q, r, pr in got_up] == [("site1/gw/t%d" % q, b"out%d" % q, q) for q in (0, 1, 2)]
-    assert [(t, p, q) for t, p, q, r, pr in got_local] == [("cmd/c%d" % q, b"in%d" % q, q) for q in (0, 1, 2)]
+    assert [m[:3] for m in got_up] == [("site1/gw/t%d" % q, b"out%d" % q, q) for q in (0, 1, 2)]
+    assert [m[:3] for m in got_local] == [("cmd/c%d" % q, b"in%d" % q, q) for q in (0, 1, 2)]
     if version == 5:
         for msgs in (got_up, got_local):
             for t, p, q, r, pr in msgs:
@@ -239,13 +239,14 @@ def test_messages_flow_both_ways_with_prefix_mapping_at_qos_0_1_2(procs, version
     assert g.alive(), g.log()[-3000:]
 
 
-def test_upstream_restart_during_qos1_stream_delivers_every_message_in_order(procs):
+@pytest.mark.parametrize("version", [4, 5])
+def test_upstream_restart_during_qos1_stream_delivers_every_message_in_order(procs, version):
     # The upstream is stopped (SIGTERM, so that Mosquitto saves its own
     # persistence file) in the middle of the stream and started again on
     # the same port; the gateway keeps what it could not send meanwhile.
     m = upstream(procs, persistence=True)
-    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# out 1 stream/ up/"]},
-                persistence=True)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# out 1 stream/ up/"],
+                        "protocol_version": version}, persistence=True)
     wait_state(g, b"1")
     up = peer(procs, m.port, "up-stream", [("up/#", 1)], clean=False)
     pub = peer(procs, g.port, "pub-stream")
@@ -269,24 +270,28 @@ def test_bridge_fails_over_to_the_other_address_when_its_upstream_dies(procs):
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % a.port, "127.0.0.1:%d" % b.port],
                         "topics": ["fo/# out 1"], "clientid": "gw.fo"})
     wait_state(g, b"1")
-    subs = {x: peer(procs, x.port, "fo-sub-%d" % x.port, [("fo/#", 1), ("$SYS/broker/connection/gw.fo/state", 1)])
-            for x in (a, b)}
-    # The upstream in use holds the bridge's retained "1".
-    in_use = [x for x in (a, b) if (("$SYS/broker/connection/gw.fo/state", b"1")
-                                   in [(t, p) for t, p, *_ in subs[x].wait(lambda ms: ms, 2)])]
+    state = "$SYS/broker/connection/gw.fo/state"
+    subs = {x: peer(procs, x.port, "fo-sub-%d" % x.port, [("fo/#", 1), (state, 1)]) for x in (a, b)}
+
+    def holds_one(x):
+        # The upstream in use holds the bridge's retained "1".
+        return (state, b"1") in [(t, p) for t, p, *_ in subs[x].wait(lambda ms: False, 0)]
+
+    end = time.time() + 5
+    while time.time() < end and not (holds_one(a) or holds_one(b)):
+        time.sleep(0.02)
+    in_use = [x for x in (a, b) if holds_one(x)]
     assert len(in_use) == 1, "bridge state on both or neither upstream"
     first = in_use[0]
     other = b if first is a else a
     pub = peer(procs, g.port, "fo-pub")
     pub.publish("fo/1", b"one", 1)
-    assert "fo/1" in [t for t, *_ in subs[first].wait(lambda ms: ("fo/1" in [m[0] for m in ms]))]
+    assert subs[first].wait(lambda ms: "fo/1" in [m[0] for m in ms])[-1][0] == "fo/1"
     first.stop(signal.SIGKILL)
-    procs.remove(subs[first])
-    subs[first].c.loop_stop()
     pub.publish("fo/2", b"two", 1)
     got = subs[other].wait(lambda ms: "fo/2" in [m[0] for m in ms], timeout=8)
-    assert "fo/2" in [t for t, *_ in got], g.log()[-3000:]
-    assert "fo/1" not in [t for t, *_ in got]
+    assert [t for t, *_ in got if t.startswith("fo/")] == ["fo/2"], g.log()[-3000:]
+    assert holds_one(other)
 
 
 @pytest.mark.parametrize("mode", ["v5-no-local", "v4-try-private", "v4-plain"])
@@ -301,7 +306,7 @@ def test_loop_setup_does_not_echo(procs, mode):
     local.publish("loop/a", b"from below", 1)
     up.publish("loop/b", b"from above", 1)
     time.sleep(1.0)  # room for an echo to come round
-    assert up.topics("loop/") == ["loop/a", "loop/b"] or up.topics("loop/") == ["loop/b", "loop/a"]
+    assert sorted(up.topics("loop/")) == ["loop/a", "loop/b"], g.log()[-3000:]
     assert sorted(local.topics("loop/")) == ["loop/a", "loop/b"], g.log()[-3000:]
 
 
@@ -310,7 +315,7 @@ def test_gateway_killed_with_messages_waiting_sends_them_after_restart(procs):
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % port], "topics": ["q/# out 2"], "max_queued": 30},
                 persistence=True, sys_interval=1)
     pub = peer(procs, g.port, "sf-pub")
-    sys = peer(procs, g.port, "sf-sys", [("$SYS/broker/connection/up/messages/#", 0)])
+    watch = peer(procs, g.port, "sf-sys", [("$SYS/broker/connection/up/messages/#", 0)])
     # 40 messages of 200 B: more than RAM holds (the rest wait on flash only)
     # and 10 more than max_queued (the oldest 10 are dropped).
     for i in range(40):
@@ -321,15 +326,11 @@ def test_gateway_killed_with_messages_waiting_sends_them_after_restart(procs):
         d = {t.rsplit("messages/", 1)[1]: int(p) for t, p, *_ in ms}
         return d.get("queued") == 30 and d.get("dropped") == 11
 
-    assert counters(sys.wait(counters, 4)), "counters: %s" % sys.wait(lambda ms: False, 0)
+    assert counters(watch.wait(counters, 4)), "counters: %s" % watch.wait(lambda ms: False, 0)
+    pub.close()
+    watch.close()
     g.kill9()
-    procs.remove(sys)
-    procs.remove(pub)
-    m = Mosquitto()
-    m.port = port
-    with open(m.conf, "w") as f:
-        f.write("listener %d 127.0.0.1\nallow_anonymous true\n" % port)
-    procs.append(m.start())
+    upstream(procs, port=port)
     up = peer(procs, port, "sf-up", [("q/#", 2)])
     g.start()
     got = up.wait(lambda ms: len(set(m[0] for m in ms)) >= 30, timeout=10)
@@ -343,7 +344,8 @@ def test_gateway_killed_with_messages_waiting_sends_them_after_restart(procs):
 
 def test_connection_state_is_retained_locally_and_upstream_with_a_will(procs):
     m = upstream(procs)
-    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["s/# out 0"], "clientid": "gw7.up"})
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["s/# out 0"],
+                        "clientid": "gw7.up"})
     wait_state(g, b"1")
     topic = "$SYS/broker/connection/gw7.up/state"
     w = peer(procs, m.port, "state-up", [(topic, 1)])
@@ -360,7 +362,7 @@ def test_messages_for_the_gateway_wait_upstream_while_it_is_down(procs):
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# in 1 cmd/ site/cmd/"]},
                 persistence=True)
     wait_state(g, b"1")
-    local = Peer(g.port, "in-local", [("cmd/#", 1)], clean=False)
+    local = peer(procs, g.port, "in-local", [("cmd/#", 1)], clean=False)
     up = peer(procs, m.port, "in-pub")
     up.publish("site/cmd/probe", b"the bridge's subscription is in place", 1)
     assert local.wait(lambda ms: ms), g.log()[-3000:]
@@ -370,8 +372,10 @@ def test_messages_for_the_gateway_wait_upstream_while_it_is_down(procs):
         up.publish("site/cmd/%d" % i, b"while away %d" % i, 1)
     g.start()
     local = peer(procs, g.port, "in-local", [("cmd/#", 1)], clean=False)
-    got = local.wait(lambda ms: len(ms) >= 5, timeout=8)
-    assert [(t, p) for t, p, *_ in got] == [("cmd/%d" % i, b"while away %d" % i) for i in range(5)], g.log()[-3000:]
+    got = local.wait(lambda ms: len([m for m in ms if m[0] != "cmd/probe"]) >= 5, timeout=8)
+    # (The probe may come again: its PUBACK can be lost in the kill.)
+    got = [(t, p) for t, p, *_ in got if t != "cmd/probe"]
+    assert got == [("cmd/%d" % i, b"while away %d" % i) for i in range(5)], g.log()[-3000:]
 
 
 def _certs(d):
@@ -382,13 +386,14 @@ def _certs(d):
 
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     for ca in ("ca", "other"):
-        run("req", "-x509", *ec, "-keyout", ca + ".key", "-out", ca + ".pem", "-days", "2", "-subj", "/CN=" + ca)
+        run("req", "-x509", *ec, "-keyout", ca + ".key", "-out", ca + ".pem", "-days", "2",
+            "-subj", "/CN=" + ca)
         run("x509", "-in", ca + ".pem", "-outform", "DER", "-out", ca + ".der")
     run("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
     with open(os.path.join(d, "ext.cnf"), "w") as f:
         f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
-        "-days", "2", "-extfile", "ext.cnf")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
     for n in os.listdir(d):
         os.chmod(os.path.join(d, n), 0o644)
 
@@ -425,11 +430,14 @@ def test_bridge_speaks_tls_and_checks_the_upstream_against_its_ca(procs):
     assert up.topics("bad/") == []
 
 
+ADDR = ["127.0.0.1:1883"]
+
+
 @pytest.mark.parametrize("bridge,key", [
     ({"name": "up", "topics": ["#"]}, "bridges[0].addresses"),
-    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["a/# sideways 1"]}, "bridges[0].topics[0]"),
-    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["a/# out 1", "b/# in 3"]}, "bridges[0].topics[1]"),
-    ({"name": "up", "addresses": ["127.0.0.1:1883"], "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
+    ({"name": "up", "addresses": ADDR, "topics": ["a/# sideways 1"]}, "bridges[0].topics[0]"),
+    ({"name": "up", "addresses": ADDR, "topics": ["a/# out 1", "b/# in 3"]}, "bridges[0].topics[1]"),
+    ({"name": "up", "addresses": ADDR, "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
 ], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued"])
 def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
     g = BrokerProc(board="esp32", heap=HEAP, config={"bridges": [bridge]})

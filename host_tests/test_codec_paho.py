@@ -198,6 +198,8 @@ PAHO_DECODED = [(t, v) for v in (4, 5) for t in (K.CONNACK, K.PUBLISH, K.PUBACK,
 def test_paho_decoder_reads_what_we_encode(t, version, data):
     pkt = data.draw(packets_of(t, version))
     assume(_no_bom(pkt.__dict__))
+    # paho caps Maximum Packet Size at the varint range; the spec does not.
+    assume(not (getattr(pkt, "props", None) or {}).get(0x27, 1) > 268435455)
     assume(not (t == K.CONNACK and version == 5 and pkt.reason == 1))
     assume(version != 5 or _paho_knows_reasons(pkt))
     assert _paho_view(pkt, version) == pkt

@@ -1,14 +1,16 @@
-# Bridges: the gateway connects out to upstream brokers as an MQTT client,
-# one supervisor task per bridge (Mosquitto's `connection` sections; config
-# keys under "bridges", checked by config._check_bridges). docs/bridge.md
-# has example configs and the reasons behind the choices below.
+# Bridges: the gateway connects out to upstream brokers as an MQTT client
+# (Mosquitto's `connection` sections; config key "bridges", checked by
+# config._check_bridges). Per bridge one supervisor task connects, fails
+# over and backs off; while a link is up a reader and a writer task serve
+# it on a raw non-blocking socket, as Connection does for clients.
+# docs/bridge.md has example configs and the reasons behind the choices.
 #
 #   out  Local messages matching an out/both pattern reach tap() through the
-#        broker's taps and are sent upstream with the remote prefix. QoS 1/2
-#        ones are kept in the store (keys "b" name \0 seq) until the upstream
-#        acknowledges them, so a dropped link or a gateway restart loses
-#        none: store-and-forward, at most max_queued of them. RAM holds only
-#        the head of that queue; the rest waits on flash.
+#        broker's taps and go upstream with the remote prefix. A QoS 1/2
+#        message that cannot go out at once is kept in the store (key "b"
+#        name \0 seq) until the upstream acknowledges it: store-and-forward,
+#        at most max_queued messages, surviving a restart. RAM holds only the
+#        head of that queue; the rest waits on flash.
 #   in   The bridge subscribes upstream to in/both patterns and routes what
 #        arrives with itself as origin. Its QoS 1/2 acknowledgements wait for
 #        the store commit, through Persist.hold(), as a client's do.
@@ -83,6 +85,9 @@ def _unpack(b):
 
 
 def _hostname(cfg, name):
+    # The board layer has set the host name by now (board.check_net picks
+    # "mqtt-" + chip id bytes when the config gives none); the unix port has
+    # no network module and falls back to the bridge's name.
     net = cfg.get("network")
     h = net.get("hostname") if isinstance(net, dict) else None
     if h:
@@ -91,12 +96,6 @@ def _hostname(cfg, name):
         import network
 
         return network.hostname()
-    except Exception:
-        pass
-    try:
-        import machine
-
-        return "mqtt-" + "".join("%02x" % x for x in machine.unique_id()[-3:])
     except Exception:
         return name
 
@@ -610,6 +609,8 @@ class Bridge:
         b = self.b
         qos = (first >> 1) & 3
         topic, pid, pr, poff = decode_publish(first, mv, off, end, L.version)
+        if not topic:
+            raise MQTTError(0x82, "PUBLISH without a topic")  # we allow no topic aliases
         if qos == 2 and pid in self.qos2_in:
             self._ack(L, _PUBREC, pid)  # resent; routed already
             return
@@ -770,8 +771,13 @@ class Bridge:
         self.connects += 1
         log.info("bridge %s: connected to %s:%d as %s (session %s)", self.name, host, port, self.cid,
                  "resumed" if L.present else "new")
-        if not L.present:
-            self.qos2_in = {}  # the upstream forgot them as well
+        if not L.present and self.qos2_in:
+            # The upstream forgot its half of these QoS 2 exchanges: a new
+            # message may come under one of their packet ids.
+            if self.p is not None:
+                for pid in self.qos2_in:
+                    self._del(self.kp + "p" + str(pid))
+            self.qos2_in = {}
         if self.ins and (L.version == 5 or not L.present or not self.subscribed):
             o = 0x1C if L.version == 5 else 0  # No Local, Retain As Published, Retain Handling 1
             L.send(encode(Subscribe(self._next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]),
@@ -860,6 +866,8 @@ class Bridge:
                 self._dispatch(L, first, mv, off, end)
                 if b.pressure:
                     await b.relieve(None)
+                while L.big is not None and not L.closing:
+                    await asyncio.sleep_ms(5)  # our output is backed up: stop reading a while
         except asyncio.CancelledError:
             return
         except MemoryError:
@@ -932,7 +940,8 @@ def start_bridges(b):
         br._state(b"0")
         asyncio.create_task(br.run())
         bridges.append(br)
-        log.notice("bridge %s: to %s as %s", br.name, ", ".join("%s:%d" % (h, p) for h, p in br.addrs), br.cid)
+        log.notice("bridge %s: to %s as %s", br.name, ", ".join("%s:%d" % (h, p) for h, p in br.addrs),
+                   br.cid)
     prev = b.sys_extra
 
     def values():

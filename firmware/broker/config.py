@@ -141,7 +141,13 @@ def _check_bridges(cfg):
     # Checks each bridge and completes it with the defaults: addresses
     # become [host, port], topic lines [pattern, direction, qos, local
     # prefix, remote prefix] (Mosquitto's `topic` syntax, "" for empty).
-    from mqtt.topic import valid_filter
+    # (No mqtt import: tools/deploy.py checks configs under CPython.)
+    def valid_filter(f):
+        w = f.split("/")
+        for j, x in enumerate(w):
+            if ("#" in x and (x != "#" or j != len(w) - 1)) or ("+" in x and x != "+"):
+                return False
+        return bool(f)
 
     names = []
     out = []

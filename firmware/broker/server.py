@@ -25,7 +25,8 @@ def _admit(broker, cs):
     # One socket over max_connections is let in so that it can be told
     # "quota exceeded" in a CONNACK; past that, sockets are closed at once.
     cfg = broker.cfg
-    if len(broker.conns) > cfg["max_connections"]:
+    # Bridge uplinks use sockets from the same lwIP pool.
+    if len(broker.conns) + len(cfg["bridges"]) > cfg["max_connections"]:
         return "too many sockets"
     if gc.mem_free() < cfg["min_free_heap"]:
         gc.collect()

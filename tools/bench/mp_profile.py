@@ -60,29 +60,42 @@ def _calibrate():
 OVERHEAD_US = _calibrate()
 del STATS["_calib"]
 
-# The publish path, outermost first.
-conn.Connection.dispatch = timed("Connection.dispatch", conn.Connection.dispatch)
-conn.frame = timed("frame", conn.frame)
-conn.check_flags = timed("check_flags", conn.check_flags)
-conn.on_publish = timed("on_publish", conn.on_publish)
-conn.on_packet = timed("on_packet (acks etc.)", conn.on_packet)
-handle_publish.decode_publish = timed("decode_publish", handle_publish.decode_publish)
-handle_publish.check_topic = timed("check_topic", handle_publish.check_topic)
-handle_publish.Message = timed("Message()", handle_publish.Message)
-handle_publish._ack = timed("_ack (PUBACK/PUBREC)", handle_publish._ack)
-handle_other._on_ack = timed("_on_ack", handle_other._on_ack)
-handle_other.decode_ack = timed("decode_ack", handle_other.decode_ack)
-core.Broker.route = timed("Broker.route", core.Broker.route)
-core.Broker._route_many = timed("Broker._route_many", core.Broker._route_many)
-core.Broker.deliver = timed("Broker.deliver", core.Broker.deliver)
-core.Broker.pump = timed("Broker.pump", core.Broker.pump)
-core.Broker.congested = timed("Broker.congested", core.Broker.congested)
-subs.Subs.match = timed("Subs.match", subs.Subs.match)
-session.Session.enqueue = timed("Session.enqueue", session.Session.enqueue)
-session.Session.next_pid = timed("Session.next_pid", session.Session.next_pid)
-message.Message.wire = timed("Message.wire", message.Message.wire)
-conn.Connection.send = timed("Connection.send", conn.Connection.send)
-conn.Connection.room = timed("Connection.room", conn.Connection.room)
+# The publish path, outermost first. Names that a newer firmware lacks are
+# skipped (and listed in the PROFILE line).
+MISSING = []
+
+
+def wrap(obj, name, label=None):
+    f = getattr(obj, name, None)
+    if f is None:
+        MISSING.append(name)
+        return
+    setattr(obj, name, timed(label or name, f))
+
+
+wrap(conn.Connection, "dispatch", "Connection.dispatch")
+wrap(conn, "frame")
+wrap(conn, "check_flags")
+wrap(conn, "on_publish")
+wrap(conn, "on_packet", "on_packet (acks etc.)")
+wrap(handle_publish, "decode_publish")
+wrap(handle_publish, "check_topic")
+wrap(handle_publish, "Message", "Message()")
+wrap(handle_publish, "_ack", "_ack (PUBACK/PUBREC)")
+wrap(handle_publish, "_heap_short", "_heap_short (gc.mem_free)")
+wrap(handle_other, "_on_ack")
+wrap(handle_other, "decode_ack")
+wrap(core.Broker, "route", "Broker.route")
+wrap(core.Broker, "_route_many", "Broker._route_many")
+wrap(core.Broker, "deliver", "Broker.deliver")
+wrap(core.Broker, "pump", "Broker.pump")
+wrap(core.Broker, "congested", "Broker.congested")
+wrap(subs.Subs, "match", "Subs.match")
+wrap(session.Session, "enqueue", "Session.enqueue")
+wrap(session.Session, "next_pid", "Session.next_pid")
+wrap(message.Message, "wire", "Message.wire")
+wrap(conn.Connection, "send", "Connection.send")
+wrap(conn.Connection, "room", "Connection.room")
 
 _recv = transport.TcpTransport.recv_into
 _send = transport.TcpTransport.send
@@ -115,5 +128,5 @@ try:
     app.run(cfg)
 except KeyboardInterrupt:
     pass
-out = {"stats": STATS, "count": COUNT, "overhead_us": OVERHEAD_US}
+out = {"stats": STATS, "count": COUNT, "overhead_us": OVERHEAD_US, "missing": MISSING}
 print("PROFILE " + json.dumps(out))

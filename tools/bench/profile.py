@@ -39,7 +39,8 @@ from brokerproc import free_port, MICROPYTHON  # noqa: E402
 # Direct children of each wrapped function (for self time).
 TREE = {
     "Connection.dispatch": ["check_flags", "on_publish", "on_packet (acks etc.)"],
-    "on_publish": ["decode_publish", "check_topic", "Message()", "Broker.route", "_ack (PUBACK/PUBREC)"],
+    "on_publish": ["decode_publish", "check_topic", "Message()", "Broker.route", "_ack (PUBACK/PUBREC)",
+                   "_heap_short (gc.mem_free)"],
     "Broker.route": ["Subs.match", "Broker.deliver", "Broker._route_many"],
     "Broker._route_many": ["Broker.deliver"],
     "Broker.deliver": ["Session.enqueue"],
@@ -114,7 +115,7 @@ def sections(scn, seconds, board="esp32", heap="220K"):
         "reads_per_msg": c["recv_into"] / n, "bytes_per_read": c["recv_bytes"] / max(1, c["recv_into"]),
         "writes_per_msg": c["send"] / n, "bytes_per_write": c["send_bytes"] / max(1, c["send"]),
         "relieve_per_msg": c["relieve"] / n,
-        "rows": rows, "lost": r.get("lost"), "dups": r.get("dups"),
+        "rows": rows, "lost": r.get("lost"), "dups": r.get("dups"), "not_wrapped": prof.get("missing", []),
     }
 
 
@@ -169,7 +170,7 @@ def perf_top(pdata, n=25):
         except ValueError:
             continue
         dso = parts[1]
-        sym = " ".join(parts[3:]) if len(parts) > 3 else "?"
+        sym = " ".join(p for p in parts[3:] if p != "-") if len(parts) > 3 else "?"
         rows.append({"pct": pct, "dso": dso, "symbol": sym})
         if len(rows) >= n:
             break
