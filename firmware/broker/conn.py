@@ -42,6 +42,7 @@ class Connection:
     writer = None
     reader = None
     session_expiry_set = 0
+    held = 0  # packets persist.py holds for this connection until a commit
     linger_ms = 0  # delay before a refusal goes out (failed login)
     deferred = None  # that refusal
 

@@ -221,7 +221,9 @@ class Broker:
         # Moves queued messages into the connection's output buffer while
         # there is room and the client's Receive Maximum allows.
         q = s.queue
-        if not q:
+        if not q or c.held:
+            # A QoS 2 PUBLISH waits for its commit; what follows waits too,
+            # to keep the order.
             return
         now = time.time()
         v = c.version
@@ -249,6 +251,18 @@ class Broker:
                 if qos and self.persist is not None:
                     self.persist.dequeued(s, e)
                 continue
+            p = self.persist
+            if qos == 2 and p is not None and s.expiry:
+                # Exactly once across a power cut needs this packet
+                # identifier on flash before the PUBLISH leaves: a receiver
+                # would take the same message under a new identifier as new.
+                q.pop(0)
+                s.full_since = None
+                self.stats_msgs_sent += 1
+                inf[pid] = [msg, qos, e[2], e[3], SENT]
+                p.sent(s, pid, e)
+                p.hold(c, pkt, True)
+                return
             if not c.room(n):
                 if c.olen or c.big is not None:
                     return
@@ -261,8 +275,8 @@ class Broker:
             self.stats_msgs_sent += 1
             if qos:
                 inf[pid] = [msg, qos, e[2], e[3], SENT]
-                if self.persist is not None and s.expiry:
-                    self.persist.sent(s, pid, e)
+                if p is not None and s.expiry:
+                    p.sent(s, pid, e)
 
     def resend_inflight(self, c, s):
         # On session resumption: PUBLISH again with DUP for unacknowledged

@@ -55,7 +55,9 @@ def _b64(b):
 class Persist:
     def __init__(self, broker, path, max_bytes):
         self.b = broker
-        self.store = Store(path, max_bytes)
+        # index_max bounds the RAM index of keys written since the last
+        # compaction (about 64 B each on the 64-bit port).
+        self.store = Store(path, max_bytes, index_max=64)
         self.held = []  # (connection, packet) acks waiting for the commit
         self.flag = asyncio.Event()
         self.seq = 0
@@ -168,8 +170,11 @@ class Persist:
         st = self.store
         return st.used_bytes() + st.pending() >= st.max_bytes
 
-    def hold(self, c, pkt):
-        self.held.append((c, pkt))
+    def hold(self, c, pkt, publish=False):
+        # publish: a QoS 2 PUBLISH, which pauses c's queue until released.
+        if publish:
+            c.held += 1
+        self.held.append((c, pkt, publish))
         self.flag.set()
 
     def _put(self, key, val):
@@ -204,15 +209,18 @@ class Persist:
                 # Nothing held is released: those clients will resend.
                 log.error("store commit failed: %r", e)
                 self.failed += 1
-                for c, _ in self.held:
+                for c, _, _ in self.held:
+                    c.held = 0
                     c.close_soon()
                 self.held = []
                 continue
             held = self.held
             self.held = []
-            for c, pkt in held:
+            for c, pkt, publish in held:
+                if publish:
+                    c.held -= 1
                 if not c.closing:
-                    c.send(pkt)
+                    c.send(pkt)  # also wakes its writer for what waited
 
     # ------------------------------------------------------------ hooks
 

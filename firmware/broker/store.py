@@ -75,14 +75,15 @@ class Store:
         max_bytes,
         slots=64,
         log_max=16384,
-        index_max=256,
+        index_max=128,
         max_batch=16384,
         inline_max=120,
         split_max=2048,
     ):
         # slots: log files; when they are used up, compact. log_max: bytes
         # of live logs before a compaction. index_max: keys written since
-        # the last compaction (the RAM index) before a compaction. max_batch:
+        # the last compaction (the RAM index, a dict of about 12 bytes per
+        # key on a 32-bit board) before a compaction. max_batch:
         # largest staged batch in bytes. inline_max: the largest file
         # LittleFS keeps inline in metadata (esp32 about 120, rp2 about
         # 500); parts are cut to fit it. split_max: largest batch that is
@@ -114,6 +115,7 @@ class Store:
         self._base = 0  # sequence number of the last completed compaction
         self._logb = 0  # bytes in live log parts
         self._big = []  # slots holding a file too big to be inline
+        self._extra = False  # slot files past `slots` (it was larger once)
         self._tns = {}  # namespaces written since the last compaction
         self._used = 0
         self._rep = None
@@ -139,6 +141,7 @@ class Store:
         self._base = 0
         self._logb = 0
         self._big = []
+        self._extra = False
         self._tns = {}
         _mkdirs(self.path)
         slots = []
@@ -150,6 +153,7 @@ class Store:
                 rep["removed"] += 1
             elif c == "l" and name[1:].isdigit():
                 slots.append(int(name[1:]))
+                self._extra = self._extra or slots[-1] >= self.slots
             elif c == "s" and len(name) == 3:
                 try:
                     segs.append(int(name[1:], 16))
@@ -362,11 +366,11 @@ class Store:
         touched = None
         # Slots past a smaller `slots` setting: remove every slot file (all
         # are folded now), so that no batch is left in pieces.
-        names = [e[0] for e in os.ilistdir(self.path) if e[0][:1] == "l" and e[0][1:].isdigit()]
-        if [n for n in names if int(n[1:]) >= self.slots]:
-            for name in names:
-                self._remove(name)
-        names = None
+        if self._extra:
+            for name in [e[0] for e in os.ilistdir(self.path)]:
+                if name[:1] == "l" and name[1:].isdigit():
+                    self._remove(name)
+            self._extra = False
         # Stale slots holding whole blocks go: only inline ones are kept for
         # reuse, so old logs cannot pile up on flash.
         for i in self._big:
@@ -374,7 +378,10 @@ class Store:
         self._big = []
         if self._live:
             self.stats["compactions"] += 1
-        self._idx = {}
+        # Emptied in place: the dict keeps its table, so the next cycle does
+        # not grow it again through ever larger allocations.
+        while idx:
+            idx.popitem()
         self._tns = {}
         self._live = []
         self._next = 0

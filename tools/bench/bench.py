@@ -101,7 +101,8 @@ def run_bench(brokers, scenarios, seconds, repeat, log=print):
                 except Exception as e:  # a broker that fails a scenario is reported, not fatal
                     r = {"error": "%s: %s" % (type(e).__name__, e)}
                 prev = res[scn].get(lab)
-                tot = {k: (prev or {}).get("total_" + k, 0) + r.get(k, 0) for k in ("lost", "dups", "reordered")}
+                tot = {k: (prev or {}).get("total_" + k, 0) + r.get(k, 0)
+                       for k in ("lost", "dups", "reordered", "closed_by_broker")}
                 runs = (prev or {}).get("runs", [])
                 k, _ = metric(scn)
                 runs = runs + [r.get(k)]
@@ -128,6 +129,8 @@ def _short(scn, r):
     s = "%s=%s" % (k, ("%.3f" % v) if isinstance(v, float) else v)
     if "lost" in r:
         s += " lost=%d dups=%d reord=%d" % (r.get("lost", 0), r.get("dups", 0), r.get("reordered", 0))
+    if r.get("closed_by_broker"):
+        s += " CLOSED BY BROKER=%d" % r["closed_by_broker"]
     if "broker_cpu" in r:
         s += " cpu broker=%.0f%% gen=%.0f%%" % (100 * r["broker_cpu"], 100 * r.get("loadgen_cpu", 0))
     return s

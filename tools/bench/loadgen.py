@@ -249,11 +249,12 @@ class Flow:
     """Keeps sent - received under a window so the broker's queues, not
     the sockets, hold the backlog (and QoS 0 is not dropped for speed)."""
 
-    def __init__(self, window, trackers, nsubs_mult=1):
+    def __init__(self, window, trackers):
         self.window = window
         self.trackers = trackers
         self.sent = 0
         self.ev = asyncio.Event()
+        self.stop = False
 
     def outstanding(self):
         # worst subscriber
@@ -261,7 +262,7 @@ class Flow:
         return self.sent - lo
 
     async def wait_room(self):
-        while self.outstanding() >= self.window:
+        while self.outstanding() >= self.window and not self.stop:
             self.ev.clear()
             try:
                 await asyncio.wait_for(self.ev.wait(), 0.05)
@@ -309,10 +310,15 @@ async def _qos0_load(port, npub, nsub, seconds, window, batch, tag):
         seq = 0
         while not stop[0]:
             await flow.wait_room()
+            if stop[0] or c.t.is_closing():
+                break
+            while not c.can_write.is_set() and not stop[0]:
+                try:
+                    await asyncio.wait_for(c.can_write.wait(), 0.1)
+                except asyncio.TimeoutError:
+                    pass
             if stop[0]:
                 break
-            if not c.can_write.is_set():
-                await c.can_write.wait()
             now = time.perf_counter_ns()
             o = poff
             for k in range(batch):
@@ -330,11 +336,13 @@ async def _qos0_load(port, npub, nsub, seconds, window, batch, tag):
     tasks = [asyncio.ensure_future(publisher(i, c)) for i, c in enumerate(pubs)]
     await asyncio.sleep(seconds)
     stop[0] = True
+    flow.stop = True
     got1 = sum(t.total for t in trackers)
     t1 = time.perf_counter()
     cpu1 = time.process_time()
     flow.ev.set()
-    await asyncio.gather(*tasks)
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    closed = sum(1 for c in pubs + subs if c.closed.done())
     # drain: wait until every subscriber has every message, or 2 s of silence
     total_sent = sum(sent)
     last = -1
@@ -351,6 +359,7 @@ async def _qos0_load(port, npub, nsub, seconds, window, batch, tag):
         c.close()
     lost = sum(t.lost(sent) for t in trackers)
     return {
+        "closed_by_broker": closed,
         "rate": (got1 - got0) / (t1 - t0),
         "sent": total_sent,
         "delivered": sum(t.total for t in trackers),
@@ -445,9 +454,11 @@ async def qos_window(port, qos, seconds=3.0, window=10):
             last = tr.total
             end = time.perf_counter() + 2
         await asyncio.sleep(0.02)
+    closed = int(pub.closed.done()) + int(sub.closed.done())
     pub.close()
     sub.close()
     return {
+        "closed_by_broker": closed,
         # deliveries at the subscriber while publishing (a broker may
         # acknowledge faster than it delivers, and build a backlog)
         "rate": (got1 - got0) / (t1 - t0),

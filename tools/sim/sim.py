@@ -50,7 +50,7 @@ from mqtt.framer import Framer  # noqa: E402
 from brokerproc import BrokerProc, profile as board_profile  # noqa: E402
 from brokers import ensure_built  # noqa: E402
 
-PAYLOAD = struct.Struct(">HIQ")  # sensor, seq, time ns
+PAYLOAD = struct.Struct(">HIQ")  # sensor, seq, time the reading was taken (ns)
 PAYLOAD_SIZE = 32
 EXPIRY = 3600
 
@@ -198,11 +198,12 @@ class Sensor(Node):
         self.sent_seqs = set()
         self.retry = []  # (due, seq): refused by the broker, sent again later
         self.retries = {}  # seq -> times refused
+        self.taken = {}  # seq -> time.time_ns() of the reading
         self.given_up = 0
 
     def payload(self, seq):
         b = bytearray(PAYLOAD_SIZE)
-        PAYLOAD.pack_into(b, 0, self.idx, seq, time.time_ns())
+        PAYLOAD.pack_into(b, 0, self.idx, seq, self.taken.get(seq, 0))
         return bytes(b)
 
     def is_awake(self, t):
@@ -278,6 +279,7 @@ class Sensor(Node):
         due = int((now - self.sim.t0) * self.rate)
         while self.generated < due:
             self.pending.append(self.seq)
+            self.taken[self.seq] = time.time_ns()
             self.seq += 1
             self.generated += 1
             if len(self.pending) > self.buffer:
@@ -608,8 +610,10 @@ class Sim:
                 "lost_acknowledged": lost_acked, "not_delivered_of_sent": missing_sent,
                 "connects": sb.connects, "connect_refusals": sb.refused, "connections_lost": sb.conn_lost,
                 "sessions_lost": sb.session_lost,
+                # age of a reading when it reached the subscriber
                 "latency_ms_p50": lat[len(lat) // 2] if lat else None,
                 "latency_ms_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+                "latency_ms_max": lat[-1] if lat else None,
             }
         tot = {
             "generated": sum(s.generated for s in sensors),
@@ -689,6 +693,12 @@ def verdict(rep, a):
     lines.append("delivered %d of %d readings generated (%.1f%%) to sub0 in %.1f s (target rate %.0f msg/s in total)"
                  % (got, t["generated"], 100.0 * got / max(1, t["generated"]), rep["duration_s"],
                     a.sensors * a.rate))
+    p99 = sub0.get("latency_ms_p99")
+    if p99 is not None:
+        lines.append("age of a reading at sub0: p50 %.0f ms, p99 %.0f ms, max %.0f ms (limit --max-age %.1f s)" % (
+            sub0["latency_ms_p50"], p99, sub0["latency_ms_max"], a.max_age))
+        if p99 > a.max_age * 1000:
+            ok = False
     if t["dropped_in_sensor_buffer"]:
         ok = False
         lines.append("sensors dropped %d readings from their buffers (could not upload in time)"
@@ -738,7 +748,7 @@ def summary_md(rep, png_name=None):
     out += ["", "| | count |", "|---|---|"]
     for k, v in t.items():
         out.append("| %s | %s |" % (k.replace("_", " "), v))
-    out += ["", "| subscriber | delivered | duplicates | out of order | lost (acknowledged) | p50 ms | p99 ms |",
+    out += ["", "| subscriber | delivered | duplicates | out of order | lost (acknowledged) | age p50 ms | age p99 ms |",
             "|---|---|---|---|---|---|---|"]
     for k, v in rep["subscribers"].items():
         out.append("| %s | %d | %d | %d | %d | %s | %s |" % (
@@ -816,6 +826,8 @@ def parse_args(argv=None):
     ap.add_argument("--awake", type=float, default=4)
     ap.add_argument("--asleep", type=float, default=0)
     ap.add_argument("--buffer", type=int, default=500, help="readings a sensor holds while it cannot send")
+    ap.add_argument("--max-age", type=float, default=5.0,
+                    help="verdict: p99 age of a reading at delivery must stay under this many seconds")
     ap.add_argument("--retries", type=int, default=20, help="times a sensor resends a refused PUBLISH")
     ap.add_argument("--subscribers", type=int, default=1)
     ap.add_argument("--sub-qos", type=int, default=1, choices=(0, 1, 2))
