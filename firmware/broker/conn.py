@@ -284,10 +284,14 @@ class Connection:
             check_flags(first)
             on_connect(self, mv, off, end)
             return
-        check_flags(first)
         if t == _PUBLISH:
+            # The fixed-header rules of check_flags() for PUBLISH, inline:
+            # QoS 3, or DUP on QoS 0, is malformed.
+            if first & 6 == 6 or (first & 8 and not first & 6):
+                check_flags(first)
             on_publish(self, first, mv, off, end)
         else:
+            check_flags(first)
             on_packet(self, first, mv, off, end)
 
     # ------------------------------------------------------------ closing

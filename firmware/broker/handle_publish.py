@@ -17,21 +17,29 @@ _EXPIRY = const(0x02)
 _PFI = const(0x01)
 
 
-_tick = 0
+_budget = 0  # bytes we may allocate before looking at the heap again
 
 
 def _heap_short(b, n):
-    # gc.mem_free() walks the heap's allocation table, so it is asked only
-    # every 16th message or for a large one.
-    global _tick
-    _tick += 1
-    if n < 256 and _tick & 15:
+    # gc.mem_free() walks the whole allocation table (43 us on a 220 KB
+    # heap here, 0.8 ms on 4 MB), so it is not asked per message: after each
+    # look, half of the headroom above the floor may be spent first. Each
+    # message is reckoned at its payload plus 320 bytes of objects, and
+    # route() adds 128 per receiver.
+    global _budget
+    _budget -= n + 320
+    if _budget > 0:
         return False
     floor = b.cfg["min_free_heap"] >> 1
-    if gc.mem_free() - n >= floor:
-        return False
-    gc.collect()
-    return gc.mem_free() - n < floor
+    free = gc.mem_free() - n
+    if free < floor:
+        gc.collect()
+        free = gc.mem_free() - n
+        if free < floor:
+            _budget = 0
+            return True
+    _budget = (free - floor) >> 1
+    return False
 
 
 def _ack(c, t, pid, reason):
@@ -114,6 +122,8 @@ def on_publish(c, first, mv, off, end):
         return
     refused = b.queue_refusals
     n = b.route(msg, s)
+    global _budget
+    _budget -= n << 7
     if b.queue_refusals != refused and c.version == 5:
         # A full queue could not take it: say so rather than promise it
         # (3.1.1 has no way to say it; there it is dropped and counted).

@@ -13,6 +13,17 @@ class Sub:
         self.opts = opts  # subscription options byte
         self.subid = subid  # 0 when none
         self.group = group  # None unless shared
+        # "a/b/#" (no '+'): matched with str methods instead of the
+        # character loop of topic.matches: prefix "a/b/" or exactly "a/b".
+        self.prefix = flt[:-1] if flt[-1] == "#" and "+" not in flt else None
+
+    def match(self, t):
+        p = self.prefix
+        if p is None:
+            return matches(self.filter, t)
+        if not p:
+            return t[0] != "$"  # "#" matches all but $ topics
+        return t.startswith(p) or t == p[:-1]
 
 
 def _wild(f):
@@ -71,7 +82,7 @@ class Subs:
         if lst is not None:
             out.extend(lst)
         for s in self.wild:
-            if matches(s.filter, topic):
+            if s.match(topic):
                 out.append(s)
 
     def match_shared(self, topic, out):

@@ -188,6 +188,12 @@ def frame(buf, off, end, max_size):
     # max_size (the whole packet's size) here, before anyone allocates.
     if end - off < 2:
         return None
+    n = buf[off + 1]
+    if n < 128:
+        # Fast path: a one-byte remaining length (packets under 130 bytes).
+        if 2 + n > max_size:
+            raise MQTTError(0x95, "packet of %d bytes is over the limit of %d" % (2 + n, max_size))
+        return 2, n
     n = 0
     shift = 0
     i = off + 1
@@ -233,10 +239,30 @@ def check_flags(first):
 def decode_publish(first, buf, off, end, version):
     # Returns (topic, pid, props, payload_offset). topic may be "" in v5
     # when a Topic Alias stands for it; the caller resolves that.
-    topic, off = wire.get_str(buf, off, end)
+    # The topic read of wire.get_str, inline: this is the hottest path.
+    if off + 2 > end:
+        raise MQTTError(MALFORMED, "truncated two byte integer")
+    n = (buf[off] << 8) | buf[off + 1]
+    off += 2
+    e = off + n
+    if e > end:
+        raise MQTTError(MALFORMED, "string runs past the packet")
+    try:
+        topic = str(buf[off:e], "utf-8")
+    except UnicodeError:
+        raise MQTTError(MALFORMED, "invalid UTF-8 string")
+    if len(topic) == n:
+        if "\x00" in topic:
+            raise MQTTError(MALFORMED, "U+0000 in a string")
+    elif not wire.utf8_valid(buf, off, e):
+        raise MQTTError(MALFORMED, "invalid UTF-8 string")
+    off = e
     pid = 0
     if first & 0x06:
-        pid, off = wire.get_u16(buf, off, end)
+        if off + 2 > end:
+            raise MQTTError(MALFORMED, "truncated two byte integer")
+        pid = (buf[off] << 8) | buf[off + 1]
+        off += 2
         if pid == 0:
             raise MQTTError(PROTOCOL_ERROR, "PUBLISH with packet identifier 0")
     pr = None

@@ -448,9 +448,10 @@ class Sim:
     def sysint(self, k):
         v = self.sys.get(k)
         try:
-            return int(v.split()[0])
+            x = float(v.split()[0])
         except (AttributeError, ValueError, IndexError):
             return None
+        return int(x) if x == int(x) else x
 
     async def faults(self, nodes):
         loop = asyncio.get_running_loop()
@@ -495,6 +496,7 @@ class Sim:
                 "heap_free": self.sysint("heap/free"),
                 "store_used": self.sysint("store/bytes used"),
                 "store_written": self.sysint("store/bytes written"),
+                "store_blocks": self.sysint("store/block writes"),
                 "connected": self.sysint("clients/connected"),
                 "sensors_connected": sum(1 for s in sensors if s.connected),
             })
@@ -632,6 +634,7 @@ class Sim:
         free = [x["heap_free"] for x in self.samples if x["heap_free"] is not None]
         store = [x["store_used"] for x in self.samples if x["store_used"] is not None]
         written = [x["store_written"] for x in self.samples if x["store_written"] is not None]
+        blocks = [(x["t"], x["store_blocks"]) for x in self.samples if x["store_blocks"] is not None]
         conns_needed = a.sensors + a.subscribers
         rep = {
             "config": {k: v for k, v in vars(a).items()},
@@ -644,6 +647,9 @@ class Sim:
             "heap_used_max": max(heap) if heap else None, "heap_free_min": min(free) if free else None,
             "store_used_max": max(store) if store else None,
             "store_bytes_written": (written[-1] - written[0]) if len(written) > 1 else None,
+            "store_block_writes_per_s": ((blocks[-1][1] - blocks[0][1]) / (blocks[-1][0] - blocks[0][0])
+                                         if len(blocks) > 1 and blocks[-1][0] > blocks[0][0] else None),
+            "fs_size": self.profile.get("fs_size"),
             "connections_needed": conns_needed,
             "notes": self.notes, "samples": self.samples,
         }
@@ -720,6 +726,14 @@ def verdict(rep, a):
     if rep["store_used_max"] is not None:
         lines.append("store: at most %d B used of %d; %s B written during the run" % (
             rep["store_used_max"], lim.get("store_max_bytes") or 0, rep["store_bytes_written"]))
+        bw = rep.get("store_block_writes_per_s")
+        fs = rep.get("fs_size")
+        if bw and fs:
+            # 4 KiB blocks, dynamic wear levelling over the file system
+            # (PLATFORM.md), 100,000 erase cycles per block.
+            days = 100000.0 * (fs / 4096.0) / bw / 86400.0
+            lines.append("flash: %.1f block writes/s (store's count); spread over %d blocks of %d KiB that is "
+                         "about %.0f days to 100,000 erase cycles per block" % (bw, fs // 4096, fs // 1024, days))
     if rep["retained"]:
         bad = [k for k, v in rep["retained"].items() if isinstance(v, dict) and not v.get("ok")]
         if bad:
