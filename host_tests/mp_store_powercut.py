@@ -15,7 +15,6 @@
 # all; then commit once more on the recovered store and check again.
 # Prints one "RESULT ..." line; exits with status 1 on the first failure.
 import gc
-import os
 import sys
 
 import flashsim

@@ -9,7 +9,6 @@
 import json
 import os
 import random
-import re
 import subprocess
 
 import pytest
@@ -218,7 +217,7 @@ def test_power_cut_at_every_flash_operation(mpypath, capsys, board, mode):
     report(capsys, "power cut, %s, %s: %s cut points tested (every program and erase of the workload)" % (board, mode, r["cut_points"]))
 
 
-@pytest.mark.parametrize("board,step", [("pico_w", 2), ("esp32", 13)])
+@pytest.mark.parametrize("board,step", [("pico_w", 3), ("esp32", 13)])
 def test_power_cut_during_recovery(mpypath, capsys, board, step):
     out = run_mp(mpypath, "mp_store_powercut.py", board, "double", step, heap=SIM_HEAP, timeout=300)
     r = result(out)

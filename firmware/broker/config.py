@@ -38,6 +38,7 @@ SCHEMA = {
     "persistence": (False, "bool", 0, 0),
     "persistence_location": ("data", "str", 0, 0),
     "store_max_bytes": (262144, "int", 4096, 1 << 30),
+    "store_inline_max": (120, "int", 0, 4096),
     "persistent_client_expiration": (0, "int", 0, 0xFFFFFFFF),
     "connect_timeout": (10, "int", 1, 3600),
     "max_tls_connections": (1, "int", 0, 1000),
@@ -49,6 +50,7 @@ SCHEMA = {
     "log_dest": ("stdout", "str", 0, 0),
     "bridges": ([], "list", 0, 0),
     "network": ({}, "dict", 0, 0),
+    "max_connection_rate": (30, "int", 0, 10000),
 }
 
 _LEVELS = ("debug", "info", "warning", "error")

@@ -1,7 +1,8 @@
 # Listeners that need a handshake before MQTT starts: TLS (a DER
 # certificate and key, TLS 1.2 through MicroPython's ssl) and WebSocket
 # (HTTP upgrade on path /mqtt). Imported only when such a listener is
-# configured, so a plain-TCP gateway carries none of it.
+# configured, so a plain-TCP gateway carries none of it. A websockets
+# listener also serves the dashboard page at a plain GET / (dashboard.py).
 import asyncio
 from broker import log
 from broker.transport import TcpTransport
@@ -42,7 +43,7 @@ def wrapper(L, cfg):
                 cs = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
             t = TcpTransport(cs, peer)
             if ws:
-                t = await asyncio.wait_for(_upgrade(t, cfg), cfg["connect_timeout"])
+                t = await asyncio.wait_for(_upgrade(t, cfg, broker), cfg["connect_timeout"])
                 if t is None:
                     return
             c = Connection(broker, t)
@@ -64,15 +65,28 @@ def wrapper(L, cfg):
     return serve
 
 
-async def _upgrade(t, cfg):
+async def _upgrade(t, cfg, broker):
     from broker import http, websocket
 
     buf = bytearray(1024)  # request head limit; browsers send ~500 B
     req = await http.read_request(t, buf)
+    buf = None
     if req is None:
         t.close()
         return None
-    path = req[1].split("?")[0]
+    path = req[1]
+    q = path.find("?")
+    query = path[q + 1 :] if q >= 0 else ""
+    if q >= 0:
+        path = path[:q]
+    if path == "/" and "upgrade" not in req[2]:
+        # A browser asking for the page rather than a WebSocket.
+        from broker import dashboard
+
+        await dashboard.serve_page(t, req)
+        dashboard.ensure(broker)
+        t.close()
+        return None
     if path not in _WS_PATHS:
         await http.respond(t, 404, "Not Found", (("Connection", "close"),))
         t.close()
@@ -84,4 +98,10 @@ async def _upgrade(t, cfg):
     # WsTransport may wait inside recv_into with part of a read in the
     # caller's buffer, so it cannot use the broker's shared read buffer.
     w.shared_ok = False
+    if query == "dashboard":
+        # The page's own connection (after a broker restart the page
+        # reconnects without fetching itself again).
+        from broker import dashboard
+
+        dashboard.ensure(broker)
     return w

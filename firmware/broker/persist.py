@@ -56,8 +56,10 @@ class Persist:
     def __init__(self, broker, path, max_bytes):
         self.b = broker
         # index_max bounds the RAM index of keys written since the last
-        # compaction (about 64 B each on the 64-bit port).
-        self.store = Store(path, max_bytes, index_max=64)
+        # compaction (about 64 B each on the 64-bit port). inline_max is the
+        # board's LittleFS inline file limit (esp32 ~120 B, rp2 ~500 B).
+        self.store = Store(path, max_bytes, index_max=64,
+                           inline_max=broker.cfg["store_inline_max"])
         self.held = []  # (connection, packet) acks waiting for the commit
         self.flag = asyncio.Event()
         self.seq = 0

@@ -1,14 +1,103 @@
 # Listening sockets and our own accept loop. asyncio.start_server is not
 # used: a MemoryError inside its accept loop kills the loop for good and
 # new clients then hang in the backlog (PLATFORM.md). Here every accept is
-# guarded, and a connection is refused while the heap is short.
+# guarded, and a connection is refused while the heap is short, or while
+# its source address connects too often (ConnRate).
 import asyncio
 import gc
 import socket
+import time
 from asyncio import core
+from micropython import const
 from broker import log
 from broker.transport import TcpTransport, peer_str
 from broker.conn import Connection
+
+_WINDOW_MS = const(10000)  # max_connection_rate counts connections per this
+_TABLE = const(16)  # source addresses tracked at most
+_SLOW_MAX_MS = const(1000)  # longest delay before a slowed connection is served
+
+
+class ConnRate:
+    # Connections per source address, as a leaky bucket (GCRA): each
+    # connection fills the address's bucket by _WINDOW_MS / rate ms and the
+    # bucket drains by 1 ms per ms. With `rate` = max_connection_rate:
+    #   level <= 1 window    (up to `rate` connections in a burst, or a
+    #                        steady rate per 10 s): served at once
+    #   1 to 2 windows       slowed: served after a delay growing from 0 to
+    #                        _SLOW_MAX_MS with the excess
+    #   more than 2 windows  refused: closed at once, unread
+    # Refused connections fill the bucket too (up to 3 windows), so a client
+    # that keeps hammering stays refused until it backs off: 10 s of quiet
+    # brings it back to slowed, 20 s to normal. Each address is logged at
+    # most once per window while it is slowed or refused.
+    # At most _TABLE addresses are tracked; a new one pushes out the one
+    # whose bucket is lowest, so a flood of source addresses cannot grow the
+    # heap. Counters (for $SYS): slowed, refused.
+    def __init__(self, rate, size=_TABLE):
+        self.step = _WINDOW_MS // rate if rate else 0
+        self.rate = rate
+        self.size = size
+        self.slowed = 0
+        self.refused = 0
+        self._t = {}  # ip -> [level ms at last_ms, last_ms, last log ms, kind logged (1 slowed, 2 refused), refused since]
+
+    def _level(self, e, now):
+        d = time.ticks_diff(now, e[1])
+        if d < 0:  # the tick counter wrapped past the entry: long quiet
+            return 0
+        v = e[0] - d
+        return v if v > 0 else 0
+
+    def check(self, ip):
+        # -> 0 to serve now, a delay in ms (> 0) to serve later, or -1 to
+        # refuse.
+        if not self.step:
+            return 0
+        now = time.ticks_ms()
+        t = self._t
+        e = t.get(ip)
+        if e is None:
+            if len(t) >= self.size:
+                low = None
+                lv = 0
+                for a in t:
+                    x = self._level(t[a], now)
+                    if low is None or x < lv:
+                        low = a
+                        lv = x
+                del t[low]
+            e = t[ip] = [0, now, now, 0, 0]
+        level = self._level(e, now)
+        w = _WINDOW_MS
+        if level < 3 * w:
+            level += self.step
+        e[0] = level
+        e[1] = now
+        if level <= w:
+            e[3] = 0  # back to normal: the next episode is logged again
+            return 0
+        kind = 1 if level <= 2 * w else 2
+        if kind > e[3] or time.ticks_diff(now, e[2]) >= w:
+            # Once per window, and again when it turns from slowed to refused.
+            e[2] = now
+            e[3] = kind
+            if kind == 1:
+                log.warning("connection rate from %s over %d per 10 s: slowing it", ip, self.rate)
+            else:
+                log.warning("connection rate from %s over %d per 10 s: refusing it (%d refused since the last report)",
+                            ip, 2 * self.rate, e[4])
+                e[4] = 0
+        if kind == 1:
+            self.slowed += 1
+            ms = (level - w) * _SLOW_MAX_MS // w
+            return ms if ms > 0 else 1
+        self.refused += 1
+        e[4] += 1
+        return -1
+
+    def __len__(self):
+        return len(self._t)
 
 
 def listen(host, port, backlog=4):
@@ -25,8 +114,9 @@ def _admit(broker, cs):
     # One socket over max_connections is let in so that it can be told
     # "quota exceeded" in a CONNACK; past that, sockets are closed at once.
     cfg = broker.cfg
-    # Bridge uplinks use sockets from the same lwIP pool.
-    if len(broker.conns) + len(cfg["bridges"]) > cfg["max_connections"]:
+    # Bridge uplinks use sockets from the same lwIP pool, and so do
+    # sockets waiting out a rate-limit delay.
+    if len(broker.conns) + len(cfg["bridges"]) + broker.conn_waiting > cfg["max_connections"]:
         return "too many sockets"
     if gc.mem_free() < cfg["min_free_heap"]:
         gc.collect()
@@ -35,9 +125,51 @@ def _admit(broker, cs):
     return None
 
 
+def _serve(broker, cs, peer, wrap):
+    cs.setblocking(False)
+    try:
+        cs.setsockopt(6, 1, 1)  # TCP_NODELAY: no 40 ms Nagle stalls
+    except OSError:
+        pass
+    if wrap is not None:
+        asyncio.create_task(wrap(broker, cs, peer))
+    else:
+        c = Connection(broker, TcpTransport(cs, peer))
+        broker.conns.append(c)
+        asyncio.create_task(c.run())
+
+
+async def _serve_later(broker, cs, peer, wrap, ms):
+    # A slowed connection: its CONNECT waits in the socket until then.
+    try:
+        await asyncio.sleep_ms(ms)
+    finally:
+        broker.conn_waiting -= 1
+    try:
+        _serve(broker, cs, peer, wrap)
+    except Exception as e:
+        try:
+            cs.close()
+        except Exception:
+            pass
+        log.error("accept failed: %r", e)
+
+
+def _limiter(broker):
+    # One per broker, shared by all listeners. Its counters are
+    # broker.conn_rate.slowed / .refused (refusals also count in
+    # stats_refused).
+    r = getattr(broker, "conn_rate", None)
+    if r is None:
+        r = broker.conn_rate = ConnRate(broker.cfg["max_connection_rate"])
+        broker.conn_waiting = 0
+    return r
+
+
 async def accept_loop(broker, ls, wrap=None):
     # wrap(broker, sock, peer) -> coroutine serving the socket, for
     # transports that need a handshake first (TLS, WebSocket).
+    rate = _limiter(broker)
     while True:
         yield core._io_queue.queue_read(ls)
         try:
@@ -46,23 +178,26 @@ async def accept_loop(broker, ls, wrap=None):
             continue
         try:
             peer = peer_str(addr)
+            ms = rate.check(peer.rsplit(":", 1)[0])
+            if ms < 0:
+                broker.stats_refused += 1
+                cs.close()
+                continue
             why = _admit(broker, cs)
             if why is not None:
                 broker.stats_refused += 1
                 log.warning("refused connection from %s: %s", peer, why)
                 cs.close()
                 continue
-            cs.setblocking(False)
-            try:
-                cs.setsockopt(6, 1, 1)  # TCP_NODELAY: no 40 ms Nagle stalls
-            except OSError:
-                pass
-            if wrap is not None:
-                asyncio.create_task(wrap(broker, cs, peer))
-            else:
-                c = Connection(broker, TcpTransport(cs, peer))
-                broker.conns.append(c)
-                asyncio.create_task(c.run())
+            if ms:
+                broker.conn_waiting += 1
+                try:
+                    asyncio.create_task(_serve_later(broker, cs, peer, wrap, ms))
+                except BaseException:
+                    broker.conn_waiting -= 1
+                    raise
+                continue
+            _serve(broker, cs, peer, wrap)
         except MemoryError:
             try:
                 cs.close()

@@ -1,0 +1,270 @@
+# The dashboard: a page served at GET / on a websockets listener, and the
+# state it shows, published as JSON on $SYS/broker/dashboard/state every
+# 2 s while anyone subscribes to it. See docs/dashboard.md.
+#
+# The page (www/dashboard.html) is an MQTT-over-WebSocket client of its
+# own: it connects to /mqtt like any client, subscribes to $SYS/broker/#,
+# and needs nothing else from the broker. Its bytes live in the generated
+# module dashboard_page.py, gzip-compressed at build time by
+# www/mkpage, and go out as they are with Content-Encoding: gzip, so the
+# browser inflates them and the board never does. Only a client that
+# says it refuses gzip gets the page inflated here, in 512-byte pieces.
+#
+# Why the lists (clients, subscriptions, retained topics) travel over MQTT
+# and not as GET /api/state: the page already holds its WebSocket, so a
+# state update costs one PUBLISH on it (the JSON, built into one bounded
+# buffer, and its wire copy), and nothing at all while nobody watches. A
+# polled GET would cost a socket per poll (Pico W has 5 TCP connections
+# in all, ESP32 about 8), a 1 KB request-head buffer and a connection
+# task each time, on top of the same JSON. And over MQTT the broker's ACL
+# decides who may read it, as for every other $SYS topic.
+#
+# Imported only when a websockets listener sees a plain GET / or the
+# page's upgrade (/mqtt?dashboard).
+import asyncio
+import gc
+import json
+import sys
+import time
+from micropython import const
+from broker import log
+from broker.http import respond
+from broker.message import Message
+
+TOPIC = "$SYS/broker/dashboard/state"
+_PERIOD_MS = const(2000)
+_BUDGET = const(4096)  # JSON bytes at most; long lists are cut short
+_MAX_STR = const(64)  # client ids, filters and topics are cut to this
+_PAGE = "broker.dashboard_page"
+
+_task = None
+
+
+# ------------------------------------------------------------ the page
+
+
+def _gzip_ok(value):
+    # Accept-Encoding: absent means anything goes (RFC 9110 12.5.3);
+    # otherwise gzip, x-gzip or * with a q other than 0.
+    if value is None:
+        return True
+    for item in value.split(","):
+        parts = item.split(";")
+        name = parts[0].strip().lower()
+        if name not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for p in parts[1:]:
+            p = p.strip()
+            if p[:2] == "q=":
+                try:
+                    q = float(p[2:])
+                except ValueError:
+                    q = 0.0
+        return q > 0
+    return False
+
+
+async def serve_page(t, req):
+    # Answers one request for the page and returns; the caller closes t.
+    method, _path, h, _extra = req
+    if method != "GET" and method != "HEAD":
+        await respond(t, 405, "Method Not Allowed", (("Allow", "GET, HEAD"), ("Connection", "close")))
+        return
+    gz = _gzip_ok(h.get("accept-encoding"))
+    __import__(_PAGE)
+    P = sys.modules[_PAGE]
+    try:
+        await _send_page(t, P, gz, method == "HEAD")
+    finally:
+        # The bytes are a constant of that module: in flash when frozen, in
+        # the heap when loaded from a .mpy. Unloading it gives those back
+        # between page views (a view then reads the .mpy again).
+        P = None
+        _unload()
+
+
+def _unload():
+    sys.modules.pop(_PAGE, None)
+    pkg = sys.modules.get("broker")
+    if pkg is not None:
+        try:
+            delattr(pkg, "dashboard_page")
+        except (AttributeError, TypeError):
+            pass
+
+
+async def _send_page(t, P, gz, head_only):
+    body = P.GZ
+    h = (
+        "HTTP/1.1 200 OK\r\n"
+        "Content-Type: text/html; charset=utf-8\r\n"
+        "Content-Length: %d\r\n"
+        "%s"
+        "Vary: Accept-Encoding\r\n"
+        "Cache-Control: no-cache\r\n"
+        "X-Content-Type-Options: nosniff\r\n"
+        "Referrer-Policy: no-referrer\r\n"
+        "Content-Security-Policy: %s\r\n"
+        "Connection: close\r\n\r\n"
+        % (len(body) if gz else P.RAW_LEN, "Content-Encoding: gzip\r\n" if gz else "", P.CSP)
+    )
+    await t.send(h.encode())
+    h = None
+    if head_only:
+        return
+    if gz:
+        await t.send(memoryview(body))
+        return
+    import io
+    import deflate
+
+    d = deflate.DeflateIO(io.BytesIO(body), deflate.GZIP, P.WBITS)
+    buf = bytearray(512)
+    mv = memoryview(buf)
+    while True:
+        n = d.readinto(buf)
+        if not n:
+            break
+        await t.send(mv[:n])
+
+
+# ------------------------------------------------------------ the state
+
+
+class _Out:
+    # JSON written into one buffer of fixed size: the whole state costs that
+    # buffer and the final copy, however many clients or topics there are.
+    def __init__(self, n):
+        self.b = bytearray(n)
+        self.n = 0
+
+    def put(self, s, limit):
+        # Appends s (str) if the result stays within limit bytes.
+        if isinstance(s, str):
+            s = s.encode()
+        k = len(s)
+        n = self.n
+        if n + k > limit:
+            return False
+        self.b[n : n + k] = s
+        self.n = n + k
+        return True
+
+
+def _cut(s):
+    if s is None or len(s) <= _MAX_STR:
+        return s
+    return s[: _MAX_STR - 1] + "\u2026"
+
+
+def state(b, budget=_BUDGET):
+    # The JSON the page reads, as bytes, at most `budget` long:
+    #  ver, up (s), auth (1: password_file, so logins are checked), max
+    #  (max_connections), nc/ns (connected clients / sessions), nsub, nret
+    #  (counts), heap [used, free], store [used, max, written, block
+    #  writes] or null, m [msgs in, msgs out, bytes in, bytes out, dropped],
+    #  clients [[id, user, address, version, connected, subs, queued,
+    #  in flight]] (connected first), subs [[client id, filter, QoS]],
+    #  ret [[topic, payload bytes]]. A list cut short by the budget has fewer
+    #  entries than its count. No password or payload is ever included.
+    from broker.sys_tree import VERSION
+
+    gc.collect()
+    used = gc.mem_alloc()
+    free = gc.mem_free()
+    cfg = b.cfg
+    st = None
+    p = b.persist
+    if p is not None:
+        ss = p.store.stats
+        st = [p.store.used_bytes(), cfg["store_max_bytes"], ss.get("bytes_written", 0), ss.get("block_writes", 0)]
+    o = _Out(budget)
+    head = json.dumps(
+        {
+            "ver": VERSION,
+            "up": int(time.time() - b.started),
+            "auth": 1 if b.auth is not None else 0,
+            "max": cfg["max_connections"],
+            "nc": b.connected_count(),
+            "ns": len(b.sessions),
+            "nsub": b.subs.count,
+            "nret": len(b.retained.msgs),
+            "heap": [used, free],
+            "store": st,
+            "m": [b.stats_msgs_recv, b.stats_msgs_sent, b.stats_bytes_recv, b.stats_bytes_sent, b.stats_dropped],
+        }
+    )
+    o.put(head[:-1], budget)
+    head = None
+    # Shares of the budget, so that a long list leaves room for the next;
+    # 40 bytes stay for the list ends.
+    end = budget - 40
+    o.put(',"clients":[', end)
+    sep = ""
+    for online in (True, False):
+        for s in b.sessions.values():
+            c = s.conn
+            if (c is not None) != online:
+                continue
+            item = json.dumps([
+                _cut(s.client_id), _cut(s.username), c.t.peer if c is not None else None,
+                s.version, 1 if online else 0, len(s.subs), len(s.queue), len(s.inflight)])
+            if not o.put(sep + item, end * 4 // 10):
+                break
+            sep = ","
+    o.put('],"subs":[', end)
+    sep = ""
+    full = False
+    for s in b.sessions.values():
+        for f in s.subs:
+            if not o.put(sep + json.dumps([_cut(s.client_id), _cut(f), s.subs[f].opts & 3]), end * 7 // 10):
+                full = True
+                break
+            sep = ","
+        if full:
+            break
+    o.put('],"ret":[', end)
+    sep = ""
+    msgs = b.retained.msgs
+    for k in msgs:
+        if not o.put(sep + json.dumps([_cut(k), len(msgs[k].payload)]), end):
+            break
+        sep = ","
+    o.put("]}", budget)
+    return bytes(memoryview(o.b)[: o.n])
+
+
+def watched(b, hits):
+    # True when some subscription matches TOPIC. hits: a scratch list.
+    del hits[:]
+    b.subs.match(TOPIC, hits)
+    n = len(hits)
+    del hits[:]
+    return n > 0
+
+
+def ensure(b):
+    # Starts the publisher once; called when the page is served or
+    # connects. It stays, idle, checking every 2 s for a subscriber.
+    global _task
+    if _task is None:
+        _task = asyncio.create_task(_run(b))
+        log.info("dashboard: publishing %s while subscribed", TOPIC)
+
+
+async def _run(b):
+    hits = []
+    while True:
+        await asyncio.sleep_ms(_PERIOD_MS)
+        try:
+            if not watched(b, hits):
+                continue
+            m = Message(TOPIC, state(b), 0, False)
+            b.route(m, None, False)
+            m = None
+        except MemoryError:
+            gc.collect()
+            log.warning("dashboard: out of memory building the state")
+        except Exception as e:
+            log.error("dashboard: %r", e)

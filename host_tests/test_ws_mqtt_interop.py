@@ -1,0 +1,480 @@
+"""MQTT over WebSocket against the real broker under MicroPython.
+
+MQTT.js (npm `mqtt`, pinned in node/package.json, run with Node) connects
+over ws:// and wss:// and exchanges QoS 0, 1 and 2 messages, both ways, with
+a paho client on plain TCP. Then raw sockets send malformed upgrades and
+frames (bad key, unmasked frame, oversized frame, bad opcode, a close in
+the middle of an MQTT packet, ...) and check the HTTP status or the close
+code that comes back, and that the broker still serves a TCP client.
+
+Node and npm must be installed; MQTT.js is installed into host_tests/node
+with `npm ci` when missing. openssl makes the throwaway certificate.
+"""
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import uuid
+
+import paho.mqtt.client as paho
+import pytest
+
+from brokerproc import BrokerProc, free_port
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE_DIR = os.path.join(HERE, "node")
+ARTIFACTS = os.path.join(HERE, "artifacts")
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+MAX_PACKET = 8192  # the esp32 profile's max_packet_size
+
+
+def node_ready(*modules):
+    """Skips without node/npm; installs node/package-lock.json when one of
+    `modules` is missing from node/node_modules."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node/npm not installed (Debian: apt-get install nodejs npm)")
+    if all(os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)) for m in modules):
+        return
+    r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                           capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, "npm could not install host_tests/node:\n" + r.stdout + r.stderr
+    for m in modules:
+        assert os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)), m
+
+
+def make_cert(d):
+    """A self-signed certificate for 127.0.0.1: DER for the broker, PEM for Node."""
+    def run(*a):
+        subprocess.run(["openssl", *a], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "key.pem", "-out", "cert.pem", "-days", "2", "-subj", "/CN=localhost",
+        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    run("x509", "-in", "cert.pem", "-outform", "DER", "-out", "cert.der")
+    run("pkey", "-in", "key.pem", "-outform", "DER", "-out", "key.der")
+    return os.path.join(d, "cert.der"), os.path.join(d, "key.der"), os.path.join(d, "cert.pem")
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    d = str(tmp_path_factory.mktemp("wscert"))
+    cert, key, pem = make_cert(d)
+    tcp, ws, wss = free_port(), free_port(), free_port()
+    b = BrokerProc(board="esp32", port=tcp, config={"listeners": [
+        {"port": tcp},
+        {"port": ws, "protocol": "websockets"},
+        {"port": wss, "protocol": "websockets", "certfile": cert, "keyfile": key}]})
+    b.start()
+    b.ws, b.wss, b.pem = ws, wss, pem
+    try:
+        yield b
+    finally:
+        b.stop()
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        with open(os.path.join(ARTIFACTS, "ws_mqtt_interop_broker.log"), "w") as f:
+            f.write(b.log())
+        b.tmp.cleanup()
+    assert "Traceback" not in b.log(), b.log()[-3000:]
+
+
+# ---------------------------------------------------------------- paho on TCP
+
+
+def messages(who):
+    """(QoS, index, payload): the same list as messages() in mqtt_interop.mjs."""
+    out = []
+    for q in (0, 1, 2):
+        out.append((q, 0, ("%s q%d first" % (who, q)).encode()))
+        out.append((q, 1, ("%s q%d \u00e9\u4e2d" % (who, q)).encode()))
+        out.append((q, 2, bytes((i * 7 + q) & 255 for i in range(3000))))
+    return out
+
+
+class Paho:
+    def __init__(self, port, version=4, sub=None):
+        self.got = []
+        self.cond = threading.Condition()
+        v = paho.MQTTv5 if version == 5 else paho.MQTTv311
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="paho-%s" % uuid.uuid4().hex[:8],
+                             protocol=v)
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.loop_start()
+        deadline = time.time() + 5
+        while not self.c.is_connected():
+            assert time.time() < deadline, "paho did not connect"
+            time.sleep(0.01)
+        if sub:
+            r, mid = self.c.subscribe(sub, qos=2)
+            assert r == 0
+            time.sleep(0.2)  # SUBACK on its way; the broker has the subscription in order
+
+    def _on_message(self, c, u, m):
+        with self.cond:
+            self.got.append((m.topic, m.qos, bytes(m.payload)))
+            self.cond.notify_all()
+
+    def wait(self, n, timeout=10):
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.got) >= n, timeout)
+            return list(self.got)
+
+    def publish(self, topic, payload, qos):
+        info = self.c.publish(topic, payload, qos)
+        info.wait_for_publish(5)
+        assert info.is_published(), (topic, qos)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def run_node(url, prefix, version, expect, ca=None):
+    node_ready("mqtt", "ws")
+    cmd = ["node", os.path.join(NODE_DIR, "mqtt_interop.mjs"), url, prefix, str(version), str(expect)]
+    if ca:
+        cmd.append(ca)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NODE_DIR)
+
+
+def node_line(p, timeout=20):
+    """The next JSON line from the Node script (or an assertion with its output)."""
+    box = []
+    t = threading.Thread(target=lambda: box.append(p.stdout.readline()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not box or not box[0]:
+        p.kill()
+        out, err = p.communicate(timeout=5)
+        raise AssertionError("node said nothing within %ss:\n%s\n%s" % (timeout, out, err))
+    return json.loads(box[0])
+
+
+def exchange(broker, url, version, ca=None):
+    prefix = "interop/%s" % uuid.uuid4().hex[:8]
+    pa = Paho(broker.port, version, sub=prefix + "/to_paho/#")
+    node = run_node(url, prefix, version, 9, ca)
+    try:
+        first = node_line(node)
+        assert first == {"ready": True}, first
+        # Node has published and subscribed: now the other way.
+        for q, i, p in messages("paho"):
+            pa.publish("%s/to_node/q%d/%d" % (prefix, q, i), p, q)
+        res = node_line(node)
+        assert node.wait(10) == 0, node.stderr.read()
+        got_paho = pa.wait(9)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(5)
+        pa.close()
+    got_node = sorted((t, q, base64.b64decode(p)) for t, q, p in res["received"])
+    assert got_node == sorted(("%s/to_node/q%d/%d" % (prefix, q, i), q, p) for q, i, p in messages("paho"))
+    assert sorted(got_paho) == sorted(("%s/to_paho/q%d/%d" % (prefix, q, i), q, p)
+                                      for q, i, p in messages("node"))
+    assert broker.alive()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_mqttjs_over_ws_exchanges_qos012_with_paho_on_tcp(broker, version):
+    exchange(broker, "ws://127.0.0.1:%d/mqtt" % broker.ws, version)
+
+
+def test_mqttjs_over_wss_exchanges_qos012_with_paho_on_tcp(broker):
+    exchange(broker, "wss://127.0.0.1:%d/mqtt" % broker.wss, 4, ca=broker.pem)
+
+
+def test_mqttjs_over_wss_rejects_a_broker_it_does_not_trust(broker):
+    # The certificate check is real: without the CA option Node refuses.
+    node = run_node("wss://127.0.0.1:%d/mqtt" % broker.wss, "interop/x", 4, 1)
+    try:
+        res = node_line(node)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        node.wait(5)
+    assert "self-signed" in res.get("error", "") or "certificate" in res.get("error", ""), res
+    assert_tcp_ok(broker)
+
+
+# ---------------------------------------------------------------- raw WebSocket
+
+
+def ws_key():
+    return base64.b64encode(os.urandom(16)).decode()
+
+
+def accept_for(key):
+    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
+
+
+def http(port, request, timeout=5):
+    """Sends a raw request; returns (status, headers dict, socket, rest)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = s.recv(4096)
+        if not d:
+            break
+        data += d
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1]) if lines[0] else None
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, s, rest
+
+
+def upgrade_request(key=None, path="/mqtt", version="13", proto="mqtt", extra=""):
+    key = key or ws_key()
+    req = "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" % path
+    if key is not False:
+        req += "Sec-WebSocket-Key: %s\r\n" % key
+    if version:
+        req += "Sec-WebSocket-Version: %s\r\n" % version
+    if proto:
+        req += "Sec-WebSocket-Protocol: %s\r\n" % proto
+    return (req + extra + "\r\n").encode()
+
+
+class WS:
+    """A WebSocket client on a raw socket, for frames the real clients never send."""
+
+    def __init__(self, port):
+        key = ws_key()
+        status, h, self.s, self.buf = http(port, upgrade_request(key))
+        assert status == 101, (status, h)
+        assert h["sec-websocket-accept"] == accept_for(key)
+        assert h["sec-websocket-protocol"] == "mqtt"
+
+    @staticmethod
+    def frame(op, payload=b"", fin=True, mask=True, length=None):
+        n = len(payload) if length is None else length
+        b0 = (0x80 if fin else 0) | op
+        mbit = 0x80 if mask else 0
+        if n < 126:
+            head = bytes((b0, mbit | n))
+        elif n < 65536:
+            head = bytes((b0, mbit | 126)) + struct.pack(">H", n)
+        else:
+            head = bytes((b0, mbit | 127)) + struct.pack(">Q", n)
+        if not mask:
+            return head + payload
+        k = os.urandom(4)
+        return head + k + bytes(c ^ k[i & 3] for i, c in enumerate(payload))
+
+    def send(self, data):
+        self.s.sendall(data)
+
+    def _need(self, n, timeout):
+        self.s.settimeout(timeout)
+        while len(self.buf) < n:
+            d = self.s.recv(65536)
+            if not d:
+                raise EOFError
+            self.buf += d
+
+    def recv_frame(self, timeout=5):
+        """(opcode, payload) of the next server frame (server frames are unmasked)."""
+        self._need(2, timeout)
+        b0, b1 = self.buf[0], self.buf[1]
+        assert not b1 & 0x80, "server frames must not be masked"
+        n, i = b1 & 0x7F, 2
+        if n == 126:
+            self._need(4, timeout)
+            n, i = struct.unpack(">H", self.buf[2:4])[0], 4
+        elif n == 127:
+            self._need(10, timeout)
+            n, i = struct.unpack(">Q", self.buf[2:10])[0], 10
+        self._need(i + n, timeout)
+        p = self.buf[i:i + n]
+        self.buf = self.buf[i + n:]
+        return b0 & 0x0F, p
+
+    def expect_close(self, code, timeout=5):
+        """Reads frames until a close; asserts its code and that TCP then ends."""
+        while True:
+            op, p = self.recv_frame(timeout)
+            if op == 8:
+                break
+        assert struct.unpack(">H", p[:2])[0] == code, p
+        assert self.tcp_closed(timeout)
+
+    def tcp_closed(self, timeout=5):
+        self.s.settimeout(timeout)
+        try:
+            while True:
+                if not self.s.recv(65536):
+                    return True
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.s.close()
+
+
+CONNECT = bytes.fromhex("101000044d5154540402003c0004") + b"wsrw"  # 3.1.1, clean, id "wsrw"
+
+
+def assert_tcp_ok(broker):
+    """A normal TCP client still connects, subscribes and gets its message."""
+    pa = Paho(broker.port, 4, sub="after/#")
+    try:
+        pa.publish("after/x", b"still here", 1)
+        assert pa.wait(1) == [("after/x", 1, b"still here")]
+    finally:
+        pa.close()
+    assert broker.alive()
+
+
+def test_well_behaved_raw_client_connects(broker):
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT))
+    op, p = w.recv_frame()
+    assert (op, p) == (2, b"\x20\x02\x00\x00")
+    w.send(WS.frame(2, b"\xc0\x00"))  # PINGREQ
+    assert w.recv_frame() == (2, b"\xd0\x00")
+    w.send(WS.frame(8, struct.pack(">H", 1000)))
+    w.expect_close(1000)
+    w.close()
+
+
+@pytest.mark.parametrize("key", ["short", "dGhlIHNhbXBsZSBub25jZQ", "!!!!!!!!!!!!!!!!!!!!!!==", False])
+def test_bad_key_gets_400(broker, key):
+    status, h, s, _ = http(broker.ws, upgrade_request(key=key))
+    s.close()
+    assert status == 400
+    assert_tcp_ok(broker)
+
+
+def test_missing_version_gets_426(broker):
+    status, h, s, _ = http(broker.ws, upgrade_request(version=None))
+    s.close()
+    assert status == 426 and h["sec-websocket-version"] == "13"
+
+
+def test_unknown_path_gets_404_and_post_gets_405(broker):
+    status, _, s, _ = http(broker.ws, upgrade_request(path="/other"))
+    s.close()
+    assert status == 404
+    status, _, s, _ = http(broker.ws, b"POST /mqtt HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    s.close()
+    assert status == 405
+    status, _, s, _ = http(broker.ws, b"GET /mqtt HTTP/1.1\r\nHost: x\r\n\r\n")  # no upgrade
+    s.close()
+    assert status == 400
+
+
+def test_garbage_instead_of_http_gets_400(broker):
+    status, _, s, _ = http(broker.ws, b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\r\n\r\n")
+    s.close()
+    assert status == 400
+    assert_tcp_ok(broker)
+
+
+def test_unmasked_frame_closes_1002(broker):
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT, mask=False))
+    w.expect_close(1002)
+    w.close()
+    assert_tcp_ok(broker)
+
+
+def test_oversized_frame_closes_1009(broker):
+    w = WS(broker.ws)
+    # Only the header: the broker must refuse on the length, before
+    # allocating or reading anything.
+    w.send(WS.frame(2, length=MAX_PACKET + 1000)[:4] + os.urandom(4))
+    w.expect_close(1009)
+    w.close()
+    assert_tcp_ok(broker)
+
+
+def test_oversized_frame_after_connect_closes_1009(broker):
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT))
+    assert w.recv_frame() == (2, b"\x20\x02\x00\x00")
+    w.send(WS.frame(2, length=1 << 40)[:10] + os.urandom(4))
+    w.expect_close(1009)
+    w.close()
+    assert_tcp_ok(broker)
+
+
+@pytest.mark.parametrize("op", [3, 7, 0x0B, 0x0F])
+def test_bad_opcode_closes_1002(broker, op):
+    w = WS(broker.ws)
+    w.send(WS.frame(op, b"x"))
+    w.expect_close(1002)
+    w.close()
+    assert_tcp_ok(broker)
+
+
+def test_text_frame_closes_1003(broker):
+    w = WS(broker.ws)
+    w.send(WS.frame(1, b"hello"))
+    w.expect_close(1003)
+    w.close()
+
+
+def test_close_in_the_middle_of_an_mqtt_packet(broker):
+    # Half a PUBLISH, then a close: the close is answered with the same
+    # code, the half packet goes nowhere, and the session ends.
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT))
+    assert w.recv_frame() == (2, b"\x20\x02\x00\x00")
+    pa = Paho(broker.port, 4, sub="half/#")
+    try:
+        pub = bytes((0x30, 12, 0, 6)) + b"half/x" + b"abcd"  # 14 bytes in all
+        w.send(WS.frame(2, pub[:9]))
+        w.send(WS.frame(8, struct.pack(">H", 1001) + b"going"))
+        w.expect_close(1001)
+        w.close()
+        time.sleep(0.3)
+        assert pa.got == []
+    finally:
+        pa.close()
+    assert_tcp_ok(broker)
+
+
+def test_tcp_dropped_in_the_middle_of_a_frame(broker):
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT))
+    assert w.recv_frame() == (2, b"\x20\x02\x00\x00")
+    w.send(WS.frame(2, b"\x30" + bytes(200))[:50])
+    w.close()
+    assert_tcp_ok(broker)
+
+
+def test_mqtt_protocol_error_inside_websocket_closes_the_connection(broker):
+    # A second CONNECT is an MQTT protocol violation: the broker ends the
+    # MQTT connection and with it the WebSocket.
+    w = WS(broker.ws)
+    w.send(WS.frame(2, CONNECT))
+    assert w.recv_frame() == (2, b"\x20\x02\x00\x00")
+    w.send(WS.frame(2, CONNECT))
+    try:
+        while True:
+            op, _ = w.recv_frame()
+            if op == 8:
+                break
+    except EOFError:
+        pass
+    assert w.tcp_closed()
+    w.close()
+    assert_tcp_ok(broker)
