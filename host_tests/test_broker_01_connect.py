@@ -4,12 +4,12 @@ import time
 
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Raw, Client, Connect, Empty, decode, CONNACK,
                    DISCONNECT, PINGREQ, PINGRESP, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
                    MAX_PACKET, TOPIC_ALIAS_MAX)
 from mqtt import packets as P
 
-HEAP = "220K"
 CONFIG = {
     "connect_timeout": 1,
     "max_keepalive": 30,
@@ -19,16 +19,6 @@ CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 def connect_raw(port, client_id, version=4, **kw):
@@ -268,7 +258,7 @@ def test_keepalive_zero_connection_is_not_closed(broker):
 def test_server_keep_alive_is_enforced():
     # The keep-alive the server announced (max_keepalive 1) is the one it
     # enforces (5.0 3.2.2.3.14): silence for 1.5 s closes the connection.
-    with BrokerProc(board="esp32", config={"max_keepalive": 1}, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config={"max_keepalive": 1}) as b:
         c = Client(b.port, "c01-ska-enf", version=5, keepalive=60)
         assert c.connack.props[SERVER_KEEP_ALIVE] == 1
         t0 = time.time()

@@ -3,22 +3,12 @@ subscriptions, subscription options and SUBACK/UNSUBACK codes
 (MQTT 3.1.1 3.8-3.11, 4.7; MQTT 5.0 3.8-3.11, 4.7, 4.8)."""
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import BrokerProc, Client, Subscribe, Unsubscribe, DISCONNECT, SUBID, NL, RAP, RH
 
-HEAP = "220K"
 CONFIG = {"max_subscriptions": 32}
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 @pytest.fixture

@@ -3,23 +3,13 @@ delivery QoS, duplicate suppression and redelivery on session resumption
 (MQTT 3.1.1 3.3-3.7, 4.3, 4.4, 4.6; MQTT 5.0 the same sections)."""
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                    DISCONNECT, SESSION_EXPIRY)
 
-HEAP = "220K"
 CONFIG = {"max_inflight_messages": 10}
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 @pytest.fixture

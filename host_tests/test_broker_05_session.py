@@ -5,22 +5,12 @@ import time
 
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import BrokerProc, Client, DISCONNECT, SESSION_EXPIRY
 
-HEAP = "220K"
 CONFIG = {}
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 @pytest.fixture

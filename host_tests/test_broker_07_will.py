@@ -4,23 +4,13 @@ import time
 
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Client, Connect, SESSION_EXPIRY, WILL_DELAY, CONTENT_TYPE, USER,
                    RESPONSE_TOPIC)
 
-HEAP = "220K"
 CONFIG = {}
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 def watcher(broker, topic, qos=1):

@@ -6,24 +6,14 @@ import time
 
 import pytest
 
+from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                    DISCONNECT, SESSION_EXPIRY, EXPIRY, TOPIC_ALIAS, TOPIC_ALIAS_MAX, RECEIVE_MAX,
                    MAX_PACKET, PFI, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION, USER, SUBID)
 
-HEAP = "220K"
 CONFIG = {"max_inflight_messages": 3, "max_topic_alias": 4}
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with BrokerProc(board="esp32", config=CONFIG, heap=HEAP) as b:
-        yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(broker):
-    yield
-    assert broker.alive(), "broker died:\n" + broker.log()[-3000:]
 
 
 @pytest.fixture

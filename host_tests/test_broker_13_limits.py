@@ -11,7 +11,6 @@ import pytest
 from mqttc import (BrokerProc, Raw, Client, Closed, Publish, P, PUBACK, DISCONNECT, CONNACK,
                    SESSION_EXPIRY, MAX_PACKET, decode, connect_bytes, sys_wait)
 
-HEAP = "220K"
 
 
 def _check_alive(b):
@@ -33,7 +32,7 @@ def _serves(port, tag):
 
 @pytest.fixture
 def two_conn_broker():
-    with BrokerProc(board="esp32", config={"max_connections": 2}, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config={"max_connections": 2}) as b:
         yield b
         _check_alive(b)
 
@@ -83,7 +82,7 @@ def test_max_connections_allows_takeover_of_connected_client(two_conn_broker):
 
 @pytest.fixture
 def two_session_broker():
-    with BrokerProc(board="esp32", config={"max_sessions": 2}, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config={"max_sessions": 2}) as b:
         yield b
         _check_alive(b)
 
@@ -127,7 +126,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def broker():
-    with BrokerProc(board="esp32", config=LIMITS, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config=LIMITS) as b:
         yield b
 
 
@@ -369,7 +368,7 @@ PLAIN = {"sys_interval": 1, "max_queued_messages": 32, "min_free_heap": 16384, "
 
 @pytest.fixture(scope="module")
 def plain():
-    with BrokerProc(board="esp32", config=PLAIN, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config=PLAIN) as b:
         yield b
         _check_alive(b)
 
@@ -511,7 +510,7 @@ def test_offline_queues_of_large_messages_do_not_exhaust_heap():
     # the publisher gets PUBACK (0x00, or 0x97 Quota exceeded) or at worst
     # DISCONNECT 0x97, and new clients can still connect and exchange
     # messages afterwards.
-    with BrokerProc(board="esp32", config=PLAIN, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config=PLAIN) as b:
         for i in range(4):
             _offline_session(b.port, "big-off%d" % i, "bigoff/%d" % i)
         p = Client(b.port, "big-pub", version=5)

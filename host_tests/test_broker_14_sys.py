@@ -11,7 +11,7 @@ HEAP_BYTES = 220 * 1024
 
 @pytest.fixture(scope="module")
 def broker():
-    with BrokerProc(board="esp32", config={"sys_interval": 1}, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config={"sys_interval": 1}) as b:
         # First publication comes one interval after start.
         assert sys_wait(b.port, "version", lambda v: True, timeout=4) is not None
         yield b

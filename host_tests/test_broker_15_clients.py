@@ -15,7 +15,6 @@ from paho.mqtt.properties import Properties
 
 from mqttc import BrokerProc
 
-HEAP = "220K"
 PAHO_VERSION = {4: mqtt.MQTTv311, 5: mqtt.MQTTv5}
 CLI_VERSION = {4: "mqttv311", 5: "mqttv5"}
 
@@ -25,7 +24,7 @@ needs_mosquitto = pytest.mark.skipif(not shutil.which("mosquitto_pub") or not sh
 
 @pytest.fixture(scope="module")
 def broker():
-    with BrokerProc(board="esp32", config={}, heap=HEAP) as b:
+    with BrokerProc(board="esp32", config={}) as b:
         yield b
 
 

@@ -186,7 +186,8 @@ def test_unknown_user_takes_as_long_as_a_wrong_password(tmp_path):
     # noise, so the hash shows in the time. A first failure from an address
     # is answered without throttle delay, so each try uses a fresh address.
     pf = make_password_file(tmp_path / "pw", [("alice", "wonderland"), ("bob", "x")], 40000)
-    with BrokerProc(board="esp32", config={"password_file": str(pf), "max_connection_rate": 0}) as b:
+    with BrokerProc(board="esp32", config={"password_file": str(pf), "allow_anonymous": False,
+                                                "max_connection_rate": 0}) as b:
         wrong, unknown, anon = [], [], []
         for i in range(3):
             p, t = timed_connack(b.port, "127.0.1.%d" % (10 + i), 5, username="alice", password=b"guess")

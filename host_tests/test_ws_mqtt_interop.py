@@ -172,7 +172,7 @@ def exchange(broker, url, version, ca=None):
         for q, i, p in messages("paho"):
             pa.publish("%s/to_node/q%d/%d" % (prefix, q, i), p, q)
         res = node_line(node)
-        assert node.wait(10) == 0, node.stderr.read()
+        assert node.wait(10) == 0, (res, node.stdout.read(), node.stderr.read())
         got_paho = pa.wait(9)
     finally:
         if node.poll() is None:
@@ -240,7 +240,8 @@ def http(port, request, timeout=5):
 
 
 def upgrade_request(key=None, path="/mqtt", version="13", proto="mqtt", extra=""):
-    key = key or ws_key()
+    if key is None:
+        key = ws_key()
     req = "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" % path
     if key is not False:
         req += "Sec-WebSocket-Key: %s\r\n" % key

@@ -14,7 +14,12 @@ const [url, prefix, version, expect, caFile] = process.argv.slice(2);
 const want = Number(expect);
 
 function out(o) { console.log(JSON.stringify(o)); }
-function fail(why) { out({ error: String(why) }); process.exit(1); }
+let done = false;
+function fail(why) {
+  if (done) return; // after the result: only the goodbye can fail
+  out({ error: String(why) });
+  process.exit(1);
+}
 setTimeout(() => fail("timeout"), 30000).unref();
 
 // The same list as messages() in the test: three per QoS, one of them
@@ -44,12 +49,14 @@ if (caFile) opts.ca = readFileSync(caFile);
 const received = [];
 const client = mqtt.connect(url, opts);
 client.on("error", (e) => fail(e));
-client.on("close", () => { if (received.length < want) fail(`closed after ${received.length} messages`); });
+client.on("close", () => fail(`closed after ${received.length} messages`));
 client.on("message", (topic, payload, packet) => {
   received.push([topic, packet.qos, Buffer.from(payload).toString("base64")]);
   if (received.length === want) {
     out({ received });
-    client.end(false, () => process.exit(0));
+    done = true;
+    // Let the last QoS 2 exchange (PUBREL, PUBCOMP) finish before DISCONNECT.
+    setTimeout(() => client.end(false, () => process.exit(0)), 300);
   }
 });
 client.on("connect", async () => {

@@ -170,6 +170,14 @@ def versions(amqtt_exe=None):
     v["mosquitto"] = Mosquitto.get_version() if Mosquitto.available() else "not installed"
     if amqtt_exe:
         v["amqtt"] = Amqtt(amqtt_exe).get_version()
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10, cwd=str(REPO)).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "firmware", "lib"], capture_output=True,
+                               text=True, timeout=10, cwd=str(REPO)).stdout.strip()
+        v["commit"] = head + (" + uncommitted changes in firmware/ or lib/" if dirty else "")
+    except Exception:
+        v["commit"] = "?"
     v["nproc"] = os.cpu_count()
     cpu = "?"
     try:
@@ -322,7 +330,7 @@ def main():
             print("target %-9s %-8s %-9s measured %-10s %s" % (
                 t["scenario"], t["metric"], t["target"], ("%.2f" % t["value"]) if isinstance(t["value"], float)
                 else t["value"], "MET" if t["met"] else "NOT MET"))
-    out = {"versions": ver, "seconds": a.seconds, "repeat": a.repeat, "board": a.board, "heap": a.heap,
+    out = {"versions": ver, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)), "seconds": a.seconds, "repeat": a.repeat, "board": a.board, "heap": a.heap,
            "bench_config": BENCH_CONFIG, "labels": labels, "results": res, "conncap": cap, "targets": tc,
            "elapsed_s": time.time() - t_start,
            "command": "python tools/bench/bench.py " + " ".join(sys.argv[1:])}

