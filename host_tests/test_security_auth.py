@@ -345,3 +345,129 @@ def test_will_of_a_refused_login_is_never_published(broker):
     assert p.reason == 0x86
     assert sub.poll(0.5) is None
     sub.close()
+
+
+# ---------------------------------------------------------------- connection rate
+
+RATE_UNIT = r"""
+import gc
+from broker import server, log
+
+lines = []
+log.set_sinks([lines.append])
+
+
+class T:
+    now = 1000
+
+    @staticmethod
+    def ticks_ms():
+        return T.now
+
+    @staticmethod
+    def ticks_diff(a, b):
+        return a - b
+
+
+server.time = T
+r = server.ConnRate(5)  # 5 per 10 s: each connection fills the bucket by 2 s
+out = [r.check("10.0.0.1") for _ in range(14)]
+print("burst", out)
+print("counters", r.slowed, r.refused)
+print("logs", len(lines))
+T.now += 10000  # 10 s of quiet: from refused back to slowed
+print("after10", r.check("10.0.0.1"))
+T.now += 20000
+print("after30", r.check("10.0.0.1"))
+# A steady 1 connection per 2 s never trips it.
+steady = []
+for _ in range(20):
+    T.now += 2000
+    steady.append(r.check("10.0.0.2"))
+print("steady", max(steady))
+# Still refusing after a window: logged once more, not per connection.
+for _ in range(12):
+    r.check("10.0.0.3")
+n = len(lines)
+for _ in range(50):
+    T.now += 100
+    r.check("10.0.0.3")
+print("relogged", len(lines) - n)
+# An address flood: the table stays at 16 entries and the heap does not grow.
+for i in range(200):
+    r.check("10.1.%d.%d" % (i // 250, i % 250))
+gc.collect()
+a = gc.mem_alloc()
+for i in range(2000):
+    r.check("10.2.%d.%d" % (i // 250, i % 250))
+gc.collect()
+print("table", len(r), "growth", gc.mem_alloc() - a)
+off = server.ConnRate(0)
+print("off", max(off.check("10.0.0.9") for _ in range(1000)))
+"""
+
+
+def test_connection_rate_buckets_slow_then_refuse_and_stay_bounded():
+    from conftest import run_mp
+
+    r = run_mp(RATE_UNIT, heap="220K")
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    burst = eval(got["burst"])
+    assert burst[:5] == [0] * 5, burst  # the first rate connections at once
+    slowed = burst[5:10]
+    assert all(d > 0 for d in slowed) and slowed == sorted(slowed) and slowed[-1] <= 1000, burst
+    assert burst[10:] == [-1] * 4, burst
+    assert got["counters"] == "5 4"
+    assert got["logs"] == "2"  # one "slowing", one "refusing"
+    assert int(got["after10"]) > 0
+    assert got["after30"] == "0"
+    assert got["steady"] == "0"
+    assert got["relogged"] == "0"  # 5 s more of refusals: no new line within the window
+    table, growth = got["table"].split(" growth ")
+    assert table == "16" and int(growth) < 512, got["table"]
+    assert got["off"] == "0"
+
+
+def _connack_or_refused(port, src, cid, timeout=5):
+    """(CONNACK reason or None when closed without one, seconds)."""
+    t = time.monotonic()
+    try:
+        r = raw_from(port, src, timeout)
+    except OSError:
+        return None, time.monotonic() - t
+    try:
+        r.send(connect_bytes(cid, 4))
+        raw = r.recv_packet(timeout)
+    except OSError:
+        raw = None
+    finally:
+        r.close()
+    dt = time.monotonic() - t
+    return (None if raw is None else decode(raw, 4).reason), dt
+
+
+def test_client_reconnecting_in_a_tight_loop_is_slowed_then_refused_and_logged():
+    with BrokerProc(board="esp32", config={"max_connection_rate": 5}) as b:
+        loop = []
+        for i in range(30):
+            loop.append(_connack_or_refused(b.port, "127.0.0.40", "looper"))
+            if [x for x, _ in loop[-3:]] == [None] * 3:
+                break
+        served = [t for x, t in loop if x == 0]
+        refused = [t for x, t in loop if x is None]
+        assert len(served) >= 5 and max(served[:5]) < 0.3, loop
+        assert max(served[5:] or [0]) > 0.3, "never slowed: %s" % loop
+        assert refused and all(t < 0.3 for t in refused), loop
+        first_refused = [x for x, _ in loop].index(None)
+        assert first_refused >= 8, loop
+        # Another address is unaffected while this one is refused.
+        x, t = _connack_or_refused(b.port, "127.0.0.41", "neighbour")
+        assert x == 0 and t < 0.3, (x, t)
+        assert _connack_or_refused(b.port, "127.0.0.40", "looper")[0] is None
+        log = b.log()
+        assert "connection rate from 127.0.0.40 over 5 per 10 s: slowing it" in log
+        assert "connection rate from 127.0.0.40 over 10 per 10 s: refusing it" in log
+        assert log.count("connection rate from 127.0.0.40") == 2, "logged more than once per window"
+        assert "127.0.0.41 over" not in log
+        assert b.alive() and "Traceback" not in log

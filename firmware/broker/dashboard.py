@@ -33,7 +33,7 @@ from broker.message import Message
 
 TOPIC = "$SYS/broker/dashboard/state"
 _PERIOD_MS = const(2000)
-_BUDGET = const(4096)  # JSON bytes at most; long lists are cut short
+_BUDGET = const(4096)  # JSON bytes at most (less on a short heap); long lists are cut short
 _MAX_STR = const(64)  # client ids, filters and topics are cut to this
 _PAGE = "broker.dashboard_page"
 
@@ -140,7 +140,7 @@ class _Out:
         self.n = 0
 
     def put(self, s, limit):
-        # Appends s (str) if the result stays within limit bytes.
+        # Appends s (str or bytes) if the result stays within limit bytes.
         if isinstance(s, str):
             s = s.encode()
         k = len(s)
@@ -151,6 +151,19 @@ class _Out:
         self.n = n + k
         return True
 
+    def item(self, first, obj, limit):
+        # One list entry: a comma unless first, then obj as compact JSON.
+        n = self.n
+        if not first and not self.put(b",", limit):
+            return False
+        if self.put(json.dumps(obj, separators=_SEP), limit):
+            return True
+        self.n = n
+        return False
+
+
+_SEP = (",", ":")
+
 
 def _cut(s):
     if s is None or len(s) <= _MAX_STR:
@@ -158,7 +171,7 @@ def _cut(s):
     return s[: _MAX_STR - 1] + "\u2026"
 
 
-def state(b, budget=_BUDGET):
+def state(b, budget=0):
     # The JSON the page reads, as bytes, at most `budget` long:
     #  ver, up (s), auth (1: password_file, so logins are checked), max
     #  (max_connections), nc/ns (connected clients / sessions), nsub, nret
@@ -174,6 +187,12 @@ def state(b, budget=_BUDGET):
     used = gc.mem_alloc()
     free = gc.mem_free()
     cfg = b.cfg
+    if not budget:
+        # An update holds about twice its budget for a moment (buffer, then
+        # payload and its wire copy): on a short heap the lists get shorter
+        # rather than the broker running out.
+        budget = (free - cfg["min_free_heap"]) // 8
+        budget = _BUDGET if budget > _BUDGET else 1024 if budget < 1024 else budget
     st = None
     p = b.persist
     if p is not None:
@@ -193,44 +212,46 @@ def state(b, budget=_BUDGET):
             "heap": [used, free],
             "store": st,
             "m": [b.stats_msgs_recv, b.stats_msgs_sent, b.stats_bytes_recv, b.stats_bytes_sent, b.stats_dropped],
-        }
+        },
+        separators=_SEP,
     )
     o.put(head[:-1], budget)
     head = None
-    # Shares of the budget, so that a long list leaves room for the next;
-    # 40 bytes stay for the list ends.
-    end = budget - 40
+    # Each list may fill the buffer up to its share, so that a long one
+    # leaves room for the next; 16 bytes stay for the list ends.
+    end = budget - 16
     o.put(',"clients":[', end)
-    sep = ""
+    first = True
     for online in (True, False):
         for s in b.sessions.values():
             c = s.conn
             if (c is not None) != online:
                 continue
-            item = json.dumps([
+            if not o.item(first, [
                 _cut(s.client_id), _cut(s.username), c.t.peer if c is not None else None,
-                s.version, 1 if online else 0, len(s.subs), len(s.queue), len(s.inflight)])
-            if not o.put(sep + item, end * 4 // 10):
+                s.version, 1 if online else 0, len(s.subs), len(s.queue), len(s.inflight)], end * 4 // 10):
                 break
-            sep = ","
+            first = False
+        else:
+            continue
+        break
     o.put('],"subs":[', end)
-    sep = ""
-    full = False
+    first = True
     for s in b.sessions.values():
         for f in s.subs:
-            if not o.put(sep + json.dumps([_cut(s.client_id), _cut(f), s.subs[f].opts & 3]), end * 7 // 10):
-                full = True
+            if not o.item(first, [_cut(s.client_id), _cut(f), s.subs[f].opts & 3], end * 7 // 10):
                 break
-            sep = ","
-        if full:
-            break
+            first = False
+        else:
+            continue
+        break
     o.put('],"ret":[', end)
-    sep = ""
+    first = True
     msgs = b.retained.msgs
     for k in msgs:
-        if not o.put(sep + json.dumps([_cut(k), len(msgs[k].payload)]), end):
+        if not o.item(first, [_cut(k), len(msgs[k].payload)], end):
             break
-        sep = ","
+        first = False
     o.put("]}", budget)
     return bytes(memoryview(o.b)[: o.n])
 

@@ -81,13 +81,15 @@ class ConnRate:
         if kind > e[3] or time.ticks_diff(now, e[2]) >= w:
             # Once per window, and again when it turns from slowed to refused.
             e[2] = now
-            e[3] = kind
             if kind == 1:
                 log.warning("connection rate from %s over %d per 10 s: slowing it", ip, self.rate)
+            elif e[3] == 2:
+                log.warning("connection rate from %s over %d per 10 s: still refusing it (%d refused "
+                            "since the last report)", ip, 2 * self.rate, e[4])
             else:
-                log.warning("connection rate from %s over %d per 10 s: refusing it (%d refused since the last report)",
-                            ip, 2 * self.rate, e[4])
-                e[4] = 0
+                log.warning("connection rate from %s over %d per 10 s: refusing it", ip, 2 * self.rate)
+            e[3] = kind
+            e[4] = 0
         if kind == 1:
             self.slowed += 1
             ms = (level - w) * _SLOW_MAX_MS // w

@@ -50,8 +50,15 @@ async function run(c) {
       return { status: r ? r.status() : null, headers: r ? r.headers() : null };
     }
     case "wait": {
-      const h = await page.waitForFunction(c.js, null, { timeout: c.timeout || 10000, polling: 100 });
-      return { value: await h.jsonValue() };
+      // Polled from here: waitForFunction evaluates its predicate with
+      // eval() inside the page, which the dashboard's CSP (rightly) forbids.
+      const end = Date.now() + (c.timeout || 10000);
+      for (;;) {
+        const v = await page.evaluate(c.js);
+        if (v) return { value: v };
+        if (Date.now() > end) throw new Error("timed out waiting for " + c.js);
+        await new Promise((r) => setTimeout(r, 100));
+      }
     }
     case "eval":
       return { value: await page.evaluate(c.js) };
