@@ -393,6 +393,9 @@ for _ in range(50):
     T.now += 100
     r.check("10.0.0.3")
 print("relogged", len(lines) - n)
+T.now += 5100
+r.check("10.0.0.3")
+print("still", lines[-1])
 # An address flood: the table stays at 16 entries and the heap does not grow.
 for i in range(200):
     r.check("10.1.%d.%d" % (i // 250, i % 250))
@@ -424,6 +427,7 @@ def test_connection_rate_buckets_slow_then_refuse_and_stay_bounded():
     assert got["after30"] == "0"
     assert got["steady"] == "0"
     assert got["relogged"] == "0"  # 5 s more of refusals: no new line within the window
+    assert "still refusing it (52 refused since the last report)" in got["still"], got["still"]
     table, growth = got["table"].split(" growth ")
     assert table == "16" and int(growth) < 512, got["table"]
     assert got["off"] == "0"

@@ -116,17 +116,15 @@ def on_publish(c, first, mv, off, end):
     msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
                   pr.get(_EXPIRY) if pr is not None else None)
     p = b.persist
-    if p is not None and qos and p.full():
-        # The store cannot take what this acknowledgement would promise.
-        _ack(c, 3 + qos, pid, 0x97)
-        return
     refused = b.queue_refusals
+    stored = p.failed if p is not None else 0
     n = b.route(msg, s)
     global _budget
     _budget -= n << 7
-    if b.queue_refusals != refused and c.version == 5:
-        # A full queue could not take it: say so rather than promise it
-        # (3.1.1 has no way to say it; there it is dropped and counted).
+    if c.version == 5 and (b.queue_refusals != refused or (p is not None and p.failed != stored)):
+        # A full queue or a full store could not take it: say so rather
+        # than promise it (3.1.1 has no way to say it; there it is dropped
+        # and counted).
         reason = 0x97
     else:
         reason = 0 if n or retain else 0x10

@@ -168,10 +168,6 @@ class Persist:
     def dirty(self):
         return self.store.pending() > 0
 
-    def full(self):
-        st = self.store
-        return st.used_bytes() + st.pending() >= st.max_bytes
-
     def hold(self, c, pkt, publish=False):
         # publish: a QoS 2 PUBLISH, which pauses c's queue until released.
         if publish:
