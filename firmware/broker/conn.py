@@ -80,7 +80,8 @@ class Connection:
         if self.big is not None:
             return False
         if self.obuf is None:
-            self.obuf = self.broker.wpool.get()
+            # No buffer taken yet: one would have this much room.
+            return n <= self.broker.wpool.size
         return self.olen + n <= len(self.obuf)
 
     def out_alias(self, topic):
@@ -159,6 +160,7 @@ class Connection:
         self.writer = asyncio.create_task(self.writer_loop())
         smv = b.rmv
         pool = b.rpool
+        psize = pool.size
         own = not getattr(self.t, "shared_ok", True)
         buf = pool.get() if own else None
         mv = memoryview(buf) if own else None
@@ -194,7 +196,8 @@ class Connection:
                     h, rem = r
                     total = h + rem
                     if pos + total > have:
-                        if total > len(cur):
+                        if total > psize:
+                            # Would not fit a partial buffer: read it whole.
                             await self._read_big(cur, pos, have, h, total)
                             pos = have
                             paused = b.pressure
@@ -214,8 +217,10 @@ class Connection:
                         pool.put(buf)
                         buf = mv = None
                 elif cur is smv:
-                    # Part of a packet: keep it in a buffer of our own.
-                    buf = pool.get()
+                    # Part of a packet (or, after a pause, whole packets not
+                    # yet handled): keep it in a buffer of our own, larger
+                    # than the pool's when a pause left more than it holds.
+                    buf = pool.get() if rest <= psize else bytearray(rest + psize)
                     mv = memoryview(buf)
                     buf[0:rest] = smv[pos:have]
                     have = rest

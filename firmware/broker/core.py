@@ -14,6 +14,7 @@ from broker.message import Message
 from mqtt.topic import matches
 
 _NO_LOCAL = const(0x04)
+_PARTIAL = const(512)  # bytes of a per-connection partial-packet buffer
 _STALL_MS = const(2000)  # a queue with no progress this long stops holding publishers back
 _STUCK_MS = const(10000)  # ...and this long disconnects its client
 _RAP = const(0x08)
@@ -36,7 +37,7 @@ class Pool:
         return self.free.pop() if self.free else bytearray(self.size)
 
     def put(self, buf):
-        if len(self.free) < self.keep:
+        if len(buf) == self.size and len(self.free) < self.keep:
             self.free.append(buf)
 
 
@@ -45,7 +46,9 @@ class Broker:
         self.cfg = cfg
         self.rbuf = bytearray(cfg["read_buffer_size"])  # shared by all readers
         self.rmv = memoryview(self.rbuf)
-        self.rpool = Pool(cfg["read_buffer_size"], 2)
+        # A packet split across reads waits in a buffer of its own; larger
+        # packets than this are read whole into an exact buffer instead.
+        self.rpool = Pool(min(_PARTIAL, cfg["read_buffer_size"]), 2)
         self.wpool = Pool(cfg["write_buffer_size"], 2)
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not
@@ -172,13 +175,16 @@ class Broker:
             return
         q = s.queue
         lim = self.cfg["max_queued_messages"]
-        d = s.dropped
-        ok = s.enqueue(msg, qos, bool(retain), subids, lim)
-        self.stats_dropped += s.dropped - d
-        if not ok:
-            if qos:
-                self.queue_refusals += 1
-            return
+        if len(q) < lim:
+            q.append([msg, qos, bool(retain), subids])  # Session.enqueue's fast path
+        else:
+            d = s.dropped
+            ok = s.enqueue(msg, qos, bool(retain), subids, lim)
+            self.stats_dropped += s.dropped - d
+            if not ok:
+                if qos:
+                    self.queue_refusals += 1
+                return
         if qos and self.persist is not None and s.expiry:
             self.persist.queued(s, msg, qos, retain, subids)
         if len(q) >= (lim >> 1) and s.full_since is None:
@@ -268,7 +274,10 @@ class Broker:
                     return
                 c.big = pkt  # larger than the whole buffer: goes alone
             else:
-                c.obuf[c.olen : c.olen + n] = pkt
+                ob = c.obuf
+                if ob is None:
+                    ob = c.obuf = self.wpool.get()
+                ob[c.olen : c.olen + n] = pkt
                 c.olen += n
             q.pop(0)
             s.full_since = None  # progress: not stuck
