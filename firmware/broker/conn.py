@@ -218,9 +218,9 @@ class Connection:
                         buf = mv = None
                 elif cur is smv:
                     # Part of a packet (or, after a pause, whole packets not
-                    # yet handled): keep it in a buffer of our own, larger
-                    # than the pool's when a pause left more than it holds.
-                    buf = pool.get() if rest <= psize else bytearray(rest + psize)
+                    # yet handled): keep it in a buffer of our own. Pooled
+                    # buffers are as large as the shared one, so it fits.
+                    buf = pool.get()
                     mv = memoryview(buf)
                     buf[0:rest] = smv[pos:have]
                     have = rest

@@ -14,7 +14,6 @@ from broker.message import Message
 from mqtt.topic import matches
 
 _NO_LOCAL = const(0x04)
-_PARTIAL = const(512)  # bytes of a per-connection partial-packet buffer
 _STALL_MS = const(2000)  # a queue with no progress this long stops holding publishers back
 _STUCK_MS = const(10000)  # ...and this long disconnects its client
 _RAP = const(0x08)
@@ -46,9 +45,11 @@ class Broker:
         self.cfg = cfg
         self.rbuf = bytearray(cfg["read_buffer_size"])  # shared by all readers
         self.rmv = memoryview(self.rbuf)
-        # A packet split across reads waits in a buffer of its own; larger
-        # packets than this are read whole into an exact buffer instead.
-        self.rpool = Pool(min(_PARTIAL, cfg["read_buffer_size"]), 2)
+        # What is left of a read (a split packet, or packets a pause left)
+        # waits in a pooled buffer of the same size: it always fits, and the
+        # steady state allocates nothing. Split packets larger than that are
+        # read whole into an exact buffer instead.
+        self.rpool = Pool(cfg["read_buffer_size"], 2)
         self.wpool = Pool(cfg["write_buffer_size"], 2)
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not

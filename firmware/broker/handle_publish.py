@@ -32,7 +32,9 @@ def _heap_short(b, n):
         return False
     floor = b.cfg["min_free_heap"] >> 1
     free = gc.mem_free() - n
-    if free < floor:
+    if free < floor << 2:
+        # Garbage not yet collected would make the budget small and the
+        # checks frequent: collect, then measure what is really free.
         gc.collect()
         free = gc.mem_free() - n
         if free < floor:

@@ -100,6 +100,10 @@ def run_bench(brokers, scenarios, seconds, repeat, log=print):
                     r = run_one(scn, b, seconds)
                 except Exception as e:  # a broker that fails a scenario is reported, not fatal
                     r = {"error": "%s: %s" % (type(e).__name__, e)}
+                    if hasattr(b, "log"):
+                        tail = [x for x in b.log().splitlines() if x[:2] in ("W ", "E ")][-5:]
+                        if tail:
+                            r["error"] += " | broker log: " + " / ".join(tail)
                 prev = res[scn].get(lab)
                 tot = {k: (prev or {}).get("total_" + k, 0) + r.get(k, 0)
                        for k in ("lost", "dups", "reordered", "closed_by_broker")}
@@ -129,6 +133,8 @@ def _short(scn, r):
     s = "%s=%s" % (k, ("%.3f" % v) if isinstance(v, float) else v)
     if "lost" in r:
         s += " lost=%d dups=%d reord=%d" % (r.get("lost", 0), r.get("dups", 0), r.get("reordered", 0))
+    if r.get("publisher_reconnects"):
+        s += " publisher reconnects=%d" % r["publisher_reconnects"]
     if r.get("closed_by_broker"):
         s += " CLOSED BY BROKER=%d" % r["closed_by_broker"]
     if "broker_cpu" in r:
@@ -281,8 +287,13 @@ def main():
     ap.add_argument("--board", default="esp32")
     ap.add_argument("--heap", default="220K")
     ap.add_argument("--cap-bound", type=int, default=300)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a config key of our broker for the throughput scenarios")
     ap.add_argument("--out", default=str(REPO / "build" / "bench" / "bench.json"))
     a = ap.parse_args()
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        BENCH_CONFIG[k] = json.loads(v)
     names = [x for x in a.brokers.split(",") if x]
     scenarios = [x for x in a.scenarios.split(",") if x]
     t_start = time.time()

@@ -188,9 +188,12 @@ def md_mem(m):
                    "the heap as `mpremote cp` deploys them) in a bare unix-port interpreter: **%d B**; "
                    "persist + store add %d B; a Broker object %d B.\n" % (
                        imp["core_modules"], imp["persist_store_modules"], imp["broker_object"]))
-    out.append("Per board profile, on the 64-bit unix port (GC blocks of 16 B words, pointers 8 B: "
+    out.append("Per board profile, on the 64-bit unix port (GC blocks of 32 B, pointers of 8 B: "
                "expect roughly half on the 32-bit boards), from the broker's own `$SYS/broker/heap/used` "
-               "(after gc.collect()):\n")
+               "(after gc.collect(), sys_interval 1, after a warm-up). For the idle-client columns "
+               "max_connections is raised to 24 so that 20 clients can be averaged; n is how many "
+               "connected before the broker refused one (0x89: low heap). The profile's persistence "
+               "setting applies (store in a temp dir).\n")
     out.append("| profile | host heap | persistence | heap after start | idle client 3.1.1 | idle client 5.0 "
                "| per subscription | per retained msg (64 B) | per queued msg (offline, QoS 1) |")
     out.append("|---|---|---|---|---|---|---|---|---|")
@@ -199,7 +202,8 @@ def md_mem(m):
             out.append("| %s | error: %s |" % (bd, r["error"]))
             continue
         out.append("| %s | %s | %s | %s | %.0f B (n=%d) | %.0f B | %.0f B (n=%d) | %.0f B (n=%d) | %.0f B (n=%d) |" % (
-            bd, r["heap_arg"], "on" if r["persistence"] else "off", r.get("heap_after_start", "-"),
+            bd, r["heap_arg"], "on" if r["persistence"] else "off",
+            "%s B" % r.get("heap_after_start", "-"),
             r["idle_client_v4"], r["idle_clients_n"], r["idle_client_v5"], r["subscription"], r["subscriptions_n"],
             r["retained_message"], r["retained_n"], r["queued_message"], r["queued_n"]))
     out.append("")
