@@ -403,6 +403,9 @@ def ensure_chromium():
 def node_ready():
     if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("node/npm not installed (Debian: apt-get install nodejs npm)")
+    v = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    if int(v.lstrip("v").split(".")[0] or 0) < 20:
+        pytest.skip("playwright-core 1.65 needs Node 20 or later; this is node %s" % v)
     if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core")):
         return
     r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
@@ -547,8 +550,23 @@ def test_dashboard_shows_clients_and_messages_in_chromium(broker, browser):
     try:
         c.publish("dash/kitchen/temp", b"21.5", 1).wait_for_publish(5)
         c.publish("dash/kitchen/setpoint", b"22", 1, retain=True).wait_for_publish(5)
+        c.publish("dash/kitchen/door", b"open", 2).wait_for_publish(5)
+        c.publish("dash/kitchen/raw", bytes([0, 255, 16]), 0).wait_for_publish(5)
+        c.publish("dash/<img src=x onerror=alert(1)>", b"<script>alert(2)</script>", 1).wait_for_publish(5)
+        # Time, topic, QoS as published (the page watches at QoS 2), retain, payload.
         browser.wait("[...document.querySelectorAll('#t-live tr')].some(tr => "
-                     "tr.textContent.includes('dash/kitchen/temp') && tr.textContent.includes('21.5'))")
+                     "JSON.stringify([...tr.children].slice(1).map(td => td.textContent)) === "
+                     "'[\"dash/kitchen/temp\",\"1\",\"\",\"21.5\"]')")
+        browser.wait("[...document.querySelectorAll('#t-live tr')].some(tr => "
+                     "JSON.stringify([...tr.children].slice(1).map(td => td.textContent)) === "
+                     "'[\"dash/kitchen/door\",\"2\",\"\",\"open\"]')")
+        # Not UTF-8: shown as hex.
+        browser.wait("[...document.querySelectorAll('#t-live tr')].some(tr => "
+                     "tr.textContent.includes('dash/kitchen/raw') && tr.textContent.includes('0x00ff10'))")
+        # Broker data is text, never markup.
+        browser.wait("[...document.querySelectorAll('#t-live td')].some(td => "
+                     "td.textContent === '<script>alert(2)</script>')")
+        assert browser.eval("document.querySelectorAll('main img, main script').length") == 0
         browser.wait("document.getElementById('k-cl').textContent === '%d'" % (n0 + 1))
         browser.wait(cell_js("t-cl", "sensor-kitchen"))
         browser.wait(cell_js("t-sub", "dash/cmd/#"))
@@ -589,12 +607,25 @@ def auth_files(tmp_path_factory):
     return str(d / "passwd"), str(d / "acl")
 
 
+class AuthBroker(BrokerProc):
+    def __exit__(self, *exc):
+        if exc[0] is not None:
+            # Shown by pytest with the failure.
+            print("broker %s alive: %s; log tail:\n%s" % (self.name, self.alive(), self.log()[-3000:]))
+        self.stop()
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        with open(os.path.join(ARTIFACTS, "dashboard_auth_broker_%s.log" % self.name), "w") as f:
+            f.write(self.log())
+        self.tmp.cleanup()
+
+
 def auth_broker(auth_files, anonymous):
     tcp, ws = free_port(), free_port()
-    b = BrokerProc(board="esp32", port=tcp, config={
+    b = AuthBroker(board="esp32", port=tcp, config={
         "allow_anonymous": anonymous, "password_file": auth_files[0], "acl_file": auth_files[1],
         "listeners": [{"port": tcp}, {"port": ws, "protocol": "websockets"}]})
     b.ws = ws
+    b.name = "anonymous_on" if anonymous else "anonymous_off"
     return b
 
 

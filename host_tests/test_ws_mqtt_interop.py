@@ -208,6 +208,27 @@ def test_mqttjs_over_wss_rejects_a_broker_it_does_not_trust(broker):
     assert_tcp_ok(broker)
 
 
+def test_dashboard_page_over_https(broker):
+    # The TLS listener serves the dashboard page too (GET / without Upgrade).
+    import gzip
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=broker.pem)
+    with socket.create_connection(("127.0.0.1", broker.wss), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: gzip\r\n\r\n")
+            data = b""
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                data += d
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Encoding: gzip" in head
+    assert gzip.decompress(body).startswith(b"<!doctype html>")
+    assert_tcp_ok(broker)
+
+
 # ---------------------------------------------------------------- raw WebSocket
 
 

@@ -119,7 +119,7 @@ def _check_listeners(cfg):
         if not isinstance(L, dict):
             raise ConfigError("%s: expected an object" % where)
         for k in L:
-            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile", "http_dir"):
+            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile"):
                 raise ConfigError("%s: unknown key '%s'" % (where, k))
         p = L.get("port")
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= _U16:
