@@ -55,6 +55,7 @@ class BrokerProc:
         self.tmp = tempfile.TemporaryDirectory(prefix="broker_")
         self.datadir = datadir or os.path.join(self.tmp.name, "data")
         cfg = {"bind_address": "127.0.0.1", "allow_anonymous": True, "persistence": False,
+               "max_connection_rate": 0,
                "persistence_location": self.datadir, "log_level": "debug"}
         cfg.update(config or {})
         self.config = cfg

@@ -185,7 +185,7 @@ def test_user_without_lines_gets_nothing_but_patterns(broker):
     c.close()
 
 
-def test_unknown_access_free_topic_line_user_cannot_reach_other_users_topics(broker):
+def test_user_cannot_write_outside_its_own_lines_and_patterns(broker):
     b = cl(broker, "bob")
     assert b.publish("home/x", b"x", qos=1).reason == 0x87
     assert b.publish("users/alice/inbox", b"x", qos=1).reason == 0x87
@@ -367,3 +367,20 @@ def test_will_to_a_topic_the_client_may_not_write_is_not_published(broker):
     b2.close()
     assert delivered(root, "#", timeout=1.0) == ["bob/out"]
     root.close()
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def test_acl_file_with_a_bad_line_stops_the_start_naming_file_and_line(tmp_path):
+    af = tmp_path / "acl"
+    af.write_text("topic read public/#\nuser alice\ntopic readwrite home/#/x\n")
+    b = BrokerProc(board="esp32", config={"acl_file": str(af)})
+    try:
+        with pytest.raises(RuntimeError) as e:
+            b.start()
+        assert "acl_file %s line 3" % af in str(e.value), str(e.value)
+        assert "Traceback" not in str(e.value)
+    finally:
+        b.stop()
+        b.tmp.cleanup()

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from mqttc import (AUTH, CONNACK, DISCONNECT, PUBLISH, REASON_STRING, BrokerProc, Client, Raw,
+from mqttc import (CONNACK, DISCONNECT, REASON_STRING, BrokerProc, Client, Raw,
                    connect_bytes, enc, decode)
 from mqtt.packets import Auth, Connect  # noqa: E402
 

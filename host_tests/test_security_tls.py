@@ -246,8 +246,6 @@ def _fds(broker):
     return len(os.listdir("/proc/%d/fd" % broker.proc.pid))
 
 
-@pytest.mark.xfail(strict=True, reason="broker bug: after a failed TLS handshake SSLSocket.close() leaves "
-                   "the TCP socket open (listeners.py closes only the TLS wrapper)")
 def test_failed_tls_handshake_closes_the_connection_and_frees_its_socket(broker):
     before = _fds(broker)
     r = Raw(broker.tls_port)

@@ -52,6 +52,9 @@ class Connection:
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()
         self.last_rx = self.born = broker.now_ms()
+        # Set here, not left to the class defaults: assigning them first at
+        # teardown would grow the attribute table when the heap may be out.
+        self.closing = self.finishing = False
         self.send_max = broker.cfg["max_inflight_messages"]  # client's Receive Maximum
 
     # ------------------------------------------------------------ output
@@ -336,6 +339,20 @@ class Connection:
         # DISCONNECT), with a bound, then tear down.
         self.closing = True
         self.finishing = True
+        try:
+            await self._drain_out()
+        except MemoryError:
+            gc.collect()
+        self.t.close()
+        try:
+            self.broker.connection_closed(self)
+        except MemoryError:
+            # Persisting the session may need heap we lack; the connection
+            # must leave the tables all the same.
+            gc.collect()
+            self.broker.drop_connection(self)
+
+    async def _drain_out(self):
         if self.linger_ms:
             await asyncio.sleep_ms(self.linger_ms)
         if self.deferred is not None:
@@ -351,5 +368,3 @@ class Connection:
                 w.cancel()
             except Exception:
                 pass
-        self.t.close()
-        self.broker.connection_closed(self)

@@ -249,7 +249,22 @@ class Broker:
                 return
             pid = s.next_pid() if qos else 0
             alias, send_topic = c.out_alias(msg.topic) if c.alias_out_max else (0, True)
-            pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+            try:
+                pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+            except MemoryError:
+                # No room to lay it out, even once: drop it (counted) rather
+                # than leave the session stuck behind it for good.
+                gc.collect()
+                try:
+                    pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+                except MemoryError:
+                    q.pop(0)
+                    self.stats_dropped += 1
+                    log.warning("dropped a %d byte message for %s: out of memory",
+                                len(msg.payload), s.client_id)
+                    if qos and self.persist is not None:
+                        self.persist.dequeued(s, e)
+                    continue
             n = len(pkt)
             if n > c.max_out:
                 # Too big for this client (MQTT-3.1.2-24): discard as if sent.
@@ -325,6 +340,15 @@ class Broker:
         elif self.persist is not None:
             self.persist.session_changed(s)
         log.info("client %s disconnected", s.client_id)
+
+    def drop_connection(self, c):
+        # The part of connection_closed() that needs no heap.
+        if c in self.conns:
+            self.conns.remove(c)
+        s = c.session
+        if s is not None and s.conn is c:
+            s.conn = None
+            s.gone_at = time.time()
 
     def publish_will(self, s):
         w = s.will

@@ -92,6 +92,11 @@ def on_publish(c, first, mv, off, end):
         if qos:
             _ack(c, 3 + qos, pid, 0x99)
         return
+    if topic[0] == "$" and topic.startswith("$SYS"):
+        # $SYS is the broker's own (MQTT 4.7.2): refused like an ACL denial.
+        if qos:
+            _ack(c, 3 + qos, pid, 0x87)
+        return
     if b.acl is not None and not b.acl.can_write(s.client_id, s.username, topic):
         # v5 says why; 3.1.1 acknowledges and drops, as Mosquitto does.
         if qos:

@@ -40,8 +40,14 @@ def wrapper(L, cfg):
                     return
                 live[0] += 1
                 counted = True
+                raw = cs
                 cs = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
-            t = TcpTransport(cs, peer)
+                t = TcpTransport(cs, peer)
+                # After a failed handshake, closing the TLS socket leaves the
+                # TCP socket open: the transport closes both.
+                t.raw = raw
+            else:
+                t = TcpTransport(cs, peer)
             if ws:
                 t = await asyncio.wait_for(_upgrade(t, cfg, broker), cfg["connect_timeout"])
                 if t is None:

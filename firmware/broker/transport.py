@@ -17,6 +17,8 @@ _EAGAIN = 11
 
 
 class TcpTransport:
+    raw = None  # the TCP socket under a TLS one, closed with it
+
     def __init__(self, sock, peer):
         self.sock = sock
         self.peer = peer
@@ -53,10 +55,12 @@ class TcpTransport:
     def close(self):
         # Callers cancel the tasks that wait on this socket first; cancelling
         # a task takes it out of asyncio's poller.
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        for s in (self.sock, self.raw):
+            if s is not None:
+                try:
+                    s.close()
+                except Exception:
+                    pass
 
 
 def peer_str(addr):
