@@ -119,7 +119,7 @@ def _check_listeners(cfg):
         if not isinstance(L, dict):
             raise ConfigError("%s: expected an object" % where)
         for k in L:
-            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile"):
+            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile", "http_basic"):
                 raise ConfigError("%s: unknown key '%s'" % (where, k))
         p = L.get("port")
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= _U16:
@@ -128,6 +128,10 @@ def _check_listeners(cfg):
         L.setdefault("protocol", "mqtt")
         if L["protocol"] not in ("mqtt", "websockets"):
             raise ConfigError("%s: 'protocol' must be mqtt or websockets" % where)
+        if "http_basic" in L and not isinstance(L["http_basic"], bool):
+            raise ConfigError("%s: 'http_basic' must be true or false" % where)
+        if L.get("http_basic") and cfg["password_file"] is None:
+            raise ConfigError("%s: 'http_basic' needs a password_file" % where)
         if ("certfile" in L) != ("keyfile" in L):
             raise ConfigError("%s: 'certfile' and 'keyfile' go together" % where)
 

@@ -49,7 +49,8 @@ def wrapper(L, cfg):
             else:
                 t = TcpTransport(cs, peer)
             if ws:
-                t = await asyncio.wait_for(_upgrade(t, cfg, broker), cfg["connect_timeout"])
+                basic = _basic_checker(L, broker)
+                t = await asyncio.wait_for(_upgrade(t, cfg, broker, basic), cfg["connect_timeout"])
                 if t is None:
                     return
             c = Connection(broker, t)
@@ -71,7 +72,19 @@ def wrapper(L, cfg):
     return serve
 
 
-async def _upgrade(t, cfg, broker):
+def _basic_checker(L, broker):
+    # "http_basic": true asks for HTTP Basic credentials on the WebSocket
+    # upgrade, checked against the same password file as MQTT CONNECT.
+    if not L.get("http_basic"):
+        return None
+
+    def check(user, password):
+        return broker.auth is not None and broker.auth.check(user, password)
+
+    return check
+
+
+async def _upgrade(t, cfg, broker, basic=None):
     from broker import http, websocket
 
     buf = bytearray(1024)  # request head limit; browsers send ~500 B
@@ -97,7 +110,7 @@ async def _upgrade(t, cfg, broker):
         await http.respond(t, 404, "Not Found", (("Connection", "close"),))
         t.close()
         return None
-    w = await websocket.upgrade(t, req, max_size=cfg["max_packet_size"] + 16)
+    w = await websocket.upgrade(t, req, max_size=cfg["max_packet_size"] + 16, check_basic=basic)
     if w is None:
         t.close()
         return None
