@@ -56,9 +56,10 @@ class Persist:
     def __init__(self, broker, path, max_bytes):
         self.b = broker
         # index_max bounds the RAM index of keys written since the last
-        # compaction (about 64 B each on the 64-bit port). inline_max is the
+        # compaction (about 64 B each on the 64-bit port; 32 keep its table
+        # under 1 KB, which a fragmented heap can still find). inline_max is the
         # board's LittleFS inline file limit (esp32 ~120 B, rp2 ~500 B).
-        self.store = Store(path, max_bytes, index_max=64,
+        self.store = Store(path, max_bytes, index_max=32,
                            inline_max=broker.cfg["store_inline_max"])
         self.held = []  # (connection, packet) acks waiting for the commit
         self.flag = asyncio.Event()
@@ -72,12 +73,23 @@ class Persist:
         # Restores what the store holds. Running out of heap part way
         # leaves the rest on flash, untouched, and the broker still starts:
         # a boot loop would lose everything.
+        gc.collect()
         try:
             self._load()
         except MemoryError:
+            # Once more from nothing: what the first try held is garbage
+            # now, and a collected heap is less fragmented.
+            b = self.b
+            b.sessions.clear()
+            b.retained.msgs.clear()
+            b.subs.__init__()
             gc.collect()
-            self.failed += 1
-            log.error("store: out of memory while restoring; the rest stays on flash")
+            try:
+                self._load()
+            except MemoryError:
+                gc.collect()
+                self.failed += 1
+                log.error("store: out of memory while restoring; the rest stays on flash")
         asyncio.create_task(self._committer())
 
     def _load(self):
