@@ -76,9 +76,6 @@ class Connection:
             self.big = bytes(self.big) + bytes(data)
         self.wake.set()
 
-    def send_packet(self, pkt):
-        self.send(encode(pkt, self.version))
-
     def room(self, n):
         if self.big is not None:
             return False

@@ -412,8 +412,6 @@ class Broker:
                 log.info("session %s expired", s.client_id)
                 self.end_session(s)
 
-    def heap(self):
-        return gc.mem_alloc(), gc.mem_free()
 
 
 def make_message(topic, payload, qos, retain, props=None, topic_b=None):
