@@ -26,7 +26,9 @@ class Connection:
     # which keeps an idle connection's attribute table small.
     obuf = None  # from broker.wpool while there is output
     olen = 0
-    big = None  # one packet larger than obuf, sent on its own
+    big = None  # a large packet or payload, sent on its own after obuf
+    tail = None  # what was queued while `big` waited, sent after it
+    resend = None  # packet ids to send again on session resumption
     session = None
     version = 4
     keepalive = 0
@@ -61,20 +63,36 @@ class Connection:
 
     def send(self, data):
         # Queues a control packet. Never fails: a packet that does not fit
-        # goes to `big` (at most one waits there); the reader then pauses
-        # until the writer drains, so this stays bounded.
+        # goes to `big` (at most one waits there), and what follows it to
+        # `tail`; the reader then pauses until the writer drains, so this
+        # stays bounded.
         n = len(data)
-        if self.obuf is None:
-            self.obuf = self.broker.wpool.get()
-        o = self.olen
-        if o + n <= len(self.obuf) and self.big is None:
-            self.obuf[o : o + n] = data
-            self.olen = o + n
-        elif self.big is None:
-            self.big = data
+        if self.big is not None:
+            if self.tail is None:
+                self.tail = bytearray(data)
+            else:
+                self.tail.extend(data)
         else:
-            self.big = bytes(self.big) + bytes(data)
+            if self.obuf is None:
+                self.obuf = self.broker.wpool.get()
+            o = self.olen
+            if o + n <= len(self.obuf):
+                self.obuf[o : o + n] = data
+                self.olen = o + n
+            else:
+                self.big = data
         self.wake.set()
+
+    def send_split(self, head, payload):
+        # A PUBLISH as its head and its payload: the payload goes out from
+        # the message itself, so a large one is never copied (a fragmented
+        # heap may not have that much in one piece).
+        if self.big is None and self.room(len(head)):
+            self.send(head)
+            self.big = payload
+        else:
+            self.send(head)
+            self.send(payload)
 
     def room(self, n):
         if self.big is not None:
@@ -109,7 +127,7 @@ class Connection:
                 self.wake.clear()
                 while True:
                     s = self.session
-                    if s is not None and self.big is None and s.queue:
+                    if s is not None and self.big is None and (s.queue or self.resend):
                         b.pump(self, s)
                     n = self.olen
                     if n:
@@ -125,9 +143,15 @@ class Connection:
                         continue
                     if self.big is not None:
                         x = self.big
-                        self.big = None
-                        await t.send(x)
+                        y = self.tail
+                        self.big = self.tail = None
+                        # A memoryview, so that a partial write resumes
+                        # without copying the rest.
+                        await t.send(memoryview(x))
                         b.stats_bytes_sent += len(x)
+                        if y is not None:
+                            await t.send(y)
+                            b.stats_bytes_sent += len(y)
                         continue
                     break
                 # Drained: an idle connection holds no output buffer.
@@ -242,15 +266,18 @@ class Connection:
             pass
         except MemoryError:
             gc.collect()
-            log.warning("out of memory serving %s; closing it", self.t.peer)
             try:
-                self.protocol_error(0x97, "out of memory")
+                log.warning("out of memory serving %s; closing it", self.t.peer)
             except MemoryError:
-                self.disconnect_reason = 0x97
+                pass
+            self.protocol_error(0x97, "out of memory")
         except OSError as e:
             log.debug("read from %s failed: %r", self.t.peer, e)
         except Exception as e:
-            log.error("error serving %s: %r", self.t.peer, e)
+            try:
+                log.error("error serving %s: %r", self.t.peer, e)
+            except MemoryError:
+                pass
             self.protocol_error(0x83, "internal error")
         if buf is not None:
             pool.put(buf)
@@ -303,18 +330,23 @@ class Connection:
 
     def protocol_error(self, reason, msg=""):
         # MQTT 5 tells the client why (DISCONNECT with a reason code);
-        # 3.1.1 has no such packet and just closes (MQTT-4.8.0-1).
-        log.info("closing %s (%s): 0x%02X %s", self.t.peer, self.client_label(), reason, msg)
+        # 3.1.1 has no such packet and just closes (MQTT-4.8.0-1). Never
+        # raises: it runs in the reader's exception handlers, where a
+        # MemoryError would end the reader without its teardown.
         self.disconnect_reason = reason
-        if self.version == 5 and self.session is not None and not self.closing:
-            pkt = None
-            if msg and self.problem_info:
-                pkt = encode(Disconnect(reason, {0x1F: msg[:100]}), 5)
-                if len(pkt) > self.max_out:
-                    # The reason string must not push a packet past the
-                    # client's Maximum Packet Size (MQTT-3.14.2-3).
-                    pkt = None
-            self.send(pkt or encode(Disconnect(reason), 5))
+        try:
+            log.info("closing %s (%s): 0x%02X %s", self.t.peer, self.client_label(), reason, msg)
+            if self.version == 5 and self.session is not None and not self.closing:
+                pkt = None
+                if msg and self.problem_info:
+                    pkt = encode(Disconnect(reason, {0x1F: msg[:100]}), 5)
+                    if len(pkt) > self.max_out:
+                        # The reason string must not push a packet past the
+                        # client's Maximum Packet Size (MQTT-3.14.2-3).
+                        pkt = None
+                self.send(pkt or encode(Disconnect(reason), 5))
+        except MemoryError:
+            gc.collect()
         self.closing = True
 
     def client_label(self):

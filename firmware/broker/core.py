@@ -227,10 +227,14 @@ class Broker:
     def pump(self, c, s):
         # Moves queued messages into the connection's output buffer while
         # there is room and the client's Receive Maximum allows.
-        q = s.queue
-        if not q or c.held:
+        if c.held:
             # A QoS 2 PUBLISH waits for its commit; what follows waits too,
             # to keep the order.
+            return
+        if c.resend is not None and not self._resend(c, s):
+            return
+        q = s.queue
+        if not q:
             return
         now = time.time()
         v = c.version
@@ -249,14 +253,23 @@ class Broker:
                 return
             pid = s.next_pid() if qos else 0
             alias, send_topic = c.out_alias(msg.topic) if c.alias_out_max else (0, True)
+            # A payload larger than the write buffer goes out from the
+            # message itself, after its head: no copy of it is ever made.
+            split = len(msg.payload) > self.wpool.size
             try:
-                pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+                if split:
+                    pkt = msg.head(v, qos, e[2], pid, e[3], alias, send_topic, now)
+                else:
+                    pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
             except MemoryError:
                 # No room to lay it out, even once: drop it (counted) rather
                 # than leave the session stuck behind it for good.
                 gc.collect()
                 try:
-                    pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
+                    if split:
+                        pkt = msg.head(v, qos, e[2], pid, e[3], alias, send_topic, now)
+                    else:
+                        pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
                 except MemoryError:
                     q.pop(0)
                     self.stats_dropped += 1
@@ -265,7 +278,7 @@ class Broker:
                     if qos and self.persist is not None:
                         self.persist.dequeued(s, e)
                     continue
-            n = len(pkt)
+            n = len(pkt) + (len(msg.payload) if split else 0)
             if n > c.max_out:
                 # Too big for this client (MQTT-3.1.2-24): discard as if sent.
                 q.pop(0)
@@ -283,9 +296,13 @@ class Broker:
                 self.stats_msgs_sent += 1
                 inf[pid] = [msg, qos, e[2], e[3], SENT]
                 p.sent(s, pid, e)
-                p.hold(c, pkt, True)
+                p.hold(c, (pkt, msg.payload) if split else pkt, True)
                 return
-            if not c.room(n):
+            if split:
+                if c.big is not None or not c.room(len(pkt)):
+                    return
+                c.send_split(pkt, msg.payload)
+            elif not c.room(n):
                 if c.olen or c.big is not None:
                     return
                 c.big = pkt  # larger than the whole buffer: goes alone
@@ -304,18 +321,43 @@ class Broker:
                     p.sent(s, pid, e)
 
     def resend_inflight(self, c, s):
-        # On session resumption: PUBLISH again with DUP for unacknowledged
-        # QoS 1/2 messages, PUBREL for those already released (MQTT-4.4.0-1).
+        # On session resumption: the writer sends these first (_resend).
+        if s.inflight:
+            c.resend = sorted(s.inflight)
+
+    def _resend(self, c, s):
+        # Before anything new, PUBLISH again with DUP the unacknowledged
+        # QoS 1/2 messages, and PUBREL those already released
+        # (MQTT-4.4.0-1), as fast as the output buffer takes them. True
+        # when all are out.
+        r = c.resend
         now = time.time()
-        for pid in sorted(s.inflight):
-            e = s.inflight[pid]
+        while r:
+            pid = r[0]
+            e = s.inflight.get(pid)
+            if e is None:
+                r.pop(0)  # acknowledged meanwhile
+                continue
             if e[4] == RELEASED:
+                if not c.room(4):
+                    return False
                 c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
             else:
-                pkt = e[0].wire(c.version, e[1], e[2], pid, e[3], 0, True, now)
-                pkt = bytearray(pkt)
-                pkt[0] |= 0x08
-                c.send(pkt)
+                msg = e[0]
+                if len(msg.payload) > self.wpool.size:
+                    h = msg.head(c.version, e[1], e[2], pid, e[3], 0, True, now, True)
+                    if c.big is not None or not c.room(len(h)):
+                        return False
+                    c.send_split(h, msg.payload)
+                else:
+                    pkt = msg.wire(c.version, e[1], e[2], pid, e[3], 0, True, now)  # a fresh copy (QoS > 0)
+                    if not c.room(len(pkt)) and (c.olen or c.big is not None):
+                        return False
+                    pkt[0] |= 0x08
+                    c.send(pkt)
+            r.pop(0)
+        c.resend = None
+        return True
 
     # ------------------------------------------------------------ sessions
 

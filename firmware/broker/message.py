@@ -3,7 +3,7 @@
 # version and reused for every receiver that needs exactly that form.
 import time
 from mqtt import props as P
-from mqtt.packets import encode_publish
+from mqtt.packets import encode_publish, publish_head
 from mqtt.wire import put_varint
 
 # Properties forwarded unchanged to receivers (MQTT-3.3.2-*): everything a
@@ -75,24 +75,37 @@ class Message:
                 pkt[i + 1] = pid & 0xFF
                 pkt[0] = (pkt[0] & 0xF9) | (qos << 1)
             return pkt
-        body = None
-        if version == 5:
-            extra = bytearray()
-            if self.expires is not None:
-                extra.append(P.MESSAGE_EXPIRY)
-                r = self.remaining(now)
-                extra.extend(bytes(((r >> 24) & 0xFF, (r >> 16) & 0xFF, (r >> 8) & 0xFF, r & 0xFF)))
-            if alias:
-                extra.append(P.TOPIC_ALIAS)
-                extra.append(alias >> 8)
-                extra.append(alias & 0xFF)
-            if subids:
-                for s in subids:
-                    extra.append(P.SUBSCRIPTION_ID)
-                    put_varint(extra, s)
-            body = bytes(extra) + self.props_body()
         tb = self.topic_b if send_topic else b""
-        return encode_publish(tb, self.payload, qos, retain, False, pid, body, version)
+        return encode_publish(tb, self.payload, qos, retain, False, pid,
+                              self._props_for(version, subids, alias, now), version)
+
+    def head(self, version, qos, retain, pid, subids, alias, send_topic, now, dup=False):
+        # The same PUBLISH without its payload, for large messages: the
+        # connection sends the payload object itself after it.
+        tb = self.topic_b if send_topic else b""
+        return publish_head(tb, len(self.payload), qos, retain, dup, pid,
+                            self._props_for(version, subids, alias, now), version)
+
+    def _props_for(self, version, subids, alias, now):
+        # The v5 property body for one receiver (None before v5).
+        if version != 5:
+            return None
+        if not subids and not alias and self.expires is None:
+            return self.props_body()
+        extra = bytearray()
+        if self.expires is not None:
+            extra.append(P.MESSAGE_EXPIRY)
+            r = self.remaining(now)
+            extra.extend(bytes(((r >> 24) & 0xFF, (r >> 16) & 0xFF, (r >> 8) & 0xFF, r & 0xFF)))
+        if alias:
+            extra.append(P.TOPIC_ALIAS)
+            extra.append(alias >> 8)
+            extra.append(alias & 0xFF)
+        if subids:
+            for s in subids:
+                extra.append(P.SUBSCRIPTION_ID)
+                put_varint(extra, s)
+        return bytes(extra) + self.props_body()
 
 
 def _pid_at(pkt, topic_len):

@@ -229,7 +229,11 @@ class Persist:
             for c, pkt, publish in held:
                 if publish:
                     c.held -= 1
-                if not c.closing:
+                if c.closing:
+                    continue
+                if type(pkt) is tuple:
+                    c.send_split(pkt[0], pkt[1])  # a large PUBLISH: head, payload
+                else:
                     c.send(pkt)  # also wakes its writer for what waited
 
     # ------------------------------------------------------------ hooks

@@ -468,10 +468,19 @@ def encode_publish(topic_b, payload, qos, retain, dup, pid, props_body, version)
     # the encoded properties without length (v5), or None. Returns a
     # bytearray so the broker can patch the packet identifier in place at
     # offset pid_offset(...).
+    out = publish_head(topic_b, len(payload), qos, retain, dup, pid, props_body, version)
+    out.extend(payload)
+    return out
+
+
+def publish_head(topic_b, n, qos, retain, dup, pid, props_body, version):
+    # A PUBLISH up to (not including) its payload of n bytes: the broker
+    # sends a large payload straight from the message after this, so the
+    # payload is never copied into a second buffer.
     plen = 0
     if version == 5:
         plen = len(props_body) if props_body else 0
-    rem = 2 + len(topic_b) + (2 if qos else 0) + len(payload)
+    rem = 2 + len(topic_b) + (2 if qos else 0) + n
     if version == 5:
         rem += wire.varint_len(plen) + plen
     out = bytearray()
@@ -485,7 +494,6 @@ def encode_publish(topic_b, payload, qos, retain, dup, pid, props_body, version)
         wire.put_varint(out, plen)
         if plen:
             out.extend(props_body)
-    out.extend(payload)
     return out
 
 

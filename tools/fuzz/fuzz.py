@@ -869,9 +869,39 @@ def sys_value(port, name, timeout=3):
 COUNTS = ("clients/total", "clients/connected", "subscriptions/count", "retained messages/count")
 
 
-def counts(port):
-    """The broker's session, subscription and retained counts ($SYS)."""
-    return tuple(sys_value(port, n, 1.5) for n in COUNTS)
+def counts(port, settle=1.3, timeout=6):
+    """The broker's session, subscription and retained counts ($SYS), not
+    counting the observer itself. One client watches all four topics and
+    keeps the latest value of each: the retained copy it gets on
+    subscribing may be up to sys_interval old (and, read by separate
+    clients, could count an earlier observer), so it waits until no value
+    has changed for `settle` seconds, longer than sys_interval."""
+    try:
+        c = NormalClient(port, "fz-sys-%d" % random.randrange(1 << 30), 5, src="127.0.0.4").start()
+    except (OSError, ConnectionError):
+        return (None,) * len(COUNTS)
+    try:
+        c.subscribe("$SYS/broker/#", 0)
+        names = ["$SYS/broker/" + n for n in COUNTS]
+        last = None
+        since = time.time()
+        end = since + timeout
+        while time.time() < end:
+            with c.lock:
+                got = dict((t, p) for t, p in c.msgs if t in names)
+            cur = tuple(got.get(n) for n in names)
+            if cur != last:
+                last, since = cur, time.time()
+            elif None not in cur and time.time() - since >= settle:
+                break
+            time.sleep(0.05)
+    finally:
+        c.close()
+    if last is None or None in last:
+        return (None,) * len(COUNTS)
+    # The observer is one session, one connection and one subscription.
+    own = (1, 1, 1, 0)
+    return tuple(str(int(v) - o) for v, o in zip(last, own))
 
 
 def heap_used(port, samples=3):

@@ -1,0 +1,91 @@
+"""Large messages on a small heap: a payload larger than the write buffer
+goes out from the message itself after its head, never copied, so that
+every message the broker acknowledged reaches every session it was queued
+for, even when the heap is too fragmented for one more copy of it
+(README "Memory")."""
+import socket
+
+from brokerproc import BrokerProc
+from mqttc import Client, Closed
+
+BIG = 4000  # well over the esp32 profile's 1,024 B write buffer
+
+
+def _publish_until_refused(port, topic, n):
+    """Publishes up to n large QoS 1 messages; returns the payloads the
+    broker acknowledged (it may refuse or close once its heap is short)."""
+    p = Client(port, "big-pub", version=5)
+    acked = []
+    for i in range(n):
+        payload = bytes([65 + i % 26]) * BIG
+        try:
+            r = p.publish("%s/%d" % (topic, i), payload, qos=1)
+        except (Closed, AssertionError, OSError, socket.timeout):
+            break
+        if r.reason >= 0x80:
+            break
+        acked.append(payload)
+    try:
+        p.close()
+    except OSError:
+        pass
+    return acked
+
+
+def test_every_acknowledged_large_message_reaches_every_offline_session():
+    with BrokerProc(board="esp32") as b:
+        for i in range(3):
+            c = Client(b.port, "big-off%d" % i, version=4, clean=False)
+            c.subscribe([("big/#", 1)])
+            c.disconnect()
+        acked = _publish_until_refused(b.port, "big", 40)
+        assert len(acked) >= 5, "the broker took only %d messages of %d bytes" % (len(acked), BIG)
+        for i in range(3):
+            c = Client(b.port, "big-off%d" % i, version=4, clean=False)
+            got = [m.payload for m in c.messages(timeout=2.0)]
+            c.disconnect()
+            assert got == acked, "session %d got %d of %d acknowledged messages" % (i, len(got), len(acked))
+        assert "dropped" not in b.log()
+        assert "Traceback" not in b.log()
+
+
+def test_unacknowledged_large_messages_are_sent_again_with_dup_on_resumption():
+    with BrokerProc(board="esp32") as b:
+        sub = Client(b.port, "big-resume", version=5, clean=False, props={0x11: 300})
+        sub.subscribe([("bigr/#", 1)])
+        pub = Client(b.port, "bigr-pub", version=5)
+        payloads = [bytes([97 + i]) * (BIG + i) for i in range(3)]
+        for i, pl in enumerate(payloads):
+            assert pub.publish("bigr/%d" % i, pl, qos=1).reason == 0
+        first = sub.messages(n=3, timeout=3.0, ack=False)
+        assert [m.payload for m in first] == payloads
+        assert not any(m.dup for m in first)
+        sub.close()  # no PUBACK sent: all three stay in flight
+        sub = Client(b.port, "big-resume", version=5, clean=False, props={0x11: 300})
+        assert sub.connack.session_present
+        again = sub.messages(n=3, timeout=3.0)
+        assert [m.payload for m in again] == payloads
+        assert [m.pid for m in again] == [m.pid for m in first]
+        assert all(m.dup for m in again)
+        # Acknowledged now: a further resumption sends nothing again.
+        sub.close()
+        sub = Client(b.port, "big-resume", version=5, clean=False, props={0x11: 300})
+        assert sub.messages(timeout=0.5) == []
+        sub.close()
+        pub.close()
+
+
+def test_large_message_and_small_ones_after_it_keep_their_order():
+    with BrokerProc(board="esp32") as b:
+        sub = Client(b.port, "big-order", version=4)
+        sub.subscribe([("ord/#", 1)])
+        pub = Client(b.port, "ord-pub", version=4)
+        sent = []
+        for i in range(12):
+            pl = (b"L%d" % i) * 1500 if i % 3 == 0 else b"s%d" % i
+            pub.publish("ord/x", pl, qos=1 if i % 2 else 0)
+            sent.append(pl)
+        got = [m.payload for m in sub.messages(n=12, timeout=3.0)]
+        assert got == sent
+        sub.close()
+        pub.close()
