@@ -29,6 +29,8 @@ class Connection:
     big = None  # a large packet or payload, sent on its own after obuf
     tail = None  # what was queued while `big` waited, sent after it
     resend = None  # packet ids to send again on session resumption
+    drained = None  # Event set by the writer once obuf is empty; made when
+    # someone first waits for it, since most connections never do
     session = None
     version = 4
     keepalive = 0
@@ -52,7 +54,6 @@ class Connection:
         self.broker = broker
         self.t = transport
         self.wake = asyncio.Event()
-        self.drained = asyncio.Event()
         self.last_rx = self.born = broker.now_ms()
         # Set here, not left to the class defaults: assigning them first at
         # teardown would grow the attribute table when the heap may be out.
@@ -158,7 +159,8 @@ class Connection:
                 if self.obuf is not None:
                     b.wpool.put(self.obuf)
                     self.obuf = None
-                self.drained.set()
+                if self.drained is not None:
+                    self.drained.set()
                 if self.closing:
                     break
         except asyncio.CancelledError:
@@ -166,9 +168,19 @@ class Connection:
         except Exception as e:
             # The peer is gone or stuck: end the reader too.
             log.debug("write to %s failed: %r", self.t.peer, e)
-            self.drained.set()
             self.close_soon()
-        self.drained.set()
+        if self.drained is not None:
+            self.drained.set()
+
+    def _drain_event(self):
+        # The Event to wait on until the writer has emptied obuf; the
+        # writer is woken to do so.
+        d = self.drained
+        if d is None:
+            d = self.drained = asyncio.Event()
+        d.clear()
+        self.wake.set()
+        return d
 
     # ------------------------------------------------------------ input
 
@@ -255,9 +267,7 @@ class Connection:
                     await b.relieve(self.session)
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
-                    self.drained.clear()
-                    self.wake.set()
-                    await self.drained.wait()
+                    await self._drain_event().wait()
         except MQTTError as e:
             self.protocol_error(e.reason, e.msg)
         except Closed:
@@ -388,11 +398,11 @@ class Connection:
             self.send(self.deferred)
         w = self.writer
         if w is not None:
-            self.wake.set()
-            try:
-                await asyncio.wait_for_ms(self.drained.wait(), 1000)
-            except Exception:
-                pass
+            if not w.done():
+                try:
+                    await asyncio.wait_for_ms(self._drain_event().wait(), 1000)
+                except Exception:
+                    pass
             try:
                 w.cancel()
             except Exception:

@@ -58,7 +58,10 @@ def on_connect(c, mv, off, end):
         c.disconnect_reason = e.reason
         raise Closed()
     v = 5 if pkt.version == 5 else 4
-    c.version = v
+    if v != c.version:
+        # Assigned only when it differs from the class default, as below:
+        # an idle connection's attribute table stays small.
+        c.version = v
     pr = pkt.props or {}
     if P.MAXIMUM_PACKET_SIZE in pr:
         c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
@@ -149,16 +152,17 @@ def on_connect(c, mv, off, end):
         present = True
     else:
         s = Session(cid)
-    s.will = will
-    s.will_delay = wdelay
-    s.will_at = None
-    s.version = v
-    s.username = pkt.username
+    s.put("will", will)
+    s.put("will_delay", wdelay)
+    s.put("will_at", None)
+    s.put("version", v)
+    s.put("username", pkt.username)
     if v == 5:
-        s.expiry = pr.get(P.SESSION_EXPIRY, 0)
+        s.put("expiry", pr.get(P.SESSION_EXPIRY, 0))
     else:
-        s.expiry = 0 if pkt.clean else (cfg["persistent_client_expiration"] or NEVER)
-    c.session_expiry_set = s.expiry
+        s.put("expiry", 0 if pkt.clean else (cfg["persistent_client_expiration"] or NEVER))
+    if s.expiry:
+        c.session_expiry_set = s.expiry
 
     # Limits the client asked for (v5).
     if P.RECEIVE_MAXIMUM in pr:
@@ -189,7 +193,7 @@ def on_connect(c, mv, off, end):
 
     b.sessions[cid] = s
     s.conn = c
-    s.gone_at = None
+    s.put("gone_at", None)
     c.session = s
     c.send(encode(Connack(present, 0, ack_props), v))
     log.info("client %s connected from %s (v%s, clean=%d, keepalive=%d)",

@@ -11,23 +11,32 @@ RELEASED = const(2)  # PUBREL sent, waiting PUBCOMP
 
 
 class Session:
+    # Defaults on the class: an attribute still at its default takes no
+    # room in the instance's table (handle_connect assigns only what
+    # differs), which keeps an idle session small.
+    conn = None
+    version = 4
+    expiry = 0  # session expiry interval, seconds (NEVER = never)
+    gone_at = None  # time.time() when the connection closed
+    will = None  # Message or None
+    will_delay = 0
+    will_at = None  # time.time() when a delayed will is due
+    username = None
+    _pid = 0
+    dropped = 0  # messages dropped for this session
+    full_since = None  # ticks_ms when the queue passed half full
+
     def __init__(self, client_id):
         self.client_id = client_id
-        self.conn = None
-        self.version = 4
         self.subs = {}  # full filter (with $share prefix) -> Sub
         self.queue = []  # [msg, qos, retain, subids] waiting to be sent
         self.inflight = {}  # pid -> [msg, qos, retain, subids, state]
         self.qos2_in = {}  # pid -> True: QoS 2 received, PUBREL pending
-        self.expiry = 0  # session expiry interval, seconds (NEVER = never)
-        self.gone_at = None  # time.time() when the connection closed
-        self.will = None  # Message or None
-        self.will_delay = 0
-        self.will_at = None  # time.time() when a delayed will is due
-        self.username = None
-        self._pid = 0
-        self.dropped = 0  # messages dropped for this session
-        self.full_since = None  # ticks_ms when the queue passed half full
+
+    def put(self, name, v):
+        # Assigns v unless the attribute already reads v (see above).
+        if getattr(self, name) != v:
+            setattr(self, name, v)
 
     def next_pid(self):
         p = self._pid
