@@ -36,6 +36,7 @@ from mqtt.packets import (frame, check_flags, decode, decode_ack, decode_publish
 from mqtt.topic import matches
 from broker import log
 from broker.message import Message
+from broker.outbuf import Output
 from broker.transport import TcpTransport
 
 _PUBLISH = const(3)
@@ -100,13 +101,11 @@ def _hostname(cfg, name):
         return name
 
 
-class _Link:
+class _Link(Output):
     # One connection to the upstream: transport, buffers, its two tasks.
     # Persist.hold() may keep it after it is gone; `closing` then tells the
     # committer not to send. Defaults live on the class (smaller instances).
     closing = False
-    big = None  # a packet larger than the room left in obuf
-    olen = 0
     pos = 0
     have = 0
     reader = None
@@ -122,7 +121,8 @@ class _Link:
         b = br.b
         self.t = t
         self.version = version
-        self.obuf = b.wpool.get()
+        self.wpool = b.wpool
+        self.obuf = b.wpool.get()  # obuf, olen, big, tail: see outbuf.py
         self.rbuf = b.rpool.get()
         self.rmv = memoryview(self.rbuf)
         self.maxp = b.cfg["max_packet_size"]
@@ -131,21 +131,8 @@ class _Link:
         self.last_rx = self.last_tx = self.pinged = time.ticks_ms()
         self.send_max = b.cfg["max_inflight_messages"]
 
-    def send(self, data):
-        # Queues a packet for the writer; never blocks (see Connection.send).
-        n = len(data)
-        o = self.olen
-        if self.big is None and o + n <= len(self.obuf):
-            self.obuf[o:o + n] = data
-            self.olen = o + n
-        elif self.big is None:
-            self.big = data
-        else:
-            self.big = bytes(self.big) + bytes(data)
-        self.wake.set()
-
-    def room(self, n):
-        return self.big is None and self.olen + n <= len(self.obuf)
+    def pool(self):
+        return self.wpool
 
     def close_soon(self):
         self.closing = True
@@ -524,13 +511,8 @@ class Bridge:
                 log.warning("bridge %s: %d byte message on %s is over the upstream's limit; dropped",
                             self.name, len(pkt), msg.topic)
                 pid = 0
-            elif not L.room(len(pkt)):
-                if L.olen or L.big is not None:
-                    return
-                L.big = pkt
-            else:
-                L.obuf[L.olen:L.olen + len(pkt)] = pkt
-                L.olen += len(pkt)
+            elif not L.put(pkt):
+                return
             q.pop(0)
             if seq is not None:
                 self.ram_bytes -= len(msg.payload) + len(rtb)
@@ -886,20 +868,7 @@ class Bridge:
                 while not L.closing:
                     if L.big is None:
                         self._pump(L)
-                    n = L.olen
-                    if n:
-                        ob = L.obuf
-                        mv = memoryview(ob)
-                        await t.send(mv[:n])
-                        rest = L.olen - n
-                        if rest:
-                            ob[0:rest] = mv[n:n + rest]
-                        L.olen = rest
-                    elif L.big is not None:
-                        x = L.big
-                        L.big = None
-                        await t.send(x)
-                    else:
+                    if not await L.flush(t):
                         break
                     L.last_tx = time.ticks_ms()
         except asyncio.CancelledError:

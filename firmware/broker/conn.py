@@ -13,6 +13,7 @@ from mqtt.errors import MQTTError
 from mqtt.packets import frame, check_flags, encode, Disconnect
 from broker import log
 from broker.core import Closed
+from broker.outbuf import Output
 from broker.handle_connect import on_connect
 from broker.handle_publish import on_publish
 from broker.handle_other import on_packet
@@ -21,26 +22,24 @@ _PUBLISH = const(3)
 _CONNECT = const(1)
 
 
-class Connection:
+class Connection(Output):
     # Defaults live on the class: an instance stores only what differs,
     # which keeps an idle connection's attribute table small.
-    obuf = None  # from broker.wpool while there is output
-    olen = 0
-    big = None  # a large packet or payload, sent on its own after obuf
-    tail = None  # what was queued while `big` waited, sent after it
+    # obuf (from broker.wpool while there is output), olen, big and tail:
+    # see outbuf.py.
     resend = None  # packet ids to send again on session resumption
     drained = None  # Event set by the writer once obuf is empty; made when
     # someone first waits for it, since most connections never do
     session = None
     version = 4
     keepalive = 0
+    send_max = 0  # the client's Receive Maximum if below ours (0: ours)
     max_out = 268435455  # client's Maximum Packet Size
     alias_in = None  # alias -> topic (v5)
     alias_out = None  # topic -> alias (v5)
     alias_out_max = 0
     problem_info = True
     closing = False
-    finishing = False
     normal_close = False
     disconnect_reason = None
     writer = None
@@ -55,53 +54,14 @@ class Connection:
         self.t = transport
         self.wake = asyncio.Event()
         self.last_rx = self.born = broker.now_ms()
-        # Set here, not left to the class defaults: assigning them first at
+        # Set here, not left to the class default: assigning it first at
         # teardown would grow the attribute table when the heap may be out.
-        self.closing = self.finishing = False
-        self.send_max = broker.cfg["max_inflight_messages"]  # client's Receive Maximum
+        self.closing = False
 
     # ------------------------------------------------------------ output
 
-    def send(self, data):
-        # Queues a control packet. Never fails: a packet that does not fit
-        # goes to `big` (at most one waits there), and what follows it to
-        # `tail`; the reader then pauses until the writer drains, so this
-        # stays bounded.
-        n = len(data)
-        if self.big is not None:
-            if self.tail is None:
-                self.tail = bytearray(data)
-            else:
-                self.tail.extend(data)
-        else:
-            if self.obuf is None:
-                self.obuf = self.broker.wpool.get()
-            o = self.olen
-            if o + n <= len(self.obuf):
-                self.obuf[o : o + n] = data
-                self.olen = o + n
-            else:
-                self.big = data
-        self.wake.set()
-
-    def send_split(self, head, payload):
-        # A PUBLISH as its head and its payload: the payload goes out from
-        # the message itself, so a large one is never copied (a fragmented
-        # heap may not have that much in one piece).
-        if self.big is None and self.room(len(head)):
-            self.send(head)
-            self.big = payload
-        else:
-            self.send(head)
-            self.send(payload)
-
-    def room(self, n):
-        if self.big is not None:
-            return False
-        if self.obuf is None:
-            # No buffer taken yet: one would have this much room.
-            return n <= self.broker.wpool.size
-        return self.olen + n <= len(self.obuf)
+    def pool(self):
+        return self.broker.wpool
 
     def out_alias(self, topic):
         # Outgoing topic aliases (v5): the first alias_out_max topics get
@@ -130,31 +90,10 @@ class Connection:
                     s = self.session
                     if s is not None and self.big is None and (s.queue or self.resend):
                         b.pump(self, s)
-                    n = self.olen
-                    if n:
-                        ob = self.obuf
-                        mv = memoryview(ob)
-                        await t.send(mv[:n])
-                        # Handlers may have appended while we waited.
-                        rest = self.olen - n
-                        if rest:
-                            ob[0:rest] = mv[n : n + rest]
-                        self.olen = rest
-                        b.stats_bytes_sent += n
-                        continue
-                    if self.big is not None:
-                        x = self.big
-                        y = self.tail
-                        self.big = self.tail = None
-                        # A memoryview, so that a partial write resumes
-                        # without copying the rest.
-                        await t.send(memoryview(x))
-                        b.stats_bytes_sent += len(x)
-                        if y is not None:
-                            await t.send(y)
-                            b.stats_bytes_sent += len(y)
-                        continue
-                    break
+                    n = await self.flush(t)
+                    if not n:
+                        break
+                    b.stats_bytes_sent += n
                 # Drained: an idle connection holds no output buffer.
                 if self.obuf is not None:
                     b.wpool.put(self.obuf)
@@ -367,7 +306,7 @@ class Connection:
         # expiry, write failure).
         self.closing = True
         self.wake.set()
-        if self.reader is not None and not self.finishing:
+        if self.reader is not None:  # None once finish() has begun
             try:
                 self.reader.cancel()
             except Exception:
@@ -377,7 +316,7 @@ class Connection:
         # Let the writer flush what is queued (a CONNACK refusal or a
         # DISCONNECT), with a bound, then tear down.
         self.closing = True
-        self.finishing = True
+        self.reader = None  # close_soon() must not cancel us from here on
         try:
             await self._drain_out()
         except MemoryError:

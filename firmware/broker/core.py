@@ -239,6 +239,7 @@ class Broker:
         now = time.time()
         v = c.version
         inf = s.inflight
+        maxinf = self.cfg["max_inflight_messages"]
         while q:
             e = q[0]
             msg = e[0]
@@ -249,7 +250,7 @@ class Broker:
                 if qos and self.persist is not None:
                     self.persist.dequeued(s, e)
                 continue
-            if qos and len(inf) >= c.send_max:
+            if qos and len(inf) >= (c.send_max or maxinf):
                 return
             pid = s.next_pid() if qos else 0
             alias, send_topic = c.out_alias(msg.topic) if c.alias_out_max else (0, True)
@@ -302,16 +303,8 @@ class Broker:
                 if c.big is not None or not c.room(len(pkt)):
                     return
                 c.send_split(pkt, msg.payload)
-            elif not c.room(n):
-                if c.olen or c.big is not None:
-                    return
-                c.big = pkt  # larger than the whole buffer: goes alone
-            else:
-                ob = c.obuf
-                if ob is None:
-                    ob = c.obuf = self.wpool.get()
-                ob[c.olen : c.olen + n] = pkt
-                c.olen += n
+            elif not c.put(pkt):
+                return
             q.pop(0)
             s.full_since = None  # progress: not stuck
             self.stats_msgs_sent += 1

@@ -138,7 +138,7 @@ def core_import_heap():
 import gc, sys
 sys.path[:0] = ['%(b)s/lib', '%(b)s']
 gc.collect(); a0 = gc.mem_alloc()
-from broker import core, conn, server, handle_connect, handle_publish, handle_other, session, subs, retain, message, transport, log, app, sys_tree
+from broker import core, conn, outbuf, server, handle_connect, handle_publish, handle_other, session, subs, retain, message, transport, log, app, sys_tree
 gc.collect(); a1 = gc.mem_alloc()
 from broker import persist, store
 gc.collect(); a2 = gc.mem_alloc()
