@@ -10,6 +10,9 @@ ports. Tests import these directly: `from conftest import REPO, run_mp`.
                  and host_tests/ (MicroPython-side helpers such as flashsim)
     run_mp(...)  run a script or file under MicroPython, return CompletedProcess
     free_port()  a TCP port on 127.0.0.1 that was free a moment ago
+
+Hypothesis runs derandomized (the "repeatable" profile); set
+HYPOTHESIS_PROFILE=explore for fresh random examples.
 """
 import os
 import socket
@@ -19,6 +22,19 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property-based tests draw the same examples on every run, so `make test`
+# passes or fails the same way each time. HYPOTHESIS_PROFILE=explore draws
+# fresh random ones (and more of them) to look for new failures; a failure
+# prints the example, to be added to its test as an @example.
+try:
+    from hypothesis import settings as _hsettings
+
+    _hsettings.register_profile("repeatable", derandomize=True)
+    _hsettings.register_profile("explore", derandomize=False, max_examples=500)
+    _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+except ImportError:
+    pass
 MICROPYTHON = REPO / ".venv" / "bin" / "micropython"
 
 # ".frozen" keeps the modules built into the unix port (asyncio, ...) on the

@@ -175,6 +175,9 @@ class Store:
                 self._seq = max(self._seq, h[0])
                 self._base = max(self._base, h[0] - h[1])
         found.sort()
+        at = {}  # slot -> sequence number of the part it holds
+        for h in found:
+            at[h[4]] = h[0]
         idx = self._idx
         a = 0
         while a < len(found):
@@ -190,7 +193,16 @@ class Store:
                 whole = whole and found[j][2] == j - a and found[j][4] == i + j - a
             if not whole:
                 # The batch in progress at a cut (or damage): drop it all.
-                self._drop(0)
+                # Unless a newer batch holds one of its slots: slots are
+                # reused only once what they held is folded (or was dropped
+                # before), so this is a stale remnant, not a loss.
+                start = found[a][4] - found[a][2]
+                stale = False
+                for k in range(count):
+                    t = at.get(start + k)
+                    stale = stale or (t is not None and t > seq)
+                if not stale:
+                    self._drop(0)
                 for j in range(a, b):
                     self._remove("l%d" % found[j][4])
                     rep["removed"] += 1
