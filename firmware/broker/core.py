@@ -303,8 +303,14 @@ class Broker:
                 if c.big is not None or not c.room(len(pkt)):
                     return
                 c.send_split(pkt, msg.payload)
-            elif not c.put(pkt):
-                return
+            else:
+                ob = c.obuf
+                o = c.olen
+                if ob is not None and c.big is None and o + n <= len(ob):
+                    ob[o : o + n] = pkt  # the common case, without a call
+                    c.olen = o + n
+                elif not c.put(pkt):
+                    return
             q.pop(0)
             s.full_since = None  # progress: not stuck
             self.stats_msgs_sent += 1
