@@ -89,3 +89,50 @@ def test_large_message_and_small_ones_after_it_keep_their_order():
         assert got == sent
         sub.close()
         pub.close()
+
+
+def test_publish_whose_head_alone_exceeds_the_write_buffer_is_delivered():
+    # About 1.5 KB of user properties make the head larger than the 1 KB
+    # write buffer: it goes out on its own, and what follows is not stuck.
+    with BrokerProc(board="esp32") as b:
+        sub = Client(b.port, "bighead-sub", version=5)
+        sub.subscribe([("bh/t", 0)])
+        pub = Client(b.port, "bighead-pub", version=5)
+        up = [("k%d" % i, "v" * 100) for i in range(14)]
+        pub.publish("bh/t", b"x" * 2000, 0, props={0x26: up})
+        pub.publish("bh/t", b"small", 0)
+        got = sub.messages(n=2, timeout=3.0)
+        assert [len(m.payload) for m in got] == [2000, 5]
+        assert got[0].props.get(0x26) == up
+        sub.close()
+        pub.close()
+
+
+def test_topic_alias_is_only_used_after_the_client_was_sent_it():
+    # Messages that wait for room in the write buffer must not register an
+    # alias the client never received (a v5 client would see an unknown
+    # alias: a protocol error).
+    with BrokerProc(board="esp32") as b:
+        sub = Client(b.port, "alias-sub", version=5, props={0x22: 10})
+        sub.subscribe([("al/#", 0)])
+        pub = Client(b.port, "alias-pub", version=5)
+        sent = []
+        for i in range(6):
+            t = "al/%s" % "abc"[i % 3]
+            pub.publish(t, bytes([97 + i]) * 900, 0)
+            sent.append((t, bytes([97 + i]) * 900))
+        known = {}
+        got = []
+        for m in sub.messages(n=6, timeout=3.0):
+            a = (m.props or {}).get(0x23)
+            t = m.topic
+            if a is not None:
+                if t:
+                    known[a] = t
+                else:
+                    assert a in known, "alias %d used before the client learned it" % a
+                    t = known[a]
+            got.append((t, m.payload))
+        assert got == sent
+        sub.close()
+        pub.close()

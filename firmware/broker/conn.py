@@ -66,18 +66,25 @@ class Connection(Output):
     def out_alias(self, topic):
         # Outgoing topic aliases (v5): the first alias_out_max topics get
         # one; the first PUBLISH carries topic and alias, later ones only
-        # the alias. Returns (alias or 0, send the topic?).
+        # the alias. Returns (alias or 0, send the topic?). A new alias is
+        # recorded by take_alias() only once its PUBLISH is queued: one
+        # that is dropped or waits must not leave the client an alias it
+        # never learned.
         m = self.alias_out
-        if m is None:
-            m = self.alias_out = {}
-        a = m.get(topic)
-        if a is not None:
-            return a, False
-        if len(m) < self.alias_out_max:
-            a = len(m) + 1
-            m[topic] = a
-            return a, True
+        n = 0
+        if m is not None:
+            a = m.get(topic)
+            if a is not None:
+                return a, False
+            n = len(m)
+        if n < self.alias_out_max:
+            return n + 1, True
         return 0, True
+
+    def take_alias(self, topic, alias):
+        if self.alias_out is None:
+            self.alias_out = {}
+        self.alias_out[topic] = alias
 
     async def writer_loop(self):
         t = self.t
@@ -282,8 +289,8 @@ class Connection(Output):
         # 3.1.1 has no such packet and just closes (MQTT-4.8.0-1). Never
         # raises: it runs in the reader's exception handlers, where a
         # MemoryError would end the reader without its teardown.
-        self.disconnect_reason = reason
         try:
+            self.disconnect_reason = reason  # its first assignment may need heap
             log.info("closing %s (%s): 0x%02X %s", self.t.peer, self.client_label(), reason, msg)
             if self.version == 5 and self.session is not None and not self.closing:
                 pkt = None

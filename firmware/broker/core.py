@@ -298,9 +298,13 @@ class Broker:
                 inf[pid] = [msg, qos, e[2], e[3], SENT]
                 p.sent(s, pid, e)
                 p.hold(c, (pkt, msg.payload) if split else pkt, True)
+                if alias and send_topic:
+                    c.take_alias(msg.topic, alias)
                 return
             if split:
-                if c.big is not None or not c.room(len(pkt)):
+                # Behind other output it waits; alone, a head too large for
+                # the buffer goes out on its own, then the payload.
+                if c.big is not None or (c.olen and not c.room(len(pkt))):
                     return
                 c.send_split(pkt, msg.payload)
             else:
@@ -311,6 +315,8 @@ class Broker:
                     c.olen = o + n
                 elif not c.put(pkt):
                     return
+            if alias and send_topic:
+                c.take_alias(msg.topic, alias)
             q.pop(0)
             s.full_since = None  # progress: not stuck
             self.stats_msgs_sent += 1
@@ -345,7 +351,7 @@ class Broker:
                 msg = e[0]
                 if len(msg.payload) > self.wpool.size:
                     h = msg.head(c.version, e[1], e[2], pid, e[3], 0, True, now, True)
-                    if c.big is not None or not c.room(len(h)):
+                    if c.big is not None or (c.olen and not c.room(len(h))):
                         return False
                     c.send_split(h, msg.payload)
                 else:

@@ -4,7 +4,7 @@
 #   obuf  packets as they are queued, up to its size (a pooled buffer)
 #   big   one packet, or one large payload, that does not fit in obuf; it
 #         goes out on its own right after obuf, from the object itself
-#   tail  what is queued while `big` waits, sent right after it
+#   tail  what is queued while `big` waits (a list), sent right after it
 # Readers stop reading while the output is backed up (room() is False), so
 # the tail stays small.
 
@@ -21,10 +21,12 @@ class Output:
         # Queues a control packet. Never fails.
         n = len(data)
         if self.big is not None:
+            # By reference: every sender passes an object of its own, and
+            # a large payload here must not be copied.
             if self.tail is None:
-                self.tail = bytearray(data)
+                self.tail = [data]
             else:
-                self.tail.extend(data)
+                self.tail.append(data)
         else:
             ob = self.obuf
             if ob is None:
@@ -94,6 +96,7 @@ class Output:
         await t.send(memoryview(x))
         n = len(x)
         if y is not None:
-            await t.send(y)
-            n += len(y)
+            for d in y:
+                await t.send(memoryview(d))
+                n += len(d)
         return n

@@ -101,7 +101,13 @@ class Persist:
         inflight = []
         qos2 = []
         retained = 0
+        n = 0
         for key, val in self.store.items():
+            n += 1
+            if n & 15 == 0:
+                # What is kept would otherwise be strewn across the heap
+                # between the garbage of reading it (see Store.open()).
+                gc.collect()
             k = key[0]
             try:
                 if k == "r":
@@ -142,6 +148,9 @@ class Persist:
         queued.sort()
         lost = 0
         for seq, cid, val in queued:
+            n += 1
+            if n & 15 == 0:
+                gc.collect()
             if seq >= self.seq:
                 self.seq = seq + 1
             s = b.sessions.get(cid)
@@ -231,10 +240,16 @@ class Persist:
                     c.held -= 1
                 if c.closing:
                     continue
-                if type(pkt) is tuple:
-                    c.send_split(pkt[0], pkt[1])  # a large PUBLISH: head, payload
-                else:
-                    c.send(pkt)  # also wakes its writer for what waited
+                try:
+                    if type(pkt) is tuple:
+                        c.send_split(pkt[0], pkt[1])  # a large PUBLISH: head, payload
+                    else:
+                        c.send(pkt)  # also wakes its writer for what waited
+                except MemoryError:
+                    # This task must not die: the client sends again (QoS
+                    # 1/2 stays in flight on both sides).
+                    gc.collect()
+                    c.close_soon()
 
     # ------------------------------------------------------------ hooks
 

@@ -33,6 +33,7 @@
 # RAM: the store keeps the keys written since the last compaction (an index
 # into the log slots, bounded by index_max) and one reusable record buffer;
 # segments are streamed a record at a time, never loaded whole.
+import gc
 import os
 import struct
 from binascii import crc32
@@ -168,16 +169,20 @@ class Store:
         # names the last compaction completed before it was written; all
         # batches up to the newest such compaction are folded already.
         found = []
-        for i in slots:
+        for n, i in enumerate(slots):
+            if n & 7 == 7:
+                # Reading a slot leaves garbage, and MicroPython allocates
+                # onward from its last allocation until a collection: what
+                # is kept (the part heads) would end up strewn across the
+                # free heap. Measured on the esp32 host heap after a power
+                # cut with 64 slots: 69 KB free, largest free block 1.1 KB.
+                gc.collect()
             h = self._part_head(i)
             if h is not None:
                 found.append(h)
                 self._seq = max(self._seq, h[0])
                 self._base = max(self._base, h[0] - h[1])
         found.sort()
-        at = {}  # slot -> sequence number of the part it holds
-        for h in found:
-            at[h[4]] = h[0]
         idx = self._idx
         a = 0
         while a < len(found):
@@ -198,9 +203,8 @@ class Store:
                 # before), so this is a stale remnant, not a loss.
                 start = found[a][4] - found[a][2]
                 stale = False
-                for k in range(count):
-                    t = at.get(start + k)
-                    stale = stale or (t is not None and t > seq)
+                for h in found:
+                    stale = stale or (h[0] > seq and start <= h[4] < start + count)
                 if not stale:
                     self._drop(0)
                 for j in range(a, b):
