@@ -20,6 +20,7 @@ from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
 _CONNECT = const(1)
+_BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 
 
 class Connection(Output):
@@ -243,24 +244,38 @@ class Connection(Output):
         # Reads one packet that is larger than the receive buffer into a
         # buffer of its own. Its size was already checked against
         # max_packet_size; here we also check the heap can spare it.
+        # Packets up to _BIG_KEEP bytes reuse one spare buffer: a fresh
+        # one per packet, garbage right after, chops the free heap into
+        # holes between the messages that are kept (measured: 35 KB free
+        # in blocks of at most 1 KB after a burst of 1 KB messages).
         b = self.broker
-        floor = b.cfg["min_free_heap"] // 2
-        if gc.mem_free() - total < floor:
-            gc.collect()
+        big = b.spare_big
+        if big is not None and len(big) >= total:
+            b.spare_big = None
+        else:
+            floor = b.cfg["min_free_heap"] // 2
             if gc.mem_free() - total < floor:
-                raise MQTTError(0x97, "no heap for a %d byte packet" % total)
-        big = bytearray(total)
-        bmv = memoryview(big)
-        got = have - pos
-        big[0:got] = mv[pos:have]
-        while got < total:
-            n = await self.t.recv_into(bmv[got:])
-            if not n:
-                raise OSError(104)
-            got += n
-            b.stats_bytes_recv += n
-        self.last_rx = b.now_ms()
-        self.dispatch(big[0], bmv, h, total)
+                gc.collect()
+                if gc.mem_free() - total < floor:
+                    raise MQTTError(0x97, "no heap for a %d byte packet" % total)
+            big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+        try:
+            bmv = memoryview(big)
+            got = have - pos
+            big[0:got] = mv[pos:have]
+            while got < total:
+                n = await self.t.recv_into(bmv[got:total])
+                if not n:
+                    raise OSError(104)
+                got += n
+                b.stats_bytes_recv += n
+            self.last_rx = b.now_ms()
+            # Handlers copy what they keep (as they do from the shared
+            # read buffer), so the buffer is free again afterwards.
+            self.dispatch(big[0], bmv, h, total)
+        finally:
+            if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
+                b.spare_big = big
 
     def dispatch(self, first, mv, off, end):
         b = self.broker

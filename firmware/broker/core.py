@@ -51,6 +51,7 @@ class Broker:
         # read whole into an exact buffer instead.
         self.rpool = Pool(cfg["read_buffer_size"], 2)
         self.wpool = Pool(cfg["write_buffer_size"], 2)
+        self.spare_big = None  # see Connection._read_big
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not
         self.subs = Subs()
@@ -254,9 +255,11 @@ class Broker:
                 return
             pid = s.next_pid() if qos else 0
             alias, send_topic = c.out_alias(msg.topic) if c.alias_out_max else (0, True)
-            # A payload larger than the write buffer goes out from the
-            # message itself, after its head: no copy of it is ever made.
-            split = len(msg.payload) > self.wpool.size
+            # A payload larger than half the write buffer goes out from the
+            # message itself, after its head: no copy of it is made, and
+            # no encoded copy is cached with the message, which would
+            # double what a queue of large messages holds.
+            split = len(msg.payload) > self.wpool.size >> 1
             try:
                 if split:
                     pkt = msg.head(v, qos, e[2], pid, e[3], alias, send_topic, now)
@@ -349,7 +352,7 @@ class Broker:
                 c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
             else:
                 msg = e[0]
-                if len(msg.payload) > self.wpool.size:
+                if len(msg.payload) > self.wpool.size >> 1:
                     h = msg.head(c.version, e[1], e[2], pid, e[3], 0, True, now, True)
                     if c.big is not None or (c.olen and not c.room(len(h))):
                         return False
