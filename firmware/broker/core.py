@@ -260,28 +260,27 @@ class Broker:
             # no encoded copy is cached with the message, which would
             # double what a queue of large messages holds.
             split = len(msg.payload) > self.wpool.size >> 1
-            try:
-                if split:
-                    pkt = msg.head(v, qos, e[2], pid, e[3], alias, send_topic, now)
-                else:
-                    pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
-            except MemoryError:
-                # No room to lay it out, even once: drop it (counted) rather
-                # than leave the session stuck behind it for good.
-                gc.collect()
+            pkt = None
+            tries = 2  # a second one after a collection
+            while pkt is None and tries:
+                tries -= 1
                 try:
                     if split:
                         pkt = msg.head(v, qos, e[2], pid, e[3], alias, send_topic, now)
                     else:
                         pkt = msg.wire(v, qos, e[2], pid, e[3], alias, send_topic, now)
                 except MemoryError:
-                    q.pop(0)
-                    self.stats_dropped += 1
-                    log.warning("dropped a %d byte message for %s: out of memory",
-                                len(msg.payload), s.client_id)
-                    if qos and self.persist is not None:
-                        self.persist.dequeued(s, e)
-                    continue
+                    gc.collect()
+            if pkt is None:
+                # No room to lay it out, even after a collection: drop it
+                # (counted) rather than leave the session stuck behind it.
+                q.pop(0)
+                self.stats_dropped += 1
+                log.warning("dropped a %d byte message for %s: out of memory",
+                            len(msg.payload), s.client_id)
+                if qos and self.persist is not None:
+                    self.persist.dequeued(s, e)
+                continue
             n = len(pkt) + (len(msg.payload) if split else 0)
             if n > c.max_out:
                 # Too big for this client (MQTT-3.1.2-24): discard as if sent.
