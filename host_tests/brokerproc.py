@@ -1,4 +1,4 @@
-"""Start the real broker as a process under the MicroPython unix port.
+"""Start the real broker as a process on the board twin.
 
     with BrokerProc(board="esp32", config={"max_connections": 2}) as b:
         b.port            # ephemeral port it listens on (127.0.0.1)
@@ -6,11 +6,26 @@
         b.kill9()         # power cut: SIGKILL
         b.restart()       # same config, same port, same store directory
 
-The heap is the board profile's `host_heap` (what the 64-bit unix port needs
-to mimic the board's free heap) unless `heap` is given. The broker runs from
-the compiled .mpy files in build/host, as a board runs them; they are
-rebuilt once per test session.
+The broker runs as a board runs it: on the twin (build/twin/micropython,
+MicroPython v1.28.0 built 32-bit with the broker frozen in, tools/twin.py)
+with the board profile's `heap`, and with the profile's shipped config:
+persistence on, anonymous clients refused, the connection-rate limit on.
+The test's own changes to that are only these:
+  - it listens on 127.0.0.1 (a board: 0.0.0.0) on an ephemeral port;
+  - the store lives in a temporary folder;
+  - a password file holds the test user (TEST_USER / TEST_PASSWORD, hashed
+    with the board's iteration count), unless the config names its own;
+  - log_level debug.
+A test about another setting passes it in `config` and says why.
+
+Test clients come from the loopback addresses 127.0.0.2-127.0.0.254 in
+turn (source_address()), as sensors on a LAN come from addresses of their
+own; a test about per-address limits passes one address explicitly.
+
+code="mpy" runs the compiled .mpy files from build/host on the stock twin
+(a board that loads the broker from its filesystem) instead.
 """
+import itertools
 import json
 import os
 import signal
@@ -23,16 +38,54 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-MICROPYTHON = REPO / ".venv" / "bin" / "micropython"
-_built = False
+sys.path.insert(0, str(REPO / "tools"))
+sys.path.insert(0, str(REPO / "lib"))
+import twin  # noqa: E402
+import pwhash  # noqa: E402
+
+TWIN = twin.VARIANTS["broker"][0]
+TWIN_STOCK = twin.VARIANTS["stock"][0]
+TEST_USER = "sensor"
+TEST_PASSWORD = "test-password"
+_built = {}
+
+
+def twin_binary(variant="broker"):
+    """The twin's path, built (once per test session) if out of date. A
+    twin that cannot be built fails the test: it is never skipped."""
+    if variant not in _built:
+        _built[variant] = twin.build(variant)
+    return _built[variant]
 
 
 def build_host():
-    global _built
-    if not _built:
+    if "host" not in _built:
         subprocess.run([sys.executable, str(REPO / "tools" / "build.py"), "--target", "host", "-q"],
                        check=True, cwd=str(REPO))
-        _built = True
+        _built["host"] = True
+
+
+_addrs = itertools.cycle(range(2, 255))
+
+
+def source_address():
+    """The next loopback address for a test client, (host, 0) for bind()."""
+    return ("127.0.0.%d" % next(_addrs), 0)
+
+
+def connect(port, timeout=5, source=None):
+    """A TCP socket to the broker on 127.0.0.1:port from source_address()
+    (or from `source`, an address string)."""
+    src = (source, 0) if source else source_address()
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=src)
+
+
+def write_password_file(path, users, board="esp32"):
+    """users: {name: password}; hashed as tools/passwd does for the board."""
+    it = pwhash.ITERATIONS.get(board, pwhash.DEFAULT_ITERATIONS)
+    with open(path, "w") as f:
+        for name, pw in users.items():
+            f.write("%s:%s\n" % (name, pwhash.make_hash(pw, it)))
 
 
 def free_port():
@@ -48,16 +101,20 @@ def profile(board):
 
 
 class BrokerProc:
-    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None):
+    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen"):
         self.board = board
-        self.heap = heap or profile(board).get("host_heap") or 2 * profile(board)["heap"]
+        self.heap = heap or profile(board)["heap"]
+        self.code = code
         self.port = port or free_port()
         self.tmp = tempfile.TemporaryDirectory(prefix="broker_")
         self.datadir = datadir or os.path.join(self.tmp.name, "data")
-        cfg = {"bind_address": "127.0.0.1", "allow_anonymous": True, "persistence": False,
-               "max_connection_rate": 0,
-               "persistence_location": self.datadir, "log_level": "debug"}
-        cfg.update(config or {})
+        cfg = {"bind_address": "127.0.0.1", "persistence_location": self.datadir, "log_level": "debug"}
+        config = config or {}
+        if "password_file" not in config:
+            pf = os.path.join(self.tmp.name, "passwd")
+            write_password_file(pf, {TEST_USER: TEST_PASSWORD}, board)
+            cfg["password_file"] = pf
+        cfg.update(config)
         self.config = cfg
         self.cfgpath = os.path.join(self.tmp.name, "config.json")
         self.logpath = os.path.join(self.tmp.name, "broker.log")
@@ -65,12 +122,16 @@ class BrokerProc:
         self._logf = None
 
     def start(self, wait=True):
-        build_host()
+        if self.code == "mpy":
+            build_host()
+            mp = twin_binary("stock")
+        else:
+            mp = twin_binary()
         with open(self.cfgpath, "w") as f:
             json.dump(self.config, f)
         self._logf = open(self.logpath, "ab")
-        cmd = [str(MICROPYTHON), "-X", "heapsize=%s" % self.heap, str(REPO / "tools" / "mp_host.py"),
-               "--board", self.board, "--config", self.cfgpath, "--port", str(self.port)]
+        cmd = [str(mp), "-X", "heapsize=%s" % self.heap, str(REPO / "tools" / "mp_host.py"),
+               "--board", self.board, "--code", self.code, "--config", self.cfgpath, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.tmp.name)
         if wait:
@@ -134,10 +195,11 @@ class BrokerProc:
 
 
 class Raw:
-    """A raw MQTT socket for byte-exact exchanges."""
+    """A raw MQTT socket for byte-exact exchanges, from source_address()
+    unless `source` names the address."""
 
-    def __init__(self, port, timeout=5):
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port, timeout=5, source=None):
+        self.s = connect(port, timeout, source)
         self.buf = b""
 
     def send(self, data):
@@ -190,3 +252,20 @@ class Raw:
 
     def close(self):
         self.s.close()
+
+
+def cli_args(port, user=TEST_USER, password=TEST_PASSWORD):
+    """Connection arguments for mosquitto_pub / mosquitto_sub: the broker at
+    127.0.0.1:port, the test user, the next source address."""
+    args = ["-h", "127.0.0.1", "-p", str(port), "-A", source_address()[0]]
+    if user is not None:
+        args += ["-u", user, "-P", password]
+    return args
+
+
+def paho_connect(client, port, user=TEST_USER, password=TEST_PASSWORD, host="127.0.0.1", **kw):
+    """client.connect() for a paho client, as the test user (user=None:
+    anonymous) from the next source address; kw go to connect()."""
+    if user is not None:
+        client.username_pw_set(user, password)
+    return client.connect(host, port, bind_address=source_address()[0], **kw)

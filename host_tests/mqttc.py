@@ -33,7 +33,13 @@ from mqtt.packets import (  # noqa: E402,F401
     UNSUBACK, PINGREQ, PINGRESP, DISCONNECT, AUTH, Connect, Publish, Ack, Subscribe, Unsubscribe,
     Disconnect, Empty,
 )
-from brokerproc import BrokerProc, Raw  # noqa: E402,F401
+import brokerproc  # noqa: E402
+from brokerproc import BrokerProc, Raw, TEST_USER, TEST_PASSWORD, connect  # noqa: E402,F401
+
+# The default of username/password below: the test user every BrokerProc
+# knows (the broker runs as a board ships, anonymous clients refused).
+# Pass username=None for an anonymous CONNECT.
+CREDENTIALS = object()
 
 # Property identifiers used by the tests.
 PFI = 0x01
@@ -96,19 +102,29 @@ def wait_for(pred, timeout=5.0, step=0.05):
 class Client:
     def __init__(self, port, client_id="", version=5, clean=True, keepalive=60, props=None,
                  will_topic=None, will_payload=b"", will_qos=0, will_retain=False, will_props=None,
-                 username=None, password=None, connect=True, expect_ok=True, rcvbuf=None):
+                 username=CREDENTIALS, password=CREDENTIALS, connect=True, expect_ok=True, rcvbuf=None,
+                 source=None):
         self.port = port
         self.version = version
         self.client_id = client_id
         self._pid = 0
         self.stash = []
+        if username is CREDENTIALS:
+            username = TEST_USER
+            if password is CREDENTIALS:
+                password = TEST_PASSWORD
+        if password is CREDENTIALS:
+            password = None
+        if isinstance(password, str):
+            password = password.encode()
         if rcvbuf is None:
-            self.raw = Raw(port)
+            self.raw = Raw(port, source=source)
         else:
             # A small receive buffer, set before connecting, for slow readers.
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             s.settimeout(5)
+            s.bind((source, 0) if source else brokerproc.source_address())
             s.connect(("127.0.0.1", port))
             self.raw = Raw.__new__(Raw)
             self.raw.s = s
@@ -293,6 +309,11 @@ class Client:
 
 
 def connect_bytes(client_id="", version=4, **kw):
+    """A CONNECT's bytes; with the test user's credentials unless username
+    (or password) is given: username=None makes it anonymous."""
+    if "username" not in kw:
+        kw["username"] = TEST_USER
+        kw.setdefault("password", TEST_PASSWORD.encode())
     return P.encode(Connect(client_id, version=version, **kw))
 
 

@@ -7,12 +7,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 from mqtt import packets as K  # noqa: E402
 from mqtt.framer import Framer  # noqa: E402
+from brokerproc import TEST_USER, TEST_PASSWORD, connect  # noqa: E402
 
 
 class Client:
+    # Connects as the test user unless username= is given (None: anonymous).
     def __init__(self, port, cid, version=5, clean=True, expiry=0, keepalive=0, timeout=5, **kw):
         self.version = version
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if "username" not in kw:
+            kw["username"] = TEST_USER
+            kw.setdefault("password", TEST_PASSWORD.encode())
+        self.s = connect(port, timeout)
         self.f = Framer()
         props = {0x11: expiry} if version == 5 and expiry else None
         self.send(K.Connect(cid, version, clean, keepalive, props=props, **kw))

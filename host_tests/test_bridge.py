@@ -1,8 +1,8 @@
 """Bridges to an upstream broker (broker/bridge.py; Mosquitto's area 06).
 
 Each test starts real Mosquitto instances (/usr/sbin/mosquitto) on ephemeral
-loopback ports and the gateway under the MicroPython unix port with the
-esp32 profile and a 220K heap, then checks with paho clients on both sides.
+loopback ports and the gateway on the board twin with the esp32 profile as
+shipped, then checks with paho clients on both sides.
 Every process a test starts is stopped by its PID when the test ends.
 """
 import os
@@ -20,11 +20,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from brokerproc import BrokerProc, free_port
+from brokerproc import BrokerProc, free_port, paho_connect
 
+# Debian installs it in /usr/sbin, often not on PATH (make sysdeps installs it).
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-HEAP = "220K"
-pytestmark = pytest.mark.skipif(not os.path.exists(MOSQUITTO), reason="mosquitto not installed")
 
 
 class Mosquitto:
@@ -102,8 +101,7 @@ class Peer:
         if version == 5 and not clean:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 3600
-        c.connect("127.0.0.1", port, keepalive=30, clean_start=clean if version == 5 else 3,
-                  properties=props)
+        paho_connect(c, port, keepalive=30, clean_start=clean if version == 5 else 3, properties=props)
         c.loop_start()
         if self.subs:
             assert self.acked.wait(5), "no SUBACK"
@@ -172,7 +170,7 @@ def upstream(procs, persistence=False, port=None):
 def gateway(procs, bridge, **config):
     bridge = dict({"name": "up", "restart_timeout": [0.2, 1], "keepalive": 10}, **bridge)
     config["bridges"] = [bridge]
-    g = BrokerProc(board="esp32", heap=HEAP, config=config)
+    g = BrokerProc(board="esp32", config=config)
     procs.append(g)
     return g.start()
 
@@ -413,7 +411,7 @@ def test_bridge_speaks_tls_and_checks_the_upstream_against_its_ca(procs):
          "protocol_version": 5, "restart_timeout": [0.2, 1]},
         {"name": "bad", "addresses": addr, "topics": ["# out 1 tls/ bad/"], "cafile": d + "/other.der",
          "restart_timeout": [0.2, 1]}]}
-    g = BrokerProc(board="esp32", heap=HEAP, config=config)
+    g = BrokerProc(board="esp32", config=config)
     procs.append(g)
     g.start()
     wait_state(g, b"1", name="good")
@@ -440,7 +438,7 @@ ADDR = ["127.0.0.1:1883"]
     ({"name": "up", "addresses": ADDR, "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
 ], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued"])
 def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
-    g = BrokerProc(board="esp32", heap=HEAP, config={"bridges": [bridge]})
+    g = BrokerProc(board="esp32", config={"bridges": [bridge]})
     try:
         with pytest.raises(RuntimeError) as e:
             g.start()

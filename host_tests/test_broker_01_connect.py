@@ -7,7 +7,7 @@ import pytest
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Raw, Client, Connect, Empty, decode, CONNACK,
                    DISCONNECT, PINGREQ, PINGRESP, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
-                   MAX_PACKET, TOPIC_ALIAS_MAX)
+                   MAX_PACKET, TOPIC_ALIAS_MAX, connect_bytes)
 from mqtt import packets as P
 
 CONFIG = {
@@ -23,7 +23,7 @@ CONFIG = {
 
 def connect_raw(port, client_id, version=4, **kw):
     r = Raw(port)
-    r.send(P.encode(Connect(client_id, version=version, **kw)))
+    r.send(connect_bytes(client_id, version=version, **kw))
     return r
 
 
@@ -76,7 +76,7 @@ def test_v5_client_within_max_keepalive_gets_no_server_keep_alive(broker):
 
 def test_v5_second_connect_gets_disconnect_0x82_then_close(broker):
     c = Client(broker.port, "c01-2nd5", version=5)
-    c.send_raw(P.encode(Connect("c01-2nd5", version=5)))
+    c.send_raw(connect_bytes("c01-2nd5", version=5))
     d = c.expect(DISCONNECT)
     assert d.reason == 0x82
     assert c.closed()
@@ -84,7 +84,7 @@ def test_v5_second_connect_gets_disconnect_0x82_then_close(broker):
 
 def test_v311_second_connect_closes_connection(broker):
     c = Client(broker.port, "c01-2nd4", version=4)
-    c.send_raw(P.encode(Connect("c01-2nd4", version=4)))
+    c.send_raw(connect_bytes("c01-2nd4", version=4))
     assert c.raw.recv_packet(5) is None  # closed, nothing sent
 
 
@@ -300,10 +300,13 @@ def test_will_qos_without_will_flag_is_closed(broker):
     assert r.closed()
 
 
-def test_v5_user_name_and_password_are_accepted_when_anonymous_allowed(broker):
-    c = Client(broker.port, "c01-userpw", version=5, username="u", password=b"p")
-    c.ping()
-    c.close()
+def test_v5_user_name_and_password_are_accepted_when_anonymous_allowed_without_password_file():
+    # About another setting: anonymous clients allowed and no password
+    # file; then any user name and password are let in, as in Mosquitto.
+    with BrokerProc(board="esp32", config={"allow_anonymous": True, "password_file": None}) as b:
+        c = Client(b.port, "c01-userpw", version=5, username="u", password=b"p")
+        c.ping()
+        c.close()
 
 
 def test_connack_refusal_respects_client_maximum_packet_size(broker):

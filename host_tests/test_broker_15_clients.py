@@ -2,7 +2,6 @@
 and Debian's mosquitto_pub / mosquitto_sub."""
 import os
 import queue
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -14,13 +13,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqttc import BrokerProc
+from brokerproc import TEST_USER, TEST_PASSWORD, cli_args, source_address
 
 PAHO_VERSION = {4: mqtt.MQTTv311, 5: mqtt.MQTTv5}
 CLI_VERSION = {4: "mqttv311", 5: "mqttv5"}
-
-needs_mosquitto = pytest.mark.skipif(not shutil.which("mosquitto_pub") or not shutil.which("mosquitto_sub"),
-                                     reason="mosquitto clients not installed")
-
 
 @pytest.fixture(scope="module")
 def broker():
@@ -48,7 +44,8 @@ class Paho:
         self.c.on_message = lambda c, u, m: self.q.put(m)
         self.c.on_subscribe = lambda c, u, mid, rcs, props: self.subacked.set()
         self.c.on_connect = lambda c, u, f, rc, props: self.connected.set()
-        self.c.connect("127.0.0.1", port, keepalive=30)
+        self.c.username_pw_set(TEST_USER, TEST_PASSWORD)
+        self.c.connect("127.0.0.1", port, keepalive=30, bind_address=source_address()[0])
         self.c.loop_start()
         assert self.connected.wait(5), "paho %s did not connect" % cid
 
@@ -117,14 +114,13 @@ def _cli(*args, timeout=15):
                           stdin=subprocess.DEVNULL)
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_mosquitto_pub_to_paho_subscriber(broker, version, qos):
     t = "mpub/%d/%d" % (version, qos)
     s = Paho(broker.port, "mpub-sub-%d%d" % (version, qos), 5)
     s.subscribe(t, 2)
-    r = _cli("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", CLI_VERSION[version],
+    r = _cli("mosquitto_pub", *cli_args(broker.port), "-V", CLI_VERSION[version],
              "-i", "mpub-%d%d" % (version, qos), "-t", t, "-q", str(qos), "-m", "from mosquitto_pub")
     assert r.returncode == 0, r.stderr
     m = s.get()
@@ -132,7 +128,6 @@ def test_mosquitto_pub_to_paho_subscriber(broker, version, qos):
     s.close()
 
 
-@needs_mosquitto
 def test_mosquitto_pub_large_payload_from_file(broker):
     s = Paho(broker.port, "mpub-big-sub", 4)
     s.subscribe("mpub/big", 1)
@@ -140,7 +135,7 @@ def test_mosquitto_pub_large_payload_from_file(broker):
     with tempfile.NamedTemporaryFile(delete=False) as f:
         f.write(data)
     try:
-        r = _cli("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "mpub/big", "-q", "1",
+        r = _cli("mosquitto_pub", *cli_args(broker.port), "-t", "mpub/big", "-q", "1",
                  "-f", f.name)
     finally:
         os.unlink(f.name)
@@ -149,12 +144,11 @@ def test_mosquitto_pub_large_payload_from_file(broker):
     s.close()
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_paho_to_mosquitto_sub(broker, version, qos):
     t = "msub/%d/%d" % (version, qos)
-    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-V",
+    sub = subprocess.Popen(["mosquitto_sub", *cli_args(broker.port), "-V",
                             CLI_VERSION[version], "-i", "msub-%d%d" % (version, qos), "-t", t, "-q",
                             str(qos), "-C", "3", "-W", "10", "-F", "%q %p"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -184,15 +178,14 @@ def test_paho_to_mosquitto_sub(broker, version, qos):
     assert payloads == ["m%d" % (k + j) for j in range(3)]
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("version", [4, 5])
 def test_mosquitto_retained_message_reaches_mosquitto_sub(broker, version):
     t = "mret/%d" % version
-    r = _cli("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", CLI_VERSION[version], "-t", t,
+    r = _cli("mosquitto_pub", *cli_args(broker.port), "-V", CLI_VERSION[version], "-t", t,
              "-q", "1", "-r", "-m", "kept")
     assert r.returncode == 0, r.stderr
-    r = _cli("mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-V", CLI_VERSION[version], "-t", t,
+    r = _cli("mosquitto_sub", *cli_args(broker.port), "-V", CLI_VERSION[version], "-t", t,
              "-C", "1", "-W", "5", "-F", "%r %t %p")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["1", t, "kept"]
-    _cli("mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", t, "-r", "-n")
+    _cli("mosquitto_pub", *cli_args(broker.port), "-t", t, "-r", "-n")

@@ -33,7 +33,7 @@ if SEED == "random":
 # The esp32 profile persists to flash; BrokerProc turns that off unless
 # FUZZ_PERSISTENCE=1 (see the closing note of issue 9: with it on, the
 # 220 KB host heap runs out under fuzzing).
-CONFIG = {"sys_interval": 1, "persistence": os.environ.get("FUZZ_PERSISTENCE") == "1"}
+CONFIG = {"sys_interval": 1, "persistence": os.environ.get("FUZZ_PERSISTENCE") == "1", "allow_anonymous": True}
 
 
 @pytest.fixture(scope="module")

@@ -66,7 +66,8 @@ def test_local_run_says_anonymous_clients_are_allowed():
         p.send_signal(signal.SIGINT)
         out = p.communicate(timeout=10)[0]
     assert "anonymous clients are allowed" in out
-    assert "heapsize=220000" in out  # the esp32 profile's host heap
+    # On the board twin with the esp32 profile's heap, code frozen in.
+    assert "build/twin/micropython -X heapsize=110000" in out and "--code frozen" in out
 
 
 def _refused(tmp_path, cfg):

@@ -58,8 +58,7 @@ def broker(tmp_path_factory):
                        + ["-b", str(pf), u, p], check=True, capture_output=True)
     af = d / "acl"
     af.write_text(ACL)
-    cfg = {"password_file": str(pf), "acl_file": str(af), "allow_anonymous": True, "sys_interval": 1,
-           "max_connection_rate": 0}
+    cfg = {"password_file": str(pf), "acl_file": str(af), "allow_anonymous": True, "sys_interval": 1}
     with BrokerProc(board="esp32", config=cfg) as b:
         yield b
 
@@ -78,7 +77,7 @@ def cl(broker, user=None, version=5, cid=None, **kw):
     _n[0] += 1
     cid = cid or "%s-%d" % (user or "anon", _n[0])
     if user is None:
-        return Client(broker.port, cid, version=version, **kw)
+        return Client(broker.port, cid, version=version, username=None, **kw)
     return Client(broker.port, cid, version=version, username=user, password=PW[user].encode(), **kw)
 
 

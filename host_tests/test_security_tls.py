@@ -4,7 +4,6 @@ CPython's ssl (raw socket and paho) and mosquitto_pub/sub --cafile talking
 to plain-TCP clients, the max_tls_connections cap, and bad traffic on the
 TLS port."""
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -14,10 +13,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from mqttc import CONNACK, BrokerProc, Client, Connect, P, Raw, connect_bytes, decode
+from brokerproc import cli_args, connect, paho_connect
 from conftest import free_port
-
-pytestmark = pytest.mark.skipif(not shutil.which("openssl") or not shutil.which("mosquitto_pub"),
-                                reason="needs openssl and mosquitto clients")
 
 TLS_CAP = 2
 
@@ -42,7 +39,7 @@ def broker(certs):
     plain, tls = free_port(), free_port()
     cfg = {"listeners": [{"port": plain},
                          {"port": tls, "certfile": certs["cert.der"], "keyfile": certs["key.der"]}],
-           "max_tls_connections": TLS_CAP, "connect_timeout": 2, "max_connection_rate": 0}
+           "max_tls_connections": TLS_CAP, "connect_timeout": 2}
     with BrokerProc(board="esp32", port=plain, config=cfg) as b:
         b.tls_port = tls
         b.cafile = certs["cert.pem"]
@@ -58,7 +55,7 @@ def still_alive(broker):
 
 def tls_socket(broker, timeout=5):
     ctx = ssl.create_default_context(cafile=broker.cafile)
-    s = socket.create_connection(("127.0.0.1", broker.tls_port), timeout=timeout)
+    s = connect(broker.tls_port, timeout)
     return ctx.wrap_socket(s, server_hostname="127.0.0.1")
 
 
@@ -69,7 +66,7 @@ def tls_client(broker, cid, version=5, **kw):
     c.raw = Raw.__new__(Raw)
     c.raw.s = tls_socket(broker)
     c.raw.buf = b""
-    c.send(Connect(cid, version=version, **kw))
+    c.send_raw(connect_bytes(cid, version=version, **kw))
     c.connack = c.expect(CONNACK)
     assert c.connack.reason == 0, c.connack
     return c
@@ -131,7 +128,7 @@ def test_paho_over_tls_exchanges_messages_with_a_plain_client(broker, version):
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-tls-%d" % version, protocol=version)
     c.tls_set(ca_certs=broker.cafile)
     c.on_message = lambda cl, u, m: got.append((m.topic, m.payload))
-    c.connect("127.0.0.1", broker.tls_port, keepalive=30)
+    paho_connect(c, broker.tls_port, keepalive=30)
     c.loop_start()
     try:
         assert wait_until(c.is_connected), "paho did not connect over TLS"
@@ -152,7 +149,7 @@ def test_paho_over_tls_exchanges_messages_with_a_plain_client(broker, version):
 
 
 def test_mosquitto_clients_with_cafile_exchange_messages_with_plain_clients(broker):
-    sub = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.tls_port), "--cafile",
+    sub = subprocess.Popen(["mosquitto_sub", *cli_args(broker.tls_port), "--cafile",
                             broker.cafile, "-t", "mosq/tls", "-C", "1", "-W", "10", "-q", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -170,7 +167,7 @@ def test_mosquitto_clients_with_cafile_exchange_messages_with_plain_clients(brok
                 pass
         assert ok and sub.returncode == 0, "mosquitto_sub over TLS got nothing"
         assert out.strip() == "via plain"
-        r = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.tls_port), "--cafile",
+        r = subprocess.run(["mosquitto_pub", *cli_args(broker.tls_port), "--cafile",
                             broker.cafile, "-t", "mosq/plain", "-m", "via tls", "-q", "1", "-V", "mqttv5"],
                            capture_output=True, text=True, timeout=10)
         assert r.returncode == 0, r.stderr
@@ -184,7 +181,7 @@ def test_mosquitto_clients_with_cafile_exchange_messages_with_plain_clients(brok
 
 def test_tls_client_without_the_ca_refuses_the_throwaway_certificate(broker):
     ctx = ssl.create_default_context()
-    s = socket.create_connection(("127.0.0.1", broker.tls_port), timeout=5)
+    s = connect(broker.tls_port, 5)
     with pytest.raises(ssl.SSLCertVerificationError):
         ctx.wrap_socket(s, server_hostname="127.0.0.1")
     s.close()
@@ -200,7 +197,7 @@ def test_tls_client_without_the_ca_refuses_the_throwaway_certificate(broker):
 def test_tls_session_cap_refuses_the_extra_client_while_others_keep_working(broker):
     held = [tls_client(broker, "tls-held-%d" % i) for i in range(TLS_CAP)]
     assert tls_refused(broker), "a TLS session past max_tls_connections was served"
-    assert "refused TLS connection from 127.0.0.1" in broker.log()
+    assert "refused TLS connection from 127.0.0." in broker.log()
     # The ones inside the cap and plain clients are unaffected.
     plain = Client(broker.port, "plain-during-cap", version=5)
     held[0].subscribe([("cap/t", 1)])
@@ -239,7 +236,9 @@ def test_plain_mqtt_on_the_tls_port_does_not_harm_the_broker(broker):
     for r in socks:
         r.close()
     assert "client plain-on-tls" not in broker.log()
-    assert "MBEDTLS_ERR_SSL_INVALID_RECORD" in broker.log()
+    # Mbed TLS 3.6 (MicroPython 1.28) says UNEXPECTED_MESSAGE, later
+    # versions INVALID_RECORD: either way the TLS layer refused it.
+    assert "MBEDTLS_ERR_SSL_UNEXPECTED_MESSAGE" in broker.log() or "MBEDTLS_ERR_SSL_INVALID_RECORD" in broker.log()
 
 
 def _fds(broker):
@@ -254,7 +253,7 @@ def test_failed_tls_handshake_closes_the_connection_and_frees_its_socket(broker)
     r.close()
     for _ in range(3):
         # A TLS client that rejects the certificate aborts the handshake.
-        s = socket.create_connection(("127.0.0.1", broker.tls_port), timeout=5)
+        s = connect(broker.tls_port, 5)
         with pytest.raises(ssl.SSLError):
             ssl.create_default_context().wrap_socket(s, server_hostname="127.0.0.1")
         s.close()
@@ -265,7 +264,7 @@ def test_failed_tls_handshake_closes_the_connection_and_frees_its_socket(broker)
 
 def test_tls_handshake_on_the_plain_port_is_dropped(broker):
     ctx = ssl.create_default_context(cafile=broker.cafile)
-    s = socket.create_connection(("127.0.0.1", broker.port), timeout=5)
+    s = connect(broker.port, 5)
     with pytest.raises((ssl.SSLError, OSError)):
         ctx.wrap_socket(s, server_hostname="127.0.0.1")
     s.close()
@@ -275,7 +274,7 @@ def test_tls_handshake_on_the_plain_port_is_dropped(broker):
 def test_silent_sockets_on_the_tls_port_give_their_slots_back_after_connect_timeout(broker):
     # connect_timeout is 2 s here: sockets that never send a byte hold a
     # TLS slot only that long.
-    silent = [socket.create_connection(("127.0.0.1", broker.tls_port)) for _ in range(TLS_CAP)]
+    silent = [connect(broker.tls_port) for _ in range(TLS_CAP)]
     time.sleep(0.3)
     assert tls_refused(broker)
     c = None

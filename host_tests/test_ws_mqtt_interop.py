@@ -25,7 +25,8 @@ import uuid
 import paho.mqtt.client as paho
 import pytest
 
-from brokerproc import BrokerProc, free_port
+from mqttc import connect_bytes
+from brokerproc import BrokerProc, free_port, connect, paho_connect, TEST_USER, TEST_PASSWORD
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_DIR = os.path.join(HERE, "node")
@@ -109,7 +110,7 @@ class Paho:
         self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="paho-%s" % uuid.uuid4().hex[:8],
                              protocol=v)
         self.c.on_message = self._on_message
-        self.c.connect("127.0.0.1", port, keepalive=30)
+        paho_connect(self.c, port, keepalive=30)
         self.c.loop_start()
         deadline = time.time() + 5
         while not self.c.is_connected():
@@ -145,7 +146,9 @@ def run_node(url, prefix, version, expect, ca=None):
     cmd = ["node", os.path.join(NODE_DIR, "mqtt_interop.mjs"), url, prefix, str(version), str(expect)]
     if ca:
         cmd.append(ca)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NODE_DIR)
+    env = dict(os.environ, MQTT_USERNAME=TEST_USER, MQTT_PASSWORD=TEST_PASSWORD)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NODE_DIR,
+                            env=env)
 
 
 def node_line(p, timeout=20):
@@ -214,7 +217,7 @@ def test_dashboard_page_over_https(broker):
     import ssl
 
     ctx = ssl.create_default_context(cafile=broker.pem)
-    with socket.create_connection(("127.0.0.1", broker.wss), timeout=5) as raw:
+    with connect(broker.wss, 5) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: gzip\r\n\r\n")
             data = b""
@@ -242,7 +245,7 @@ def accept_for(key):
 
 def http(port, request, timeout=5):
     """Sends a raw request; returns (status, headers dict, socket, rest)."""
-    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s = connect(port, timeout)
     s.sendall(request)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -351,7 +354,7 @@ class WS:
         self.s.close()
 
 
-CONNECT = bytes.fromhex("101000044d5154540402003c0004") + b"wsrw"  # 3.1.1, clean, id "wsrw"
+CONNECT = connect_bytes("wsrw", 4)  # 3.1.1, clean, id "wsrw", the test user
 
 
 def assert_tcp_ok(broker):

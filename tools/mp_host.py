@@ -1,10 +1,14 @@
 # The broker's entry point on a Linux host, run by the MicroPython unix
-# port (not CPython):
-#   micropython -X heapsize=110000 tools/mp_host.py --board esp32 \
-#       [--config FILE] [--port N] [--bind ADDR] [--set KEY=JSON ...]
+# port (not CPython), normally the board twin (tools/twin.py):
+#   build/twin/micropython -X heapsize=110000 tools/mp_host.py --board esp32 \
+#       [--code frozen|mpy|src] [--config FILE] [--port N] [--bind ADDR] [--set KEY=JSON ...]
 # It loads boards/<board>.json, the config file and the overrides, checks
-# them, and runs the same broker a board runs. Uses compiled .mpy files
-# from build/host when present (as a board would), else the sources.
+# them, and runs the same broker a board runs. The code comes from:
+#   frozen  the modules frozen into the twin (as from a board's flash);
+#   mpy     the compiled .mpy files in build/host (as copied to a board);
+#   src     the sources in lib/ and firmware/.
+# Without --code: frozen when the binary has the broker frozen in, else mpy
+# when build/host exists, else src.
 import sys
 import json
 
@@ -12,26 +16,52 @@ _here = sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else "."
 ROOT = _here + "/.."
 
 
-def _paths(use_src):
+def _frozen():
+    # True when this binary has the broker frozen in.
+    saved = sys.path[:]
+    sys.path[:] = [".frozen"]
+    try:
+        import broker  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+    finally:
+        sys.path[:] = saved
+
+
+def _paths(code):
     import os
 
     b = ROOT + "/build/host"
-    try:
-        os.stat(b + "/broker")
-        ok = not use_src
-    except OSError:
-        ok = False
-    if ok:
+    if code is None:
+        if _frozen():
+            code = "frozen"
+        else:
+            try:
+                os.stat(b + "/broker")
+                code = "mpy"
+            except OSError:
+                code = "src"
+    if code == "frozen":
+        if not _frozen():
+            raise ValueError("--code frozen: this MicroPython has no frozen broker (build it: make twin)")
+        # Frozen modules come first, whatever the current directory holds.
+        sys.path[:] = [".frozen"] + [p for p in sys.path if p != ".frozen"]
+    elif code == "mpy":
         sys.path[:0] = [b + "/lib", b]
-    else:
+    elif code == "src":
         sys.path[:0] = [ROOT + "/lib", ROOT + "/firmware"]
+    else:
+        raise ValueError("--code must be frozen, mpy or src, not %s" % code)
+    return code
 
 
 def main(argv):
     board = "unix"
     cfgfile = None
     over = {}
-    use_src = False
+    code = None
     i = 1
     while i < len(argv):
         a = argv[i]
@@ -52,12 +82,20 @@ def main(argv):
             over[k] = json.loads(v)
             i += 1
         elif a == "--src":
-            use_src = True
+            code = "src"
+        elif a == "--code":
+            code = argv[i + 1]
+            i += 1
         else:
             print("mp_host: unknown argument %s" % a)
             return 2
         i += 1
-    _paths(use_src)
+    try:
+        code = _paths(code)
+    except ValueError as e:
+        print("mp_host: %s" % e)
+        return 2
+    print("code: %s" % code)
     from broker.config import build, load_json, ConfigError
 
     try:

