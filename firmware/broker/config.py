@@ -40,6 +40,7 @@ SCHEMA = {
     "store_max_bytes": (262144, "int", 4096, 1 << 30),
     "store_inline_max": (120, "int", 0, 4096),
     "persistent_client_expiration": (0, "int", 0, 0xFFFFFFFF),
+    "autosave_interval": (60, "int", 1, 86400),
     "connect_timeout": (10, "int", 1, 3600),
     "max_tls_connections": (1, "int", 0, 1000),
     "sys_interval": (10, "int", 0, 3600),

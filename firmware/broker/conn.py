@@ -1,11 +1,13 @@
-# One client connection: a reader task that frames packets in place in a
-# preallocated buffer and hands them to the handlers, and a writer task
-# that drains a preallocated output buffer and the session's queue.
+# One client connection: a reader task that frames packets in place in the
+# broker's shared read buffer and hands them to the handlers. Output goes
+# through outbuf.Output: the broker's flusher writes it, and a writer task
+# exists only while the socket would block.
 #
 # Handlers are plain functions, not coroutines: calling a coroutine per
-# packet would allocate a generator per packet. When the output buffer
-# fills, the reader stops reading until the writer has drained it, which
-# pushes back on a client that sends faster than it reads.
+# packet would allocate a generator per packet. When the output backs up,
+# or a session this client publishes to fills up, or the heap or the store
+# cannot take a message, the reader stops reading (backpressure.py), which
+# pushes back on a client that sends faster than it can be served.
 import asyncio
 import gc
 from micropython import const
@@ -14,6 +16,8 @@ from mqtt.packets import frame, check_flags, encode, Disconnect
 from broker import log
 from broker.core import Closed
 from broker.outbuf import Output
+from broker.backpressure import Paused, wait_for_session, wait_recovered
+from broker.pump import pump
 from broker.handle_connect import on_connect
 from broker.handle_publish import on_publish
 from broker.handle_other import on_packet
@@ -26,11 +30,8 @@ _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 class Connection(Output):
     # Defaults live on the class: an instance stores only what differs,
     # which keeps an idle connection's attribute table small.
-    # obuf (from broker.wpool while there is output), olen, big and tail:
-    # see outbuf.py.
+    # obuf, olen, big, tail, writer, dirty, drained: see outbuf.py.
     resend = None  # packet ids to send again on session resumption
-    drained = None  # Event set by the writer once obuf is empty; made when
-    # someone first waits for it, since most connections never do
     session = None
     version = 4
     keepalive = 0
@@ -43,17 +44,20 @@ class Connection(Output):
     closing = False
     normal_close = False
     disconnect_reason = None
-    writer = None
     reader = None
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
     linger_ms = 0  # delay before a refusal goes out (failed login)
     deferred = None  # that refusal
+    wait_ready = None  # set by a handler raising Paused: what to wait for
+    # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
+    # upstream's, topic_in(upstream topic) -> ours or None (not ours).
+    topic_out = None
+    topic_in = None
 
     def __init__(self, broker, transport):
         self.broker = broker
         self.t = transport
-        self.wake = asyncio.Event()
         self.last_rx = self.born = broker.now_ms()
         # Set here, not left to the class default: assigning it first at
         # teardown would grow the attribute table when the heap may be out.
@@ -61,8 +65,13 @@ class Connection(Output):
 
     # ------------------------------------------------------------ output
 
-    def pool(self):
-        return self.broker.wpool
+    def pump(self):
+        s = self.session
+        if s is None or self.closing or not (s.queue or self.resend is not None or s.pending_retained):
+            return False
+        if self.big is not None:
+            return True  # there is room once the large one has gone
+        return pump(self.broker, self, s)
 
     def out_alias(self, topic):
         # Outgoing topic aliases (v5): the first alias_out_max topics get
@@ -87,60 +96,18 @@ class Connection(Output):
             self.alias_out = {}
         self.alias_out[topic] = alias
 
-    async def writer_loop(self):
-        t = self.t
-        b = self.broker
-        try:
-            while True:
-                await self.wake.wait()
-                self.wake.clear()
-                while True:
-                    s = self.session
-                    if s is not None and self.big is None and (s.queue or self.resend):
-                        b.pump(self, s)
-                    n = await self.flush(t)
-                    if not n:
-                        break
-                    b.stats_bytes_sent += n
-                # Drained: an idle connection holds no output buffer.
-                if self.obuf is not None:
-                    b.wpool.put(self.obuf)
-                    self.obuf = None
-                if self.drained is not None:
-                    self.drained.set()
-                if self.closing:
-                    break
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            # The peer is gone or stuck: end the reader too.
-            log.debug("write to %s failed: %r", self.t.peer, e)
-            self.close_soon()
-        if self.drained is not None:
-            self.drained.set()
-
-    def _drain_event(self):
-        # The Event to wait on until the writer has emptied obuf; the
-        # writer is woken to do so.
-        d = self.drained
-        if d is None:
-            d = self.drained = asyncio.Event()
-        d.clear()
-        self.wake.set()
-        return d
-
     # ------------------------------------------------------------ input
 
     async def run(self):
         # The reader; the connection lives as long as this coroutine.
         # Reads land in the broker's shared buffer and are handled at once
         # (no await in between), so an idle connection holds no buffer. Only
-        # a packet split across reads gets a buffer of its own from the pool
-        # until it is complete. Transports that cannot hand over whole reads
-        # synchronously (shared_ok False) keep their own buffer.
+        # a packet split across reads, or packets left unread by a pause,
+        # get a buffer of its own from the pool until they are handled.
+        # Transports that cannot hand over whole reads synchronously
+        # (shared_ok False) keep their own buffer.
         b = self.broker
         self.reader = asyncio.current_task()
-        self.writer = asyncio.create_task(self.writer_loop())
         smv = b.rmv
         pool = b.rpool
         psize = pool.size
@@ -149,7 +116,7 @@ class Connection(Output):
         mv = memoryview(buf) if own else None
         have = 0
         maxp = b.cfg["max_packet_size"]
-        again = False  # packets left in buf after a backpressure pause
+        again = False  # packets left in buf after a pause
         try:
             while not self.closing:
                 if again:
@@ -171,7 +138,7 @@ class Connection(Output):
                     self.last_rx = b.now_ms()
                     b.stats_bytes_recv += n
                 pos = 0
-                paused = False
+                wait = None  # what to wait for before reading on
                 while not self.closing:
                     r = frame(cur, pos, have, maxp)
                     if r is None:
@@ -181,19 +148,24 @@ class Connection(Output):
                     if pos + total > have:
                         if total > psize:
                             # Would not fit a partial buffer: read it whole.
-                            await self._read_big(cur, pos, have, h, total)
+                            wait = await self._read_big(cur, pos, have, h, total)
                             pos = have
-                            paused = b.pressure
                         break
                     first = cur[pos]
-                    self.dispatch(first, cur, pos + h, pos + total)
+                    try:
+                        self.dispatch(first, cur, pos + h, pos + total)
+                    except Paused:
+                        # Not taken: it stays, and is handed over again.
+                        wait = self.wait_ready
+                        break
                     pos += total
-                    if b.pressure and first >> 4 == _PUBLISH:
-                        # A queue this message went to is filling up.
-                        paused = True
+                    if b.congested is not None:
+                        # A session this message went to is filling up.
+                        wait = b.congested
+                        b.congested = None
                         break
                 rest = have - pos
-                again = paused and rest > 0
+                again = wait is not None and rest > 0
                 if rest == 0:
                     have = 0
                     if buf is not None and not own:
@@ -210,11 +182,11 @@ class Connection(Output):
                 elif pos:
                     buf[0:rest] = mv[pos:have]
                     have = rest
-                if paused and not self.closing:
-                    await b.relieve(self.session)
+                if wait is not None and not self.closing:
+                    await self._wait(wait)
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
-                    await self._drain_event().wait()
+                    await self.wait_drained().wait()
         except MQTTError as e:
             self.protocol_error(e.reason, e.msg)
         except Closed:
@@ -240,24 +212,30 @@ class Connection(Output):
             pool.put(buf)
         await self.finish()
 
+    async def _wait(self, what):
+        # A pause: for a session to drain, or for a condition to hold.
+        if callable(what):
+            await wait_recovered(self.broker, what)
+        else:
+            await wait_for_session(self.broker, what)
+
     async def _read_big(self, mv, pos, have, h, total):
         # Reads one packet that is larger than the receive buffer into a
-        # buffer of its own. Its size was already checked against
-        # max_packet_size; here we also check the heap can spare it.
-        # Packets up to _BIG_KEEP bytes reuse one spare buffer: a fresh
-        # one per packet, garbage right after, chops the free heap into
-        # holes between the messages that are kept (measured: 35 KB free
-        # in blocks of at most 1 KB after a burst of 1 KB messages).
+        # buffer of its own, once the heap can spare it (until then the
+        # client waits: TCP backpressure). Its size was already checked
+        # against max_packet_size. Packets up to _BIG_KEEP bytes reuse one
+        # spare buffer: a fresh one per packet, garbage right after, chops
+        # the free heap into holes between the messages that are kept
+        # (measured: 35 KB free in blocks of at most 1 KB after a burst of
+        # 1 KB messages). Returns what to wait for before reading on.
         b = self.broker
         big = b.spare_big
         if big is not None and len(big) >= total:
             b.spare_big = None
         else:
-            floor = b.cfg["min_free_heap"] // 2
-            if gc.mem_free() - total < floor:
-                gc.collect()
-                if gc.mem_free() - total < floor:
-                    raise MQTTError(0x97, "no heap for a %d byte packet" % total)
+            heap = b.heap
+            if not heap.room_for(total):
+                await wait_recovered(b, lambda: heap.room_for(total))
             big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
         try:
             bmv = memoryview(big)
@@ -272,7 +250,15 @@ class Connection(Output):
             self.last_rx = b.now_ms()
             # Handlers copy what they keep (as they do from the shared
             # read buffer), so the buffer is free again afterwards.
-            self.dispatch(big[0], bmv, h, total)
+            while True:
+                try:
+                    self.dispatch(big[0], bmv, h, total)
+                    break
+                except Paused:
+                    await wait_recovered(b, self.wait_ready)
+            w = b.congested
+            b.congested = None
+            return w
         finally:
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
@@ -323,11 +309,11 @@ class Connection(Output):
     def client_label(self):
         return self.session.client_id if self.session is not None else "-"
 
-    def close_soon(self):
+    def close_soon(self, error=None):
         # Ends the connection from outside the reader (take-over, keep-alive
-        # expiry, write failure).
+        # expiry, write failure: error).
         self.closing = True
-        self.wake.set()
+        self.kick()
         if self.reader is not None:  # None once finish() has begun
             try:
                 self.reader.cancel()
@@ -335,14 +321,15 @@ class Connection(Output):
                 pass
 
     async def finish(self):
-        # Let the writer flush what is queued (a CONNACK refusal or a
-        # DISCONNECT), with a bound, then tear down.
+        # Let what is queued go out (a CONNACK refusal or a DISCONNECT),
+        # with a bound, then tear down.
         self.closing = True
         self.reader = None  # close_soon() must not cancel us from here on
         try:
             await self._drain_out()
         except MemoryError:
             gc.collect()
+        self.gone = True
         self.t.close()
         try:
             self.broker.connection_closed(self)
@@ -357,13 +344,13 @@ class Connection(Output):
             await asyncio.sleep_ms(self.linger_ms)
         if self.deferred is not None:
             self.send(self.deferred)
+        if self.pending() or self.writer is not None:
+            try:
+                await asyncio.wait_for_ms(self.wait_drained().wait(), 1000)
+            except Exception:
+                pass
         w = self.writer
         if w is not None:
-            if not w.done():
-                try:
-                    await asyncio.wait_for_ms(self._drain_event().wait(), 1000)
-                except Exception:
-                    pass
             try:
                 w.cancel()
             except Exception:

@@ -30,6 +30,7 @@ from micropython import const
 from broker import log
 from broker.http import respond
 from broker.message import Message
+from broker.route import route
 
 TOPIC = "$SYS/broker/dashboard/state"
 _PERIOD_MS = const(2000)
@@ -229,7 +230,7 @@ def state(b, budget=0):
                 continue
             if not o.item(first, [
                 _cut(s.client_id), _cut(s.username), c.t.peer if c is not None else None,
-                s.version, 1 if online else 0, len(s.subs), len(s.queue), len(s.inflight)], end * 4 // 10):
+                s.version, 1 if online else 0, len(s.subs), s.queued(), len(s.inflight)], end * 4 // 10):
                 break
             first = False
         else:
@@ -282,7 +283,7 @@ async def _run(b):
             if not watched(b, hits):
                 continue
             m = Message(TOPIC, state(b), 0, False)
-            b.route(m, None, False)
+            route(b, m, None, False)
             m = None
         except MemoryError:
             gc.collect()

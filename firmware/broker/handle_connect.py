@@ -1,7 +1,6 @@
 # CONNECT -> CONNACK (MQTT 3.1.1 3.1/3.2, 5.0 3.1/3.2): protocol version,
 # client identifier, credentials, will, session take-over and resumption,
 # and the limits of a small board (session table, heap).
-import gc
 import time
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, encode, Connack, Disconnect, v3_connack_code
@@ -10,7 +9,9 @@ from mqtt.topic import valid_topic
 from mqtt.wire import utf8_valid
 from broker import log
 from broker.session import Session, NEVER
-from broker.core import make_message, Closed
+from broker.message import Message
+from broker.core import Closed
+from broker.pump import resend_inflight
 
 _ids = 0
 
@@ -105,6 +106,7 @@ def on_connect(c, mv, off, end):
     # Will.
     will = None
     wdelay = 0
+    wexp = None
     if pkt.will_topic is not None:
         if not check_topic(cfg, pkt.will_topic):
             _refuse(c, 0x90, "will topic is not valid")
@@ -114,19 +116,22 @@ def on_connect(c, mv, off, end):
         if wp.get(P.PAYLOAD_FORMAT) == 1 and not utf8_valid(pkt.will_payload, 0, len(pkt.will_payload)):
             _refuse(c, 0x99, "will payload is not UTF-8")
         wdelay = wp.get(P.WILL_DELAY, 0)
-        will = make_message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
+        # Its Message Expiry Interval counts from when it is published
+        # (MQTT 3.1.3.2.4): publish_will() sets it.
+        will = Message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
+        wexp = wp.get(P.MESSAGE_EXPIRY)
 
     # Heap headroom: refuse before the session costs anything.
-    if gc.mem_free() < cfg["min_free_heap"]:
-        gc.collect()
-        if gc.mem_free() < cfg["min_free_heap"]:
-            _refuse(c, 0x89, "server busy: low memory")
+    if not b.heap.room_for_client():
+        _refuse(c, 0x89, "server busy: low memory")
 
     old = b.sessions.get(cid)
+    if old is not None and old.bridge is not None:
+        _refuse(c, 0x85, "client id of a bridge")
     if old is None or old.conn is None:
         if b.connected_count() >= cfg["max_connections"]:
             _refuse(c, 0x97, "too many connections")
-    if old is None and len(b.sessions) >= cfg["max_sessions"]:
+    if old is None and not b.new_session_allowed():
         _refuse(c, 0x97, "session table full")
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
@@ -138,7 +143,7 @@ def on_connect(c, mv, off, end):
         oc.session = None
         oc.normal_close = True
         old.conn = None
-        old.gone_at = time.time()
+        old.gone_at = b.now() + 1
         if old.will is not None and (pkt.clean or old.will_delay == 0):
             b.publish_will(old)
         oc.close_soon()
@@ -154,6 +159,7 @@ def on_connect(c, mv, off, end):
         s = Session(cid)
     s.put("will", will)
     s.put("will_delay", wdelay)
+    s.put("will_expiry", wexp)
     s.put("will_at", None)
     s.put("version", v)
     s.put("username", pkt.username)
@@ -199,7 +205,7 @@ def on_connect(c, mv, off, end):
     log.info("client %s connected from %s (v%s, clean=%d, keepalive=%d)",
              cid, c.t.peer, "5" if v == 5 else "3.1.1", pkt.clean, ka)
     if present:
-        b.resend_inflight(c, s)
+        resend_inflight(c, s)
     if b.persist is not None:
         b.persist.session_changed(s)
-    c.wake.set()
+    c.kick()

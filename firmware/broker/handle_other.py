@@ -1,6 +1,5 @@
 # Every packet after CONNECT except PUBLISH: the QoS 1/2 acknowledgements
 # of outgoing messages, SUBSCRIBE/UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH.
-import time
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, decode_ack, encode, Suback, Unsuback
@@ -51,25 +50,26 @@ def _on_ack(c, t, mv, off, end):
     b = c.broker
     s = c.session
     pid, reason, _ = decode_ack(t, mv, off, end, c.version)
+    p = b.persist if s.expiry else None
     if t == _PUBREL:
-        found = s.qos2_in.pop(pid, None) is not None
-        if found and b.persist is not None and s.expiry:
-            b.persist.qos2_released(s, pid)
+        found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
+        if found and p is not None:
+            p.qos2_released(s, pid)
         if c.version == 5 and not found:
             _reply(c, bytes((0x70, 3, pid >> 8, pid & 0xFF, 0x92)))
         else:
             _reply(c, bytes((0x70, 2, pid >> 8, pid & 0xFF)))
         return
-    e = s.inflight.get(pid)
+    d = s.inflight.get(pid) if s.inflight else None
     if t == _PUBACK or t == _PUBCOMP:
-        if e is not None and (e[1] == 1) == (t == _PUBACK):
+        if d is not None and (d.qos == 1) == (t == _PUBACK):
             del s.inflight[pid]
-            if b.persist is not None and s.expiry:
-                b.persist.acked(s, pid)
-            c.wake.set()
+            if p is not None:
+                p.acked(s, pid, d)
+            c.kick()  # room in the window for what is queued
         return
     # PUBREC
-    if e is None or e[1] != 2:
+    if d is None or d.qos != 2:
         if c.version == 5:
             c.send(bytes((0x62, 3, pid >> 8, pid & 0xFF, 0x92)))
         else:
@@ -78,14 +78,14 @@ def _on_ack(c, t, mv, off, end):
     if reason >= 0x80:
         # The receiver refused it: the flow ends here (MQTT-4.3.3 v5).
         del s.inflight[pid]
-        if b.persist is not None and s.expiry:
-            b.persist.acked(s, pid)
-        c.wake.set()
+        if p is not None:
+            p.acked(s, pid, d)
+        c.kick()
         return
-    if e[4] != RELEASED:
-        e[4] = RELEASED
-        if b.persist is not None and s.expiry:
-            b.persist.released(s, pid)
+    if d.state != RELEASED:
+        d.state = RELEASED
+        if p is not None:
+            p.released(s, pid, d)
     _reply(c, bytes((0x62, 2, pid >> 8, pid & 0xFF)))
 
 
@@ -118,7 +118,6 @@ def _on_subscribe(c, pkt):
     b = c.broker
     cfg = b.cfg
     s = c.session
-    now = time.time()
     subid = 0
     if pkt.props:
         subid = pkt.props.get(P.SUBSCRIPTION_ID, 0)
@@ -151,15 +150,14 @@ def _on_subscribe(c, pkt):
         b.persist.session_changed(s)
     c.send(encode(Suback(pkt.pid, reasons), c.version))
     for sub in retained:
-        for m in b.retained.match(sub.filter, now):
-            if b.acl is not None and not b.acl.can_read(s.client_id, s.username, m.topic):
-                continue
-            q = sub.opts & 3
-            # Not bounded by max_queued_messages: these are references to
-            # messages already held, and the client asked for all of them.
-            s.enqueue(m, q if q < m.qos else m.qos, True, (sub.subid,) if sub.subid else None,
-                      1 << 30)
-    c.wake.set()
+        # Sent after the SUBACK, one at a time as the output takes them
+        # (pump.py): the session holds the list of topics, not the messages.
+        topics = b.retained.topics(sub.filter)
+        if topics:
+            if s.pending_retained is None:
+                s.pending_retained = []
+            s.pending_retained.append((sub, topics))
+    c.kick()
 
 
 def _on_unsubscribe(c, pkt):

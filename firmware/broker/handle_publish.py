@@ -11,37 +11,12 @@ from mqtt.packets import decode_publish
 from mqtt.wire import utf8_valid
 from broker.message import Message
 from broker.handle_connect import check_topic
+from broker.route import route, would_hold
+from broker.backpressure import Paused
 
 _TOPIC_ALIAS = const(0x23)
 _EXPIRY = const(0x02)
 _PFI = const(0x01)
-
-
-_budget = 0  # bytes we may allocate before looking at the heap again
-
-
-def _heap_short(b, n):
-    # gc.mem_free() walks the whole allocation table (43 us on a 220 KB
-    # heap here, 0.8 ms on 4 MB), so it is not asked per message: after each
-    # look, half of the headroom above the floor may be spent first. Each
-    # message is reckoned at its payload plus 320 bytes of objects, and
-    # route() adds 128 per receiver.
-    global _budget
-    _budget -= n + 320
-    if _budget > 0:
-        return False
-    floor = b.cfg["min_free_heap"] >> 1
-    free = gc.mem_free() - n
-    if free < floor << 2:
-        # Garbage not yet collected would make the budget small and the
-        # checks frequent: collect, then measure what is really free.
-        gc.collect()
-        free = gc.mem_free() - n
-        if free < floor:
-            _budget = 0
-            return True
-    _budget = (free - floor) >> 1
-    return False
 
 
 def _ack(c, t, pid, reason):
@@ -56,6 +31,20 @@ def _ack(c, t, pid, reason):
         p.hold(c, pkt)
     else:
         c.send(pkt)
+
+
+def _heap_short(c, qos, pid, need):
+    # A v5 client's QoS 1/2 message is refused with 0x97; anything else
+    # waits, unread, until the queues drain and the heap recovers: no
+    # client is disconnected for it.
+    b = c.broker
+    if qos and c.version == 5:
+        b.stats_dropped += 1
+        _ack(c, 3 + qos, pid, 0x97)
+        return
+    heap = b.heap
+    c.wait_ready = lambda: heap.room_for(need)
+    raise Paused()
 
 
 def on_publish(c, first, mv, off, end):
@@ -79,6 +68,14 @@ def on_publish(c, first, mv, off, end):
                 raise MQTTError(0x82, "unknown topic alias %d" % a)
     elif not topic:
         raise MQTTError(0x82, "empty topic without alias")
+    if c.topic_in is not None:
+        # A bridge link: the upstream's topic to ours. None: not ours (or
+        # the echo of our own message): acknowledged and dropped.
+        topic = c.topic_in(topic, mv, poff, end)
+        if topic is None:
+            if qos:
+                _ack(c, 3 + qos, pid, 0)
+            return
     if not check_topic(cfg, topic):
         raise MQTTError(0x90, "topic name not valid")
     if retain and not cfg["retain_available"]:
@@ -87,6 +84,25 @@ def on_publish(c, first, mv, off, end):
         # A resent QoS 2 message we already routed: acknowledge only.
         _ack(c, 5, pid, 0)
         return
+    # Can it be taken now? If not, it is refused or stays unread (Paused)
+    # before anything else happens to it.
+    p = b.persist
+    if not b.heap.room_for(end - poff + 320) and would_hold(b, topic, qos, retain):
+        # The heap is short (each message is reckoned at its payload plus
+        # 320 bytes of objects; route() adds more per receiver), and this
+        # message would stay in it.
+        _heap_short(c, qos, pid, end - poff + 320)
+        return
+    if qos and p is not None and not p.healthy() and not p.can_take(s, topic, retain, end - poff):
+        # The store cannot take what this message would need (a commit is
+        # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
+        # so its message waits, unread and unacknowledged, until it can.
+        if c.version == 5:
+            b.stats_dropped += 1
+            _ack(c, 3 + qos, pid, 0x97)
+            return
+        c.wait_ready = lambda: p.can_take(s, topic, retain, end - poff)
+        raise Paused()
     b.stats_msgs_recv += 1
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
         if qos:
@@ -97,7 +113,7 @@ def on_publish(c, first, mv, off, end):
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
         return
-    if b.acl is not None and not b.acl.can_write(s.client_id, s.username, topic):
+    if b.acl is not None and s.bridge is None and not b.acl.can_write(s.client_id, s.username, topic):
         # v5 says why; 3.1.1 acknowledges and drops, as Mosquitto does.
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
@@ -109,25 +125,19 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
             raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
-    if _heap_short(b, end - poff):
-        # Queues are bounded per session by count; this bounds them all by
-        # heap. v5 is told 0x97; 3.1.1 cannot be told, so its connection
-        # closes unacknowledged and the client sends again later.
-        b.stats_dropped += 1
-        if qos:
-            if c.version == 5:
-                _ack(c, 3 + qos, pid, 0x97)
-                return
-            raise MQTTError(0x97, "out of memory for messages")
+    try:
+        msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
+                      pr.get(_EXPIRY) if pr is not None else None, b.now())
+    except MemoryError:
+        # Free heap, but not in one piece: as when it is short.
+        b.stats_msgs_recv -= 1
+        gc.collect()
+        _heap_short(c, qos, pid, end - poff + 320)
         return
-    msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
-                  pr.get(_EXPIRY) if pr is not None else None)
-    p = b.persist
     refused = b.queue_refusals
     stored = p.failed if p is not None else 0
-    n = b.route(msg, s)
-    global _budget
-    _budget -= n << 7
+    n = route(b, msg, s)
+    b.heap.spend(n << 7)
     if c.version == 5 and (b.queue_refusals != refused or (p is not None and p.failed != stored)):
         # A full queue or a full store could not take it: say so rather
         # than promise it (3.1.1 has no way to say it; there it is dropped
@@ -139,7 +149,7 @@ def on_publish(c, first, mv, off, end):
         _ack(c, 4, pid, reason)
     elif qos == 2:
         if reason < 0x80:
-            s.qos2_in[pid] = True
+            s.qos2()[pid] = True
             if p is not None and s.expiry:
                 p.qos2_received(s, pid)
         _ack(c, 5, pid, reason)

@@ -1,34 +1,54 @@
 # An application message as the broker holds it: one object, shared by
-# every queue it sits in. Its wire form is encoded once per protocol
-# version and reused for every receiver that needs exactly that form.
-import time
+# every queue it sits in, and written straight into each receiver's output
+# buffer (put()): no encoded copy is made or kept per receiver.
+from micropython import const
 from mqtt import props as P
-from mqtt.packets import encode_publish, publish_head
-from mqtt.wire import put_varint
 
 # Properties forwarded unchanged to receivers (MQTT-3.3.2-*): everything a
 # publisher set except Topic Alias (per connection), Subscription Identifier
 # (per receiver) and Message Expiry (rewritten with the time left).
 # Will Delay belongs to the will, not to the message it becomes.
 _NOT_FORWARDED = (P.TOPIC_ALIAS, P.SUBSCRIPTION_ID, P.MESSAGE_EXPIRY, P.WILL_DELAY)
+_EXPIRY = const(0x02)
+_ALIAS = const(0x23)
+_SUBID = const(0x0B)
+
+
+def _vlen(n):
+    # Bytes of a variable byte integer.
+    return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
+
+
+def _put_varint(ob, o, n):
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            ob[o] = b | 0x80
+            o += 1
+        else:
+            ob[o] = b
+            return o + 1
 
 
 class Message:
     # Defaults on the class keep each instance's attribute table small: a
-    # gateway may hold a few hundred of these.
-    expires = None  # absolute expiry in time.time() seconds; None: never
-    props = None  # forwarded properties
-    _pbody = None  # props encoded
-    _wire = None  # encoded PUBLISH per (version, retain, QoS > 0)
+    # gateway holds a few hundred of these. The topic is kept once, as str
+    # (routing and the retained table need it); put() writes its UTF-8
+    # bytes through a memoryview.
+    expires = None  # broker clock (Broker.now()) second it expires; None: never
+    props = None  # forwarded properties (dict)
+    _pbody = None  # props encoded, made on first use
+    mid = 0  # id of its record on flash (persist.py); 0: not stored
+    refs = 0  # stored queue and in-flight records that refer to it
 
-    def __init__(self, topic, payload, qos, retain, props=None, expiry=None, topic_b=None):
+    def __init__(self, topic, payload, qos, retain, props=None, expiry=None, now=0):
         self.topic = topic
-        self.topic_b = topic_b if topic_b is not None else topic.encode("utf-8")
         self.payload = payload
         self.qos = qos
         self.retain = retain
         if expiry is not None:
-            self.expires = time.time() + expiry
+            self.expires = now + expiry
         if props:
             fwd = None
             for k in props:
@@ -44,72 +64,86 @@ class Message:
 
     def remaining(self, now):
         # Seconds left, at least 1 while not expired (MQTT-3.3.2-6).
-        r = int(self.expires - now)
+        r = self.expires - now
         return r if r > 0 else 1
 
     def props_body(self):
-        if self._pbody is None:
-            self._pbody = P.encode_body(self.props) if self.props else b""
-        return self._pbody
+        b = self._pbody
+        if b is None:
+            b = self._pbody = P.encode_body(self.props) if self.props else b""
+        return b
 
-    def wire(self, version, qos, retain, pid, subids, alias, send_topic, now):
-        # The PUBLISH for one receiver. The common case (no subscription
-        # identifier, no alias, no expiry) is encoded once per message and
-        # version; QoS 1/2 copies it and patches the packet identifier.
-        simple = not subids and not alias and self.expires is None
-        if simple:
-            key = version * 4 + retain * 2
-            c = self._wire
-            if c is None:
-                c = self._wire = {}
-            pkt = c.get(key + (1 if qos else 0))
-            if pkt is None:
-                pkt = encode_publish(self.topic_b, self.payload, qos, retain, False, pid or 1,
-                                     self.props_body() if version == 5 else None, version)
-                c[key + (1 if qos else 0)] = pkt
-            if qos:
-                pkt = bytearray(pkt)
-                # packet identifier sits right after the topic
-                i = _pid_at(pkt, len(self.topic_b))
-                pkt[i] = pid >> 8
-                pkt[i + 1] = pid & 0xFF
-                pkt[0] = (pkt[0] & 0xF9) | (qos << 1)
-            return pkt
-        tb = self.topic_b if send_topic else b""
-        return encode_publish(tb, self.payload, qos, retain, False, pid,
-                              self._props_for(version, subids, alias, now), version)
-
-    def head(self, version, qos, retain, pid, subids, alias, send_topic, now, dup=False):
-        # The same PUBLISH without its payload, for large messages: the
-        # connection sends the payload object itself after it.
-        tb = self.topic_b if send_topic else b""
-        return publish_head(tb, len(self.payload), qos, retain, dup, pid,
-                            self._props_for(version, subids, alias, now), version)
-
-    def _props_for(self, version, subids, alias, now):
-        # The v5 property body for one receiver (None before v5).
-        if version != 5:
-            return None
-        if not subids and not alias and self.expires is None:
-            return self.props_body()
-        extra = bytearray()
+    def _props_len(self, alias, subids):
+        n = len(self.props_body())
         if self.expires is not None:
-            extra.append(P.MESSAGE_EXPIRY)
-            r = self.remaining(now)
-            extra.extend(bytes(((r >> 24) & 0xFF, (r >> 16) & 0xFF, (r >> 8) & 0xFF, r & 0xFF)))
+            n += 5
         if alias:
-            extra.append(P.TOPIC_ALIAS)
-            extra.append(alias >> 8)
-            extra.append(alias & 0xFF)
+            n += 3
         if subids:
             for s in subids:
-                extra.append(P.SUBSCRIPTION_ID)
-                put_varint(extra, s)
-        return bytes(extra) + self.props_body()
+                n += 1 + _vlen(s)
+        return n
 
+    def size(self, topic, version, qos, subids, alias, send_topic, payload=True):
+        # Bytes put() writes with these arguments.
+        n = (len(memoryview(topic)) if send_topic else 0) + 2
+        if qos:
+            n += 2
+        if version == 5:
+            p = self._props_len(alias, subids)
+            n += _vlen(p) + p
+        rem = n + len(self.payload)
+        return 1 + _vlen(rem) + (rem if payload else n)
 
-def _pid_at(pkt, topic_len):
-    i = 1
-    while pkt[i] & 0x80:
-        i += 1
-    return i + 1 + 2 + topic_len
+    def put(self, ob, o, topic, version, qos, retain, dup, pid, subids, alias, send_topic, now, payload=True):
+        # Writes the PUBLISH for one receiver into ob at o (the caller has
+        # checked the room with size()); returns the offset after it. topic
+        # is the message's own, or what a bridge maps it to upstream. With
+        # payload False only its head is written: the caller sends the
+        # payload from the message itself.
+        t = memoryview(topic) if send_topic else b""
+        tn = len(t)
+        n = tn + 2 + (2 if qos else 0)
+        plen = 0
+        if version == 5:
+            plen = self._props_len(alias, subids)
+            n += _vlen(plen) + plen
+        pl = self.payload
+        ob[o] = 0x30 | (8 if dup else 0) | (qos << 1) | (1 if retain else 0)
+        o = _put_varint(ob, o + 1, n + len(pl))
+        ob[o] = tn >> 8
+        ob[o + 1] = tn & 0xFF
+        o += 2
+        ob[o : o + tn] = t
+        o += tn
+        if qos:
+            ob[o] = pid >> 8
+            ob[o + 1] = pid & 0xFF
+            o += 2
+        if version == 5:
+            o = _put_varint(ob, o, plen)
+            if self.expires is not None:
+                r = self.remaining(now)
+                ob[o] = _EXPIRY
+                ob[o + 1] = (r >> 24) & 0xFF
+                ob[o + 2] = (r >> 16) & 0xFF
+                ob[o + 3] = (r >> 8) & 0xFF
+                ob[o + 4] = r & 0xFF
+                o += 5
+            if alias:
+                ob[o] = _ALIAS
+                ob[o + 1] = alias >> 8
+                ob[o + 2] = alias & 0xFF
+                o += 3
+            if subids:
+                for s in subids:
+                    ob[o] = _SUBID
+                    o = _put_varint(ob, o + 1, s)
+            b = self.props_body()
+            if b:
+                ob[o : o + len(b)] = b
+                o += len(b)
+        if payload:
+            ob[o : o + len(pl)] = pl
+            o += len(pl)
+        return o

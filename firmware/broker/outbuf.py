@@ -1,21 +1,58 @@
 # The output side of an MQTT connection, shared by client connections
-# (conn.py) and bridge links (bridge.py). Packets are queued without ever
-# blocking, and the connection's writer task sends them with flush():
-#   obuf  packets as they are queued, up to its size (a pooled buffer)
+# (conn.py) and bridge links (bridge.py), and the buffer pools behind it.
+#
+# Packets are queued without ever blocking:
+#   obuf  packets as they are queued, up to its size (a pooled buffer,
+#         held only while there is output)
 #   big   one packet, or one large payload, that does not fit in obuf; it
 #         goes out on its own right after obuf, from the object itself
 #   tail  what is queued while `big` waits (a list), sent right after it
-# Readers stop reading while the output is backed up (room() is False), so
-# the tail stays small.
+#
+# Sending: kick() puts the connection on the broker's dirty list, and the
+# broker's one flusher task (Broker.flush_all) moves queued messages in and
+# writes what the socket takes at once, for every dirty connection, after
+# the task that queued them yields. Only a connection whose socket would
+# block gets a writer task of its own, until it has drained: an idle or a
+# keeping-up connection has no writer task, and a reader's whole batch of
+# packets goes out in one write per receiver. Readers stop reading while
+# the output is backed up (room() is False), so the tail stays small.
+import asyncio
+from broker import log
+
+
+class Pool:
+    # Spare buffers of one size. Busy connections hold one each; idle ones
+    # give theirs back, and a few spares are kept to spare the allocator.
+    def __init__(self, size, keep):
+        self.size = size
+        self.keep = keep
+        self.free = []
+
+    def get(self):
+        return self.free.pop() if self.free else bytearray(self.size)
+
+    def put(self, buf):
+        if len(buf) == self.size and len(self.free) < self.keep:
+            self.free.append(buf)
 
 
 class Output:
-    # Subclasses provide `wake` (an asyncio.Event their writer waits on)
-    # and pool() (the broker's write buffer Pool).
+    # Subclasses set `broker` and `t` (the transport), and provide pump()
+    # and close_soon(error=None).
     obuf = None
     olen = 0
     big = None
     tail = None
+    writer = None  # the task sending what the socket did not take at once
+    dirty = False  # on the broker's dirty list
+    gone = False  # its transport is closed: nothing more goes out
+    drained = None  # Event set whenever the output empties; made when
+    # someone first waits for it, since most connections never do
+
+    def kick(self):
+        if not self.dirty:
+            self.dirty = True
+            self.broker.kick(self)
 
     def send(self, data):
         # Queues a control packet. Never fails.
@@ -30,14 +67,14 @@ class Output:
         else:
             ob = self.obuf
             if ob is None:
-                ob = self.obuf = self.pool().get()
+                ob = self.obuf = self.broker.wpool.get()
             o = self.olen
             if o + n <= len(ob):
                 ob[o : o + n] = data
                 self.olen = o + n
             else:
                 self.big = data
-        self.wake.set()
+        self.kick()
 
     def send_split(self, head, payload):
         # A PUBLISH as its head and its payload: the payload goes out from
@@ -54,23 +91,58 @@ class Output:
         if self.big is not None:
             return False
         if self.obuf is None:
-            return n <= self.pool().size  # what a buffer would have
+            return n <= self.broker.wpool.size  # what a buffer would have
         return self.olen + n <= len(self.obuf)
 
-    def put(self, pkt):
-        # For a writer's pump: queues pkt if it fits, or alone in `big`
-        # when nothing else waits. False: no room now; try after a flush.
-        n = len(pkt)
-        if self.room(n):
+    def reserve(self, n):
+        # The output buffer, when n more bytes fit at olen; else None.
+        if self.big is not None:
+            return None
+        ob = self.obuf
+        if ob is None:
+            if n > self.broker.wpool.size:
+                return None
+            ob = self.obuf = self.broker.wpool.get()
+        return ob if self.olen + n <= len(ob) else None
+
+    def pending(self):
+        return self.olen or self.big is not None
+
+    def write_now(self):
+        # Writes what the socket takes without waiting. True when all of
+        # the output is out. Transports that cannot write synchronously
+        # (WebSocket) always leave it to the writer task.
+        t = self.t
+        w = getattr(t, "write_now", None)
+        if w is None:
+            return not self.pending()
+        n = self.olen
+        if n:
             ob = self.obuf
-            if ob is None:
-                ob = self.obuf = self.pool().get()
-            ob[self.olen : self.olen + n] = pkt
-            self.olen += n
-            return True
-        if self.olen or self.big is not None:
-            return False
-        self.big = pkt
+            mv = memoryview(ob)
+            k = w(mv[:n])
+            self.broker.stats_bytes_sent += k
+            if k < n:
+                if k:
+                    ob[0 : n - k] = mv[k:n]
+                    self.olen = n - k
+                return False
+            self.olen = 0
+        while self.big is not None:
+            x = self.big
+            k = w(x)
+            self.broker.stats_bytes_sent += k
+            if k < len(x):
+                if k:
+                    self.big = memoryview(x)[k:]
+                return False
+            y = self.tail
+            if y:
+                self.big = y.pop(0)
+                if not y:
+                    self.tail = None
+            else:
+                self.big = None
         return True
 
     async def flush(self, t):
@@ -100,3 +172,79 @@ class Output:
                 await t.send(memoryview(d))
                 n += len(d)
         return n
+
+    def service(self):
+        # The flusher's work for this connection: fill the output from the
+        # session's queue and write what goes out at once; leave the rest
+        # to a writer task.
+        if self.writer is not None or self.gone:
+            return  # its writer task is on it, or it is closed
+        try:
+            for _ in range(8):
+                more = self.pump()
+                if not self.write_now():
+                    self._start_writer()
+                    return
+                if not more:
+                    self._drained()
+                    return
+        except OSError as e:
+            log.debug("write to %s failed: %r", self.t.peer, e)
+            self.close_soon(e)
+            return
+        # More to send: after the other connections have had their turn.
+        self.kick()
+
+    def pump(self):
+        # Fills the output from the session's queue. True when it stopped
+        # for lack of room (more goes once the output is written); False
+        # when nothing more can go now. Subclasses with a queue override it.
+        return False
+
+    def _drained(self):
+        if self.obuf is not None and not self.olen:
+            # An idle connection holds no output buffer.
+            self.broker.wpool.put(self.obuf)
+            self.obuf = None
+        d = self.drained
+        if d is not None:
+            d.set()
+
+    def _start_writer(self):
+        try:
+            self.writer = asyncio.create_task(self._writer())
+        except MemoryError:
+            # Tried again at the next kick; the peer waits meanwhile.
+            self.writer = None
+            self.dirty = False
+            self.broker.kick(self)
+
+    async def _writer(self):
+        b = self.broker
+        try:
+            while True:
+                more = self.pump()
+                n = await self.flush(self.t)
+                if not n and not more:
+                    break
+                b.stats_bytes_sent += n
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:
+            # The peer is gone or stuck: end the connection.
+            log.debug("write to %s failed: %r", self.t.peer, e)
+            self.close_soon(e)
+        self.writer = None
+        self._drained()
+
+    def wait_drained(self):
+        # An Event to wait on until the output has gone out.
+        d = self.drained
+        if d is None:
+            d = self.drained = asyncio.Event()
+        d.clear()
+        if not self.pending() and self.writer is None:
+            d.set()
+        else:
+            self.kick()
+        return d

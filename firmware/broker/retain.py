@@ -36,23 +36,30 @@ class Retained:
         # Restore from flash without writing back.
         self.msgs[msg.topic] = msg
 
-    def match(self, flt, now):
-        # Yields live retained messages matching a filter; drops expired.
+    def get(self, topic, now):
+        # The live retained message of a topic, or None (an expired one is
+        # dropped here).
+        m = self.msgs.get(topic)
+        if m is None:
+            return self.sys.get(topic)
+        if m.expired(now):
+            del self.msgs[topic]
+            if self.on_change:
+                self.on_change(topic, None)
+            return None
+        return m
+
+    def topics(self, flt):
+        # The topics with a retained message that flt matches, for
+        # delivery one at a time (pump.py).
+        out = []
         if flt[0] == "$":
             for t in self.sys:
                 if matches(flt, t):
-                    yield self.sys[t]
-        dead = None
+                    out.append(t)
         for t in self.msgs:
-            m = self.msgs[t]
-            if m.expired(now):
-                if dead is None:
-                    dead = []
-                dead.append(t)
-            elif matches(flt, t):
-                yield m
-        if dead:
-            for t in dead:
-                del self.msgs[t]
-                if self.on_change:
-                    self.on_change(t, None)
+            if matches(flt, t):
+                out.append(t)
+        # pump takes them from the end: reversed, they go out in this order.
+        out.reverse()
+        return out

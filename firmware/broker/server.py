@@ -120,10 +120,8 @@ def _admit(broker, cs):
     # sockets waiting out a rate-limit delay.
     if len(broker.conns) + len(cfg["bridges"]) + broker.conn_waiting > cfg["max_connections"]:
         return "too many sockets"
-    if gc.mem_free() < cfg["min_free_heap"]:
-        gc.collect()
-        if gc.mem_free() < cfg["min_free_heap"]:
-            return "low memory (%d bytes free)" % gc.mem_free()
+    if not broker.heap.room_for_client():
+        return "low memory (%d bytes free)" % gc.mem_free()
     return None
 
 

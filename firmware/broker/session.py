@@ -2,6 +2,15 @@
 # messages queued for delivery, outgoing QoS 1/2 messages awaiting their
 # acknowledgements, and the packet identifiers of incoming QoS 2 messages
 # awaiting PUBREL.
+#
+# A queued message costs two list slots and no object of its own: a gateway
+# holds hundreds of them (16 offline sessions x 32 alerts), and an object
+# per entry would cost 48 bytes more each on a 32-bit board. The queue is
+# [msg, info, msg, info, ...]; info() packs the delivery's QoS, retain flag,
+# whether it is on flash, and its sequence number into one small int, or is
+# (that int, subscription identifiers) in the rare case it has some. A
+# message in flight is a Delivery: at most the Receive Maximum of them per
+# session.
 from micropython import const
 
 NEVER = const(0xFFFFFFFF)
@@ -10,33 +19,122 @@ SENT = const(1)  # PUBLISH sent, waiting PUBACK (QoS 1) or PUBREC (QoS 2)
 RELEASED = const(2)  # PUBREL sent, waiting PUBCOMP
 
 
+def info(qos, retain, seq, subids=None, stored=False):
+    # A queue entry's second slot. seq orders a session's QoS 1/2
+    # deliveries (Broker.next_seq); stored: it has a record on flash.
+    i = seq << 4 | (8 if stored else 0) | (4 if retain else 0) | qos
+    return i if not subids else (i, subids)
+
+
+def qos_of(i):
+    return (i if type(i) is int else i[0]) & 3
+
+
+def retain_of(i):
+    return bool((i if type(i) is int else i[0]) & 4)
+
+
+def stored_of(i):
+    return bool((i if type(i) is int else i[0]) & 8)
+
+
+def seq_of(i):
+    return (i if type(i) is int else i[0]) >> 4
+
+
+def subids_of(i):
+    return None if type(i) is int else i[1]
+
+
+class Delivery:
+    # An outgoing QoS 1/2 message in flight, under its packet identifier.
+    state = SENT
+    stored = False  # it has a record on flash
+
+    def __init__(self, msg, qos, retain, subids, seq):
+        self.msg = msg
+        self.qos = qos
+        self.retain = retain
+        self.subids = subids
+        self.seq = seq  # the queue entry's sequence number: resend order
+
+
 class Session:
     # Defaults on the class: an attribute still at its default takes no
     # room in the instance's table (handle_connect assigns only what
-    # differs), which keeps an idle session small.
+    # differs), which keeps an idle session small. The containers start
+    # as shared empty tuples and become a list or dict on first use.
     conn = None
     version = 4
     expiry = 0  # session expiry interval, seconds (NEVER = never)
-    gone_at = None  # time.time() when the connection closed
+    gone_at = None  # broker clock (Broker.now()) when the connection closed
     will = None  # Message or None
     will_delay = 0
-    will_at = None  # time.time() when a delayed will is due
+    will_at = None  # broker clock when a delayed will is due
+    will_expiry = None  # the will's Message Expiry Interval, from when it goes out
     username = None
     _pid = 0
     dropped = 0  # messages dropped for this session
     full_since = None  # ticks_ms when the queue passed half full
+    queue = ()  # [msg, info, ...], see above
+    inflight = ()  # pid -> Delivery
+    qos2_in = ()  # pid -> True: QoS 2 received, PUBREL pending
+    pending_retained = None  # [(Sub, [topic, ...])]: retained messages still to send
+    limit = 0  # queue bound when not max_queued_messages (a bridge's max_queued)
+    bridge = None  # the Bridge, for a bridge's own session: never evicted or taken over
 
     def __init__(self, client_id):
         self.client_id = client_id
         self.subs = {}  # full filter (with $share prefix) -> Sub
-        self.queue = []  # [msg, qos, retain, subids] waiting to be sent
-        self.inflight = {}  # pid -> [msg, qos, retain, subids, state]
-        self.qos2_in = {}  # pid -> True: QoS 2 received, PUBREL pending
 
     def put(self, name, v):
         # Assigns v unless the attribute already reads v (see above).
         if getattr(self, name) != v:
             setattr(self, name, v)
+
+    def queued(self):
+        return len(self.queue) >> 1
+
+    def push(self, msg, inf):
+        # Appends a queue entry (no limit: see enqueue).
+        q = self.queue
+        if not q:
+            q = self.queue = []
+        q.append(msg)
+        q.append(inf)
+
+    def pop(self):
+        # Removes the first queue entry.
+        del self.queue[0:2]
+
+    def enqueue(self, msg, inf, limit):
+        # Bounded queue. When full, the oldest QoS 0 message makes room
+        # (QoS 0 entries are never on flash); with none, the newcomer is
+        # dropped. Returns False when msg was dropped.
+        q = self.queue
+        if len(q) >> 1 >= limit:
+            for i in range(1, len(q), 2):
+                if qos_of(q[i]) == 0:
+                    del q[i - 1 : i + 1]
+                    self.dropped += 1
+                    break
+            else:
+                self.dropped += 1
+                return False
+        self.push(msg, inf)
+        return True
+
+    def in_flight(self):
+        d = self.inflight
+        if not d:
+            d = self.inflight = {}
+        return d
+
+    def qos2(self):
+        d = self.qos2_in
+        if not d:
+            d = self.qos2_in = {}
+        return d
 
     def next_pid(self):
         p = self._pid
@@ -48,19 +146,10 @@ class Session:
                 return p
         return 0
 
-    def enqueue(self, msg, qos, retain, subids, limit):
-        # Bounded queue. When full, the oldest QoS 0 message makes room;
-        # with none, a QoS 0 newcomer is dropped, then a QoS 1/2 one.
-        # Returns False when msg was dropped.
-        q = self.queue
-        if len(q) >= limit:
-            for i in range(len(q)):
-                if q[i][1] == 0:
-                    q.pop(i)
-                    self.dropped += 1
-                    break
-            else:
-                self.dropped += 1
-                return False
-        q.append([msg, qos, retain, subids])
-        return True
+    def clear(self):
+        # The session is over: drop what it holds.
+        self.subs = {}
+        self.queue = ()
+        self.inflight = ()
+        self.qos2_in = ()
+        self.pending_retained = None

@@ -266,12 +266,17 @@ class Store:
                     yield key, bytes(memoryview(self._buf)[:vlen])
 
     def put(self, key, value):
+        # value: bytes-like (copied unless bytes), or a tuple of bytes
+        # pieces stored as one value and not copied: a message's record is
+        # its small head and its payload as the broker holds it, so a large
+        # payload is never copied to be stored.
         kb = _keybytes(key)
-        if type(value) is not bytes:
+        if type(value) is not bytes and type(value) is not tuple:
             value = bytes(value)
-        n = _REC + len(kb) + len(value)
-        op = _OPH + len(kb) + len(value)
-        if len(value) > _MAXLEN or _PART + op > self.max_batch:
+        vn = _vlen(value)
+        n = _REC + len(kb) + vn
+        op = _OPH + len(kb) + vn
+        if vn > _MAXLEN or _PART + op > self.max_batch:
             raise StoreFull("record too large")
         self._room(op)
         if self._used + self._pend_put + n > self.max_bytes:
@@ -307,12 +312,26 @@ class Store:
 
     def commit(self):
         # All staged changes, durably, or none of them: on StoreFull (or
-        # any other error) the batch is dropped and the stored state is as
-        # before. Returns the batch's sequence number (0: nothing staged).
+        # any other error) the stored state is as before and the batch
+        # stays staged, to be committed by a later call (the broker retries:
+        # what it acknowledges waits for that). Returns the batch's sequence
+        # number (0: nothing staged).
         staged = self._staged
         if not staged:
             return 0
         pend = self._pend
+        pend_put = self._pend_put
+        try:
+            return self._commit(staged, pend)
+        except BaseException:
+            # Nothing can be staged meanwhile (commit does not yield), so
+            # the batch goes back as it was.
+            self._staged = staged
+            self._pend = pend
+            self._pend_put = pend_put
+            raise
+
+    def _commit(self, staged, pend):
         self.discard()
         for key, kb, v in staged:
             self._tns[kb[0]] = 1
@@ -356,8 +375,9 @@ class Store:
                 pos += _OPH + len(kb)
             else:
                 idx[key] = loc
-                self._used += _REC + len(kb) + len(v)
-                pos += _OPH + len(kb) + len(v)
+                vn = _vlen(v)
+                self._used += _REC + len(kb) + vn
+                pos += _OPH + len(kb) + vn
         self._live.append((seq, i, m))
         self._logb += pend + m * _PART
         self._next = i + m
@@ -450,7 +470,10 @@ class Store:
             for key, kb, v in staged:
                 _pack_op(self._rb, kb, v)
                 crc = crc32(kb, crc32(ob, crc))
-                if v:
+                if type(v) is tuple:
+                    for x in v:
+                        crc = crc32(x, crc)
+                elif v:
                     crc = crc32(v, crc)
         path = self._slot(i)
         f = None
@@ -464,7 +487,10 @@ class Store:
                     _pack_op(self._rb, kb, v)
                     f.write(ob)
                     f.write(kb)
-                    if v:
+                    if type(v) is tuple:
+                        for x in v:
+                            f.write(x)
+                    elif v:
                         f.write(v)
             struct.pack_into("<I", h, 0, crc)
             f.write(mv[:4])
@@ -493,7 +519,7 @@ class Store:
         p = 0
         for key, kb, v in staged:
             _pack_op(ob, kb, v)
-            for piece in (ob, kb, v):
+            for piece in (ob, kb) + (v if type(v) is tuple else (v,)):
                 if not piece:
                     continue
                 src = memoryview(piece)
@@ -911,5 +937,17 @@ class _Parts:
             self.f = None
 
 
+def _vlen(v):
+    # Bytes of a staged value (None: a delete).
+    if v is None:
+        return 0
+    if type(v) is tuple:
+        n = 0
+        for x in v:
+            n += len(x)
+        return n
+    return len(v)
+
+
 def _pack_op(buf, kb, v):
-    struct.pack_into("<BHH", buf, 0, _OP_DEL if v is None else _OP_PUT, len(kb), len(v) if v else 0)
+    struct.pack_into("<BHH", buf, 0, _OP_DEL if v is None else _OP_PUT, len(kb), _vlen(v))

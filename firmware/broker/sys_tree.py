@@ -3,6 +3,7 @@
 import gc
 import time
 from broker.message import Message
+from broker.route import route
 
 VERSION = "mpbroker 0.1.0"
 
@@ -19,6 +20,7 @@ def _values(b):
         ("clients/total", len(b.sessions)),
         ("clients/maximum", b.cfg["max_connections"]),
         ("clients/refused", b.stats_refused),
+        ("clients/evicted", b.stats_evicted),
         ("messages/received", b.stats_msgs_recv),
         ("messages/sent", b.stats_msgs_sent),
         ("publish/messages/dropped", b.stats_dropped),
@@ -52,4 +54,4 @@ def publish(b, last):
         last[t] = p
         m = Message(t, p, 0, True)
         b.retained.sys[t] = m
-        b.route(m, None, False)
+        route(b, m, None, False)

@@ -6,6 +6,8 @@
 #   await t.send(mv)             writes all of mv (backpressure: waits)
 #   t.close()
 #   t.peer                       "ip:port" of the remote end
+# and, where a partial write needs no state of its own (TCP, TLS):
+#   t.write_now(mv) -> n         writes what goes without waiting
 #
 # We talk to the socket directly instead of through asyncio.Stream because
 # Stream.write() copies into an unbounded bytes buffer on every call, and
@@ -51,6 +53,16 @@ class TcpTransport:
                 off += n
             else:
                 yield core._io_queue.queue_write(s)
+
+    def write_now(self, mv):
+        # Writes what the socket takes at once; 0 when it would block.
+        try:
+            n = self.sock.write(mv)
+        except OSError as e:
+            if e.args[0] != _EAGAIN:
+                raise
+            n = None
+        return n or 0
 
     def close(self):
         # Callers cancel the tasks that wait on this socket first; cancelling

@@ -1,0 +1,57 @@
+# Backpressure: a publisher's reader stops reading while what it publishes
+# cannot be taken, so TCP slows the publisher down instead of the broker
+# dropping messages or running out of heap:
+#   - a connected session its message went to is past half of
+#     max_queued_messages: wait until that session drains. Only that
+#     publisher waits; others, publishing to other sessions, go on. A
+#     session whose queue makes no progress for _STALL_MS stops holding
+#     publishers back (it then drops messages), and keepalive.py
+#     disconnects it after _STUCK_MS;
+#   - the heap is below its message floor, or the store cannot take what a
+#     QoS 1/2 message needs: wait until it recovers (handle_publish raises
+#     Paused before the message is taken).
+import asyncio
+import time
+from micropython import const
+
+_STALL_MS = const(2000)
+STUCK_MS = const(10000)
+_RECOVER_MS = const(50)  # how often a paused publisher looks again
+
+
+class Paused(Exception):
+    # Raised by a handler that cannot take its packet now: the reader keeps
+    # the packet unread and hands it over again after waiting.
+    pass
+
+
+def busy(b, s, now_ms):
+    # True while s's queue is past half full and its writer is making
+    # progress (put_message clears full_since on progress).
+    if s.conn is None:
+        return False
+    if s.queued() >= (s.limit or b.cfg["max_queued_messages"]) >> 1:
+        if s.full_since is None:
+            s.full_since = now_ms
+        elif time.ticks_diff(now_ms, s.full_since) > _STALL_MS:
+            return False
+        return True
+    s.full_since = None
+    return False
+
+
+async def wait_for_session(b, s):
+    i = 0
+    while busy(b, s, time.ticks_ms()):
+        await asyncio.sleep_ms(0 if i < 8 else 1)
+        i += 1
+
+
+async def wait_recovered(b, ready):
+    # Until ready() (the heap or the store can take the message again).
+    # Always waits a while first: what paused may not be what ready()
+    # measures (a heap with room, but not in one piece).
+    while True:
+        await asyncio.sleep_ms(_RECOVER_MS)
+        if ready():
+            return

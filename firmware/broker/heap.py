@@ -1,0 +1,51 @@
+# The one place that decides whether the heap is short. Two floors, both
+# from min_free_heap:
+#   messages  min_free_heap       below it no new message is taken:
+#                                 publishers are paused (TCP backpressure)
+#                                 or told 0x97 (v5 QoS 1/2), big packets
+#                                 wait, until the queues drain
+#   clients   min_free_heap / 2   below it no new connection or session is
+#                                 taken (server.py, handle_connect.py)
+# Messages stop first, so a board whose heap fills with queued messages
+# keeps serving the clients already connected and still lets a new one in
+# (a dashboard, a $SYS reader); and a MemoryError is never what tells us.
+import gc
+
+
+class Heap:
+    def __init__(self, cfg):
+        self.message_floor = cfg["min_free_heap"]
+        self.client_floor = cfg["min_free_heap"] >> 1
+        self._budget = 0  # bytes we may take before looking at the heap again
+
+    def free(self):
+        # Free bytes, after a collection when what is free looks short:
+        # garbage not yet collected is not a shortage.
+        f = gc.mem_free()
+        if f < self.message_floor << 1:
+            gc.collect()
+            f = gc.mem_free()
+        return f
+
+    def room_for_client(self):
+        return self.free() >= self.client_floor
+
+    def room_for(self, n):
+        # True when n more bytes (a message, a packet) leave the message
+        # floor free. gc.mem_free() walks the whole allocation table, so it
+        # is not asked per message: after each look, half of the headroom
+        # above the floor may be spent first. Callers reckon a message at
+        # its payload plus its objects.
+        self._budget -= n
+        if self._budget > 0:
+            return True
+        f = self.free() - n
+        if f < self.message_floor:
+            self._budget = 0
+            return False
+        self._budget = (f - self.message_floor) >> 1
+        return True
+
+    def spend(self, n):
+        # n bytes taken without asking (per receiver of a message).
+        self._budget -= n

@@ -1,0 +1,28 @@
+# Once a second, for every connection (Mosquitto: keepalive.c): a socket
+# that sent no CONNECT within connect_timeout, a client silent for 1.5x its
+# keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
+# its queue stayed full (backpressure.py) are closed.
+import time
+from broker import log
+from broker.backpressure import STUCK_MS
+
+
+def check(b):
+    now_ms = time.ticks_ms()
+    cto = b.cfg["connect_timeout"] * 1000
+    for c in b.conns:
+        if c.closing:
+            continue
+        s = c.session
+        if s is None:
+            if time.ticks_diff(now_ms, c.born) > cto:
+                log.info("%s sent no CONNECT in %d s; closing", c.t.peer, cto // 1000)
+                c.close_soon()
+        elif c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500:
+            c.protocol_error(0x8D, "keep alive timeout")
+            c.close_soon()
+        elif s.full_since is not None and time.ticks_diff(now_ms, s.full_since) > STUCK_MS:
+            # It has lost messages for a while already; free its
+            # connection (its session stays).
+            c.protocol_error(0x97, "not reading: queue full")
+            c.close_soon()

@@ -1,0 +1,200 @@
+# Output scheduling: messages into a connection's output buffer, each
+# written there for its receiver (Message.put), with its packet identifier,
+# within the client's Receive Maximum and Maximum Packet Size. Called by
+# route.deliver for a client with nothing queued, and by the flusher
+# (Connection.pump) to drain a session's queue as the output empties.
+import gc
+from micropython import const
+from broker import log
+from broker.session import Delivery, RELEASED, qos_of, retain_of, seq_of, subids_of, stored_of
+
+SENT = const(1)  # it is in the output (or held for its commit)
+WAIT = const(0)  # no room now: try again once the output drains or acks come
+GONE = const(2)  # it will never go: expired, or too big for this client
+
+
+def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
+    # One message for c: seq is its queue entry's sequence number (0: it
+    # was never queued), stored whether that entry is on flash. Returns
+    # SENT, WAIT or GONE.
+    if c.held:
+        # A QoS 2 PUBLISH waits for its commit; what follows waits too,
+        # to keep the order.
+        return WAIT
+    now = b.now()
+    if msg.expires is not None and msg.expired(now):
+        b.stats_expired += 1
+        return GONE
+    inf = s.inflight
+    if qos and len(inf) >= (c.send_max or b.cfg["max_inflight_messages"]):
+        return WAIT
+    v = c.version
+    t = msg.topic if c.topic_out is None else c.topic_out(msg.topic)
+    alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
+    # A payload larger than half the write buffer goes out from the
+    # message itself, after its head: it is never copied.
+    whole = len(msg.payload) <= b.wpool.size >> 1
+    n = msg.size(t, v, qos, subids, alias, send_topic, whole)
+    if n + (0 if whole else len(msg.payload)) > c.max_out:
+        # Too big for this client (MQTT-3.1.2-24): discarded as if sent.
+        b.stats_dropped += 1
+        return GONE
+    p = b.persist
+    durable = qos and p is not None and s.expiry
+    pid = s.next_pid() if qos else 0
+    if qos == 2 and durable:
+        # Exactly once across a power cut needs this packet identifier on
+        # flash before the PUBLISH leaves: a receiver would take the same
+        # message under a new identifier as new. It waits in a buffer of
+        # its own until the commit, and the queue behind it waits too.
+        pkt = _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole)
+        if pkt is None:
+            return WAIT
+        d = _inflight(b, s, pid, msg, qos, retain, subids, seq)
+        p.sent(s, pid, d, stored)
+        p.hold(c, pkt if whole else (pkt, msg.payload), True)
+    else:
+        ob = c.reserve(n)
+        if ob is not None:
+            c.olen = msg.put(ob, c.olen, t, v, qos, retain, False, pid, subids, alias, send_topic, now, whole)
+            if not whole:
+                c.big = msg.payload
+        elif c.olen or c.big is not None:
+            return WAIT
+        else:
+            # A head larger than the whole buffer goes out on its own.
+            pkt = _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole)
+            if pkt is None:
+                return WAIT
+            c.big = pkt
+            if not whole:
+                c.tail = [msg.payload]
+        if qos:
+            d = _inflight(b, s, pid, msg, qos, retain, subids, seq)
+            if durable:
+                p.sent(s, pid, d, stored)
+    if stored and not durable:
+        # Its session no longer persists: the queue entry's record goes.
+        p.dequeued(s, msg, seq)
+    if alias and send_topic:
+        c.take_alias(t, alias)
+    s.full_since = None  # progress: not stuck
+    b.stats_msgs_sent += 1
+    return SENT
+
+
+def _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole):
+    # The PUBLISH (or its head) in a buffer of its own; None when the heap
+    # has no room for it even after a collection.
+    for _ in range(2):
+        try:
+            pkt = bytearray(n)
+            msg.put(pkt, 0, t, v, qos, retain, False, pid, subids, alias, send_topic, now, whole)
+            return pkt
+        except MemoryError:
+            gc.collect()
+    log.warning("no heap to send a %d byte message; it waits", n)
+    return None
+
+
+def _inflight(b, s, pid, msg, qos, retain, subids, seq):
+    d = Delivery(msg, qos, retain, subids, seq or b.next_seq())
+    s.in_flight()[pid] = d
+    return d
+
+
+def pump(b, c, s):
+    # Moves queued messages into c's output while there is room. True when
+    # it stopped for lack of room in the output (more may follow once it
+    # is written), False when nothing more can go now.
+    if c.resend is not None and not resend(b, c, s):
+        return True
+    q = s.queue
+    p = b.persist
+    while q:
+        inf = q[1]
+        st = stored_of(inf)
+        r = put_message(b, c, s, q[0], qos_of(inf), retain_of(inf), subids_of(inf), seq_of(inf), st)
+        if r == WAIT:
+            return c.held == 0 and (c.olen > 0 or c.big is not None)
+        if r == GONE and st and p is not None:
+            p.dequeued(s, q[0], seq_of(inf))
+        s.pop()
+    if s.pending_retained:
+        return _retained(b, c, s)
+    return False
+
+
+def _retained(b, c, s):
+    # Retained messages for a new subscription, one at a time as the output
+    # takes them: a subscriber to "site/#" on a hub with 200 retained
+    # topics holds a list of topic references, not 200 queue entries.
+    pend = s.pending_retained
+    acl = b.acl
+    while pend:
+        sub, topics = pend[0]
+        while topics:
+            m = b.retained.get(topics[-1], b.now())
+            if m is None or (acl is not None and not acl.can_read(s.client_id, s.username, m.topic)):
+                topics.pop()
+                continue
+            q = sub.opts & 3
+            r = put_message(b, c, s, m, q if q < m.qos else m.qos, True, (sub.subid,) if sub.subid else None,
+                            0, False)
+            if r == WAIT:
+                return c.held == 0 and (c.olen > 0 or c.big is not None)
+            topics.pop()
+        pend.pop(0)
+    s.pending_retained = None
+    return False
+
+
+def resend_inflight(c, s):
+    # On session resumption: the writer sends these first, in the order
+    # they were first sent (MQTT-4.6.0-1), whatever their packet ids.
+    inf = s.inflight
+    if inf:
+        c.resend = sorted(inf, key=lambda pid: inf[pid].seq)
+
+
+def resend(b, c, s):
+    # Before anything new, PUBLISH again with DUP the unacknowledged
+    # QoS 1/2 messages, and PUBREL those already released (MQTT-4.4.0-1),
+    # as fast as the output buffer takes them. True when all are out.
+    r = c.resend
+    now = b.now()
+    half = b.wpool.size >> 1
+    while r:
+        pid = r[0]
+        d = s.inflight.get(pid) if s.inflight else None
+        if d is None:
+            r.pop(0)  # acknowledged meanwhile
+            continue
+        if d.state == RELEASED:
+            if not c.room(4):
+                return False
+            c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+        else:
+            m = d.msg
+            t = m.topic if c.topic_out is None else c.topic_out(m.topic)
+            whole = len(m.payload) <= half
+            n = m.size(t, c.version, d.qos, d.subids, 0, True, whole)
+            ob = c.reserve(n)
+            if ob is None:
+                if c.olen or c.big is not None:
+                    return False
+                pkt = _alone(b, m, t, n, c.version, d.qos, d.retain, pid, d.subids, 0, True, now, whole)
+                if pkt is None:
+                    return False
+                pkt[0] |= 0x08
+                c.big = pkt
+                if not whole:
+                    c.tail = [m.payload]
+            else:
+                o = c.olen
+                c.olen = m.put(ob, o, t, c.version, d.qos, d.retain, True, pid, d.subids, 0, True, now, whole)
+                if not whole:
+                    c.big = m.payload
+        r.pop(0)
+    c.resend = None
+    return True

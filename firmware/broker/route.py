@@ -1,0 +1,154 @@
+# Routing (Mosquitto: database.c, subs__process): a message to every
+# matching subscription, one copy per session at the highest granted QoS
+# carrying every matching subscription identifier (MQTT-3.3.4-2..5), plus
+# one copy per matching share group. A copy for a connected client with
+# nothing queued goes straight into its output buffer (pump.put_message);
+# the rest waits in the session's queue, on flash too when the session
+# persists.
+import gc
+from micropython import const
+from mqtt.topic import matches
+from broker.session import info
+from broker.pump import put_message, SENT, GONE
+
+_NO_LOCAL = const(0x04)
+_RAP = const(0x08)
+
+
+def route(b, msg, origin, keep=True):
+    # Returns the number of sessions msg went to. keep: a retained message
+    # replaces the stored one (False for $SYS and the dashboard).
+    if msg.retain and keep:
+        b.retained.set(msg)
+    hits = b.hits
+    del hits[:]
+    b.subs.match(msg.topic, hits)
+    n = len(hits)
+    if n == 1:
+        sub = hits[0]
+        s = sub.session
+        if sub.opts & _NO_LOCAL and s is origin:
+            sent = 0
+        else:
+            q = sub.opts & 3
+            deliver(b, s, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
+                    (sub.subid,) if sub.subid else None)
+            sent = 1
+    elif n:
+        sent = _route_many(b, msg, origin, hits)
+    else:
+        sent = 0
+    if b.taps:
+        for f, cb in b.taps:
+            if matches(f, msg.topic):
+                cb(msg, origin)
+    if b.subs.shared:
+        del hits[:]
+        b.subs.match_shared(msg.topic, hits)
+        for sub in hits:
+            q = sub.opts & 3
+            deliver(b, sub.session, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
+                    (sub.subid,) if sub.subid else None)
+            sent += 1
+    return sent
+
+
+def _route_many(b, msg, origin, hits):
+    best = {}  # session -> [qos, retain, subids]
+    for sub in hits:
+        s = sub.session
+        if sub.opts & _NO_LOCAL and s is origin:
+            continue
+        q = sub.opts & 3
+        if q > msg.qos:
+            q = msg.qos
+        r = msg.retain and sub.opts & _RAP
+        e = best.get(s)
+        if e is None:
+            best[s] = [q, r, [sub.subid] if sub.subid else None]
+        else:
+            if q > e[0]:
+                e[0] = q
+            if r:
+                e[1] = r
+            if sub.subid:
+                if e[2] is None:
+                    e[2] = [sub.subid]
+                else:
+                    e[2].append(sub.subid)
+    for s in best:
+        e = best[s]
+        deliver(b, s, msg, e[0], e[1], e[2])
+    return len(best)
+
+
+def deliver(b, s, msg, qos, retain, subids):
+    if b.acl is not None and s.bridge is None and not b.acl.can_read(s.client_id, s.username, msg.topic):
+        return
+    try:
+        _deliver(b, s, msg, qos, retain, subids)
+    except MemoryError:
+        # Counted like a full queue (v5 publishers are told 0x97); the
+        # other receivers still get it.
+        gc.collect()
+        b.stats_dropped += 1
+        if qos:
+            b.queue_refusals += 1
+
+
+def _deliver(b, s, msg, qos, retain, subids):
+    c = s.conn
+    retain = bool(retain)
+    if c is not None and not s.queue:
+        r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
+        if r == SENT:
+            # Straight into its output: sent by the flusher with the rest.
+            c.kick()
+            return
+        if r == GONE:
+            return
+    if c is None and qos == 0 and not b.cfg["queue_qos0_messages"]:
+        s.dropped += 1
+        b.stats_dropped += 1
+        return
+    p = b.persist
+    durable = bool(qos and p is not None and s.expiry)
+    seq = b.next_seq() if qos else 0
+    lim = s.limit or b.cfg["max_queued_messages"]
+    d = s.dropped
+    ok = s.enqueue(msg, info(qos, retain, seq, subids, durable), lim)
+    b.stats_dropped += s.dropped - d  # refused, or an old QoS 0 evicted
+    if not ok:
+        if qos:
+            b.queue_refusals += 1
+        return
+    if durable:
+        p.queued(s, msg, seq, qos, retain, subids)
+    if c is not None:
+        if s.queued() >= lim >> 1:
+            # Past half full: the publisher waits until it drains
+            # (backpressure.py).
+            b.congested = s
+        c.kick()
+
+
+def would_hold(b, topic, qos, retain):
+    # Would a message on topic stay in the heap after route()? (retained,
+    # or queued for a receiver that is offline or behind). A message every
+    # receiver takes at once costs only passing garbage, so a full heap
+    # still lets those through.
+    if retain:
+        return True
+    hits = b.hits
+    del hits[:]
+    b.subs.match(topic, hits)
+    b.subs.match_shared(topic, hits)
+    for sub in hits:
+        s = sub.session
+        c = s.conn
+        if c is None:
+            if qos and sub.opts & 3 or b.cfg["queue_qos0_messages"]:
+                return True
+        elif s.queue or not c.room(512):
+            return True
+    return False
