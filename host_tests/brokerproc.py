@@ -101,8 +101,12 @@ def profile(board):
 
 
 class BrokerProc:
-    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen"):
+    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen",
+                 faults=False):
         self.board = board
+        # faults: the broker's store commits fail while fault_file exists
+        # (tools/mp_host.py --fault-file); set_fault("memory"/"full"/None).
+        self.faults = faults
         self.heap = heap or profile(board)["heap"]
         self.code = code
         self.port = port or free_port()
@@ -117,6 +121,7 @@ class BrokerProc:
         cfg.update(config)
         self.config = cfg
         self.cfgpath = os.path.join(self.tmp.name, "config.json")
+        self.fault_file = os.path.join(self.tmp.name, "fault")
         self.logpath = os.path.join(self.tmp.name, "broker.log")
         self.proc = None
         self._logf = None
@@ -132,6 +137,8 @@ class BrokerProc:
         self._logf = open(self.logpath, "ab")
         cmd = [str(mp), "-X", "heapsize=%s" % self.heap, str(REPO / "tools" / "mp_host.py"),
                "--board", self.board, "--code", self.code, "--config", self.cfgpath, "--port", str(self.port)]
+        if self.faults:
+            cmd += ["--fault-file", self.fault_file]
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.tmp.name)
         if wait:
@@ -151,6 +158,18 @@ class BrokerProc:
                     pass
             time.sleep(0.02)
         raise RuntimeError("broker not ready after %ss:\n%s" % (timeout, self.log()))
+
+    def set_fault(self, kind):
+        """kind: "memory" or "full" makes every store commit fail so; None
+        heals it (BrokerProc(faults=True) only)."""
+        if kind is None:
+            try:
+                os.remove(self.fault_file)
+            except FileNotFoundError:
+                pass
+        else:
+            with open(self.fault_file, "w") as f:
+                f.write(kind)
 
     def log(self):
         try:

@@ -20,7 +20,9 @@ BLOCK = 4096
 # progsize=256 (a 1 KiB cache). The cache size bounds the inline file size.
 BOARDS = {
     "esp32": {"blocks": 512, "progsize": 32},
+    "esp32s3": {"blocks": 1536, "progsize": 32},
     "pico_w": {"blocks": 212, "progsize": 256},
+    "pico2_w": {"blocks": 640, "progsize": 256},
 }
 
 

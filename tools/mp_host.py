@@ -9,6 +9,10 @@
 #   src     the sources in lib/ and firmware/.
 # Without --code: frozen when the binary has the broker frozen in, else mpy
 # when build/host exists, else src.
+#
+# --fault-file PATH is for tests only: while PATH exists, every store commit
+# fails with the error it names ("memory": MemoryError, "full": StoreFull,
+# as from a full filesystem), the way a board's flash or heap would fail.
 import sys
 import json
 
@@ -57,11 +61,30 @@ def _paths(code):
     return code
 
 
+def _inject_faults(path):
+    from broker import store
+
+    commit = store.Store.commit
+
+    def failing_commit(self):
+        try:
+            with open(path) as f:
+                kind = f.read().strip()
+        except OSError:
+            return commit(self)
+        if kind == "memory":
+            raise MemoryError("injected by --fault-file")
+        raise store.StoreFull("injected by --fault-file: filesystem full")
+
+    store.Store.commit = failing_commit
+
+
 def main(argv):
     board = "unix"
     cfgfile = None
     over = {}
     code = None
+    fault = None
     i = 1
     while i < len(argv):
         a = argv[i]
@@ -86,6 +109,9 @@ def main(argv):
         elif a == "--code":
             code = argv[i + 1]
             i += 1
+        elif a == "--fault-file":
+            fault = argv[i + 1]
+            i += 1
         else:
             print("mp_host: unknown argument %s" % a)
             return 2
@@ -107,6 +133,8 @@ def main(argv):
         return 2
     # The schema is needed only to build the config: give its heap back.
     del sys.modules["broker.config"]
+    if fault:
+        _inject_faults(fault)
     from broker import app
 
     try:

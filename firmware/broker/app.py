@@ -3,6 +3,7 @@
 # main.py and the host runner (tools/mp_host.py) both call run().
 import asyncio
 import gc
+import time
 from broker import log
 from broker.core import Broker
 from broker.server import listen, accept_loop
@@ -13,8 +14,17 @@ async def _housekeeping(b, wdt):
     last = {}
     interval = b.cfg["sys_interval"]
     n = 0
+    t0 = time.ticks_ms()
     while True:
         await asyncio.sleep(1)
+        # How late this wake-up came: the longest time some task held the
+        # loop (a compaction, a restore, a password hash) shows here, and
+        # must stay well under the watchdog's timeout.
+        t = time.ticks_ms()
+        late = time.ticks_diff(t, t0) - 1000
+        t0 = t
+        if late > b.stall_ms:
+            b.stall_ms = late
         try:
             if wdt is not None:
                 wdt.feed()

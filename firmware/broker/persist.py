@@ -37,8 +37,8 @@ from broker.session import Session, Delivery, SENT, RELEASED, info, qos_of, reta
 from broker.subs import Sub
 from broker.store import Store, StoreFull
 
-_RETRY_MS = const(1000)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
-_RETRY_MAX_MS = const(30000)
+_RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
+_RETRY_MAX_MS = const(5000)
 _CLOCK_EVERY = const(60)  # a commit also saves the clock when it is this stale
 _FEED_EVERY = const(16)  # records restored between watchdog feeds and collections
 
@@ -116,7 +116,10 @@ class Persist:
     def load(self, wdt=None):
         # Restores what the store holds. Running out of heap part way
         # leaves the rest on flash, untouched, and the broker still starts:
-        # a boot loop would lose everything.
+        # a boot loop would lose everything. A long restore or compaction
+        # feeds the watchdog as it goes.
+        if wdt is not None:
+            self.store.feed = wdt.feed
         gc.collect()
         try:
             self._load(wdt)
@@ -318,6 +321,11 @@ class Persist:
             # commit covers them all (group commit).
             await asyncio.sleep_ms(0)
             try:
+                if self.store.pending() and self.store.compaction_due():
+                    # In steps, one namespace each, so that the loop is
+                    # not held for the whole of it.
+                    for _ in self.store.compact_steps():
+                        await asyncio.sleep_ms(0)
                 self._commit()
             except Exception as e:
                 # The batch stays staged and every acknowledgement it owes

@@ -161,25 +161,37 @@ def resend(b, c, s):
     # Before anything new, PUBLISH again with DUP the unacknowledged
     # QoS 1/2 messages, and PUBREL those already released (MQTT-4.4.0-1),
     # as fast as the output buffer takes them. True when all are out.
+    # A QoS 2 PUBLISH or PUBREL whose state may not be on flash yet waits
+    # for the commit (Persist.hold), as when it first went out: sent before
+    # a power cut undoes that state, it would make the receiver take the
+    # message twice.
     r = c.resend
     now = b.now()
     half = b.wpool.size >> 1
+    p = b.persist if s.expiry else None
     while r:
+        if c.held:
+            return False
         pid = r[0]
         d = s.inflight.get(pid) if s.inflight else None
         if d is None:
             r.pop(0)  # acknowledged meanwhile
             continue
+        wait = d.qos == 2 and p is not None and p.dirty()
         if d.state == RELEASED:
-            if not c.room(4):
+            pkt = bytes((0x62, 2, pid >> 8, pid & 0xFF))
+            if wait:
+                p.hold(c, pkt, True)
+            elif not c.room(4):
                 return False
-            c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+            else:
+                c.send(pkt)
         else:
             m = d.msg
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
             n = m.size(t, c.version, d.qos, d.subids, 0, True, whole)
-            ob = c.reserve(n)
+            ob = None if wait else c.reserve(n)
             if ob is None:
                 if c.olen or c.big is not None:
                     return False
@@ -187,9 +199,12 @@ def resend(b, c, s):
                 if pkt is None:
                     return False
                 pkt[0] |= 0x08
-                c.big = pkt
-                if not whole:
-                    c.tail = [m.payload]
+                if wait:
+                    p.hold(c, pkt if whole else (pkt, m.payload), True)
+                else:
+                    c.big = pkt
+                    if not whole:
+                        c.tail = [m.payload]
             else:
                 o = c.olen
                 c.olen = m.put(ob, o, t, c.version, d.qos, d.retain, True, pid, d.subids, 0, True, now, whole)

@@ -125,6 +125,8 @@ class Store:
         self._rb = bytearray(16)  # frame headers being read
         self._pb = None  # a part being built
         self._pb_mv = None
+        self._compacting = False
+        self.feed = None  # called every few records of a long rewrite or read (a watchdog)
 
     # ---- public API ----
 
@@ -280,7 +282,7 @@ class Store:
             raise StoreFull("record too large")
         self._room(op)
         if self._used + self._pend_put + n > self.max_bytes:
-            if self._live:
+            if self._live and not self._compacting:
                 self.compact()
             if self._used + self._pend_put + n > self.max_bytes:
                 raise StoreFull("store full")
@@ -386,9 +388,27 @@ class Store:
 
     def compact(self):
         # Fold the live log batches into the segments of the namespaces
-        # they touch. Crash-safe at every step: a segment is written under a
-        # temp name and renamed over the old one, and the slots are reused
-        # only after every touched segment has been replaced.
+        # they touch, all at once (compact_steps() does it in steps).
+        for _ in self.compact_steps():
+            pass
+
+    def compaction_due(self):
+        # True when the next commit would compact first: the caller may
+        # run compact_steps() before it, in steps, instead.
+        return (
+            self._next + 4 > self.slots
+            or self._logb >= self.log_max
+            or len(self._idx) >= self.index_max
+            or self._seq + 2 - self._base > _AGE_MAX
+        )
+
+    def compact_steps(self):
+        # compact() as a generator that rewrites one namespace per step, so
+        # that the broker's other tasks run in between (the committer
+        # yields at each step). Crash-safe at every step: a segment is
+        # written under a temp name and renamed over the old one, and the
+        # slots are reused only after every touched segment has been
+        # replaced. Nothing may be committed until it has run to its end.
         idx = self._idx
         touched = {}
         for key in idx:
@@ -397,8 +417,13 @@ class Store:
             if self._segs[ns][2]:
                 touched[ns] = 1
         seq = self._seq
-        for ns in sorted(touched):
-            self._segs[ns] = [seq, self._rewrite(ns, seq), 0]
+        self._compacting = True
+        try:
+            for ns in sorted(touched):
+                self._segs[ns] = [seq, self._rewrite(ns, seq), 0]
+                yield
+        finally:
+            self._compacting = False
         touched = None
         # Slots past a smaller `slots` setting: remove every slot file (all
         # are folded now), so that no batch is left in pieces.
@@ -802,6 +827,8 @@ class Store:
                         f.write(memoryview(self._buf)[:n])
                         count += 1
                         live += n
+                        if count & 15 == 0 and self.feed is not None:
+                            self.feed()
             for s, i, m in self._live:
                 for op, key, loc, vl in self._ops(i, m, True):
                     if op != _OP_PUT or idx.get(key) != loc:

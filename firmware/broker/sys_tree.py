@@ -33,6 +33,7 @@ def _values(b):
         ("auth/failed", b.stats_auth_failed),
         ("heap/used", alloc),
         ("heap/free", free),
+        ("loop/longest stall ms", b.stall_ms),
     ]
     if b.persist is not None:
         for k, x in b.persist.sys_values():
