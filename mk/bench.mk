@@ -1,6 +1,6 @@
 # Benchmarks and simulation (tools/bench, tools/sim; docs/benchmarks.md, docs/sim.md).
-#   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=2]    ours vs mosquitto vs amqtt, profile, memory
-#   make memreport                                   memory and .mpy size report only
+#   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=2]    ours vs mosquitto vs amqtt, profile
+#   make memreport                                   memory on the board twin -> docs/memory.json and the docs
 #   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
 # amqtt and matplotlib live in their own venv (build/bench-venv, pinned in
 # tools/bench/requirements-amqtt.txt), created here, never in .venv.
@@ -26,15 +26,13 @@ $(BENCH_STAMP): tools/bench/requirements-amqtt.txt
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $@
 
-bench: venv sysdeps bench-venv ## ours vs mosquitto vs amqtt + profile + memory report -> docs/benchmarks.md (~5 min)
+bench: venv sysdeps bench-venv ## ours vs mosquitto vs amqtt + profile -> docs/benchmarks.md (~5 min)
 	@$(BENCH_PY) tools/bench/bench.py --seconds $(BENCH_SECONDS) --repeat $(BENCH_REPEAT) --amqtt $(BENCH_VENV)/bin/amqtt
 	@$(BENCH_PY) tools/bench/profile.py --seconds $(BENCH_SECONDS)
-	@$(BENCH_PY) tools/bench/memreport.py
 	@$(BENCH_PY) tools/bench/report.py
 
-memreport: venv ## heap per client/subscription/retained/queued message and .mpy sizes, per board profile
+memreport: venv sysdeps twin ## heap on the board twin per board -> docs/memory.json, docs/memory.md, README tables (~20 min)
 	@$(PY) tools/bench/memreport.py
-	@$(PY) tools/bench/report.py
 
 sim: venv bench-venv ## sensor network simulation: make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS=...]
 	@$(BENCH_PY) tools/sim/sim.py --board $(SIM_BOARD) --seconds $(SECONDS) --out $(SIM_OUT) $(SIM_ARGS)

@@ -2,8 +2,8 @@
 #   make dashboard-page    regenerate firmware/broker/dashboard_page.py from
 #                          firmware/broker/www/dashboard.html, print its sizes
 #   make dashboard-test    the dashboard and MQTT-over-WebSocket interop tests
-#   make chromium          apt-get install Debian's chromium (the browser test
-#                          does this itself when it is missing)
+#   make chromium          apt-get install Debian's chromium (make sysdeps
+#                          installs it too)
 # The page module is committed: a board build needs no Node, no browser and
 # no compressor, only what make build needs.
 
@@ -12,7 +12,7 @@
 dashboard-page: ## regenerate firmware/broker/dashboard_page.py from www/dashboard.html (gzip), print sizes
 	@$(PYTHON) firmware/broker/www/mkpage --sizes
 
-dashboard-test: venv ## dashboard + MQTT.js over ws/wss interop tests (installs chromium and npm packages if missing)
+dashboard-test: venv node-deps chromium ## dashboard + MQTT.js over ws/wss interop tests (installs chromium and npm packages if missing)
 	@$(PY) -m pytest -q $(PYTEST_ARGS) host_tests/test_dashboard.py host_tests/test_ws_mqtt_interop.py
 
 chromium: ## apt-get install chromium (for host_tests/test_dashboard.py) when /usr/bin/chromium is missing

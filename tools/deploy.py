@@ -2,16 +2,34 @@
 """Build the broker for a board and copy it over the board's serial port.
 
     deploy.py --board esp32 --port /dev/ttyUSB0 [--config c.json]
-              [--secrets s.json] [--dry-run] [--no-reset] [--force]
+              [--secrets s.json] [--passwd FILE] [--code auto|mpy|frozen|romfs]
+              [--dry-run] [--no-reset] [--force]
     deploy.py --write-package-json
     deploy.py --check-port PORT
 
 Steps: check the port exists (before anything slow), check the board
 profile, the config and the network settings, compile lib/ and firmware/
 with mpy-cross for the profile's architecture into build/deploy/<board>/,
-read the device's hash manifest (/.deploy.json), copy only what changed
-with `mpremote connect PORT resume fs cp`, remove what an earlier deploy
-left that is gone now, write the manifest, reset the board.
+read the device's hash manifest (/.deploy.json), choose how the code
+reaches the board (below), copy only what changed with `mpremote connect
+PORT resume fs cp`, remove what an earlier deploy left that is gone now,
+write the manifest, join the Wi-Fi once to print the board's address,
+reset the board.
+
+How the code reaches the board (--code, default auto):
+  frozen  the firmware has the broker frozen in (make firmware): only
+          main.py, board.json and the user's files are copied, and copies
+          of the code on the filesystem (which would be imported instead)
+          are removed. auto picks it when the board has a frozen broker.
+  romfs   the .mpy files go into a ROMFS image (`mpremote romfs deploy`),
+          which runs in place from flash; needs firmware with a ROMFS
+          partition (`mpremote connect PORT romfs query`). auto picks it
+          when the board's ROMFS already holds the broker.
+  mpy     the .mpy files are copied to the filesystem and loaded into the
+          heap at start. Only where the last `make memreport`
+          (docs/memory.json) measured that this leaves at least
+          min_free_heap plus max_connections idle clients; elsewhere
+          deploy refuses and names the two ways above.
 
 Layout on the board: lib/ -> /lib, firmware/ -> /, main.py stays source
 (the board runs /main.py), plus /board.json (the profile), /config.json
@@ -34,6 +52,9 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from codepath import MEMORY, memory_record, mpy_verdict  # noqa: E402,F401
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = ".deploy.json"
@@ -176,6 +197,22 @@ def check_config(profile, user_cfg, secrets, root=ROOT):
     return cfg
 
 
+# ---- how the code reaches the board: from the last `make memreport`
+# (codepath.py: memory_record, mpy_verdict)
+
+def flash_ways(board, port):
+    # The two ways to run the code from flash, for the refusal message.
+    return "\n".join([
+        "Run the code from flash instead, one of:",
+        "  1. firmware with the broker frozen in (needs the port's SDK; `make firmware` says what is missing):",
+        "       make firmware BOARD=%s MICROPYTHON_SRC=/path/to/micropython" % board,
+        "       then flash it (make flash ... FIRMWARE=build/firmware/%s/...) and run make deploy again:" % board,
+        "       it sees the frozen broker and copies only main.py and the settings;",
+        "  2. a ROMFS image, on firmware that has a ROMFS partition (`mpremote connect %s romfs query`):" % port,
+        "       make deploy BOARD=%s PORT=%s DEPLOY_FLAGS=\"--code romfs\" ..." % (board, port),
+    ])
+
+
 # ---- files and build
 
 
@@ -242,13 +279,41 @@ def build(profile, root=ROOT, out=None, compat=None):
     return files
 
 
-def add_user_files(files, out, config_path, secrets_path):
-    for path, name in ((config_path, "config.json"), (secrets_path, "secrets.json")):
+USER_FILES = ("config.json", "secrets.json")  # plus the password file, where the config names it
+
+
+def add_user_files(files, out, config_path, secrets_path, passwd=None):
+    # passwd: (local file, board path) or None.
+    pairs = [(config_path, "config.json"), (secrets_path, "secrets.json")]
+    if passwd:
+        pairs.append(passwd)
+    for path, name in pairs:
         if path:
             target = Path(out) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             files[name] = target
     return files
+
+
+def passwd_target(cfg, path):
+    # The board path for --passwd: where the config's password_file points
+    # (relative to /, as main.py runs there). The file must be one that
+    # tools/passwd makes: "user:$p256$..." lines.
+    pf = cfg.get("password_file")
+    if not pf:
+        raise DeployError("--passwd %s: the config names no password_file; give --config with "
+                          "\"password_file\": \"passwd\" in it" % path)
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeployError("cannot read password file %s: %s" % (path, e))
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if line and not line.startswith("#") and ":$p256$" not in line:
+            raise DeployError("password file %s line %d is not a hashed entry; make the file with "
+                              "tools/passwd (plain lines: tools/passwd -U %s)" % (path, n, path))
+    return pf.lstrip("/")
 
 
 def digest(path):
@@ -270,12 +335,12 @@ def shadowing(board_paths):
     return out
 
 
-def plan(new, old, force=False):
+def plan(new, old, force=False, keep=USER_FILES):
     # new: {board path: hash}; old: the device's manifest "files".
-    # Returns (to copy, to remove). config.json and secrets.json not given
-    # this time stay on the board untouched.
+    # Returns (to copy, to remove). User files (keep) not given this time
+    # stay on the board untouched.
     changed = sorted(d for d in new if force or old.get(d) != new[d])
-    stale = sorted(d for d in old if d not in new and d not in ("config.json", "secrets.json"))
+    stale = sorted(d for d in old if d not in new and d not in keep)
     return changed, stale
 
 
@@ -313,6 +378,80 @@ for d in %r:
     except OSError:
         pass
 """
+
+
+# Prints PROBE{...}: is the broker frozen into the firmware (looked up on
+# .frozen alone, with any loaded copy set aside and put back), how many
+# ROMFS partitions the firmware has (-1: no ROMFS support), and whether
+# /rom holds the broker.
+_PROBE = """
+import sys, json
+r = {}
+kept = {}
+for k in list(sys.modules):
+    if k == 'broker' or k.startswith('broker.'):
+        kept[k] = sys.modules.pop(k)
+p = sys.path[:]
+sys.path[:] = ['.frozen']
+try:
+    import broker.log
+    r['frozen'] = True
+except ImportError:
+    r['frozen'] = False
+for k in list(sys.modules):
+    if k == 'broker' or k.startswith('broker.'):
+        sys.modules.pop(k)
+sys.modules.update(kept)
+sys.path[:] = p
+try:
+    import vfs
+    r['romfs'] = vfs.rom_ioctl(1) if hasattr(vfs, 'rom_ioctl') else -1
+except Exception:
+    r['romfs'] = -1
+try:
+    import os
+    os.stat('/rom/broker')
+    r['rom_broker'] = True
+except OSError:
+    r['rom_broker'] = False
+print('PROBE' + json.dumps(r))
+"""
+
+# Joins the network the board's config.json names, as main.py will, and
+# prints "ADDRESS <ip> <port>", "ADDRESS none <why>" (nothing to join) or
+# "ADDRESS fail <why>".
+_ADDRESS = """
+import json
+def _load(n):
+    try:
+        with open(n) as f:
+            return json.load(f)
+    except OSError:
+        return None
+cfg = _load('config.json') or {}
+net = cfg.get('network') or {}
+if net.get('mode', 'sta') == 'none':
+    print('ADDRESS none network mode none')
+else:
+    try:
+        import network
+    except ImportError:
+        network = None
+    if network is None:
+        print('ADDRESS none no network module')
+    else:
+        import board
+        try:
+            up = board.net_up(dict(net, boot_wait_ms=%d), _load('secrets.json') or {})
+            w = network.WLAN(network.AP_IF if net.get('mode') == 'ap' else network.STA_IF)
+            if up:
+                print('ADDRESS %%s %%d' %% (w.ifconfig()[0], cfg.get('port', 1883)))
+            else:
+                print('ADDRESS fail no link to %%r (%%s)' %% (net.get('ssid'), board.status_name(w.status())))
+        except Exception as e:
+            print('ADDRESS fail %%s' %% e)
+"""
+_ADDRESS_WAIT_MS = 20000
 
 
 class Device:
@@ -380,6 +519,26 @@ class Device:
     def reset(self):
         self._run(["reset"], what="reset")
 
+    def probe(self):
+        out = self._run(["exec", _PROBE], what="looking at the firmware")
+        for line in out.splitlines():
+            if line.startswith("PROBE"):
+                return json.loads(line[5:])
+        raise DeployError("the board did not answer the firmware probe: %s" % out.strip()[-200:])
+
+    def address(self):
+        # -> (kind, text): ("ok", "ip port"), ("none", why) or ("fail", why)
+        out = self._run(["exec", _ADDRESS % _ADDRESS_WAIT_MS], self.timeout + _ADDRESS_WAIT_MS // 1000,
+                        what="joining the network")
+        for line in out.splitlines():
+            if line.startswith("ADDRESS "):
+                kind, _, rest = line[8:].partition(" ")
+                return ("ok", line[8:]) if kind not in ("none", "fail") else (kind, rest)
+        return "fail", out.strip()[-200:]
+
+    def romfs_deploy(self, image):
+        self._run(["romfs", "deploy", str(image)], self.timeout + 120, what="writing the ROMFS image")
+
 
 def _dirs_of(paths):
     ds = set()
@@ -420,6 +579,47 @@ def write_package_json(root=ROOT):
 # ---- main
 
 
+def choose_code(want, probe, verdict, board, port):
+    """-> (how, why): how the code reaches the board, "frozen", "romfs" or
+    "mpy". want is --code; probe what Device.probe() found (None in a dry
+    run); verdict mpy_verdict()'s. Raises DeployError where the wanted or
+    only way cannot work."""
+    fits, why = verdict
+    if want == "frozen" or (want == "auto" and probe and probe.get("frozen")):
+        if probe is not None and not probe.get("frozen"):
+            raise DeployError("the firmware on %s has no broker frozen in: build one with make firmware "
+                              "BOARD=%s MICROPYTHON_SRC=..., flash it, and deploy again" % (port, board))
+        return "frozen", "the firmware has the broker frozen in"
+    if want == "romfs" or (want == "auto" and probe and probe.get("rom_broker")):
+        if probe is not None and probe.get("romfs", -1) <= 0:
+            raise DeployError("the firmware on %s has no ROMFS partition (`mpremote connect %s romfs query`); "
+                              "it needs firmware built with one, e.g. ports/esp32/partitions-4MiB-romfs.csv, "
+                              "or the broker frozen in (make firmware BOARD=%s)" % (port, port, board))
+        return "romfs", "a ROMFS image, run in place from flash"
+    if fits is False:
+        raise DeployError("board %s: the broker's .mpy files do not fit its heap: %s (measured by make "
+                          "memreport, %s).\n%s" % (board, why, MEMORY, flash_ways(board, port)))
+    if want == "auto" and probe is None:
+        return "mpy", why + "; on a board whose firmware has the broker frozen in, only main.py and the settings go"
+    return "mpy", why
+
+
+def romfs_image(files, out):
+    # The code (every .mpy) laid out as on the board, in an image of its own.
+    tree = Path(str(out) + "-romfs")
+    if tree.exists():
+        shutil.rmtree(tree)
+    for d, p in files.items():
+        if d.endswith(".mpy"):
+            (tree / d).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, tree / d)
+    image = Path(str(out) + ".romfs")
+    r = run([tool("mpremote"), "romfs", "-o", str(image), "--no-mpy", "build", str(tree)], 120, "mpremote romfs build")
+    if r.returncode != 0:
+        raise DeployError("mpremote romfs build failed: %s" % (r.stderr.strip() or r.stdout.strip()))
+    return image
+
+
 def deploy(args):
     root = Path(args.root).resolve() if args.root else ROOT
     if not args.board:
@@ -432,18 +632,35 @@ def deploy(args):
     profile = load_profile(args.board, root)
     user_cfg = load_json_file(args.config, "config") if args.config else None
     secrets = load_json_file(args.secrets, "secrets") if args.secrets else None
-    check_config(profile, user_cfg, secrets, root)
+    cfg = check_config(profile, user_cfg, secrets, root)
+    passwd = None
+    if args.passwd:
+        if user_cfg is None:
+            raise DeployError("--passwd needs --config: the config names where the board reads it (password_file)")
+        passwd = (args.passwd, passwd_target(cfg, args.passwd))
     out = root / "build" / "deploy" / profile["name"]
     files = build(profile, root, out, args.mpy_compat)
-    add_user_files(files, out, args.config, args.secrets)
-    hashes = {d: digest(p) for d, p in files.items()}
+    code = {d: p for d, p in files.items() if d.endswith(".mpy")}
+    add_user_files(files, out, args.config, args.secrets, passwd)
+    verdict = mpy_verdict(memory_record(profile["name"], root))
     dev = Device(args.port, root, args.timeout)
 
     if args.dry_run:
-        print("deploy --dry-run: %s (%s) to %s; the device's manifest is not read, so "
-              "everything is listed" % (profile["name"], profile.get("mpy_arch") or "portable bytecode", args.port))
+        print("deploy --dry-run: %s (%s) to %s; the device is not read, so everything is listed"
+              % (profile["name"], profile.get("mpy_arch") or "portable bytecode", args.port))
+        if args.code == "auto" and verdict[0] is False:
+            how = "frozen"
+            print("deploy: .mpy files do not fit this board (%s): listed for firmware with the broker frozen in"
+                  % verdict[1])
+        else:
+            how, why = choose_code(args.code, None, verdict, profile["name"], args.port)
+            print("deploy: code as %s: %s" % (how, why))
+        if how != "mpy":
+            files = {d: p for d, p in files.items() if d not in code}
         changed = sorted(files)
         show = lambda *a: print(shlex.join(["mpremote"] + dev.cmd(*a)[1:]))  # noqa: E731
+        if how == "romfs":
+            show("romfs", "deploy", str(out) + ".romfs")
         show("exec", "<make folders: %s>" % " ".join(sorted(_dirs_of(changed))))
         for d in changed:
             show("fs", "cp", "-f", str(files[d]), ":" + d)
@@ -455,19 +672,41 @@ def deploy(args):
     old = dev.read_manifest(args.wait)
     if old.get("board") and old.get("board") != profile["name"]:
         print("deploy: the device was last deployed as %r; now %r" % (old["board"], profile["name"]))
+    how, why = choose_code(args.code, dev.probe(), verdict, profile["name"], args.port)
+    print("deploy: code as %s: %s" % (how, why))
+    if verdict[0] is None:
+        print("deploy: warning: %s" % verdict[1], file=sys.stderr)
+    rom = None
+    if how == "mpy":
+        shadows = shadowing(code)
+    else:
+        # The code runs from flash: a copy on the filesystem would be
+        # imported instead (/ comes before .frozen and /rom on sys.path).
+        shadows = sorted(code) + shadowing(code)
+        for d in code:
+            del files[d]
+        if how == "romfs":
+            image = romfs_image(code, out)
+            rom = digest(image)
+    hashes = {d: digest(p) for d, p in files.items()}
     old_files = old.get("files") if isinstance(old.get("files"), dict) else {}
-    changed, stale = plan(hashes, old_files, args.force)
-    shadows = shadowing(hashes)
+    user = set(USER_FILES) | set(old.get("user") or []) | ({passwd[1]} if passwd else set())
+    changed, stale = plan(hashes, old_files, args.force, user)
     keep = set()
     for d in _dirs_of(hashes):
         while d:
             keep.add(d)
             d = d.rsplit("/", 1)[0] if "/" in d else ""
-    dev.prepare(_dirs_of(changed), stale + shadows, keep)
+    if rom is not None and (args.force or old.get("romfs") != rom):
+        print("deploy: writing the ROMFS image (%d B)" % image.stat().st_size)
+        dev.romfs_deploy(image)
+    dev.prepare(_dirs_of(changed), stale + [d for d in shadows if d not in hashes], keep)
     dev.copy([(files[d], d) for d in changed])
-    kept = {d: h for d, h in old_files.items() if d in ("config.json", "secrets.json") and d not in hashes}
+    kept = {d: h for d, h in old_files.items() if d in user and d not in hashes}
     kept.update(hashes)
-    manifest = {"board": profile["name"], "files": kept, "version": 1}
+    manifest = {"board": profile["name"], "files": kept, "version": 1, "code": how, "user": sorted(user)}
+    if rom is not None:
+        manifest["romfs"] = rom
     mp = out / MANIFEST
     mp.write_text(json.dumps(manifest, sort_keys=True))
     # Written last: if a copy is cut off, the old hashes still differ from
@@ -481,6 +720,15 @@ def deploy(args):
         print("removed", d)
     print("deploy: %d copied, %d unchanged, %d removed (board %s on %s)"
           % (len(changed), len(hashes) - len(changed), len(stale), profile["name"], args.port))
+    if not args.no_address:
+        kind, text = dev.address()
+        if kind == "ok":
+            ip, port = text.split()
+            print("deploy: board address %s: the broker listens on port %s there once it runs "
+                  "(the Wi-Fi was joined just now, as main.py will)" % (ip, port))
+        elif kind == "fail":
+            print("deploy: warning: the board did not join its network: %s. Check network.ssid in "
+                  "config.json and wifi_password in secrets.json" % text, file=sys.stderr)
     if not args.no_reset:
         dev.reset()
         print("deploy: board reset")
@@ -493,6 +741,11 @@ def parse_args(argv):
     ap.add_argument("--port", help="serial port, e.g. /dev/ttyUSB0")
     ap.add_argument("--config", help="broker config JSON, copied to /config.json")
     ap.add_argument("--secrets", help="secrets JSON (wifi_password, ap_password), copied to /secrets.json")
+    ap.add_argument("--passwd", help="password file (tools/passwd), copied to where the config's password_file points")
+    ap.add_argument("--code", choices=("auto", "mpy", "frozen", "romfs"), default="auto",
+                    help="how the code reaches the board (default auto: frozen or ROMFS when the board has it, "
+                         "else .mpy files where they fit)")
+    ap.add_argument("--no-address", action="store_true", help="do not join the network to print the board's address")
     ap.add_argument("--dry-run", action="store_true", help="build and print the commands; touch no device")
     ap.add_argument("--no-reset", action="store_true", help="do not reset the board afterwards (the unix-port simulation)")
     ap.add_argument("--force", action="store_true", help="copy every file, whatever the device's manifest says")

@@ -10,6 +10,13 @@ asyncio, ssl and this project's code frozen in (manifest_twin.py).
                                       the broker from .mpy files
     tools/twin.py --path [--stock]    print a binary's path (built if needed)
     tools/twin.py --check             exit 0 when both are current, 1 when not
+    tools/twin.py --variant tlsheap   build/twin/micropython-tlsheap, on demand
+                                      only (make memreport): the broker frozen
+                                      in, and Mbed TLS allocating from the
+                                      MicroPython heap as on the rp2 port
+                                      (tools/twin_mbedtls_tlsheap.h); the
+                                      other two keep Mbed TLS outside it, as
+                                      the ESP32 does (its IDF heap)
 
 A 32-bit build has a board's object layout (4-byte pointers, 16-byte GC
 blocks), and frozen code runs from the binary as it runs from a board's
@@ -41,7 +48,11 @@ OUT = REPO / "build" / "twin"
 VARIANTS = {
     "broker": (OUT / "micropython", REPO / "manifest_twin.py", True),
     "stock": (OUT / "micropython-stock", REPO / "tools" / "twin_stock_manifest.py", False),
+    "tlsheap": (OUT / "micropython-tlsheap", REPO / "manifest_twin.py", True),
 }
+# The variants `make twin` builds; the others are built when asked for.
+DEFAULT_VARIANTS = ("broker", "stock")
+TLSHEAP_CONFIG = REPO / "tools" / "twin_mbedtls_tlsheap.h"
 BINARY = VARIANTS["broker"][0]
 VERSION = "1.28.0"
 TARBALL_NAME = "micropython-%s.tar.gz" % VERSION
@@ -70,6 +81,8 @@ def _inputs(src_id, variant):
     h = hashlib.sha256()
     h.update(("%s\n%s\n" % (src_id, " ".join(MAKE_FLAGS))).encode())
     files = [manifest, VARIANTS["stock"][1]]
+    if variant == "tlsheap":
+        files.append(TLSHEAP_CONFIG)
     if project:
         for d in CODE_DIRS:
             files += sorted(p for p in d.rglob("*.py") if "__pycache__" not in p.parts)
@@ -161,9 +174,20 @@ def build(variant="broker"):
     obj = OUT / ("obj-%s" % variant)
     cmd = ["make", "-C", str(src / "ports" / "unix"), "-j%d" % (os.cpu_count() or 2),
            "BUILD=%s" % obj, "FROZEN_MANIFEST=%s" % manifest] + MAKE_FLAGS
+    if variant == "tlsheap":
+        # m_tracked_calloc exists only with MICROPY_TRACKED_ALLOC, which the
+        # unix port turns on only for ffi (off here). The config file's
+        # name is a C string literal: the backslashes keep its quotes
+        # through the shell that make runs the compiler from.
+        cmd = [("CFLAGS_EXTRA=-m32 -DMICROPY_TRACKED_ALLOC=1" if c == "CFLAGS_EXTRA=-m32" else c) for c in cmd]
+        cmd.append('MBEDTLS_CONFIG_FILE=\\"%s\\"' % TLSHEAP_CONFIG)
     # mpy-cross first, on its own: the port's make would build it with
     # the port's BUILD and flags, which are passed down to sub-makes.
     mpy_cross = ["make", "-C", str(src / "mpy-cross"), "-j%d" % (os.cpu_count() or 2)]
+    # make does not see a change of flags: objects built with other flags go.
+    flags = obj / ".flags"
+    if obj.exists() and (not flags.exists() or flags.read_text() != " ".join(cmd[4:])):
+        shutil.rmtree(obj)
     _say("building %s (about 40 s on 2 cores): %s" % (binary.name, " ".join(cmd)))
     log = OUT / ("build-%s.log" % variant)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -175,6 +199,7 @@ def build(variant="broker"):
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise TwinError("build failed (full log: %s):\n%s" % (log, "\n".join(tail)))
     shutil.copy2(obj / "micropython", binary)
+    flags.write_text(" ".join(cmd[4:]))
     stamp.write_text(want + "\n")
     _say("built %s" % binary)
     return binary
@@ -185,7 +210,8 @@ def current():
         src, src_id = _source()
     except TwinError:
         return False
-    for v, (binary, _, _) in VARIANTS.items():
+    for v in DEFAULT_VARIANTS:
+        binary = VARIANTS[v][0]
         st = _stamp(v)
         if not (binary.exists() and st.exists() and st.read_text().strip() == _inputs(src_id, v)):
             return False
@@ -197,15 +223,18 @@ def main():
     ap.add_argument("--path", action="store_true", help="print the binary's path")
     ap.add_argument("--stock", action="store_true", help="with --path: the stock binary")
     ap.add_argument("--check", action="store_true", help="exit 1 unless both binaries are current")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="build (or with --path: print) this one only")
     a = ap.parse_args()
     if a.check:
         return 0 if current() else 1
     try:
         if a.path:
-            print(build("stock" if a.stock else "broker"))
+            print(build(a.variant or ("stock" if a.stock else "broker")))
+        elif a.variant:
+            build(a.variant)
         else:
-            build("broker")
-            build("stock")
+            for v in DEFAULT_VARIANTS:
+                build(v)
     except TwinError as e:
         print("twin: %s" % e, file=sys.stderr)
         return 1

@@ -1,41 +1,40 @@
-"""Measure the broker's heap per idle connected client.
+"""Measure the broker's heap per idle connected client, once, on the twin.
 
-Starts the broker under the MicroPython unix port (board profile heap),
-connects N idle MQTT clients over raw sockets, and reads the broker's own
+Starts the broker on the board twin with the board's heap and shipped
+config, connects N idle MQTT clients, and reads the broker's own
 gc.mem_alloc() from $SYS/broker/heap/used before and after.
 
-    .venv/bin/python tools/bench/heap_per_client.py [--board esp32] [-n 6] [--version 4|5]
+    .venv/bin/python tools/bench/heap_per_client.py [--board esp32] [-n N] [--version 4|5]
 
-This is the one-number version of tools/bench/memreport.py, which measures
-the same way (and also per subscription, retained and queued message) for
-every board profile; both use HeapProbe from memreport.py.
+The one-number form of tools/bench/memreport.py (make memreport), whose
+HeapProbe and Client it uses; N defaults to max_connections - 1 (the probe
+is a client too). The figures in the docs come from make memreport only.
 """
 import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memreport import HeapProbe, idle_clients  # noqa: E402
-from brokers import Ours  # noqa: E402
+from memreport import BrokerProc, Client, HeapProbe, board_profile  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--board", default="esp32")
-    ap.add_argument("-n", type=int, default=6)
+    ap.add_argument("-n", type=int, default=None)
     ap.add_argument("--version", type=int, default=4)
     a = ap.parse_args()
-    with Ours(a.board, {"sys_interval": 1}) as b:
+    n = a.n or board_profile(a.board)["config"]["max_connections"] - 1
+    with BrokerProc(board=a.board, config={"sys_interval": 1, "max_connections": max(n + 1, 2)}) as b:
         probe = HeapProbe(b.port)
-        before = probe.settled()
-        socks = idle_clients(b.port, a.n, a.version)
-        after = probe.settled()
-        for s in socks:
-            s.close()
+        before = probe.settled(1)
+        cs = [Client(b.port, "idle%d" % i, a.version) for i in range(n)]
+        after = probe.settled(1 + n)
+        for c in cs:
+            c.close()
         probe.close()
-    per = (after - before) / a.n
     print("board=%s clients=%d heap before=%d after=%d per idle client=%.0f B"
-          % (a.board, a.n, before, after, per))
+          % (a.board, n, before, after, (after - before) / n))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""Which way a board's code may take, from the last `make memreport`.
+
+docs/memory.json (tools/bench/memreport.py) holds, per board profile, the
+heap left after a start from .mpy files on the stock board twin and the
+heap an idle client takes. tools/deploy.py refuses the .mpy copy where it
+does not fit, and tools/bench/memdocs.py writes the same verdict into
+boards/README.md: both ask mpy_verdict() here.
+"""
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMORY = "docs/memory.json"
+
+
+def memory_record(board, root=ROOT):
+    # This board's results of tools/bench/memreport.py, or None.
+    try:
+        data = json.loads((root / MEMORY).read_text())
+    except (OSError, ValueError):
+        return None
+    return (data.get("boards") or {}).get(board)
+
+
+def mpy_verdict(rec):
+    """(fits, why) for copying the broker as .mpy files, from a board's
+    memreport record: it fits when the heap free after a start from .mpy
+    is at least min_free_heap plus max_connections idle clients (the
+    dearer of 3.1.1 and 5.0). fits is None when there is no record."""
+    if rec is None:
+        return None, "no measurement for this board in %s (run `make memreport`)" % MEMORY
+    fr = rec["frozen"]
+    client = max(fr["idle_client_v4"], fr["idle_client_v5"])
+    need = rec["min_free_heap"] + rec["max_connections"] * client
+    mpy = rec.get("mpy") or {}
+    if mpy.get("start_free") is None:
+        return False, ("loaded from .mpy files the broker did not even start in the board's %d B heap (%s)"
+                       % (rec["heap"], mpy.get("error", "no result")))
+    have = mpy["start_free"]
+    return have >= need, ("loaded from .mpy files it leaves %d B free after start; it needs min_free_heap "
+                          "%d B + %d clients x %d B = %d B" % (have, rec["min_free_heap"], rec["max_connections"],
+                                                                client, need))
