@@ -426,6 +426,9 @@ def test_bridge_speaks_tls_and_checks_the_upstream_against_its_ca(procs):
     # gets through the handshake.
     w = peer(procs, g.port, "tls-state", [("$SYS/broker/connection/bad/state", 0)])
     assert [p for t, p, *_ in w.wait(lambda ms: ms)] == [b"0"]
+    end = time.time() + 5
+    while "bridge bad: connecting to localhost:%d failed" % m.port not in g.log() and time.time() < end:
+        time.sleep(0.05)
     assert "bridge bad: connecting to localhost:%d failed" % m.port in g.log()
     assert up.topics("bad/") == []
 

@@ -103,7 +103,7 @@ def _source():
     tarball = Path(os.environ.get("MICROPYTHON_TARBALL") or SHARED_TARBALL)
     if not tarball.exists():
         tarball = _fetch()
-    return _unpack(tarball), "tar:%s:%d" % (tarball.name, tarball.stat().st_size)
+    return _unpack(tarball), "tar:%s:%d+poll-fix" % (tarball.name, tarball.stat().st_size)
 
 
 def _fetch():
@@ -129,7 +129,7 @@ def _fetch():
 def _unpack(tarball):
     root = OUT / "src"
     mark = root / ".from"
-    ident = "%s %d" % (tarball.resolve(), tarball.stat().st_size)
+    ident = "%s %d poll-fix" % (tarball.resolve(), tarball.stat().st_size)
     if mark.exists() and mark.read_text() == ident:
         return _tree(root)
     _say("unpacking %s" % tarball)
@@ -138,8 +138,29 @@ def _unpack(tarball):
     root.mkdir(parents=True)
     with tarfile.open(tarball) as t:
         t.extractall(root, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(root)
+    _fix_poll(_tree(root))
     mark.write_text(ident)
     return _tree(root)
+
+
+# A unix-port-only bug of MicroPython 1.28 (extmod/modselect.c, the POSIX
+# poll optimisation the boards do not use): when the pollfd array moves,
+# every registered object's pollfd pointer is rebased, including the NULL
+# one of an object without a file descriptor (a TLS socket), which then
+# points into nowhere; the next poll of it crashes the process (SIGSEGV,
+# seen with one TLS client among 20 sockets). The twin gets the one-line
+# fix, applied to the unpacked release only; a MICROPYTHON_SRC checkout is
+# built as it is.
+_POLL_BUG = """                    if (!poll_obj) {"""
+_POLL_FIX = """                    if (!poll_obj || !poll_obj->pollfd) {"""
+
+
+def _fix_poll(tree):
+    f = tree / "extmod" / "modselect.c"
+    text = f.read_text()
+    if _POLL_BUG in text:
+        f.write_text(text.replace(_POLL_BUG, _POLL_FIX, 1))
+        _say("patched extmod/modselect.c (pollfd rebase of objects without a file descriptor)")
 
 
 def _tree(root):
@@ -198,7 +219,10 @@ def build(variant="broker"):
     if r.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-25:]
         raise TwinError("build failed (full log: %s):\n%s" % (log, "\n".join(tail)))
-    shutil.copy2(obj / "micropython", binary)
+    # Copied beside it and renamed over it: a running twin keeps its file.
+    tmp = binary.with_name(binary.name + ".new")
+    shutil.copy2(obj / "micropython", tmp)
+    os.replace(tmp, binary)
     flags.write_text(" ".join(cmd[4:]))
     stamp.write_text(want + "\n")
     _say("built %s" % binary)

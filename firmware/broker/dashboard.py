@@ -248,9 +248,9 @@ def state(b, budget=0):
         break
     o.put('],"ret":[', end)
     first = True
-    msgs = b.retained.msgs
-    for k in msgs:
-        if not o.item(first, [_cut(k), len(msgs[k].payload)], end):
+    r = b.retained
+    for k in r.msgs:
+        if not o.item(first, [_cut(k), r.size(k)], end):
             break
         first = False
     o.put("]}", budget)

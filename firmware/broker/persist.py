@@ -69,8 +69,8 @@ def _unpack(b):
 
 def _same(a, b):
     # Two retained messages that would be stored alike.
-    return (a.payload == b.payload and a.qos == b.qos and a.props == b.props
-            and a.expires == b.expires)
+    return (a.qos == b.qos and a.props == b.props and a.expires == b.expires
+            and a.payload == b.payload)
 
 
 def _varints(out, *ns):
@@ -391,9 +391,9 @@ class Persist:
 
     def _save_lazy(self):
         self._since_save = 0
-        msgs = self.b.retained.msgs
+        r = self.b.retained
         for t in self.lazy:
-            m = msgs.get(t)
+            m = r.peek(t)
             if m is None:
                 self._del("r" + t)
             else:
@@ -411,7 +411,7 @@ class Persist:
     # ------------------------------------------------------------ hooks
 
     def retained_changed(self, topic, msg):
-        old = self.b.retained.msgs.get(topic)
+        old = self.b.retained.peek(topic)
         if msg is None:
             self.lazy.pop(topic, None)
             self._del("r" + topic)

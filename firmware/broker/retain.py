@@ -2,12 +2,31 @@
 # A dict keyed by topic; subscribe-time lookup walks it, which is fine for
 # the few hundred topics a gateway holds. The flash copy is kept by
 # persist.py through the on_change hook.
+#
+# A gateway holds hundreds of these (a value per sensor), so the common
+# one, without properties or expiry, is kept packed: one bytes object, its
+# QoS then its payload, next to its topic. A Message is made from it only
+# while it is being sent (get()).
 from mqtt.topic import matches
+from broker.message import Message
+
+
+def _packed(msg):
+    # msg as the table keeps it: packed bytes, or the Message itself.
+    if msg.props is None and msg.expires is None:
+        return bytes((msg.qos,)) + msg.payload
+    return msg
+
+
+def _message(topic, v):
+    if type(v) is bytes:
+        return Message(topic, memoryview(v)[1:], v[0], True)
+    return v
 
 
 class Retained:
     def __init__(self, limit):
-        self.msgs = {}
+        self.msgs = {}  # topic -> packed bytes or Message
         self.sys = {}  # $SYS topics: outside the limit and never stored
         self.limit = limit
         self.dropped = 0
@@ -29,25 +48,35 @@ class Retained:
         if self.on_change and not self.on_change(t, msg):
             self.dropped += 1
             return False
-        self.msgs[t] = msg
+        self.msgs[t] = _packed(msg)
         return True
 
     def load(self, msg):
         # Restore from flash without writing back.
-        self.msgs[msg.topic] = msg
+        self.msgs[msg.topic] = _packed(msg)
+
+    def peek(self, topic):
+        # The stored message of a topic as a Message, expired or not; None.
+        v = self.msgs.get(topic)
+        return None if v is None else _message(topic, v)
+
+    def size(self, topic):
+        # Payload bytes of a topic's retained message.
+        v = self.msgs[topic]
+        return len(v) - 1 if type(v) is bytes else len(v.payload)
 
     def get(self, topic, now):
         # The live retained message of a topic, or None (an expired one is
         # dropped here).
-        m = self.msgs.get(topic)
-        if m is None:
+        v = self.msgs.get(topic)
+        if v is None:
             return self.sys.get(topic)
-        if m.expired(now):
+        if type(v) is not bytes and v.expired(now):
             del self.msgs[topic]
             if self.on_change:
                 self.on_change(topic, None)
             return None
-        return m
+        return _message(topic, v)
 
     def topics(self, flt):
         # The topics with a retained message that flt matches, for
