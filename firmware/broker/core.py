@@ -17,6 +17,7 @@ from broker.retain import Retained
 from broker.outbuf import Pool
 from broker.heap import Heap
 from broker.route import route
+from broker.message import Raw
 
 
 class Closed(Exception):
@@ -62,8 +63,7 @@ class Broker:
         self.clock = 0
         self._rem_ms = 0
         self._tick0 = time.ticks_ms()
-        # In-process receivers (the bridge): (filter, callback(msg, origin)).
-        self.taps = []
+        self.raw = Raw()  # the QoS 0 message passing through (route.py)
         self.sys_extra = None  # callable -> [(name, value)] for $SYS
         # Counters, named after the $SYS topics they feed.
         self.stats_msgs_recv = 0

@@ -49,16 +49,20 @@ def on_packet(c, first, mv, off, end):
 def _on_ack(c, t, mv, off, end):
     b = c.broker
     s = c.session
-    pid, reason, _ = decode_ack(t, mv, off, end, c.version)
+    if end - off == 2:
+        # The usual form, in both versions: no reason code, no properties.
+        pid = mv[off] << 8 | mv[off + 1]
+        if not pid:
+            raise MQTTError(0x82, "packet identifier 0")
+        reason = 0
+    else:
+        pid, reason, _ = decode_ack(t, mv, off, end, c.version)
     p = b.persist if s.expiry else None
     if t == _PUBREL:
         found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
         if found and p is not None:
             p.qos2_released(s, pid)
-        if c.version == 5 and not found:
-            _reply(c, bytes((0x70, 3, pid >> 8, pid & 0xFF, 0x92)))
-        else:
-            _reply(c, bytes((0x70, 2, pid >> 8, pid & 0xFF)))
+        _reply(c, 0x70, pid, 0x92 if c.version == 5 and not found else 0)
         return
     d = s.inflight.get(pid) if s.inflight else None
     if t == _PUBACK or t == _PUBCOMP:
@@ -70,10 +74,7 @@ def _on_ack(c, t, mv, off, end):
         return
     # PUBREC
     if d is None or d.qos != 2:
-        if c.version == 5:
-            c.send(bytes((0x62, 3, pid >> 8, pid & 0xFF, 0x92)))
-        else:
-            c.send(bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+        c.send_ack(0x62, pid, 0x92 if c.version == 5 else 0)
         return
     if reason >= 0x80:
         # The receiver refused it: the flow ends here (MQTT-4.3.3 v5).
@@ -86,18 +87,18 @@ def _on_ack(c, t, mv, off, end):
         d.state = RELEASED
         if p is not None:
             p.released(s, pid, d)
-    _reply(c, bytes((0x62, 2, pid >> 8, pid & 0xFF)))
+    _reply(c, 0x62, pid, 0)
 
 
-def _reply(c, pkt):
+def _reply(c, first, pid, reason):
     # PUBREL and PUBCOMP end a QoS 2 flow on the peer's side, which then
     # forgets the packet identifier; they go out only once our matching
     # state change is on flash, or a power cut could resurrect the flow.
     p = c.broker.persist
     if p is not None and p.dirty():
-        p.hold(c, pkt)
+        p.hold(c, bytes((first, 3, pid >> 8, pid & 0xFF, reason) if reason else (first, 2, pid >> 8, pid & 0xFF)))
     else:
-        c.send(pkt)
+        c.send_ack(first, pid, reason)
 
 
 def _sub_reason(c, cfg, flt, opts, group):

@@ -21,16 +21,14 @@ _PFI = const(0x01)
 
 def _ack(c, t, pid, reason):
     # PUBACK (t=4) or PUBREC (t=5). v5 may carry a reason; 3.1.1 cannot.
-    if c.version == 5 and reason:
-        pkt = bytes(((t << 4), 3, pid >> 8, pid & 0xFF, reason))
-    else:
-        pkt = bytes(((t << 4), 2, pid >> 8, pid & 0xFF))
+    if c.version != 5:
+        reason = 0
     p = c.broker.persist
     if p is not None and p.dirty():
         # Acknowledge only once what it promises is on flash.
-        p.hold(c, pkt)
+        p.hold(c, bytes((t << 4, 3, pid >> 8, pid & 0xFF, reason) if reason else (t << 4, 2, pid >> 8, pid & 0xFF)))
     else:
-        c.send(pkt)
+        c.send_ack(t << 4, pid, reason)
 
 
 def _heap_short(c, qos, pid, need):
@@ -47,6 +45,33 @@ def _heap_short(c, qos, pid, need):
     raise Paused()
 
 
+def _admit(c, s, qos, pid, topic, retain, size):
+    # The slow half of on_publish's check that a message can be taken, when
+    # the heap or the store looks short: True when it can; False when it
+    # was refused (and answered); raises Paused when it must wait. Apart
+    # from on_publish so that on_publish itself makes no closures (each
+    # captured variable would cost it a cell object per message).
+    b = c.broker
+    p = b.persist
+    if not b.heap.room_for(size + 320) and would_hold(b, topic, qos, retain):
+        # Each message is reckoned at its payload plus 320 bytes of
+        # objects (route() adds more per receiver), and this one would
+        # stay in the heap.
+        _heap_short(c, qos, pid, size + 320)
+        return False
+    if qos and p is not None and not p.healthy() and not p.can_take(s, topic, retain, size):
+        # The store cannot take what this message would need (a commit is
+        # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
+        # so its message waits, unread and unacknowledged, until it can.
+        if c.version == 5:
+            b.stats_dropped += 1
+            _ack(c, 3 + qos, pid, 0x97)
+            return False
+        c.wait_ready = lambda: p.can_take(s, topic, retain, size)
+        raise Paused()
+    return True
+
+
 def on_publish(c, first, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -54,7 +79,8 @@ def on_publish(c, first, mv, off, end):
     qos = (first >> 1) & 3
     retain = first & 1
     topic, pid, pr, poff = decode_publish(first, mv, off, end, c.version)
-    if pr is not None and _TOPIC_ALIAS in pr:
+    alias = pr is not None and _TOPIC_ALIAS in pr
+    if alias:
         a = pr[_TOPIC_ALIAS]
         if a > cfg["max_topic_alias"]:
             raise MQTTError(0x94, "topic alias %d over the maximum" % a)
@@ -87,22 +113,9 @@ def on_publish(c, first, mv, off, end):
     # Can it be taken now? If not, it is refused or stays unread (Paused)
     # before anything else happens to it.
     p = b.persist
-    if not b.heap.room_for(end - poff + 320) and would_hold(b, topic, qos, retain):
-        # The heap is short (each message is reckoned at its payload plus
-        # 320 bytes of objects; route() adds more per receiver), and this
-        # message would stay in it.
-        _heap_short(c, qos, pid, end - poff + 320)
-        return
-    if qos and p is not None and not p.healthy() and not p.can_take(s, topic, retain, end - poff):
-        # The store cannot take what this message would need (a commit is
-        # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
-        # so its message waits, unread and unacknowledged, until it can.
-        if c.version == 5:
-            b.stats_dropped += 1
-            _ack(c, 3 + qos, pid, 0x97)
+    if not b.heap.room_for(end - poff + 320) or (qos and p is not None and not p.healthy()):
+        if not _admit(c, s, qos, pid, topic, retain, end - poff):
             return
-        c.wait_ready = lambda: p.can_take(s, topic, retain, end - poff)
-        raise Paused()
     b.stats_msgs_recv += 1
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
         if qos:
@@ -125,6 +138,19 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
             raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
+    if not qos and not retain and not alias and c.topic_in is None:
+        # Straight from the read buffer to the receivers that take it as it
+        # came; a Message only if one of them needs it (route.py). The
+        # packet's first byte is found from the shortest encoding of its
+        # length; a longer one (legal in 3.1.1) goes the usual way.
+        rem = end - off
+        start = off - (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
+        if mv[start] == first:
+            msg = b.raw
+            msg.set(topic, mv[start:end], poff - start, pr, c.version, b.now())
+            b.heap.spend(route(b, msg, s) << 7)
+            msg.msg = None
+            return
     try:
         msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
                       pr.get(_EXPIRY) if pr is not None else None, b.now())

@@ -147,3 +147,33 @@ class Message:
             ob[o : o + len(pl)] = pl
             o += len(pl)
         return o
+
+
+class Raw:
+    # A QoS 0 PUBLISH that is not retained, still in the read buffer. A
+    # receiver that takes it as it came (at QoS 0, in the sender's protocol
+    # version, with nothing to add) gets its bytes copied into its output;
+    # a Message is made only when some receiver needs one (message()). One
+    # per broker, reused: a message that passes straight through costs no
+    # object of its own.
+    qos = 0
+    retain = False
+    msg = None
+
+    def set(self, topic, src, poff, props, version, now):
+        # src: the whole packet; poff: where its payload starts in src.
+        self.topic = topic
+        self.src = src
+        self.poff = poff
+        self.props = props
+        self.version = version
+        self.now = now
+        self.msg = None
+
+    def message(self):
+        m = self.msg
+        if m is None:
+            pr = self.props
+            m = self.msg = Message(self.topic, bytes(self.src[self.poff:]), 0, False, pr,
+                                   pr.get(_EXPIRY) if pr is not None else None, self.now)
+        return m

@@ -76,6 +76,24 @@ class Output:
                 self.big = data
         self.kick()
 
+    def send_ack(self, first, pid, reason=0):
+        # PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with a
+        # reason code when it is not 0: written in place, no packet object.
+        n = 5 if reason else 4
+        ob = self.reserve(n)
+        if ob is None:
+            self.send(bytes((first, 3, pid >> 8, pid & 0xFF, reason) if reason else (first, 2, pid >> 8, pid & 0xFF)))
+            return
+        o = self.olen
+        ob[o] = first
+        ob[o + 1] = n - 2
+        ob[o + 2] = pid >> 8
+        ob[o + 3] = pid & 0xFF
+        if reason:
+            ob[o + 4] = reason
+        self.olen = o + n
+        self.kick()
+
     def send_split(self, head, payload):
         # A PUBLISH as its head and its payload: the payload goes out from
         # the message itself, so a large one is never copied (a fragmented

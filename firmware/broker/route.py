@@ -7,8 +7,8 @@
 # persists.
 import gc
 from micropython import const
-from mqtt.topic import matches
 from broker.session import info
+from broker.message import Raw
 from broker.pump import put_message, SENT, GONE
 
 _NO_LOCAL = const(0x04)
@@ -16,32 +16,29 @@ _RAP = const(0x08)
 
 
 def route(b, msg, origin, keep=True):
-    # Returns the number of sessions msg went to. keep: a retained message
-    # replaces the stored one (False for $SYS and the dashboard).
+    # Returns the number of sessions msg went to. msg is a Message, or a
+    # message.Raw (a QoS 0 message straight from the read buffer). keep: a
+    # retained message replaces the stored one (False for $SYS and the
+    # dashboard).
     if msg.retain and keep:
         b.retained.set(msg)
     hits = b.hits
     del hits[:]
     b.subs.match(msg.topic, hits)
     n = len(hits)
-    if n == 1:
-        sub = hits[0]
-        s = sub.session
-        if sub.opts & _NO_LOCAL and s is origin:
-            sent = 0
-        else:
+    if n > 1 and _overlap(hits):
+        sent = _route_many(b, msg, origin, hits)
+    else:
+        # One subscription per session (the usual case): no bookkeeping.
+        sent = 0
+        for sub in hits:
+            s = sub.session
+            if sub.opts & _NO_LOCAL and s is origin:
+                continue
             q = sub.opts & 3
             deliver(b, s, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
                     (sub.subid,) if sub.subid else None)
-            sent = 1
-    elif n:
-        sent = _route_many(b, msg, origin, hits)
-    else:
-        sent = 0
-    if b.taps:
-        for f, cb in b.taps:
-            if matches(f, msg.topic):
-                cb(msg, origin)
+            sent += 1
     if b.subs.shared:
         del hits[:]
         b.subs.match_shared(msg.topic, hits)
@@ -51,6 +48,17 @@ def route(b, msg, origin, keep=True):
                     (sub.subid,) if sub.subid else None)
             sent += 1
     return sent
+
+
+def _overlap(hits):
+    # True when some session has two matching subscriptions.
+    n = len(hits)
+    for i in range(1, n):
+        s = hits[i].session
+        for j in range(i):
+            if hits[j].session is s:
+                return True
+    return False
 
 
 def _route_many(b, msg, origin, hits):
@@ -99,6 +107,22 @@ def deliver(b, s, msg, qos, retain, subids):
 def _deliver(b, s, msg, qos, retain, subids):
     c = s.conn
     retain = bool(retain)
+    if type(msg) is Raw:
+        if c is not None and not s.queue and not subids and not retain and c.version == msg.version \
+                and c.topic_out is None and not c.held:
+            # As it came: its bytes, copied.
+            src = msg.src
+            n = len(src)
+            ob = c.reserve(n)
+            if ob is not None and n <= c.max_out:
+                o = c.olen
+                ob[o : o + n] = src
+                c.olen = o + n
+                s.full_since = None
+                b.stats_msgs_sent += 1
+                c.kick()
+                return
+        msg = msg.message()
     if c is not None and not s.queue:
         r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
         if r == SENT:

@@ -48,15 +48,20 @@ def subids_of(i):
 
 class Delivery:
     # An outgoing QoS 1/2 message in flight, under its packet identifier.
+    # Fields at their class default take no room in the instance.
     state = SENT
     stored = False  # it has a record on flash
+    retain = False
+    subids = None
 
     def __init__(self, msg, qos, retain, subids, seq):
         self.msg = msg
         self.qos = qos
-        self.retain = retain
-        self.subids = subids
         self.seq = seq  # the queue entry's sequence number: resend order
+        if retain:
+            self.retain = True
+        if subids:
+            self.subids = subids
 
 
 class Session:
