@@ -140,10 +140,16 @@ class Connection(Output):
                 pos = 0
                 wait = None  # what to wait for before reading on
                 while not self.closing:
-                    r = frame(cur, pos, have, maxp)
-                    if r is None:
-                        break
-                    h, rem = r
+                    rem = cur[pos + 1] if have - pos > 1 else 128
+                    if rem < 128 and rem + 2 <= maxp:
+                        # A one-byte remaining length, the usual case: no
+                        # call (each costs a frame from the heap here).
+                        h = 2
+                    else:
+                        r = frame(cur, pos, have, maxp)
+                        if r is None:
+                            break
+                        h, rem = r
                     total = h + rem
                     if pos + total > have:
                         if total > psize:

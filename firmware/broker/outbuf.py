@@ -113,7 +113,10 @@ class Output:
         return self.olen + n <= len(self.obuf)
 
     def reserve(self, n):
-        # The output buffer, when n more bytes fit at olen; else None.
+        # The output buffer, when n more bytes fit at olen; else None. A
+        # full buffer is written out at once when the socket takes it, so
+        # that a burst goes out in buffer-sized writes rather than waiting
+        # in the session's queue for the flusher.
         if self.big is not None:
             return None
         ob = self.obuf
@@ -121,6 +124,14 @@ class Output:
             if n > self.broker.wpool.size:
                 return None
             ob = self.obuf = self.broker.wpool.get()
+        if self.olen + n <= len(ob):
+            return ob
+        if self.writer is not None or self.gone or n > len(ob):
+            return None
+        try:
+            self.write_now()
+        except OSError:
+            return None  # the flusher finds it and closes it
         return ob if self.olen + n <= len(ob) else None
 
     def pending(self):

@@ -31,14 +31,17 @@ def route(b, msg, origin, keep=True):
     else:
         # One subscription per session (the usual case): no bookkeeping.
         sent = 0
+        raw = type(msg) is Raw
         for sub in hits:
             s = sub.session
             if sub.opts & _NO_LOCAL and s is origin:
                 continue
+            sent += 1
+            if raw and not sub.subid and _copy(b, s, msg):
+                continue
             q = sub.opts & 3
             deliver(b, s, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
                     (sub.subid,) if sub.subid else None)
-            sent += 1
     if b.subs.shared:
         del hits[:]
         b.subs.match_shared(msg.topic, hits)
@@ -48,6 +51,26 @@ def route(b, msg, origin, keep=True):
                     (sub.subid,) if sub.subid else None)
             sent += 1
     return sent
+
+
+def _copy(b, s, raw):
+    # A Raw message, as it came, into s's output when its client takes it
+    # so (connected, nothing queued or held, the sender's protocol version,
+    # no topic mapping). Kept small: a larger frame comes from the heap.
+    c = s.conn
+    if c is None or s.queue or c.version != raw.version or c.topic_out is not None or c.held:
+        return False
+    n = len(raw.src)
+    ob = c.reserve(n)
+    if ob is None or n > c.max_out:
+        return False
+    o = c.olen
+    ob[o : o + n] = raw.src
+    c.olen = o + n
+    s.full_since = None
+    b.stats_msgs_sent += 1
+    c.kick()
+    return True
 
 
 def _overlap(hits):
@@ -108,20 +131,8 @@ def _deliver(b, s, msg, qos, retain, subids):
     c = s.conn
     retain = bool(retain)
     if type(msg) is Raw:
-        if c is not None and not s.queue and not subids and not retain and c.version == msg.version \
-                and c.topic_out is None and not c.held:
-            # As it came: its bytes, copied.
-            src = msg.src
-            n = len(src)
-            ob = c.reserve(n)
-            if ob is not None and n <= c.max_out:
-                o = c.olen
-                ob[o : o + n] = src
-                c.olen = o + n
-                s.full_since = None
-                b.stats_msgs_sent += 1
-                c.kick()
-                return
+        if not subids and not retain and _copy(b, s, msg):
+            return
         msg = msg.message()
     if c is not None and not s.queue:
         r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
