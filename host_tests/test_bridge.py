@@ -450,3 +450,37 @@ def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
         assert "config error" in str(e.value) and key in str(e.value), str(e.value)
     finally:
         g.__exit__(None, None, None)
+
+
+def test_cycling_the_uplink_loses_nothing_and_keeps_qos2_exactly_once(procs):
+    # bridge_cycle_interval 1: a new link every second, up before the old
+    # one goes, taking over the upstream session. Streams both ways at QoS
+    # 1 and 2 meanwhile: every message arrives, each QoS 2 one once.
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": 5,
+                        "topics": ["# out 2 up/ site/up/", "# in 2 down/ site/down/"],
+                        "bridge_cycle_interval": 1}, persistence=True)
+    wait_state(g, b"1")
+    up_sub = peer(procs, m.port, "cyc-up-sub", [("site/up/#", 2)], version=5)
+    local_sub = peer(procs, g.port, "cyc-local-sub", [("down/#", 2)], version=5)
+    local_pub = peer(procs, g.port, "cyc-local-pub", version=5)
+    up_pub = peer(procs, m.port, "cyc-up-pub", version=5)
+    n = 120
+    end = time.time() + 4.5  # spread over about four link cycles
+    for i in range(n):
+        q = 1 + i % 2
+        local_pub.publish("up/%03d" % i, b"o%03d" % i, q)
+        up_pub.publish("site/down/%03d" % i, b"i%03d" % i, q)
+        time.sleep(max(0, (end - time.time()) / (n - i)))
+    want_up = {"site/up/%03d" % i for i in range(n)}
+    want_down = {"down/%03d" % i for i in range(n)}
+    got_up = up_sub.wait(lambda ms: want_up <= {t for t, *_ in ms}, timeout=15)
+    got_down = local_sub.wait(lambda ms: want_down <= {t for t, *_ in ms}, timeout=15)
+    assert want_up <= {t for t, *_ in got_up}, sorted(want_up - {t for t, *_ in got_up})[:10]
+    assert want_down <= {t for t, *_ in got_down}, sorted(want_down - {t for t, *_ in got_down})[:10]
+    for got in (got_up, got_down):
+        q2 = [t for t, p, q, *_ in got if q == 2]
+        assert len(q2) == len(set(q2)), "QoS 2 twice: %s" % sorted(t for t in set(q2) if q2.count(t) > 1)
+    log = g.log()
+    assert log.count("cycling the link") >= 3, log[-3000:]
+    assert "Traceback" not in log

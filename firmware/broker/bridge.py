@@ -293,7 +293,9 @@ class Bridge:
         L.kick()
         L.up.set()
 
-    async def _serve(self, host, port):
+    async def _open_link(self, host, port):
+        # A new link, up to its CONNACK. The reader task runs on; returns
+        # (link, its task).
         t = await self._open(host, port)
         L = Link(self, t, 5 if self.v5 else 4)
         L.send(self._connect_packet(L.version))
@@ -309,19 +311,43 @@ class Bridge:
             await asyncio.sleep_ms(20)
         self.connects += 1
         log.info("bridge %s: connected to %s:%d as %s", self.name, host, port, self.cid)
+        return L, task
+
+    async def _serve(self, host, port):
+        # One link and those that replace it every bridge_cycle_interval:
+        # each new one is up (TCP, TLS, CONNACK) before the old one goes,
+        # and takes over the upstream session from it (connack() closes the
+        # old link), so what is queued or in flight moves across, QoS 2
+        # included. Some networks drop long-lived connections silently.
+        L, task = await self._open_link(host, port)
         self._state(b"1")
-        ka = L.keepalive * 1000
-        while not task.done():
-            await asyncio.sleep_ms(1000)
-            if not ka:
-                continue
-            rx = time.ticks_diff(time.ticks_ms(), L.last_rx)
-            if rx > ka + (ka >> 1):
-                log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
-                            self.name, host, port)
-                L.close_soon()
-            elif rx >= ka >> 1:
-                L.send(b"\xc0\x00")  # PINGREQ
+        cycle = self.c["bridge_cycle_interval"] * 1000
+        born = time.ticks_ms()
+        while True:
+            ka = L.keepalive * 1000
+            while not task.done():
+                await asyncio.sleep_ms(1000)
+                now = time.ticks_ms()
+                if cycle and time.ticks_diff(now, born) >= cycle:
+                    break
+                if not ka:
+                    continue
+                rx = time.ticks_diff(now, L.last_rx)
+                if rx > ka + (ka >> 1):
+                    log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
+                                self.name, host, port)
+                    L.close_soon()
+                elif rx >= ka >> 1:
+                    L.send(b"\xc0\x00")  # PINGREQ
+            if task.done():
+                break
+            log.info("bridge %s: cycling the link to %s:%d", self.name, host, port)
+            born = time.ticks_ms()
+            try:
+                L, task = await self._open_link(host, port)
+            except Exception as e:
+                # The old link goes on; the next try comes a cycle later.
+                log.warning("bridge %s: new link to %s:%d failed: %r", self.name, host, port, e)
         await task
         self.link = None
         self.echoes = []
