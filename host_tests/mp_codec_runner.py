@@ -38,7 +38,7 @@ from mqtt import packets as K
 from mqtt import wire
 from mqtt import topic as T
 from mqtt.errors import MQTTError
-from mqtt.framer import Framer
+from framer import Framer
 
 NO_LIMIT = 268435460
 # gc.collect() keeps MicroPython's small heap unfragmented between the big

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "lib"))
 from mqtt import packets as K  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 from brokerproc import TEST_USER, TEST_PASSWORD, connect  # noqa: E402
 
 

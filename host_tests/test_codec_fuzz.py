@@ -26,7 +26,7 @@ for _p in (LIB, HERE):
 from mqtt import packets as K  # noqa: E402
 from mqtt import props as P  # noqa: E402
 from mqtt.errors import MQTTError  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 from test_codec_vectors import SPEC_PROPERTIES  # noqa: E402  (5.0 Table 2-4, from the spec)
 
 # Reasons lib/mqtt/errors.py documents for decoding; 0x99 is listed there

@@ -31,7 +31,7 @@ from mqtt import packets as K  # noqa: E402
 from mqtt import props as P  # noqa: E402
 from mqtt import wire  # noqa: E402
 from mqtt.errors import MQTTError  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 
 VDIR = os.path.join(HERE, "vectors")
 LARGE = os.path.join(VDIR, "large")

@@ -216,32 +216,18 @@ class Persist:
         queued.sort()
         top = 0
         for seq, cid, mid, inf in queued:
-            if seq > top:
-                top = seq
-            s = b.sessions.get(cid)
-            m = msgs.get(mid)
-            if s is None or m is None:
-                self.store.delete("q" + cid + "\0" + str(seq))
-                if m is None:
-                    self.failed += 1
-                continue
-            # Kept even past max_queued_messages (a smaller limit than when
-            # they were stored): each was acknowledged to its publisher.
-            s.push(m, inf)
-            m.refs += 1
+            top = max(top, seq)
+            r = self._owner(msgs, cid, mid, "q" + cid + "\0" + str(seq))
+            if r is not None:
+                # Kept even past max_queued_messages (a smaller limit than
+                # when they were stored): each was acknowledged.
+                r[0].push(r[1], inf)
         for cid, pid, d, mid in inflight:
-            if d.seq > top:
-                top = d.seq
-            s = b.sessions.get(cid)
-            m = msgs.get(mid)
-            if s is None or m is None:
-                self.store.delete("i" + cid + "\0" + str(pid))
-                if m is None:
-                    self.failed += 1
-                continue
-            d.msg = m
-            s.in_flight()[pid] = d
-            m.refs += 1
+            top = max(top, d.seq)
+            r = self._owner(msgs, cid, mid, "i" + cid + "\0" + str(pid))
+            if r is not None:
+                d.msg = r[1]
+                r[0].in_flight()[pid] = d
         for cid, pid in qos2:
             s = b.sessions.get(cid)
             if s is not None:
@@ -256,6 +242,20 @@ class Persist:
             self.store.commit()
         log.info("restored %d retained, %d sessions, %d queued, %d in flight, clock %d",
                  retained, len(sessions), len(queued), len(inflight), b.clock)
+
+    def _owner(self, msgs, cid, mid, key):
+        # (session, message) of a restored queue or in-flight record, the
+        # message now referred to once more; None when either is gone: the
+        # record goes too.
+        s = self.b.sessions.get(cid)
+        m = msgs.get(mid)
+        if s is None or m is None:
+            self.store.delete(key)
+            if m is None:
+                self.failed += 1
+            return None
+        m.refs += 1
+        return s, m
 
     # ------------------------------------------------------------ commit
 

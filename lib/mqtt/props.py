@@ -42,6 +42,9 @@ _VARINT = const(4)
 _STR = const(5)
 _BIN = const(6)
 _PAIR = const(7)
+# How each kind of value is read (a user property, _PAIR, is two strings).
+_GET = {_BYTE: wire.get_u8, _U16: wire.get_u16, _U32: wire.get_u32, _VARINT: wire.get_varint,
+        _STR: wire.get_str, _BIN: wire.get_bin}
 
 # Packet masks: bit n is packet type n; bit 0 (type 0 is reserved) stands
 # for the Will Properties of CONNECT.
@@ -119,18 +122,9 @@ def decode(buf, off, end, ptype):
         if not spec[1] & mask:
             # "not valid for its packet type ... is a Malformed Packet" (2.2.2.2)
             raise MQTTError(MALFORMED, "property 0x%02X not allowed here" % pid)
-        if t == _BYTE:
-            v, off = wire.get_u8(buf, off, pend)
-        elif t == _U16:
-            v, off = wire.get_u16(buf, off, pend)
-        elif t == _U32:
-            v, off = wire.get_u32(buf, off, pend)
-        elif t == _VARINT:
-            v, off = wire.get_varint(buf, off, pend)
-        elif t == _STR:
-            v, off = wire.get_str(buf, off, pend)
-        elif t == _BIN:
-            v, off = wire.get_bin(buf, off, pend)
+        get = _GET.get(t)
+        if get is not None:
+            v, off = get(buf, off, pend)
         else:
             k, off = wire.get_str(buf, off, pend)
             v, off = wire.get_str(buf, off, pend)

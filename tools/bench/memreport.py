@@ -56,7 +56,7 @@ sys.path[:0] = [str(HERE), str(REPO / "lib"), str(REPO / "host_tests")]
 import brokerproc  # noqa: E402
 from brokerproc import BrokerProc, TEST_USER, TEST_PASSWORD, profile as board_profile  # noqa: E402
 from mqtt import packets as K  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 
 OUT = REPO / "docs" / "memory.json"
 BOARDS = ["esp32", "esp32s3", "pico_w", "pico2_w", "unix"]

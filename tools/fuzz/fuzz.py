@@ -62,7 +62,7 @@ for p in (os.path.join(REPO, "lib"), os.path.join(REPO, "host_tests")):
         sys.path.insert(0, p)
 
 from mqtt.errors import MQTTError  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 
 KINDS = ("random", "valid", "mutated", "utf8", "topics", "props", "protocol", "big")
 WEIGHTS = (8, 10, 30, 10, 12, 14, 10, 6)

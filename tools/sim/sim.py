@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(REPO / "lib"), str(REPO / "host_tests"), str(REPO / "tools" / "bench")]
 from mqtt import packets as K  # noqa: E402
-from mqtt.framer import Framer  # noqa: E402
+from framer import Framer  # noqa: E402
 from brokerproc import BrokerProc, profile as board_profile  # noqa: E402
 from brokers import ensure_built  # noqa: E402
 

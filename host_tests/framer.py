@@ -1,4 +1,5 @@
-# Incremental framing for clients and tools: feed it bytes as they arrive,
+# Incremental framing for the test clients and host tools (not shipped to
+# boards: the broker does not use it): feed it bytes as they arrive,
 # take whole packets out. The broker frames in place in its own receive
 # buffer with packets.frame(); this class is the simple owner-of-a-buffer
 # version of the same rule.
