@@ -116,6 +116,14 @@ class PasswordFile:
         ok = pwhash.check(password, entry[0], entry[1], entry[2])
         return ok and known
 
+    def name(self, username):
+        # The file's own copy of a user name it lists: the sessions of one
+        # user then share one string instead of one each.
+        for k in self._users:
+            if k == username:
+                return k
+        return username
+
 
 _TABLE = const(16)
 _FIRST_MS = const(1000)

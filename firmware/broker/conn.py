@@ -50,6 +50,7 @@ class Connection(Output):
     linger_ms = 0  # delay before a refusal goes out (failed login)
     deferred = None  # that refusal
     wait_ready = None  # set by a handler raising Paused: what to wait for
+    pause = None  # what the reader waits for before reading on (backpressure.py)
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
     # upstream's, topic_in(upstream topic) -> ours or None (not ours).
     topic_out = None
@@ -105,22 +106,20 @@ class Connection(Output):
         # a packet split across reads, or packets left unread by a pause,
         # get a buffer of its own from the pool until they are handled.
         # Transports that cannot hand over whole reads synchronously
-        # (shared_ok False) keep their own buffer.
+        # (shared_ok False) keep their own buffer. The packets themselves
+        # are taken in _take(): this coroutine's frame lives as long as the
+        # connection, so it holds as few variables as it can.
         b = self.broker
         self.reader = asyncio.current_task()
         smv = b.rmv
-        pool = b.rpool
-        psize = pool.size
         own = not getattr(self.t, "shared_ok", True)
-        buf = pool.get() if own else None
+        buf = b.rpool.get() if own else None
         mv = memoryview(buf) if own else None
         have = 0
-        maxp = b.cfg["max_packet_size"]
-        again = False  # packets left in buf after a pause
         try:
             while not self.closing:
-                if again:
-                    cur = mv
+                if self.pause is not None and have:
+                    cur = mv  # packets left in buf after a pause
                     n = 0
                 elif buf is None:
                     n = await self.t.recv_into(smv)
@@ -137,59 +136,31 @@ class Connection(Output):
                 if n:
                     self.last_rx = b.now_ms()
                     b.stats_bytes_recv += n
-                pos = 0
-                wait = None  # what to wait for before reading on
-                while not self.closing:
-                    rem = cur[pos + 1] if have - pos > 1 else 128
-                    if rem < 128 and rem + 2 <= maxp:
-                        # A one-byte remaining length, the usual case: no
-                        # call (each costs a frame from the heap here).
-                        h = 2
-                    else:
-                        r = frame(cur, pos, have, maxp)
-                        if r is None:
-                            break
-                        h, rem = r
-                    total = h + rem
-                    if pos + total > have:
-                        if total > psize:
-                            # Would not fit a partial buffer: read it whole.
-                            wait = await self._read_big(cur, pos, have, h, total)
-                            pos = have
-                        break
-                    first = cur[pos]
-                    try:
-                        self.dispatch(first, cur, pos + h, pos + total)
-                    except Paused:
-                        # Not taken: it stays, and is handed over again.
-                        wait = self.wait_ready
-                        break
-                    pos += total
-                    if b.congested is not None:
-                        # A session this message went to is filling up.
-                        wait = b.congested
-                        b.congested = None
-                        break
-                rest = have - pos
-                again = wait is not None and rest > 0
-                if rest == 0:
+                self.pause = None
+                pos = self._take(cur, have)
+                if pos < 0:
+                    # A packet larger than a pooled buffer: read it whole.
+                    await self._read_big(cur, -pos - 1, have)
+                    pos = have
+                n = have - pos
+                if n == 0:
                     have = 0
                     if buf is not None and not own:
-                        pool.put(buf)
+                        b.rpool.put(buf)
                         buf = mv = None
                 elif cur is smv:
                     # Part of a packet (or, after a pause, whole packets not
                     # yet handled): keep it in a buffer of our own. Pooled
                     # buffers are as large as the shared one, so it fits.
-                    buf = pool.get()
+                    buf = b.rpool.get()
                     mv = memoryview(buf)
-                    buf[0:rest] = smv[pos:have]
-                    have = rest
+                    buf[0:n] = smv[pos:have]
+                    have = n
                 elif pos:
-                    buf[0:rest] = mv[pos:have]
-                    have = rest
-                if wait is not None and not self.closing:
-                    await self._wait(wait)
+                    buf[0:n] = mv[pos:have]
+                    have = n
+                if self.pause is not None and not self.closing:
+                    await self._wait(self.pause)
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
                     await self.wait_drained().wait()
@@ -215,8 +186,44 @@ class Connection(Output):
                 pass
             self.protocol_error(0x83, "internal error")
         if buf is not None:
-            pool.put(buf)
+            b.rpool.put(buf)
         await self.finish()
+
+    def _take(self, cur, have):
+        # Hands the whole packets in cur[:have] to the handlers. Returns
+        # where it stopped: at the end, at a partial packet, or at the
+        # packet after which the reader must wait (self.pause says for
+        # what); -1 - offset of a packet too large for a pooled buffer.
+        b = self.broker
+        maxp = b.cfg["max_packet_size"]
+        pos = 0
+        while not self.closing:
+            rem = cur[pos + 1] if have - pos > 1 else 128
+            if rem < 128 and rem + 2 <= maxp:
+                # A one-byte remaining length, the usual case: no call.
+                h = 2
+            else:
+                r = frame(cur, pos, have, maxp)
+                if r is None:
+                    break
+                h, rem = r
+            if pos + h + rem > have:
+                if h + rem > b.rpool.size:
+                    return -1 - pos
+                break
+            try:
+                self.dispatch(cur[pos], cur, pos + h, pos + h + rem)
+            except Paused:
+                # Not taken: it stays, and is handed over again.
+                self.pause = self.wait_ready
+                break
+            pos += h + rem
+            if b.congested is not None:
+                # A session this message went to is filling up.
+                self.pause = b.congested
+                b.congested = None
+                break
+        return pos
 
     async def _wait(self, what):
         # A pause: for a session to drain, or for a condition to hold.
@@ -225,7 +232,7 @@ class Connection(Output):
         else:
             await wait_for_session(self.broker, what)
 
-    async def _read_big(self, mv, pos, have, h, total):
+    async def _read_big(self, mv, pos, have):
         # Reads one packet that is larger than the receive buffer into a
         # buffer of its own, once the heap can spare it (until then the
         # client waits: TCP backpressure). Its size was already checked
@@ -233,8 +240,10 @@ class Connection(Output):
         # spare buffer: a fresh one per packet, garbage right after, chops
         # the free heap into holes between the messages that are kept
         # (measured: 35 KB free in blocks of at most 1 KB after a burst of
-        # 1 KB messages). Returns what to wait for before reading on.
+        # 1 KB messages). Sets self.pause when the reader must wait after.
         b = self.broker
+        h, total = frame(mv, pos, have, b.cfg["max_packet_size"])
+        total += h
         big = b.spare_big
         if big is not None and len(big) >= total:
             b.spare_big = None
@@ -262,9 +271,9 @@ class Connection(Output):
                     break
                 except Paused:
                     await wait_recovered(b, self.wait_ready)
-            w = b.congested
-            b.congested = None
-            return w
+            if b.congested is not None:
+                self.pause = b.congested
+                b.congested = None
         finally:
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big

@@ -162,7 +162,7 @@ def on_connect(c, mv, off, end):
     s.put("will_expiry", wexp)
     s.put("will_at", None)
     s.put("version", v)
-    s.put("username", pkt.username)
+    s.put("username", b.auth.name(pkt.username) if b.auth is not None and pkt.username else pkt.username)
     if v == 5:
         s.put("expiry", pr.get(P.SESSION_EXPIRY, 0))
     else:

@@ -58,6 +58,10 @@ class ConnRate:
         t = self._t
         e = t.get(ip)
         if e is None:
+            # Addresses whose bucket has drained are forgotten: a gateway's
+            # sensors each connect now and then, and need no entry between.
+            for a in [a for a in t if self._level(t[a], now) == 0]:
+                del t[a]
             if len(t) >= self.size:
                 low = None
                 lv = 0

@@ -7,15 +7,23 @@ from mqtt.topic import matches
 
 
 class Sub:
+    # Defaults on the class: a plain subscription stores four fields.
+    subid = 0  # subscription identifier (v5), 0 when none
+    group = None  # share group, None unless shared
+    prefix = None
+
     def __init__(self, session, flt, opts, subid, group):
         self.session = session
         self.filter = flt  # without the $share/group/ prefix
         self.opts = opts  # subscription options byte
-        self.subid = subid  # 0 when none
-        self.group = group  # None unless shared
+        if subid:
+            self.subid = subid
+        if group is not None:
+            self.group = group
         # "a/b/#" (no '+'): matched with str methods instead of the
         # character loop of topic.matches: prefix "a/b/" or exactly "a/b".
-        self.prefix = flt[:-1] if flt[-1] == "#" and "+" not in flt else None
+        if flt[-1] == "#" and "+" not in flt:
+            self.prefix = flt[:-1]
 
     def match(self, t):
         p = self.prefix
