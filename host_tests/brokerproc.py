@@ -23,7 +23,10 @@ turn (source_address()), as sensors on a LAN come from addresses of their
 own; a test about per-address limits passes one address explicitly.
 
 code="mpy" runs the compiled .mpy files from build/host on the stock twin
-(a board that loads the broker from its filesystem) instead.
+(a board that loads the broker from its filesystem) instead. `binary`
+names another MicroPython to run it on (the benchmark's 64-bit host
+runs: .venv/bin/micropython with code="mpy"), and `script` another entry
+point taking tools/mp_host.py's arguments (the benchmark's profiler).
 """
 import itertools
 import json
@@ -101,8 +104,11 @@ def profile(board):
 
 
 class BrokerProc:
-    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen"):
+    def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen",
+                 binary=None, script=None):
         self.board = board
+        self.binary = binary
+        self.script = script or str(REPO / "tools" / "mp_host.py")
         self.heap = heap or profile(board)["heap"]
         self.code = code
         self.port = port or free_port()
@@ -124,13 +130,13 @@ class BrokerProc:
     def start(self, wait=True):
         if self.code == "mpy":
             build_host()
-            mp = twin_binary("stock")
+            mp = self.binary or twin_binary("stock")
         else:
-            mp = twin_binary()
+            mp = self.binary or twin_binary()
         with open(self.cfgpath, "w") as f:
             json.dump(self.config, f)
         self._logf = open(self.logpath, "ab")
-        cmd = [str(mp), "-X", "heapsize=%s" % self.heap, str(REPO / "tools" / "mp_host.py"),
+        cmd = [str(mp), "-X", "heapsize=%s" % self.heap, self.script,
                "--board", self.board, "--code", self.code, "--config", self.cfgpath, "--port", str(self.port)]
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=self.tmp.name)
