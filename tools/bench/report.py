@@ -347,18 +347,31 @@ def md_profile(p):
 
 # ---------------------------------------------------------------- memory
 
+IDLE_TEXT = """### Heap per idle client, on the twin
+
+The %(board)s profile's heap (%(heap)s B) and shipped config; clients log in
+as the test user, keep-alive %(keepalive)s s, and subscribe to one topic each.
+Heap is the broker's own `gc.mem_alloc()` after `gc.collect()`, read from
+`$SYS/broker/heap/used` (sys_interval 1). Per client = the growth from
+%(n1)s to %(n2)s connected clients, divided by %(n)s, after a warm-up that
+pays the one-time costs (see Method).
+"""
+
+ALLOC_TEXT = """### Heap allocated per forwarded message, on the twin
+
+64-byte QoS 0 PUBLISH packets through the broker's real read, route and
+write path, in one MicroPython process on the twin at the %(board)s heap
+(%(heap)s B) with the shipped config (tools/bench/mp_alloc.py; see
+Method): `gc.mem_alloc()` counted with the collector disabled, over
+%(messages)s messages per case, in rounds as large as the heap allows
+without the broker's heap check collecting. `%(command)s`
+"""
+
 def md_mem(m):
     out = ["## Memory\n"]
     idle = m.get("idle") or {}
     if idle and "error" not in idle:
-        out.append("### Heap per idle client, on the twin\n")
-        out.append("The %s profile's heap (%s B) and shipped config; clients log in as the test user, keep-alive "
-                   "%s s, and subscribe to one topic each. Heap is the broker's own `gc.mem_alloc()` after "
-                   "`gc.collect()`, read from `$SYS/broker/heap/used` (sys_interval 1). Per client = the growth "
-                   "from %s to %s connected clients, divided by %s (buffer pools filled before the first count "
-                   "do not count).\n" % (
-                       idle["board"], num(idle["heap"]), idle["keepalive"], idle["n1"], idle["n2"],
-                       idle["n2"] - idle["n1"]))
+        out.append(IDLE_TEXT % dict(idle, heap=num(idle["heap"]), n=idle["n2"] - idle["n1"]))
         out.append("| client | heap per client | at %s clients | at %s clients |" % (idle["n1"], idle["n2"]))
         out.append("|---|---|---|---|")
         for v, name in (("v4", "MQTT 3.1.1, one subscription"), ("v5", "MQTT 5.0, one subscription")):
@@ -371,13 +384,7 @@ def md_mem(m):
         out.append("Heap per idle client: failed: `%s`\n" % idle["error"])
     al = m.get("alloc") or {}
     if al and "error" not in al:
-        out.append("### Heap allocated per forwarded message, on the twin\n")
-        out.append("64-byte QoS 0 PUBLISH packets through the broker's real read, route and write path, in one "
-                   "MicroPython process on the twin at the %s heap (%s B) with the shipped config "
-                   "(tools/bench/mp_alloc.py; see Method): `gc.mem_alloc()` counted with the collector disabled, "
-                   "over %s messages per case, in rounds as large as the heap allows without the broker's heap "
-                   "check collecting. `%s`\n" % (al.get("board"), num(al.get("heap")), num(al.get("messages")),
-                                                  al.get("command", "")))
+        out.append(ALLOC_TEXT % dict(al, heap=num(al.get("heap")), messages=num(al.get("messages"))))
         out.append("| case | allocated per message | per delivery | messages per read | socket writes per message "
                    "| largest round |")
         out.append("|---|---|---|---|---|---|")
