@@ -587,7 +587,7 @@ async def retained(port, count=100, rounds=10):
         await asyncio.sleep(0.2)
     if len(acks) < count:
         raise Refused("retained publisher: %d of %d PUBACKs after %d connections" % (
-            len(acks), count, pub_reconnects + 1))
+            len(acks), count, attempt + 1))
     times = []
     got_counts = []
     dups = lost = reordered = 0

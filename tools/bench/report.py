@@ -110,7 +110,7 @@ def md_summary(b, p, m):
         idx = {(t["platform"], t["what"]): t for t in tc}
         met = sum(1 for t in tc if t["met"])
         out.append("**%d of %d target checks met.**\n" % (met, len(tc)))
-        out.append("| target | " + " | ".join("ours on the %s" % x for x in plats) + " |")
+        out.append("| target | " + " | ".join("ours on the %s (%% of target when not met)" % x for x in plats) + " |")
         out.append("|---|" + "---|" * len(plats))
         for what, target in whats:
             cells = []
@@ -142,10 +142,20 @@ def _noise(b):
 
 
 def _val(t):
+    # The value, and for a numeric target how far it got (a share of the
+    # target: measured/target for "at least", target/measured for "at most").
     v = t["value"]
-    if isinstance(v, float):
-        return num(v, "x") if "amqtt" in t["what"] else num(v)
-    return num(v)
+    if v is None:
+        return "no value"
+    s = num(v, "x") if "amqtt" in t["what"] else num(v)
+    op, _, lim = t["target"].partition(" ")
+    try:
+        lim = float(lim)
+    except ValueError:
+        return s
+    if lim and v and not t["met"]:
+        s += " (%.0f %%)" % (100 * (v / lim if op == ">=" else lim / v))
+    return s
 
 
 def _limits(b):
@@ -303,9 +313,9 @@ def md_bench(b, png_name):
 
 def md_profile(p):
     out = ["## Where the time goes (our broker on the %s)\n" % p.get("platform", "twin")]
-    out.append("Two views of each scenario, see Method: per-function timing wrappers (self time share of all "
-               "wrapped time, scaled to the broker's CPU per message) and `perf record` of the uninstrumented "
-               "broker (C level).\n")
+    out.append("Two views of each scenario, see Method: per-function timing wrappers (each function's self time "
+               "as a share of the broker's own time, applied to the plain broker's CPU per message) and `perf "
+               "record` of the uninstrumented broker (C level).\n")
     for scn, s in (p.get("scenarios") or {}).items():
         pl = s.get("plain") or {}
         sec = s.get("sections") or {}
