@@ -29,7 +29,7 @@ $(BENCH_STAMP): tools/bench/requirements-amqtt.txt
 
 # One run id for the three tools: report.py writes docs/benchmarks.md only
 # from files of one run.
-bench: venv sysdeps twin bench-venv ## ours (host, twin) vs mosquitto vs amqtt + profile + memory -> docs/benchmarks.md (~15 min)
+bench: venv sysdeps twin bench-venv ## ours (host, twin) vs mosquitto vs amqtt + profile + memory -> docs/benchmarks.md (~10 min)
 	@export BENCH_RUN_ID=$$(date -u +%Y%m%dT%H%M%SZ); echo "bench: run $$BENCH_RUN_ID"; \
 	$(BENCH_PY) tools/bench/bench.py --seconds $(BENCH_SECONDS) --repeat $(BENCH_REPEAT) --amqtt $(BENCH_VENV)/bin/amqtt \
 	&& $(BENCH_PY) tools/bench/profile.py --seconds $(BENCH_SECONDS) \

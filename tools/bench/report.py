@@ -521,7 +521,7 @@ def main():
 RUNNING = """## How to run
 
 ```
-make bench                                   # all of the above, about 15 minutes; writes this page
+make bench                                   # all of the above, about 10 minutes; writes this page
 make bench BENCH_SECONDS=3 BENCH_REPEAT=3    # the defaults
 make memreport                               # only the memory report, printed (docs/ untouched)
 .venv/bin/python tools/bench/bench.py --brokers ours,mosquitto --platforms twin --scenarios fanin,qos1 --seconds 2 --repeat 1
