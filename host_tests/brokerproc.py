@@ -25,7 +25,10 @@ own; a test about per-address limits passes one address explicitly.
 code="mpy" runs the compiled .mpy files from build/host on the stock twin
 (a board that loads the broker from its filesystem) instead.
 variant="tlsheap" runs it on the twin whose Mbed TLS allocates from the
-MicroPython heap, as on the rp2 port (tools/twin.py).
+MicroPython heap, as on the rp2 port (tools/twin.py). `binary` names
+another MicroPython to run it on (the benchmark's 64-bit host runs:
+.venv/bin/micropython with code="mpy"), and `script` another entry point
+taking tools/mp_host.py's arguments (the benchmark's profiler).
 """
 import itertools
 import json
@@ -104,12 +107,14 @@ def profile(board):
 
 class BrokerProc:
     def __init__(self, board="esp32", config=None, heap=None, port=None, datadir=None, code="frozen",
-                 faults=False, variant=None):
+                 faults=False, variant=None, binary=None, script=None):
         self.board = board
         # faults: the broker's store commits fail while fault_file exists
         # (tools/mp_host.py --fault-file); set_fault("memory"/"full"/None).
         self.faults = faults
         self.variant = variant
+        self.binary = binary
+        self.script = script or str(REPO / "tools" / "mp_host.py")
         self.heap = heap or profile(board)["heap"]
         self.code = code
         self.port = port or free_port()
@@ -132,13 +137,13 @@ class BrokerProc:
     def start(self, wait=True):
         if self.code == "mpy":
             build_host()
-            mp = twin_binary("stock")
+            mp = self.binary or twin_binary("stock")
         else:
-            mp = twin_binary(self.variant or "broker")
+            mp = self.binary or twin_binary(self.variant or "broker")
         with open(self.cfgpath, "w") as f:
             json.dump(self.config, f)
         self._logf = open(self.logpath, "ab")
-        cmd = [str(mp), "-X", "heapsize=%s" % self.heap, str(REPO / "tools" / "mp_host.py"),
+        cmd = [str(mp), "-X", "heapsize=%s" % self.heap, self.script,
                "--board", self.board, "--code", self.code, "--config", self.cfgpath, "--port", str(self.port)]
         if self.faults:
             cmd += ["--fault-file", self.fault_file]

@@ -1,6 +1,8 @@
 # Benchmarks and simulation (tools/bench, tools/sim; docs/benchmarks.md, docs/sim.md).
-#   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=2]    ours vs mosquitto vs amqtt, profile
-#   make memreport                                   memory on the board twin -> docs/memory.json and the docs
+#   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=3]    ours (host and twin) vs mosquitto vs amqtt,
+#                                                    profile, memory -> docs/benchmarks.md
+#   make memreport                                   memory on the board twin per board ->
+#                                                    docs/memory.json, docs/memory.md and the docs
 #   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
 # amqtt and matplotlib live in their own venv (build/bench-venv, pinned in
 # tools/bench/requirements-amqtt.txt), created here, never in .venv.
@@ -9,7 +11,7 @@ BENCH_VENV := build/bench-venv
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.requirements.stamp
 BENCH_SECONDS ?= 3
-BENCH_REPEAT ?= 2
+BENCH_REPEAT ?= 3
 SECONDS ?= 20
 SIM_OUT ?= build/sim
 SIM_ARGS ?= --retain --awake 3 --asleep 1 --fault kill9@$$(( $(SECONDS) * 2 / 5 )) --fault stall@$$(( $(SECONDS) * 7 / 10 )):sub0:3
@@ -26,10 +28,14 @@ $(BENCH_STAMP): tools/bench/requirements-amqtt.txt
 	  | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 	@touch $@
 
-bench: venv sysdeps bench-venv ## ours vs mosquitto vs amqtt + profile -> docs/benchmarks.md (~5 min)
-	@$(BENCH_PY) tools/bench/bench.py --seconds $(BENCH_SECONDS) --repeat $(BENCH_REPEAT) --amqtt $(BENCH_VENV)/bin/amqtt
-	@$(BENCH_PY) tools/bench/profile.py --seconds $(BENCH_SECONDS)
-	@$(BENCH_PY) tools/bench/report.py
+# One run id for the three tools: report.py writes docs/benchmarks.md only
+# from files of one run.
+bench: venv sysdeps twin bench-venv ## ours (host, twin) vs mosquitto vs amqtt + profile + memory -> docs/benchmarks.md (~10 min)
+	@export BENCH_RUN_ID=$$(date -u +%Y%m%dT%H%M%SZ); echo "bench: run $$BENCH_RUN_ID"; \
+	$(BENCH_PY) tools/bench/bench.py --seconds $(BENCH_SECONDS) --repeat $(BENCH_REPEAT) --amqtt $(BENCH_VENV)/bin/amqtt \
+	&& $(BENCH_PY) tools/bench/profile.py --seconds $(BENCH_SECONDS) \
+	&& $(BENCH_PY) tools/bench/benchmem.py \
+	&& $(BENCH_PY) tools/bench/report.py
 
 memreport: venv sysdeps twin ## heap on the board twin per board -> docs/memory.json, docs/memory.md, README tables (~20 min)
 	@$(PY) tools/bench/memreport.py

@@ -1,29 +1,34 @@
 """Throughput, latency, retained recall and connection capacity of our
-broker against Mosquitto and amqtt, all in one run.
+broker on the host and on the board twin, against Mosquitto and amqtt, all
+in one run.
 
-    python tools/bench/bench.py [--seconds 3] [--repeat 2]
+    python tools/bench/bench.py [--seconds 3] [--repeat 3] [--platforms host,twin]
         [--brokers ours,mosquitto,amqtt] [--amqtt build/bench-venv/bin/amqtt]
         [--scenarios fanin,fanout,...] [--out build/bench/bench.json]
 
-Our broker runs under the MicroPython unix port with the esp32 profile and
-heap="220K" (BrokerProc). Changes to the profile for the benchmark, all
-printed in the report:
-  max_connections 8 -> 12   fan-in/fan-out need 11 clients (a real ESP32
-                            has sockets for about 8)
-  max_retained_messages 64 -> 128   the retained scenario stores 100
-  persistence off           (BrokerProc's default for host runs)
-  log_level warning
-The connection-capacity scenario uses the esp32 profile as is
-(max_connections 8) and the unix profile.
+Our broker runs with the esp32 profile's shipped config (persistence on,
+anonymous clients refused, the connection-rate limit on; brokers.Ours) in
+two places:
+  host  the 64-bit PyPI MicroPython (.venv/bin/micropython) running the
+        .mpy files of build/host, heap 2 x 110000
+  twin  the board twin (build/twin/micropython: v1.28.0, 32-bit, the code
+        frozen in), heap 110000, as on an ESP32
+The load tool logs in as the test user and spreads its clients over the
+loopback addresses 127.0.0.x. What the throughput scenarios change in that
+config is OURS_CONFIG below, printed in the report with its reason.
 
-Each scenario runs `repeat` times per broker, brokers interleaved, and the
-best run is kept (the host has 2 cores shared with other jobs). Loss,
-duplicates and reordering are summed over all runs.
+Each scenario runs `repeat` times per broker, brokers interleaved within
+each repetition (ours on every platform, Mosquitto, amqtt), and the median
+of the runs is reported; loss, duplicates, reordering and the memory
+errors in our broker's log are summed over all runs.
 """
 import argparse
 import asyncio
 import json
 import os
+import re
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,21 +37,39 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path[:0] = [str(HERE)]
 import loadgen  # noqa: E402
-from brokers import Ours, Mosquitto, Amqtt, cpu_seconds, rss_kb  # noqa: E402
+from brokers import Ours, Mosquitto, Amqtt, PLATFORMS, cpu_seconds, rss_kb  # noqa: E402
 
-BENCH_CONFIG = {"max_connections": 12, "max_retained_messages": 128}
-THROUGHPUT = ("fanin", "fanout", "qos1", "qos2")
+# Our shipped esp32 config, raised only as far as a scenario needs.
+OURS_CONFIG = {"max_connections": 11, "max_retained_messages": 100}
+WHY = {
+    "max_connections": "fan-in and fan-out hold 11 clients at once (shipped: 8)",
+    "max_retained_messages": "the retained scenario stores 100 messages (shipped: 64)",
+}
 ALL = ("fanin", "fanout", "qos1", "qos2", "latency", "retained", "conncap")
+THROUGHPUT = ("fanin", "fanout", "qos1", "qos2")
 
-# The targets of issue 6: (scenario, key, op, value)
+# The targets of issue 15, on every platform: (key, op, value).
 TARGETS = {
     "fanin": ("rate", ">=", 50000),
-    "fanout": ("rate", ">=", 100000),
-    "qos1": ("rate", ">=", 20000),
-    "qos2": ("rate", ">=", 12000),
+    "fanout": ("rate", ">=", 150000),
+    "qos1": ("rate", ">=", 25000),
+    "qos2": ("rate", ">=", 15000),
     "latency": ("p99_ms", "<=", 1.0),
-    "retained": ("median_ms", "<=", 10.0),
 }
+AMQTT_FACTOR = 5
+# Scenarios whose ratio to amqtt is a target ("at least 5x amqtt in every
+# scenario"). Connection capacity is not: ours stops at max_connections.
+RATIO_SCENARIOS = ("fanin", "fanout", "qos1", "qos2", "latency", "retained")
+
+UNITS = {"fanin": "msg/s", "fanout": "deliveries/s", "qos1": "msg/s", "qos2": "msg/s",
+         "latency": "p99 ms (p50)", "retained": "ms, median (best)"}
+# Summed over runs; medians are taken of MEDIAN_KEYS.
+TOTAL_KEYS = ("lost", "dups", "reordered", "closed_by_broker", "lost_acked", "bad_acks", "memory_errors")
+MEDIAN_KEYS = ("rate", "ack_rate", "p50_ms", "p99_ms", "max_ms", "median_ms", "best_ms", "broker_cpu",
+               "loadgen_cpu", "wall")
+# What in our broker's log tells of a MemoryError (caught or not). A
+# MemoryError route.deliver() catches is not logged: it shows as loss.
+MEMORY_RE = re.compile(r"MemoryError|out of memory|memory allocation failed|no heap to send")
 
 
 def metric(scn):
@@ -60,23 +83,11 @@ def metric(scn):
     return "rate", True
 
 
-def better(scn, a, b):
-    k, hi = metric(scn)
-    if b is None or b.get(k) is None:
-        return True
-    if a.get(k) is None:
-        return False
-    return a[k] > b[k] if hi else a[k] < b[k]
-
-
 def run_one(scn, broker, seconds):
     pid = broker.pid
     c0 = cpu_seconds(pid)
     t0 = time.perf_counter()
-    kw = {}
-    if scn == "conncap":
-        kw = {}
-    r = asyncio.run(loadgen.run_scenario(scn, broker.port, seconds, **kw))
+    r = asyncio.run(loadgen.run_scenario(scn, broker.port, seconds, auth=broker.credentials))
     dt = time.perf_counter() - t0
     c1 = cpu_seconds(pid)
     if c0 is not None and c1 is not None:
@@ -85,43 +96,59 @@ def run_one(scn, broker, seconds):
     return r
 
 
+def memory_report(text):
+    lines = [x for x in text.splitlines() if MEMORY_RE.search(x)]
+    out = {"memory_errors": len(lines)}
+    if lines:
+        out["memory_error_first"] = lines[0][:200]
+    return out
+
+
+def summarize(runs):
+    """Median of each measured value over the runs that did not fail,
+    totals of the loss counters over all runs."""
+    ok = [r for r in runs if "error" not in r]
+    s = {"runs": len(runs), "ok_runs": len(ok), "errors": [r["error"] for r in runs if "error" in r]}
+    for k in MEDIAN_KEYS:
+        vals = [r[k] for r in ok if r.get(k) is not None]
+        if vals:
+            s[k] = statistics.median(vals)
+            s[k + "_each"] = vals
+    for k in TOTAL_KEYS:
+        s["total_" + k] = sum(r.get(k) or 0 for r in runs)
+    s["drain_cut"] = sum(1 for r in runs if r.get("drain_cut"))
+    firsts = [r["memory_error_first"] for r in runs if r.get("memory_error_first")]
+    if firsts:
+        s["memory_error_first"] = firsts[0]
+    if ok and "complete_rounds" in ok[0]:
+        s["complete_rounds"] = min(r["complete_rounds"] for r in ok)
+    return s
+
+
 def run_bench(brokers, scenarios, seconds, repeat, log=print):
-    """brokers: list of started broker objects (label attribute). Returns
-    {scenario: {label: best result with loss totals}}."""
+    """brokers: started broker objects (with .label). Returns
+    {scenario: {label: summary of its runs}} (summarize())."""
     res = {}
     for scn in scenarios:
         if scn == "conncap":
             continue
-        res[scn] = {}
+        runs = {b.label: [] for b in brokers}
         for rep in range(repeat):
             for b in brokers:
-                lab = b.label
+                logged = len(b.log()) if isinstance(b, Ours) else 0
                 try:
                     r = run_one(scn, b, seconds)
                 except Exception as e:  # a broker that fails a scenario is reported, not fatal
                     r = {"error": "%s: %s" % (type(e).__name__, e)}
-                    if hasattr(b, "log"):
+                    if isinstance(b, Ours):
                         tail = [x for x in b.log().splitlines() if x[:2] in ("W ", "E ")][-5:]
                         if tail:
                             r["error"] += " | broker log: " + " / ".join(tail)
-                prev = res[scn].get(lab)
-                tot = {k: (prev or {}).get("total_" + k, 0) + r.get(k, 0)
-                       for k in ("lost", "dups", "reordered", "closed_by_broker")}
-                runs = (prev or {}).get("runs", [])
-                k, _ = metric(scn)
-                runs = runs + [r.get(k)]
-                if "error" in r and prev is not None:
-                    best = prev
-                elif prev is None or "error" in prev or better(scn, r, prev):
-                    best = r
-                else:
-                    best = prev
-                best = dict(best)
-                for kk, v in tot.items():
-                    best["total_" + kk] = v
-                best["runs"] = runs
-                res[scn][lab] = best
-                log("  %-9s %-18s run %d: %s" % (scn, lab, rep + 1, _short(scn, r)))
+                if isinstance(b, Ours):
+                    r.update(memory_report(b.log()[logged:]))
+                runs[b.label].append(r)
+                log("  %-9s %-10s run %d: %s" % (scn, b.label, rep + 1, _short(scn, r)))
+        res[scn] = {lab: summarize(rs) for lab, rs in runs.items()}
     return res
 
 
@@ -133,46 +160,74 @@ def _short(scn, r):
     s = "%s=%s" % (k, ("%.3f" % v) if isinstance(v, float) else v)
     if "lost" in r:
         s += " lost=%d dups=%d reord=%d" % (r.get("lost", 0), r.get("dups", 0), r.get("reordered", 0))
+    if r.get("drain_cut"):
+        s += " DRAIN CUT"
     if r.get("publisher_reconnects"):
         s += " publisher reconnects=%d" % r["publisher_reconnects"]
     if r.get("closed_by_broker"):
         s += " CLOSED BY BROKER=%d" % r["closed_by_broker"]
+    if r.get("memory_errors"):
+        s += " MEMORY ERRORS=%d (%s)" % (r["memory_errors"], r.get("memory_error_first", ""))
     if "broker_cpu" in r:
         s += " cpu broker=%.0f%% gen=%.0f%%" % (100 * r["broker_cpu"], 100 * r.get("loadgen_cpu", 0))
     return s
 
 
+def cap_targets(platforms, others, bound):
+    # (label, broker, own: started and stopped here)
+    out = []
+    for p in platforms:
+        out.append(("ours %s, shipped (max_connections 8)" % p, Ours(p), True))
+        raised = {"max_connections": bound, "max_sessions": bound + 1}
+        out.append(("ours %s, max_connections %d (heap is the limit)" % (p, bound), Ours(p, raised), True))
+    for b in others:
+        out.append((b.label, b, False))
+    return out
+
+
 def run_conncap(targets, bound, log=print):
-    """targets: list of (label, broker factory or started broker, own)."""
     out = {}
     for label, b, own in targets:
         try:
             if own:
                 b.start()
-            r = asyncio.run(loadgen.conncap(b.port, bound=bound))
+            r = asyncio.run(loadgen.run_scenario("conncap", b.port, auth=b.credentials, bound=bound))
             r["rss_kb"] = rss_kb(b.pid)
+            if isinstance(b, Ours):
+                r.update(memory_report(b.log()))
+                m = re.findall(r"refused connection from \S+: (.*)", b.log())
+                if m:
+                    r["broker_says"] = m[-1][:120]
         except Exception as e:
             r = {"error": "%s: %s" % (type(e).__name__, e)}
         finally:
             if own:
                 b.cleanup()
         out[label] = r
-        log("  conncap   %-18s %s" % (label, r))
+        log("  conncap   %-50s %s" % (label, {k: r.get(k) for k in ("accepted", "alive", "refusal", "error")}))
     return out
+
+
+def mp_version(binary):
+    try:
+        return subprocess.run([str(binary), "-c", "import sys; print(sys.version.split(';')[1].strip(), "
+                               "'%d-bit' % (64 if sys.maxsize > 2**32 else 32))"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or "?"
+    except Exception:
+        return "?"
 
 
 def versions(amqtt_exe=None):
     import platform
-    import subprocess
+
+    from brokerproc import twin_binary
 
     v = {"python": "CPython " + platform.python_version()}
+    v["micropython_host"] = mp_version(PLATFORMS["host"][0])
     try:
-        mp = subprocess.run([str(REPO / ".venv" / "bin" / "micropython"), "-c",
-                             "import sys; print(sys.version.split(';')[1].strip())"],
-                            capture_output=True, text=True, timeout=10).stdout.strip()
-        v["micropython"] = mp
-    except Exception:
-        v["micropython"] = "?"
+        v["micropython_twin"] = mp_version(twin_binary())
+    except Exception as e:
+        v["micropython_twin"] = "not built: %s" % e
     v["mosquitto"] = Mosquitto.get_version() if Mosquitto.available() else "not installed"
     if amqtt_exe:
         v["amqtt"] = Amqtt(amqtt_exe).get_version()
@@ -194,52 +249,64 @@ def versions(amqtt_exe=None):
     except OSError:
         pass
     v["cpu"] = cpu
-    try:
-        v["loadavg_before"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        pass
+    v["loadavg_before"] = loadavg()
     return v
 
 
-def table(res, cap, labels):
-    """Text table: value per broker, and how many times better ours is."""
-    ours = labels[0]
-    others = labels[1:]
-    head = ["scenario", "unit"] + labels + ["ours vs %s" % o for o in others] + ["loss/dup/reord (ours)"]
+def loadavg():
+    try:
+        return open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        return []
+
+
+def ratio(scn, ours, other):
+    """How many times better ours is: ours/other for rates, other/ours for
+    times; None when either is missing."""
+    k, hi = metric(scn)
+    a, b = (ours or {}).get(k), (other or {}).get(k)
+    if not a or not b:
+        return None
+    return a / b if hi else b / a
+
+
+def fmt_value(scn, r):
+    if r is None:
+        return "-"
+    k, _ = metric(scn)
+    v = r.get(k)
+    if v is None:
+        return "error" if r.get("errors") else "-"
+    if scn == "latency":
+        return "%.2f (%.2f)" % (v, r["p50_ms"])
+    if scn == "retained":
+        return "%.1f (%.1f)" % (v, r["best_ms"])
+    return "%d" % round(v)
+
+
+def table(res, cap, ours, others):
+    """Rows for one platform: our broker (label `ours`) next to `others`,
+    with how many times better ours is, and ours's loss and memory errors."""
+    head = ["scenario", "unit", ours] + others + ["ours vs %s" % o for o in others] + \
+           ["loss/dup/reord (ours)", "MemoryError (ours)"]
     rows = []
-    units = {"fanin": "msg/s", "fanout": "deliveries/s", "qos1": "msg/s", "qos2": "msg/s",
-             "latency": "p99 ms (p50)", "retained": "ms, median (best)"}
-    for scn in res:
-        k, hi = metric(scn)
-        row = [scn, units.get(scn, k)]
-        for lab in labels:
-            r = res[scn].get(lab)
-            if r is None or "error" in r:
-                row.append("error" if r else "-")
-                continue
-            v = r.get(k)
-            if scn == "latency":
-                row.append("%.2f (%.2f)" % (v, r["p50_ms"]))
-            elif scn == "retained":
-                row.append("%.1f (%.1f)" % (v, r["best_ms"]) if v is not None else "incomplete")
-            else:
-                row.append("%d" % round(v))
-        ro = res[scn].get(ours) or {}
+    for scn, per in res.items():
+        ro = per.get(ours)
+        row = [scn, UNITS.get(scn, metric(scn)[0]), fmt_value(scn, ro)]
+        row += [fmt_value(scn, per.get(o)) for o in others]
         for o in others:
-            r = res[scn].get(o) or {}
-            a, b = ro.get(k), r.get(k)
-            if not a or not b:
-                row.append("-")
-            else:
-                row.append("%.2fx" % ((a / b) if hi else (b / a)))
+            x = ratio(scn, ro, per.get(o))
+            row.append("-" if x is None else "%.2fx" % x)
+        ro = ro or {}
         row.append("%d/%d/%d" % (ro.get("total_lost", 0), ro.get("total_dups", 0), ro.get("total_reordered", 0)))
+        row.append("none" if not ro.get("total_memory_errors") else "%d" % ro["total_memory_errors"])
         rows.append(row)
     if cap:
-        row = ["conncap", "clients accepted"]
-        for lab in labels:
-            found = [c for c in cap if c.startswith(lab.split(" (")[0])]
-            row.append(" / ".join("%s" % cap[c].get("accepted", "err") for c in found) or "-")
-        row += ["-"] * len(others) + ["-"]
+        mine = [c for c in cap if c.startswith(ours + ",")]
+        row = ["conncap", "clients accepted", " / ".join(str(cap[c].get("accepted", "error")) for c in mine) or "-"]
+        row += [str((cap.get(o) or {}).get("accepted", "-")) for o in others]
+        row += ["-"] * len(others)
+        row += ["-", "none" if not any(cap[c].get("memory_errors") for c in mine) else "yes"]
         rows.append(row)
     return head, rows
 
@@ -255,103 +322,125 @@ def fmt_table(head, rows, md=False):
     return "\n".join([line(head), line(["-" * n for n in w])] + [line(r) for r in rows])
 
 
-def targets_check(res, labels):
-    ours = labels[0]
+def _check(platform, what, target, value, met):
+    return {"platform": platform, "what": what, "target": target, "value": value, "met": met}
+
+
+def targets_check(res, platforms):
+    """Issue 15's throughput, latency, amqtt-ratio and no-loss/no-MemoryError
+    targets, per platform."""
     out = []
-    for scn, (k, op, lim) in TARGETS.items():
-        r = (res.get(scn) or {}).get(ours)
-        if not r or r.get(k) is None:
-            continue
-        v = r[k]
-        ok = v >= lim if op == ">=" else v <= lim
-        out.append({"scenario": scn, "metric": k, "target": "%s %s" % (op, lim), "value": v, "met": ok})
-    amq = [lab for lab in labels if lab.startswith("amqtt")]
-    if amq:
-        for scn in res:
-            k, hi = metric(scn)
-            a = (res[scn].get(ours) or {}).get(k)
-            b = (res[scn].get(amq[0]) or {}).get(k)
-            if a and b:
-                x = a / b if hi else b / a
-                out.append({"scenario": scn, "metric": "x amqtt", "target": ">= 5", "value": x, "met": x >= 5})
+    for p in platforms:
+        ours = "ours %s" % p
+        # A scenario that ran but gave ours no value (its runs failed) does
+        # not meet its target: it is listed with no value.
+        for scn, (k, op, lim) in TARGETS.items():
+            if scn not in res:
+                continue
+            v = (res[scn].get(ours) or {}).get(k)
+            met = v is not None and (v >= lim if op == ">=" else v <= lim)
+            out.append(_check(p, "%s %s" % (scn, k), "%s %s" % (op, lim), v, met))
+        for scn in RATIO_SCENARIOS:
+            if scn not in res or "amqtt" not in res[scn]:
+                continue
+            x = ratio(scn, res[scn].get(ours), res[scn]["amqtt"])
+            out.append(_check(p, "%s x amqtt" % scn, ">= %d" % AMQTT_FACTOR, x, x is not None and x >= AMQTT_FACTOR))
+        per = [(scn, (res[scn] or {}).get(ours)) for scn in res]
+        per = [(scn, r) for scn, r in per if r]
+        if per:
+            lost = sum(r.get("total_lost", 0) for _, r in per)
+            mem = sum(r.get("total_memory_errors", 0) for _, r in per)
+            failed = sum(r.get("runs", 0) - r.get("ok_runs", 0) for _, r in per)
+            out.append(_check(p, "messages lost, all scenarios", "0", lost, lost == 0))
+            out.append(_check(p, "MemoryError in the log, all scenarios", "0", mem, mem == 0))
+            out.append(_check(p, "failed runs, all scenarios", "0", failed, failed == 0))
     return out
+
+
+def fmt_check(t):
+    v = t["value"]
+    return "target %-5s %-40s %-9s measured %-10s %s" % (
+        t["platform"], t["what"], t["target"], ("%.2f" % v) if isinstance(v, float) else
+        "no value" if v is None else v, "MET" if t["met"] else "NOT MET")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--platforms", default="host,twin", help="where ours runs: host, twin or both")
     ap.add_argument("--brokers", default="ours,mosquitto,amqtt")
     ap.add_argument("--amqtt", default=str(REPO / "build" / "bench-venv" / "bin" / "amqtt"))
     ap.add_argument("--scenarios", default=",".join(ALL))
-    ap.add_argument("--board", default="esp32")
-    ap.add_argument("--heap", default="220K")
     ap.add_argument("--cap-bound", type=int, default=300)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a config key of our broker for the throughput scenarios")
+    ap.add_argument("--run-id", default=os.environ.get("BENCH_RUN_ID", ""),
+                    help="tag of this make bench run, checked by report.py")
     ap.add_argument("--out", default=str(REPO / "build" / "bench" / "bench.json"))
     a = ap.parse_args()
     for kv in a.set:
         k, _, v = kv.partition("=")
-        BENCH_CONFIG[k] = json.loads(v)
+        OURS_CONFIG[k] = json.loads(v)
+        WHY[k] = "set with --set"
     names = [x for x in a.brokers.split(",") if x]
+    platforms = [x for x in a.platforms.split(",") if x] if "ours" in names else []
     scenarios = [x for x in a.scenarios.split(",") if x]
     t_start = time.time()
     ver = versions(a.amqtt if "amqtt" in names else None)
-    print("bench: %s; %s x %s" % (", ".join("%s=%s" % kv for kv in ver.items() if kv[0] != "loadavg_before"),
-                                  ver["nproc"], ver["cpu"]))
+    print("bench: %s" % ", ".join("%s=%s" % kv for kv in ver.items() if kv[0] != "loadavg_before"))
     brokers = []
     try:
         for n in names:
             if n == "ours":
-                b = Ours(a.board, BENCH_CONFIG, heap=a.heap, label="ours")
+                brokers += [Ours(p, OURS_CONFIG) for p in platforms]
             elif n == "mosquitto":
                 b = Mosquitto()
                 b.label = "mosquitto"
+                brokers.append(b)
             elif n == "amqtt":
                 b = Amqtt(a.amqtt)
                 b.label = "amqtt"
+                brokers.append(b)
             else:
                 raise SystemExit("unknown broker %s" % n)
+        for b in brokers:
             b.start()
-            brokers.append(b)
         print("bench: brokers up: %s" % ", ".join("%s port %d pid %d" % (b.label, b.port, b.pid) for b in brokers))
+        starts = {b.label: _ready_line(b) for b in brokers if isinstance(b, Ours)}
         res = run_bench(brokers, scenarios, a.seconds, a.repeat)
         cap = {}
         if "conncap" in scenarios:
-            targets = []
-            for b in brokers:
-                if b.label == "ours":
-                    targets.append(("ours esp32 (max_connections 8)", Ours(a.board, {}, heap=a.heap), True))
-                    targets.append(("ours unix (max_connections 200)", Ours("unix", {}), True))
-                else:
-                    targets.append((b.label, b, False))
-            cap = run_conncap(targets, a.cap_bound)
+            others = [b for b in brokers if not isinstance(b, Ours)]
+            cap = run_conncap(cap_targets(platforms, others, a.cap_bound), a.cap_bound)
     finally:
         for b in brokers:
             b.cleanup()
-    labels = [b.label for b in brokers]
-    head, rows = table(res, cap, labels)
-    print()
-    print(fmt_table(head, rows))
-    tc = targets_check(res, labels)
+    others = [b.label for b in brokers if not isinstance(b, Ours)]
+    for p in platforms:
+        head, rows = table(res, cap, "ours %s" % p, others)
+        print("\nours on the %s:\n" % p)
+        print(fmt_table(head, rows))
+    tc = targets_check(res, platforms)
     if tc:
         print()
         for t in tc:
-            print("target %-9s %-8s %-9s measured %-10s %s" % (
-                t["scenario"], t["metric"], t["target"], ("%.2f" % t["value"]) if isinstance(t["value"], float)
-                else t["value"], "MET" if t["met"] else "NOT MET"))
-    out = {"versions": ver, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)), "seconds": a.seconds, "repeat": a.repeat, "board": a.board, "heap": a.heap,
-           "bench_config": BENCH_CONFIG, "labels": labels, "results": res, "conncap": cap, "targets": tc,
-           "elapsed_s": time.time() - t_start,
+            print(fmt_check(t))
+    out = {"run_id": a.run_id, "versions": ver, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t_start)),
+           "seconds": a.seconds, "repeat": a.repeat, "platforms": platforms,
+           "heaps": {b.label: b.heap for b in brokers if isinstance(b, Ours)},
+           "ours_start": starts, "ours_config": OURS_CONFIG, "why": WHY, "others": others,
+           "results": res, "conncap": cap, "cap_bound": a.cap_bound, "targets": tc,
+           "elapsed_s": time.time() - t_start, "loadavg_after": loadavg(),
            "command": "python tools/bench/bench.py " + " ".join(sys.argv[1:])}
-    try:
-        out["versions"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
-    except OSError:
-        pass
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print("\nbench: %.0f s; results in %s" % (time.time() - t_start, a.out))
+
+
+def _ready_line(b):
+    m = re.search(r"broker ready; heap used (\d+) free (\d+)", b.log())
+    return {"heap_used": int(m.group(1)), "heap_free": int(m.group(2))} if m else {}
 
 
 if __name__ == "__main__":

@@ -1,13 +1,21 @@
 """The brokers a benchmark runs against, each on its own loopback port.
 
-    ours(board="esp32", config={...}, heap="220K")  our broker under the
-        MicroPython unix port (host_tests/brokerproc.BrokerProc)
+    Ours("twin")  our broker on the board twin (build/twin/micropython, 32-bit,
+                  code frozen in) at the board profile's heap
+    Ours("host")  our broker on the 64-bit PyPI MicroPython (.venv/bin/micropython)
+                  running the .mpy files of build/host, at twice the board's heap
     Mosquitto()   Debian's /usr/sbin/mosquitto, conf in a temp dir,
-                  set_tcp_nodelay true, no persistence
-    Amqtt(exe)    amqtt from its own venv (build/bench-venv), YAML in a temp dir
+                  set_tcp_nodelay true, no persistence, anonymous clients
+    Amqtt(exe)    amqtt from its own venv (build/bench-venv), YAML in a temp dir,
+                  anonymous clients
 
-Each has .start(), .stop(), .port, .pid, .name and .version. Every process
-is started here and stopped by its own PID.
+Ours runs with the board's shipped config (host_tests/brokerproc.BrokerProc:
+persistence on, anonymous clients refused, the connection-rate limit on),
+plus what a caller passes in `config`. `credentials` is the (user, password)
+a load tool must log in with, None where anonymous clients are let in.
+
+Each has .start(), .stop(), .port, .pid and .label. Every process is started
+here and stopped by its own PID.
 """
 import os
 import shutil
@@ -77,6 +85,7 @@ def rss_kb(pid):
 class _Proc:
     name = "?"
     version = "?"
+    credentials = None
 
     def __init__(self):
         self.tmp = tempfile.TemporaryDirectory(prefix="bench_%s_" % self.name)
@@ -176,18 +185,30 @@ class Amqtt(_Proc):
             return "?"
 
 
+# Where our broker runs: (binary or None for the twin, code, heap as a
+# multiple of the board's).
+PLATFORMS = {
+    "host": (REPO / ".venv" / "bin" / "micropython", "mpy", 2),
+    "twin": (None, "frozen", 1),
+}
+
+
 class Ours:
     """Our broker (BrokerProc) behind the same interface."""
 
     name = "ours"
+    credentials = (brokerproc.TEST_USER, brokerproc.TEST_PASSWORD)
 
-    def __init__(self, board="esp32", config=None, heap=None, label=None):
-        # The load tools connect without credentials (see tools/README.md).
-        cfg = {"log_level": "warning", "allow_anonymous": True, "max_connection_rate": 0}
-        cfg.update(config or {})
-        self.bp = BrokerProc(board=board, config=cfg, heap=heap)
+    def __init__(self, platform="twin", config=None, board="esp32", label=None, script=None):
+        binary, code, mult = PLATFORMS[platform]
+        self.platform = platform
         self.board = board
-        self.label = label or "ours (%s)" % board
+        self.heap = mult * brokerproc.profile(board)["heap"]
+        cfg = {"log_level": "warning"}
+        cfg.update(config or {})
+        self.bp = BrokerProc(board=board, config=cfg, heap=self.heap, code=code,
+                             binary=str(binary) if binary else None, script=script)
+        self.label = label or "ours %s" % platform
 
     @property
     def port(self):
@@ -198,7 +219,8 @@ class Ours:
         return self.bp.proc.pid if self.bp.proc else None
 
     def start(self):
-        ensure_built()
+        if self.platform == "host":
+            ensure_built()
         self.bp.start()
         return self
 

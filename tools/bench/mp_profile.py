@@ -1,104 +1,78 @@
-# Runs the broker under the MicroPython unix port with timing wrappers
-# around the functions of the publish path (monkey-patched at run time:
-# nothing under firmware/ is changed). Every second it writes
-#   CONFIG.json.profile.json = {"stats": {"fn": [microseconds, calls]}, ...} Started by tools/bench/profile.py:
-#   micropython -X heapsize=220K mp_profile.py ROOT BOARD CONFIG.json PORT
+# Runs the broker exactly as tools/mp_host.py runs it (same arguments; on
+# the twin the frozen code), with timing wrappers around the functions of
+# the publish path, patched in at run time: nothing under firmware/ is
+# changed. Started by tools/bench/profile.py through BrokerProc:
+#
+#   build/twin/micropython -X heapsize=110000 tools/bench/mp_profile.py --board esp32 \
+#       --code frozen --config CONFIG.json --port N
+#
+# Every second it writes CONFIG.json.profile.json:
+#   {"stats": {"fn": [inclusive us, self us, calls, wrapped calls made]},
+#    "count": {...}, "missing": [...]}
+# Self time is measured, not inferred from a call tree: each wrapper adds
+# its inclusive time to the wrapped call it was made from, which subtracts
+# it; profile.py then takes out the cost of the wrappers of the calls a
+# function made (the wrappers' cost per call: the instrumented broker's CPU
+# per message less the plain one's, over the wrapped calls per message).
+# Times are ticks_us (wall clock): time the host gives to other processes
+# lands in whatever function was running.
 import sys
-import json
-import time
 
-ROOT, BOARD, CFGFILE, PORT = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-sys.path[:0] = [ROOT + "/build/host/lib", ROOT + "/build/host"]
+_here = sys.argv[0].rsplit("/", 1)[0] if "/" in sys.argv[0] else "."
+MP_HOST = _here + "/../mp_host.py"
+CFGFILE = sys.argv[sys.argv.index("--config") + 1]
+sys.path[:] = [".frozen"] + [p for p in sys.path if p != ".frozen"]
 
-from broker.config import build, load_json  # noqa: E402
-
-cfg = build(load_json("%s/boards/%s.json" % (ROOT, BOARD)).get("config"), load_json(CFGFILE), {"port": PORT})
-del sys.modules["broker.config"]
-
-from broker import app, core, conn, handle_publish, handle_other, subs, session, message, transport  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+import asyncio  # noqa: E402
+import mp_path  # noqa: E402
+from broker import app, conn, transport  # noqa: E402
 
 ticks_us = time.ticks_us
 ticks_diff = time.ticks_diff
 STATS = {}
-COUNT = {"recv_into": 0, "recv_bytes": 0, "send": 0, "send_bytes": 0, "relieve": 0}
+TSTACK = [0]  # per open wrapped call: time spent in the wrapped calls it made
+NSTACK = [0]  # and how many it made
+COUNT = {"recv_into": 0, "recv_bytes": 0, "write_now": 0, "write_bytes": 0, "send": 0, "send_bytes": 0,
+         "pauses": 0}
+MISSING = []
 
 
 def timed(name, f):
-    st = STATS.setdefault(name, [0, 0])
+    # st: inclusive us, self us before the wrapper cost, calls, wrapped calls made
+    st = STATS.setdefault(name, [0, 0, 0, 0])
+    tst = TSTACK
+    nst = NSTACK
 
     def w(*a):
+        tst.append(0)
+        nst.append(0)
         t = ticks_us()
-        r = f(*a)
-        st[0] += ticks_diff(ticks_us(), t)
-        st[1] += 1
-        return r
+        try:
+            return f(*a)
+        finally:
+            dt = ticks_diff(ticks_us(), t)
+            st[0] += dt
+            st[1] += dt - tst.pop()
+            st[2] += 1
+            st[3] += nst.pop()
+            tst[-1] += dt
+            nst[-1] += 1
 
     return w
 
 
-def _calibrate():
-    # Cost of the wrapper itself, per call (subtracted by profile.py).
-    def empty(a, b):
-        return a
+mp_path.wrap_all(mp_path.PUBLISH + mp_path.MORE, timed, MISSING)
 
-    w = timed("_calib", empty)
-    n = 20000
-    t = ticks_us()
-    for i in range(n):
-        empty(i, 0)
-    base = ticks_diff(ticks_us(), t)
-    STATS["_calib"] = [0, 0]
-    t = ticks_us()
-    for i in range(n):
-        w(i, 0)
-    tot = ticks_diff(ticks_us(), t)
-    # Inner ticks pair is what gets attributed to a parent as extra time.
-    return (tot - base) / n
-
-
-OVERHEAD_US = _calibrate()
-del STATS["_calib"]
-
-# The publish path, outermost first. Names that a newer firmware lacks are
-# skipped (and listed in the PROFILE line).
-MISSING = []
-
-
-def wrap(obj, name, label=None):
-    f = getattr(obj, name, None)
-    if f is None:
-        MISSING.append(name)
-        return
-    setattr(obj, name, timed(label or name, f))
-
-
-wrap(conn.Connection, "dispatch", "Connection.dispatch")
-wrap(conn, "frame")
-wrap(conn, "check_flags")
-wrap(conn, "on_publish")
-wrap(conn, "on_packet", "on_packet (acks etc.)")
-wrap(handle_publish, "decode_publish")
-wrap(handle_publish, "check_topic")
-wrap(handle_publish, "Message", "Message()")
-wrap(handle_publish, "_ack", "_ack (PUBACK/PUBREC)")
-wrap(handle_publish, "_heap_short", "_heap_short (gc.mem_free)")
-wrap(handle_other, "_on_ack")
-wrap(handle_other, "decode_ack")
-wrap(core.Broker, "route", "Broker.route")
-wrap(core.Broker, "_route_many", "Broker._route_many")
-wrap(core.Broker, "deliver", "Broker.deliver")
-wrap(core.Broker, "pump", "Broker.pump")
-wrap(core.Broker, "congested", "Broker.congested")
-wrap(subs.Subs, "match", "Subs.match")
-wrap(session.Session, "enqueue", "Session.enqueue")
-wrap(session.Session, "next_pid", "Session.next_pid")
-wrap(message.Message, "wire", "Message.wire")
-wrap(conn.Connection, "send", "Connection.send")
-wrap(conn.Connection, "room", "Connection.room")
-
+# Reads, writes of writer tasks, and publisher pauses: counted (they are
+# coroutines; what they cost shows in the time outside the wrappers).
 _recv = transport.TcpTransport.recv_into
 _send = transport.TcpTransport.send
-_relieve = core.Broker.relieve
+_wn = transport.TcpTransport.write_now
+_wait_s = conn.wait_for_session
+_wait_r = conn.wait_recovered
 
 
 async def recv_into(self, mv):
@@ -114,28 +88,39 @@ async def send(self, mv):
     await _send(self, mv)
 
 
-async def relieve(self, me):
-    COUNT["relieve"] += 1
-    await _relieve(self, me)
+def write_now(self, mv):
+    n = _wn(self, mv)
+    COUNT["write_now"] += 1
+    COUNT["write_bytes"] += n
+    return n
+
+
+async def wait_for_session(b, s):
+    COUNT["pauses"] += 1
+    await _wait_s(b, s)
+
+
+async def wait_recovered(b, ready):
+    COUNT["pauses"] += 1
+    await _wait_r(b, ready)
 
 
 transport.TcpTransport.recv_into = recv_into
 transport.TcpTransport.send = send
-core.Broker.relieve = relieve
-
-import asyncio  # noqa: E402
-import os  # noqa: E402
+transport.TcpTransport.write_now = write_now
+conn.wait_for_session = wait_for_session
+conn.wait_recovered = wait_recovered
 
 OUT = CFGFILE + ".profile.json"
 
 
 async def _dump():
-    # Written every second (the file is replaced whole): the CPython side
-    # reads it after the load; no output is needed at exit.
+    # Written every second, the file replaced whole: the CPython side
+    # reads it after the load.
     while True:
         await asyncio.sleep(1)
         with open(OUT + ".tmp", "w") as f:
-            f.write(json.dumps({"stats": STATS, "count": COUNT, "overhead_us": OVERHEAD_US, "missing": MISSING}))
+            f.write(json.dumps({"stats": STATS, "count": COUNT, "missing": MISSING}))
         os.rename(OUT + ".tmp", OUT)
 
 
@@ -149,7 +134,9 @@ def start(cfg, wdt=None):
 
 
 app.start = start
-try:
-    app.run(cfg)
-except KeyboardInterrupt:
-    pass
+# mp_host.py finds the modules already imported (and patched) in
+# sys.modules, and runs the broker as always.
+sys.argv[0] = MP_HOST
+with open(MP_HOST) as _f:
+    _code = _f.read()
+exec(_code, {"__name__": "__main__"})
