@@ -6,8 +6,9 @@
 import sys
 
 PUBLISH = (
+    ("conn", "Connection", "_take", "Connection._take"),
     ("conn", "Connection", "dispatch", "Connection.dispatch"),
-    ("conn", None, "frame", "frame (mqtt.packets)"),
+    ("conn", None, "frame", "frame (mqtt.packets; lengths over 127 only)"),
     ("conn", None, "on_publish", "on_publish"),
     ("handle_publish", None, "decode_publish", "decode_publish"),
     ("handle_publish", None, "check_topic", "check_topic"),
@@ -15,6 +16,7 @@ PUBLISH = (
     ("handle_publish", None, "Message", "Message()"),
     ("handle_publish", None, "route", "route"),
     ("subs", "Subs", "match", "Subs.match"),
+    ("route", None, "_copy", "_copy (a QoS 0 message as it came)"),
     ("route", None, "_route_many", "_route_many"),
     ("route", None, "deliver", "deliver"),
     ("route", None, "put_message", "put_message (from route)"),
