@@ -114,6 +114,8 @@ class Connection(Output):
         smv = b.rmv
         own = not getattr(self.t, "shared_ok", True)
         buf = b.rpool.get() if own else None
+        if own and buf is None:
+            raise MemoryError("no read buffer")
         mv = memoryview(buf) if own else None
         have = 0
         try:
@@ -153,6 +155,8 @@ class Connection(Output):
                     # yet handled): keep it in a buffer of our own. Pooled
                     # buffers are as large as the shared one, so it fits.
                     buf = b.rpool.get()
+                    if buf is None:
+                        raise MemoryError("no read buffer")
                     mv = memoryview(buf)
                     buf[0:n] = smv[pos:have]
                     have = n
@@ -346,6 +350,7 @@ class Connection(Output):
             gc.collect()
         self.gone = True
         self.t.close()
+        self.release()
         try:
             self.broker.connection_closed(self)
         except MemoryError:

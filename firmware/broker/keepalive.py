@@ -1,7 +1,8 @@
 # Once a second, for every connection (Mosquitto: keepalive.c): a socket
 # that sent no CONNECT within connect_timeout, a client silent for 1.5x its
 # keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
-# its queue stayed full (backpressure.py) are closed.
+# its queue stayed full (backpressure.py) are closed; an idle one gives its
+# output buffer back (outbuf.py).
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
@@ -11,6 +12,7 @@ def check(b):
     now_ms = time.ticks_ms()
     cto = b.cfg["connect_timeout"] * 1000
     for c in b.conns:
+        c.release()
         if c.closing:
             continue
         s = c.session

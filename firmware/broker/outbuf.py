@@ -17,6 +17,7 @@
 # packets goes out in one write per receiver. Readers stop reading while
 # the output is backed up (room() is False), so the tail stays small.
 import asyncio
+import gc
 from broker import log
 
 
@@ -28,8 +29,23 @@ class Pool:
         self.keep = keep
         self.free = []
 
+    def fill(self):
+        # The spares, made at start while the heap is still in one piece.
+        while len(self.free) < self.keep:
+            self.free.append(bytearray(self.size))
+
     def get(self):
-        return self.free.pop() if self.free else bytearray(self.size)
+        # A buffer, or None when the heap has no block that large even
+        # after a collection (it may be fragmented: free, but not in one
+        # piece). Callers then do without one, or give up the connection.
+        if self.free:
+            return self.free.pop()
+        for _ in range(2):
+            try:
+                return bytearray(self.size)
+            except MemoryError:
+                gc.collect()
+        return None
 
     def put(self, buf):
         if len(buf) == self.size and len(self.free) < self.keep:
@@ -69,7 +85,7 @@ class Output:
             if ob is None:
                 ob = self.obuf = self.broker.wpool.get()
             o = self.olen
-            if o + n <= len(ob):
+            if ob is not None and o + n <= len(ob):
                 ob[o : o + n] = data
                 self.olen = o + n
             else:
@@ -124,6 +140,8 @@ class Output:
             if n > self.broker.wpool.size:
                 return None
             ob = self.obuf = self.broker.wpool.get()
+            if ob is None:
+                return None
         if self.olen + n <= len(ob):
             return ob
         if self.writer is not None or self.gone or n > len(ob):
@@ -231,13 +249,20 @@ class Output:
         return False
 
     def _drained(self):
-        if self.obuf is not None and not self.olen:
-            # An idle connection holds no output buffer.
-            self.broker.wpool.put(self.obuf)
-            self.obuf = None
+        # The output buffer stays while the connection is busy (handing it
+        # back after every flush made a burst to ten receivers throw away
+        # eight buffers a round); release() gives it back once idle.
         d = self.drained
         if d is not None:
             d.set()
+
+    def release(self):
+        # Called once a second (keepalive.py): an idle connection holds no
+        # output buffer.
+        ob = self.obuf
+        if ob is not None and not self.olen and self.big is None and self.writer is None:
+            self.obuf = None
+            self.broker.wpool.put(ob)
 
     def _start_writer(self):
         try:

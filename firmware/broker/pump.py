@@ -132,18 +132,21 @@ def _retained(b, c, s):
     pend = s.pending_retained
     acl = b.acl
     while pend:
-        sub, topics = pend[0]
-        while topics:
-            m = b.retained.get(topics[-1], b.now())
-            if m is None or (acl is not None and not acl.can_read(s.client_id, s.username, m.topic)):
+        sub, chunks = pend[0]
+        while chunks:
+            topics = chunks[-1]
+            while topics:
+                m = b.retained.get(topics[-1], b.now())
+                if m is None or (acl is not None and not acl.can_read(s.client_id, s.username, m.topic)):
+                    topics.pop()
+                    continue
+                q = sub.opts & 3
+                r = put_message(b, c, s, m, q if q < m.qos else m.qos, True,
+                                (sub.subid,) if sub.subid else None, 0, False)
+                if r == WAIT:
+                    return c.held == 0 and (c.olen > 0 or c.big is not None)
                 topics.pop()
-                continue
-            q = sub.opts & 3
-            r = put_message(b, c, s, m, q if q < m.qos else m.qos, True, (sub.subid,) if sub.subid else None,
-                            0, False)
-            if r == WAIT:
-                return c.held == 0 and (c.olen > 0 or c.big is not None)
-            topics.pop()
+            chunks.pop()
         pend.pop(0)
     s.pending_retained = None
     return False

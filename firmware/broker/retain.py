@@ -7,8 +7,11 @@
 # one, without properties or expiry, is kept packed: one bytes object, its
 # QoS then its payload, next to its topic. A Message is made from it only
 # while it is being sent (get()).
+from micropython import const
 from mqtt.topic import matches
 from broker.message import Message
+
+_CHUNK = const(16)
 
 
 def _packed(msg):
@@ -79,16 +82,21 @@ class Retained:
         return _message(topic, v)
 
     def topics(self, flt):
-        # The topics with a retained message that flt matches, for
-        # delivery one at a time (pump.py).
+        # The topics with a retained message that flt matches, for delivery
+        # one at a time (pump.py): a list of chunks of at most _CHUNK, last
+        # chunk first, each last topic first, as pump takes them from the
+        # ends. Chunks, because 200 topics in one list is one 1 KB block,
+        # which a fragmented heap may not have.
         out = []
-        if flt[0] == "$":
-            for t in self.sys:
+        chunk = None
+        for d in (self.sys, self.msgs) if flt[0] == "$" else (self.msgs,):
+            for t in d:
                 if matches(flt, t):
-                    out.append(t)
-        for t in self.msgs:
-            if matches(flt, t):
-                out.append(t)
-        # pump takes them from the end: reversed, they go out in this order.
+                    if chunk is None or len(chunk) == _CHUNK:
+                        chunk = []
+                        out.append(chunk)
+                    chunk.append(t)
+        for chunk in out:
+            chunk.reverse()
         out.reverse()
         return out
