@@ -403,7 +403,8 @@ class Broker:
         w = s.will
         s.will = None
         s.will_at = None
-        if w is None:
+        if w is None or w.topic.startswith("$SYS"):
+            # (refused at CONNECT; this catches a will restored from flash)
             return
         if self.acl is not None and not self.acl.can_write(s.client_id, s.username, w.topic):
             return

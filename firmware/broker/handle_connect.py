@@ -108,6 +108,10 @@ def on_connect(c, mv, off, end):
     if pkt.will_topic is not None:
         if not check_topic(cfg, pkt.will_topic):
             _refuse(c, 0x90, "will topic is not valid")
+        if pkt.will_topic.startswith("$SYS"):
+            # $SYS is the broker's own (MQTT 4.7.2); a will there is refused
+            # as Mosquitto refuses a will the client may not write.
+            _refuse(c, 0x87, "will topic under $SYS")
         if pkt.will_retain and not cfg["retain_available"]:
             _refuse(c, 0x9A, "retain not available")
         wp = pkt.will_props or {}

@@ -17,6 +17,9 @@ class Retained:
         # Stores msg (retain flag set), or deletes on an empty payload.
         # Returns False when it was not stored (limit or store full).
         t = msg.topic
+        if t.startswith("$SYS"):
+            # Only the broker writes $SYS (into self.sys, never to flash).
+            return False
         if not msg.payload:
             if t in self.msgs:
                 del self.msgs[t]
@@ -33,8 +36,9 @@ class Retained:
         return True
 
     def load(self, msg):
-        # Restore from flash without writing back.
-        self.msgs[msg.topic] = msg
+        # Restore from flash without writing back ($SYS: see set()).
+        if not msg.topic.startswith("$SYS"):
+            self.msgs[msg.topic] = msg
 
     def match(self, flt, now):
         # Yields live retained messages matching a filter; drops expired.
