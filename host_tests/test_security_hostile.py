@@ -43,3 +43,34 @@ def test_a_will_under_sys_is_refused_and_never_published_retained_or_stored(vers
         b.restart()  # what is on flash comes back
         assert b"FORGED" not in sys_payloads(b.port, "$SYS/#")
         assert b.alive()
+
+
+# ---------------------------------------------------------------- client id
+
+
+@pytest.mark.parametrize("version,code", [(5, 0x85), (4, 0x02)])
+def test_client_id_longer_than_128_bytes_is_refused(broker, version, code):
+    # 128 bytes is the limit (README, "Choices"): "q" + id + "\0" + a
+    # sequence number must stay a valid store key. Counted in UTF-8 bytes.
+    ok = Client(broker.port, "\u00e9" * 64, version=version, clean=True)
+    ok.disconnect()
+    for cid in ("x" * 129, "\u00e9" * 65, "y" * 1000):
+        c = Client(broker.port, cid, version=version, expect_ok=False)
+        assert c.connack.reason == code, (len(cid), c.connack)
+        assert c.closed()
+
+
+def test_a_long_client_id_cannot_disconnect_other_publishers(broker):
+    # The report: a persistent session under a 1 KB id made store
+    # keys the store refuses ("s" + id fits its 1024 bytes, "q" + id + "\0"
+    # + sequence does not); the ValueError came up in the publisher's
+    # handler and disconnected it.
+    long = Client(broker.port, "L" * 1022, version=5, props={0x11: 600}, expect_ok=False)
+    if long.connack.reason == 0:
+        long.subscribe([("longid/#", 1)])
+        long.close()
+    pub = Client(broker.port, "longid-pub", version=5)
+    for i in range(3):
+        assert pub.publish("longid/t", b"%d" % i, qos=1).reason in (0, 0x10)
+    pub.disconnect()
+    assert "ValueError" not in broker.log()

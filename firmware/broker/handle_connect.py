@@ -3,6 +3,7 @@
 # and the limits of a small board (session table, heap).
 import gc
 import time
+from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, encode, Connack, Disconnect, v3_connack_code
 from mqtt import props as P
@@ -13,6 +14,11 @@ from broker.session import Session, NEVER
 from broker.core import make_message, Closed
 
 _ids = 0
+# Longest client id, in UTF-8 bytes. Persistence keys a session's records
+# "q"/"i"/"x" + id + "\0" + a number of up to 10 digits, and the store
+# takes keys of at most 1024 bytes (store.py); 128 leaves room to spare and
+# is far above the 23 the spec requires servers to allow.
+MAX_CLIENT_ID = const(128)
 
 
 def _refuse(c, reason, why):
@@ -77,6 +83,8 @@ def on_connect(c, mv, off, end):
         global _ids
         _ids += 1
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
+    elif len(cid.encode()) > MAX_CLIENT_ID:
+        _refuse(c, 0x85, "client id longer than %d bytes" % MAX_CLIENT_ID)
 
     # Credentials. A failed login is answered late, and later each time
     # from the same address (broker.throttle), to slow password guessing.
