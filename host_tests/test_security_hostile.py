@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+import pwhash
+from brokerproc import TEST_PASSWORD, TEST_USER
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import BrokerProc, Client, collect
 
@@ -74,3 +76,48 @@ def test_a_long_client_id_cannot_disconnect_other_publishers(broker):
         assert pub.publish("longid/t", b"%d" % i, qos=1).reason in (0, 0x10)
     pub.disconnect()
     assert "ValueError" not in broker.log()
+
+
+# ---------------------------------------------------------------- capacity first
+
+SLOW_ITERATIONS = 200000  # about 0.7 s per check on the twin: a hash shows in the timing
+
+
+@pytest.fixture(scope="module")
+def slow_login_broker(tmp_path_factory):
+    # Another password file: the test user's hash made slow, so that a
+    # refusal that computed it is told from one that did not by the clock.
+    # Two connections and two sessions, so that a test fills them.
+    pf = tmp_path_factory.mktemp("slow") / "passwd"
+    pf.write_text("%s:%s\n" % (TEST_USER, pwhash.make_hash(TEST_PASSWORD, SLOW_ITERATIONS)))
+    with BrokerProc(board="esp32", config={"password_file": str(pf), "max_connections": 2,
+                                           "max_sessions": 2}) as b:
+        yield b
+
+
+def timed(port, cid, **kw):
+    t = time.monotonic()
+    c = Client(port, cid, version=5, expect_ok=False, **kw)
+    dt = time.monotonic() - t
+    c.close()
+    return c.connack.reason, dt
+
+
+def test_a_full_broker_refuses_before_computing_any_password_hash(slow_login_broker):
+    port = slow_login_broker.port
+    _, login = timed(port, "cap-probe")
+    assert login > 0.3, "the slow hash is not slow (%.2f s): the test proves nothing" % login
+    a = Client(port, "cap-a", version=5)
+    b = Client(port, "cap-b", version=5, props={0x11: 600})
+    b.close()  # offline: the session table (2) is full now
+    for kw in ({}, {"password": b"wrong"}):
+        code, dt = timed(port, "cap-new", **kw)
+        assert (code, dt < login / 3) == (0x97, True), ("session table full", kw, code, dt, login)
+    b = Client(port, "cap-b", version=5, clean=False, props={0x11: 600})  # two connected now
+    # A take-over needs no room, so its password is checked.
+    assert timed(port, "cap-a", password=b"wrong")[0] == 0x86
+    for kw in ({}, {"password": b"wrong"}):
+        code, dt = timed(port, "cap-b2", **kw)
+        assert (code, dt < login / 3) == (0x97, True), ("too many connections", kw, code, dt, login)
+    a.close()
+    b.close()

@@ -50,6 +50,24 @@ def check_topic(cfg, topic):
     return topic.count("/") < cfg["max_topic_levels"]
 
 
+def busy(b, cid):
+    # Why a connection for client id cid (None: not known yet) cannot be
+    # served now, as (reason code, text); None when it can.
+    cfg = b.cfg
+    if gc.mem_free() < cfg["min_free_heap"]:
+        gc.collect()
+        if gc.mem_free() < cfg["min_free_heap"]:
+            return 0x89, "server busy: low memory"
+    old = b.sessions.get(cid) if cid is not None else None
+    if old is None or old.conn is None:
+        # (a take-over frees the connection it takes)
+        if b.connected_count() >= cfg["max_connections"]:
+            return 0x97, "too many connections"
+        if old is None and cid is not None and len(b.sessions) >= cfg["max_sessions"]:
+            return 0x97, "session table full"
+    return None
+
+
 def on_connect(c, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -85,6 +103,12 @@ def on_connect(c, mv, off, end):
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
     elif len(cid.encode()) > MAX_CLIENT_ID:
         _refuse(c, 0x85, "client id longer than %d bytes" % MAX_CLIENT_ID)
+
+    # Room for it, before any password is hashed: a full broker spends no
+    # CPU on logins it could not serve anyway.
+    why = busy(b, cid)
+    if why is not None:
+        _refuse(c, why[0], why[1])
 
     # Credentials. A failed login is answered late, and later each time
     # from the same address (broker.throttle), to slow password guessing.
@@ -128,18 +152,7 @@ def on_connect(c, mv, off, end):
         wdelay = wp.get(P.WILL_DELAY, 0)
         will = make_message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
 
-    # Heap headroom: refuse before the session costs anything.
-    if gc.mem_free() < cfg["min_free_heap"]:
-        gc.collect()
-        if gc.mem_free() < cfg["min_free_heap"]:
-            _refuse(c, 0x89, "server busy: low memory")
-
     old = b.sessions.get(cid)
-    if old is None or old.conn is None:
-        if b.connected_count() >= cfg["max_connections"]:
-            _refuse(c, 0x97, "too many connections")
-    if old is None and len(b.sessions) >= cfg["max_sessions"]:
-        _refuse(c, 0x97, "session table full")
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
     if old is not None and old.conn is not None:
