@@ -68,6 +68,28 @@ def busy(b, cid):
     return None
 
 
+def login(b, peer, username, password):
+    # The one check of a user name and password against the password_file,
+    # for an MQTT CONNECT and for HTTP Basic on a WebSocket upgrade alike.
+    # Returns -1 when they check out, else the milliseconds the refusal is
+    # to be held back. Each failure makes the next login from that address
+    # wait longer (broker.throttle), and a login inside such a wait is
+    # refused without the costly hash (docs/security.md).
+    ip = peer.rsplit(":", 1)[0]
+    th = b.throttle
+    wait = th.delay_ms(ip)
+    if wait:
+        b.stats_auth_failed += 1
+        return wait
+    if b.auth.check(username, password):
+        th.succeeded(ip)
+        return -1
+    b.stats_auth_failed += 1
+    th.failed(ip)
+    log.warning("login failed for user %r from %s", username, peer)
+    return th.delay_ms(ip)
+
+
 def on_connect(c, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -110,24 +132,12 @@ def on_connect(c, mv, off, end):
     if why is not None:
         _refuse(c, why[0], why[1])
 
-    # Credentials. A failed login is answered late, and later each time
-    # from the same address (broker.throttle), to slow password guessing.
+    # Credentials. A failed login is answered late (the wait login() says).
     if pkt.username is not None and b.auth is not None:
-        ip = c.t.peer.rsplit(":", 1)[0]
-        wait = b.throttle.delay_ms(ip)
-        if wait:
-            # Still in the penalty of earlier failures: refused without the
-            # costly hash, and answered only when the penalty is over.
-            b.stats_auth_failed += 1
+        wait = login(b, c.t.peer, pkt.username, pkt.password)
+        if wait >= 0:
             c.linger_ms = wait
             _refuse(c, 0x86, "bad user name or password")
-        if not b.auth.check(pkt.username, pkt.password):
-            b.stats_auth_failed += 1
-            b.throttle.failed(ip)
-            c.linger_ms = b.throttle.delay_ms(ip)
-            log.warning("login failed for user %r from %s", pkt.username, c.t.peer)
-            _refuse(c, 0x86, "bad user name or password")
-        b.throttle.succeeded(ip)
     elif not cfg["allow_anonymous"]:
         # Anonymous, or a user name with no password file to check it in.
         b.stats_auth_failed += 1

@@ -7,6 +7,7 @@ import asyncio
 from broker import log
 from broker.transport import TcpTransport
 from broker.conn import Connection
+from broker.handle_connect import busy, login
 
 _WS_PATHS = ("/mqtt", "/")
 
@@ -49,7 +50,7 @@ def wrapper(L, cfg):
             else:
                 t = TcpTransport(cs, peer)
             if ws:
-                basic = _basic_checker(L, broker)
+                basic = _basic_checker(L, broker, peer)
                 t = await asyncio.wait_for(_upgrade(t, cfg, broker, basic), cfg["connect_timeout"])
                 if t is None:
                     return
@@ -72,14 +73,20 @@ def wrapper(L, cfg):
     return serve
 
 
-def _basic_checker(L, broker):
+def _basic_checker(L, broker, peer):
     # "http_basic": true asks for HTTP Basic credentials on the WebSocket
-    # upgrade, checked against the same password file as MQTT CONNECT.
+    # upgrade, checked as an MQTT CONNECT's are (handle_connect.login: the
+    # same password file and login throttle); a refusal is held back as
+    # long as a CONNACK's would be.
     if not L.get("http_basic"):
         return None
 
-    def check(user, password):
-        return broker.auth is not None and broker.auth.check(user, password)
+    async def check(user, password):
+        wait = login(broker, peer, user, password)
+        if wait < 0:
+            return True
+        await asyncio.sleep_ms(wait)
+        return False
 
     return check
 
@@ -108,6 +115,11 @@ async def _upgrade(t, cfg, broker, basic=None):
         return None
     if path not in _WS_PATHS:
         await http.respond(t, 404, "Not Found", (("Connection", "close"),))
+        t.close()
+        return None
+    if basic is not None and busy(broker, None) is not None:
+        # No room for another client: say so before hashing a password.
+        await http.respond(t, 503, "Service Unavailable", (("Connection", "close"),))
         t.close()
         return None
     w = await websocket.upgrade(t, req, max_size=cfg["max_packet_size"] + 16, check_basic=basic)
