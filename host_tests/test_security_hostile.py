@@ -2,14 +2,15 @@
 14): $SYS by any path, the CPU of a full broker, dead entries in the
 connection table, store keys it can make too long, messages queued for
 another user's session, and the dashboard's client list."""
+import socket
 import time
 
 import pytest
 
 import pwhash
-from brokerproc import TEST_PASSWORD, TEST_USER
+from brokerproc import TEST_PASSWORD, TEST_USER, free_port, source_address
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, collect
+from mqttc import BrokerProc, Client, Raw, collect, connect_bytes
 
 CONFIG = {}  # the shipped defaults
 
@@ -121,3 +122,33 @@ def test_a_full_broker_refuses_before_computing_any_password_hash(slow_login_bro
         assert (code, dt < login / 3) == (0x97, True), ("too many connections", kw, code, dt, login)
     a.close()
     b.close()
+
+
+# ---------------------------------------------------------------- socket budget
+
+
+def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
+    # max_connections 2: three sockets in all (one over, to be told
+    # "quota exceeded"). Sockets that never finish their upgrade hold
+    # board sockets as much as clients do.
+    wsport = free_port()
+    cfg = {"max_connections": 2,
+           "listeners": [{"port": 0}, {"port": wsport, "protocol": "websockets"}]}
+    b = BrokerProc(board="esp32", config=cfg)
+    b.config["listeners"][0]["port"] = b.port
+    with b:
+        time.sleep(0.5)  # BrokerProc's readiness probe has left the table
+        idle = [socket.create_connection(("127.0.0.1", wsport), timeout=5,
+                                         source_address=source_address()) for _ in range(3)]
+        time.sleep(0.3)
+        assert "too many sockets" not in b.log()
+        late = Raw(b.port)
+        late.send(connect_bytes("late", 4))
+        assert late.recv_packet(3) is None, "a fourth socket was served:\n" + b.log()
+        late.close()
+        assert "refused connection from" in b.log() and "too many sockets" in b.log()
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        c = Client(b.port, "after-idle", version=4)  # the budget is back
+        c.disconnect()

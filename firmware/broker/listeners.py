@@ -28,8 +28,11 @@ def wrapper(L, cfg):
     live = [0]  # TLS sessions open on this listener
 
     async def serve(broker, cs, peer):
+        # The socket counts in broker.conn_waiting (server._serve) until it
+        # is a Connection in broker.conns.
         t = None
         counted = False
+        waiting = True
         try:
             if ctx is not None:
                 if live[0] >= limit:
@@ -56,6 +59,8 @@ def wrapper(L, cfg):
                     return
             c = Connection(broker, t)
             broker.conns.append(c)
+            waiting = False
+            broker.conn_waiting -= 1
             await c.run()
         except Exception as e:
             log.info("handshake with %s failed: %r", peer, e)
@@ -67,6 +72,8 @@ def wrapper(L, cfg):
                 except Exception:
                     pass
         finally:
+            if waiting:
+                broker.conn_waiting -= 1
             if counted:
                 live[0] -= 1
 
