@@ -152,3 +152,69 @@ def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
         time.sleep(0.3)
         c = Client(b.port, "after-idle", version=4)  # the budget is back
         c.disconnect()
+
+
+# ---------------------------------------------------------------- MemoryError at set-up
+
+SETUP_OOM = r"""
+# A MemoryError at each step of setting up a connection, forced by making
+# the step raise; the connection table must not keep the connection.
+import asyncio
+import socket
+from broker import config, conn, listeners, server
+from broker.core import Broker
+from broker.transport import TcpTransport
+
+b = Broker(config.build({"persistence": False}))
+server._limiter(b)
+real_task = asyncio.create_task
+
+
+def boom(*a):
+    raise MemoryError
+
+
+# 1. The accept loop's _serve: the task for the connection cannot be made.
+asyncio.create_task = boom
+try:
+    server._serve(b, socket.socket(), "10.0.0.1:1", None)
+except MemoryError:
+    pass
+asyncio.create_task = real_task
+print("serve", len(b.conns))
+
+
+async def main():
+    # 2. Connection.run: its writer task cannot be made.
+    c = conn.Connection(b, TcpTransport(socket.socket(), "10.0.0.2:1"))
+    b.conns.append(c)
+    asyncio.create_task = boom
+    try:
+        await c.run()
+    except MemoryError:
+        pass
+    asyncio.create_task = real_task
+    print("run", len(b.conns))
+    # 3. A listener's handshake wrapper: the reader coroutine cannot be made.
+    run = conn.Connection.run
+    conn.Connection.run = boom
+    b.conn_waiting += 1  # as server._serve counts it
+    serve = listeners.wrapper({"protocol": "mqtt"}, b.cfg)
+    await serve(b, socket.socket(), "10.0.0.3:1")
+    conn.Connection.run = run
+    print("wrapper", len(b.conns), b.conn_waiting)
+
+
+asyncio.run(main())
+"""
+
+
+def test_memory_error_while_setting_up_a_connection_leaves_no_dead_entry():
+    # The issue: each such failure left a Connection in the table with no
+    # task to end it; about nine locked every client out.
+    from conftest import run_mp
+
+    r = run_mp(SETUP_OOM)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] not in ("I ", "W "))
+    assert got == {"serve": "0", "run": "0", "wrapper": "0 0"}, r.stdout + r.stderr

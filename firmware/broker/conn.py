@@ -140,17 +140,20 @@ class Connection(Output):
         # synchronously (shared_ok False) keep their own buffer.
         b = self.broker
         self.reader = asyncio.current_task()
-        self.writer = asyncio.create_task(self.writer_loop())
         smv = b.rmv
         pool = b.rpool
         psize = pool.size
         own = not getattr(self.t, "shared_ok", True)
-        buf = pool.get() if own else None
-        mv = memoryview(buf) if own else None
+        buf = mv = None
         have = 0
         maxp = b.cfg["max_packet_size"]
         again = False  # packets left in buf after a backpressure pause
         try:
+            # In here, so that a MemoryError still ends in finish().
+            self.writer = asyncio.create_task(self.writer_loop())
+            if own:
+                buf = pool.get()
+                mv = memoryview(buf)
             while not self.closing:
                 if again:
                     cur = mv

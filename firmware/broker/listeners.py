@@ -31,6 +31,7 @@ def wrapper(L, cfg):
         # The socket counts in broker.conn_waiting (server._serve) until it
         # is a Connection in broker.conns.
         t = None
+        c = None
         counted = False
         waiting = True
         try:
@@ -63,6 +64,10 @@ def wrapper(L, cfg):
             broker.conn_waiting -= 1
             await c.run()
         except Exception as e:
+            if c is not None:
+                # c.run() never started (MemoryError): no teardown of its
+                # own will take it out of the table.
+                broker.drop_connection(c)
             log.info("handshake with %s failed: %r", peer, e)
             if t is not None:
                 t.close()

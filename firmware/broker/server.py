@@ -146,7 +146,12 @@ def _serve(broker, cs, peer, wrap):
     else:
         c = Connection(broker, TcpTransport(cs, peer))
         broker.conns.append(c)
-        asyncio.create_task(c.run())
+        try:
+            asyncio.create_task(c.run())
+        except BaseException:
+            # No task will ever end it (MemoryError): out of the table.
+            broker.conns.remove(c)
+            raise
 
 
 async def _serve_later(broker, cs, peer, wrap, ms):
