@@ -8,7 +8,7 @@ import time
 import pytest
 
 import pwhash
-from brokerproc import TEST_PASSWORD, TEST_USER, free_port, source_address
+from brokerproc import TEST_PASSWORD, TEST_USER, free_port, source_address, write_password_file
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import BrokerProc, Client, Raw, collect, connect_bytes
 
@@ -218,3 +218,68 @@ def test_memory_error_while_setting_up_a_connection_leaves_no_dead_entry():
     assert r.returncode == 0, r.stdout + r.stderr
     got = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] not in ("I ", "W "))
     assert got == {"serve": "0", "run": "0", "wrapper": "0 0"}, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- take-over by another user
+
+TAKEOVER_ACL = """\
+user alice
+topic readwrite secret/#
+user bob
+topic readwrite public/#
+user %s
+topic readwrite #
+""" % TEST_USER
+
+
+@pytest.fixture(scope="module")
+def acl_broker(tmp_path_factory):
+    # Another password file and an acl_file: two users with different
+    # read rights, and the test user who may write everywhere.
+    d = tmp_path_factory.mktemp("takeover")
+    write_password_file(d / "passwd", {TEST_USER: TEST_PASSWORD, "alice": "pa", "bob": "pb"})
+    (d / "acl").write_text(TAKEOVER_ACL)
+    with BrokerProc(board="esp32", config={"password_file": str(d / "passwd"),
+                                           "acl_file": str(d / "acl")}) as b:
+        yield b
+
+
+def as_user(port, cid, user, pw, **kw):
+    return Client(port, cid, version=5, username=user, password=pw, props={0x11: 600}, **kw)
+
+
+def test_messages_queued_for_a_session_are_checked_against_the_user_who_resumes_it(acl_broker):
+    port = acl_broker.port
+    a = as_user(port, "to-1", "alice", "pa")
+    assert a.subscribe([("secret/#", 1)]) == [1]
+    a.close()
+    pub = Client(port, "to-pub", version=5)
+    pub.publish("secret/plans", b"for alice only", qos=1)
+    b = as_user(port, "to-1", "bob", "pb", clean=False)
+    assert b.connack.session_present
+    assert [m.payload for m in collect(b, 0.8)] == []
+    b.disconnect()
+    # Still there for alice when she comes back? No: bob's resumption
+    # dropped it; and it is no longer on flash either.
+    a = as_user(port, "to-1", "alice", "pa", clean=False)
+    assert [m.payload for m in collect(a, 0.5)] == []
+    a.disconnect()
+    pub.close()
+
+
+def test_a_message_in_flight_is_not_sent_again_to_the_user_who_takes_the_session_over(acl_broker):
+    port = acl_broker.port
+    a = as_user(port, "to-2", "alice", "pa")
+    assert a.subscribe([("secret/#", 1)]) == [1]
+    pub = Client(port, "to-pub2", version=5)
+    pub.publish("secret/key", b"in flight to alice", qos=1)
+    m = a.get(ack=False)  # not acknowledged: in flight
+    assert m.payload == b"in flight to alice"
+    b = as_user(port, "to-2", "bob", "pb", clean=False)  # take-over while alice is connected
+    assert b.connack.session_present
+    assert [m.payload for m in collect(b, 0.8)] == []
+    pub.publish("secret/key", b"later", qos=1)  # and nothing new either
+    assert [m.payload for m in collect(b, 0.5)] == []
+    b.disconnect()
+    a.close()
+    pub.close()

@@ -10,7 +10,7 @@ from mqtt import props as P
 from mqtt.topic import valid_topic
 from mqtt.wire import utf8_valid
 from broker import log
-from broker.session import Session, NEVER
+from broker.session import Session, NEVER, SENT
 from broker.core import make_message, Closed
 
 _ids = 0
@@ -88,6 +88,33 @@ def login(b, peer, username, password):
     th.failed(ip)
     log.warning("login failed for user %r from %s", username, peer)
     return th.delay_ms(ip)
+
+
+def _recheck(b, s, username):
+    # A resumed session may now belong to another user, or the acl_file
+    # may have changed across a restart: what waits for it is checked
+    # against the ACL again, for the user resuming it, before anything is
+    # delivered. Messages it may not read are dropped and counted.
+    acl = b.acl
+    p = b.persist
+    q = s.queue
+    i = 0
+    while i < len(q):
+        if acl.can_read(s.client_id, username, q[i][0].topic):
+            i += 1
+            continue
+        e = q.pop(i)
+        b.stats_dropped += 1
+        if p is not None:
+            p.dequeued(s, e)
+    inf = s.inflight
+    for pid in [k for k in inf if inf[k][4] == SENT]:
+        if not acl.can_read(s.client_id, username, inf[pid][0].topic):
+            # Not sent again to this user (the client it went to has it).
+            del inf[pid]
+            b.stats_dropped += 1
+            if p is not None and s.expiry:
+                p.acked(s, pid)
 
 
 def on_connect(c, mv, off, end):
@@ -185,6 +212,8 @@ def on_connect(c, mv, off, end):
     if old is not None:
         s = old
         present = True
+        if b.acl is not None:
+            _recheck(b, s, pkt.username)
     else:
         s = Session(cid)
     s.put("will", will)
