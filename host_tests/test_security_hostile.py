@@ -283,3 +283,86 @@ def test_a_message_in_flight_is_not_sent_again_to_the_user_who_takes_the_session
     b.disconnect()
     a.close()
     pub.close()
+
+
+# ---------------------------------------------------------------- dashboard state
+
+STATE = "$SYS/broker/dashboard/state"
+
+DASH_ACL = """\
+topic read $SYS/#
+user admin
+topic read $SYS/#
+user viewer
+topic read $SYS/broker/uptime
+"""
+
+
+def dashboard_broker(tmp_path, **cfg):
+    # A websockets listener (the dashboard lives there); GET / starts its
+    # state publisher.
+    ws = free_port()
+    cfg["listeners"] = [{"port": 0}, {"port": ws, "protocol": "websockets"}]
+    b = BrokerProc(board="esp32", config=cfg)
+    b.config["listeners"][0]["port"] = b.port
+    b.start()
+    s = socket.create_connection(("127.0.0.1", ws), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+    return b
+
+
+def state_readers(b, clients):
+    """{name: True when that client got the state} over 2.5 s (the state
+    goes out every 2 s)."""
+    for c in clients.values():
+        assert c.subscribe([("$SYS/#", 0)]) == [0]
+    time.sleep(2.5)
+    return dict((n, STATE in [m.topic for m in collect(c, 0.2)]) for n, c in clients.items())
+
+
+def test_dashboard_state_goes_to_authenticated_clients_only_without_an_acl(tmp_path):
+    # allow_anonymous: anonymous clients are let in, and may read $SYS,
+    # but not the client list.
+    b = dashboard_broker(tmp_path, allow_anonymous=True)
+    try:
+        got = state_readers(b, {"anonymous": Client(b.port, "d-anon", version=5, username=None),
+                                "user": Client(b.port, "d-user", version=5)})
+        assert got == {"anonymous": False, "user": True}
+    finally:
+        b.stop()
+        b.tmp.cleanup()
+
+
+def test_dashboard_state_needs_a_checked_user_name(tmp_path):
+    # No password_file: a user name is taken unchecked (allow_anonymous),
+    # so it counts as anonymous.
+    b = dashboard_broker(tmp_path, password_file=None, allow_anonymous=True)
+    try:
+        got = state_readers(b, {"named": Client(b.port, "d-named", version=5, username="admin",
+                                                password=None)})
+        assert got == {"named": False}
+    finally:
+        b.stop()
+        b.tmp.cleanup()
+
+
+def test_dashboard_state_follows_the_acl_and_never_reaches_anonymous_clients(tmp_path):
+    # The acl_file lets anonymous clients read all of $SYS: the client
+    # list still needs a login the ACL allows.
+    write_password_file(tmp_path / "pw", {"admin": "pa", "viewer": "pv"})
+    (tmp_path / "acl").write_text(DASH_ACL)
+    b = dashboard_broker(tmp_path, allow_anonymous=True, password_file=str(tmp_path / "pw"),
+                         acl_file=str(tmp_path / "acl"))
+    try:
+        viewer = Client(b.port, "d-viewer", version=5, username="viewer", password="pv")
+        assert viewer.subscribe([(STATE, 0)]) == [0x87]
+        got = state_readers(b, {"anonymous": Client(b.port, "d-anon", version=5, username=None),
+                                "admin": Client(b.port, "d-admin", version=5, username="admin",
+                                                password="pa")})
+        assert got == {"anonymous": False, "admin": True}
+    finally:
+        b.stop()
+        b.tmp.cleanup()
