@@ -160,8 +160,17 @@ def on_connect(c, mv, off, end):
         _refuse(c, why[0], why[1])
 
     # Credentials. A failed login is answered late (the wait login() says).
-    if pkt.username is not None and b.auth is not None:
-        wait = login(b, c.t.peer, pkt.username, pkt.password)
+    user = pkt.username
+    cn = getattr(c.t, "cert_user", None)
+    if cn is not None:
+        # use_identity_as_username: the TLS handshake checked the client's
+        # certificate; its common name is the user, whatever the CONNECT
+        # says, and no password is asked for (Mosquitto does the same).
+        if not cn:
+            _refuse(c, 0x86, "client certificate has no common name")
+        user = cn
+    elif user is not None and b.auth is not None:
+        wait = login(b, c.t.peer, user, pkt.password)
         if wait >= 0:
             c.linger_ms = wait
             _refuse(c, 0x86, "bad user name or password")
@@ -213,14 +222,14 @@ def on_connect(c, mv, off, end):
         s = old
         present = True
         if b.acl is not None:
-            _recheck(b, s, pkt.username)
+            _recheck(b, s, user)
     else:
         s = Session(cid)
     s.put("will", will)
     s.put("will_delay", wdelay)
     s.put("will_at", None)
     s.put("version", v)
-    s.put("username", pkt.username)
+    s.put("username", user)
     if v == 5:
         s.put("expiry", pr.get(P.SESSION_EXPIRY, 0))
     else:

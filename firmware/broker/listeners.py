@@ -1,8 +1,9 @@
 # Listeners that need a handshake before MQTT starts: TLS (a DER
-# certificate and key, TLS 1.2 through MicroPython's ssl) and WebSocket
-# (HTTP upgrade on path /mqtt). Imported only when such a listener is
-# configured, so a plain-TCP gateway carries none of it. A websockets
-# listener also serves the dashboard page at a plain GET / (dashboard.py).
+# certificate and key, TLS 1.2 through MicroPython's tls module, client
+# certificates optional) and WebSocket (HTTP upgrade on path /mqtt).
+# Imported only when such a listener is configured, so a plain-TCP gateway
+# carries none of it. A websockets listener also serves the dashboard page
+# at a plain GET / (dashboard.py).
 import asyncio
 from broker import log
 from broker.transport import TcpTransport
@@ -12,17 +13,67 @@ from broker.handle_connect import busy, login
 _WS_PATHS = ("/mqtt", "/")
 
 
-def _tls_context(L):
-    import ssl
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _der(L, key):
     # DER only: the rp2 and unix ports before 1.29 cannot parse PEM.
-    ctx.load_cert_chain(L["certfile"], L["keyfile"])
+    try:
+        with open(L[key], "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError("listener on port %d: '%s' %s: %s" % (L["port"], key, L[key], e))
+
+
+def _tls_context(L, pending):
+    # pending: {task: TcpTransport} of the connections on this listener
+    # whose client certificate has not been seen yet (serve() below).
+    try:
+        import tls
+    except ImportError:  # MicroPython 1.22: the same API, named ssl
+        import ssl as tls
+
+    ctx = tls.SSLContext(tls.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(_der(L, "certfile"), _der(L, "keyfile"))
+        if L.get("require_certificate"):
+            ctx.load_verify_locations(_der(L, "cafile"))
+    except ValueError as e:
+        raise ValueError("listener on port %d: %s (certfile, keyfile and cafile must be DER: "
+                         "openssl x509|pkey -outform DER)" % (L["port"], e))
+    if L.get("require_certificate"):
+        # The handshake fails unless the client's certificate is signed by
+        # the CA in cafile (Mosquitto: require_certificate).
+        ctx.verify_mode = tls.CERT_REQUIRED
+    if L.get("use_identity_as_username"):
+        from broker.x509 import common_name
+
+        def on_cert(cert, depth):
+            # Called by the TLS library, inside a read of the socket whose
+            # handshake it runs, for each certificate of the client's
+            # chain (the client's own at depth 0) before it checks the
+            # chain; a chain it refuses then fails the handshake, so the
+            # name never reaches a CONNECT. The read runs in the task that
+            # serves that socket: that is how the name finds its
+            # connection. Must not raise.
+            if depth == 0:
+                try:
+                    t = pending.pop(asyncio.current_task(), None)
+                    if t is not None:
+                        t.cert_user = common_name(cert) or ""
+                except Exception:
+                    pass
+            return 0
+
+        try:
+            ctx.verify_callback = on_cert
+        except AttributeError:
+            raise ValueError("listener on port %d: 'use_identity_as_username' needs MicroPython "
+                             "1.23 or later (tls verify_callback)" % L["port"])
     return ctx
 
 
 def wrapper(L, cfg):
-    ctx = _tls_context(L) if "certfile" in L else None
+    pending = {}
+    ctx = _tls_context(L, pending) if "certfile" in L else None
+    ident = L.get("use_identity_as_username")
     ws = L["protocol"] == "websockets"
     limit = cfg["max_tls_connections"]
     live = [0]  # TLS sessions open on this listener
@@ -32,6 +83,7 @@ def wrapper(L, cfg):
         # is a Connection in broker.conns.
         t = None
         c = None
+        key = None  # this socket's entry in pending
         counted = False
         waiting = True
         try:
@@ -51,13 +103,29 @@ def wrapper(L, cfg):
                 # After a failed handshake, closing the TLS socket leaves the
                 # TCP socket open: the transport closes both.
                 t.raw = raw
+                if ident:
+                    # No user until the certificate callback names one.
+                    t.cert_user = ""
             else:
                 t = TcpTransport(cs, peer)
             if ws:
                 basic = _basic_checker(L, broker, peer)
-                t = await asyncio.wait_for(_upgrade(t, cfg, broker, basic), cfg["connect_timeout"])
+                tcp = t
+                up = asyncio.create_task(_upgrade(t, cfg, broker, basic))
+                if ident:
+                    # The TLS handshake runs in the upgrade's first reads.
+                    key = up
+                    pending[key] = t
+                t = await asyncio.wait_for(up, cfg["connect_timeout"])
                 if t is None:
                     return
+                if tcp.cert_user is not None:
+                    t.cert_user = tcp.cert_user
+            elif ident:
+                # The TLS handshake runs in the first reads of c.run(),
+                # which runs in this task.
+                key = asyncio.current_task()
+                pending[key] = t
             c = Connection(broker, t)
             broker.conns.append(c)
             waiting = False
@@ -77,6 +145,8 @@ def wrapper(L, cfg):
                 except Exception:
                     pass
         finally:
+            if key is not None:
+                pending.pop(key, None)
             if waiting:
                 broker.conn_waiting -= 1
             if counted:
