@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Network fuzzer for the broker, run under CPython against the real broker
-(MicroPython unix port, a board profile's heap).
+on the board twin, with a board's shipped defaults (persistence on,
+anonymous clients refused, the connection-rate limit on) at its heap.
 
     .venv/bin/python tools/fuzz/fuzz.py                     # starts its own broker, 60 s
     .venv/bin/python tools/fuzz/fuzz.py --seed 42 --cases 20000 --seconds 600
-    .venv/bin/python tools/fuzz/fuzz.py --port 1883         # a broker already running
+    .venv/bin/python tools/fuzz/fuzz.py --port 1883 --user u --password p   # a broker already running
     .venv/bin/python tools/fuzz/fuzz.py --seed 42 --only 1234 --show   # one case, as hex
 
 What it sends, one TCP connection per case, from many loopback source
@@ -27,7 +28,8 @@ see an address flood without refusing the fuzzer):
               for unknown ids, QoS 2 id reuse, server-only packets
   big         packets around and over max_packet_size, and claims of huge
               ones that never arrive
-Each case is sent whole, in random chunks, or followed by a half-close,
+Cases that need a session log in as the test user; a few log in with a
+wrong password or none. Each case is sent whole, in random chunks, or followed by a half-close,
 and the answer is read for a moment; answers that our codec cannot decode
 are findings. Alongside: slow-drip (slowloris) clients that send CONNECT one
 byte per second, and a burst of idle half-open sockets; all must be closed
@@ -39,7 +41,8 @@ the end it checks: the broker is alive; no traceback and no internal
 error in its log; every tick reached the subscriber over its original
 connection; the session survives a reconnect (session present, subscription
 delivers); a new client connects; the heap ($SYS/broker/heap/used) is back
-within a margin of its baseline.
+within a margin of its baseline, the session table is empty again, and,
+once the broker has stopped, its store holds no record (check_store()).
 
 A crash or an internal error is reproduced case by case on a fresh broker
 and the guilty case minimized (delta debugging); findings print the case
@@ -63,6 +66,18 @@ for p in (os.path.join(REPO, "lib"), os.path.join(REPO, "host_tests")):
 
 from mqtt.errors import MQTTError  # noqa: E402
 from mqtt.framer import Framer  # noqa: E402
+import mqtt.packets as K  # noqa: E402
+from brokerproc import TEST_PASSWORD, TEST_USER  # noqa: E402
+
+# The login of the fuzzer's clients: the test user every BrokerProc knows
+# (the broker runs with its board's shipped defaults: anonymous clients
+# refused). main() sets these for a broker run elsewhere (--user).
+USER = TEST_USER
+PASSWORD = TEST_PASSWORD.encode()
+# The broker's config besides its board's shipped defaults (persistence
+# on, anonymous clients refused, the connection-rate limit on): $SYS every
+# second, so that the heap and session checks read current values.
+CONFIG = {"sys_interval": 1}
 
 KINDS = ("random", "valid", "mutated", "utf8", "topics", "props", "protocol", "big")
 WEIGHTS = (8, 10, 30, 10, 12, 14, 10, 6)
@@ -232,9 +247,25 @@ def auth(reason=0, pr=None):
     return pkt(0xF0, bytes((reason,)) + props(pr or []))
 
 
+def creds(rng):
+    """(user, password) of a case's CONNECT: the test user's mostly, so
+    that the case gets a session; now and then none (refused as
+    anonymous) or a wrong one, so that refusals and the login throttle are
+    fuzzed too."""
+    r = rng.random()
+    if r < 0.04:
+        return None, None
+    if r < 0.07:
+        return USER, b"wrong"
+    if r < 0.08:
+        return "nobody", PASSWORD
+    return USER, PASSWORD
+
+
 def good_connect(rng, version, persistent_ok=False):
     # Client ids from a small pool, so sessions are reused, not piled up.
     cid = "fz%d" % rng.randrange(8)
+    user, pw = creds(rng)
     pr = valid_props(rng, "C") if version == 5 else None
     if pr is not None:
         pr = [(i, v) for i, v in pr if i != 0x11 or persistent_ok]
@@ -245,7 +276,7 @@ def good_connect(rng, version, persistent_ok=False):
         will = ("fz/will/%d" % rng.randrange(4), b"bye", rng.randrange(3), rng.random() < 0.2,
                 valid_props(rng, "W") if version == 5 else None)
     return connect(version, cid, clean=not persistent_ok or rng.random() < 0.7,
-                   keepalive=rng.choice((0, 5, 60, 65535)), will=will, pr=pr)
+                   keepalive=rng.choice((0, 5, 60, 65535)), user=user, pw=pw, will=will, pr=pr)
 
 
 def valid_packet(rng, version, allow_server=False):
@@ -377,8 +408,6 @@ def _persistent_connect(data):
         if r is None or r[0] != 0x10:
             return False
         first, body = r
-        import mqtt.packets as K
-
         p = K.decode(first, body, 0, len(body), 4)
     except (MQTTError, Exception):
         return False
@@ -387,6 +416,35 @@ def _persistent_connect(data):
     if p.version == 5:
         return bool((p.props or {}).get(0x11))
     return not p.clean
+
+
+def retained_topics(data):
+    """The topics a case's bytes may leave a retained message on (retained
+    PUBLISHes, wills with retain), as our codec, the broker's, reads them.
+    The cleanup clears them by name: no filter reaches a topic that
+    starts with '$', and mutations make such topics."""
+    out = set()
+    f = Framer()
+    f.feed(data)
+    version = 4
+    while True:
+        try:
+            r = f.next_raw()
+        except MQTTError:
+            return out  # the broker stops reading there too
+        if r is None:
+            return out
+        first, body = r
+        try:
+            if first >> 4 == 1:
+                p = K.decode(first, body, 0, len(body), 4)
+                version = 5 if p.version == 5 else 4
+                if p.will_topic and p.will_retain:
+                    out.add(p.will_topic)
+            elif first >> 4 == 3 and first & 1:
+                out.add(K.decode_publish(first, body, 0, len(body), version)[0])
+        except Exception:
+            pass  # not a packet the broker would take either
 
 
 def make_case(seed, index):
@@ -420,8 +478,9 @@ def _make_case(rng, index):
             pr = valid_props(rng, "C", 3) if v == 5 else None
             will = ("fz/w", b"w", 1, False, valid_props(rng, "W", 2) if v == 5 else None) \
                 if rng.random() < 0.5 else None
-            base = connect(v, "fz%d" % rng.randrange(8), True, 30, "u" if rng.random() < 0.3 else None,
-                           b"p" if rng.random() < 0.3 else None, will, pr)
+            user, pw = creds(rng) if rng.random() < 0.7 else ("u" if rng.random() < 0.5 else None,
+                                                               b"p" if rng.random() < 0.5 else None)
+            base = connect(v, "fz%d" % rng.randrange(8), True, 30, user, pw, will, pr)
             prefix = b""
             clean_prefix = False
         else:
@@ -440,13 +499,14 @@ def _make_case(rng, index):
         detail = where + ":" + bad.hex()
         data = b""
         if where == "cid":
-            prefix, data = b"", connect(v, bad)
+            prefix, data = b"", connect(v, bad, user=USER, pw=PASSWORD)
             clean_prefix = False
         elif where == "user":
             prefix, data = b"", connect(v, "fz0", user=bad, pw=b"x")
             clean_prefix = False
         elif where == "will":
-            prefix, data = b"", connect(v, "fz1", will=(b"fz/" + bad, b"x", 0, False, None))
+            prefix, data = b"", connect(v, "fz1", will=(b"fz/" + bad, b"x", 0, False, None), user=USER,
+                                        pw=PASSWORD)
             clean_prefix = False
         elif where == "pub":
             data = publish(v, b"fz/" + bad, b"x", rng.randrange(3))
@@ -515,7 +575,7 @@ def _make_case(rng, index):
         elif op == "subid":
             pr = [(0x0B, rng.choice((vbi(0), vbi(268435455), b"\xff\xff\xff\xff\x7f", vbi(5))))]
         if letter in ("C", "W"):
-            body = connect(5, "fz%d" % rng.randrange(8), True, 30,
+            body = connect(5, "fz%d" % rng.randrange(8), True, 30, USER, PASSWORD,
                            will=("fz/w", b"w", 0, False, pr) if letter == "W" else None,
                            pr=pr if letter == "C" else valid_props(rng, "C", 1))
             prefix, data = b"", body
@@ -557,15 +617,17 @@ def _make_case(rng, index):
             prefix = b""
             clean_prefix = False
             f = rng.choice((0x04 | 0x18, 0x20, 0x08, 0x01 | 0x02))  # will QoS 3, retain w/o will, QoS w/o will, reserved
-            data = connect(v, "fz2", flags_extra=f & ~0x04, will=("fz/w", b"x", 0, False, None) if f & 0x04 else None)
+            data = connect(v, "fz2", flags_extra=f & ~0x04, will=("fz/w", b"x", 0, False, None) if f & 0x04 else None,
+                           user=USER, pw=PASSWORD)
         elif op == "bad_proto":
             prefix = b""
             clean_prefix = False
-            data = connect(rng.choice((0, 2, 3, 6, 255)), "fz3", name=rng.choice(("MQTT", "MQIsdp", "MQTX", "")))
+            data = connect(rng.choice((0, 2, 3, 6, 255)), "fz3", name=rng.choice(("MQTT", "MQIsdp", "MQTX", "")),
+                           user=USER, pw=PASSWORD)
         elif op == "reserved_flag":
             prefix = b""
             clean_prefix = False
-            data = connect(v, "fz3", flags_extra=0x01)
+            data = connect(v, "fz3", flags_extra=0x01, user=USER, pw=PASSWORD)
         elif op == "disconnect_expiry" and v == 5:
             data = disconnect(5, 0, [(0x11, u32(rng.choice((0, 60, 0xFFFFFFFF))))])
         elif op == "alias_unknown" and v == 5:
@@ -577,7 +639,7 @@ def _make_case(rng, index):
         elif op == "v3":
             prefix = b""
             clean_prefix = False
-            data = connect(3, "fz4", name="MQIsdp")
+            data = connect(3, "fz4", name="MQIsdp", user=USER, pw=PASSWORD)
         else:
             data = valid_packet(rng, v)
     else:  # big
@@ -704,8 +766,6 @@ def check_answer(case, answer):
                 if first >> 4 != 3:
                     return "client-only packet type %d from the broker" % (first >> 4)
                 continue
-            import mqtt.packets as K
-
             K.decode(first, body, 0, len(body), case.version)
     except MQTTError as e:
         return "undecodable answer (%s): %s" % (e, answer.hex())
@@ -719,6 +779,7 @@ class NormalClient:
     answers nothing else, records what arrives."""
 
     def __init__(self, port, cid, version, clean=True, props=None, keepalive=20, src="127.0.0.1"):
+        # Logs in as USER (normal clients, observers and the cleanup).
         self.port, self.cid, self.version = port, cid, version
         self.clean, self.conn_props, self.keepalive, self.src = clean, props, keepalive, src
         self.lock = threading.Lock()
@@ -734,7 +795,7 @@ class NormalClient:
         self.sk.settimeout(5)
         self.sk.bind((self.src, 0))
         self.sk.connect(("127.0.0.1", self.port))
-        self.sk.sendall(connect(self.version, self.cid, self.clean, self.keepalive,
+        self.sk.sendall(connect(self.version, self.cid, self.clean, self.keepalive, USER, PASSWORD,
                                 pr=self.conn_props))
         self.f = Framer()
         self.connack = self._read_one(5)
@@ -786,8 +847,6 @@ class NormalClient:
                 first, body = r[0], bytes(r[1])
                 t = first >> 4
                 if t == 3:
-                    import mqtt.packets as K
-
                     topic, pid, pr, off = K.decode_publish(first, body, 0, len(body), self.version)
                     with self.lock:
                         self.msgs.append((topic, body[off:]))
@@ -908,11 +967,12 @@ def heap_used(port, samples=3):
     """The lowest of a few readings of $SYS/broker/heap/used (collected
     after a gc.collect() by the broker every sys_interval)."""
     vals = []
-    for _ in range(samples):
+    for i in range(samples):
+        if i:
+            time.sleep(1.05)  # the next collection
         v = sys_value(port, "heap/used")
         if v is not None:
             vals.append(int(v))
-        time.sleep(1.05)
     return min(vals) if vals else None
 
 
@@ -923,7 +983,7 @@ def slowloris(port, n, interval, results, stop):
     """n sockets that each drip a valid CONNECT one byte per interval. Each
     records how long until the broker closed it (None: never)."""
     socks = []
-    data = [connect(4, "fz-slow-%d" % i, keepalive=30) for i in range(n)]
+    data = [connect(4, "fz-slow-%d" % i, keepalive=30, user=USER, pw=PASSWORD) for i in range(n)]
     t0 = time.time()
     for i in range(n):
         try:
@@ -1007,6 +1067,7 @@ class Report:
         self.heap_base = None
         self.heap_end = None
         self.counts_base = self.counts_end = None
+        self.store_end = None  # keys left in the store (check_store)
         self.ticks = 0
         self.ticks_seen = 0
         self.slow = []
@@ -1022,6 +1083,8 @@ class Report:
         out.append("  normal publisher ticks %d, subscriber got %d" % (self.ticks, self.ticks_seen))
         out.append("  heap used: baseline %s, after %s" % (self.heap_base, self.heap_end))
         out.append("  %s: baseline %s, after %s" % (", ".join(COUNTS), self.counts_base, self.counts_end))
+        if self.store_end is not None:
+            out.append("  store records: baseline 0, after %d" % len(self.store_end))
         for r in self.slow:
             out.append("  %s" % (r,))
         if not self.findings:
@@ -1065,9 +1128,12 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
             pub_stop.wait(max(0.0, 1.0 - (time.time() - t)))
 
     # Warm-up (buffers, pools, the rate table fill), then the baseline heap.
+    retained = set()  # topics the cases may have left retained messages on
     for i in range(warmup):
-        run_case(make_case(seed, 10 ** 9 + i), port, 0.05)
-    _cleanup(port)
+        c = make_case(seed, 10 ** 9 + i)
+        retained |= retained_topics(c.bytes())
+        run_case(c, port, 0.05)
+    _cleanup(port, retained)
     rep.heap_base = heap_used(port)
     rep.counts_base = counts(port)
     pt = threading.Thread(target=publisher, daemon=True)
@@ -1095,8 +1161,10 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
                 nxt[0] += 1
             c = make_case(seed, i)
             inflight[w] = c
+            topics = retained_topics(c.bytes())
             outcome, me, ans = run_case(c, port, log=note)
             with plock:
+                retained.update(topics)
                 rep.cases += 1
                 rep.by_kind[c.kind] = rep.by_kind.get(c.kind, 0) + 1
                 o = outcome
@@ -1189,7 +1257,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         fresh.close()
     except (OSError, ConnectionError) as e:
         rep.add("new client", "could not connect after fuzzing: %r" % e)
-    _cleanup(port)
+    _cleanup(port, retained)
     rep.heap_end = heap_used(port)
     rep.counts_end = counts(port)
     if rep.heap_end is None:
@@ -1203,9 +1271,10 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     return rep
 
 
-def _cleanup(port):
+def _cleanup(port, retained=()):
     """Ends the fuzzer's sessions (its client id pool) and clears the
-    retained messages it left, so the heap can be compared."""
+    retained messages it left (those '#' reaches, and by name the topics
+    in `retained`), so heap, sessions and store can be compared."""
     for i in range(8):
         for v in (5, 4):
             try:
@@ -1221,7 +1290,7 @@ def _cleanup(port):
             topics = set(t for t, p in c.msgs if p)
         c.close()
         # Topics no filter reaches ($share/... names) are cleared by name.
-        todo = sorted(topics | set(TOPICS) | set(FILTERS))
+        todo = sorted(topics | set(retained) | set(TOPICS) | set(FILTERS))
         if os.environ.get("FUZZ_DEBUG"):
             print("cleanup clears", todo)
         c = None
@@ -1235,6 +1304,40 @@ def _cleanup(port):
             c.close()
     except (OSError, ConnectionError):
         pass
+
+
+_STORE_KEYS = """
+import sys
+from broker.store import Store
+
+st = Store(sys.argv[1], 1 << 30)
+st.open()
+for k, v in st.items():
+    print(repr(k))
+"""
+
+
+def store_keys(datadir):
+    """The keys of the records in the broker's store at datadir, read
+    with the broker's own store code on the twin once the broker has
+    stopped. A fresh store has none, and after the cleanup the store
+    must be back there: no session, queued message or retained message
+    of the fuzzer's left on flash."""
+    import ast
+    import subprocess
+    import tempfile
+    from brokerproc import twin_binary
+
+    if not os.path.isdir(datadir):
+        return []
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+        f.write(_STORE_KEYS)
+        f.flush()
+        r = subprocess.run([str(twin_binary()), f.name, datadir], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
+    if r.returncode:
+        raise RuntimeError("reading the store failed: %s" % (r.stdout + r.stderr)[-2000:])
+    return sorted(ast.literal_eval(line) for line in r.stdout.splitlines())
 
 
 _LOG_BAD = re.compile(r"^(E .*|Traceback.*)$")
@@ -1318,7 +1421,9 @@ def main(argv=None):
     ap.add_argument("--board", default="esp32")
     ap.add_argument("--heap", default=None, help="heap size (default: the profile's host_heap)")
     ap.add_argument("--port", type=int, default=None, help="fuzz a broker already running there")
-    ap.add_argument("--persistence", action="store_true")
+    ap.add_argument("--no-persistence", action="store_true", help="turn off the board's persistence")
+    ap.add_argument("--user", default=None, help="log in as this user (default: the test user)")
+    ap.add_argument("--password", default=None)
     ap.add_argument("--no-slow", action="store_true", help="no slowloris / half-open phase")
     ap.add_argument("--only", type=int, default=None, help="just run (or --show) case N")
     ap.add_argument("--show", action="store_true", help="print the case(s) instead of sending")
@@ -1330,7 +1435,11 @@ def main(argv=None):
     if a.only is not None and a.show:
         print(make_case(seed, a.only).describe())
         return 0
-    cfg = {"sys_interval": 1, "persistence": a.persistence}
+    global USER, PASSWORD
+    if a.user is not None:
+        USER = a.user
+        PASSWORD = (a.password or "").encode()
+    cfg = dict(CONFIG, persistence=False) if a.no_persistence else dict(CONFIG)
     broker = None
     rep = None
     port = a.port
@@ -1352,6 +1461,7 @@ def main(argv=None):
         rep = fuzz(port, seed, a.seconds, a.cases, a.workers, broker, slow=not a.no_slow,
                    progress=lambda r: print("fuzz: %d cases" % r.cases, flush=True))
         if broker is not None:
+            check_store(rep, broker)
             investigate(rep, seed, a.board, a.heap, cfg, a.minimize)
         print(rep.text())
         return 1 if rep.findings else 0
@@ -1361,6 +1471,15 @@ def main(argv=None):
             if a.keep_log or (rep is not None and rep.findings) or not rep_ok_log(broker.log()):
                 print("fuzz: broker log kept at %s" % keep_log(broker, seed))
             broker.tmp.cleanup()
+
+
+def check_store(rep, broker):
+    """Stops the broker and compares its store with the baseline, a fresh
+    store: no records (store_keys())."""
+    broker.stop()
+    rep.store_end = store_keys(broker.datadir)
+    if rep.store_end:
+        rep.add("store", "records left on flash after the cleanup: %s" % rep.store_end[:20])
 
 
 def keep_log(broker, seed):
