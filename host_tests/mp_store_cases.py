@@ -218,4 +218,44 @@ def case_fewer_slots():
     print("OK fewer_slots")
 
 
+def case_memory_error_growing_the_read_buffer():
+    # A MemoryError while the record buffer grows (reading a record larger
+    # than any before, here in a compaction) must leave the store usable:
+    # it once left the buffer None, and every later commit failed with a
+    # TypeError (fuzz seed 1187).
+    from broker import store
+
+    st, rep = reopen()
+    want = {}
+    for i in range(3):
+        want["r/%d" % i] = bytes([i]) * (300 + 200 * i)
+        st.put("r/%d" % i, want["r/%d" % i])
+        st.commit()
+    real = bytearray
+
+    def short(n):
+        if n > 256:
+            raise MemoryError("memory allocation failed, allocating %d bytes" % n)
+        return real(n)
+
+    store.bytearray = short  # module globals come before builtins
+    st._buf = real(256)  # as after open(): the next large record grows it
+    try:
+        st.compact()
+        raise AssertionError("no MemoryError")
+    except MemoryError:
+        pass
+    finally:
+        del store.bytearray
+    check(st, want)
+    st.put("r/x", b"x" * 900)
+    want["r/x"] = b"x" * 900
+    st.commit()
+    st.compact()
+    check(st, want)
+    st, rep = reopen()
+    check(st, want)
+    print("OK memory_error_growing_the_read_buffer")
+
+
 globals()["case_" + CASE]()

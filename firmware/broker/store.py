@@ -556,8 +556,16 @@ class Store:
         # records of many sizes leaves few holes in the heap.
         k = len(self._buf)
         if k < n:
+            # The old one goes first, so that the collection a short heap
+            # runs during the allocation can reuse its room. If the new one
+            # still does not fit, one of the old size is taken again (its
+            # room is free now): the store must never be left without one.
             self._buf = None
-            self._buf = bytearray(max((n + 255) & ~255, 2 * k))
+            try:
+                self._buf = bytearray(max((n + 255) & ~255, 2 * k))
+            except MemoryError:
+                self._buf = bytearray(k)
+                raise
         return self._buf
 
     def _crc_file(self, f, n, crc):
