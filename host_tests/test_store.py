@@ -95,6 +95,10 @@ def test_memory_error_growing_the_read_buffer_leaves_the_store_usable(mpypath, t
     run_case(mpypath, tmp_path, "memory_error_growing_the_read_buffer")
 
 
+def test_memory_error_in_a_commit_keeps_the_batch_for_the_next(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "memory_error_in_a_commit_keeps_the_batch")
+
+
 def test_reopen_with_fewer_slots_keeps_data(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "fewer_slots")
 

@@ -309,11 +309,35 @@ class Store:
         # All staged changes, durably, or none of them: on StoreFull (or
         # any other error) the batch is dropped and the stored state is as
         # before. Returns the batch's sequence number (0: nothing staged).
+        # Out of heap (a compaction or a split batch needs a few KB at once,
+        # which a fragmented heap may not have), it collects and tries once
+        # more; if that fails too, the batch stays staged for the next
+        # commit and MemoryError is raised.
+        try:
+            return self._commit()
+        except MemoryError:
+            gc.collect()
+            return self._commit()
+
+    def _commit(self):
         staged = self._staged
         if not staged:
             return 0
         pend = self._pend
+        pend_put = self._pend_put
         self.discard()
+        try:
+            return self._write_batch(staged, pend)
+        except MemoryError:
+            # Staged again as it was (no other task runs during a commit,
+            # so nothing was staged since). Its ops are idempotent: a batch
+            # the error met after its write is harmless to write again.
+            self._staged = staged
+            self._pend = pend
+            self._pend_put = pend_put
+            raise
+
+    def _write_batch(self, staged, pend):
         for key, kb, v in staged:
             self._tns[kb[0]] = 1
         cap = self.inline_max - _PART
@@ -561,11 +585,15 @@ class Store:
             # still does not fit, one of the old size is taken again (its
             # room is free now): the store must never be left without one.
             self._buf = None
+            want = (n + 255) & ~255
             try:
-                self._buf = bytearray(max((n + 255) & ~255, 2 * k))
+                self._buf = bytearray(max(want, 2 * k))
             except MemoryError:
-                self._buf = bytearray(k)
-                raise
+                try:
+                    self._buf = bytearray(want)  # just what this record needs
+                except MemoryError:
+                    self._buf = bytearray(k)
+                    raise
         return self._buf
 
     def _crc_file(self, f, n, crc):
