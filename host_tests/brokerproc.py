@@ -5,6 +5,7 @@
         b.log()           # everything it printed so far
         b.kill9()         # power cut: SIGKILL
         b.restart()       # same config, same port, same store directory
+        b.store_keys()    # once stopped: the keys of the records on "flash"
 
 The broker runs as a board runs it: on the twin (build/twin/micropython,
 MicroPython v1.28.0 built 32-bit with the broker frozen in, tools/twin.py)
@@ -25,6 +26,7 @@ own; a test about per-address limits passes one address explicitly.
 code="mpy" runs the compiled .mpy files from build/host on the stock twin
 (a board that loads the broker from its filesystem) instead.
 """
+import ast
 import itertools
 import json
 import os
@@ -181,6 +183,22 @@ class BrokerProc:
         if self._logf:
             self._logf.close()
             self._logf = None
+
+    def store_keys(self):
+        """The keys of the records in the store, read with the broker's
+        own store code on the twin. Call it once the broker has stopped."""
+        assert not self.alive(), "store_keys() reads the store of a stopped broker"
+        if not os.path.isdir(self.datadir):
+            return []
+        script = os.path.join(self.tmp.name, "store_keys.py")
+        with open(script, "w") as f:
+            f.write("import sys\nfrom broker.store import Store\nst = Store(sys.argv[1], 1 << 30)\n"
+                    "st.open()\nfor k, v in st.items():\n    print(repr(k))\n")
+        r = subprocess.run([str(twin_binary()), script, self.datadir], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
+        if r.returncode:
+            raise RuntimeError("reading the store failed: %s" % (r.stdout + r.stderr)[-2000:])
+        return sorted(ast.literal_eval(line) for line in r.stdout.splitlines())
 
     def restart(self):
         self.stop()

@@ -1,6 +1,7 @@
 # CONNECT -> CONNACK (MQTT 3.1.1 3.1/3.2, 5.0 3.1/3.2): protocol version,
 # client identifier, credentials, will, session take-over and resumption,
-# and the limits of a small board (session table, heap).
+# and the limits of a small board (session table, heap), checked before
+# any password is. login() is also HTTP Basic's on a WebSocket upgrade.
 import gc
 import time
 from micropython import const
@@ -18,7 +19,7 @@ _ids = 0
 # "q"/"i"/"x" + id + "\0" + a number of up to 10 digits, and the store
 # takes keys of at most 1024 bytes (store.py); 128 leaves room to spare and
 # is far above the 23 the spec requires servers to allow.
-MAX_CLIENT_ID = const(128)
+_MAX_CLIENT_ID = const(128)
 
 
 def _refuse(c, reason, why):
@@ -150,8 +151,8 @@ def on_connect(c, mv, off, end):
         global _ids
         _ids += 1
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
-    elif len(cid.encode()) > MAX_CLIENT_ID:
-        _refuse(c, 0x85, "client id longer than %d bytes" % MAX_CLIENT_ID)
+    elif len(cid.encode()) > _MAX_CLIENT_ID:
+        _refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
 
     # Room for it, before any password is hashed: a full broker spends no
     # CPU on logins it could not serve anyway.
@@ -230,12 +231,19 @@ def on_connect(c, mv, off, end):
     s.put("will_at", None)
     s.put("version", v)
     s.put("username", user)
+    kept = s.expiry
     if v == 5:
         s.put("expiry", pr.get(P.SESSION_EXPIRY, 0))
     else:
         s.put("expiry", 0 if pkt.clean else (cfg["persistent_client_expiration"] or NEVER))
     if s.expiry:
         c.session_expiry_set = s.expiry
+    elif kept and b.persist is not None:
+        # Resumed, but kept no longer than this connection: its records go
+        # now, since what follows writes none for a session with expiry 0
+        # and would leave these behind (a message sent, or acknowledged,
+        # while the old record stays).
+        b.persist.session_ended(s)
 
     # Limits the client asked for (v5).
     if P.RECEIVE_MAXIMUM in pr:
