@@ -375,7 +375,8 @@ def mutate(rng, data):
 
 
 class Case:
-    __slots__ = ("index", "kind", "version", "prefix", "data", "mode", "chunks", "detail", "clean_prefix")
+    __slots__ = ("seed", "index", "kind", "version", "prefix", "data", "mode", "chunks", "detail",
+                 "clean_prefix")
 
     def __init__(self, index, kind, version, prefix, data, mode, chunks, detail, clean_prefix):
         self.index = index
@@ -392,8 +393,8 @@ class Case:
         return self.prefix + self.data
 
     def describe(self):
-        return "case %d (%s, v%d, %s, %s%s): %s" % (
-            self.index, self.kind, self.version, self.detail, self.mode,
+        return "seed %s case %d (%s, v%d, %s, %s%s): %s" % (
+            self.seed, self.index, self.kind, self.version, self.detail, self.mode,
             ", %d chunks" % self.chunks if self.chunks else "", self.bytes().hex())
 
 
@@ -452,7 +453,8 @@ def make_case(seed, index):
     for _ in range(20):
         c = _make_case(rng, index)
         if not _persistent_connect(c.bytes()):
-            return c
+            break
+    c.seed = seed
     return c
 
 
@@ -706,7 +708,7 @@ def run_case(case, port, timeout=0.25, log=None):
         return "connect-failed:%s" % e.__class__.__name__, None, b""
     me = "%s:%d" % sk.getsockname()[:2]
     if log is not None:
-        log(me, case.index)
+        log(me, case)
     got = bytearray()
     outcome = "sent"
     try:
@@ -981,20 +983,21 @@ def heap_used(port, samples=3):
 
 def slowloris(port, n, interval, results, stop):
     """n sockets that each drip a valid CONNECT one byte per interval. Each
-    records how long until the broker closed it (None: never)."""
+    records how long after it connected the broker closed it (None:
+    never). A connect may wait in a full listen backlog; the broker's
+    connect_timeout counts from its accept, so the clock starts then."""
     socks = []
     data = [connect(4, "fz-slow-%d" % i, keepalive=30, user=USER, pw=PASSWORD) for i in range(n)]
-    t0 = time.time()
     for i in range(n):
         try:
             sk = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.5", 0))
             sk.settimeout(0)
-            socks.append([sk, 0, None])
+            socks.append([sk, 0, None, time.time()])
         except OSError:
             results.append(("slowloris", i, "refused at connect"))
     while not stop.is_set() and any(x[2] is None for x in socks):
         for i, x in enumerate(socks):
-            sk, pos, done = x
+            sk, pos, done, t0 = x
             if done is not None:
                 continue
             try:
@@ -1013,17 +1016,16 @@ def slowloris(port, n, interval, results, stop):
                 except OSError:
                     x[2] = time.time() - t0
         stop.wait(interval)
-    for i, (sk, pos, done) in enumerate(socks):
+    for i, (sk, pos, done, _) in enumerate(socks):
         results.append(("slowloris", i, done, pos))
         sk.close()
 
 
 def half_open(port, n, hold, results, stop):
     """n sockets opened at once; some send one byte of a fixed header, some
-    nothing, some half-close their side. Each records when the broker
-    closed it."""
+    nothing, some half-close their side. Each records how long after it
+    connected the broker closed it (see slowloris())."""
     socks = []
-    t0 = time.time()
     for i in range(n):
         try:
             sk = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.6", 0))
@@ -1035,7 +1037,7 @@ def half_open(port, n, hold, results, stop):
         elif i % 3 == 2:
             sk.sendall(b"\x10\x20\x00")
         sk.settimeout(0)
-        socks.append([sk, None])
+        socks.append([sk, None, time.time()])
     end = time.time() + hold
     while time.time() < end and not stop.is_set() and any(x[1] is None for x in socks):
         for x in socks:
@@ -1043,13 +1045,13 @@ def half_open(port, n, hold, results, stop):
                 continue
             try:
                 if x[0].recv(1024) == b"":
-                    x[1] = time.time() - t0
+                    x[1] = time.time() - x[2]
             except BlockingIOError:
                 pass
             except OSError:
-                x[1] = time.time() - t0
+                x[1] = time.time() - x[2]
         stop.wait(0.1)
-    for i, (sk, done) in enumerate(socks):
+    for i, (sk, done, _) in enumerate(socks):
         results.append(("halfopen", i, done))
         sk.close()
 
@@ -1061,6 +1063,7 @@ class Report:
     def __init__(self, seed):
         self.seed = seed
         self.cases = 0
+        self.by_seed = {}
         self.by_kind = {}
         self.outcomes = {}
         self.findings = []  # (what, detail, case or None)
@@ -1078,6 +1081,8 @@ class Report:
 
     def text(self):
         out = ["fuzz: seed %s, %d cases in %.1f s" % (self.seed, self.cases, self.elapsed)]
+        if len(self.by_seed) > 1:
+            out.append("  by seed: " + ", ".join("%s %d" % kv for kv in self.by_seed.items()))
         out.append("  by kind: " + ", ".join("%s %d" % kv for kv in sorted(self.by_kind.items())))
         out.append("  outcomes: " + ", ".join("%s %d" % kv for kv in sorted(self.outcomes.items())))
         out.append("  normal publisher ticks %d, subscriber got %d" % (self.ticks, self.ticks_seen))
@@ -1098,10 +1103,14 @@ class Report:
 
 def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True, connect_timeout=10,
          heap_margin=4096, start_index=0, progress=None, warmup=500):
-    """Fuzzes the broker on port. broker: a brokerproc.BrokerProc (for its
-    log and liveness), or None for a broker run elsewhere. Returns a
-    Report."""
-    rep = Report(seed)
+    """Fuzzes the broker on port. seed: one seed, or a list of them run one
+    after the other in one session (one warm-up, one baseline, one set of
+    checks at the end); seconds: for each seed, or a list. cases: at most
+    this many per seed. broker: a brokerproc.BrokerProc (for its log and
+    liveness), or None for a broker run elsewhere. Returns a Report."""
+    seeds = [seed] if isinstance(seed, str) else list(seed)
+    secs = list(seconds) if isinstance(seconds, (list, tuple)) else [seconds] * len(seeds)
+    rep = Report(", ".join(seeds))
     t_start = time.time()
     # Normal clients, from an address of their own.
     sub = NormalClient(port, "fz-normal-sub", 5, clean=True, props=[(0x11, u32(600))],
@@ -1130,7 +1139,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     # Warm-up (buffers, pools, the rate table fill), then the baseline heap.
     retained = set()  # topics the cases may have left retained messages on
     for i in range(warmup):
-        c = make_case(seed, 10 ** 9 + i)
+        c = make_case(seeds[0], 10 ** 9 + i)
         retained |= retained_topics(c.bytes())
         run_case(c, port, 0.05)
     _cleanup(port, retained)
@@ -1139,27 +1148,43 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     pt = threading.Thread(target=publisher, daemon=True)
     pt.start()
 
-    peers = {}  # "ip:port" -> case index
+    peers = {}  # "ip:port" -> case
     plock = threading.Lock()
 
-    def note(me, idx):
+    def note(me, case):
         with plock:
-            peers[me] = idx
+            peers[me] = case
 
-    nxt = [start_index]
+    # One phase per seed, each until its deadline (or `cases` cases).
+    phases = []
+    t = time.time()
+    for sd, n in zip(seeds, secs):
+        t += n
+        phases.append([sd, t, start_index])
+    total = t - time.time()
+    limit = start_index + cases if cases else None
+    recent = []  # the last cases started, suspects if the broker dies
     inflight = {}
     stop = threading.Event()
-    deadline = time.time() + seconds
-    limit = start_index + cases if cases else None
 
     def worker(w):
         while not stop.is_set():
             with plock:
-                i = nxt[0]
-                if (limit is not None and i >= limit) or time.time() >= deadline:
+                now = time.time()
+                ph = None
+                for p in phases:
+                    if now < p[1] and (limit is None or p[2] < limit):
+                        ph = p
+                        break
+                if ph is None:
                     return
-                nxt[0] += 1
-            c = make_case(seed, i)
+                i = ph[2]
+                ph[2] += 1
+            c = make_case(ph[0], i)
+            with plock:
+                recent.append(c)
+                del recent[: -3 * workers]
+                rep.by_seed[c.seed] = rep.by_seed.get(c.seed, 0) + 1
             inflight[w] = c
             topics = retained_topics(c.bytes())
             outcome, me, ans = run_case(c, port, log=note)
@@ -1183,7 +1208,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     if slow:
         # In the last stretch: slowloris and half-open sockets against the
         # fuzzing and the normal clients, for connect_timeout + a margin.
-        lead = max(0.0, seconds - (connect_timeout + 4))
+        lead = max(0.0, total - (connect_timeout + 4))
 
         def slow_phase():
             if stop.wait(lead):
@@ -1213,9 +1238,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     if broker is not None and not broker.alive():
         rep.add("crash", "broker exited with %s; last log lines:\n%s" % (
             broker.proc.returncode, "\n".join(broker.log().splitlines()[-15:])))
-        suspects = sorted(set(c.index for c in inflight.values()) |
-                          set(range(max(start_index, nxt[0] - 3 * workers), nxt[0])))
-        rep.suspects = suspects
+        rep.suspects = list(inflight.values()) + [c for c in recent if c not in inflight.values()]
         pub_stop.set()
         return rep
     for kind, i, *rest in rep.slow:
@@ -1223,15 +1246,19 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         if done is None or (isinstance(done, float) and done > connect_timeout + 3):
             rep.add("slow client not closed", "%s socket %d: closed after %s s (connect_timeout %d)"
                     % (kind, i, done, connect_timeout))
-    time.sleep(2.5)  # the last ticks
     pub_stop.set()
-    pt.join(5)
+    pt.join(6)  # its last tick acknowledged
     if pub_fail:
         rep.add("normal publisher", "ticks without PUBACK: %s" % pub_fail[:5])
     if sub.error:
         rep.add("normal subscriber", sub.error)
-    with sub.lock:
-        got = set(int(p) for t, p in sub.msgs if t == "fz-normal/tick")
+    end = time.time() + 2
+    while True:
+        with sub.lock:
+            got = set(int(p) for t, p in sub.msgs if t == "fz-normal/tick")
+        if len(got) >= rep.ticks or time.time() > end:
+            break
+        time.sleep(0.05)
     rep.ticks_seen = len(got)
     missing = sorted(set(range(rep.ticks)) - got)
     if missing:
@@ -1266,7 +1293,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         rep.add("heap", "heap used grew from %d to %d (margin %d)" % (rep.heap_base, rep.heap_end, heap_margin))
     if broker is not None:
         log = broker.log()
-        for what, c in log_findings(log, peers, seed):
+        for what, c in log_findings(log, peers):
             rep.add(what, "", c) if c is not None else rep.add(what, "(no case matched)")
     return rep
 
@@ -1306,46 +1333,13 @@ def _cleanup(port, retained=()):
         pass
 
 
-_STORE_KEYS = """
-import sys
-from broker.store import Store
-
-st = Store(sys.argv[1], 1 << 30)
-st.open()
-for k, v in st.items():
-    print(repr(k))
-"""
-
-
-def store_keys(datadir):
-    """The keys of the records in the broker's store at datadir, read
-    with the broker's own store code on the twin once the broker has
-    stopped. A fresh store has none, and after the cleanup the store
-    must be back there: no session, queued message or retained message
-    of the fuzzer's left on flash."""
-    import ast
-    import subprocess
-    import tempfile
-    from brokerproc import twin_binary
-
-    if not os.path.isdir(datadir):
-        return []
-    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
-        f.write(_STORE_KEYS)
-        f.flush()
-        r = subprocess.run([str(twin_binary()), f.name, datadir], capture_output=True, text=True,
-                           timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
-    if r.returncode:
-        raise RuntimeError("reading the store failed: %s" % (r.stdout + r.stderr)[-2000:])
-    return sorted(ast.literal_eval(line) for line in r.stdout.splitlines())
-
-
 _LOG_BAD = re.compile(r"^(E .*|Traceback.*)$")
 _PEER = re.compile(r"(%s\.\d+\.\d+:\d+)" % re.escape(SRC_NET))
 
 
-def log_findings(log, peers, seed):
-    """(what, case or None) for each traceback and error line in the log."""
+def log_findings(log, peers):
+    """(what, case or None) for each traceback and error line in the log.
+    peers: "ip:port" -> the case sent from there."""
     out = []
     lines = log.splitlines()
     for n, line in enumerate(lines):
@@ -1354,7 +1348,7 @@ def log_findings(log, peers, seed):
         m = _PEER.search(line)
         c = None
         if m and m.group(1) in peers:
-            c = make_case(seed, peers[m.group(1)])
+            c = peers[m.group(1)]
         if line.startswith("Traceback"):
             line = "\n".join(lines[n : n + 12])
         out.append(("log: " + line[:1000], c))
@@ -1462,7 +1456,7 @@ def main(argv=None):
                    progress=lambda r: print("fuzz: %d cases" % r.cases, flush=True))
         if broker is not None:
             check_store(rep, broker)
-            investigate(rep, seed, a.board, a.heap, cfg, a.minimize)
+            investigate(rep, a.board, a.heap, cfg, a.minimize)
         print(rep.text())
         return 1 if rep.findings else 0
     finally:
@@ -1475,9 +1469,10 @@ def main(argv=None):
 
 def check_store(rep, broker):
     """Stops the broker and compares its store with the baseline, a fresh
-    store: no records (store_keys())."""
+    store: no records. None of the fuzzer's sessions, queued messages or
+    retained messages may be left on flash after the cleanup."""
     broker.stop()
-    rep.store_end = store_keys(broker.datadir)
+    rep.store_end = broker.store_keys()
     if rep.store_end:
         rep.add("store", "records left on flash after the cleanup: %s" % rep.store_end[:20])
 
@@ -1495,15 +1490,16 @@ def rep_ok_log(log):
     return not re.search(r"^(E |Traceback)", log, re.M)
 
 
-def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True, budget=150):
+def investigate(rep, board="esp32", heap=None, cfg=None, do_minimize=True, budget=150):
     """After a run: finds the case that crashed the broker (replaying the
     suspects one by one on fresh brokers) and minimizes it, or minimizes
     the cases behind error lines in the log. Adds what it finds to rep."""
     cfg = cfg or {"sys_interval": 1}
     if getattr(rep, "suspects", None):
-        culprit = find_culprit(seed, rep.suspects, board, heap, cfg)
+        culprit = find_culprit(rep.suspects, board, heap, cfg)
         if culprit is None:
-            rep.add("crash case", "none of the suspects %s reproduces alone" % rep.suspects)
+            rep.add("crash case", "none of the suspects %s reproduces alone"
+                    % ["%s:%d" % (c.seed, c.index) for c in rep.suspects])
             return
         rep.add("crash case", "reproduces on a fresh broker", culprit)
         if do_minimize:
@@ -1513,8 +1509,8 @@ def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True,
     if do_minimize:
         done = set()
         for what, detail, c in list(rep.findings):
-            if c is not None and what.startswith("log:") and c.index not in done:
-                done.add(c.index)
+            if c is not None and what.startswith("log:") and (c.seed, c.index) not in done:
+                done.add((c.seed, c.index))
                 if reproduces(c.bytes(), board, heap, cfg):
                     m = minimize(c.bytes(), lambda d: reproduces(d, board, heap, cfg), budget)
                     rep.add("minimized", "%s -> %s" % (what[:100], m.hex()))
@@ -1522,9 +1518,8 @@ def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True,
                     rep.add("not reproduced alone", what[:100], c)
 
 
-def find_culprit(seed, suspects, board, heap, cfg):
-    for i in suspects:
-        c = make_case(seed, i)
+def find_culprit(suspects, board, heap, cfg):
+    for c in suspects:
         if reproduces(c.bytes(), board, heap, cfg):
             return c
     return None
