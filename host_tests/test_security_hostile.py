@@ -10,7 +10,7 @@ import pytest
 import pwhash
 from brokerproc import TEST_PASSWORD, TEST_USER, free_port, source_address, write_password_file
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, Raw, collect, connect_bytes
+from mqttc import BrokerProc, Client, Raw, collect, connect_bytes, wait_for
 
 CONFIG = {}  # the shipped defaults
 
@@ -111,6 +111,8 @@ def test_a_full_broker_refuses_before_computing_any_password_hash(slow_login_bro
     a = Client(port, "cap-a", version=5)
     b = Client(port, "cap-b", version=5, props={0x11: 600})
     b.close()  # offline: the session table (2) is full now
+    # Its socket gone too, so that the one a probe uses fits.
+    assert wait_for(lambda: "client cap-b disconnected" in slow_login_broker.log())
     for kw in ({}, {"password": b"wrong"}):
         code, dt = timed(port, "cap-new", **kw)
         assert (code, dt < login / 3) == (0x97, True), ("session table full", kw, code, dt, login)

@@ -11,6 +11,11 @@ from broker.conn import Connection
 from broker.handle_connect import busy, login
 
 _WS_PATHS = ("/mqtt", "/")
+# {task: TcpTransport} of the TLS connections (on listeners with
+# use_identity_as_username) whose client certificate has not been seen
+# yet; module-wide, as tasks are unique, and not a closure cell of serve(),
+# which would take a slot in every connection's frame.
+_pending = {}
 
 
 def _der(L, key):
@@ -22,9 +27,7 @@ def _der(L, key):
         raise ValueError("listener on port %d: '%s' %s: %s" % (L["port"], key, L[key], e))
 
 
-def _tls_context(L, pending):
-    # pending: {task: TcpTransport} of the connections on this listener
-    # whose client certificate has not been seen yet (serve() below).
+def _tls_context(L):
     try:
         import tls
     except ImportError:  # MicroPython 1.22: the same API, named ssl
@@ -55,7 +58,7 @@ def _tls_context(L, pending):
             # connection. Must not raise.
             if depth == 0:
                 try:
-                    t = pending.pop(asyncio.current_task(), None)
+                    t = _pending.pop(asyncio.current_task(), None)
                     if t is not None:
                         t.cert_user = common_name(cert) or ""
                 except Exception:
@@ -71,21 +74,19 @@ def _tls_context(L, pending):
 
 
 def wrapper(L, cfg):
-    pending = {}
-    ctx = _tls_context(L, pending) if "certfile" in L else None
-    ident = L.get("use_identity_as_username")
+    ctx = _tls_context(L) if "certfile" in L else None
     ws = L["protocol"] == "websockets"
     limit = cfg["max_tls_connections"]
     live = [0]  # TLS sessions open on this listener
 
     async def serve(broker, cs, peer):
         # The socket counts in broker.conn_waiting (server._serve) until it
-        # is a Connection in broker.conns.
+        # is a Connection c in broker.conns. (Few locals: this coroutine
+        # lives as long as the connection.)
         t = None
         c = None
         key = None  # this socket's entry in pending
         counted = False
-        waiting = True
         try:
             if ctx is not None:
                 if live[0] >= limit:
@@ -97,39 +98,35 @@ def wrapper(L, cfg):
                     return
                 live[0] += 1
                 counted = True
-                raw = cs
-                cs = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
-                t = TcpTransport(cs, peer)
+                t = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
+                t = TcpTransport(t, peer)
                 # After a failed handshake, closing the TLS socket leaves the
                 # TCP socket open: the transport closes both.
-                t.raw = raw
-                if ident:
+                t.raw = cs
+                if L.get("use_identity_as_username"):
                     # No user until the certificate callback names one.
                     t.cert_user = ""
             else:
                 t = TcpTransport(cs, peer)
             if ws:
-                basic = _basic_checker(L, broker, peer)
-                tcp = t
-                up = asyncio.create_task(_upgrade(t, cfg, broker, basic))
-                if ident:
+                key = asyncio.create_task(_upgrade(t, cfg, broker, L, peer))
+                if t.cert_user is not None:
                     # The TLS handshake runs in the upgrade's first reads.
-                    key = up
-                    pending[key] = t
-                t = await asyncio.wait_for(up, cfg["connect_timeout"])
+                    _pending[key] = t
+                t = await asyncio.wait_for(key, cfg["connect_timeout"])
+                # The handshake is over (a request was read): the task goes.
+                _pending.pop(key, None)
+                key = None
                 if t is None:
                     return
-                if tcp.cert_user is not None:
-                    t.cert_user = tcp.cert_user
-            elif ident:
+            elif t.cert_user is not None:
                 # The TLS handshake runs in the first reads of c.run(),
                 # which runs in this task.
                 key = asyncio.current_task()
-                pending[key] = t
+                _pending[key] = t
             c = Connection(broker, t)
+            broker.conn_waiting -= 1  # a socket of conns from here on
             broker.conns.append(c)
-            waiting = False
-            broker.conn_waiting -= 1
             await c.run()
         except Exception as e:
             if c is not None:
@@ -146,8 +143,8 @@ def wrapper(L, cfg):
                     pass
         finally:
             if key is not None:
-                pending.pop(key, None)
-            if waiting:
+                _pending.pop(key, None)
+            if c is None:
                 broker.conn_waiting -= 1
             if counted:
                 live[0] -= 1
@@ -173,9 +170,10 @@ def _basic_checker(L, broker, peer):
     return check
 
 
-async def _upgrade(t, cfg, broker, basic=None):
+async def _upgrade(t, cfg, broker, L, peer):
     from broker import http, websocket
 
+    basic = _basic_checker(L, broker, peer)
     buf = bytearray(1024)  # request head limit; browsers send ~500 B
     req = await http.read_request(t, buf)
     buf = None
@@ -211,6 +209,8 @@ async def _upgrade(t, cfg, broker, basic=None):
     # WsTransport may wait inside recv_into with part of a read in the
     # caller's buffer, so it cannot use the broker's shared read buffer.
     w.shared_ok = False
+    if t.cert_user is not None:
+        w.cert_user = t.cert_user  # wss:// with use_identity_as_username
     if query == "dashboard":
         # The page's own connection (after a broker restart the page
         # reconnects without fetching itself again).

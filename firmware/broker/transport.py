@@ -38,7 +38,7 @@ class TcpTransport:
             except ValueError as e:
                 # A TLS handshake that refused the client's certificate
                 # (require_certificate): a failed read like any other.
-                raise OSError("client certificate refused: %s" % str(e).strip())
+                raise _refused(e)
             if n is not None:
                 return n
             yield core._io_queue.queue_read(s)
@@ -68,6 +68,12 @@ class TcpTransport:
                     s.close()
                 except Exception:
                     pass
+
+
+def _refused(e):
+    # Built here, not in recv_into: a deeper expression there would make
+    # the frame every waiting reader keeps one heap block larger.
+    return OSError("client certificate refused: %s" % str(e).strip())
 
 
 def peer_str(addr):
