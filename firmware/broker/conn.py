@@ -21,6 +21,7 @@ from broker.handle_other import on_packet
 _PUBLISH = const(3)
 _CONNECT = const(1)
 _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
+_NO_BUF_MS = const(20)  # wait before trying again for an output buffer
 
 
 class Connection(Output):
@@ -97,7 +98,14 @@ class Connection(Output):
                 while True:
                     s = self.session
                     if s is not None and self.big is None and (s.queue or self.resend):
-                        b.pump(self, s)
+                        try:
+                            b.pump(self, s)
+                        except MemoryError:
+                            # No free piece of the heap for an output buffer
+                            # (fragmented): wait for one, the queue kept,
+                            # rather than drop the client.
+                            await asyncio.sleep_ms(_NO_BUF_MS)
+                            continue
                     n = await self.flush(t)
                     if not n:
                         break
