@@ -46,6 +46,8 @@ def test_a_will_under_sys_is_refused_and_never_published_retained_or_stored(vers
         b.restart()  # what is on flash comes back
         assert b"FORGED" not in sys_payloads(b.port, "$SYS/#")
         assert b.alive()
+        b.stop()
+        assert [k for k in b.store_keys() if "$SYS" in k] == []
 
 
 # ---------------------------------------------------------------- client id
