@@ -63,6 +63,7 @@ from broker.core import Broker
 from broker.conn import Connection
 from broker.message import Message
 from broker.session import Session
+from mp_oom import fail_first
 
 
 class T:
@@ -77,18 +78,7 @@ class T:
 
 
 b = Broker(config.build({"persistence": False}))
-fails = [2]
-real = b.wpool.get
-
-
-def get():
-    if fails[0]:
-        fails[0] -= 1
-        raise MemoryError("memory allocation failed, allocating 1024 bytes")
-    return real()
-
-
-b.wpool.get = get
+b.wpool.get, fails = fail_first(b.wpool.get, 2, 1024)
 
 
 async def main():

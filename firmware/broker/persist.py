@@ -23,6 +23,8 @@ from broker.session import Session, SENT, RELEASED
 from broker.subs import Sub
 from broker.store import Store, StoreFull
 
+_RETRY_MS = 200  # a commit that ran out of heap is tried again after this
+
 
 def _pack(msg):
     # qos, retain, expires (u32, 0 = never), topic, properties, payload
@@ -211,6 +213,7 @@ class Persist:
         self.flag.set()
 
     async def _committer(self):
+        short = False  # the last commit ran out of heap
         while True:
             await self.flag.wait()
             self.flag.clear()
@@ -224,6 +227,17 @@ class Persist:
                     if gc.mem_free() < 16384:
                         gc.collect()
                     self.store.commit()
+            except MemoryError:
+                # No piece of heap for a compaction: the store kept the
+                # batch staged; try again shortly, the acknowledgements
+                # that wait for it still held (a fragmented heap mends as
+                # connections end). Logged once per such stretch.
+                if not short:
+                    log.warning("store commit: out of memory; trying again every %d ms", _RETRY_MS)
+                short = True
+                await asyncio.sleep_ms(_RETRY_MS)
+                self.flag.set()
+                continue
             except Exception as e:
                 # Nothing held is released: those clients will resend.
                 log.error("store commit failed: %r", e)
@@ -233,6 +247,7 @@ class Persist:
                     c.close_soon()
                 self.held = []
                 continue
+            short = False
             held = self.held
             self.held = []
             for c, pkt, publish in held:

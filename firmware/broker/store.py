@@ -577,23 +577,19 @@ class Store:
 
     def _grow(self, n):
         # The read buffer only grows, at least doubling, so that reading
-        # records of many sizes leaves few holes in the heap.
+        # records of many sizes leaves few holes in the heap; on a heap too
+        # fragmented for that, to just what this record needs. The old one
+        # is kept until a new one is had (callers hold it too, so dropping
+        # it first would free nothing): without a buffer the store could
+        # not read at all, and a MemoryError leaves it as it was.
         k = len(self._buf)
         if k < n:
-            # The old one goes first, so that the collection a short heap
-            # runs during the allocation can reuse its room. If the new one
-            # still does not fit, one of the old size is taken again (its
-            # room is free now): the store must never be left without one.
-            self._buf = None
             want = (n + 255) & ~255
             try:
-                self._buf = bytearray(max(want, 2 * k))
+                b = bytearray(max(want, 2 * k))
             except MemoryError:
-                try:
-                    self._buf = bytearray(want)  # just what this record needs
-                except MemoryError:
-                    self._buf = bytearray(k)
-                    raise
+                b = bytearray(want)
+            self._buf = b
         return self._buf
 
     def _crc_file(self, f, n, crc):
