@@ -77,6 +77,18 @@ async def main():
     await asyncio.sleep_ms(800)
     print("fails", fails[0], "acked", C.got == [b"\x40\x02\x00\x07"], "closed", C.closing,
           "pending", p.store.pending(), "failed", p.failed)
+    # Out of heap for good: after about 2 s the batch is given up, its
+    # client closed (it sends again), and the store works on.
+    fails[0] = 1000
+    C.got = []
+    p._put("rk2", b"v")
+    p.hold(C(), b"\x40\x02\x00\x08")
+    await asyncio.sleep_ms(3000)
+    print("gave up", C.got == [], "closed", C.closing, "pending", p.store.pending(), "failed", p.failed)
+    fails[0] = 0
+    p._put("rk3", b"v")
+    await asyncio.sleep_ms(300)
+    print("after", sorted(k for k, v in p.store.items()))
 
 
 asyncio.run(main())
@@ -93,4 +105,6 @@ def test_a_commit_out_of_heap_is_tried_again_and_its_acknowledgement_still_goes_
     r = run_mp(COMMIT_OOM, args=[tmp_path / "store"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert "fails 0 acked True closed False pending 0 failed 0" in r.stdout, r.stdout + r.stderr
-    assert "E " not in r.stdout and "out of memory; trying again" in r.stdout, r.stdout
+    assert "gave up True closed True pending 0 failed 1" in r.stdout, r.stdout + r.stderr
+    assert "after ['rk', 'rk3']" in r.stdout, r.stdout + r.stderr
+    assert "out of memory; trying again" in r.stdout, r.stdout

@@ -24,6 +24,7 @@ from broker.subs import Sub
 from broker.store import Store, StoreFull
 
 _RETRY_MS = 200  # a commit that ran out of heap is tried again after this
+_RETRIES = 10  # times, before its batch is given up
 
 
 def _pack(msg):
@@ -212,8 +213,17 @@ class Persist:
         self.store.delete(key)
         self.flag.set()
 
+    def _give_up(self, e):
+        # Nothing held is released: those clients will resend.
+        log.error("store commit failed: %r", e)
+        self.failed += 1
+        for c, _, _ in self.held:
+            c.held = 0
+            c.close_soon()
+        self.held = []
+
     async def _committer(self):
-        short = False  # the last commit ran out of heap
+        short = 0  # commits in a row that ran out of heap
         while True:
             await self.flag.wait()
             self.flag.clear()
@@ -227,27 +237,27 @@ class Persist:
                     if gc.mem_free() < 16384:
                         gc.collect()
                     self.store.commit()
-            except MemoryError:
+            except MemoryError as e:
                 # No piece of heap for a compaction: the store kept the
-                # batch staged; try again shortly, the acknowledgements
-                # that wait for it still held (a fragmented heap mends as
-                # connections end). Logged once per such stretch.
-                if not short:
-                    log.warning("store commit: out of memory; trying again every %d ms", _RETRY_MS)
-                short = True
-                await asyncio.sleep_ms(_RETRY_MS)
-                self.flag.set()
+                # batch staged. Try again shortly, the acknowledgements that
+                # wait for it still held: a fragmented heap mends as
+                # connections end. Not for long, though: what is staged
+                # and held keeps heap from the rest of the broker.
+                short += 1
+                if short <= _RETRIES:
+                    if short == 1:
+                        log.warning("store commit: out of memory; trying again")
+                    await asyncio.sleep_ms(_RETRY_MS)
+                    self.flag.set()
+                    continue
+                short = 0
+                self.store.discard()
+                self._give_up(e)
                 continue
             except Exception as e:
-                # Nothing held is released: those clients will resend.
-                log.error("store commit failed: %r", e)
-                self.failed += 1
-                for c, _, _ in self.held:
-                    c.held = 0
-                    c.close_soon()
-                self.held = []
+                self._give_up(e)
                 continue
-            short = False
+            short = 0
             held = self.held
             self.held = []
             for c, pkt, publish in held:
