@@ -5,6 +5,7 @@
         b.log()           # everything it printed so far
         b.kill9()         # power cut: SIGKILL
         b.restart()       # same config, same port, same store directory
+        b.store_keys()    # once stopped: the keys of the records on "flash"
 
 The broker runs as a board runs it: on the twin (build/twin/micropython,
 MicroPython v1.28.0 built 32-bit with the broker frozen in, tools/twin.py)
@@ -30,6 +31,7 @@ another MicroPython to run it on (the benchmark's 64-bit host runs:
 .venv/bin/micropython with code="mpy"), and `script` another entry point
 taking tools/mp_host.py's arguments (the benchmark's profiler).
 """
+import ast
 import itertools
 import json
 import os
@@ -208,6 +210,22 @@ class BrokerProc:
         if self._logf:
             self._logf.close()
             self._logf = None
+
+    def store_keys(self):
+        """The keys of the records in the store, read with the broker's
+        own store code on the twin. Call it once the broker has stopped."""
+        assert not self.alive(), "store_keys() reads the store of a stopped broker"
+        if not os.path.isdir(self.datadir):
+            return []
+        script = os.path.join(self.tmp.name, "store_keys.py")
+        with open(script, "w") as f:
+            f.write("import sys\nfrom broker.store import Store\nst = Store(sys.argv[1], 1 << 30)\n"
+                    "st.open()\nfor k, v in st.items():\n    print(repr(k))\n")
+        r = subprocess.run([str(twin_binary()), script, self.datadir], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
+        if r.returncode:
+            raise RuntimeError("reading the store failed: %s" % (r.stdout + r.stderr)[-2000:])
+        return sorted(ast.literal_eval(line) for line in r.stdout.splitlines())
 
     def restart(self):
         self.stop()

@@ -218,4 +218,104 @@ def case_fewer_slots():
     print("OK fewer_slots")
 
 
+def case_memory_error_growing_the_read_buffer():
+    # A MemoryError while the record buffer grows (reading a record larger
+    # than any before, here in a compaction) must leave the store usable:
+    # it once left the buffer None, and every later commit failed with a
+    # TypeError (fuzz seed 1187).
+    from broker import store
+
+    st, rep = reopen()
+    want = {}
+    for i in range(3):
+        want["r/%d" % i] = bytes([i]) * (300 + 200 * i)
+        st.put("r/%d" % i, want["r/%d" % i])
+        st.commit()
+    real = bytearray
+
+    def short(n):
+        if n > 256:
+            raise MemoryError("memory allocation failed, allocating %d bytes" % n)
+        return real(n)
+
+    store.bytearray = short  # module globals come before builtins
+    st._buf = real(256)  # as after open(): the next large record grows it
+    try:
+        st.compact()
+        raise AssertionError("no MemoryError")
+    except MemoryError:
+        pass
+    finally:
+        del store.bytearray
+    check(st, want)
+    st.put("r/x", b"x" * 900)
+    want["r/x"] = b"x" * 900
+    st.commit()
+    st.compact()
+    check(st, want)
+    st, rep = reopen()
+    check(st, want)
+    print("OK memory_error_growing_the_read_buffer")
+
+
+def case_memory_error_in_a_commit_keeps_the_batch():
+    # A commit that runs out of heap (here in the compaction before it,
+    # growing the record buffer) collects and tries once more; when that
+    # fails too, its batch stays staged and the next commit writes it
+    # (fuzz seed 3997896285 lost a batch so, and its deletions with it).
+    from broker import store
+
+    st, rep = reopen(slots=2)  # every third commit compacts first
+    want = {}
+    real = bytearray
+    fails = [0]
+
+    def short(n):
+        if n > 256 and fails[0]:
+            fails[0] -= 1
+            raise MemoryError("memory allocation failed, allocating %d bytes" % n)
+        return real(n)
+
+    def put(k, n):
+        want[k] = k.encode() * (n // len(k))
+        st.put(k, want[k])
+
+    store.bytearray = short
+    try:
+        put("r/0", 900)
+        st.commit()
+        put("r/1", 700)
+        st.commit()
+        # Compacts: the first try fails growing the buffer (to twice its
+        # size, and to just the size needed), the second works.
+        st._buf = real(256)
+        put("r/2", 500)
+        fails[0] = 2
+        c = st.stats["compactions"]
+        st.commit()
+        assert fails[0] == 0 and st.stats["compactions"] == c + 1 and st.pending() == 0
+        put("r/3", 300)
+        st.commit()
+        # Compacts again: both tries fail; the batch waits for the next.
+        st._buf = real(256)
+        put("r/4", 400)
+        fails[0] = 4
+        try:
+            st.commit()
+            raise AssertionError("no MemoryError")
+        except MemoryError:
+            pass
+        assert fails[0] == 0 and st.pending() > 0
+        st.delete("r/0")
+        del want["r/0"]
+        st.commit()
+    finally:
+        del store.bytearray
+    assert st.pending() == 0
+    check(st, want)
+    st, rep = reopen(slots=2)
+    check(st, want)
+    print("OK memory_error_in_a_commit_keeps_the_batch")
+
+
 globals()["case_" + CASE]()

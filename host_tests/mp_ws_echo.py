@@ -20,7 +20,7 @@ if "--py-unmask" in sys.argv:
     websocket._unmask = websocket._unmask_py
 
 
-def _check(user, password):
+async def _check(user, password):
     return user == "user" and password == "pass"
 
 

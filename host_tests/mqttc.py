@@ -317,6 +317,23 @@ def connect_bytes(client_id="", version=4, **kw):
     return P.encode(Connect(client_id, version=version, **kw))
 
 
+def collect(c, seconds):
+    """Every PUBLISH c receives (and acknowledges) within the next
+    `seconds`, bounded even when messages keep coming, as $SYS ones do."""
+    end = time.time() + seconds
+    out = []
+    while True:
+        left = end - time.time()
+        if left <= 0:
+            return out
+        p = c.poll(left)
+        if p is None:
+            return out
+        assert p.type == PUBLISH, p
+        c.ack(p)
+        out.append(p)
+
+
 _sys_n = [0]
 
 

@@ -207,3 +207,26 @@ def test_v311_session_can_be_resumed_by_v5_client(broker, pub):
     assert c.connack.session_present is True
     assert c.get().payload == b"x"
     c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_a_session_resumed_without_expiry_leaves_nothing_on_flash():
+    # Found by fuzzing (seed 90210): a message queued for a kept session,
+    # then delivered after a resumption that no longer keeps it (v5 clean
+    # start 0, Session Expiry 0), stayed on flash for good; so did the
+    # record of one in flight, acknowledged after such a resumption.
+    with BrokerProc(board="esp32") as b:
+        s = Client(b.port, "px", version=5, props={SESSION_EXPIRY: 600})
+        assert s.subscribe([("leak/#", 1)]) == [1]
+        p = Client(b.port, "px-pub", version=5)
+        p.publish("leak/inflight", b"i", qos=1)
+        assert s.get(ack=False).payload == b"i"  # in flight, on flash
+        s.close()
+        p.publish("leak/queued", b"q", qos=1)  # queued, on flash
+        p.disconnect()
+        s = Client(b.port, "px", version=5, clean=False)  # Session Expiry 0: ends at the disconnect
+        assert s.connack.session_present
+        assert sorted(m.payload for m in s.messages(2)) == [b"i", b"q"]
+        s.disconnect()
+        time.sleep(0.5)  # the store commits the session's end
+        b.stop()
+        assert b.store_keys() == []

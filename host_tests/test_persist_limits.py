@@ -39,3 +39,72 @@ def test_full_store_refuses_retained_publish_with_quota_exceeded_and_keeps_older
     finally:
         b.kill9()
         b.tmp.cleanup()
+
+
+COMMIT_OOM = r"""
+# A commit that runs out of heap (the store keeps its batch staged) is
+# tried again shortly; the acknowledgement held for it goes out once it
+# succeeds, and its client is not closed.
+import asyncio
+import sys
+from broker import config
+from broker.core import Broker
+from broker.persist import Persist
+from mp_oom import fail_first
+
+b = Broker(config.build({"persistence": True}))
+p = Persist(b, sys.argv[1], 65536)
+p.store.open()
+p.store.commit, fails = fail_first(p.store.commit, 2, 2304)
+
+
+class C:
+    closing = False
+    held = 0
+    got = []
+
+    def send(self, pkt):
+        C.got.append(pkt)
+
+    def close_soon(self):
+        C.closing = True
+
+
+async def main():
+    asyncio.create_task(p._committer())
+    p._put("rk", b"v")
+    p.hold(C(), b"\x40\x02\x00\x07")
+    await asyncio.sleep_ms(800)
+    print("fails", fails[0], "acked", C.got == [b"\x40\x02\x00\x07"], "closed", C.closing,
+          "pending", p.store.pending(), "failed", p.failed)
+    # Out of heap for good: after about 2 s the batch is given up, its
+    # client closed (it sends again), and the store works on.
+    fails[0] = 1000
+    C.got = []
+    p._put("rk2", b"v")
+    p.hold(C(), b"\x40\x02\x00\x08")
+    await asyncio.sleep_ms(3000)
+    print("gave up", C.got == [], "closed", C.closing, "pending", p.store.pending(), "failed", p.failed)
+    fails[0] = 0
+    p._put("rk3", b"v")
+    await asyncio.sleep_ms(300)
+    print("after", sorted(k for k, v in p.store.items()))
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_commit_out_of_heap_is_tried_again_and_its_acknowledgement_still_goes_out(tmp_path):
+    # Found by fuzzing the shipped defaults (make test's seeds, run as one
+    # session): 'store commit failed: MemoryError (allocating 2304 bytes)'
+    # ten times over, each closing the clients whose acknowledgements
+    # waited (the normal publisher among them).
+    from conftest import run_mp
+
+    r = run_mp(COMMIT_OOM, args=[tmp_path / "store"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fails 0 acked True closed False pending 0 failed 0" in r.stdout, r.stdout + r.stderr
+    assert "gave up True closed True pending 0 failed 1" in r.stdout, r.stdout + r.stderr
+    assert "after ['rk', 'rk3']" in r.stdout, r.stdout + r.stderr
+    assert "out of memory; trying again" in r.stdout, r.stdout

@@ -7,11 +7,10 @@ retained messages sent on subscribe, for wills, and $SYS read-only for
 everyone (docs/security.md, "The ACL file")."""
 import subprocess
 import sys
-import time
 
 import pytest
 
-from mqttc import PUBACK, PUBLISH, PUBREC, BrokerProc, Client
+from mqttc import PUBACK, PUBREC, BrokerProc, Client, collect
 
 from conftest import REPO
 
@@ -84,23 +83,6 @@ def cl(broker, user=None, version=5, cid=None, **kw):
 def delivered(sub, topic, timeout=0.5):
     """Topics of the PUBLISHes sub receives until none comes for timeout."""
     return [m.topic for m in sub.messages(timeout=timeout)]
-
-
-def collect(c, seconds):
-    """Every PUBLISH c receives within the next `seconds` (bounded even
-    when messages keep coming, as $SYS ones do every second)."""
-    end = time.time() + seconds
-    out = []
-    while True:
-        left = end - time.time()
-        if left <= 0:
-            return out
-        p = c.poll(left)
-        if p is None:
-            return out
-        assert p.type == PUBLISH, p
-        c.ack(p)
-        out.append(p)
 
 
 # ---------------------------------------------------------------- user + topic

@@ -18,6 +18,7 @@ from mqttc import (CONNACK, DISCONNECT, REASON_STRING, BrokerProc, Client, Raw,
                    connect_bytes, enc, decode)
 from mqtt.packets import Auth, Connect  # noqa: E402
 
+from brokerfixtures import broker_survives  # noqa: F401
 from conftest import REPO
 
 PASSWD = [sys.executable, str(REPO / "tools" / "passwd")]
@@ -92,15 +93,6 @@ def broker(pwfile):
            "max_connection_rate": 0}
     with BrokerProc(board="esp32", config=cfg) as b:
         yield b
-
-
-@pytest.fixture(autouse=True)
-def still_alive(request):
-    yield
-    if "broker" in request.fixturenames:
-        b = request.getfixturevalue("broker")
-        assert b.alive(), "broker died:\n" + b.log()[-3000:]
-        assert "Traceback" not in b.log(), b.log()[-3000:]
 
 
 def sys_value(port, name, src="127.0.0.250", timeout=3):

@@ -91,6 +91,14 @@ def test_batches_split_into_inline_parts_read_back(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "split_batches")
 
 
+def test_memory_error_growing_the_read_buffer_leaves_the_store_usable(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "memory_error_growing_the_read_buffer")
+
+
+def test_memory_error_in_a_commit_keeps_the_batch_for_the_next(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "memory_error_in_a_commit_keeps_the_batch")
+
+
 def test_reopen_with_fewer_slots_keeps_data(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "fewer_slots")
 

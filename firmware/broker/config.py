@@ -120,7 +120,7 @@ def _check_listeners(cfg):
         if not isinstance(L, dict):
             raise ConfigError("%s: expected an object" % where)
         for k in L:
-            if k not in ("port", "bind_address", "protocol", "certfile", "keyfile", "http_basic"):
+            if k not in _LISTENER_KEYS:
                 raise ConfigError("%s: unknown key '%s'" % (where, k))
         p = L.get("port")
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= _U16:
@@ -129,12 +129,29 @@ def _check_listeners(cfg):
         L.setdefault("protocol", "mqtt")
         if L["protocol"] not in ("mqtt", "websockets"):
             raise ConfigError("%s: 'protocol' must be mqtt or websockets" % where)
-        if "http_basic" in L and not isinstance(L["http_basic"], bool):
-            raise ConfigError("%s: 'http_basic' must be true or false" % where)
+        for k in ("http_basic", "require_certificate", "use_identity_as_username"):
+            if k in L and not isinstance(L[k], bool):
+                raise ConfigError("%s: '%s' must be true or false" % (where, k))
+        for k in ("certfile", "keyfile", "cafile"):
+            if k in L and (not isinstance(L[k], str) or not L[k]):
+                raise ConfigError("%s: '%s' must be the path of a DER file" % (where, k))
         if L.get("http_basic") and cfg["password_file"] is None:
             raise ConfigError("%s: 'http_basic' needs a password_file" % where)
         if ("certfile" in L) != ("keyfile" in L):
             raise ConfigError("%s: 'certfile' and 'keyfile' go together" % where)
+        # Client certificates, as Mosquitto's listener options: the CA in
+        # cafile must have signed the client's certificate.
+        if L.get("require_certificate") and ("certfile" not in L or "cafile" not in L):
+            raise ConfigError("%s: 'require_certificate' needs 'certfile', 'keyfile' and 'cafile'" % where)
+        if "cafile" in L and not L.get("require_certificate"):
+            raise ConfigError("%s: 'cafile' checks client certificates only with "
+                              "'require_certificate': true" % where)
+        if L.get("use_identity_as_username") and not L.get("require_certificate"):
+            raise ConfigError("%s: 'use_identity_as_username' needs 'require_certificate': true" % where)
+
+
+_LISTENER_KEYS = ("port", "bind_address", "protocol", "certfile", "keyfile", "http_basic",
+                  "require_certificate", "cafile", "use_identity_as_username")
 
 
 _BRIDGE = {  # key: default (None: required)

@@ -113,12 +113,15 @@ class Connection(Output):
         self.reader = asyncio.current_task()
         smv = b.rmv
         own = not getattr(self.t, "shared_ok", True)
-        buf = b.rpool.get() if own else None
-        if own and buf is None:
-            raise MemoryError("no read buffer")
-        mv = memoryview(buf) if own else None
+        buf = mv = None
         have = 0
         try:
+            if own:
+                # In here, so that a MemoryError still ends in finish().
+                buf = b.rpool.get()
+                if buf is None:
+                    raise MemoryError("no read buffer")
+                mv = memoryview(buf)
             while not self.closing:
                 if self.pause is not None and have:
                     cur = mv  # packets left in buf after a pause

@@ -152,6 +152,15 @@ class Broker:
                 n += 1
         return n
 
+    def session_room(self):
+        # Whether new_session_allowed() would find room, without evicting.
+        if len(self.sessions) < self.cfg["max_sessions"]:
+            return True
+        for s in self.sessions.values():
+            if s.conn is None and s.bridge is None:
+                return True
+        return False
+
     def new_session_allowed(self):
         # Room for one more session: when the table is full, the offline
         # session idle longest makes way (logged, counted in $SYS) before
@@ -207,7 +216,8 @@ class Broker:
         w = s.will
         s.will = None
         s.will_at = None
-        if w is None:
+        if w is None or w.topic.startswith("$SYS"):
+            # (refused at CONNECT; this catches a will restored from flash)
             return
         if self.acl is not None and not self.acl.can_write(s.client_id, s.username, w.topic):
             return

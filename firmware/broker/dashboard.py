@@ -1,6 +1,6 @@
 # The dashboard: a page served at GET / on a websockets listener, and the
 # state it shows, published as JSON on $SYS/broker/dashboard/state every
-# 2 s while anyone subscribes to it. See docs/dashboard.md.
+# 2 s while a client that may read it subscribes. See docs/dashboard.md.
 #
 # The page (www/dashboard.html) is an MQTT-over-WebSocket client of its
 # own: it connects to /mqtt like any client, subscribes to $SYS/broker/#,
@@ -16,8 +16,8 @@
 # buffer, and its wire copy), and nothing at all while nobody watches. A
 # polled GET would cost a socket per poll (Pico W has 5 TCP connections
 # in all, ESP32 about 8), a 1 KB request-head buffer and a connection
-# task each time, on top of the same JSON. And over MQTT the broker's ACL
-# decides who may read it, as for every other $SYS topic.
+# task each time, on top of the same JSON. And over MQTT the broker's
+# logins and ACL decide who may read it (may_read()).
 #
 # Imported only when a websockets listener sees a plain GET / or the
 # page's upgrade (/mqtt?dashboard).
@@ -30,7 +30,7 @@ from micropython import const
 from broker import log
 from broker.http import respond
 from broker.message import Message
-from broker.route import route
+from broker.route import deliver
 
 TOPIC = "$SYS/broker/dashboard/state"
 _PERIOD_MS = const(2000)
@@ -257,13 +257,36 @@ def state(b, budget=0):
     return bytes(memoryview(o.b)[: o.n])
 
 
-def watched(b, hits):
-    # True when some subscription matches TOPIC. hits: a scratch list.
+def may_read(b, s):
+    # The state names every client, user and address, so it goes only to a
+    # connected client that logged in as a user the broker checked (with
+    # the password_file, or by its TLS certificate), never to an anonymous
+    # one or one whose user name nobody checked, and, with an acl_file,
+    # only where the ACL grants read on TOPIC. docs/security.md.
+    c = s.conn
+    if c is None or s.username is None:
+        return False
+    if b.auth is None and getattr(c.t, "cert_user", None) is None:
+        return False
+    return b.acl is None or b.acl.can_read(s.client_id, s.username, TOPIC)
+
+
+def readers(b, hits):
+    # {session: subscription identifiers} of the subscriptions matching
+    # TOPIC whose clients may_read() it. hits: a scratch list.
     del hits[:]
     b.subs.match(TOPIC, hits)
-    n = len(hits)
+    out = {}
+    for sub in hits:
+        s = sub.session
+        if s not in out:
+            if not may_read(b, s):
+                continue
+            out[s] = []
+        if sub.subid:
+            out[s].append(sub.subid)
     del hits[:]
-    return n > 0
+    return out
 
 
 def ensure(b):
@@ -280,11 +303,13 @@ async def _run(b):
     while True:
         await asyncio.sleep_ms(_PERIOD_MS)
         try:
-            if not watched(b, hits):
+            to = readers(b, hits)
+            if not to:
                 continue
             m = Message(TOPIC, state(b), 0, False)
-            route(b, m, None, False)
-            m = None
+            for s in to:
+                deliver(b, s, m, 0, False, to[s] or None)
+            m = to = None
         except MemoryError:
             gc.collect()
             log.warning("dashboard: out of memory building the state")

@@ -1,19 +1,26 @@
 # CONNECT -> CONNACK (MQTT 3.1.1 3.1/3.2, 5.0 3.1/3.2): protocol version,
 # client identifier, credentials, will, session take-over and resumption,
-# and the limits of a small board (session table, heap).
+# and the limits of a small board (session table, heap), checked before
+# any password is. login() is also HTTP Basic's on a WebSocket upgrade.
 import time
+from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, encode, Connack, Disconnect, v3_connack_code
 from mqtt import props as P
 from mqtt.topic import valid_topic
 from mqtt.wire import utf8_valid
 from broker import log
-from broker.session import Session, NEVER
+from broker.session import Session, NEVER, SENT, stored_of, seq_of
 from broker.message import Message
 from broker.core import Closed
 from broker.pump import resend_inflight
 
 _ids = 0
+# Longest client id, in UTF-8 bytes. Persistence keys a session's records
+# "q"/"i"/"x" + id + "\0" + a number of up to 10 digits, and the store
+# takes keys of at most 1024 bytes (store.py); 128 leaves room to spare and
+# is far above the 23 the spec requires servers to allow.
+_MAX_CLIENT_ID = const(128)
 
 
 def _refuse(c, reason, why):
@@ -43,6 +50,74 @@ def check_topic(cfg, topic):
     if len(topic) > cfg["max_topic_length"]:
         return False
     return topic.count("/") < cfg["max_topic_levels"]
+
+
+def busy(b, cid):
+    # Why a connection for client id cid (None: not known yet) cannot be
+    # served now, as (reason code, text); None when it can.
+    cfg = b.cfg
+    if not b.heap.room_for_client():
+        return 0x89, "server busy: low memory"
+    old = b.sessions.get(cid) if cid is not None else None
+    if old is not None and old.bridge is not None:
+        return 0x85, "client id of a bridge"
+    if old is None or old.conn is None:
+        # (a take-over frees the connection it takes)
+        if b.connected_count() >= cfg["max_connections"]:
+            return 0x97, "too many connections"
+        if old is None and cid is not None and not b.session_room():
+            return 0x97, "session table full"
+    return None
+
+
+def login(b, peer, username, password):
+    # The one check of a user name and password against the password_file,
+    # for an MQTT CONNECT and for HTTP Basic on a WebSocket upgrade alike.
+    # Returns -1 when they check out, else the milliseconds the refusal is
+    # to be held back. Each failure makes the next login from that address
+    # wait longer (broker.throttle), and a login inside such a wait is
+    # refused without the costly hash (docs/security.md).
+    ip = peer.rsplit(":", 1)[0]
+    th = b.throttle
+    wait = th.delay_ms(ip)
+    if wait:
+        b.stats_auth_failed += 1
+        return wait
+    if b.auth.check(username, password):
+        th.succeeded(ip)
+        return -1
+    b.stats_auth_failed += 1
+    th.failed(ip)
+    log.warning("login failed for user %r from %s", username, peer)
+    return th.delay_ms(ip)
+
+
+def _recheck(b, s, username):
+    # A resumed session may now belong to another user, or the acl_file
+    # may have changed across a restart: what waits for it is checked
+    # against the ACL again, for the user resuming it, before anything is
+    # delivered. Messages it may not read are dropped and counted.
+    acl = b.acl
+    p = b.persist
+    q = s.queue
+    i = 0
+    while i < len(q):
+        if acl.can_read(s.client_id, username, q[i].topic):
+            i += 2
+            continue
+        if p is not None and stored_of(q[i + 1]):
+            p.dequeued(s, q[i], seq_of(q[i + 1]))
+        del q[i : i + 2]
+        b.stats_dropped += 1
+    inf = s.inflight
+    for pid in [k for k in inf if inf[k].state == SENT]:
+        d = inf[pid]
+        if not acl.can_read(s.client_id, username, d.msg.topic):
+            # Not sent again to this user (the client it went to has it).
+            del inf[pid]
+            b.stats_dropped += 1
+            if p is not None:
+                p.acked(s, pid, d)
 
 
 def on_connect(c, mv, off, end):
@@ -78,25 +153,30 @@ def on_connect(c, mv, off, end):
         global _ids
         _ids += 1
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
+    elif len(cid.encode()) > _MAX_CLIENT_ID:
+        _refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
 
-    # Credentials. A failed login is answered late, and later each time
-    # from the same address (broker.throttle), to slow password guessing.
-    if pkt.username is not None and b.auth is not None:
-        ip = c.t.peer.rsplit(":", 1)[0]
-        wait = b.throttle.delay_ms(ip)
-        if wait:
-            # Still in the penalty of earlier failures: refused without the
-            # costly hash, and answered only when the penalty is over.
-            b.stats_auth_failed += 1
+    # Room for it, before any password is hashed: a full broker spends no
+    # CPU on logins it could not serve anyway.
+    why = busy(b, cid)
+    if why is not None:
+        _refuse(c, why[0], why[1])
+
+    # Credentials. A failed login is answered late (the wait login() says).
+    user = pkt.username
+    cn = getattr(c.t, "cert_user", None)
+    if cn is not None:
+        # use_identity_as_username: the TLS handshake checked the client's
+        # certificate; its common name is the user, whatever the CONNECT
+        # says, and no password is asked for (Mosquitto does the same).
+        if not cn:
+            _refuse(c, 0x86, "client certificate has no common name")
+        user = cn
+    elif user is not None and b.auth is not None:
+        wait = login(b, c.t.peer, user, pkt.password)
+        if wait >= 0:
             c.linger_ms = wait
             _refuse(c, 0x86, "bad user name or password")
-        if not b.auth.check(pkt.username, pkt.password):
-            b.stats_auth_failed += 1
-            b.throttle.failed(ip)
-            c.linger_ms = b.throttle.delay_ms(ip)
-            log.warning("login failed for user %r from %s", pkt.username, c.t.peer)
-            _refuse(c, 0x86, "bad user name or password")
-        b.throttle.succeeded(ip)
     elif not cfg["allow_anonymous"]:
         # Anonymous, or a user name with no password file to check it in.
         b.stats_auth_failed += 1
@@ -110,6 +190,10 @@ def on_connect(c, mv, off, end):
     if pkt.will_topic is not None:
         if not check_topic(cfg, pkt.will_topic):
             _refuse(c, 0x90, "will topic is not valid")
+        if pkt.will_topic.startswith("$SYS"):
+            # $SYS is the broker's own (MQTT 4.7.2); a will there is refused
+            # as Mosquitto refuses a will the client may not write.
+            _refuse(c, 0x87, "will topic under $SYS")
         if pkt.will_retain and not cfg["retain_available"]:
             _refuse(c, 0x9A, "retain not available")
         wp = pkt.will_props or {}
@@ -121,17 +205,9 @@ def on_connect(c, mv, off, end):
         will = Message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
         wexp = wp.get(P.MESSAGE_EXPIRY)
 
-    # Heap headroom: refuse before the session costs anything.
-    if not b.heap.room_for_client():
-        _refuse(c, 0x89, "server busy: low memory")
-
     old = b.sessions.get(cid)
-    if old is not None and old.bridge is not None:
-        _refuse(c, 0x85, "client id of a bridge")
-    if old is None or old.conn is None:
-        if b.connected_count() >= cfg["max_connections"]:
-            _refuse(c, 0x97, "too many connections")
     if old is None and not b.new_session_allowed():
+        # (room was there at busy(); a concurrent CONNECT took it)
         _refuse(c, 0x97, "session table full")
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
@@ -155,6 +231,8 @@ def on_connect(c, mv, off, end):
     if old is not None:
         s = old
         present = True
+        if b.acl is not None:
+            _recheck(b, s, user)
     else:
         s = Session(cid)
     s.put("will", will)
@@ -162,13 +240,21 @@ def on_connect(c, mv, off, end):
     s.put("will_expiry", wexp)
     s.put("will_at", None)
     s.put("version", v)
-    s.put("username", b.auth.name(pkt.username) if b.auth is not None and pkt.username else pkt.username)
+    # The password file's copy of the name: one string for a user's sessions.
+    s.put("username", b.auth.name(user) if b.auth is not None and user else user)
+    kept = s.expiry
     if v == 5:
         s.put("expiry", pr.get(P.SESSION_EXPIRY, 0))
     else:
         s.put("expiry", 0 if pkt.clean else (cfg["persistent_client_expiration"] or NEVER))
     if s.expiry:
         c.session_expiry_set = s.expiry
+    elif kept and b.persist is not None:
+        # Resumed, but kept no longer than this connection: its records go
+        # now, since what follows writes none for a session with expiry 0
+        # and would leave these behind (a message sent, or acknowledged,
+        # while the old record stays).
+        b.persist.session_ended(s)
 
     # Limits the client asked for (v5).
     if P.RECEIVE_MAXIMUM in pr:

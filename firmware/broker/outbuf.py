@@ -114,11 +114,12 @@ class Output:
         # A PUBLISH as its head and its payload: the payload goes out from
         # the message itself, so a large one is never copied (a fragmented
         # heap may not have that much in one piece).
-        if self.big is None and self.room(len(head)):
-            self.send(head)
+        fits = self.big is None and self.room(len(head))
+        self.send(head)
+        if fits and self.big is None:
             self.big = payload
         else:
-            self.send(head)
+            # (or the head itself went to `big`: no buffer could be had)
             self.send(payload)
 
     def room(self, n):

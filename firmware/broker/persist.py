@@ -440,8 +440,12 @@ class Persist:
         self._del("s" + cid)
         q = s.queue
         for i in range(1, len(q), 2):
-            if stored_of(q[i]):
-                self.dequeued(s, q[i - 1], seq_of(q[i]))
+            inf = q[i]
+            if stored_of(inf):
+                self.dequeued(s, q[i - 1], seq_of(inf))
+                # Not on flash any more (a resumed session kept only for
+                # the connection ends its records here and goes on).
+                q[i] = info(qos_of(inf), retain_of(inf), seq_of(inf), subids_of(inf))
         for pid in s.inflight:
             d = s.inflight[pid]
             if d.stored:

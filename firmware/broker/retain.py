@@ -39,6 +39,9 @@ class Retained:
         # Stores msg (retain flag set), or deletes on an empty payload.
         # Returns False when it was not stored (limit or store full).
         t = msg.topic
+        if t.startswith("$SYS"):
+            # Only the broker writes $SYS (into self.sys, never to flash).
+            return False
         if not msg.payload:
             if t in self.msgs:
                 del self.msgs[t]
@@ -55,8 +58,9 @@ class Retained:
         return True
 
     def load(self, msg):
-        # Restore from flash without writing back.
-        self.msgs[msg.topic] = _packed(msg)
+        # Restore from flash without writing back ($SYS: see set()).
+        if not msg.topic.startswith("$SYS"):
+            self.msgs[msg.topic] = _packed(msg)
 
     def peek(self, topic):
         # The stored message of a topic as a Message, expired or not; None.

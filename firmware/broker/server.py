@@ -121,7 +121,8 @@ def _admit(broker, cs):
     # "quota exceeded" in a CONNACK; past that, sockets are closed at once.
     cfg = broker.cfg
     # Bridge uplinks use sockets from the same lwIP pool, and so do
-    # sockets waiting out a rate-limit delay.
+    # sockets waiting out a rate-limit delay or in a handshake (TLS,
+    # WebSocket upgrade): broker.conn_waiting.
     if len(broker.conns) + len(cfg["bridges"]) + broker.conn_waiting > cfg["max_connections"]:
         return "too many sockets"
     if not broker.heap.room_for_client():
@@ -136,11 +137,23 @@ def _serve(broker, cs, peer, wrap):
     except OSError:
         pass
     if wrap is not None:
-        asyncio.create_task(wrap(broker, cs, peer))
+        # Counted from here: the handshake may take connect_timeout. The
+        # wrapper stops counting it once it is a Connection in conns.
+        broker.conn_waiting += 1
+        try:
+            asyncio.create_task(wrap(broker, cs, peer))
+        except BaseException:
+            broker.conn_waiting -= 1
+            raise
     else:
         c = Connection(broker, TcpTransport(cs, peer))
         broker.conns.append(c)
-        asyncio.create_task(c.run())
+        try:
+            asyncio.create_task(c.run())
+        except BaseException:
+            # No task will ever end it (MemoryError): out of the table.
+            broker.conns.remove(c)
+            raise
 
 
 async def _serve_later(broker, cs, peer, wrap, ms):

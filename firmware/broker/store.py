@@ -334,6 +334,9 @@ class Store:
             raise
 
     def _commit(self, staged, pend):
+        # (An error after the batch was written, while the index is updated,
+        # leaves it staged too: its ops are idempotent, so writing it again
+        # is harmless.)
         self.discard()
         for key, kb, v in staged:
             self._tns[kb[0]] = 1
@@ -604,11 +607,19 @@ class Store:
 
     def _grow(self, n):
         # The read buffer only grows, at least doubling, so that reading
-        # records of many sizes leaves few holes in the heap.
+        # records of many sizes leaves few holes in the heap; on a heap too
+        # fragmented for that, to just what this record needs. The old one
+        # is kept until a new one is had (callers hold it too, so dropping
+        # it first would free nothing): without a buffer the store could
+        # not read at all, and a MemoryError leaves it as it was.
         k = len(self._buf)
         if k < n:
-            self._buf = None
-            self._buf = bytearray(max((n + 255) & ~255, 2 * k))
+            want = (n + 255) & ~255
+            try:
+                b = bytearray(max(want, 2 * k))
+            except MemoryError:
+                b = bytearray(want)
+            self._buf = b
         return self._buf
 
     def _crc_file(self, f, n, crc):

@@ -20,6 +20,9 @@ _EAGAIN = 11
 
 class TcpTransport:
     raw = None  # the TCP socket under a TLS one, closed with it
+    # On a listener with use_identity_as_username: the common name of the
+    # client's certificate, "" when it has none (listeners.py).
+    cert_user = None
 
     def __init__(self, sock, peer):
         self.sock = sock
@@ -34,6 +37,10 @@ class TcpTransport:
                 if e.args[0] != _EAGAIN:
                     raise
                 n = None
+            except ValueError as e:
+                # A TLS handshake that refused the client's certificate
+                # (require_certificate): a failed read like any other.
+                raise _refused(e)
             if n is not None:
                 return n
             yield core._io_queue.queue_read(s)
@@ -73,6 +80,12 @@ class TcpTransport:
                     s.close()
                 except Exception:
                     pass
+
+
+def _refused(e):
+    # Built here, not in recv_into: a deeper expression there would make
+    # the frame every waiting reader keeps one heap block larger.
+    return OSError("client certificate refused: %s" % str(e).strip())
 
 
 def peer_str(addr):

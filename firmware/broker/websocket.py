@@ -10,7 +10,8 @@
 # returns a WsTransport or None. Failures answer 400 (RFC 6455 4.2.1), 405
 # for a method other than GET, 426 with "Sec-WebSocket-Version: 13" for
 # another or a missing version (4.4), 401 with a Basic challenge when
-# check_basic is set and the credentials are missing or wrong.
+# check_basic (a coroutine function: user, password -> True to let in) is
+# set and the credentials are missing or wrong.
 #
 # Subprotocols: MQTT clients must offer "mqtt" (MQTT 3.1.1 section 6, MQTT 5
 # section 6); old clients offer "mqttv3.1". We answer with the first offered
@@ -141,20 +142,22 @@ def _key_ok(key):
         return False
 
 
-def _basic_ok(value, check):
+def _basic_credentials(value):
+    # An Authorization header's Basic credentials as (user, password), or
+    # None when it holds none.
     if not value:
-        return False
+        return None
     sp = value.find(" ")
     if sp < 0 or value[:sp].lower() != "basic":
-        return False
+        return None
     try:
         cred = str(binascii.a2b_base64(value[sp + 1 :].strip()), "utf-8")
     except (ValueError, UnicodeError):
-        return False
+        return None
     c = cred.find(":")
     if c < 0:
-        return False
-    return bool(check(cred[:c], cred[c + 1 :]))
+        return None
+    return cred[:c], cred[c + 1 :]
 
 
 async def _refuse(t, status, reason, extra=()):
@@ -199,9 +202,11 @@ async def upgrade(t, req, protocols=_PROTOCOLS, check_basic=None, max_size=8192)
         if proto is None:
             await _refuse(t, 400, "Bad Request")
             return None
-    if check_basic is not None and not _basic_ok(h.get("authorization"), check_basic):
-        await _refuse(t, 401, "Unauthorized", (("WWW-Authenticate", 'Basic realm="mqtt"'),))
-        return None
+    if check_basic is not None:
+        cred = _basic_credentials(h.get("authorization"))
+        if cred is None or not await check_basic(cred[0], cred[1]):
+            await _refuse(t, 401, "Unauthorized", (("WWW-Authenticate", 'Basic realm="mqtt"'),))
+            return None
     hdrs = [
         ("Upgrade", "websocket"),
         ("Connection", "Upgrade"),

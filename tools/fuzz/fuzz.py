@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Network fuzzer for the broker, run under CPython against the real broker
-(MicroPython unix port, a board profile's heap).
+on the board twin, with a board's shipped defaults (persistence on,
+anonymous clients refused, the connection-rate limit on) at its heap.
 
     .venv/bin/python tools/fuzz/fuzz.py                     # starts its own broker, 60 s
     .venv/bin/python tools/fuzz/fuzz.py --seed 42 --cases 20000 --seconds 600
-    .venv/bin/python tools/fuzz/fuzz.py --port 1883         # a broker already running
+    .venv/bin/python tools/fuzz/fuzz.py --port 1883 --user u --password p   # a broker already running
     .venv/bin/python tools/fuzz/fuzz.py --seed 42 --only 1234 --show   # one case, as hex
 
 What it sends, one TCP connection per case, from many loopback source
@@ -27,7 +28,8 @@ see an address flood without refusing the fuzzer):
               for unknown ids, QoS 2 id reuse, server-only packets
   big         packets around and over max_packet_size, and claims of huge
               ones that never arrive
-Each case is sent whole, in random chunks, or followed by a half-close,
+Cases that need a session log in as the test user; a few log in with a
+wrong password or none. Each case is sent whole, in random chunks, or followed by a half-close,
 and the answer is read for a moment; answers that our codec cannot decode
 are findings. Alongside: slow-drip (slowloris) clients that send CONNECT one
 byte per second, and a burst of idle half-open sockets; all must be closed
@@ -39,7 +41,8 @@ the end it checks: the broker is alive; no traceback and no internal
 error in its log; every tick reached the subscriber over its original
 connection; the session survives a reconnect (session present, subscription
 delivers); a new client connects; the heap ($SYS/broker/heap/used) is back
-within a margin of its baseline.
+within a margin of its baseline, the session table is empty again, and,
+once the broker has stopped, its store holds no record (check_store()).
 
 A crash or an internal error is reproduced case by case on a fresh broker
 and the guilty case minimized (delta debugging); findings print the case
@@ -63,6 +66,18 @@ for p in (os.path.join(REPO, "lib"), os.path.join(REPO, "host_tests")):
 
 from mqtt.errors import MQTTError  # noqa: E402
 from framer import Framer  # noqa: E402
+import mqtt.packets as K  # noqa: E402
+from brokerproc import TEST_PASSWORD, TEST_USER  # noqa: E402
+
+# The login of the fuzzer's clients: the test user every BrokerProc knows
+# (the broker runs with its board's shipped defaults: anonymous clients
+# refused). main() sets these for a broker run elsewhere (--user).
+USER = TEST_USER
+PASSWORD = TEST_PASSWORD.encode()
+# The broker's config besides its board's shipped defaults (persistence
+# on, anonymous clients refused, the connection-rate limit on): $SYS every
+# second, so that the heap and session checks read current values.
+CONFIG = {"sys_interval": 1}
 
 KINDS = ("random", "valid", "mutated", "utf8", "topics", "props", "protocol", "big")
 WEIGHTS = (8, 10, 30, 10, 12, 14, 10, 6)
@@ -232,9 +247,25 @@ def auth(reason=0, pr=None):
     return pkt(0xF0, bytes((reason,)) + props(pr or []))
 
 
+def creds(rng):
+    """(user, password) of a case's CONNECT: the test user's mostly, so
+    that the case gets a session; now and then none (refused as
+    anonymous) or a wrong one, so that refusals and the login throttle are
+    fuzzed too."""
+    r = rng.random()
+    if r < 0.04:
+        return None, None
+    if r < 0.07:
+        return USER, b"wrong"
+    if r < 0.08:
+        return "nobody", PASSWORD
+    return USER, PASSWORD
+
+
 def good_connect(rng, version, persistent_ok=False):
     # Client ids from a small pool, so sessions are reused, not piled up.
     cid = "fz%d" % rng.randrange(8)
+    user, pw = creds(rng)
     pr = valid_props(rng, "C") if version == 5 else None
     if pr is not None:
         pr = [(i, v) for i, v in pr if i != 0x11 or persistent_ok]
@@ -245,7 +276,7 @@ def good_connect(rng, version, persistent_ok=False):
         will = ("fz/will/%d" % rng.randrange(4), b"bye", rng.randrange(3), rng.random() < 0.2,
                 valid_props(rng, "W") if version == 5 else None)
     return connect(version, cid, clean=not persistent_ok or rng.random() < 0.7,
-                   keepalive=rng.choice((0, 5, 60, 65535)), will=will, pr=pr)
+                   keepalive=rng.choice((0, 5, 60, 65535)), user=user, pw=pw, will=will, pr=pr)
 
 
 def valid_packet(rng, version, allow_server=False):
@@ -344,7 +375,8 @@ def mutate(rng, data):
 
 
 class Case:
-    __slots__ = ("index", "kind", "version", "prefix", "data", "mode", "chunks", "detail", "clean_prefix")
+    __slots__ = ("seed", "index", "kind", "version", "prefix", "data", "mode", "chunks", "detail",
+                 "clean_prefix")
 
     def __init__(self, index, kind, version, prefix, data, mode, chunks, detail, clean_prefix):
         self.index = index
@@ -361,8 +393,8 @@ class Case:
         return self.prefix + self.data
 
     def describe(self):
-        return "case %d (%s, v%d, %s, %s%s): %s" % (
-            self.index, self.kind, self.version, self.detail, self.mode,
+        return "seed %s case %d (%s, v%d, %s, %s%s): %s" % (
+            self.seed, self.index, self.kind, self.version, self.detail, self.mode,
             ", %d chunks" % self.chunks if self.chunks else "", self.bytes().hex())
 
 
@@ -377,8 +409,6 @@ def _persistent_connect(data):
         if r is None or r[0] != 0x10:
             return False
         first, body = r
-        import mqtt.packets as K
-
         p = K.decode(first, body, 0, len(body), 4)
     except (MQTTError, Exception):
         return False
@@ -389,12 +419,42 @@ def _persistent_connect(data):
     return not p.clean
 
 
+def retained_topics(data):
+    """The topics a case's bytes may leave a retained message on (retained
+    PUBLISHes, wills with retain), as our codec, the broker's, reads them.
+    The cleanup clears them by name: no filter reaches a topic that
+    starts with '$', and mutations make such topics."""
+    out = set()
+    f = Framer()
+    f.feed(data)
+    version = 4
+    while True:
+        try:
+            r = f.next_raw()
+        except MQTTError:
+            return out  # the broker stops reading there too
+        if r is None:
+            return out
+        first, body = r
+        try:
+            if first >> 4 == 1:
+                p = K.decode(first, body, 0, len(body), 4)
+                version = 5 if p.version == 5 else 4
+                if p.will_topic and p.will_retain:
+                    out.add(p.will_topic)
+            elif first >> 4 == 3 and first & 1:
+                out.add(K.decode_publish(first, body, 0, len(body), version)[0])
+        except Exception:
+            pass  # not a packet the broker would take either
+
+
 def make_case(seed, index):
     rng = random.Random("%s:%d" % (seed, index))
     for _ in range(20):
         c = _make_case(rng, index)
         if not _persistent_connect(c.bytes()):
-            return c
+            break
+    c.seed = seed
     return c
 
 
@@ -420,8 +480,9 @@ def _make_case(rng, index):
             pr = valid_props(rng, "C", 3) if v == 5 else None
             will = ("fz/w", b"w", 1, False, valid_props(rng, "W", 2) if v == 5 else None) \
                 if rng.random() < 0.5 else None
-            base = connect(v, "fz%d" % rng.randrange(8), True, 30, "u" if rng.random() < 0.3 else None,
-                           b"p" if rng.random() < 0.3 else None, will, pr)
+            user, pw = creds(rng) if rng.random() < 0.7 else ("u" if rng.random() < 0.5 else None,
+                                                               b"p" if rng.random() < 0.5 else None)
+            base = connect(v, "fz%d" % rng.randrange(8), True, 30, user, pw, will, pr)
             prefix = b""
             clean_prefix = False
         else:
@@ -440,13 +501,14 @@ def _make_case(rng, index):
         detail = where + ":" + bad.hex()
         data = b""
         if where == "cid":
-            prefix, data = b"", connect(v, bad)
+            prefix, data = b"", connect(v, bad, user=USER, pw=PASSWORD)
             clean_prefix = False
         elif where == "user":
             prefix, data = b"", connect(v, "fz0", user=bad, pw=b"x")
             clean_prefix = False
         elif where == "will":
-            prefix, data = b"", connect(v, "fz1", will=(b"fz/" + bad, b"x", 0, False, None))
+            prefix, data = b"", connect(v, "fz1", will=(b"fz/" + bad, b"x", 0, False, None), user=USER,
+                                        pw=PASSWORD)
             clean_prefix = False
         elif where == "pub":
             data = publish(v, b"fz/" + bad, b"x", rng.randrange(3))
@@ -515,7 +577,7 @@ def _make_case(rng, index):
         elif op == "subid":
             pr = [(0x0B, rng.choice((vbi(0), vbi(268435455), b"\xff\xff\xff\xff\x7f", vbi(5))))]
         if letter in ("C", "W"):
-            body = connect(5, "fz%d" % rng.randrange(8), True, 30,
+            body = connect(5, "fz%d" % rng.randrange(8), True, 30, USER, PASSWORD,
                            will=("fz/w", b"w", 0, False, pr) if letter == "W" else None,
                            pr=pr if letter == "C" else valid_props(rng, "C", 1))
             prefix, data = b"", body
@@ -557,15 +619,17 @@ def _make_case(rng, index):
             prefix = b""
             clean_prefix = False
             f = rng.choice((0x04 | 0x18, 0x20, 0x08, 0x01 | 0x02))  # will QoS 3, retain w/o will, QoS w/o will, reserved
-            data = connect(v, "fz2", flags_extra=f & ~0x04, will=("fz/w", b"x", 0, False, None) if f & 0x04 else None)
+            data = connect(v, "fz2", flags_extra=f & ~0x04, will=("fz/w", b"x", 0, False, None) if f & 0x04 else None,
+                           user=USER, pw=PASSWORD)
         elif op == "bad_proto":
             prefix = b""
             clean_prefix = False
-            data = connect(rng.choice((0, 2, 3, 6, 255)), "fz3", name=rng.choice(("MQTT", "MQIsdp", "MQTX", "")))
+            data = connect(rng.choice((0, 2, 3, 6, 255)), "fz3", name=rng.choice(("MQTT", "MQIsdp", "MQTX", "")),
+                           user=USER, pw=PASSWORD)
         elif op == "reserved_flag":
             prefix = b""
             clean_prefix = False
-            data = connect(v, "fz3", flags_extra=0x01)
+            data = connect(v, "fz3", flags_extra=0x01, user=USER, pw=PASSWORD)
         elif op == "disconnect_expiry" and v == 5:
             data = disconnect(5, 0, [(0x11, u32(rng.choice((0, 60, 0xFFFFFFFF))))])
         elif op == "alias_unknown" and v == 5:
@@ -577,7 +641,7 @@ def _make_case(rng, index):
         elif op == "v3":
             prefix = b""
             clean_prefix = False
-            data = connect(3, "fz4", name="MQIsdp")
+            data = connect(3, "fz4", name="MQIsdp", user=USER, pw=PASSWORD)
         else:
             data = valid_packet(rng, v)
     else:  # big
@@ -644,7 +708,7 @@ def run_case(case, port, timeout=0.25, log=None):
         return "connect-failed:%s" % e.__class__.__name__, None, b""
     me = "%s:%d" % sk.getsockname()[:2]
     if log is not None:
-        log(me, case.index)
+        log(me, case)
     got = bytearray()
     outcome = "sent"
     try:
@@ -704,8 +768,6 @@ def check_answer(case, answer):
                 if first >> 4 != 3:
                     return "client-only packet type %d from the broker" % (first >> 4)
                 continue
-            import mqtt.packets as K
-
             K.decode(first, body, 0, len(body), case.version)
     except MQTTError as e:
         return "undecodable answer (%s): %s" % (e, answer.hex())
@@ -719,6 +781,7 @@ class NormalClient:
     answers nothing else, records what arrives."""
 
     def __init__(self, port, cid, version, clean=True, props=None, keepalive=20, src="127.0.0.1"):
+        # Logs in as USER (normal clients, observers and the cleanup).
         self.port, self.cid, self.version = port, cid, version
         self.clean, self.conn_props, self.keepalive, self.src = clean, props, keepalive, src
         self.lock = threading.Lock()
@@ -734,7 +797,7 @@ class NormalClient:
         self.sk.settimeout(5)
         self.sk.bind((self.src, 0))
         self.sk.connect(("127.0.0.1", self.port))
-        self.sk.sendall(connect(self.version, self.cid, self.clean, self.keepalive,
+        self.sk.sendall(connect(self.version, self.cid, self.clean, self.keepalive, USER, PASSWORD,
                                 pr=self.conn_props))
         self.f = Framer()
         self.connack = self._read_one(5)
@@ -786,8 +849,6 @@ class NormalClient:
                 first, body = r[0], bytes(r[1])
                 t = first >> 4
                 if t == 3:
-                    import mqtt.packets as K
-
                     topic, pid, pr, off = K.decode_publish(first, body, 0, len(body), self.version)
                     with self.lock:
                         self.msgs.append((topic, body[off:]))
@@ -908,11 +969,12 @@ def heap_used(port, samples=3):
     """The lowest of a few readings of $SYS/broker/heap/used (collected
     after a gc.collect() by the broker every sys_interval)."""
     vals = []
-    for _ in range(samples):
+    for i in range(samples):
+        if i:
+            time.sleep(1.05)  # the next collection
         v = sys_value(port, "heap/used")
         if v is not None:
             vals.append(int(v))
-        time.sleep(1.05)
     return min(vals) if vals else None
 
 
@@ -921,20 +983,21 @@ def heap_used(port, samples=3):
 
 def slowloris(port, n, interval, results, stop):
     """n sockets that each drip a valid CONNECT one byte per interval. Each
-    records how long until the broker closed it (None: never)."""
+    records how long after it connected the broker closed it (None:
+    never). A connect may wait in a full listen backlog; the broker's
+    connect_timeout counts from its accept, so the clock starts then."""
     socks = []
-    data = [connect(4, "fz-slow-%d" % i, keepalive=30) for i in range(n)]
-    t0 = time.time()
+    data = [connect(4, "fz-slow-%d" % i, keepalive=30, user=USER, pw=PASSWORD) for i in range(n)]
     for i in range(n):
         try:
             sk = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.5", 0))
             sk.settimeout(0)
-            socks.append([sk, 0, None])
+            socks.append([sk, 0, None, time.time()])
         except OSError:
             results.append(("slowloris", i, "refused at connect"))
     while not stop.is_set() and any(x[2] is None for x in socks):
         for i, x in enumerate(socks):
-            sk, pos, done = x
+            sk, pos, done, t0 = x
             if done is not None:
                 continue
             try:
@@ -953,17 +1016,16 @@ def slowloris(port, n, interval, results, stop):
                 except OSError:
                     x[2] = time.time() - t0
         stop.wait(interval)
-    for i, (sk, pos, done) in enumerate(socks):
+    for i, (sk, pos, done, _) in enumerate(socks):
         results.append(("slowloris", i, done, pos))
         sk.close()
 
 
 def half_open(port, n, hold, results, stop):
     """n sockets opened at once; some send one byte of a fixed header, some
-    nothing, some half-close their side. Each records when the broker
-    closed it."""
+    nothing, some half-close their side. Each records how long after it
+    connected the broker closed it (see slowloris())."""
     socks = []
-    t0 = time.time()
     for i in range(n):
         try:
             sk = socket.create_connection(("127.0.0.1", port), timeout=2, source_address=("127.0.0.6", 0))
@@ -975,7 +1037,7 @@ def half_open(port, n, hold, results, stop):
         elif i % 3 == 2:
             sk.sendall(b"\x10\x20\x00")
         sk.settimeout(0)
-        socks.append([sk, None])
+        socks.append([sk, None, time.time()])
     end = time.time() + hold
     while time.time() < end and not stop.is_set() and any(x[1] is None for x in socks):
         for x in socks:
@@ -983,13 +1045,13 @@ def half_open(port, n, hold, results, stop):
                 continue
             try:
                 if x[0].recv(1024) == b"":
-                    x[1] = time.time() - t0
+                    x[1] = time.time() - x[2]
             except BlockingIOError:
                 pass
             except OSError:
-                x[1] = time.time() - t0
+                x[1] = time.time() - x[2]
         stop.wait(0.1)
-    for i, (sk, done) in enumerate(socks):
+    for i, (sk, done, _) in enumerate(socks):
         results.append(("halfopen", i, done))
         sk.close()
 
@@ -1001,12 +1063,14 @@ class Report:
     def __init__(self, seed):
         self.seed = seed
         self.cases = 0
+        self.by_seed = {}
         self.by_kind = {}
         self.outcomes = {}
         self.findings = []  # (what, detail, case or None)
         self.heap_base = None
         self.heap_end = None
         self.counts_base = self.counts_end = None
+        self.store_end = None  # keys left in the store (check_store)
         self.ticks = 0
         self.ticks_seen = 0
         self.slow = []
@@ -1017,11 +1081,15 @@ class Report:
 
     def text(self):
         out = ["fuzz: seed %s, %d cases in %.1f s" % (self.seed, self.cases, self.elapsed)]
+        if len(self.by_seed) > 1:
+            out.append("  by seed: " + ", ".join("%s %d" % kv for kv in self.by_seed.items()))
         out.append("  by kind: " + ", ".join("%s %d" % kv for kv in sorted(self.by_kind.items())))
         out.append("  outcomes: " + ", ".join("%s %d" % kv for kv in sorted(self.outcomes.items())))
         out.append("  normal publisher ticks %d, subscriber got %d" % (self.ticks, self.ticks_seen))
         out.append("  heap used: baseline %s, after %s" % (self.heap_base, self.heap_end))
         out.append("  %s: baseline %s, after %s" % (", ".join(COUNTS), self.counts_base, self.counts_end))
+        if self.store_end is not None:
+            out.append("  store records: baseline 0, after %d" % len(self.store_end))
         for r in self.slow:
             out.append("  %s" % (r,))
         if not self.findings:
@@ -1035,10 +1103,14 @@ class Report:
 
 def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True, connect_timeout=10,
          heap_margin=4096, start_index=0, progress=None, warmup=500):
-    """Fuzzes the broker on port. broker: a brokerproc.BrokerProc (for its
-    log and liveness), or None for a broker run elsewhere. Returns a
-    Report."""
-    rep = Report(seed)
+    """Fuzzes the broker on port. seed: one seed, or a list of them run one
+    after the other in one session (one warm-up, one baseline, one set of
+    checks at the end); seconds: for each seed, or a list. cases: at most
+    this many per seed. broker: a brokerproc.BrokerProc (for its log and
+    liveness), or None for a broker run elsewhere. Returns a Report."""
+    seeds = [seed] if isinstance(seed, str) else list(seed)
+    secs = list(seconds) if isinstance(seconds, (list, tuple)) else [seconds] * len(seeds)
+    rep = Report(", ".join(seeds))
     t_start = time.time()
     # Normal clients, from an address of their own.
     sub = NormalClient(port, "fz-normal-sub", 5, clean=True, props=[(0x11, u32(600))],
@@ -1065,38 +1137,58 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
             pub_stop.wait(max(0.0, 1.0 - (time.time() - t)))
 
     # Warm-up (buffers, pools, the rate table fill), then the baseline heap.
+    retained = set()  # topics the cases may have left retained messages on
     for i in range(warmup):
-        run_case(make_case(seed, 10 ** 9 + i), port, 0.05)
-    _cleanup(port)
+        c = make_case(seeds[0], 10 ** 9 + i)
+        retained |= retained_topics(c.bytes())
+        run_case(c, port, 0.05)
+    _cleanup(port, retained)
     rep.heap_base = heap_used(port)
     rep.counts_base = counts(port)
     pt = threading.Thread(target=publisher, daemon=True)
     pt.start()
 
-    peers = {}  # "ip:port" -> case index
+    peers = {}  # "ip:port" -> case
     plock = threading.Lock()
 
-    def note(me, idx):
+    def note(me, case):
         with plock:
-            peers[me] = idx
+            peers[me] = case
 
-    nxt = [start_index]
+    # One phase per seed, each until its deadline (or `cases` cases).
+    phases = []
+    t = time.time()
+    for sd, n in zip(seeds, secs):
+        t += n
+        phases.append([sd, t, start_index])
+    limit = start_index + cases if cases else None
+    recent = []  # the last cases started, suspects if the broker dies
     inflight = {}
     stop = threading.Event()
-    deadline = time.time() + seconds
-    limit = start_index + cases if cases else None
 
     def worker(w):
         while not stop.is_set():
             with plock:
-                i = nxt[0]
-                if (limit is not None and i >= limit) or time.time() >= deadline:
+                now = time.time()
+                ph = None
+                for p in phases:
+                    if now < p[1] and (limit is None or p[2] < limit):
+                        ph = p
+                        break
+                if ph is None:
                     return
-                nxt[0] += 1
-            c = make_case(seed, i)
+                i = ph[2]
+                ph[2] += 1
+            c = make_case(ph[0], i)
+            with plock:
+                recent.append(c)
+                del recent[: -3 * workers]
+                rep.by_seed[c.seed] = rep.by_seed.get(c.seed, 0) + 1
             inflight[w] = c
+            topics = retained_topics(c.bytes())
             outcome, me, ans = run_case(c, port, log=note)
             with plock:
+                retained.update(topics)
                 rep.cases += 1
                 rep.by_kind[c.kind] = rep.by_kind.get(c.kind, 0) + 1
                 o = outcome
@@ -1113,9 +1205,11 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     slow_stop = threading.Event()
     slow_threads = []
     if slow:
-        # In the last stretch: slowloris and half-open sockets against the
-        # fuzzing and the normal clients, for connect_timeout + a margin.
-        lead = max(0.0, seconds - (connect_timeout + 4))
+        # In the last stretch of the first seed's run: slowloris and
+        # half-open sockets against the fuzzing and the normal clients, for
+        # connect_timeout + a margin. (They fill the socket budget, so most
+        # cases meanwhile are refused at accept: the other seeds run on.)
+        lead = max(0.0, secs[0] - (connect_timeout + 4))
 
         def slow_phase():
             if stop.wait(lead):
@@ -1145,9 +1239,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     if broker is not None and not broker.alive():
         rep.add("crash", "broker exited with %s; last log lines:\n%s" % (
             broker.proc.returncode, "\n".join(broker.log().splitlines()[-15:])))
-        suspects = sorted(set(c.index for c in inflight.values()) |
-                          set(range(max(start_index, nxt[0] - 3 * workers), nxt[0])))
-        rep.suspects = suspects
+        rep.suspects = list(inflight.values()) + [c for c in recent if c not in inflight.values()]
         pub_stop.set()
         return rep
     for kind, i, *rest in rep.slow:
@@ -1155,15 +1247,19 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         if done is None or (isinstance(done, float) and done > connect_timeout + 3):
             rep.add("slow client not closed", "%s socket %d: closed after %s s (connect_timeout %d)"
                     % (kind, i, done, connect_timeout))
-    time.sleep(2.5)  # the last ticks
     pub_stop.set()
-    pt.join(5)
+    pt.join(6)  # its last tick acknowledged
     if pub_fail:
         rep.add("normal publisher", "ticks without PUBACK: %s" % pub_fail[:5])
     if sub.error:
         rep.add("normal subscriber", sub.error)
-    with sub.lock:
-        got = set(int(p) for t, p in sub.msgs if t == "fz-normal/tick")
+    end = time.time() + 2
+    while True:
+        with sub.lock:
+            got = set(int(p) for t, p in sub.msgs if t == "fz-normal/tick")
+        if len(got) >= rep.ticks or time.time() > end:
+            break
+        time.sleep(0.05)
     rep.ticks_seen = len(got)
     missing = sorted(set(range(rep.ticks)) - got)
     if missing:
@@ -1189,7 +1285,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         fresh.close()
     except (OSError, ConnectionError) as e:
         rep.add("new client", "could not connect after fuzzing: %r" % e)
-    _cleanup(port)
+    _cleanup(port, retained)
     rep.heap_end = heap_used(port)
     rep.counts_end = counts(port)
     if rep.heap_end is None:
@@ -1198,14 +1294,15 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         rep.add("heap", "heap used grew from %d to %d (margin %d)" % (rep.heap_base, rep.heap_end, heap_margin))
     if broker is not None:
         log = broker.log()
-        for what, c in log_findings(log, peers, seed):
+        for what, c in log_findings(log, peers):
             rep.add(what, "", c) if c is not None else rep.add(what, "(no case matched)")
     return rep
 
 
-def _cleanup(port):
+def _cleanup(port, retained=()):
     """Ends the fuzzer's sessions (its client id pool) and clears the
-    retained messages it left, so the heap can be compared."""
+    retained messages it left (those '#' reaches, and by name the topics
+    in `retained`), so heap, sessions and store can be compared."""
     for i in range(8):
         for v in (5, 4):
             try:
@@ -1221,7 +1318,7 @@ def _cleanup(port):
             topics = set(t for t, p in c.msgs if p)
         c.close()
         # Topics no filter reaches ($share/... names) are cleared by name.
-        todo = sorted(topics | set(TOPICS) | set(FILTERS))
+        todo = sorted(topics | set(retained) | set(TOPICS) | set(FILTERS))
         if os.environ.get("FUZZ_DEBUG"):
             print("cleanup clears", todo)
         c = None
@@ -1241,8 +1338,9 @@ _LOG_BAD = re.compile(r"^(E .*|Traceback.*)$")
 _PEER = re.compile(r"(%s\.\d+\.\d+:\d+)" % re.escape(SRC_NET))
 
 
-def log_findings(log, peers, seed):
-    """(what, case or None) for each traceback and error line in the log."""
+def log_findings(log, peers):
+    """(what, case or None) for each traceback and error line in the log.
+    peers: "ip:port" -> the case sent from there."""
     out = []
     lines = log.splitlines()
     for n, line in enumerate(lines):
@@ -1251,7 +1349,7 @@ def log_findings(log, peers, seed):
         m = _PEER.search(line)
         c = None
         if m and m.group(1) in peers:
-            c = make_case(seed, peers[m.group(1)])
+            c = peers[m.group(1)]
         if line.startswith("Traceback"):
             line = "\n".join(lines[n : n + 12])
         out.append(("log: " + line[:1000], c))
@@ -1318,7 +1416,9 @@ def main(argv=None):
     ap.add_argument("--board", default="esp32")
     ap.add_argument("--heap", default=None, help="heap size (default: the profile's host_heap)")
     ap.add_argument("--port", type=int, default=None, help="fuzz a broker already running there")
-    ap.add_argument("--persistence", action="store_true")
+    ap.add_argument("--no-persistence", action="store_true", help="turn off the board's persistence")
+    ap.add_argument("--user", default=None, help="log in as this user (default: the test user)")
+    ap.add_argument("--password", default=None)
     ap.add_argument("--no-slow", action="store_true", help="no slowloris / half-open phase")
     ap.add_argument("--only", type=int, default=None, help="just run (or --show) case N")
     ap.add_argument("--show", action="store_true", help="print the case(s) instead of sending")
@@ -1330,7 +1430,11 @@ def main(argv=None):
     if a.only is not None and a.show:
         print(make_case(seed, a.only).describe())
         return 0
-    cfg = {"sys_interval": 1, "persistence": a.persistence}
+    global USER, PASSWORD
+    if a.user is not None:
+        USER = a.user
+        PASSWORD = (a.password or "").encode()
+    cfg = dict(CONFIG, persistence=False) if a.no_persistence else dict(CONFIG)
     broker = None
     rep = None
     port = a.port
@@ -1352,7 +1456,8 @@ def main(argv=None):
         rep = fuzz(port, seed, a.seconds, a.cases, a.workers, broker, slow=not a.no_slow,
                    progress=lambda r: print("fuzz: %d cases" % r.cases, flush=True))
         if broker is not None:
-            investigate(rep, seed, a.board, a.heap, cfg, a.minimize)
+            check_store(rep, broker)
+            investigate(rep, a.board, a.heap, cfg, a.minimize)
         print(rep.text())
         return 1 if rep.findings else 0
     finally:
@@ -1361,6 +1466,16 @@ def main(argv=None):
             if a.keep_log or (rep is not None and rep.findings) or not rep_ok_log(broker.log()):
                 print("fuzz: broker log kept at %s" % keep_log(broker, seed))
             broker.tmp.cleanup()
+
+
+def check_store(rep, broker):
+    """Stops the broker and compares its store with the baseline, a fresh
+    store: no records. None of the fuzzer's sessions, queued messages or
+    retained messages may be left on flash after the cleanup."""
+    broker.stop()
+    rep.store_end = broker.store_keys()
+    if rep.store_end:
+        rep.add("store", "records left on flash after the cleanup: %s" % rep.store_end[:20])
 
 
 def keep_log(broker, seed):
@@ -1376,15 +1491,16 @@ def rep_ok_log(log):
     return not re.search(r"^(E |Traceback)", log, re.M)
 
 
-def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True, budget=150):
+def investigate(rep, board="esp32", heap=None, cfg=None, do_minimize=True, budget=150):
     """After a run: finds the case that crashed the broker (replaying the
     suspects one by one on fresh brokers) and minimizes it, or minimizes
     the cases behind error lines in the log. Adds what it finds to rep."""
     cfg = cfg or {"sys_interval": 1}
     if getattr(rep, "suspects", None):
-        culprit = find_culprit(seed, rep.suspects, board, heap, cfg)
+        culprit = find_culprit(rep.suspects, board, heap, cfg)
         if culprit is None:
-            rep.add("crash case", "none of the suspects %s reproduces alone" % rep.suspects)
+            rep.add("crash case", "none of the suspects %s reproduces alone"
+                    % ["%s:%d" % (c.seed, c.index) for c in rep.suspects])
             return
         rep.add("crash case", "reproduces on a fresh broker", culprit)
         if do_minimize:
@@ -1394,8 +1510,8 @@ def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True,
     if do_minimize:
         done = set()
         for what, detail, c in list(rep.findings):
-            if c is not None and what.startswith("log:") and c.index not in done:
-                done.add(c.index)
+            if c is not None and what.startswith("log:") and (c.seed, c.index) not in done:
+                done.add((c.seed, c.index))
                 if reproduces(c.bytes(), board, heap, cfg):
                     m = minimize(c.bytes(), lambda d: reproduces(d, board, heap, cfg), budget)
                     rep.add("minimized", "%s -> %s" % (what[:100], m.hex()))
@@ -1403,9 +1519,8 @@ def investigate(rep, seed, board="esp32", heap=None, cfg=None, do_minimize=True,
                     rep.add("not reproduced alone", what[:100], c)
 
 
-def find_culprit(seed, suspects, board, heap, cfg):
-    for i in suspects:
-        c = make_case(seed, i)
+def find_culprit(suspects, board, heap, cfg):
+    for c in suspects:
         if reproduces(c.bytes(), board, heap, cfg):
             return c
     return None
