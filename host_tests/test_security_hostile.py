@@ -87,15 +87,17 @@ SLOW_ITERATIONS = 200000  # about 0.7 s per check on the twin: a hash shows in t
 
 
 @pytest.fixture(scope="module")
-def slow_login_broker(tmp_path_factory):
+def slow_hash_file(tmp_path_factory):
     # Another password file: the test user's hash made slow, so that a
     # refusal that computed it is told from one that did not by the clock.
-    # Two connections and two sessions, so that a test fills them.
     pf = tmp_path_factory.mktemp("slow") / "passwd"
     pf.write_text("%s:%s\n" % (TEST_USER, pwhash.make_hash(TEST_PASSWORD, SLOW_ITERATIONS)))
-    with BrokerProc(board="esp32", config={"password_file": str(pf), "max_connections": 2,
-                                           "max_sessions": 2}) as b:
-        yield b
+    return str(pf)
+
+
+def slow_login_broker(pf, connections, sessions):
+    return BrokerProc(board="esp32", config={"password_file": pf, "max_connections": connections,
+                                             "max_sessions": sessions})
 
 
 def timed(port, cid, **kw):
@@ -106,26 +108,36 @@ def timed(port, cid, **kw):
     return c.connack.reason, dt
 
 
-def test_a_full_broker_refuses_before_computing_any_password_hash(slow_login_broker):
-    port = slow_login_broker.port
-    _, login = timed(port, "cap-probe")
-    assert login > 0.3, "the slow hash is not slow (%.2f s): the test proves nothing" % login
-    a = Client(port, "cap-a", version=5)
-    b = Client(port, "cap-b", version=5, props={0x11: 600})
-    b.close()  # offline: the session table (2) is full now
-    # Its socket gone too, so that the one a probe uses fits.
-    assert wait_for(lambda: "client cap-b disconnected" in slow_login_broker.log())
-    for kw in ({}, {"password": b"wrong"}):
-        code, dt = timed(port, "cap-new", **kw)
-        assert (code, dt < login / 3) == (0x97, True), ("session table full", kw, code, dt, login)
-    b = Client(port, "cap-b", version=5, clean=False, props={0x11: 600})  # two connected now
-    # A take-over needs no room, so its password is checked.
-    assert timed(port, "cap-a", password=b"wrong")[0] == 0x86
-    for kw in ({}, {"password": b"wrong"}):
-        code, dt = timed(port, "cap-b2", **kw)
-        assert (code, dt < login / 3) == (0x97, True), ("too many connections", kw, code, dt, login)
-    a.close()
-    b.close()
+def test_a_full_session_table_refuses_before_computing_any_password_hash(slow_hash_file):
+    # Two sessions, both connected: nothing can be evicted, and a third
+    # socket still fits (max_connections 3).
+    with slow_login_broker(slow_hash_file, 3, 2) as broker:
+        port = broker.port
+        _, login = timed(port, "cap-probe")
+        assert login > 0.3, "the slow hash is not slow (%.2f s): the test proves nothing" % login
+        a = Client(port, "cap-a", version=5)
+        b = Client(port, "cap-b", version=5)
+        for kw in ({}, {"password": b"wrong"}):
+            code, dt = timed(port, "cap-new", **kw)
+            assert (code, dt < login / 3) == (0x97, True), ("session table full", kw, code, dt, login)
+        # A take-over needs no room, so its password is checked.
+        assert timed(port, "cap-a", password=b"wrong")[0] == 0x86
+        a.close()
+        b.close()
+
+
+def test_a_full_connection_budget_refuses_before_computing_any_password_hash(slow_hash_file):
+    with slow_login_broker(slow_hash_file, 2, 4) as broker:
+        port = broker.port
+        _, login = timed(port, "cap-probe")
+        assert login > 0.3, "the slow hash is not slow (%.2f s): the test proves nothing" % login
+        a = Client(port, "cap-a", version=5)
+        b = Client(port, "cap-b", version=5)
+        for kw in ({}, {"password": b"wrong"}):
+            code, dt = timed(port, "cap-new", **kw)
+            assert (code, dt < login / 3) == (0x97, True), ("too many connections", kw, code, dt, login)
+        a.close()
+        b.close()
 
 
 # ---------------------------------------------------------------- socket budget

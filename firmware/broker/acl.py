@@ -18,6 +18,7 @@
 #   request is refused. Mosquitto refuses '+' and '#' only.
 # - Nobody may publish to $SYS, whatever the file says.
 # docs/security.md has the full rules with examples.
+from broker import config
 from mqtt.compat import const
 from mqtt.topic import matches, valid_filter
 
@@ -88,26 +89,15 @@ class Acl:
 
     @classmethod
     def load(cls, path):
-        # Reads path line by line; ValueError names the file and the line.
+        # ValueError names the file and the line.
         acl = cls()
-        try:
-            f = open(path)
-        except OSError as e:
-            raise ValueError("acl_file %s: cannot open it (%s)" % (path, e))
         user = None
-        n = 0
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    break
-                n += 1
-                try:
-                    user = acl.add_line(line, user)
-                except ValueError as e:
-                    raise ValueError("acl_file %s line %d: %s" % (path, n, e))
-        finally:
-            f.close()
+
+        def take(line):
+            nonlocal user
+            user = acl.add_line(line, user)
+
+        config.read_lines(path, "acl_file", take)
         return acl
 
     def add_line(self, line, user):

@@ -11,6 +11,7 @@
 import os
 
 import pwhash
+from broker import config
 from mqtt.compat import const, ticks_diff, ticks_ms
 
 
@@ -30,51 +31,33 @@ class PasswordFile:
         return cls(path)
 
     def _read(self, path):
-        # Reads path line by line. Raises ValueError naming the file and the
-        # line for anything it cannot use; the message never quotes a
-        # password or a hash.
-        try:
-            f = open(path)
-        except OSError as e:
-            raise ValueError("password_file %s: cannot open it (%s)" % (path, e))
-        n = 0
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    break
-                n += 1
-                self._add_line(line, path, n)
-        finally:
-            f.close()
+        # ValueError names the file and the line for anything it cannot
+        # use; the message never quotes a password or a hash.
+        config.read_lines(path, "password_file", lambda line: self._add_line(line, path))
 
-    def _add_line(self, line, path, n):
+    def _add_line(self, line, path):
         line = line.rstrip("\r\n")
         s = line.strip()
         if not s or s[0] == "#":
             return
         i = line.find(":")
         if i <= 0:
-            raise ValueError("password_file %s line %d: expected username:hash" % (path, n))
+            raise ValueError("expected username:hash")
         user = line[:i]
         pw = line[i + 1 :]
         if pw.startswith(pwhash.PREFIX):
             try:
                 entry = pwhash.parse(pw)
             except ValueError as e:
-                raise ValueError("password_file %s line %d (user '%s'): %s" % (path, n, user, e))
+                raise ValueError("user '%s': %s" % (user, e))
         elif pw.startswith("$6$") or pw.startswith("$7$"):
-            raise ValueError(
-                "password_file %s line %d (user '%s'): this is a Mosquitto SHA-512 hash, which "
-                "the boards cannot check; set the password again with tools/passwd" % (path, n, user)
-            )
+            raise ValueError("user '%s': this is a Mosquitto SHA-512 hash, which the boards cannot "
+                             "check; set the password again with tools/passwd" % user)
         else:
-            raise ValueError(
-                "password_file %s line %d (user '%s'): plain-text password; refusing to start. "
-                "Hash the file with: tools/passwd -U %s" % (path, n, user, path)
-            )
+            raise ValueError("user '%s': plain-text password; refusing to start. Hash the file "
+                             "with: tools/passwd -U %s" % (user, path))
         if user in self._users:
-            raise ValueError("password_file %s line %d: user '%s' is listed twice" % (path, n, user))
+            raise ValueError("user '%s' is listed twice" % user)
         self._users[user] = entry
 
     def add(self, username, hashstr):

@@ -260,3 +260,26 @@ def load_json(path):
         return json.loads(text)
     except ValueError as e:
         raise ConfigError("config file %s is not valid JSON: %s" % (path, e))
+
+
+def read_lines(path, key, take):
+    # For the files config key names (password_file, acl_file): take(line)
+    # for each line. A ValueError it raises comes back naming the file and
+    # the line, as does a file that cannot be opened.
+    try:
+        f = open(path)
+    except OSError as e:
+        raise ValueError("%s %s: cannot open it (%s)" % (key, path, e))
+    n = 0
+    try:
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            n += 1
+            try:
+                take(line)
+            except ValueError as e:
+                raise ValueError("%s %s line %d: %s" % (key, path, n, e))
+    finally:
+        f.close()

@@ -333,7 +333,6 @@ class Persist:
                 if not self.failing:
                     log.error("store commit failed: %r; retrying", e)
                 self.failing = True
-                self.failed += 1
                 gc.collect()
                 await asyncio.sleep_ms(wait)
                 wait = min(wait << 1, _RETRY_MAX_MS)

@@ -165,11 +165,16 @@ async def _serve_later(broker, cs, peer, wrap, ms):
     try:
         _serve(broker, cs, peer, wrap)
     except Exception as e:
-        try:
-            cs.close()
-        except Exception:
-            pass
+        _drop(cs)
         log.error("accept failed: %r", e)
+
+
+def _drop(cs):
+    # A socket not served: closing it must not end the accept loop.
+    try:
+        cs.close()
+    except Exception:
+        pass
 
 
 def _limiter(broker):
@@ -216,16 +221,10 @@ async def accept_loop(broker, ls, wrap=None):
                 continue
             _serve(broker, cs, peer, wrap)
         except MemoryError:
-            try:
-                cs.close()
-            except Exception:
-                pass
+            _drop(cs)
             gc.collect()
             broker.stats_refused += 1
             log.warning("refused a connection: out of memory")
         except Exception as e:
-            try:
-                cs.close()
-            except Exception:
-                pass
+            _drop(cs)
             log.error("accept failed: %r", e)
