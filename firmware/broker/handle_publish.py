@@ -161,13 +161,15 @@ def on_publish(c, first, mv, off, end):
         _heap_short(c, qos, pid, end - poff + 320)
         return
     refused = b.queue_refusals
+    kept = b.retained.dropped
     stored = p.failed if p is not None else 0
     n = route(b, msg, s)
     b.heap.spend(n << 7)
-    if c.version == 5 and (b.queue_refusals != refused or (p is not None and p.failed != stored)):
-        # A full queue or a full store could not take it: say so rather
-        # than promise it (3.1.1 has no way to say it; there it is dropped
-        # and counted).
+    if c.version == 5 and (b.queue_refusals != refused or b.retained.dropped != kept
+                           or (p is not None and p.failed != stored)):
+        # A full queue, the retained limit or a full store could not take
+        # it: say so rather than promise it (3.1.1 has no way to say it;
+        # there it is dropped and counted).
         reason = 0x97
     else:
         reason = 0 if n or retain else 0x10
