@@ -281,7 +281,7 @@ def test_open_needs_bounded_ram(mpypath, tmp_path, capsys):
     assert "RESULT" in out
     report(
         capsys,
-        "RAM while opening (64-bit unix, bytes): 500 records %s; 2000 records %s"
+        "RAM while opening (the twin, 32-bit, bytes): 500 records %s; 2000 records %s"
         % (peaks[500], peaks[2000]),
     )
 
