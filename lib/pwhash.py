@@ -54,15 +54,6 @@ def _pads(key):
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-def hmac_sha256(key, msg):
-    ipad, opad = _pads(_bytes(key))
-    h = _sha256(ipad)
-    h.update(_bytes(msg))
-    o = _sha256(opad)
-    o.update(h.digest())
-    return o.digest()
-
-
 def pbkdf2_sha256(password, salt, iterations, dklen=32):
     # RFC 8018 section 5.2 with PRF = HMAC-SHA256.
     if iterations < 1:

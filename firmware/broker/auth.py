@@ -160,10 +160,6 @@ class LoginThrottle:
         left = self._wait_ms(e[0]) - ticks_diff(now, e[1])
         return left if left > 0 else 0
 
-    def delay_for(self, addr):
-        # The same in seconds (a float), for asyncio.sleep().
-        return self.delay_ms(addr) / 1000
-
     def failed(self, addr):
         self.failures += 1
         now = ticks_ms()

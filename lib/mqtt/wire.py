@@ -156,8 +156,3 @@ def put_bin(out, b):
         raise MQTTError(MALFORMED, "binary data longer than 65535 bytes")
     put_u16(out, len(b))
     out.extend(b)
-
-
-def str_len(s):
-    # Encoded size of a string field, length prefix included.
-    return 2 + len(s.encode("utf-8") if isinstance(s, str) else s)
