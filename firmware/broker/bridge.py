@@ -271,10 +271,11 @@ class Bridge:
                     p.qos2_released(s, pid)
             s.qos2_in = ()
             inf = s.inflight
-            for pid in [k for k in inf if inf[k].state == RELEASED]:
-                d = inf.pop(pid)
-                if p is not None:
-                    p.acked(s, pid, d)
+            if inf:  # () until the first send
+                for pid in [k for k in inf if inf[k].state == RELEASED]:
+                    d = inf.pop(pid)
+                    if p is not None:
+                        p.acked(s, pid, d)
         if s.conn is not None:
             s.conn.close_soon()
         s.conn = L
