@@ -50,7 +50,7 @@ PLOTTED = 1  # RUNS index of the plotted run
 # Profile settings the table depends on; the test compares them with the
 # current profile.
 PROFILE_KEYS = ("max_connections", "max_connection_rate", "max_queued_messages", "max_inflight_messages",
-                "store_max_bytes", "persistence", "allow_anonymous", "min_free_heap")
+                "store_max_bytes", "persistence", "autosave_interval", "allow_anonymous", "min_free_heap")
 RECORD = REPO / "docs" / "sim.json"
 DOC = REPO / "docs" / "sim.md"
 PNG = REPO / "docs" / "sim.png"
@@ -131,12 +131,13 @@ def setup(rec):
     return ("All runs: the `%s` profile on the board twin (MicroPython v1.28.0 unix port, 32-bit, broker frozen in) "
             "with the profile's heap of %s B and its shipped config: persistence on, password authentication "
             "(allow_anonymous %s), max_connection_rate %d per 10 s per address, max_connections %d, "
-            "max_queued_messages %d, max_inflight_messages %d, a %d KiB store on a %d KiB file system, "
-            "min_free_heap %s B; sys_interval 1. Each run: 4 sensors x 10 msg/s, QoS 1, 1 subscriber with a "
+            "max_queued_messages %d, max_inflight_messages %d, store_max_bytes %d KiB on a file system of %d KiB, "
+            "autosave_interval %d s, min_free_heap %s B; sys_interval 1. Each run: 4 sensors x 10 msg/s, QoS 1, 1 subscriber with a "
             "persistent session, %d s, so %d connections when nobody sleeps." % (
                 rec["board"], _n(p["heap"]), str(p["allow_anonymous"]).lower(), p["max_connection_rate"],
                 p["max_connections"], p["max_queued_messages"], p["max_inflight_messages"],
-                p["store_max_bytes"] // 1024, p["fs_size"] // 1024, _n(p["min_free_heap"]), rec["seconds"],
+                p["store_max_bytes"] // 1024, p["fs_size"] // 1024, p["autosave_interval"], _n(p["min_free_heap"]),
+                rec["seconds"],
                 rec["runs"][0]["connections_needed"]))
 
 
