@@ -4,6 +4,8 @@
 #   make memreport                                   memory on the board twin per board ->
 #                                                    docs/memory.json, docs/memory.md and the docs
 #   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
+#   make sim-docs                                    docs/sim.md's example (4 runs on pico_w) ->
+#                                                    docs/sim.json, its table in docs/sim.md, docs/sim.png
 # amqtt and matplotlib live in their own venv (build/bench-venv, pinned in
 # tools/bench/requirements-amqtt.txt), created here, never in .venv.
 
@@ -17,7 +19,7 @@ SIM_OUT ?= build/sim
 SIM_ARGS ?= --retain --awake 3 --asleep 1 --fault kill9@$$(( $(SECONDS) * 2 / 5 )) --fault stall@$$(( $(SECONDS) * 7 / 10 )):sub0:3
 SIM_BOARD = $(if $(filter command line environment,$(origin BOARD)),$(BOARD),pico_w)
 
-.PHONY: bench memreport sim bench-venv
+.PHONY: bench memreport sim sim-docs bench-venv
 
 bench-venv: $(BENCH_STAMP)
 
@@ -42,3 +44,6 @@ memreport: venv sysdeps twin ## heap on the board twin per board -> docs/memory.
 
 sim: venv bench-venv ## sensor network simulation: make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS=...]
 	@$(BENCH_PY) tools/sim/sim.py --board $(SIM_BOARD) --seconds $(SECONDS) --out $(SIM_OUT) $(SIM_ARGS)
+
+sim-docs: venv twin bench-venv ## docs/sim.md's example, run for real -> docs/sim.json, its table, docs/sim.png (~3 min)
+	@$(BENCH_PY) tools/sim/examples.py

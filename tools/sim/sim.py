@@ -1,10 +1,18 @@
-"""A sensor network on the host: our broker under a board profile, N
+"""A sensor network on the host: our broker as a board runs it, N
 simulated sensors, M subscribers, and injected faults.
 
     python tools/sim/sim.py [--board pico_w] [--seconds 20] [--sensors 4]
         [--rate 10] [--qos 1] [--retain] [--awake 4 --asleep 2]
         [--subscribers 1] [--fault kill9@8] [--fault stall@5:sub0:3]
         [--fault drop@12:sensor1] [--out build/sim]
+
+The broker runs on the board twin (build/twin/micropython: MicroPython
+v1.28.0 built 32-bit with the broker frozen in, tools/twin.py) with the
+board profile's heap and shipped config, as host_tests/brokerproc.py
+starts it: persistence on, password authentication, the connection-rate
+limit on. The sim adds sys_interval 1 (and log_level info, the shipped
+level); every client logs in as brokerproc.TEST_USER from a loopback
+address of its own, as sensors on a LAN have addresses of their own.
 
 Sensors (MQTT 5, persistent sessions, one topic each: sensors/<i>/data)
 take readings at --rate all the time. With --asleep > 0 they duty-cycle:
@@ -15,7 +23,7 @@ PUBCOMP (QoS 2) comes back with a reason below 0x80; unacknowledged ones
 are resent with DUP after a reconnect, as a real client does.
 
 Subscribers (MQTT 5, persistent sessions) take sensors/+/data at --sub-qos;
-sub0 also takes $SYS/broker/# (sys_interval 1) for heap and store use.
+sub0 also takes $SYS/broker/# for heap and store figures.
 Their sockets have a small receive buffer (--rcvbuf) so that a stall
 (the client stops reading) reaches the broker soon, as on a real network.
 
@@ -28,14 +36,15 @@ Faults, at T seconds after start:
 Accounting (report.json, summary.md): readings generated, PUBLISHes sent and
 resent, acknowledged, refused by the broker, delivered per subscriber
 (unique), duplicates, and lost = acknowledged but never delivered to a
-subscriber that was subscribed. The run fails (exit 1) when an
+subscriber that was subscribed. The store's $SYS counters (bytes written,
+commits, block erases estimated) start again at 0 when the broker does;
+the report sums them over its lives. The run fails (exit 1) when an
 acknowledged message was lost.
 """
 import argparse
 import asyncio
 import collections
 import json
-import os
 import socket
 import struct
 import sys
@@ -44,11 +53,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(REPO / "lib"), str(REPO / "host_tests"), str(REPO / "tools" / "bench")]
+sys.path[:0] = [str(REPO / "lib"), str(REPO / "host_tests"), str(REPO / "tools" / "wear")]
 from mqtt import packets as K  # noqa: E402
 from framer import Framer  # noqa: E402
-from brokerproc import BrokerProc, profile as board_profile  # noqa: E402
-from brokers import ensure_built  # noqa: E402
+from brokerproc import BrokerProc, TEST_USER, TEST_PASSWORD, profile as board_profile, source_address  # noqa: E402
+import lifetime  # noqa: E402
 
 PAYLOAD = struct.Struct(">HIQ")  # sensor, seq, time the reading was taken (ns)
 PAYLOAD_SIZE = 32
@@ -93,6 +102,7 @@ class Node:
         self.conn_lost = 0
         self.session_lost = 0
         self.stalled_until = 0
+        self.addr = source_address()
 
     @property
     def connected(self):
@@ -104,6 +114,7 @@ class Node:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             if self.rcvbuf:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            s.bind(self.addr)
             s.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(s, ("127.0.0.1", self.sim.port)), 2)
             _, link = await loop.create_connection(lambda: Link(self), sock=s)
@@ -114,7 +125,8 @@ class Node:
                 pass
             return False
         self.connack = loop.create_future()
-        link.t.write(K.encode(K.Connect(self.name, 5, False, 0, props={0x11: EXPIRY}), 5))
+        link.t.write(K.encode(K.Connect(self.name, 5, False, 0, TEST_USER, TEST_PASSWORD.encode(),
+                                        props={0x11: EXPIRY}), 5))
         self.link = link
         try:
             ack = await asyncio.wait_for(self.connack, 3)
@@ -496,7 +508,8 @@ class Sim:
                 "heap_free": self.sysint("heap/free"),
                 "store_used": self.sysint("store/bytes used"),
                 "store_written": self.sysint("store/bytes written"),
-                "store_blocks": self.sysint("store/block writes"),
+                "store_commits": self.sysint("store/commits"),
+                "store_erases": self.sysint("store/block erases estimated"),
                 "connected": self.sysint("clients/connected"),
                 "sensors_connected": sum(1 for s in sensors if s.connected),
             })
@@ -505,11 +518,12 @@ class Sim:
     async def main(self):
         a = self.a
         prof = board_profile(a.board)
-        cfg = {"sys_interval": 1, "log_level": "info", "persistence": True, "allow_anonymous": True,
-               "max_connection_rate": 0}
+        # The shipped config (BrokerProc: persistence, password file, rate
+        # limit), $SYS every second, and the shipped log level (BrokerProc's
+        # is debug, which would slow the broker down).
+        cfg = {"sys_interval": 1, "log_level": "info"}
         if a.max_connections:
             cfg["max_connections"] = a.max_connections
-        ensure_built()
         self.broker = BrokerProc(board=a.board, config=cfg, heap=a.heap)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.broker.start)
@@ -634,8 +648,9 @@ class Sim:
         heap = [x["heap_used"] for x in self.samples if x["heap_used"] is not None]
         free = [x["heap_free"] for x in self.samples if x["heap_free"] is not None]
         store = [x["store_used"] for x in self.samples if x["store_used"] is not None]
-        written = [x["store_written"] for x in self.samples if x["store_written"] is not None]
-        blocks = [(x["t"], x["store_blocks"]) for x in self.samples if x["store_blocks"] is not None]
+        written, _ = counted(self.samples, "store_written")
+        commits, _ = counted(self.samples, "store_commits")
+        erases, span = counted(self.samples, "store_erases")
         conns_needed = a.sensors + a.subscribers
         rep = {
             "config": {k: v for k, v in vars(a).items()},
@@ -647,10 +662,13 @@ class Sim:
             "faults": self.events, "kills": self.kills,
             "heap_used_max": max(heap) if heap else None, "heap_free_min": min(free) if free else None,
             "store_used_max": max(store) if store else None,
-            "store_bytes_written": (written[-1] - written[0]) if len(written) > 1 else None,
-            "store_block_writes_per_s": ((blocks[-1][1] - blocks[0][1]) / (blocks[-1][0] - blocks[0][0])
-                                         if len(blocks) > 1 and blocks[-1][0] > blocks[0][0] else None),
+            "store_bytes_written": written,
+            "store_commits": commits,
+            "store_erases_estimated": round(erases, 2) if erases is not None else None,
+            "store_erases_per_s": round(erases / span, 3) if erases is not None and span else None,
+            "store_counted_s": span,
             "fs_size": self.profile.get("fs_size"),
+            "heap": self.broker.heap,
             "connections_needed": conns_needed,
             "notes": self.notes, "samples": self.samples,
         }
@@ -663,12 +681,12 @@ async def _connect_clean(self):
     loop = asyncio.get_running_loop()
     try:
         _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: Link(self), "127.0.0.1", self.sim.port), 2)
+            loop.create_connection(lambda: Link(self), "127.0.0.1", self.sim.port, local_addr=self.addr), 2)
     except (OSError, asyncio.TimeoutError):
         return False
     self.connack = loop.create_future()
     self.link = link
-    link.t.write(K.encode(K.Connect(self.name, 5, True, 0), 5))
+    link.t.write(K.encode(K.Connect(self.name, 5, True, 0, TEST_USER, TEST_PASSWORD.encode()), 5))
     try:
         ack = await asyncio.wait_for(self.connack, 3)
     except (asyncio.TimeoutError, ConnectionError):
@@ -682,6 +700,36 @@ async def _connect_clean(self):
 
 
 Subscriber.connect_clean = _connect_clean
+
+
+def counted(samples, key):
+    # -> (what a $SYS counter counted over the run, seconds it was watched).
+    # The broker's counters start again at 0 when it does (kill9), so a
+    # value below the last one is counted from 0.
+    total = None
+    last = t0 = t1 = None
+    for x in samples:
+        v = x.get(key)
+        if v is None:
+            continue
+        if last is None:
+            total, t0 = 0, x["t"]
+        else:
+            total += v - last if v >= last else v
+        last, t1 = v, x["t"]
+    return total, (round(t1 - t0, 2) if total is not None else None)
+
+
+def days_to_wear_out(rep):
+    # Estimated erases per second spread over the wear-levelling pool of
+    # tools/wear/lifetime.py (LittleFS levels wear dynamically over the
+    # blocks that do not hold static files), 100,000 cycles per block.
+    per_s = rep.get("store_erases_per_s")
+    fs = rep.get("fs_size")
+    if not per_s or not fs:
+        return None, None
+    pool = lifetime.pool_blocks(rep["config"]["board"], fs // 4096)
+    return lifetime.CYCLES * pool / per_s / 86400.0, pool
 
 
 def verdict(rep, a):
@@ -727,14 +775,12 @@ def verdict(rep, a):
     if rep["store_used_max"] is not None:
         lines.append("store: at most %d B used of %d; %s B written during the run" % (
             rep["store_used_max"], lim.get("store_max_bytes") or 0, rep["store_bytes_written"]))
-        bw = rep.get("store_block_writes_per_s")
-        fs = rep.get("fs_size")
-        if bw and fs:
-            # 4 KiB blocks, dynamic wear levelling over the file system
-            # (PLATFORM.md), 100,000 erase cycles per block.
-            days = 100000.0 * (fs / 4096.0) / bw / 86400.0
-            lines.append("flash: %.1f block writes/s (store's count); spread over %d blocks of %d KiB that is "
-                         "about %.0f days to 100,000 erase cycles per block" % (bw, fs // 4096, fs // 1024, days))
+        days, pool = days_to_wear_out(rep)
+        if days is not None:
+            lines.append("flash: %d commits, %.1f block erases estimated by the store (%.2f/s over %.0f s); spread "
+                         "over a wear pool of %d blocks that is about %.0f days to 100,000 erase cycles per block"
+                         % (rep["store_commits"] or 0, rep["store_erases_estimated"], rep["store_erases_per_s"],
+                            rep["store_counted_s"], pool, days))
     if rep["retained"]:
         bad = [k for k, v in rep["retained"].items() if isinstance(v, dict) and not v.get("ok")]
         if bad:
@@ -831,7 +877,7 @@ def plot(rep, path):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--board", default="pico_w")
-    ap.add_argument("--heap", default=None, help="MicroPython heap (default: the profile's)")
+    ap.add_argument("--heap", default=None, help="the twin's heap in bytes (default: the profile's, the board's)")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--drain", type=float, default=10, help="max seconds to finish uploads after the run")
     ap.add_argument("--sensors", type=int, default=4)

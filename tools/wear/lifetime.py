@@ -38,6 +38,11 @@ BEGIN = "<!-- lifetime:begin (tools/wear/lifetime.py --write) -->"
 END = "<!-- lifetime:end -->"
 
 
+def pool_blocks(board, blocks):
+    # The wear-levelling pool: the filesystem's blocks minus the static ones.
+    return blocks - (STATIC_BLOCKS if board != "pico_w" else 52)
+
+
 def run_board(board, hours):
     r = subprocess.run([str(twin.build()), "-X", "heapsize=16M", "tools/wear/mp_hub_wear.py", board,
                         str(int(hours * 3600))], capture_output=True, text=True, cwd=str(REPO),
@@ -46,8 +51,7 @@ def run_board(board, hours):
     if r.returncode or not lines:
         raise SystemExit("lifetime: %s failed:\n%s\n%s" % (board, r.stdout[-2000:], r.stderr[-2000:]))
     m = json.loads(lines[-1])
-    pool = m["blocks"] - (STATIC_BLOCKS if board != "pico_w" else 52)
-    m["pool_blocks"] = pool
+    pool = m["pool_blocks"] = pool_blocks(board, m["blocks"])
     m["years"] = round(CYCLES * pool / m["erases_per_day"] / 365, 1)
     return m
 
