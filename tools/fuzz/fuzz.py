@@ -41,7 +41,9 @@ the end it checks: the broker is alive; no traceback and no internal
 error in its log; every tick reached the subscriber over its original
 connection; the session survives a reconnect (session present, subscription
 delivers); a new client connects; the heap ($SYS/broker/heap/used) is back
-within a margin of its baseline, the session table is empty again, and,
+within a margin of its baseline (when it is not, the warm-up's cases run
+again, and it must not grow further: the broker's tables are bounded, so
+only a leak keeps growing), the session table is empty again, and,
 once the broker has stopped, its store holds no record (check_store()).
 
 A crash or an internal error is reproduced case by case on a fresh broker
@@ -1069,6 +1071,7 @@ class Report:
         self.findings = []  # (what, detail, case or None)
         self.heap_base = None
         self.heap_end = None
+        self.heap_again = None  # after the warm-up's cases once more (only when heap_end is high)
         self.counts_base = self.counts_end = None
         self.store_end = None  # keys left in the store (check_store)
         self.ticks = 0
@@ -1086,7 +1089,8 @@ class Report:
         out.append("  by kind: " + ", ".join("%s %d" % kv for kv in sorted(self.by_kind.items())))
         out.append("  outcomes: " + ", ".join("%s %d" % kv for kv in sorted(self.outcomes.items())))
         out.append("  normal publisher ticks %d, subscriber got %d" % (self.ticks, self.ticks_seen))
-        out.append("  heap used: baseline %s, after %s" % (self.heap_base, self.heap_end))
+        out.append("  heap used: baseline %s, after %s" % (self.heap_base, self.heap_end)
+                   + (", after the warm-up's cases again %s" % self.heap_again if self.heap_again else ""))
         out.append("  %s: baseline %s, after %s" % (", ".join(COUNTS), self.counts_base, self.counts_end))
         if self.store_end is not None:
             out.append("  store records: baseline 0, after %d" % len(self.store_end))
@@ -1291,7 +1295,19 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
     if rep.heap_end is None:
         rep.add("heap", "could not read $SYS/broker/heap/used after fuzzing")
     elif rep.heap_base is not None and rep.heap_end - rep.heap_base > heap_margin:
-        rep.add("heap", "heap used grew from %d to %d (margin %d)" % (rep.heap_base, rep.heap_end, heap_margin))
+        # Bounded tables (the login throttle's and the rate limiter's 16
+        # addresses, the buffer pools) may have reached a size the warm-up
+        # did not give them, and stay there by design. A leak grows again
+        # with more cases: run the warm-up's cases a second time and look.
+        for i in range(warmup):
+            c = make_case(seeds[0], 10 ** 9 + i)
+            retained |= retained_topics(c.bytes())
+            run_case(c, port, 0.05)
+        _cleanup(port, retained)
+        rep.heap_again = heap_used(port)
+        if rep.heap_again is None or rep.heap_again - rep.heap_end > heap_margin // 4:
+            rep.add("heap", "heap used grew from %d to %d (margin %d), and to %s after %d more cases" % (
+                rep.heap_base, rep.heap_end, heap_margin, rep.heap_again, warmup))
     if broker is not None:
         log = broker.log()
         for what, c in log_findings(log, peers):
