@@ -1,8 +1,8 @@
 # Checks the codec (lib/mqtt) against the JSON vectors in host_tests/vectors.
 #
-# Runs unchanged under the MicroPython unix port and under CPython:
+# Runs unchanged on the board twin (lib/mqtt frozen in) and under CPython:
 #
-#   MICROPYPATH=lib .venv/bin/micropython -X heapsize=110K \
+#   MICROPYPATH=.frozen build/twin/micropython -X heapsize=110K \
 #       host_tests/mp_codec_runner.py host_tests/vectors
 #
 # (the argument is a directory of *.json files or a single .json file) and

@@ -11,7 +11,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
 FIRMWARE = os.path.join(ROOT, "firmware")
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+# The board twin (conftest builds it first), with the code frozen into it.
+from conftest import MICROPYTHON as _TWIN  # noqa: E402
+MICROPYTHON = str(_TWIN)
 for p in (LIB, FIRMWARE):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -425,7 +427,7 @@ def test_acl_cases_under_micropython(tmp_path):
     data.write_text(json.dumps(CASES))
     script = tmp_path / "mp_acl.py"
     script.write_text("DATA = %r\nACLFILE = %r\n" % (str(data), str(tmp_path / "acl")) + MP_SCRIPT)
-    env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
+    env = dict(os.environ, MICROPYPATH=".frozen")
     out = subprocess.run(
         [MICROPYTHON, "-X", "heapsize=110K", str(script)], capture_output=True, text=True, env=env, timeout=120
     )

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
 FIRMWARE = os.path.join(ROOT, "firmware")
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+# The board twin (conftest builds it first), with the code frozen into it.
+from conftest import MICROPYTHON as _TWIN  # noqa: E402
+MICROPYTHON = str(_TWIN)
 for p in (LIB, FIRMWARE):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -493,7 +495,7 @@ ok("throttle_bounded", len(t) == 16)
 def _run_micropython(tmp_path, script, data):
     (tmp_path / "data.json").write_text(json.dumps(data))
     (tmp_path / "mp_test.py").write_text("DATA = %r\n" % str(tmp_path / "data.json") + script)
-    env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
+    env = dict(os.environ, MICROPYPATH=".frozen")
     out = subprocess.run(
         [MICROPYTHON, "-X", "heapsize=110K", str(tmp_path / "mp_test.py")],
         capture_output=True,

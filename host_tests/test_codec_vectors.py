@@ -4,8 +4,9 @@ The vectors live in host_tests/vectors/*.json (format described at the top
 of mp_codec_runner.py). Each valid vector is decoded and compared field by
 field, then the expected packet is encoded and compared byte for byte; each
 malformed vector must raise MQTTError with the reason code it names. The
-same vectors go through mp_codec_runner.py in the MicroPython unix port and
-every vector's result there must equal CPython's.
+same vectors go through mp_codec_runner.py on the board twin (the 32-bit
+MicroPython v1.28.0 with lib/mqtt frozen in) and every vector's result
+there must equal CPython's.
 
 Besides the vectors, this file generates a few exhaustive checks from the
 spec text: every wrong fixed-header flag value for every packet type,
@@ -35,7 +36,9 @@ from framer import Framer  # noqa: E402
 
 VDIR = os.path.join(HERE, "vectors")
 LARGE = os.path.join(VDIR, "large")
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+# The board twin (conftest builds it first): lib/mqtt as frozen into it,
+# 32-bit, as a board runs it.
+from conftest import MICROPYTHON  # noqa: E402
 RUNNER = os.path.join(HERE, "mp_codec_runner.py")
 
 ALL = R.load(VDIR) + R.load(LARGE)
@@ -533,9 +536,8 @@ def _parse_lines(text):
 
 
 def run_micropython(vdir, heap):
-    assert os.path.exists(MICROPYTHON), "MicroPython unix port missing at " + MICROPYTHON
-    env = dict(os.environ, MICROPYPATH=LIB)
-    p = subprocess.run([MICROPYTHON, "-X", "heapsize=" + heap, RUNNER, vdir], env=env,
+    env = dict(os.environ, MICROPYPATH=".frozen")
+    p = subprocess.run([str(MICROPYTHON), "-X", "heapsize=" + heap, RUNNER, vdir], env=env,
                        capture_output=True, text=True, timeout=120)
     lines, stray = _parse_lines(p.stdout)
     return p.returncode, lines, stray + p.stderr.splitlines()

@@ -47,9 +47,14 @@ import fuzz  # noqa: E402
 # 1278507185  (its share of a make test run) a PUBACK held for a commit
 #             found no output buffer and its client was closed (the same
 #             test).
+# 1379710798  (60 s alone) the heap stayed 6 KB above its baseline; the
+#             same seed again 3 KB, four runs on one broker did not add
+#             up: bounded tables reaching their size, not a leak. The
+#             check now runs the warm-up's cases again and fails when the
+#             heap grows further or stays over twice the margin.
 # A seed's cases change with the generator, so these are fixed seeds to
 # run, not replays of the old failures: those are the tests named.
-FIXED_SEEDS = ["790185167", "3997896285", "1187", "90210", "424242", "1278507185"]
+FIXED_SEEDS = ["790185167", "3997896285", "1187", "90210", "424242", "1278507185", "1379710798"]
 RANDOM_SEEDS = 2
 _env = os.environ.get("FUZZ_SEED")
 if _env:

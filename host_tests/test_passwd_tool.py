@@ -14,7 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIB = os.path.join(ROOT, "lib")
 FIRMWARE = os.path.join(ROOT, "firmware")
 TOOL = os.path.join(ROOT, "tools", "passwd")
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+# The board twin (conftest builds it first), with the code frozen into it.
+from conftest import MICROPYTHON as _TWIN  # noqa: E402
+MICROPYTHON = str(_TWIN)
 for p in (LIB, FIRMWARE):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -276,7 +278,7 @@ def test_passwd_file_loads_in_broker_under_micropython(tmp_path):
     assert passwd("-I", "50", "-b", f, "bob", "zweites").returncode == 0
     script = tmp_path / "mp.py"
     script.write_text("PWFILE = %r\n" % str(f) + MP_SCRIPT)
-    env = dict(os.environ, MICROPYPATH="%s:%s" % (LIB, FIRMWARE))
+    env = dict(os.environ, MICROPYPATH=".frozen")
     out = subprocess.run(
         [MICROPYTHON, "-X", "heapsize=110K", str(script)], capture_output=True, text=True, env=env, timeout=120
     )

@@ -22,7 +22,9 @@ from mqtt import topic as T  # noqa: E402
 
 TOPIC_JSON = os.path.join(HERE, "vectors", "topic.json")
 CASES = list(R.load_file(TOPIC_JSON))
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
+# The board twin (conftest builds it first), with the code frozen into it.
+from conftest import MICROPYTHON as _TWIN  # noqa: E402
+MICROPYTHON = str(_TWIN)
 
 
 def _of(func):
@@ -69,8 +71,7 @@ def test_dollar_topics_are_not_matched_by_leading_wildcards():
 
 @pytest.fixture(scope="module")
 def mp_lines():
-    assert os.path.exists(MICROPYTHON), "MicroPython unix port missing at " + MICROPYTHON
-    env = dict(os.environ, MICROPYPATH=LIB)
+    env = dict(os.environ, MICROPYPATH=".frozen")
     p = subprocess.run([MICROPYTHON, "-X", "heapsize=110K", os.path.join(HERE, "mp_codec_runner.py"), TOPIC_JSON],
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.stderr == ""

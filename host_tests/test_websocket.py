@@ -23,8 +23,10 @@ from conftest import node_env, node_ready
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "host_tests")
 NODE_DIR = os.path.join(HERE, "node")
-MICROPYTHON = os.path.join(ROOT, ".venv", "bin", "micropython")
-MP_ENV = dict(os.environ, MICROPYPATH=".frozen:%s:%s" % (os.path.join(ROOT, "lib"), os.path.join(ROOT, "firmware")))
+# The board twin (conftest builds it first), with the code frozen into it.
+from conftest import MICROPYTHON as _TWIN  # noqa: E402
+MICROPYTHON = str(_TWIN)
+MP_ENV = dict(os.environ, MICROPYPATH=".frozen")
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 RFC_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 RFC_ACCEPT = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
