@@ -60,7 +60,7 @@ def _on_ack(c, t, mv, off, end):
     p = b.persist if s.expiry else None
     if t == _PUBREL:
         found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
-        if found and p is not None:
+        if found and p is not None and s.expiry:  # stored only then (handle_publish)
             p.qos2_released(s, pid)
         _reply(c, 0x70, pid, 0x92 if c.version == 5 and not found else 0)
         return

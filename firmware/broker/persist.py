@@ -199,6 +199,7 @@ class Persist:
             s = Session(cid)
             s.version = d["v"]
             s.expiry = d["e"]
+            s.on_flash = True
             s.gone_at = d.get("g") or b.clock
             s.username = d.get("u")
             for full, flt, opts, subid, group in d["s"]:
@@ -432,11 +433,17 @@ class Persist:
         if s.will is not None:
             h, pl = _pack(s.will)
             d["w"] = [_b64(h + pl), s.will_delay, s.will_expiry]
-        self._put("s" + s.client_id, json.dumps(d).encode())
+        if self._put("s" + s.client_id, json.dumps(d).encode()):
+            s.on_flash = True
 
     def session_ended(self, s):
         cid = s.client_id
-        self._del("s" + cid)
+        # A session that never had a record (expiry 0 from the start, a
+        # clean client) has none of "s" or "x" to delete: no commit for it.
+        had = s.on_flash
+        if had:
+            self._del("s" + cid)
+            s.on_flash = False
         q = s.queue
         for i in range(1, len(q), 2):
             inf = q[i]
@@ -449,8 +456,9 @@ class Persist:
             d = s.inflight[pid]
             if d.stored:
                 self.acked(s, pid, d)
-        for pid in s.qos2_in:
-            self._del("x" + cid + "\0" + str(pid))
+        if had:
+            for pid in s.qos2_in:
+                self._del("x" + cid + "\0" + str(pid))
 
     def _ref(self, msg):
         # One more record refers to msg: it is stored once, on first use.

@@ -72,6 +72,7 @@ class Session:
     conn = None
     version = 4
     expiry = 0  # session expiry interval, seconds (NEVER = never)
+    on_flash = False  # its record ("s" + client id) is in the store
     gone_at = None  # broker clock (Broker.now()) when the connection closed
     will = None  # Message or None
     will_delay = 0

@@ -1,0 +1,81 @@
+"""What a retained message costs the flash, on the shipped esp32 config
+(persistence on), counted by the broker itself: $SYS store/commits and
+store/bytes written (sys_interval 1, so the values are at most a second
+old).
+
+- the same retained value again (payload, QoS and properties) writes
+  nothing;
+- retained QoS 0 values, which nobody acknowledged, wait for the autosave:
+  at most one write per topic per autosave_interval, and the latest value
+  is what a power cut after it leaves;
+- a clean stop writes what waits for the autosave.
+"""
+import time
+
+from brokerproc import BrokerProc
+from mqttc import Client, sys_value, sys_wait
+
+
+def store_counters(port):
+    # Past the next $SYS round (sys_interval 1), the values are current.
+    time.sleep(1.2)
+    return int(sys_value(port, "store/commits")), int(sys_value(port, "store/bytes written"))
+
+
+def retained_payload(port, topic):
+    c = Client(port, "reader-%d" % time.monotonic_ns(), version=5)
+    try:
+        c.subscribe([(topic, 0)])
+        m = c.poll(2)
+        return None if m is None else bytes(m.payload)
+    finally:
+        c.close()
+
+
+def test_the_same_retained_value_again_writes_nothing():
+    with BrokerProc(config={"sys_interval": 1}) as b:
+        c = Client(b.port, "sensor-a", version=5)
+        assert c.publish("site/a/temp", b"21.5", qos=1, retain=True).reason == 0
+        commits, written = store_counters(b.port)
+        assert commits >= 1 and written > 0, (commits, written)
+        for _ in range(50):
+            assert c.publish("site/a/temp", b"21.5", qos=1, retain=True).reason == 0
+        assert store_counters(b.port) == (commits, written)
+        # A changed value is written (and counted) before its PUBACK.
+        assert c.publish("site/a/temp", b"21.6", qos=1, retain=True).reason == 0
+        commits2, written2 = store_counters(b.port)
+        assert commits2 > commits and written2 > written
+        c.close()
+
+
+def test_retained_qos0_updates_are_written_once_per_autosave_interval():
+    # A short autosave_interval (shipped: 60 s) so that the test sees one.
+    with BrokerProc(config={"sys_interval": 1, "autosave_interval": 3}) as b:
+        c = Client(b.port, "sensor-b", version=5)
+        commits, _ = store_counters(b.port)
+        for i in range(100):
+            c.publish("site/b/temp", b"%d" % i, qos=0, retain=True)
+        c.ping()  # all 100 handled
+        # Written with the next autosave: one commit, or two if the burst
+        # straddled one.
+        v = sys_wait(b.port, "store/commits", lambda x: int(x) > commits, timeout=8)
+        time.sleep(3.5)  # one more autosave interval: nothing new to write
+        done, _ = store_counters(b.port)
+        assert commits < done <= commits + 2, (commits, v, done)
+        c.close()
+        b.kill9()  # a power cut after the autosave
+        b.start()
+        assert retained_payload(b.port, "site/b/temp") == b"99"
+
+
+def test_a_clean_stop_writes_the_retained_qos0_value_waiting_for_its_autosave():
+    # autosave_interval an hour: only the clean stop can write it.
+    with BrokerProc(config={"sys_interval": 1, "autosave_interval": 3600}) as b:
+        c = Client(b.port, "sensor-c", version=5)
+        commits, _ = store_counters(b.port)
+        c.publish("site/c/state", b"open", qos=0, retain=True)
+        c.ping()
+        assert store_counters(b.port)[0] == commits  # waiting, not written
+        c.close()
+        b.restart()  # SIGINT: the broker's clean stop, then the same store
+        assert retained_payload(b.port, "site/c/state") == b"open"
