@@ -221,6 +221,141 @@ def test_memory_error_while_setting_up_a_connection_leaves_no_dead_entry():
     assert got == {"serve": "0", "run": "0", "wrapper": "0 0"}, r.stdout + r.stderr
 
 
+POLL_OOM = r"""
+# The poller runs out of heap while it takes a socket. MicroPython's poll
+# then keeps an entry without its object, and the next poll() crashes on
+# it; Flaky makes that state where it can be seen: it registers, then
+# raises MemoryError, as poll_set_add_obj does after adding the key.
+import asyncio
+import socket
+import sys
+from asyncio import core
+from broker import config, server
+from broker.core import Broker
+from broker.transport import TcpTransport
+
+q = core._io_queue
+real = q.poller
+
+
+class Flaky:
+    fails = 0
+    unregistered = 0
+
+    def register(self, s, m):
+        real.register(s, m)
+        if Flaky.fails:
+            Flaky.fails -= 1
+            raise MemoryError("memory allocation failed, allocating 16 bytes")
+
+    def unregister(self, s):
+        Flaky.unregistered += 1
+        real.unregister(s)
+
+    def modify(self, s, m):
+        real.modify(s, m)
+
+    def ipoll(self, *a):
+        return real.ipoll(*a)
+
+
+q.poller = Flaky()
+port = int(sys.argv[1])
+b = Broker(config.build({"persistence": False, "max_connection_rate": 0}))
+
+
+async def main():
+    # 1. A reader: the error is the caller's, and the poller is clean.
+    other = server.listen("127.0.0.1", int(sys.argv[2]))  # only to connect to
+    a = socket.socket()
+    a.connect(socket.getaddrinfo("127.0.0.1", int(sys.argv[2]))[0][-1])
+    a.setblocking(False)
+    tr = TcpTransport(a, "10.0.0.1:1")
+    Flaky.fails = 1
+    try:
+        await tr.recv_into(memoryview(bytearray(4)))
+    except MemoryError:
+        pass
+    print("reader", id(a) in q.map, Flaky.unregistered)
+    a.close()
+    other.close()
+    # 2. The accept loop: it waits, then serves the next client.
+    ls = server.listen("127.0.0.1", port)
+    Flaky.fails = 2
+    t = asyncio.create_task(server.accept_loop(b, ls))
+    await asyncio.sleep_ms(300)
+    c = socket.socket()
+    c.connect(socket.getaddrinfo("127.0.0.1", port)[0][-1])
+    for _ in range(50):
+        await asyncio.sleep_ms(20)
+        if b.conns:
+            break
+    print("accept", len(b.conns), Flaky.unregistered, t.done())
+    c.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_poller_out_of_heap_leaves_no_half_registered_socket_and_the_listener_goes_on():
+    # From make capacity: a MemoryError inside asyncio's queue_read in the
+    # accept loop killed the loop for good (no client got in again), and
+    # the poll entry it left half made crashed the process (SIGSEGV).
+    from conftest import free_port, run_mp
+
+    p1 = free_port()
+    p2 = free_port()
+    while p2 == p1:
+        p2 = free_port()
+    r = run_mp(POLL_OOM, args=[p1, p2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] not in ("I ", "W "))
+    # reader: no entry left, unregistered once; accept: one client served
+    # after two failed waits, each undone, and asyncio's own unregister
+    # when the listener became readable (4 in all), the loop alive.
+    assert got == {"reader": "False 1", "accept": "1 4 False"}, r.stdout + r.stderr
+
+
+DELETE_AT_FLOOR = r"""
+# The heap below the message floor: what handle_publish._admit lets in.
+from broker import config
+from broker.core import Broker
+from broker.handle_publish import _admit
+from broker.session import Session
+
+b = Broker(config.build({"persistence": False}))
+b.heap.room_for = lambda n: False  # every message would cross the floor
+
+
+class Conn:
+    version = 5
+    broker = b
+    acks = []
+
+    def send_ack(self, first, pid, reason):
+        Conn.acks.append((first, pid, reason))
+
+
+c = Conn()
+s = Session("p")
+print("delete", _admit(c, s, 1, 1, "site/a", True, 0), Conn.acks)
+print("value", _admit(c, s, 1, 2, "site/a", True, 4), Conn.acks)
+"""
+
+
+def test_an_empty_retained_message_that_deletes_one_is_taken_when_the_heap_is_at_its_floor():
+    # From make capacity: once retained messages had filled the heap, the
+    # empty PUBLISH that deletes one got 0x97 too, so none could be cleared.
+    from conftest import run_mp
+
+    r = run_mp(DELETE_AT_FLOOR)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] not in ("I ", "W "))
+    # The delete goes through; a new value is refused with PUBACK 0x97.
+    assert got == {"delete": "True []", "value": "False [(64, 2, 151)]"}, r.stdout + r.stderr
+
+
 # ---------------------------------------------------------------- take-over by another user
 
 TAKEOVER_ACL = """\

@@ -27,7 +27,6 @@ import asyncio
 import random
 import socket
 import time
-from asyncio import core
 from micropython import const
 from mqtt import props as P
 from mqtt.errors import MQTTError
@@ -41,7 +40,7 @@ from broker.pump import resend_inflight
 from broker.route import route
 from broker.session import Session, NEVER, RELEASED
 from broker.subs import Sub
-from broker.transport import TcpTransport
+from broker.transport import TcpTransport, wait_io
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
@@ -221,7 +220,8 @@ class Bridge:
 
                 if e.args[0] != errno.EINPROGRESS:
                     raise
-            yield core._io_queue.queue_write(s)
+            wait_io(s, 1)
+            yield
             try:
                 s.setsockopt(6, 1, 1)  # TCP_NODELAY
             except OSError:

@@ -53,7 +53,9 @@ def _admit(c, s, qos, pid, topic, retain, size):
     # captured variable would cost it a cell object per message).
     b = c.broker
     p = b.persist
-    if not b.heap.room_for(size + 320) and would_hold(b, topic, qos, retain):
+    # An empty retained message deletes one: it frees heap, so it is
+    # reckoned as the message it is for the receivers only.
+    if not b.heap.room_for(size + 320) and would_hold(b, topic, qos, retain and size > 0):
         # Each message is reckoned at its payload plus 320 bytes of
         # objects (route() adds more per receiver), and this one would
         # stay in the heap.

@@ -275,7 +275,7 @@ class Persist:
         # True when it needs no record at all (not retained, and no
         # persistent session subscribes to it).
         b = self.b
-        need = size + len(topic) + 40 if retain else 0
+        need = size + len(topic) + 40 if retain and size else 0  # a delete makes room
         hits = b.hits
         del hits[:]
         b.subs.match(topic, hits)

@@ -7,13 +7,13 @@ import asyncio
 import gc
 import socket
 import time
-from asyncio import core
 from micropython import const
 from broker import log
-from broker.transport import TcpTransport, peer_str
+from broker.transport import TcpTransport, peer_str, wait_io
 from broker.conn import Connection
 
 _WINDOW_MS = const(10000)  # max_connection_rate counts connections per this
+_OOM_WAIT_MS = const(100)  # the listener's pause when the poller found no heap
 _TABLE = const(16)  # source addresses tracked at most
 _SLOW_MAX_MS = const(1000)  # longest delay before a slowed connection is served
 
@@ -193,7 +193,15 @@ async def accept_loop(broker, ls, wrap=None):
     # transports that need a handshake first (TLS, WebSocket).
     rate = _limiter(broker)
     while True:
-        yield core._io_queue.queue_read(ls)
+        try:
+            wait_io(ls, 0)
+        except MemoryError:
+            # Nothing is accepted until the heap has room again; the
+            # clients already served go on.
+            gc.collect()
+            await asyncio.sleep_ms(_OOM_WAIT_MS)
+            continue
+        yield
         try:
             cs, addr = ls.accept()
         except OSError:

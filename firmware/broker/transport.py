@@ -43,7 +43,8 @@ class TcpTransport:
                 raise _refused(e)
             if n is not None:
                 return n
-            yield core._io_queue.queue_read(s)
+            wait_io(s, 0)
+            yield
 
     async def send(self, mv):
         s = self.sock
@@ -59,7 +60,8 @@ class TcpTransport:
             if n:
                 off += n
             else:
-                yield core._io_queue.queue_write(s)
+                wait_io(s, 1)
+                yield
 
     def write_now(self, mv):
         # Writes what the socket takes at once; 0 when it would block.
@@ -80,6 +82,27 @@ class TcpTransport:
                     s.close()
                 except Exception:
                     pass
+
+
+def wait_io(s, idx):
+    # asyncio's queue_read (idx 0) / queue_write (1), then the caller
+    # yields. A MemoryError while the poller takes a new socket leaves an
+    # entry without its object in MicroPython's poll map, and the next
+    # poll() dereferences it (modselect.c says so: "This case is not
+    # handled"): a crash on a board. Take the half-made entry out again so
+    # that the error is only the caller's, who closes that socket or waits.
+    q = core._io_queue
+    new = id(s) not in q.map
+    try:
+        q._enqueue(s, idx)
+    except MemoryError:
+        if new:
+            q.map.pop(id(s), None)
+            try:
+                q.poller.unregister(s)
+            except Exception:
+                pass
+        raise
 
 
 def _refused(e):

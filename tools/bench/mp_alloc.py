@@ -414,7 +414,12 @@ async def main():
         say("mp_alloc %-5s %-10s %-5s 1->%-2d %5d msgs: %6.1f B/msg, %6.1f B/delivery, %.3f reads/msg, "
             "%.3f writes/msg" % (case, r["mode"], r["version"], r["subscribers"], r["messages"], r["per_msg"],
                                  r["per_delivery"], r["reads"], r["writes"]))
-    print("ALLOC " + json.dumps(res))
+    # Written out piece by piece: with the --where rows, the whole line as
+    # one string is more than the board's heap has in one piece.
+    gc.collect()
+    sys.stdout.write("ALLOC ")
+    json.dump(res, sys.stdout)
+    sys.stdout.write("\n")
 
 
 try:
