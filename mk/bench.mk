@@ -2,7 +2,11 @@
 #   make bench [BENCH_SECONDS=3] [BENCH_REPEAT=3]    ours (host and twin) vs mosquitto vs amqtt,
 #                                                    profile, memory -> docs/benchmarks.md
 #   make memreport                                   memory on the board twin per board ->
-#                                                    docs/memory.json, docs/memory.md and the docs
+#                                                    docs/memory.json, docs/memory.md and the docs,
+#                                                    then make capacity
+#   make capacity                                    how many retained topics, sessions, queued
+#                                                    messages, clients fit per board, on the twin ->
+#                                                    docs/capacity.json, its section of docs/memory.md
 #   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
 #   make sim-docs                                    docs/sim.md's example (4 runs on pico_w) ->
 #                                                    docs/sim.json, its table in docs/sim.md, docs/sim.png
@@ -19,7 +23,7 @@ SIM_OUT ?= build/sim
 SIM_ARGS ?= --retain --awake 3 --asleep 1 --fault kill9@$$(( $(SECONDS) * 2 / 5 )) --fault stall@$$(( $(SECONDS) * 7 / 10 )):sub0:3
 SIM_BOARD = $(if $(filter command line environment,$(origin BOARD)),$(BOARD),pico_w)
 
-.PHONY: bench memreport sim sim-docs bench-venv
+.PHONY: bench memreport capacity sim sim-docs bench-venv
 
 bench-venv: $(BENCH_STAMP)
 
@@ -39,8 +43,12 @@ bench: venv sysdeps twin bench-venv ## ours (host, twin) vs mosquitto vs amqtt +
 	&& $(BENCH_PY) tools/bench/benchmem.py \
 	&& $(BENCH_PY) tools/bench/report.py
 
-memreport: venv sysdeps twin ## heap on the board twin per board -> docs/memory.json, docs/memory.md, README tables (~20 min)
+memreport: venv sysdeps twin ## heap on the board twin per board -> docs/memory.json, docs/memory.md, README tables, then capacity (~25 min)
 	@$(PY) tools/bench/memreport.py
+	@$(PY) tools/bench/capacity.py
+
+capacity: venv sysdeps twin ## how many retained topics, sessions, queued messages, clients fit per board -> docs/capacity.json, docs/memory.md (~4 min)
+	@$(PY) tools/bench/capacity.py
 
 sim: venv bench-venv ## sensor network simulation: make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS=...]
 	@$(BENCH_PY) tools/sim/sim.py --board $(SIM_BOARD) --seconds $(SECONDS) --out $(SIM_OUT) $(SIM_ARGS)

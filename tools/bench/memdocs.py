@@ -3,7 +3,9 @@
     .venv/bin/python tools/bench/memreport.py --docs-only   rewrite them from docs/memory.json
 
 render(results) returns the generated text for each place; write(results)
-puts it there: all of docs/memory.md, and the part between the markers
+puts it there: all of docs/memory.md but its capacity section (written by
+tools/bench/capdocs.py between markers of its own, kept as it is), and the
+part between the markers
 
     <!-- memreport:begin (...) -->  ...  <!-- memreport:end -->
 
@@ -130,7 +132,9 @@ def boards_block(res):
 def memory_md(res):
     out = ["# Memory, measured on the board twin", "",
            "This file is written by `make memreport` (tools/bench/memreport.py, then tools/bench/memdocs.py) "
-           "from [memory.json](memory.json); do not edit it. " + _stamp(res), "",
+           "from [memory.json](memory.json); do not edit it. " + _stamp(res) + " Its last section, "
+           "[how many fit](#capacity-how-many-fit), is written by `make capacity` (tools/bench/capacity.py, "
+           "then tools/bench/capdocs.py; `make memreport` runs it too) from [capacity.json](capacity.json).", "",
            "How: the broker runs on the twin (`tools/twin.py`: MicroPython v1.28.0's unix port built 32-bit, "
            "with a board's object layout) with the profile's `heap` and its shipped config, clients logging in "
            "from a password file, each from a loopback address of its own; `sys_interval` is 1. Every figure "
@@ -182,29 +186,43 @@ def render(res):
             "docs/memory.md": memory_md(res)}
 
 
-def splice(text, block, name):
+def splice(text, block, name, begin=BEGIN, end=END):
     # text with the part between the markers replaced by block.
-    i = text.find(BEGIN)
-    j = text.find(END)
+    i = text.find(begin)
+    j = text.find(end)
     if i < 0 or j < i:
-        raise ValueError("%s has no %s ... %s markers" % (name, BEGIN, END))
-    return text[: i + len(BEGIN)] + "\n" + block + "\n" + text[j:]
+        raise ValueError("%s has no %s ... %s markers" % (name, begin, end))
+    return text[: i + len(begin)] + "\n" + block + "\n" + text[j:]
 
 
-def generated(text, name):
+def generated(text, name, begin=BEGIN, end=END):
     # The part between the markers.
-    i = text.find(BEGIN)
-    j = text.find(END)
+    i = text.find(begin)
+    j = text.find(end)
     if i < 0 or j < i:
-        raise ValueError("%s has no %s ... %s markers" % (name, BEGIN, END))
-    return text[i + len(BEGIN) + 1 : j - 1]
+        raise ValueError("%s has no %s ... %s markers" % (name, begin, end))
+    return text[i + len(begin) + 1 : j - 1]
+
+
+def own_part(text):
+    # -> (what of docs/memory.md is ours, the capacity section after it
+    # that tools/bench/capdocs.py writes, or "").
+    import capdocs  # (imported here: capdocs imports this module)
+
+    i = text.find(capdocs.BEGIN)
+    if i < 0:
+        return text, ""
+    return text[:i], text[i:]
 
 
 def write(res):
     done = []
     for name, block in render(res).items():
         p = REPO / name
-        if name.startswith("docs/"):
+        if name == "docs/memory.md":
+            tail = own_part(p.read_text())[1] if p.exists() else ""
+            p.write_text(block + "\n" + ("\n" + tail if tail else ""))
+        elif name.startswith("docs/"):
             p.write_text(block + "\n")
         else:
             p.write_text(splice(p.read_text(), block, name))

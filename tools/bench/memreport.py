@@ -65,6 +65,7 @@ ROUNDS = int(os.environ.get("MEMREPORT_ROUNDS", "3"))  # idle-client rounds; the
 SETTLE_QUIET = 2.2  # s without a new heap value: the heap has settled (sys_interval 1)
 SETTLE_MAX = 12.0
 CMD = "make memreport"
+TWIN_NAME = "MicroPython v1.28.0 unix port, 32-bit"
 
 
 def _now():
@@ -417,37 +418,58 @@ def measure_board(board, log=print):
     return rec
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--boards", default=",".join(BOARDS))
-    ap.add_argument("--out", default=str(OUT))
+def cli(doc, boards, out):
+    # The command line of memreport.py and capacity.py.
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--boards", default=",".join(boards),
+                    help="comma-separated, of %s (default: %%(default)s)" % ", ".join(BOARDS))
+    ap.add_argument("--out", default=str(out))
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite the docs from the results")
     ap.add_argument("--docs-only", action="store_true", help="only rewrite the docs from --out")
-    a = ap.parse_args(argv)
-    if a.docs_only:
-        import memdocs
+    return ap
 
-        for p in memdocs.write(json.loads(Path(a.out).read_text())):
-            print("memreport: wrote %s" % p)
-        return 0
+
+def record(ap, a, cmd, measure, **more):
+    # A run's record: who and when, `more`, and per board (in BOARDS'
+    # order) measure(board) for the boards asked for; a partial run keeps
+    # the other boards' last results from a.out.
+    boards = a.boards.split(",")
+    unknown = sorted(set(boards) - set(BOARDS))
+    if unknown:
+        ap.error("no such board: %s (boards: %s)" % (", ".join(unknown), ", ".join(BOARDS)))
     old = {}
     if Path(a.out).exists():
         old = json.loads(Path(a.out).read_text()).get("boards", {})
-    res = {"command": CMD, "commit": _commit(), "date": _now(), "twin": "MicroPython v1.28.0 unix port, 32-bit",
-           "boards": {}}
+    res = dict({"command": cmd, "commit": _commit(), "date": _now(), "twin": TWIN_NAME}, **more)
+    res["boards"] = {}
     for bd in BOARDS:
-        if bd in a.boards.split(","):
-            res["boards"][bd] = measure_board(bd)
+        if bd in boards:
+            res["boards"][bd] = measure(bd)
         elif bd in old:
-            res["boards"][bd] = old[bd]  # a partial run keeps the other boards' last results
+            res["boards"][bd] = old[bd]
+    return res
+
+
+def save(res, out, tag):
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
+    print("%s: results in %s" % (tag, out))
+
+
+def main(argv=None):
+    ap = cli(__doc__, BOARDS, OUT)
+    a = ap.parse_args(argv)
+    import memdocs
+
+    if a.docs_only:
+        for p in memdocs.write(json.loads(Path(a.out).read_text())):
+            print("memreport: wrote %s" % p)
+        return 0
+    res = record(ap, a, CMD, measure_board)
     res["import"] = core_import_heap()
     res["mpy_total"] = mpy_sizes()
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    print("memreport: results in %s" % a.out)
+    save(res, a.out, "memreport")
     if not a.no_docs:
-        import memdocs
-
         for p in memdocs.write(res):
             print("memreport: wrote %s" % p)
     return 0
