@@ -138,3 +138,56 @@ def test_a_writer_without_an_output_buffer_waits_instead_of_dropping_its_client(
     assert "ack sent True closing False" in r.stdout, r.stdout + r.stderr
     assert "split sent True" in r.stdout, r.stdout + r.stderr
     assert "buffered again True True" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_stalled_subscriber_holds_back_only_the_publishers_that_feed_it():
+    # A dashboard on weak Wi-Fi stops reading: the sensor publishing to it
+    # is paused (its PUBACKs stop), while another sensor, whose messages go
+    # to a subscriber that reads, goes on at once. With one global pause
+    # the second sensor would wait for the stall to be given up (2 s), and
+    # the first would be released with it.
+    import mqttc
+
+    with BrokerProc(board="esp32") as b:
+        dash = mqttc.Client(b.port, "bp-dash", version=5, rcvbuf=4096)
+        dash.subscribe([("dash/#", 1)])
+        fast = mqttc.Client(b.port, "bp-fast", version=5)
+        fast.subscribe([("other/#", 1)])
+        slow_pub = mqttc.Client(b.port, "bp-sensor-a", version=5)
+        other_pub = mqttc.Client(b.port, "bp-sensor-b", version=5)
+        payload = b"x" * 1000
+        sent = []
+
+        def flood():
+            # Without waiting for PUBACKs: the broker stops reading this
+            # socket when dash's queue is past half full.
+            try:
+                for pid in range(1, 400):
+                    slow_pub.send(mqttc.Publish("dash/temp", payload, 1, False, False, pid, None))
+                    sent.append(pid)
+            except OSError:
+                pass
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        acked = set()
+        while True:  # until slow_pub's PUBACKs stop: it is paused
+            try:
+                p = slow_pub.recv(timeout=0.3)
+            except socket.timeout:
+                break
+            acked.add(p.pid)
+        assert len(acked) < 399, "sensor a was never paused"
+        print("sensor a: %d sent, %d acknowledged before the pause" % (len(sent), len(acked)))
+        for i in range(50):
+            assert other_pub.publish("other/temp", b"%d" % i, qos=1).reason == 0
+            assert fast.get().payload == b"%d" % i
+        # Sensor a is still paused: none of its outstanding PUBACKs came.
+        try:
+            p = slow_pub.recv(timeout=0.05)
+        except socket.timeout:
+            p = None
+        assert p is None, "sensor a was released as soon as sensor b went on: %r" % p
+        dash.raw.s.close()
+        slow_pub.raw.s.close()
+        t.join(10)
