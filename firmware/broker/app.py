@@ -9,8 +9,6 @@ from broker.core import Broker
 from broker.server import listen, accept_loop
 from broker import sys_tree, keepalive, session_expiry
 
-_GC_EVERY = 16384  # bytes allocated between collections (see start())
-
 
 async def _housekeeping(b, wdt):
     last = {}
@@ -83,12 +81,13 @@ def start(cfg, wdt=None):
         log.notice("anonymous clients are allowed")
     asyncio.create_task(_housekeeping(b, wdt))
     gc.collect()
-    # Collect after every _GC_EVERY bytes allocated, not only when the heap
+    # Collect after every quarter of the heap allocated, not only when it
     # is full: garbage then never spreads over the whole heap, so what
     # stays (retained messages, sessions) packs low and large free pieces
     # remain. Without it, 200 retained messages left no piece a TLS session
     # (two 16 KB record buffers on a Pico W) could take, with 112 KB free.
-    gc.threshold(_GC_EVERY)
+    # (Each collection costs; a quarter keeps them rare under load.)
+    gc.threshold((gc.mem_free() + gc.mem_alloc()) >> 2)
     log.notice("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
     return b
 
