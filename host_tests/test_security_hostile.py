@@ -3,6 +3,7 @@
 connection table, store keys it can make too long, messages queued for
 another user's session, and the dashboard's client list."""
 import socket
+import threading
 import time
 
 import pytest
@@ -123,6 +124,33 @@ def test_a_full_broker_refuses_before_computing_any_password_hash(slow_hash_file
             assert timed(port, "cap-a", password=b"wrong")[0] == 0x86
         a.close()
         b.close()
+
+
+def test_other_clients_are_served_while_a_login_is_being_hashed(slow_hash_file):
+    # PBKDF2 takes about 250 ms per login on an ESP32, and a login storm
+    # would stall every connected client for that long each time. The hash
+    # runs in slices: a connected client's PINGs are answered meanwhile.
+    with BrokerProc(board="esp32", config={"password_file": slow_hash_file}) as broker:
+        port = broker.port
+        c = Client(port, "hash-bystander", version=4)  # (a slow login itself)
+        done = []
+
+        def slow_login():
+            done.append(timed(port, "hash-newcomer"))
+
+        t = threading.Thread(target=slow_login)
+        t.start()
+        time.sleep(0.1)  # its CONNECT is in, its hash begun
+        pongs = 0
+        while not done:
+            c.ping(timeout=5)
+            pongs += 1
+        t.join()
+        code, login = done[0]
+        assert code == 0 and login > 0.3, "the slow hash is not slow (%.2f s): the test proves nothing" % login
+        # Before, the first PING waited for the whole hash: one answer.
+        assert pongs >= 10, (pongs, login)
+        c.close()
 
 
 # ---------------------------------------------------------------- socket budget

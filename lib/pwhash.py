@@ -54,8 +54,11 @@ def _pads(key):
     return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
 
 
-def pbkdf2_sha256(password, salt, iterations, dklen=32):
-    # RFC 8018 section 5.2 with PRF = HMAC-SHA256.
+def pbkdf2_steps(password, salt, iterations, dklen=32, every=0):
+    # RFC 8018 section 5.2 with PRF = HMAC-SHA256, as a generator: yields
+    # None after every `every` iterations (0: never), then the derived key.
+    # The broker hashes a login in such slices between other clients' work
+    # (a full check takes about 250 ms on an ESP32).
     if iterations < 1:
         raise ValueError("iterations must be at least 1")
     if dklen < 1:
@@ -66,6 +69,8 @@ def pbkdf2_sha256(password, salt, iterations, dklen=32):
     frm = int.from_bytes
     out = b""
     blk = 1
+    left = every
+    copy = _HAS_COPY
     while len(out) < dklen:
         h = sha(ipad)
         h.update(salt)
@@ -77,29 +82,34 @@ def pbkdf2_sha256(password, salt, iterations, dklen=32):
         # instead of 32 interpreted byte operations.
         acc = frm(u, "big")
         n = iterations - 1
-        if _HAS_COPY:
-            ih = sha(ipad)
-            oh = sha(opad)
-            while n:
+        ih = sha(ipad)
+        oh = sha(opad)
+        while n:
+            if copy:
                 h = ih.copy()  # pyright: ignore[reportAttributeAccessIssue]
                 h.update(u)
                 o = oh.copy()  # pyright: ignore[reportAttributeAccessIssue]
-                o.update(h.digest())
-                u = o.digest()
-                acc ^= frm(u, "big")
-                n -= 1
-        else:
-            while n:
+            else:
                 h = sha(ipad)
                 h.update(u)
                 o = sha(opad)
-                o.update(h.digest())
-                u = o.digest()
-                acc ^= frm(u, "big")
-                n -= 1
+            o.update(h.digest())
+            u = o.digest()
+            acc ^= frm(u, "big")
+            n -= 1
+            if every:
+                left -= 1
+                if not left:
+                    left = every
+                    yield None
         out += acc.to_bytes(HASH_BYTES, "big")
         blk += 1
-    return out[:dklen]
+    yield out[:dklen]
+
+
+def pbkdf2_sha256(password, salt, iterations, dklen=32):
+    for key in pbkdf2_steps(password, salt, iterations, dklen):
+        return key
 
 
 def _b64(b):
@@ -161,9 +171,20 @@ def same_bytes(a, b):
     return d == 0
 
 
+def check_steps(password, iterations, salt, digest, every=0):
+    # check() in slices: yields None after every `every` iterations, then
+    # the verdict (True or False).
+    for key in pbkdf2_steps(password, salt, iterations, len(digest), every):
+        if key is not None:
+            yield same_bytes(key, digest)
+            return
+        yield None
+
+
 def check(password, iterations, salt, digest):
-    # verify() for an already parsed hash (the broker keeps them parsed).
-    return same_bytes(pbkdf2_sha256(password, salt, iterations, len(digest)), digest)
+    # verify() for an already parsed hash.
+    for ok in check_steps(password, iterations, salt, digest):
+        return ok
 
 
 def verify(password, hashstr):

@@ -87,17 +87,21 @@ class PasswordFile:
     def __contains__(self, username):
         return username in self._users
 
-    def check(self, username, password):
-        # True when username is listed and password (bytes or str) matches.
-        # A missing username or password still runs one full PBKDF2.
+    def check_steps(self, username, password, every=0):
+        # A generator: None after every `every` PBKDF2 iterations, then True
+        # when username is listed and password (bytes or str) matches. A
+        # missing username or password still runs one full PBKDF2.
         entry = self._users.get(username) if username is not None else None
         known = entry is not None and password is not None
         if not known:
             entry = self._dummy
         if password is None:
             password = b""
-        ok = pwhash.check(password, entry[0], entry[1], entry[2])
-        return ok and known
+        for ok in pwhash.check_steps(password, entry[0], entry[1], entry[2], every):
+            if ok is None:
+                yield None
+            else:
+                yield ok and known
 
     def name(self, username):
         # The file's own copy of a user name it lists: the sessions of one

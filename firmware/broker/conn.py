@@ -48,6 +48,7 @@ class Connection(Output):
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
     linger_ms = 0  # delay before a refusal goes out (failed login)
+    login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
     wait_ready = None  # set by a handler raising Paused: what to wait for
     pause = None  # what the reader waits for before reading on (backpressure.py)
@@ -233,9 +234,12 @@ class Connection(Output):
         return pos
 
     async def _wait(self, what):
-        # A pause: for a session to drain, or for a condition to hold.
+        # A pause: for a condition to hold, a task to end (a login being
+        # hashed), or a session to drain.
         if callable(what):
             await wait_recovered(self.broker, what)
+        elif type(what) is asyncio.Task:
+            await what
         else:
             await wait_for_session(self.broker, what)
 
@@ -277,7 +281,7 @@ class Connection(Output):
                     self.dispatch(big[0], bmv, h, total)
                     break
                 except Paused:
-                    await wait_recovered(b, self.wait_ready)
+                    await self._wait(self.wait_ready)
             if b.congested is not None:
                 self.pause = b.congested
                 b.congested = None

@@ -161,7 +161,7 @@ def _basic_checker(L, broker, peer):
         return None
 
     async def check(user, password):
-        wait = login(broker, peer, user, password)
+        wait = await login(broker, peer, user, password)
         if wait < 0:
             return True
         await asyncio.sleep_ms(wait)
