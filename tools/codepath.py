@@ -26,17 +26,22 @@ def mpy_verdict(rec):
     """(fits, why) for copying the broker as .mpy files, from a board's
     memreport record: it fits when the heap free after a start from .mpy
     is at least min_free_heap plus max_connections idle clients (the
-    dearer of 3.1.1 and 5.0). fits is None when there is no record."""
+    dearer of 3.1.1 and 5.0), plus one TLS session where Mbed TLS takes
+    its buffers from the Python heap (the rp2 boards). fits is None when
+    there is no record."""
     if rec is None:
         return None, "no measurement for this board in %s (run `make memreport`)" % MEMORY
     fr = rec["frozen"]
     client = max(fr["idle_client_v4"], fr["idle_client_v5"])
     need = rec["min_free_heap"] + rec["max_connections"] * client
+    tls = rec["tls_in_heap"] if rec.get("tls_from") == "python heap" else 0
+    need += tls
     mpy = rec.get("mpy") or {}
     if mpy.get("start_free") is None:
         return False, ("loaded from .mpy files the broker did not even start in the board's %d B heap (%s)"
                        % (rec["heap"], mpy.get("error", "no result")))
     have = mpy["start_free"]
     return have >= need, ("loaded from .mpy files it leaves %d B free after start; it needs min_free_heap "
-                          "%d B + %d clients x %d B = %d B" % (have, rec["min_free_heap"], rec["max_connections"],
-                                                                client, need))
+                          "%d B + %d clients x %d B%s = %d B" % (
+                              have, rec["min_free_heap"], rec["max_connections"], client,
+                              " + one TLS session %d B" % tls if tls else "", need))
