@@ -81,13 +81,16 @@ def start(cfg, wdt=None):
         log.notice("anonymous clients are allowed")
     asyncio.create_task(_housekeeping(b, wdt))
     gc.collect()
-    # Collect after every quarter of the heap allocated, not only when it
-    # is full: garbage then never spreads over the whole heap, so what
-    # stays (retained messages, sessions) packs low and large free pieces
-    # remain. Without it, 200 retained messages left no piece a TLS session
-    # (two 16 KB record buffers on a Pico W) could take, with 112 KB free.
-    # (Each collection costs; a quarter keeps them rare under load.)
-    gc.threshold((gc.mem_free() + gc.mem_alloc()) >> 2)
+    if cfg["gc_threshold"]:
+        # Collect after every gc_threshold bytes allocated, not only when
+        # the heap is full: garbage then never spreads over the whole heap,
+        # so what stays (retained messages, sessions) packs low and large
+        # free pieces remain. The rp2 profiles set it: their Mbed TLS takes
+        # its record buffers (16 KiB in) from this heap, and after 200
+        # retained messages a Pico W had no piece for them with 112 KB
+        # free. It costs a third of the throughput under load, so the
+        # boards whose TLS lives elsewhere leave it off.
+        gc.threshold(cfg["gc_threshold"])
     log.notice("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
     return b
 

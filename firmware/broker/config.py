@@ -45,6 +45,7 @@ SCHEMA = {
     "max_tls_connections": (1, "int", 0, 1000),
     "sys_interval": (10, "int", 0, 3600),
     "min_free_heap": (16384, "int", 0, 1 << 30),
+    "gc_threshold": (0, "int", 0, 1 << 30),
     "write_buffer_size": (1024, "int", 128, 1 << 20),
     "read_buffer_size": (512, "int", 64, 1 << 20),
     "log_level": ("info", "level", 0, 0),
