@@ -85,11 +85,11 @@ def start(cfg, wdt=None):
         # Collect after every gc_threshold bytes allocated, not only when
         # the heap is full: garbage then never spreads over the whole heap,
         # so what stays (retained messages, sessions) packs low and large
-        # free pieces remain. The rp2 profiles set it: their Mbed TLS takes
-        # its record buffers (16 KiB in) from this heap, and after 200
-        # retained messages a Pico W had no piece for them with 112 KB
-        # free. It costs a third of the throughput under load, so the
-        # boards whose TLS lives elsewhere leave it off.
+        # free pieces remain. The small-heap profiles set it: after 200
+        # retained messages a Pico W had no piece for Mbed TLS's 16 KiB
+        # record buffer with 112 KB free, and an ESP32 hub once none for a
+        # returning session with 25 KB free. It costs a third of the
+        # throughput under load, so the boards with megabytes leave it off.
         gc.threshold(cfg["gc_threshold"])
     log.notice("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
     return b
