@@ -208,6 +208,10 @@ class Ours:
         self.board = board
         self.heap = brokerproc.profile(heap_board or board)["heap"]
         cfg = {"log_level": "warning"}
+        if heap_board:
+            # Collections paced for the heap it has (a board's gc_threshold
+            # on a PC's megabytes would collect all the time).
+            cfg["gc_threshold"] = brokerproc.profile(heap_board)["config"]["gc_threshold"]
         cfg.update(config or {})
         self.bp = BrokerProc(board=board, config=cfg, heap=self.heap, code=code,
                              binary=str(binary) if binary else None, script=script)
