@@ -1105,6 +1105,17 @@ class Report:
         return "\n".join(out)
 
 
+def _warm_up(port, seed, n, retained):
+    # The seed's n warm-up cases (indices past the fuzzing's), then the
+    # retained messages they may have left cleared; adds their topics to
+    # the set retained.
+    for i in range(n):
+        c = make_case(seed, 10 ** 9 + i)
+        retained |= retained_topics(c.bytes())
+        run_case(c, port, 0.05)
+    _cleanup(port, retained)
+
+
 def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True, connect_timeout=10,
          heap_margin=4096, start_index=0, progress=None, warmup=500):
     """Fuzzes the broker on port. seed: one seed, or a list of them run one
@@ -1142,11 +1153,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
 
     # Warm-up (buffers, pools, the rate table fill), then the baseline heap.
     retained = set()  # topics the cases may have left retained messages on
-    for i in range(warmup):
-        c = make_case(seeds[0], 10 ** 9 + i)
-        retained |= retained_topics(c.bytes())
-        run_case(c, port, 0.05)
-    _cleanup(port, retained)
+    _warm_up(port, seeds[0], warmup, retained)
     rep.heap_base = heap_used(port)
     rep.counts_base = counts(port)
     pt = threading.Thread(target=publisher, daemon=True)
@@ -1299,11 +1306,7 @@ def fuzz(port, seed, seconds=60.0, cases=None, workers=4, broker=None, slow=True
         # addresses, the buffer pools) may have reached a size the warm-up
         # did not give them, and stay there by design. A leak grows again
         # with more cases: run the warm-up's cases a second time and look.
-        for i in range(warmup):
-            c = make_case(seeds[0], 10 ** 9 + i)
-            retained |= retained_topics(c.bytes())
-            run_case(c, port, 0.05)
-        _cleanup(port, retained)
+        _warm_up(port, seeds[0], warmup, retained)
         rep.heap_again = heap_used(port)
         if (rep.heap_again is None or rep.heap_again - rep.heap_end > heap_margin // 4
                 or rep.heap_again - rep.heap_base > 2 * heap_margin):
