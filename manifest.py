@@ -13,6 +13,8 @@ module("pwhash.py", base_path="lib")
 package("broker", base_path="firmware")
 module("board.py", base_path="firmware")
 module("logring.py", base_path="firmware")
+module("gateway.py", base_path="firmware")
 # firmware/main.py is not frozen: a frozen main.py runs in place of /main.py,
-# so it could not be changed without a new firmware. Copy it to the board:
+# so it could not be changed without a new firmware. It is one call into
+# gateway.py, frozen above. Copy it to the board:
 #     mpremote connect PORT cp firmware/main.py :main.py

@@ -380,13 +380,13 @@ def _board_files(d, config, secrets, profile="esp32"):
 
 
 MAIN_PRE = PRE + """
-import main
+import gateway as main
 calls = []
 class App:
     def __init__(self, exc):
         self.exc = exc
-    def run(self, cfg, profile=None, wdt=None):
-        calls.append((cfg, profile, wdt))
+    def run(self, cfg, wdt=None):
+        calls.append((cfg, wdt))
         raise self.exc
 """
 
@@ -397,8 +397,7 @@ def test_main_brings_everything_up_then_runs_the_broker(tmp_path):
     out = mp("""
     machine.cause = machine.WDT_RESET
     main.start(App(KeyboardInterrupt()))           # Ctrl-C ends run(): maintenance
-    cfg, profile, wdt = calls[0]
-    assert profile["name"] == "esp32"
+    cfg, wdt = calls[0]
     assert cfg["max_connections"] == 8 and cfg["max_sessions"] == 5   # profile, then config.json
     assert wdt is machine.wdts[-1] and wdt.timeout == 8000
     assert network.hostname() == "gw1" and network.WLAN(network.STA_IF).isconnected()
@@ -406,7 +405,7 @@ def test_main_brings_everything_up_then_runs_the_broker(tmp_path):
     assert machine.resets == []
     import os
     text = open("log/0.log").read()
-    assert "reset cause watchdog" in text and "interrupted" in text, text
+    assert "board esp32, reset cause watchdog" in text and "interrupted" in text, text
     assert "password1" not in text
     """, cwd=tmp_path, pre=MAIN_PRE)
     assert "boot: board esp32, reset cause watchdog" in out

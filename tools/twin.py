@@ -65,6 +65,7 @@ RELEASE_URL = ("https://github.com/micropython/micropython/releases/download/v%s
 MAKE_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "MICROPY_PY_FFI=0"]
 # What is frozen: lib/ and firmware/ as the manifest lists them.
 CODE_DIRS = [REPO / "lib", REPO / "firmware"]
+HOST_RUNNER = REPO / "tools" / "hostrun.py"
 
 
 class TwinError(Exception):
@@ -86,6 +87,7 @@ def _inputs(src_id, variant):
     if project:
         for d in CODE_DIRS:
             files += sorted(p for p in d.rglob("*.py") if "__pycache__" not in p.parts)
+        files.append(HOST_RUNNER)
     for p in files:
         h.update(str(p.relative_to(REPO)).encode() + b"\0")
         h.update(p.read_bytes())

@@ -18,7 +18,7 @@
 #   request is refused. Mosquitto refuses '+' and '#' only.
 # - Nobody may publish to $SYS, whatever the file says.
 # docs/security.md has the full rules with examples.
-from broker import config
+from broker.conffile import read_lines
 from mqtt.compat import const
 from mqtt.topic import matches, valid_filter
 
@@ -97,7 +97,7 @@ class Acl:
             nonlocal user
             user = acl.add_line(line, user)
 
-        config.read_lines(path, "acl_file", take)
+        read_lines(path, "acl_file", take)
         return acl
 
     def add_line(self, line, user):

@@ -95,7 +95,7 @@ def start(cfg, wdt=None):
     return b
 
 
-def run(cfg, profile=None, wdt=None):
+def run(cfg, wdt=None):
     box = []
 
     async def main():

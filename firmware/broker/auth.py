@@ -11,7 +11,7 @@
 import os
 
 import pwhash
-from broker import config
+from broker.conffile import read_lines
 from mqtt.compat import const, ticks_diff, ticks_ms
 
 
@@ -33,7 +33,7 @@ class PasswordFile:
     def _read(self, path):
         # ValueError names the file and the line for anything it cannot
         # use; the message never quotes a password or a hash.
-        config.read_lines(path, "password_file", lambda line: self._add_line(line, path))
+        read_lines(path, "password_file", lambda line: self._add_line(line, path))
 
     def _add_line(self, line, path):
         line = line.rstrip("\r\n")

@@ -20,8 +20,9 @@ _RECOVER_MS = const(50)  # how often a paused publisher looks again
 
 
 class Paused(Exception):
-    # Raised by a handler that cannot take its packet now: the reader keeps
-    # the packet unread and hands it over again after waiting.
+    # Raised by a handler that cannot take its packet now, once it has set
+    # the connection's `pause` to what to wait for: the reader keeps the
+    # packet unread and hands it over again after waiting.
     pass
 
 

@@ -50,8 +50,9 @@ class Connection(Output):
     linger_ms = 0  # delay before a refusal goes out (failed login)
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
-    wait_ready = None  # set by a handler raising Paused: what to wait for
-    pause = None  # what the reader waits for before reading on (backpressure.py)
+    # What the reader waits for before reading on (backpressure.py): set by
+    # a handler before it raises Paused, or when a session fills up.
+    pause = None
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
     # upstream's, topic_in(upstream topic) -> ours or None (not ours).
     topic_out = None
@@ -223,7 +224,6 @@ class Connection(Output):
                 self.dispatch(cur[pos], cur, pos + h, pos + h + rem)
             except Paused:
                 # Not taken: it stays, and is handed over again.
-                self.pause = self.wait_ready
                 break
             pos += h + rem
             if b.congested is not None:
@@ -281,7 +281,8 @@ class Connection(Output):
                     self.dispatch(big[0], bmv, h, total)
                     break
                 except Paused:
-                    await self._wait(self.wait_ready)
+                    await self._wait(self.pause)
+                    self.pause = None
             if b.congested is not None:
                 self.pause = b.congested
                 b.congested = None

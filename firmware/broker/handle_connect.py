@@ -192,7 +192,7 @@ def on_connect(c, mv, off, end):
         if wait is None:
             # Hashed by a task of its own; this CONNECT is handled again,
             # from the top, once it is done (the packets after it wait).
-            c.wait_ready = asyncio.create_task(_login(c, user, pkt.password))
+            c.pause = asyncio.create_task(_login(c, user, pkt.password))
             raise Paused()
         c.login_wait = None
         if wait >= 0:

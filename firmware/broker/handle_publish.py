@@ -41,7 +41,7 @@ def _heap_short(c, qos, pid, need):
         _ack(c, 3 + qos, pid, 0x97)
         return
     heap = b.heap
-    c.wait_ready = lambda: heap.room_for(need)
+    c.pause = lambda: heap.room_for(need)
     raise Paused()
 
 
@@ -69,7 +69,7 @@ def _admit(c, s, qos, pid, topic, retain, size):
             b.stats_dropped += 1
             _ack(c, 3 + qos, pid, 0x97)
             return False
-        c.wait_ready = lambda: p.can_take(s, topic, retain, size)
+        c.pause = lambda: p.can_take(s, topic, retain, size)
         raise Paused()
     return True
 

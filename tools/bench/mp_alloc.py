@@ -71,7 +71,7 @@ say = (lambda *x: None) if A["json"] else print
 
 import pwhash  # noqa: E402
 from mqtt import packets as K  # noqa: E402
-from broker.config import build, load_json  # noqa: E402
+from broker.config import build, load_json, unload  # noqa: E402
 
 DATA = "/tmp/mp_alloc_%d" % (time.ticks_us() & 0xFFFFFF)
 profile = load_json("%s/boards/%s.json" % (ROOT, A["board"]))
@@ -80,7 +80,8 @@ with open(DATA + "/passwd", "w") as f:
     f.write("%s:%s\n" % (TEST_USER, pwhash.make_hash(TEST_PASSWORD, pwhash.ITERATIONS.get(A["board"], 1000))))
 CFG = build(profile.get("config"), {"persistence_location": DATA + "/store", "password_file": DATA + "/passwd",
                                     "bind_address": "127.0.0.1", "port": 0}, None)
-del sys.modules["broker.config"]
+build = load_json = None
+unload()
 SHIPPED_MAX = CFG["max_connections"]
 
 from broker import app, server, transport  # noqa: E402
