@@ -168,6 +168,8 @@ def start(app=None):
         log.warning("interrupted")
         _maintenance(wdt, ring, "interrupted")
         return
-    except Exception as e:
+    except (Exception, SystemExit) as e:
+        # SystemExit: the broker stopped itself on a state it cannot go on
+        # from (transport.py); a restart clears it.
         why = _log_exception(e)
     _restart(why, ring, wdt)

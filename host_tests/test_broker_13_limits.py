@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mqttc import (BrokerProc, Raw, Client, Closed, Publish, P, PUBACK, DISCONNECT, CONNACK,
+from mqttc import (BrokerProc, Raw, Client, Closed, Publish, P, PUBACK, DISCONNECT, CONNACK, PINGRESP,
                    SESSION_EXPIRY, MAX_PACKET, decode, connect_bytes, sys_wait)
 
 
@@ -560,4 +560,39 @@ def test_offline_queues_of_large_messages_do_not_exhaust_heap():
         assert ok, ("broker stopped serving new clients after %d queued 1000-byte messages "
                     "(publisher %s): %s\n%s" % (len(codes), "disconnected 0x97" if lost else "connected",
                                                  why, b.log()[-600:]))
+        _check_alive(b)
+
+
+@pytest.mark.parametrize("version", [5, 4])
+def test_sessions_past_what_the_heap_holds_are_refused_in_a_connack_never_before_one(version):
+    # About another setting, so it says so: max_sessions is raised far past
+    # what the esp32 heap holds, so that the heap, not the table, stops the
+    # sessions. Offline sessions with a subscription each are added until
+    # one is refused. Every CONNECT must get a CONNACK: 0 while the session
+    # fits, then a refusal (v5: 0x97 or 0x89; 3.1.1: 3, server unavailable),
+    # never a DISCONNECT or a close before it (MQTT-3.14.0-1); a client
+    # connected all along is still served.
+    with BrokerProc(board="esp32", config={"max_sessions": 1000}) as b:
+        watcher = Client(b.port, "heap-watcher", version=5)
+        refusal = None
+        for i in range(800):
+            cid = "heap-sess-%d" % i
+            try:
+                c = Client(b.port, cid, version=version, clean=False,
+                           props={SESSION_EXPIRY: 3600} if version == 5 else None, expect_ok=False)
+            except (AssertionError, OSError) as e:  # Closed, or another packet first
+                pytest.fail("CONNECT %d (%s) got no CONNACK: %r\n%s" % (i, cid, e, b.log()[-1500:]))
+            if c.connack.reason:
+                refusal = c.connack.reason
+                c.close()
+                break
+            try:
+                c.subscribe([("heap/sess/%d" % i, 1)])
+                c.disconnect()
+            except (Closed, OSError):
+                c.close()  # closed after its CONNACK (DISCONNECT 0x97): allowed
+        assert refusal in ((0x97, 0x89) if version == 5 else (3,)), \
+            "no refusal in 800 sessions, or the wrong code: %r" % refusal
+        assert i > 20, "refused after only %d sessions" % i
+        assert watcher.ping().type == PINGRESP
         _check_alive(b)

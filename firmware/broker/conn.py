@@ -18,7 +18,7 @@ from broker.core import Closed
 from broker.outbuf import Output
 from broker.backpressure import Paused, wait_for_session, wait_recovered
 from broker.pump import pump
-from broker.handle_connect import on_connect
+from broker.handle_connect import on_connect, refuse
 from broker.handle_publish import on_publish
 from broker.handle_other import on_packet
 
@@ -62,9 +62,11 @@ class Connection(Output):
         self.broker = broker
         self.t = transport
         self.last_rx = self.born = broker.now_ms()
-        # Set here, not left to the class default: assigning it first at
-        # teardown would grow the attribute table when the heap may be out.
+        # Set here, not left to the class defaults: assigning them first
+        # later (closing at teardown, session when CONNECT commits) would
+        # grow the attribute table when the heap may be out.
         self.closing = False
+        self.session = None
 
     # ------------------------------------------------------------ output
 
@@ -298,7 +300,16 @@ class Connection(Output):
             if t != _CONNECT:
                 raise MQTTError(0x82, "first packet is not CONNECT")
             check_flags(first)
-            on_connect(self, mv, off, end)
+            try:
+                on_connect(self, mv, off, end)
+            except MemoryError:
+                if self.session is not None:
+                    raise  # after its CONNACK: closed as any other
+                # No session was made: the client is told, in a CONNACK
+                # (0x97; 3.1.1: 3, server unavailable), never with a
+                # DISCONNECT before one (MQTT-3.14.0-1).
+                gc.collect()
+                refuse(self, 0x97, "out of memory")
             return
         if t == _PUBLISH:
             # The fixed-header rules of check_flags() for PUBLISH, inline:

@@ -28,7 +28,7 @@ _MAX_CLIENT_ID = const(128)
 _HASH_SLICE = const(16)
 
 
-def _refuse(c, reason, why):
+def refuse(c, reason, why):
     b = c.broker
     b.stats_refused += 1
     log.info("refused %s: 0x%02X %s", c.t.peer, reason, why)
@@ -144,7 +144,7 @@ def on_connect(c, mv, off, end):
         if e.reason == 0x84:
             # Answer in the version the client asked for when we can tell.
             c.version = 5 if end - off > 6 and mv[off + 6] == 5 else 4
-            _refuse(c, 0x84, "unsupported protocol version")
+            refuse(c, 0x84, "unsupported protocol version")
         log.info("bad CONNECT from %s: %s", c.t.peer, e)
         c.disconnect_reason = e.reason
         raise Closed()
@@ -157,25 +157,25 @@ def on_connect(c, mv, off, end):
     if P.MAXIMUM_PACKET_SIZE in pr:
         c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
     if P.AUTH_METHOD in pr:
-        _refuse(c, 0x8C, "enhanced authentication is not supported")
+        refuse(c, 0x8C, "enhanced authentication is not supported")
 
     # Client identifier (MQTT-3.1.3-6..8).
     cid = pkt.client_id
     assigned = None
     if not cid:
         if v == 4 and (not pkt.clean or pkt.version == 3):
-            _refuse(c, 0x85, "empty client id needs clean session")
+            refuse(c, 0x85, "empty client id needs clean session")
         global _ids
         _ids += 1
         cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
     elif len(cid.encode()) > _MAX_CLIENT_ID:
-        _refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
+        refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
 
     # Room for it, before any password is hashed: a full broker spends no
     # CPU on logins it could not serve anyway.
     why = busy(b, cid)
     if why is not None:
-        _refuse(c, why[0], why[1])
+        refuse(c, why[0], why[1])
 
     # Credentials. A failed login is answered late (the wait login() says).
     user = pkt.username
@@ -185,7 +185,7 @@ def on_connect(c, mv, off, end):
         # certificate; its common name is the user, whatever the CONNECT
         # says, and no password is asked for (Mosquitto does the same).
         if not cn:
-            _refuse(c, 0x86, "client certificate has no common name")
+            refuse(c, 0x86, "client certificate has no common name")
         user = cn
     elif user is not None and b.auth is not None:
         wait = c.login_wait
@@ -197,12 +197,12 @@ def on_connect(c, mv, off, end):
         c.login_wait = None
         if wait >= 0:
             c.linger_ms = wait
-            _refuse(c, 0x86, "bad user name or password")
+            refuse(c, 0x86, "bad user name or password")
     elif not cfg["allow_anonymous"]:
         # Anonymous, or a user name with no password file to check it in.
         b.stats_auth_failed += 1
         log.warning("refused anonymous client from %s", c.t.peer)
-        _refuse(c, 0x87, "not authorized")
+        refuse(c, 0x87, "not authorized")
 
     # Will.
     will = None
@@ -210,16 +210,16 @@ def on_connect(c, mv, off, end):
     wexp = None
     if pkt.will_topic is not None:
         if not check_topic(cfg, pkt.will_topic):
-            _refuse(c, 0x90, "will topic is not valid")
+            refuse(c, 0x90, "will topic is not valid")
         if pkt.will_topic.startswith("$SYS"):
             # $SYS is the broker's own (MQTT 4.7.2); a will there is refused
             # as Mosquitto refuses a will the client may not write.
-            _refuse(c, 0x87, "will topic under $SYS")
+            refuse(c, 0x87, "will topic under $SYS")
         if pkt.will_retain and not cfg["retain_available"]:
-            _refuse(c, 0x9A, "retain not available")
+            refuse(c, 0x9A, "retain not available")
         wp = pkt.will_props or {}
         if wp.get(P.PAYLOAD_FORMAT) == 1 and not utf8_valid(pkt.will_payload, 0, len(pkt.will_payload)):
-            _refuse(c, 0x99, "will payload is not UTF-8")
+            refuse(c, 0x99, "will payload is not UTF-8")
         wdelay = wp.get(P.WILL_DELAY, 0)
         # Its Message Expiry Interval counts from when it is published
         # (MQTT 3.1.3.2.4): publish_will() sets it.
@@ -229,7 +229,7 @@ def on_connect(c, mv, off, end):
     old = b.sessions.get(cid)
     if old is None and not b.new_session_allowed():
         # (room was there at busy(); a concurrent CONNECT took it)
-        _refuse(c, 0x97, "session table full")
+        refuse(c, 0x97, "session table full")
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
     if old is not None and old.conn is not None:
@@ -303,12 +303,15 @@ def on_connect(c, mv, off, end):
         if not cfg["retain_available"]:
             ack_props[P.RETAIN_AVAILABLE] = 0
     c.keepalive = ka
-
-    b.sessions[cid] = s
-    s.conn = c
     s.put("gone_at", None)
-    c.session = s
-    c.send(encode(Connack(present, 0, ack_props), v))
+    s.conn = c
+    ack = encode(Connack(present, 0, ack_props), v)
+    # The commit. Up to here a MemoryError leaves no session in the table
+    # (Connection.dispatch answers it with CONNACK 0x97); from here to the
+    # CONNACK nothing allocates but a new session's table entry.
+    b.sessions[cid] = s
+    c.session = s  # its slot was made in Connection.__init__
+    c.send(ack)
     log.info("client %s connected from %s (v%s, clean=%d, keepalive=%d)",
              cid, c.t.peer, "5" if v == 5 else "3.1.1", pkt.clean, ka)
     if present:

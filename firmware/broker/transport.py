@@ -13,6 +13,8 @@
 # Stream.write() copies into an unbounded bytes buffer on every call, and
 # Stream.readinto() waits for readability before every read. Here a read is
 # tried first and the task waits on the poller only when nothing is there.
+import gc
+import select
 from asyncio import core
 
 _EAGAIN = 11
@@ -86,23 +88,37 @@ class TcpTransport:
 
 def wait_io(s, idx):
     # asyncio's queue_read (idx 0) / queue_write (1), then the caller
-    # yields. A MemoryError while the poller takes a new socket leaves an
-    # entry without its object in MicroPython's poll map, and the next
-    # poll() dereferences it (modselect.c says so: "This case is not
-    # handled"): a crash on a board. Take the half-made entry out again so
-    # that the error is only the caller's, who closes that socket or waits.
+    # yields. A MemoryError while the poller takes a new socket can leave
+    # an entry without its object in MicroPython's poll map (modselect.c:
+    # "This case is not handled"), which unregister() and the next poll()
+    # dereference: a crash. register() again completes such an entry (or
+    # makes a whole one), after which unregister() takes it out cleanly;
+    # the error stays the caller's, who closes that socket or waits.
     q = core._io_queue
     new = id(s) not in q.map
     try:
         q._enqueue(s, idx)
     except MemoryError:
-        if new:
-            q.map.pop(id(s), None)
-            try:
-                q.poller.unregister(s)
-            except Exception:
-                pass
+        # asyncio adds its own entry, then registers with the poller: with
+        # no entry of asyncio's, the poller was never reached.
+        if new and q.map.pop(id(s), None) is not None:
+            _unpoll(q.poller, s)
         raise
+
+
+def _unpoll(poller, s):
+    for _ in range(3):
+        gc.collect()
+        try:
+            poller.register(s, select.POLLIN)
+        except MemoryError:
+            continue
+        poller.unregister(s)
+        return
+    # No heap for 16 bytes even after collecting: the half-made entry
+    # would crash the next poll(), so stop here instead, as a watchdog
+    # reset would (main.py restarts the board; a host run ends).
+    raise SystemExit("poller: out of heap with a half-registered socket")
 
 
 def _refused(e):
