@@ -7,7 +7,7 @@ import time
 from broker import log
 from broker.core import Broker
 from broker.server import listen, accept_loop
-from broker import sys_tree, keepalive, session_expiry
+from broker import sys_tree, keepalive, session_expiry, transport
 
 
 async def _housekeeping(b, wdt):
@@ -48,6 +48,7 @@ def start(cfg, wdt=None):
     # Sets everything up and returns the Broker; the caller runs the loop.
     log.set_level(cfg["log_level"])
     b = Broker(cfg)
+    transport.shed = b.shed_buffers
     asyncio.create_task(b.flush_all())
     if cfg["persistence"]:
         from broker.persist import Persist

@@ -81,6 +81,13 @@ class Broker:
         self.stats_evicted = 0  # offline sessions evicted for a new one
         self.stall_ms = 0  # longest the loop was held up (app.py)
 
+    def shed_buffers(self):
+        # Drops the spare pooled buffers (made again as connections need
+        # them): for an allocation that must not fail (transport.shed).
+        del self.rpool.free[:]
+        del self.wpool.free[:]
+        self.spare_big = None
+
     # ------------------------------------------------------------ clock
 
     def now(self):

@@ -106,8 +106,16 @@ def wait_io(s, idx):
         raise
 
 
+# Set by the broker (app.py): frees what it can spare at once, its pooled
+# buffers, made at start and so in large pieces, for _unpoll's register(),
+# which must not fail.
+shed = None
+
+
 def _unpoll(poller, s):
     for _ in range(3):
+        if shed is not None:
+            shed()
         gc.collect()
         try:
             poller.register(s, select.POLLIN)
