@@ -110,4 +110,4 @@ def test_a_commit_out_of_heap_is_tried_again_and_its_acknowledgement_still_goes_
     assert "waiting True closed False pending True" in r.stdout, r.stdout + r.stderr
     assert "acked True pending 0 failed 0" in r.stdout, r.stdout + r.stderr
     assert "after ['rk', 'rk2', 'rk3']" in r.stdout, r.stdout + r.stderr
-    assert "store commit failed: MemoryError" in r.stdout, r.stdout
+    assert "W store commit waits for heap: MemoryError" in r.stdout, r.stdout

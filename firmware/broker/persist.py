@@ -332,7 +332,13 @@ class Persist:
                 # The batch stays staged and every acknowledgement it owes
                 # stays held: retried until it goes through.
                 if not self.failing:
-                    log.error("store commit failed: %r; retrying", e)
+                    if isinstance(e, MemoryError):
+                        # Load shed, as when messages wait for heap (README,
+                        # "When the board is full"), not a fault: a later
+                        # try, after collections, finds the room.
+                        log.warning("store commit waits for heap: %r; retrying", e)
+                    else:
+                        log.error("store commit failed: %r; retrying", e)
                 self.failing = True
                 gc.collect()
                 await asyncio.sleep_ms(wait)

@@ -63,7 +63,7 @@ BOARDS = ["esp32", "esp32s3", "pico_w", "pico2_w", "unix"]
 PAYLOAD = bytes(64)
 ROUNDS = int(os.environ.get("MEMREPORT_ROUNDS", "3"))  # idle-client rounds; the median is kept
 SETTLE_QUIET = 2.2  # s without a new heap value: the heap has settled (sys_interval 1)
-SETTLE_MAX = 12.0
+SETTLE_MAX = 30.0  # (12 s was not enough on a machine running the suite alongside)
 CMD = "make memreport"
 TWIN_NAME = "MicroPython v1.28.0 unix port, 32-bit"
 
