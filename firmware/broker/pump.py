@@ -114,6 +114,8 @@ def pump(b, c, s):
     while q:
         inf = q[1]
         st = stored_of(inf)
+        if st and p is not None and p.crowded(c):
+            return False
         r = put_message(b, c, s, q[0], qos_of(inf), retain_of(inf), subids_of(inf), seq_of(inf), st)
         if r == WAIT:
             return c.held == 0 and (c.olen > 0 or c.big is not None)
