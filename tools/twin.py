@@ -63,6 +63,9 @@ RELEASE_URL = ("https://github.com/micropython/micropython/releases/download/v%s
 # in this release; btree and ffi are not on the boards and ffi needs a
 # 32-bit libffi.
 MAKE_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "MICROPY_PY_FFI=0"]
+# The port's standard variant but for Ctrl-C, which a board takes between
+# bytecodes (tools/twin_variant/mpconfigvariant.h says why).
+VARIANT_DIR = REPO / "tools" / "twin_variant"
 # What is frozen: lib/ and firmware/ as the manifest lists them.
 CODE_DIRS = [REPO / "lib", REPO / "firmware"]
 HOST_RUNNER = REPO / "tools" / "hostrun.py"
@@ -81,7 +84,7 @@ def _inputs(src_id, variant):
     _, manifest, project = VARIANTS[variant]
     h = hashlib.sha256()
     h.update(("%s\n%s\n" % (src_id, " ".join(MAKE_FLAGS))).encode())
-    files = [manifest, VARIANTS["stock"][1]]
+    files = [manifest, VARIANTS["stock"][1], VARIANT_DIR / "mpconfigvariant.h", VARIANT_DIR / "mpconfigvariant.mk"]
     if variant == "tlsheap":
         files.append(TLSHEAP_CONFIG)
     if project:
@@ -196,7 +199,7 @@ def build(variant="broker"):
     _check_compiler()
     obj = OUT / ("obj-%s" % variant)
     cmd = ["make", "-C", str(src / "ports" / "unix"), "-j%d" % (os.cpu_count() or 2),
-           "BUILD=%s" % obj, "FROZEN_MANIFEST=%s" % manifest] + MAKE_FLAGS
+           "BUILD=%s" % obj, "VARIANT_DIR=%s" % VARIANT_DIR, "FROZEN_MANIFEST=%s" % manifest] + MAKE_FLAGS
     if variant == "tlsheap":
         # m_tracked_calloc exists only with MICROPY_TRACKED_ALLOC, which the
         # unix port turns on only for ffi (off here). The config file's

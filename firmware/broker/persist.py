@@ -454,7 +454,9 @@ class Persist:
         self.lazy = {}
 
     def shutdown(self):
-        # A clean stop: what waits for its autosave, and the clock.
+        # A clean stop: what waits for its autosave, and the clock. The
+        # pooled buffers are of no more use: their heap goes to this.
+        self._spare()
         self.b.advance_clock()
         self._save_lazy()
         self._save_clock()
