@@ -326,8 +326,10 @@ def test_unknown_user_costs_same_as_known(tmp_path):
     known = _median_ms(lambda: _check(pf, "alice", b"wrong"))
     unknown = _median_ms(lambda: _check(pf, "mallory", b"wrong"))
     # A shortcut for unknown users would be 100x faster; the band is wide
-    # only to absorb noise on a busy host.
-    assert 0.5 < unknown / known < 2.0, (known, unknown)
+    # so that noise on a busy host cannot fail it (it did at 0.5 to 2, in
+    # the MicroPython twin of this test). The rule itself is counted in
+    # test_unknown_user_runs_one_full_pbkdf2.
+    assert 0.1 < unknown / known < 10, (known, unknown)
 
 
 # --- LoginThrottle -----------------------------------------------------
@@ -483,7 +485,20 @@ def med(fn):
     return ts[4]
 k = med(lambda: _check(pf, "alice", b"nope"))
 u = med(lambda: _check(pf, "mallory", b"nope"))
-ok("unknown_user_same_cost", 0.5 < u / k < 2.0)
+# A shortcut for unknown users would be about 100x faster: the band is
+# wide so that a busy host cannot fail it (it did at 0.5 to 2).
+ok("unknown_user_same_cost", 0.1 < u / k < 10)
+# The rule itself, counted rather than timed: the same PBKDF2 run for both.
+runs = []
+real = pwhash.pbkdf2_steps
+def spy(password, salt, iterations, dklen=32, every=0):
+    runs.append(iterations)
+    return real(password, salt, iterations, dklen, every)
+pwhash.pbkdf2_steps = spy
+_check(pf, "alice", b"nope")
+_check(pf, "mallory", b"nope")
+pwhash.pbkdf2_steps = real
+ok("unknown_user_same_work", len(runs) == 2 and runs[0] == runs[1])
 try:
     PasswordFile.load(d["plainfile"])
     ok("plain_line_refused", False)
@@ -544,7 +559,7 @@ def test_vectors_auth_and_throttle_under_micropython(tmp_path):
     fails = [x for x in lines if x.startswith("FAIL")]
     oks = [x for x in lines if x.startswith("ok ")]
     assert not fails, lines
-    assert len(oks) == len(PBKDF2) + len(rand_cases) + 11, lines
+    assert len(oks) == len(PBKDF2) + len(rand_cases) + 12, lines
     # A hash made by MicroPython verifies on the host (same format, same math).
     mp_hash = [x[7:] for x in lines if x.startswith("MPHASH ")][0]
     assert mp_hash.startswith("$p256$77$")
