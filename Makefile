@@ -113,7 +113,7 @@ typecheck: venv ## pyright + port-lint of lib/ and firmware/ against the esp32 a
 check: build typecheck ## build + typecheck
 
 test: venv sysdeps node-deps check twin ## check, then pytest host_tests/ on the board twin (no test collected fails; CI=true: a missing tool fails)
-	@rc=0; $(PY) -m pytest -q $(PYTEST_ARGS) host_tests || rc=$$?; \
+	@rc=0; $(PY) -m pytest -q --durations=12 $(PYTEST_ARGS) host_tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected (exit 5): that is a failure"; fi; \
 	exit $$rc
 

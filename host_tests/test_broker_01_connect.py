@@ -205,8 +205,9 @@ def test_socket_without_connect_is_closed_after_connect_timeout(broker):
     t0 = time.time()
     assert r.closed(timeout=5)
     dt = time.time() - t0
-    # connect_timeout is 1 s; the check runs once a second.
-    assert 0.9 <= dt <= 3.0, dt
+    # connect_timeout is 1 s; the check runs once a second. The upper
+    # bounds here leave 2 s for a loaded machine: they only prove a timer.
+    assert 0.9 <= dt <= 4.5, dt
     r.close()
 
 
@@ -215,7 +216,7 @@ def test_partial_connect_is_closed_after_connect_timeout(broker):
     r.send(b"\x10\x20\x00\x04MQ")  # half a CONNECT, then silence
     t0 = time.time()
     assert r.closed(timeout=5)
-    assert time.time() - t0 <= 3.0
+    assert time.time() - t0 <= 4.5
     r.close()
 
 
@@ -226,7 +227,7 @@ def test_v5_keepalive_expiry_sends_disconnect_0x8d_after_one_and_a_half_times(br
     dt = time.time() - t0
     assert d.reason == 0x8D
     assert c.closed()
-    assert 1.4 <= dt <= 3.0, dt
+    assert 1.4 <= dt <= 4.5, dt
 
 
 def test_v311_keepalive_expiry_closes_connection(broker):
@@ -234,7 +235,7 @@ def test_v311_keepalive_expiry_closes_connection(broker):
     t0 = time.time()
     assert c.raw.recv_packet(5) is None
     dt = time.time() - t0
-    assert 1.4 <= dt <= 3.0, dt
+    assert 1.4 <= dt <= 4.5, dt
 
 
 def test_pingreq_keeps_connection_alive_past_keepalive(broker):
@@ -263,7 +264,7 @@ def test_server_keep_alive_is_enforced():
         assert c.connack.props[SERVER_KEEP_ALIVE] == 1
         t0 = time.time()
         assert c.expect(DISCONNECT, timeout=5).reason == 0x8D
-        assert 1.4 <= time.time() - t0 <= 3.0
+        assert 1.4 <= time.time() - t0 <= 4.5
         assert b.alive()
 
 

@@ -193,7 +193,7 @@ def test_full_offline_queue_drops_oldest_qos0_first(alive):
     p.publish("mq/q0", b"d1", qos=1)  # queue of 3 is full: a0 goes
     p.publish("mq/q0", b"e1", qos=1)  # then c0
     c = _resume(alive.port, "mq-q0")
-    assert [m.payload for m in c.messages(timeout=0.4)] == [b"b1", b"d1", b"e1"]
+    assert [m.payload for m in c.messages(n=3, timeout=5)] == [b"b1", b"d1", b"e1"] and c.poll(0.3) is None
     c.disconnect(props={SESSION_EXPIRY: 0})
     p.close()
 
@@ -204,7 +204,7 @@ def test_full_offline_queue_of_qos1_keeps_oldest_messages(alive):
     for i in range(5):
         p.publish("mq/q1", b"%d" % i, qos=1)
     c = _resume(alive.port, "mq-q1")
-    assert [m.payload for m in c.messages(timeout=0.4)] == [b"0", b"1", b"2"]
+    assert [m.payload for m in c.messages(n=3, timeout=5)] == [b"0", b"1", b"2"] and c.poll(0.3) is None
     c.disconnect(props={SESSION_EXPIRY: 0})
     p.close()
 
@@ -237,7 +237,8 @@ def test_max_retained_messages_limits_stored_topics_but_allows_replacing(alive):
     assert p.publish("mr/a", b"mr/a v2", qos=1, retain=True).reason == 0  # replacing is fine when full
     s = Client(alive.port, "mr-sub", version=5)
     s.subscribe([("mr/#", 0)])
-    got = {m.topic: m.payload for m in s.messages(timeout=0.4)}
+    got = {m.topic: m.payload for m in s.messages(n=3, timeout=5)}
+    assert s.poll(0.3) is None
     assert got == {"mr/a": b"mr/a v2", "mr/b": b"mr/b", "mr/c": b"mr/c"}
     # Deleting one frees a slot.
     p.publish("mr/b", b"", qos=1, retain=True)
@@ -245,7 +246,7 @@ def test_max_retained_messages_limits_stored_topics_but_allows_replacing(alive):
     s.close()
     s = Client(alive.port, "mr-sub", version=5)
     s.subscribe([("mr/#", 0)])
-    assert sorted(m.topic for m in s.messages(timeout=0.4)) == ["mr/a", "mr/c", "mr/d"]
+    assert sorted(m.topic for m in s.messages(n=3, timeout=5)) == ["mr/a", "mr/c", "mr/d"] and s.poll(0.3) is None
     for t in ("mr/a", "mr/c", "mr/d"):
         p.publish(t, b"", qos=1, retain=True)
     s.close()

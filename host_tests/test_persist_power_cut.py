@@ -42,13 +42,16 @@ RETAINED_KEYS = 4
 EXPIRY = 3600
 
 
-def _connect(port, cid, **kw):
+def _connect(port, cid, stop=None, **kw):
+    # Retries while the broker restarts; gives up at once when `stop` is
+    # set (the round ended with a cut: the sink's thread must not hold up
+    # the next start for the whole 15 s).
     end = time.time() + 15
     while True:
         try:
             return Client(port, cid, version=5, clean=False, expiry=EXPIRY, **kw)
         except (OSError, ConnectionError):
-            if time.time() > end:
+            if time.time() > end or (stop is not None and stop.is_set()):
                 raise
             time.sleep(0.02)
 
@@ -136,8 +139,8 @@ class Sink:
         self.released = set()
         self.c = None
 
-    def connect(self):
-        self.c = _connect(self.port, "power-sink")
+    def connect(self, stop=None):
+        self.c = _connect(self.port, "power-sink", stop)
         assert self.c.connack.session_present, "persistent session lost"
 
     def read(self, seconds, ack_all=True):
@@ -179,7 +182,7 @@ def _sink_loop(sink, stop, rnd):
     # Connects and disconnects during the stream; cuts just end a round.
     while not stop.is_set():
         try:
-            sink.connect()
+            sink.connect(stop)
             sink.read(rnd.uniform(0.05, 0.3), ack_all=False)
         except (OSError, ConnectionError, AssertionError):
             pass

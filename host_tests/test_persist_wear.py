@@ -16,9 +16,16 @@ from brokerproc import BrokerProc
 from mqttc import Client, sys_value, sys_wait
 
 
+def _uptime(v):
+    return int(v.split()[0])  # "12 seconds"
+
+
 def store_counters(port):
-    # Past the next $SYS round (sys_interval 1), the values are current.
-    time.sleep(1.2)
+    # The counters of a $SYS round (sys_interval 1) that came after this
+    # call: one with a later uptime than the one published now. (A fixed
+    # 1.2 s wait could read the round before when housekeeping ran late.)
+    up = _uptime(sys_value(port, "uptime"))
+    assert _uptime(sys_wait(port, "uptime", lambda v: _uptime(v) > up, timeout=6)) > up
     return int(sys_value(port, "store/commits")), int(sys_value(port, "store/bytes written"))
 
 

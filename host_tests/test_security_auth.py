@@ -195,8 +195,11 @@ def test_unknown_user_takes_as_long_as_a_wrong_password(tmp_path):
         w, u, a = sorted(wrong)[1], sorted(unknown)[1], sorted(anon)[1]
         # The hash ran for the unknown user too (anonymous runs none) ...
         assert w > a + 0.05 and u > a + 0.05, (wrong, unknown, anon)
-        # ... and took about as long.
-        assert 0.6 < u / w < 1.66, (wrong, unknown)
+        # ... and took about as long. A shortcut would be about 100x
+        # faster: the band is wide so that a loaded machine cannot fail it
+        # (the same band failed in test_auth_pwhash at 0.5 to 2). The rule
+        # itself is counted there (test_unknown_user_runs_one_full_pbkdf2).
+        assert 0.1 < u / w < 10, (wrong, unknown)
         assert b.alive()
 
 
@@ -210,10 +213,11 @@ def test_repeated_failures_from_one_address_are_answered_later_each_time(broker)
         p, t = timed_connack(broker.port, src, 5, username="alice", password=b"guess")
         assert p.reason == 0x86
         times.append(t)
-    # 0 s, then 1 s, then 2 s (docs/security.md, LoginThrottle).
-    assert times[0] < 0.8, times
-    assert 0.9 < times[1] < 2.0, times
-    assert 1.9 < times[2] < 3.5, times
+    # 0 s, then 1 s, then 2 s (docs/security.md, LoginThrottle), on top of
+    # the hash each one costs: counted from the first, which waits for
+    # nothing, so that a slow (loaded) machine does not shift the bounds.
+    assert 0.9 < times[1] - times[0] < 3.0, times
+    assert 1.9 < times[2] - times[0] < 4.5, times
     assert times[0] < times[1] < times[2]
 
 
@@ -454,12 +458,12 @@ def test_client_reconnecting_in_a_tight_loop_is_slowed_then_refused_and_logged()
         refused = [t for x, t in loop if x is None]
         assert len(served) >= 5 and max(served[:5]) < 0.3, loop
         assert max(served[5:] or [0]) > 0.3, "never slowed: %s" % loop
-        assert refused and all(t < 0.3 for t in refused), loop
+        assert refused and all(t < 0.8 for t in refused), loop  # closed at once, not held
         first_refused = [x for x, _ in loop].index(None)
         assert first_refused >= 8, loop
         # Another address is unaffected while this one is refused.
         x, t = _connack_or_refused(b.port, "127.0.0.41", "neighbour")
-        assert x == 0 and t < 0.3, (x, t)
+        assert x == 0 and t < 0.8, (x, t)
         assert _connack_or_refused(b.port, "127.0.0.40", "looper")[0] is None
         log = b.log()
         assert "connection rate from 127.0.0.40 over 5 per 10 s: slowing it" in log
