@@ -304,6 +304,9 @@ def test_loop_setup_does_not_echo(procs, mode):
     local = peer(procs, g.port, "loop-local", [("#", 1)])
     local.publish("loop/a", b"from below", 1)
     up.publish("loop/b", b"from above", 1)
+    both = lambda ms: len([m for m in ms if m[0].startswith("loop/")]) >= 2  # noqa: E731
+    up.wait(both, 8)
+    local.wait(both, 8)
     time.sleep(1.0)  # room for an echo to come round
     assert sorted(up.topics("loop/")) == ["loop/a", "loop/b"], g.log()[-3000:]
     assert sorted(local.topics("loop/")) == ["loop/a", "loop/b"], g.log()[-3000:]

@@ -307,7 +307,9 @@ def browser():
 def paho_client(port, cid, sub=None, user=TEST_USER, password=TEST_PASSWORD):
     got = []
     c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=cid)
+    subacked = threading.Event()
     c.on_message = lambda cl, u, m: got.append((m.topic, m.qos, bytes(m.payload)))
+    c.on_subscribe = lambda *a: subacked.set()
     paho_connect(c, port, user, password, keepalive=30)
     c.loop_start()
     end = time.time() + 5
@@ -316,7 +318,7 @@ def paho_client(port, cid, sub=None, user=TEST_USER, password=TEST_PASSWORD):
         time.sleep(0.01)
     if sub:
         c.subscribe(sub, 1)
-        time.sleep(0.2)
+        assert subacked.wait(5), "no SUBACK for %s" % sub
     c.got = got
     return c
 
