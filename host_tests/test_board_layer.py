@@ -188,7 +188,7 @@ def test_wifi_up_returns_after_boot_wait_without_an_ap():
     t0 = time.ticks_ms()
     assert board.wifi_up(net, {}) is False
     took = time.ticks_diff(time.ticks_ms(), t0)
-    assert 1000 <= took < 2000, took
+    assert 1000 <= took < 4000, took                # the bound, with room for a loaded host
     assert board._sta.attempts >= 3, board._sta.attempts   # kept retrying meanwhile
     """)
 
@@ -277,11 +277,11 @@ def test_watchdog_is_clamped_on_rp2_only():
 def test_feed_for_keeps_feeding_then_stops():
     mp("""
     w = board.watchdog(8000, platform="esp32")
-    t = board.feed_for(w, 100, platform="esp32")
+    t = board.feed_for(w, 400, platform="esp32")   # 400 ms: room for a loaded host
     assert t.period == 1000 and t.id == 0          # esp32: a hardware timer
     t.fire(); t.fire()
     assert w.feeds == 2
-    time.sleep_ms(120)
+    time.sleep_ms(450)
     t.fire()
     assert w.feeds == 2 and not t.running          # window over: the WDT may bite
     assert board.feed_for(board.watchdog(0), 100) is None
