@@ -125,7 +125,7 @@ def _admit(broker, cs):
     # WebSocket upgrade): broker.conn_waiting.
     if len(broker.conns) + len(cfg["bridges"]) + broker.conn_waiting > cfg["max_connections"]:
         return "too many sockets"
-    if not broker.heap.room_for_client():
+    if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting):
         return "low memory (%d bytes free)" % gc.mem_free()
     return None
 
