@@ -118,7 +118,8 @@ def test_a_full_broker_refuses_before_computing_any_password_hash(slow_hash_file
         b = Client(port, "cap-b", version=5)
         for kw in ({}, {"password": b"wrong"}):
             code, dt = timed(port, "cap-new", **kw)
-            assert (code, dt < login / 3) == (0x97, True), (kw, code, dt, login)
+            # Well under one hash (login): refused before any was computed.
+            assert (code, dt < login * 0.6) == (0x97, True), (kw, code, dt, login)
         if connections > 2:
             # A take-over needs no room, so its password is checked.
             assert timed(port, "cap-a", password=b"wrong")[0] == 0x86
