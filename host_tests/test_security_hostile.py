@@ -389,10 +389,12 @@ class Watch:
 
 
 def shed():
-    # As the broker's: drops a spare made before the heap filled up.
+    # As the broker's (Broker.shed_buffers): drops a spare made before the
+    # heap filled up, and collects.
     global spare
     spare = None
     Watch.shed = True
+    gc.collect()
 
 
 async def main(k, keep):

@@ -10,6 +10,7 @@
 #   heap.py            the one place that decides "is the heap short?"
 #   handle_*.py        the packet handlers; conn.py a connection; persist.py flash
 import asyncio
+import gc
 import time
 from broker import log
 from broker.subs import Subs
@@ -83,10 +84,14 @@ class Broker:
 
     def shed_buffers(self):
         # Drops the spare pooled buffers (made again as connections need
-        # them): for an allocation that must not fail (transport.shed).
+        # them) and collects: for an allocation that must not fail when the
+        # heap is free but in crumbs, as the poller's (transport.shed) and
+        # the store's (persist.py), which every message that would drain
+        # the heap waits for. Made at start, the spares are large pieces.
         del self.rpool.free[:]
         del self.wpool.free[:]
         self.spare_big = None
+        gc.collect()
 
     # ------------------------------------------------------------ clock
 

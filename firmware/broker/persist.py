@@ -311,7 +311,7 @@ class Persist:
             try:
                 self.store.put(key, val)
             except MemoryError:
-                self._spare()
+                self.b.shed_buffers()
                 self.store.put(key, val)
         except StoreFull:
             self.failed += 1
@@ -324,7 +324,7 @@ class Persist:
         try:
             self.store.delete(key)
         except MemoryError:
-            self._spare()
+            self.b.shed_buffers()
             self.store.delete(key)
         self.flag.set()
 
@@ -340,7 +340,7 @@ class Persist:
                 try:
                     await self._compact_and_commit()
                 except MemoryError:
-                    self._spare()
+                    self.b.shed_buffers()  # once, then as any failed commit
                     await self._compact_and_commit()
             except Exception as e:
                 # The batch stays staged and every acknowledgement it owes
@@ -388,15 +388,6 @@ class Persist:
         if c not in self.waiting:
             self.waiting.append(c)
         return True
-
-    def _spare(self):
-        # For the store's own work when the heap is free but in crumbs (full
-        # of queued messages, measured on the esp32 heap): every message
-        # that would drain the heap waits for this commit or op, so the
-        # broker's spare pooled buffers, made at start in large pieces, are
-        # given up for it.
-        self.b.shed_buffers()
-        gc.collect()
 
     def _commit(self):
         st = self.store
@@ -456,7 +447,7 @@ class Persist:
     def shutdown(self):
         # A clean stop: what waits for its autosave, and the clock. The
         # pooled buffers are of no more use: their heap goes to this.
-        self._spare()
+        self.b.shed_buffers()
         self.b.advance_clock()
         self._save_lazy()
         self._save_clock()

@@ -106,17 +106,15 @@ def wait_io(s, idx):
         raise
 
 
-# Set by the broker (app.py): frees what it can spare at once, its pooled
-# buffers, made at start and so in large pieces, for _unpoll's register(),
-# which must not fail.
-shed = None
+# Frees what can be freed at once, for _unpoll's register(), which must not
+# fail: a collection, or once the broker runs (app.py) Broker.shed_buffers,
+# which gives up its spare pooled buffers too.
+shed = gc.collect
 
 
 def _unpoll(poller, s):
     for _ in range(3):
-        if shed is not None:
-            shed()
-        gc.collect()
+        shed()
         try:
             poller.register(s, select.POLLIN)
         except MemoryError:
