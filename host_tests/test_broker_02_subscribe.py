@@ -1,10 +1,16 @@
 """SUBSCRIBE / UNSUBSCRIBE: wildcards, $ topics, overlapping and shared
 subscriptions, subscription options and SUBACK/UNSUBACK codes
 (MQTT 3.1.1 3.8-3.11, 4.7; MQTT 5.0 3.8-3.11, 4.7, 4.8)."""
+import contextlib
+import os
+import signal
+import time
+
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, Subscribe, Unsubscribe, DISCONNECT, SUBID, NL, RAP, RH
+from mqttc import BrokerProc, Client, Publish, Subscribe, Unsubscribe, DISCONNECT, SUBID, NL, RAP, RH,\
+    PUBACK, PUBLISH, SUBACK, UNSUBACK
 
 CONFIG = {"max_subscriptions": 32}
 
@@ -351,3 +357,63 @@ def test_resumed_session_does_not_resend_retained_messages(broker, pub):
     assert c.poll(0.4) is None
     c.disconnect(props={0x11: 0})
     pub.publish("rres/t", b"", qos=1, retain=True)
+
+
+# ------------------------------------------- packets on different connections
+
+
+@contextlib.contextmanager
+def _all_in_one_turn(broker):
+    # Holds the broker (SIGSTOP) while the packets are sent, so that they
+    # all wait for the same turn of its event loop, as packets sent a few
+    # microseconds apart do; the pauses between them put each in the
+    # broker's socket before the next is sent.
+    os.kill(broker.proc.pid, signal.SIGSTOP)
+    try:
+        yield lambda c, pkt: (c.send(pkt), time.sleep(0.02))
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+
+
+def _next(c, types):
+    p = c.recv(timeout=3)
+    assert p.type in types, "expected one of %s, got %r" % (types, p)
+    return p
+
+
+def _rounds(broker, version, tag):
+    # Eight rounds, each with a fresh publisher a and receiver b: which of
+    # two sockets the poller lists first depends on where their objects
+    # landed, so one pair would test one order only.
+    for i in range(8):
+        a = Client(broker.port, "s02-%s-a%d" % (tag, i), version=version)
+        b = Client(broker.port, "s02-%s-b%d" % (tag, i), version=version)
+        yield "s02-%s-%d/%d" % (tag, version, i), a, b
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_subscribe_sent_just_before_a_publish_on_another_connection_gets_it(broker, version):
+    # Paho's interoperability suite (client_test5 test_subscribe_options)
+    # subscribes on one connection and publishes on another at once.
+    for topic, a, b in _rounds(broker, version, "ord"):
+        with _all_in_one_turn(broker) as send:
+            send(b, Subscribe(1, [(topic, 1)]))
+            send(a, Publish(topic, b"after the subscribe", 1, False, False, 5))
+        assert _next(a, (PUBACK,)).pid == 5
+        got = [_next(b, (SUBACK, PUBLISH)), _next(b, (SUBACK, PUBLISH))]
+        assert [p.type for p in got] == [SUBACK, PUBLISH], "%s: %r" % (topic, got)
+        assert got[1].payload == b"after the subscribe"
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_an_unsubscribe_sent_just_before_a_publish_on_another_connection_stops_it(broker, version):
+    for topic, a, b in _rounds(broker, version, "unord"):
+        b.subscribe([(topic, 1)])
+        with _all_in_one_turn(broker) as send:
+            send(b, Unsubscribe(2, [topic]))
+            send(a, Publish(topic, b"after the unsubscribe", 1, False, False, 5))
+        assert _next(a, (PUBACK,)).pid == 5
+        assert _next(b, (UNSUBACK,)).pid == 2
+        assert b.poll(0.3) is None, "%s: delivered after the UNSUBSCRIBE" % topic

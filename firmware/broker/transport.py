@@ -15,9 +15,15 @@
 # tried first and the task waits on the poller only when nothing is there.
 import gc
 import select
+import socket
+from time import ticks_ms, ticks_add
+from micropython import const
 from asyncio import core
 
 _EAGAIN = 11
+_SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
+_UNSUBSCRIBE = const(0xA2)
+_PEEK = getattr(socket, "MSG_PEEK", 0)
 
 
 class TcpTransport:
@@ -104,6 +110,65 @@ def wait_io(s, idx):
         if new and q.map.pop(id(s), None) is not None:
             _unpoll(q.poller, s)
         raise
+
+
+class WakeOrder(core.IOQueue):
+    # asyncio's IOQueue, but a socket whose next packet is a SUBSCRIBE or
+    # UNSUBSCRIBE has its reader woken ahead of the others. The poller
+    # lists readable sockets in the order of its own table, not in the
+    # order their data came, and asyncio runs the readers in that order: a
+    # PUBLISH sent on one connection just after a SUBSCRIBE on another was
+    # often routed before the subscription existed. A client that
+    # subscribes and then has a message published expects it (Mosquitto's
+    # epoll lists sockets in the order their data came). A reader woken
+    # with a key a millisecond early runs before everything woken now, so
+    # a turn's subscription changes go before its publishes, for a
+    # one-byte peek per woken reader and no copy of anything read.
+    def wait_io_event(self, dt):
+        tq = core._task_queue
+        for s, ev in self.poller.ipoll(dt):
+            sm = self.map[id(s)]
+            t = sm[0]
+            if t is not None and ev & ~select.POLLOUT:
+                sm[0] = None
+                if _subscribes(s):
+                    tq.push(t, ticks_add(ticks_ms(), -1))
+                else:
+                    tq.push(t)
+            t = sm[1]
+            if t is not None and ev & ~select.POLLIN:
+                sm[1] = None
+                tq.push(t)
+            if sm[0] is None and sm[1] is None:
+                self._dequeue(s)
+            elif sm[0] is None:
+                self.poller.modify(s, select.POLLOUT)
+            else:
+                self.poller.modify(s, select.POLLIN)
+
+
+def _subscribes(s):
+    # True when a plain TCP socket's next byte starts a SUBSCRIBE or an
+    # UNSUBSCRIBE. TLS sockets take no flags (their bytes are ciphertext
+    # anyway); a listening socket has nothing to peek.
+    if not _PEEK or type(s) is not socket.socket:
+        return False
+    try:
+        # The stubs know recv(bufsize) only; the unix, esp32 and lwIP
+        # sockets all take the flags argument.
+        b = s.recv(1, _PEEK)  # pyright: ignore[reportCallIssue]
+    except OSError:
+        return False
+    return len(b) == 1 and (b[0] == _SUBSCRIBE or b[0] == _UNSUBSCRIBE)
+
+
+def order_wakeups():
+    # Called at start, before any socket waits on asyncio's poller.
+    if type(core._io_queue) is WakeOrder:
+        return
+    if core._io_queue.map:
+        raise RuntimeError("order_wakeups: sockets already wait on the poller")
+    core._io_queue = WakeOrder()  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # Frees what can be freed at once, for _unpoll's register(), which must not
