@@ -9,6 +9,7 @@ import sys
 import time
 
 from brokerproc import twin_binary
+from mqttc import connect_bytes
 from conftest import REPO, free_port
 
 BROKER = [sys.executable, str(REPO / "tools" / "broker")]
@@ -71,6 +72,28 @@ def test_local_run_says_anonymous_clients_are_allowed(tmp_path):
     assert "anonymous clients are allowed" in out
     # On the board twin with the esp32 profile's heap, code frozen in.
     assert "build/twin/micropython -X heapsize=110000" in out and "--code frozen" in out
+
+
+def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_once(tmp_path):
+    # A test suite on this machine connects far faster than the boards'
+    # max_connection_rate (30 per 10 s per address, then each one held back
+    # up to 1 s): local-only mode turns it off, as it lets anonymous
+    # clients in.
+    port = free_port()
+    p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    try:
+        _wait_port(port, p)
+        for i in range(80):
+            s = socket.create_connection(("127.0.0.1", port), timeout=3)
+            s.sendall(connect_bytes("burst-%d" % i, version=4, username=None))
+            ack = s.recv(4)
+            s.sendall(b"\xe0\x00")  # DISCONNECT
+            s.close()
+            assert ack == b"\x20\x02\x00\x00", "connection %d: CONNACK %r" % (i, ack)
+    finally:
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=10)[0]
+    assert "connection rate from" not in out, out[-2000:]
 
 
 def _refused(tmp_path, cfg):
