@@ -16,7 +16,6 @@
 import gc
 import select
 import socket
-from time import ticks_ms, ticks_add
 from micropython import const
 from asyncio import core
 
@@ -24,6 +23,7 @@ _EAGAIN = 11
 _SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
 _UNSUBSCRIBE = const(0xA2)
 _PEEK = getattr(socket, "MSG_PEEK", 0)
+_TURN = const(32)  # readers of one turn put in order at most; the rest go as listed
 
 
 class TcpTransport:
@@ -113,28 +113,38 @@ def wait_io(s, idx):
 
 
 class WakeOrder(core.IOQueue):
-    # asyncio's IOQueue, but a socket whose next packet is a SUBSCRIBE or
-    # UNSUBSCRIBE has its reader woken ahead of the others. The poller
-    # lists readable sockets in the order of its own table, not in the
-    # order their data came, and asyncio runs the readers in that order: a
-    # PUBLISH sent on one connection just after a SUBSCRIBE on another was
-    # often routed before the subscription existed. A client that
-    # subscribes and then has a message published expects it (Mosquitto's
-    # epoll lists sockets in the order their data came). A reader woken
-    # with a key a millisecond early runs before everything woken now, so
-    # a turn's subscription changes go before its publishes, for a
-    # one-byte peek per woken reader and no copy of anything read.
+    # asyncio's IOQueue, but among the readers woken in one turn, those
+    # whose socket starts with a SUBSCRIBE or UNSUBSCRIBE go first. The
+    # poller lists readable sockets in the order of its own table, not in
+    # the order their data came, and asyncio runs the readers in that
+    # order: a PUBLISH sent on one connection just after a SUBSCRIBE on
+    # another was often routed before the subscription existed. A client
+    # that subscribes and then has a message published expects it
+    # (Mosquitto's epoll lists sockets in the order their data came).
+    # Readers woken in different turns keep their order (asyncio's queue
+    # is first in, first out for equal times), so only a turn with more
+    # than one reader costs anything: a one-byte peek per reader (and, if
+    # one subscribes, the others of the turn put back at the end).
+    def __init__(self):
+        super().__init__()
+        # This turn's readers, task then socket, in a list made once: the
+        # loop must not allocate (a MemoryError here would end asyncio).
+        self.woken = [None] * (2 * _TURN)
+
     def wait_io_event(self, dt):
         tq = core._task_queue
+        w = self.woken
+        n = 0
         for s, ev in self.poller.ipoll(dt):
             sm = self.map[id(s)]
             t = sm[0]
             if t is not None and ev & ~select.POLLOUT:
                 sm[0] = None
-                if _subscribes(s):
-                    tq.push(t, ticks_add(ticks_ms(), -1))
-                else:
-                    tq.push(t)
+                tq.push(t)
+                if n < 2 * _TURN:
+                    w[n] = t
+                    w[n + 1] = s
+                    n += 2
             t = sm[1]
             if t is not None and ev & ~select.POLLIN:
                 sm[1] = None
@@ -145,19 +155,41 @@ class WakeOrder(core.IOQueue):
                 self.poller.modify(s, select.POLLOUT)
             else:
                 self.poller.modify(s, select.POLLIN)
+        if n > 2:
+            _subscriptions_first(tq, w, n)
+        w[0] = w[1] = None  # no socket kept beyond its turn
+
+
+def _subscriptions_first(tq, w, n):
+    # Of the readers w[0:n] (task, socket, ...), queued in the order the
+    # poller listed them: those whose socket does not start with a
+    # SUBSCRIBE or UNSUBSCRIBE go to the back of the queue, when any does.
+    moves = False
+    for i in range(0, n, 2):
+        if _subscribes(w[i + 1]):
+            moves = True
+            w[i] = None
+    if moves:
+        for i in range(0, n, 2):
+            if w[i] is not None:
+                tq.remove(w[i])
+                tq.push(w[i])
+    for i in range(0, n, 2):
+        w[i] = w[i + 1] = None
 
 
 def _subscribes(s):
     # True when a plain TCP socket's next byte starts a SUBSCRIBE or an
     # UNSUBSCRIBE. TLS sockets take no flags (their bytes are ciphertext
-    # anyway); a listening socket has nothing to peek.
+    # anyway); a listening socket has nothing to peek. No heap for the
+    # peeked byte: it is not known, and the reader goes in turn.
     if not _PEEK or type(s) is not socket.socket:
         return False
     try:
         # The stubs know recv(bufsize) only; the unix, esp32 and lwIP
         # sockets all take the flags argument.
         b = s.recv(1, _PEEK)  # pyright: ignore[reportCallIssue]
-    except OSError:
+    except Exception:  # closed, not connected, or no heap: not known
         return False
     return len(b) == 1 and (b[0] == _SUBSCRIBE or b[0] == _UNSUBSCRIBE)
 
