@@ -23,7 +23,7 @@ _EAGAIN = 11
 _SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
 _UNSUBSCRIBE = const(0xA2)
 _PEEK = getattr(socket, "MSG_PEEK", 0)
-_TURN = const(32)  # readers of one turn put in order at most; the rest go as listed
+_TURN = const(16)  # readers of one turn put in order at most (a board has 5 to 10 sockets)
 
 
 class TcpTransport:
