@@ -181,8 +181,10 @@ def _subscriptions_first(tq, w, n):
 def _subscribes(s):
     # True when a plain TCP socket's next byte starts a SUBSCRIBE or an
     # UNSUBSCRIBE. TLS sockets take no flags (their bytes are ciphertext
-    # anyway); a listening socket has nothing to peek. No heap for the
-    # peeked byte: it is not known, and the reader goes in turn.
+    # anyway); a listening socket has nothing to peek. A WebSocket's
+    # binary frame starts with the same byte as a SUBSCRIBE: its reader
+    # just goes early. No heap for the peeked byte: it is not known, and
+    # the reader goes in turn.
     if not _PEEK or type(s) is not socket.socket:
         return False
     try:
