@@ -157,7 +157,8 @@ class WakeOrder(core.IOQueue):
                 self.poller.modify(s, select.POLLIN)
         if n > 2:
             _subscriptions_first(tq, w, n)
-        w[0] = w[1] = None  # no socket kept beyond its turn
+        for i in range(0, n, 2):
+            w[i] = w[i + 1] = None  # no task or socket kept beyond its turn
 
 
 def _subscriptions_first(tq, w, n):
@@ -174,8 +175,6 @@ def _subscriptions_first(tq, w, n):
             if w[i] is not None:
                 tq.remove(w[i])
                 tq.push(w[i])
-    for i in range(0, n, 2):
-        w[i] = w[i + 1] = None
 
 
 def _subscribes(s):
