@@ -2,7 +2,7 @@
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, RAP
+from mqttc import MAX_PACKET, BrokerProc, Client, RAP
 
 CONFIG = {}
 
@@ -24,11 +24,15 @@ def retained(port, flt, version=5, qos=2, cid="r04-reader"):
     return got
 
 
-def test_v311_retained_message_is_sent_on_subscribe_with_retain_flag(broker, pub):
-    pub.publish("ret/a", b"v1", qos=0, retain=True)
-    c = Client(broker.port, "r04-exact", version=4)
+@pytest.mark.parametrize("version,raw", [(4, b"\x31\x09\x00\x05ret/av1"),
+                                         (5, b"\x31\x0a\x00\x05ret/a\x00v1")])
+def test_retained_message_is_sent_on_subscribe_with_retain_flag(broker, pub, version, raw):
+    # Written from the retained table's packed value; a v5 PUBLISH still
+    # carries its Property Length (0).
+    pub.publish("ret/a", b"v1", qos=1, retain=True)
+    c = Client(broker.port, "r04-exact%d" % version, version=version)
     c.subscribe([("ret/a", 0)])
-    assert c.recv_raw() == b"\x31\x09\x00\x05ret/av1"
+    assert c.recv_raw() == raw
     c.close()
 
 
@@ -119,3 +123,31 @@ def test_retained_message_keeps_its_v5_properties(broker, pub):
     assert len(got) == 1
     assert got[0].props[0x03] == "text/plain"
     assert got[0].props[0x26] == [("k", "v"), ("a", "b")]
+
+
+@pytest.mark.parametrize("version,sub_qos", [(4, 0), (5, 0), (4, 1), (5, 2)])
+def test_more_retained_messages_than_one_output_buffer_holds_all_arrive_once(broker, pub, version, sub_qos):
+    # 40 retained messages of 100 bytes, half QoS 0 and half QoS 1: several
+    # times the 1 KB write buffer, so delivery stops and resumes as it
+    # drains. Each arrives once, retained, at the lower of its QoS and the
+    # subscription's.
+    for i in range(40):
+        pub.publish("many/%02d" % i, b"%02d" % i * 50, qos=i & 1, retain=True)
+    c = Client(broker.port, "r04-many", version=version)
+    c.subscribe([("many/#", sub_qos)])
+    got = c.messages(40, timeout=5)
+    assert sorted((m.topic, m.payload, m.qos, m.retain) for m in got) == [
+        ("many/%02d" % i, b"%02d" % i * 50, min(i & 1, sub_qos), True) for i in range(40)]
+    assert c.messages(timeout=0.3) == []
+    c.close()
+    for i in range(40):
+        pub.publish("many/%02d" % i, b"", qos=1, retain=True)
+
+
+def test_retained_message_over_client_maximum_packet_size_is_skipped_and_the_rest_arrive(broker, pub):
+    pub.publish("retmps/big", b"B" * 200, qos=0, retain=True)
+    pub.publish("retmps/small", b"small", qos=0, retain=True)
+    c = Client(broker.port, "r04-mps", version=5, props={MAX_PACKET: 100})
+    c.subscribe([("retmps/#", 0)])
+    assert [(m.topic, m.payload) for m in c.messages(timeout=0.5)] == [("retmps/small", b"small")]
+    c.close()

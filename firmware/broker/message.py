@@ -31,6 +31,34 @@ def _put_varint(ob, o, n):
             return o + 1
 
 
+def _put_head(ob, o, first, rem, t, tn):
+    # A PUBLISH's fixed header and topic (t: tn bytes) into ob at o.
+    ob[o] = first
+    o = _put_varint(ob, o + 1, rem)
+    ob[o] = tn >> 8
+    ob[o + 1] = tn & 0xFF
+    o += 2
+    ob[o : o + tn] = t
+    return o + tn
+
+
+def put_packed(ob, o, t, packed, version):
+    # A retained message as the retained table packs it (retain.py: its
+    # QoS, then its payload; no properties, no expiry) as a QoS 0 PUBLISH
+    # for a new subscription, without making a Message: a subscriber to
+    # "#" on a hub with a few hundred retained topics gets them this way.
+    # t is the topic as a memoryview; it takes at most len(t) + len(packed)
+    # + 7 bytes. Returns the offset after it.
+    pn = len(packed) - 1
+    v5 = version == 5
+    o = _put_head(ob, o, 0x31, 2 + len(t) + pn + (1 if v5 else 0), t, len(t))
+    if v5:
+        ob[o] = 0  # no properties
+        o += 1
+    ob[o : o + pn] = memoryview(packed)[1:]
+    return o + pn
+
+
 class Message:
     # Defaults on the class keep each instance's attribute table small: a
     # gateway holds a few hundred of these. The topic is kept once, as str
@@ -109,13 +137,7 @@ class Message:
             plen = self._props_len(alias, subids)
             n += _vlen(plen) + plen
         pl = self.payload
-        ob[o] = 0x30 | (8 if dup else 0) | (qos << 1) | (1 if retain else 0)
-        o = _put_varint(ob, o + 1, n + len(pl))
-        ob[o] = tn >> 8
-        ob[o + 1] = tn & 0xFF
-        o += 2
-        ob[o : o + tn] = t
-        o += tn
+        o = _put_head(ob, o, 0x30 | (8 if dup else 0) | (qos << 1) | (1 if retain else 0), n + len(pl), t, tn)
         if qos:
             ob[o] = pid >> 8
             ob[o + 1] = pid & 0xFF

@@ -6,6 +6,7 @@
 import gc
 from micropython import const
 from broker import log
+from broker.message import put_packed
 from broker.session import Delivery, RELEASED, qos_of, retain_of, seq_of, subids_of, stored_of
 
 SENT = const(1)  # it is in the output (or held for its commit)
@@ -133,16 +134,30 @@ def _retained(b, c, s):
     # topics holds a list of topic references, not 200 queue entries.
     pend = s.pending_retained
     acl = b.acl
+    ret = b.retained
+    packed = ret.msgs  # topic -> packed bytes or Message (retain.py)
     while pend:
         sub, chunks = pend[0]
+        q = sub.opts & 3
+        # A retained value without properties that goes out at QoS 0, with
+        # nothing to add for this receiver, is written from its packed
+        # bytes (put_packed): about twice as fast as making a Message.
+        plain = c.topic_out is None and not c.alias_out_max and not (c.version == 5 and sub.subid)
         while chunks:
             topics = chunks[-1]
             while topics:
-                m = b.retained.get(topics[-1], b.now())
-                if m is None or (acl is not None and not acl.can_read(s.client_id, s.username, m.topic)):
+                t = topics[-1]
+                if acl is not None and not acl.can_read(s.client_id, s.username, t):
                     topics.pop()
                     continue
-                q = sub.opts & 3
+                v = packed.get(t) if plain else None
+                if type(v) is bytes and (q == 0 or v[0] == 0) and _put_packed(b, c, t, v):
+                    topics.pop()
+                    continue
+                m = ret.get(t, b.now())
+                if m is None:
+                    topics.pop()
+                    continue
                 r = put_message(b, c, s, m, q if q < m.qos else m.qos, True,
                                 (sub.subid,) if sub.subid else None, 0, False)
                 if r == WAIT:
@@ -152,6 +167,26 @@ def _retained(b, c, s):
         pend.pop(0)
     s.pending_retained = None
     return False
+
+
+def _put_packed(b, c, t, v):
+    # True when the packed retained value v of topic t went into c's output
+    # buffer; False: put_message must take it (a QoS 2 PUBLISH before it
+    # waits for its commit, no room in the buffer now, or too big for it or
+    # for the client: put_message decides what follows).
+    if c.held:
+        return False
+    t = memoryview(t)
+    n = len(t) + len(v) + 7  # at most (put_packed)
+    if n > c.max_out or n > b.wpool.size >> 1:
+        return False
+    ob = c.reserve(n)
+    if ob is None:
+        return False
+    c.olen = put_packed(ob, c.olen, t, v, c.version)
+    c.session.full_since = None  # progress: not stuck
+    b.stats_msgs_sent += 1
+    return True
 
 
 def resend_inflight(c, s):

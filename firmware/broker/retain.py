@@ -6,7 +6,9 @@
 # A gateway holds hundreds of these (a value per sensor), so the common
 # one, without properties or expiry, is kept packed: one bytes object, its
 # QoS then its payload, next to its topic. A Message is made from it only
-# while it is being sent (get()).
+# while it is being sent (get()), and not even then when it goes out at
+# QoS 0 with nothing added: pump.py writes it from the packed bytes
+# (message.put_packed).
 from micropython import const
 from mqtt.topic import matches
 from broker.message import Message
