@@ -7,7 +7,7 @@ import time
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
+from mqttc import (BrokerProc, Client, Publish, Ack, enc, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                    DISCONNECT, SESSION_EXPIRY, EXPIRY, TOPIC_ALIAS, TOPIC_ALIAS_MAX, RECEIVE_MAX,
                    MAX_PACKET, PFI, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION, USER, SUBID)
 
@@ -192,6 +192,27 @@ def test_more_qos2_than_receive_maximum_without_pubrel_gets_disconnect_0x93(brok
     c.send(Publish("rm/in", b"x", 2, False, False, 4))
     d = c.expect(DISCONNECT)
     assert d.reason == 0x93
+    assert c.closed()
+
+
+def test_client_that_answers_each_pubrec_still_reads_the_disconnect_0x93(broker):
+    # Paho's interop test_flow_control2: the client sends more QoS 2
+    # PUBLISHes than the Receive Maximum at once, then answers each PUBREC
+    # with a PUBREL as it reads them, and must still read our DISCONNECT.
+    # The broker reads and drops that input before closing: a socket closed
+    # with input unread resets the connection, and the client's PUBREL
+    # then fails (EPIPE) before it reaches the DISCONNECT.
+    c = Client(broker.port, "p12-rm-pubrel", version=5)
+    c.send_raw(b"".join(enc(Publish("rm/rel", b"x", 2, False, False, pid), 5) for pid in (1, 2, 3, 4)))
+    got = []
+    while True:
+        p = c.recv(timeout=5)
+        got.append(p.type)
+        if p.type == DISCONNECT:
+            break
+        time.sleep(0.1)  # the broker has closed (before: its reset comes back)
+        c.send(Ack(PUBREL, p.pid))
+    assert got == [PUBREC, PUBREC, PUBREC, DISCONNECT] and p.reason == 0x93
     assert c.closed()
 
 

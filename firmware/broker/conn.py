@@ -10,6 +10,7 @@
 # pushes back on a client that sends faster than it can be served.
 import asyncio
 import gc
+import time
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import frame, check_flags, encode, Disconnect
@@ -25,6 +26,7 @@ from broker.handle_other import on_packet
 _PUBLISH = const(3)
 _CONNECT = const(1)
 _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
+_DRAIN_IN_MS = const(500)  # _drain_in()
 
 
 class Connection(Output):
@@ -44,6 +46,7 @@ class Connection(Output):
     closing = False
     normal_close = False
     disconnect_reason = None
+    told = False  # a DISCONNECT or a refusing CONNACK says why it closes
     reader = None
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
@@ -340,6 +343,7 @@ class Connection(Output):
                         # client's Maximum Packet Size (MQTT-3.14.2-3).
                         pkt = None
                 self.send(pkt or encode(Disconnect(reason), 5))
+                self.told = True
         except MemoryError:
             gc.collect()
         self.closing = True
@@ -368,7 +372,9 @@ class Connection(Output):
         except MemoryError:
             gc.collect()
         self.gone = True
-        self.t.close()
+        drain_in = self.told and not self.pending()
+        if not drain_in:
+            self.t.close()
         self.release()
         try:
             self.broker.connection_closed(self)
@@ -377,6 +383,30 @@ class Connection(Output):
             # must leave the tables all the same.
             gc.collect()
             self.broker.drop_connection(self)
+        if drain_in:
+            await self._drain_in()
+            self.t.close()
+
+    async def _drain_in(self):
+        # The client was told why it is closed (a DISCONNECT or a refusing
+        # CONNACK, gone out): what it still sends is read and dropped until
+        # it closes, for at most _DRAIN_IN_MS. A socket closed with input
+        # unread sends a reset, and a reset can make the client's TCP drop
+        # our last packet before the client reads it: Paho's interop suite
+        # (test_flow_control2) answers each PUBREC before our DISCONNECT
+        # 0x93 with a PUBREL, and lost the DISCONNECT that way. The session
+        # is already closed; the socket counts as waiting (server.py).
+        b = self.broker
+        b.conn_waiting += 1
+        try:
+            end = time.ticks_add(time.ticks_ms(), _DRAIN_IN_MS)
+            while True:
+                left = time.ticks_diff(end, time.ticks_ms())
+                if left <= 0 or not await asyncio.wait_for_ms(self.t.recv_into(b.rmv), left):
+                    break
+        except Exception:
+            pass  # the time is up, a reset, or no heap to wait with: close now
+        b.conn_waiting -= 1
 
     async def _drain_out(self):
         if self.linger_ms:

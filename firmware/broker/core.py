@@ -27,6 +27,8 @@ class Closed(Exception):
 
 
 class Broker:
+    conn_waiting = 0  # sockets open outside conns (server.py)
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.rbuf = bytearray(cfg["read_buffer_size"])  # shared by all readers

@@ -45,6 +45,7 @@ def refuse(c, reason, why):
     else:
         c.send(pkt)
     c.disconnect_reason = reason
+    c.told = True
     raise Closed()
 
 
