@@ -384,7 +384,8 @@ class Connection(Output):
             gc.collect()
             self.broker.drop_connection(self)
         if drain_in:
-            await self._drain_in()
+            if self.broker.sockets_left() > 1:
+                await self._drain_in()
             self.t.close()
 
     async def _drain_in(self):
@@ -395,7 +396,9 @@ class Connection(Output):
         # our last packet before the client reads it: Paho's interop suite
         # (test_flow_control2) answers each PUBREC before our DISCONNECT
         # 0x93 with a PUBREL, and lost the DISCONNECT that way. The session
-        # is already closed; the socket counts as waiting (server.py).
+        # is already closed; the socket counts as waiting, and a broker
+        # with fewer than two sockets left closes at once instead (a full
+        # one refuses a burst of clients: each must find its socket).
         b = self.broker
         b.conn_waiting += 1
         try:

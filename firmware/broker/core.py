@@ -27,7 +27,7 @@ class Closed(Exception):
 
 
 class Broker:
-    conn_waiting = 0  # sockets open outside conns (server.py)
+    conn_waiting = 0  # sockets open outside conns (sockets_left())
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -165,6 +165,14 @@ class Broker:
             if s.conn is not None:
                 n += 1
         return n
+
+    def sockets_left(self):
+        # Sockets under max_connections: client connections, bridge
+        # uplinks, and sockets waiting (a rate-limit delay, a handshake, a
+        # closing connection reading out its client's last packets). One
+        # over is let in, to be told "quota exceeded" (server._admit).
+        cfg = self.cfg
+        return cfg["max_connections"] - len(self.conns) - len(cfg["bridges"]) - self.conn_waiting
 
     def session_room(self):
         # Whether new_session_allowed() would find room, without evicting.

@@ -119,11 +119,9 @@ def listen(host, port, backlog=4):
 def _admit(broker, cs):
     # One socket over max_connections is let in so that it can be told
     # "quota exceeded" in a CONNACK; past that, sockets are closed at once.
-    cfg = broker.cfg
     # Bridge uplinks use sockets from the same lwIP pool, and so do
-    # sockets waiting out a rate-limit delay or in a handshake (TLS,
-    # WebSocket upgrade): broker.conn_waiting.
-    if len(broker.conns) + len(cfg["bridges"]) + broker.conn_waiting > cfg["max_connections"]:
+    # sockets waiting: Broker.sockets_left().
+    if broker.sockets_left() < 0:
         return "too many sockets"
     if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting):
         return "low memory (%d bytes free)" % gc.mem_free()
