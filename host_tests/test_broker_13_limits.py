@@ -640,3 +640,34 @@ def test_a_session_whose_queue_filled_the_heap_gets_it_all_in_one_return(attempt
         assert got == taken
         c.disconnect(props={SESSION_EXPIRY: 0})
         _check_alive(b)
+
+
+# ---------------------------------------------------------------- heavy properties
+
+
+def test_messages_with_more_properties_than_the_heap_holds_are_refused_and_nobody_is_cut_off():
+    # 250 user properties are 1.7 KB sent and about 5.4 KB of objects held.
+    # Queued for an offline session they fill the esp32 heap after a few;
+    # then a v5 publisher gets PUBACK 0x97 (even when there is no heap to
+    # decode its PUBLISH at all) and stays connected, and the subscriber
+    # still gets its CONNACK while its queued messages wait for heap.
+    props = {0x26: [("k", "v")] * 250}
+    with BrokerProc(board="esp32") as b:
+        sub = Client(b.port, "heavy-sub", version=5, clean=False, props={SESSION_EXPIRY: 600})
+        sub.subscribe([("heavy/t", 1)])
+        sub.disconnect()
+        pub = Client(b.port, "heavy-pub", version=5)
+        reasons = []
+        for i in range(1, 13):
+            pub.send(Publish("heavy/t", b"m%d" % i, 1, False, False, i, props))
+            p = pub.recv()
+            assert p.type == PUBACK and p.pid == i, p
+            reasons.append(p.reason)
+        assert set(reasons) == {0, 0x97} and reasons.index(0x97) > 0, reasons
+        pub.ping()
+        pub.close()
+        sub = Client(b.port, "heavy-sub", version=5, clean=False, props={SESSION_EXPIRY: 600})
+        assert sub.connack.session_present
+        sub.close()
+        assert _serves(b.port, "heavy")
+        _check_alive(b)

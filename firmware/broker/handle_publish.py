@@ -45,7 +45,21 @@ def _heap_short(c, qos, pid, need):
     raise Paused()
 
 
-def _admit(c, s, qos, pid, topic, retain, size):
+def _decode_short(c, qos, mv, off, end):
+    # No heap to decode it (its topic and properties become objects of
+    # several times their bytes): as a message the heap cannot take, with
+    # its packet identifier read in place.
+    gc.collect()
+    pid = 0
+    if qos:
+        o = off + 2 + (mv[off] << 8 | mv[off + 1])
+        if o + 2 > end:
+            raise MQTTError(0x81, "packet identifier past the packet")
+        pid = mv[o] << 8 | mv[o + 1]
+    _heap_short(c, qos, pid, ((end - off) << 2) + 320)
+
+
+def _admit(c, s, qos, pid, topic, retain, size, need):
     # The slow half of on_publish's check that a message can be taken, when
     # the heap or the store looks short: True when it can; False when it
     # was refused (and answered); raises Paused when it must wait. Apart
@@ -55,11 +69,10 @@ def _admit(c, s, qos, pid, topic, retain, size):
     p = b.persist
     # An empty retained message deletes one: it frees heap, so it is
     # reckoned as the message it is for the receivers only.
-    if not b.heap.room_for(size + 320) and would_hold(b, topic, qos, retain and size > 0):
-        # Each message is reckoned at its payload plus 320 bytes of
-        # objects (route() adds more per receiver), and this one would
-        # stay in the heap.
-        _heap_short(c, qos, pid, size + 320)
+    if not b.heap.room_for(need) and would_hold(b, topic, qos, retain and size > 0):
+        # It needs `need` bytes (on_publish; route() adds more per
+        # receiver), and it would stay in the heap.
+        _heap_short(c, qos, pid, need)
         return False
     if qos and p is not None and not p.healthy() and not p.can_take(s, topic, retain, size):
         # The store cannot take what this message would need (a commit is
@@ -80,7 +93,11 @@ def on_publish(c, first, mv, off, end):
     s = c.session
     qos = (first >> 1) & 3
     retain = first & 1
-    topic, pid, pr, poff = decode_publish(first, mv, off, end, c.version)
+    try:
+        topic, pid, pr, poff = decode_publish(first, mv, off, end, c.version)
+    except MemoryError:
+        _decode_short(c, qos, mv, off, end)
+        return
     alias = pr is not None and _TOPIC_ALIAS in pr
     if alias:
         a = pr[_TOPIC_ALIAS]
@@ -115,8 +132,12 @@ def on_publish(c, first, mv, off, end):
     # Can it be taken now? If not, it is refused or stays unread (Paused)
     # before anything else happens to it.
     p = b.persist
-    if not b.heap.room_for(end - poff + 320) or (qos and p is not None and not p.healthy()):
-        if not _admit(c, s, qos, pid, topic, retain, end - poff):
+    # The heap a message holds: its payload, its topic and properties
+    # (objects of several times their bytes: 250 user properties are 1.7 KB
+    # sent and 5.4 KB held), and 320 bytes of objects around them.
+    need = end - poff + ((poff - off) << 2) + 320
+    if not b.heap.room_for(need) or (qos and p is not None and not p.healthy()):
+        if not _admit(c, s, qos, pid, topic, retain, end - poff, need):
             return
     b.stats_msgs_recv += 1
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
@@ -165,7 +186,7 @@ def on_publish(c, first, mv, off, end):
         # Free heap, but not in one piece: as when it is short.
         b.stats_msgs_recv -= 1
         gc.collect()
-        _heap_short(c, qos, pid, end - poff + 320)
+        _heap_short(c, qos, pid, need)
         return
     refused = b.queue_refusals
     kept = b.retained.dropped

@@ -2,7 +2,8 @@
 # that sent no CONNECT within connect_timeout, a client silent for 1.5x its
 # keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
 # its queue stayed full (backpressure.py) are closed; an idle one gives its
-# output buffer back (outbuf.py).
+# output buffer back (outbuf.py), and one whose queue waits with its output
+# empty is kicked (a message that waited for heap goes again).
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
@@ -28,3 +29,7 @@ def check(b):
             # connection (its session stays).
             c.protocol_error(0x97, "not reading: queue full")
             c.close_soon()
+        elif s.queue and not c.pending() and c.writer is None:
+            # Messages wait with the output empty: one that waited for
+            # heap (pump.put_message) is tried again.
+            c.kick()

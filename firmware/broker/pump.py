@@ -35,7 +35,16 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     # A payload larger than half the write buffer goes out from the
     # message itself, after its head: it is never copied.
     whole = len(msg.payload) <= b.wpool.size >> 1
-    n = msg.size(t, v, qos, subids, alias, send_topic, whole)
+    try:
+        n = msg.size(t, v, qos, subids, alias, send_topic, whole)
+    except MemoryError:
+        # Its properties are encoded on first use (Message.props_body),
+        # in one piece, and the heap has none that large now. It waits;
+        # what is already in the output (a CONNACK) goes out, and the
+        # housekeeping tries again (keepalive.py).
+        gc.collect()
+        log.warning("no heap to encode a message's properties; it waits")
+        return WAIT
     if n + (0 if whole else len(msg.payload)) > c.max_out:
         # Too big for this client (MQTT-3.1.2-24): discarded as if sent.
         b.stats_dropped += 1
