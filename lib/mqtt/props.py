@@ -3,7 +3,7 @@
 # User Property (0x26) is a list of (name, value) pairs and, in PUBLISH,
 # Subscription Identifier (0x0B) is a list of ints, since both may repeat.
 from mqtt.compat import const
-from mqtt.errors import MQTTError, MALFORMED, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
+from mqtt.errors import MQTTError, MALFORMED, PROTOCOL_ERROR
 from mqtt import wire
 
 PAYLOAD_FORMAT = const(0x01)
@@ -132,9 +132,9 @@ def decode(buf, off, end, ptype):
         if pid in _BOOLEAN and v > 1:
             raise MQTTError(PROTOCOL_ERROR, "property 0x%02X must be 0 or 1" % pid)
         if pid in _NONZERO and v == 0:
-            # A Topic Alias of 0 is an invalid alias (0x94), as Mosquitto
-            # answers it; the others are protocol errors.
-            raise MQTTError(TOPIC_ALIAS_INVALID if pid == TOPIC_ALIAS else PROTOCOL_ERROR,
+            # The spec calls a 0 a Protocol Error for the others; for a
+            # Topic Alias it names no code, and Mosquitto answers Malformed.
+            raise MQTTError(MALFORMED if pid == TOPIC_ALIAS else PROTOCOL_ERROR,
                             "property 0x%02X must not be 0" % pid)
         if pid == USER_PROPERTY:
             lst = props.get(pid)
