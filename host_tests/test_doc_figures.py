@@ -160,6 +160,7 @@ ALLOWED = [
     ("README.md", "1 to 23 bytes", SPEC + ": MQTT's client id range a server must take"),
     ("README.md", "1024 bytes", CODE + ": the store's key limit"),
     ("README.md", "100 ms", CODE + ": persist._RETRY_MS and server._OOM_WAIT_MS"),
+    ("README.md", "500 ms", CODE + ": conn._DRAIN_IN_MS"),
     ("README.md", "16 KiB", SPEC + ": the largest TLS record, MicroPython's MBEDTLS_SSL_IN_CONTENT_LEN (checked "
                             "against docs/memory.json above)"),
     ("README.md", "250 ms", ESTIMATE + " (docs/security.md)"),
