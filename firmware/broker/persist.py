@@ -177,50 +177,44 @@ class Persist:
                 if wdt is not None:
                     wdt.feed()
             k = key[0]
-            for retry in (False, True):
-                try:
-                    if k == "r":
-                        b.retained.load(_unpack(val))
-                        retained += 1
-                    elif k == "m":
-                        mid = int(key[1:])
-                        msgs[mid] = _unpack(val)
-                        msgs[mid].mid = mid
-                        if mid > self.mid:
-                            self.mid = mid
-                    elif k == "s":
-                        sessions[key[1:]] = json.loads(val)
-                    elif k == "q":
-                        cid, seq = key[1:].split("\0")
-                        f = val[0]
-                        v = _read_varints(val, 1)
-                        queued.append((int(seq), cid, v[0], info(f & 3, f & 4, int(seq), v[1:], True)))
-                    elif k == "i":
-                        cid, pid = key[1:].split("\0")
-                        f = val[1]
-                        v = _read_varints(val, 2)
-                        d = Delivery(None, f & 3, bool(f & 4), v[2:] or None, v[0])
-                        d.state = val[0]
-                        d.stored = True
-                        inflight.append((cid, int(pid), d, v[1]))
-                    elif k == "x":
-                        cid, pid = key[1:].split("\0")
-                        qos2.append((cid, int(pid)))
-                    elif k == "c":
-                        b.clock = self.clock_saved = wire.get_u32(val, 0, 4)[0]
-                    break
-                except MemoryError:
-                    # Not the record's fault, and never a reason to drop
-                    # it: the garbage of the records before it may be
-                    # what fills the heap. Once more after a collection;
-                    # then load() starts again, or leaves it on flash.
-                    if retry:
-                        raise
-                    gc.collect()
-                except Exception as e:
-                    log.warning("store: dropped unreadable record %r: %r", key, e)
-                    self.failed += 1
-                    break
+            try:
+                if k == "r":
+                    b.retained.load(_unpack(val))
+                    retained += 1
+                elif k == "m":
+                    mid = int(key[1:])
+                    msgs[mid] = _unpack(val)
+                    msgs[mid].mid = mid
+                    if mid > self.mid:
+                        self.mid = mid
+                elif k == "s":
+                    sessions[key[1:]] = json.loads(val)
+                elif k == "q":
+                    cid, seq = key[1:].split("\0")
+                    f = val[0]
+                    v = _read_varints(val, 1)
+                    queued.append((int(seq), cid, v[0], info(f & 3, f & 4, int(seq), v[1:], True)))
+                elif k == "i":
+                    cid, pid = key[1:].split("\0")
+                    f = val[1]
+                    v = _read_varints(val, 2)
+                    d = Delivery(None, f & 3, bool(f & 4), v[2:] or None, v[0])
+                    d.state = val[0]
+                    d.stored = True
+                    inflight.append((cid, int(pid), d, v[1]))
+                elif k == "x":
+                    cid, pid = key[1:].split("\0")
+                    qos2.append((cid, int(pid)))
+                elif k == "c":
+                    b.clock = self.clock_saved = wire.get_u32(val, 0, 4)[0]
+            except MemoryError:
+                # Not the record's fault, and never a reason to drop it:
+                # load() starts again from nothing, or leaves the rest on
+                # flash.
+                raise
+            except Exception as e:
+                log.warning("store: dropped unreadable record %r: %r", key, e)
+                self.failed += 1
         for cid in sessions:
             d = sessions[cid]
             s = Session(cid)
