@@ -495,8 +495,8 @@ class Conn:
 
 c = Conn()
 s = Session("p")
-print("delete", _admit(c, s, 1, 1, "site/a", True, 0), Conn.acks)
-print("value", _admit(c, s, 1, 2, "site/a", True, 4), Conn.acks)
+print("delete", _admit(c, s, 1, 1, "site/a", True, 0, 320), Conn.acks)
+print("value", _admit(c, s, 1, 2, "site/a", True, 4, 324), Conn.acks)
 """
 
 
