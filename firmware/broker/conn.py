@@ -16,7 +16,7 @@ from mqtt.errors import MQTTError
 from mqtt.packets import frame, check_flags, encode, Disconnect
 from broker import log
 from broker.core import Closed
-from broker.outbuf import Output
+from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, wait_for_session, wait_recovered
 from broker.pump import pump
 from broker.handle_connect import on_connect, refuse
@@ -80,6 +80,18 @@ class Connection(Output):
         if self.big is not None:
             return True  # there is room once the large one has gone
         return pump(self.broker, self, s)
+
+    def ack(self, first, pid, reason):
+        # A PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given). While the
+        # store has changes not yet on flash it waits for them: acknowledged
+        # means stored, and a PUBREL or PUBCOMP ends a QoS 2 flow on the
+        # peer's side, which a power cut must not bring back.
+        p = self.broker.persist
+        if p is not None and p.dirty():
+            pkt = ack_packet(first, pid, reason)
+            p.hold(self, pkt)
+        else:
+            self.send_ack(first, pid, reason)
 
     def out_alias(self, topic):
         # Outgoing topic aliases (v5): the first alias_out_max topics get
@@ -296,25 +308,12 @@ class Connection(Output):
                 b.spare_big = big
 
     def dispatch(self, first, mv, off, end):
-        b = self.broker
-        b.stats_pkts_recv += 1
-        t = first >> 4
+        # Called for every packet: no more locals, so that its frame stays
+        # off the heap (tools/frames.py).
+        self.broker.stats_pkts_recv += 1
         if self.session is None:
-            if t != _CONNECT:
-                raise MQTTError(0x82, "first packet is not CONNECT")
-            check_flags(first)
-            try:
-                on_connect(self, mv, off, end)
-            except MemoryError:
-                if self.session is not None:
-                    raise  # after its CONNACK: closed as any other
-                # No session was made: the client is told, in a CONNACK
-                # (0x97; 3.1.1: 3, server unavailable), never with a
-                # DISCONNECT before one (MQTT-3.14.0-1).
-                gc.collect()
-                refuse(self, 0x97, "out of memory")
-            return
-        if t == _PUBLISH:
+            self._connect(first, mv, off, end)
+        elif first >> 4 == _PUBLISH:
             # The fixed-header rules of check_flags() for PUBLISH, inline:
             # QoS 3, or DUP on QoS 0, is malformed.
             if first & 6 == 6 or (first & 8 and not first & 6):
@@ -323,6 +322,21 @@ class Connection(Output):
         else:
             check_flags(first)
             on_packet(self, first, mv, off, end)
+
+    def _connect(self, first, mv, off, end):
+        if first >> 4 != _CONNECT:
+            raise MQTTError(0x82, "first packet is not CONNECT")
+        check_flags(first)
+        try:
+            on_connect(self, mv, off, end)
+        except MemoryError:
+            if self.session is not None:
+                raise  # after its CONNACK: closed as any other
+            # No session was made: the client is told, in a CONNACK
+            # (0x97; 3.1.1: 3, server unavailable), never with a
+            # DISCONNECT before one (MQTT-3.14.0-1).
+            gc.collect()
+            refuse(self, 0x97, "out of memory")
 
     # ------------------------------------------------------------ closing
 

@@ -22,9 +22,27 @@ _CONNECT = const(1)
 
 
 def on_packet(c, first, mv, off, end):
+    if 0x40 <= first < 0x80 and end - off == 2:
+        # PUBACK, PUBREC, PUBREL or PUBCOMP in the usual form, in both
+        # versions: no reason code, no properties. The other packets are
+        # apart, so that this frame stays off the heap (tools/frames.py).
+        _on_ack(c, first >> 4, _pid(mv, off), 0)
+    else:
+        _on_other(c, first, mv, off, end)
+
+
+def _pid(mv, off):
+    pid = mv[off] << 8 | mv[off + 1]
+    if not pid:
+        raise MQTTError(0x82, "packet identifier 0")
+    return pid
+
+
+def _on_other(c, first, mv, off, end):
     t = first >> 4
     if _PUBACK <= t <= _PUBCOMP:
-        _on_ack(c, t, mv, off, end)
+        pid, reason, _ = decode_ack(t, mv, off, end, c.version)
+        _on_ack(c, t, pid, reason)
     elif t == _PINGREQ:
         if off != end:
             raise MQTTError(0x81, "PINGREQ has a body")
@@ -46,59 +64,48 @@ def on_packet(c, first, mv, off, end):
         raise MQTTError(0x82, "packet type %d from a client" % t)
 
 
-def _on_ack(c, t, mv, off, end):
-    b = c.broker
+def _on_ack(c, t, pid, reason):
+    # PUBACK, PUBREC, PUBREL or PUBCOMP (type t) for pid, with its reason.
+    # Each step has its own function, few locals each: frames off the heap.
     s = c.session
-    if end - off == 2:
-        # The usual form, in both versions: no reason code, no properties.
-        pid = mv[off] << 8 | mv[off + 1]
-        if not pid:
-            raise MQTTError(0x82, "packet identifier 0")
-        reason = 0
-    else:
-        pid, reason, _ = decode_ack(t, mv, off, end, c.version)
-    p = b.persist if s.expiry else None
     if t == _PUBREL:
-        found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
-        if found and p is not None and s.expiry:  # stored only then (handle_publish)
-            p.qos2_released(s, pid)
-        _reply(c, 0x70, pid, 0x92 if c.version == 5 and not found else 0)
-        return
-    d = s.inflight.get(pid) if s.inflight else None
-    if t == _PUBACK or t == _PUBCOMP:
+        _on_pubrel(c, s, pid)
+    elif t == _PUBREC:
+        _on_pubrec(c, s, pid, reason)
+    else:
+        d = s.inflight.get(pid) if s.inflight else None
         if d is not None and (d.qos == 1) == (t == _PUBACK):
-            del s.inflight[pid]
-            if p is not None:
-                p.acked(s, pid, d)
-            c.kick()  # room in the window for what is queued
-        return
-    # PUBREC
+            _flow_ended(c, s, pid, d)
+
+
+def _flow_ended(c, s, pid, d):
+    # A QoS 1 message acknowledged, or a QoS 2 one completed or refused.
+    del s.inflight[pid]
+    if s.expiry and c.broker.persist is not None:
+        c.broker.persist.acked(s, pid, d)
+    c.kick()  # room in the window for what is queued
+
+
+def _on_pubrel(c, s, pid):
+    found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
+    if found and s.expiry and c.broker.persist is not None:  # stored only then (handle_publish)
+        c.broker.persist.qos2_released(s, pid)
+    c.ack(0x70, pid, 0x92 if c.version == 5 and not found else 0)
+
+
+def _on_pubrec(c, s, pid, reason):
+    d = s.inflight.get(pid) if s.inflight else None
     if d is None or d.qos != 2:
         c.send_ack(0x62, pid, 0x92 if c.version == 5 else 0)
-        return
-    if reason >= 0x80:
+    elif reason >= 0x80:
         # The receiver refused it: the flow ends here (MQTT-4.3.3 v5).
-        del s.inflight[pid]
-        if p is not None:
-            p.acked(s, pid, d)
-        c.kick()
-        return
-    if d.state != RELEASED:
-        d.state = RELEASED
-        if p is not None:
-            p.released(s, pid, d)
-    _reply(c, 0x62, pid, 0)
-
-
-def _reply(c, first, pid, reason):
-    # PUBREL and PUBCOMP end a QoS 2 flow on the peer's side, which then
-    # forgets the packet identifier; they go out only once our matching
-    # state change is on flash, or a power cut could resurrect the flow.
-    p = c.broker.persist
-    if p is not None and p.dirty():
-        p.hold(c, bytes((first, 3, pid >> 8, pid & 0xFF, reason) if reason else (first, 2, pid >> 8, pid & 0xFF)))
+        _flow_ended(c, s, pid, d)
     else:
-        c.send_ack(first, pid, reason)
+        if d.state != RELEASED:
+            d.state = RELEASED
+            if s.expiry and c.broker.persist is not None:
+                c.broker.persist.released(s, pid, d)
+        c.ack(0x62, pid, 0)
 
 
 def _sub_reason(c, cfg, flt, opts, group):

@@ -21,14 +21,7 @@ _PFI = const(0x01)
 
 def _ack(c, t, pid, reason):
     # PUBACK (t=4) or PUBREC (t=5). v5 may carry a reason; 3.1.1 cannot.
-    if c.version != 5:
-        reason = 0
-    p = c.broker.persist
-    if p is not None and p.dirty():
-        # Acknowledge only once what it promises is on flash.
-        p.hold(c, bytes((t << 4, 3, pid >> 8, pid & 0xFF, reason) if reason else (t << 4, 2, pid >> 8, pid & 0xFF)))
-    else:
-        c.send_ack(t << 4, pid, reason)
+    c.ack(t << 4, pid, reason if c.version == 5 else 0)
 
 
 def _heap_short(c, qos, pid, need):

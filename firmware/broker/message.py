@@ -78,14 +78,19 @@ class Message:
         if expiry is not None:
             self.expires = now + expiry
         if props:
-            fwd = None
-            for k in props:
-                if k not in _NOT_FORWARDED:
-                    if fwd is None:
-                        fwd = {}
-                    fwd[k] = props[k]
-            if fwd is not None:
-                self.props = fwd
+            self._forward(props)
+
+    def _forward(self, props):
+        # Keeps the properties that go on with the message (apart from
+        # __init__, whose frame would otherwise come from the heap).
+        fwd = None
+        for k in props:
+            if k not in _NOT_FORWARDED:
+                if fwd is None:
+                    fwd = {}
+                fwd[k] = props[k]
+        if fwd is not None:
+            self.props = fwd
 
     def expired(self, now):
         return self.expires is not None and now >= self.expires

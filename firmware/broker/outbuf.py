@@ -21,6 +21,14 @@ import gc
 from broker import log
 
 
+def ack_packet(first, pid, reason=0):
+    # PUBACK, PUBREC, PUBREL or PUBCOMP as bytes, for when it cannot be
+    # written into an output buffer in place (Output.send_ack).
+    if reason:
+        return bytes((first, 3, pid >> 8, pid & 0xFF, reason))
+    return bytes((first, 2, pid >> 8, pid & 0xFF))
+
+
 class Pool:
     # Spare buffers of one size. Busy connections hold one each; idle ones
     # give theirs back, and a few spares are kept to spare the allocator.
@@ -98,19 +106,23 @@ class Output:
     def send_ack(self, first, pid, reason=0):
         # PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with a
         # reason code when it is not 0: written in place, no packet object.
-        n = 5 if reason else 4
-        ob = self.reserve(n)
+        # (No more locals: its frame stays off the heap, see tools/frames.py.)
+        ob = self.reserve(5 if reason else 4)
         if ob is None:
-            self.send(bytes((first, 3, pid >> 8, pid & 0xFF, reason) if reason else (first, 2, pid >> 8, pid & 0xFF)))
+            ob = ack_packet(first, pid, reason)  # (in two steps: a shallower stack)
+            self.send(ob)
             return
         o = self.olen
         ob[o] = first
-        ob[o + 1] = n - 2
         ob[o + 2] = pid >> 8
         ob[o + 3] = pid & 0xFF
         if reason:
+            ob[o + 1] = 3
             ob[o + 4] = reason
-        self.olen = o + n
+            self.olen = o + 5
+        else:
+            ob[o + 1] = 2
+            self.olen = o + 4
         self.kick()
 
     def send_split(self, head, payload):
@@ -148,13 +160,19 @@ class Output:
                 return None
         if self.olen + n <= len(ob):
             return ob
-        if self.writer is not None or self.gone or n > len(ob):
+        if self.writer is not None or self.gone or n > len(ob) or not self._write_out():
             return None
+        return ob if self.olen + n <= len(ob) else None
+
+    def _write_out(self):
+        # write_now() for reserve(), False on a socket error (the flusher
+        # finds the connection and closes it). Its own function: a try in
+        # reserve() would put reserve's frame on the heap (tools/frames.py).
         try:
             self.write_now()
+            return True
         except OSError:
-            return None  # the flusher finds it and closes it
-        return ob if self.olen + n <= len(ob) else None
+            return False
 
     def pending(self):
         return self.olen or self.big is not None
@@ -163,8 +181,7 @@ class Output:
         # Writes what the socket takes without waiting. True when all of
         # the output is out. Transports that cannot write synchronously
         # (WebSocket) always leave it to the writer task.
-        t = self.t
-        w = getattr(t, "write_now", None)
+        w = getattr(self.t, "write_now", None)
         if w is None:
             return not self.pending()
         n = self.olen
@@ -179,6 +196,10 @@ class Output:
                     self.olen = n - k
                 return False
             self.olen = 0
+        return self.big is None or self._write_big(w)
+
+    def _write_big(self, w):
+        # write_now() for `big` and its tail, with the socket's write w.
         while self.big is not None:
             x = self.big
             k = w(x)
@@ -227,22 +248,19 @@ class Output:
     def service(self):
         # The flusher's work for this connection: fill the output from the
         # session's queue and write what goes out at once; leave the rest
-        # to a writer task.
+        # to a writer task. A socket error (OSError) is the flusher's to
+        # handle (Broker.flush_now): no try here, which would put this
+        # frame on the heap (tools/frames.py).
         if self.writer is not None or self.gone:
             return  # its writer task is on it, or it is closed
-        try:
-            for _ in range(8):
-                more = self.pump()
-                if not self.write_now():
-                    self._start_writer()
-                    return
-                if not more:
-                    self._drained()
-                    return
-        except OSError as e:
-            log.debug("write to %s failed: %r", self.t.peer, e)
-            self.close_soon(e)
-            return
+        for _ in range(8):
+            more = self.pump()
+            if not self.write_now():
+                self._start_writer()
+                return
+            if not more:
+                self._drained()
+                return
         # More to send: after the other connections have had their turn.
         self.kick()
 

@@ -60,7 +60,7 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         pkt = _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole)
         if pkt is None:
             return WAIT
-        d = _inflight(b, s, pid, msg, qos, retain, subids, seq)
+        d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, seq or b.next_seq())
         p.sent(s, pid, d, stored)
         p.hold(c, pkt if whole else (pkt, msg.payload), True)
     else:
@@ -80,7 +80,7 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
             if not whole:
                 c.tail = [msg.payload]
         if qos:
-            d = _inflight(b, s, pid, msg, qos, retain, subids, seq)
+            d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, seq or b.next_seq())
             if durable:
                 p.sent(s, pid, d, stored)
     if stored and not durable:
@@ -105,12 +105,6 @@ def _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, wh
             gc.collect()
     log.warning("no heap to send a %d byte message; it waits", n)
     return None
-
-
-def _inflight(b, s, pid, msg, qos, retain, subids, seq):
-    d = Delivery(msg, qos, retain, subids, seq or b.next_seq())
-    s.in_flight()[pid] = d
-    return d
 
 
 def pump(b, c, s):

@@ -64,9 +64,9 @@ def _copy(b, s, raw):
     ob = c.reserve(n)
     if ob is None or n > c.max_out:
         return False
-    o = c.olen
-    ob[o : o + n] = raw.src
-    c.olen = o + n
+    n += c.olen  # where the copy ends in ob
+    ob[c.olen : n] = raw.src
+    c.olen = n
     s.full_since = None
     b.stats_msgs_sent += 1
     c.kick()
@@ -114,10 +114,32 @@ def _route_many(b, msg, origin, hits):
 
 
 def deliver(b, s, msg, qos, retain, subids):
+    # One message for session s: straight into its client's output when
+    # the client is connected with nothing queued, else into its queue.
+    # (The try is here, not around a call: each call of a frame this size
+    # takes heap, see tools/frames.py.)
     if b.acl is not None and s.bridge is None and not b.acl.can_read(s.client_id, s.username, msg.topic):
         return
     try:
-        _deliver(b, s, msg, qos, retain, subids)
+        c = s.conn
+        retain = bool(retain)
+        if type(msg) is Raw:
+            if not subids and not retain and _copy(b, s, msg):
+                return
+            msg = msg.message()
+        if c is not None and not s.queue:
+            r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
+            if r == SENT:
+                # Straight into its output: sent by the flusher with the rest.
+                c.kick()
+                return
+            if r == GONE:
+                return
+        if c is None and qos == 0 and not b.cfg["queue_qos0_messages"]:
+            s.dropped += 1
+            b.stats_dropped += 1
+            return
+        _enqueue(b, s, msg, qos, retain, subids)
     except MemoryError:
         # Counted like a full queue (v5 publishers are told 0x97); the
         # other receivers still get it.
@@ -127,25 +149,7 @@ def deliver(b, s, msg, qos, retain, subids):
             b.queue_refusals += 1
 
 
-def _deliver(b, s, msg, qos, retain, subids):
-    c = s.conn
-    retain = bool(retain)
-    if type(msg) is Raw:
-        if not subids and not retain and _copy(b, s, msg):
-            return
-        msg = msg.message()
-    if c is not None and not s.queue:
-        r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
-        if r == SENT:
-            # Straight into its output: sent by the flusher with the rest.
-            c.kick()
-            return
-        if r == GONE:
-            return
-    if c is None and qos == 0 and not b.cfg["queue_qos0_messages"]:
-        s.dropped += 1
-        b.stats_dropped += 1
-        return
+def _enqueue(b, s, msg, qos, retain, subids):
     p = b.persist
     durable = bool(qos and p is not None and s.expiry)
     seq = b.next_seq() if qos else 0
@@ -159,6 +163,7 @@ def _deliver(b, s, msg, qos, retain, subids):
         return
     if durable:
         p.queued(s, msg, seq, qos, retain, subids)
+    c = s.conn
     if c is not None:
         if s.queued() >= lim >> 1:
             # Past half full: the publisher waits until it drains

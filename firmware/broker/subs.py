@@ -86,9 +86,7 @@ class Subs:
 
     def match(self, topic, out):
         # Appends every matching non-shared Sub to out.
-        lst = self.exact.get(topic)
-        if lst is not None:
-            out.extend(lst)
+        out.extend(self.exact.get(topic, ()))
         for s in self.wild:
             if s.match(topic):
                 out.append(s)

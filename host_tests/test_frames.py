@@ -1,0 +1,68 @@
+"""The functions every forwarded message runs keep their frames off the heap.
+
+On the boards' ports a call whose frame (locals, value stack, try blocks)
+is over 44 B gets it from the heap and frees it on return: a walk of the
+allocation table per call, and bytes that count towards gc.threshold.
+Measured on the twin under loadgen's QoS 1 load there were 21 such frames
+per message, and with none the twin forwarded about a quarter more
+(tools/frames.py). These
+functions were cut to fit; a new local or a try in one of them would put
+it back on the heap, which these tests catch. Frame sizes come from the
+twin's own mpy-cross, the compiler of the frozen code.
+"""
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+import frames  # noqa: E402
+
+# (file, function): called once or more per message on the QoS 0, 1 and 2
+# paths (publisher's packet in, receiver's acknowledgement in, flush out).
+HOT = [
+    ("firmware/broker/conn.py", "Connection.dispatch"),
+    ("firmware/broker/conn.py", "Connection.ack"),
+    ("firmware/broker/handle_publish.py", "_ack"),
+    ("firmware/broker/handle_other.py", "on_packet"),
+    ("firmware/broker/handle_other.py", "_pid"),
+    ("firmware/broker/handle_other.py", "_on_ack"),
+    ("firmware/broker/handle_other.py", "_flow_ended"),
+    ("firmware/broker/handle_other.py", "_on_pubrel"),
+    ("firmware/broker/handle_other.py", "_on_pubrec"),
+    ("firmware/broker/message.py", "Message.__init__"),
+    ("firmware/broker/outbuf.py", "Output.reserve"),
+    ("firmware/broker/outbuf.py", "Output.send_ack"),
+    ("firmware/broker/outbuf.py", "Output.write_now"),
+    ("firmware/broker/outbuf.py", "Output.service"),
+    ("firmware/broker/route.py", "_copy"),
+    ("firmware/broker/subs.py", "Subs.match"),
+]
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    cross, tool = frames._tree()
+    out = {}
+    for path in sorted({p for p, _ in HOT}):
+        for name, n_state, n_exc in frames.functions(REPO / path, cross, tool):
+            out[(path, name)] = frames.frame_bytes(n_state, n_exc)
+    return out
+
+
+@pytest.mark.parametrize("path,name", HOT, ids=["%s:%s" % (p.rsplit("/", 1)[1], n) for p, n in HOT])
+def test_hot_path_function_frame_fits_on_the_c_stack(sizes, path, name):
+    assert (path, name) in sizes, "%s has no function %s" % (path, name)
+    assert sizes[(path, name)] <= frames.ON_STACK_MAX, (
+        "%s %s: %d B of frame, over the %d B the VM keeps on the C stack; "
+        "each call would take heap (tools/frames.py)" % (path, name, sizes[(path, name)], frames.ON_STACK_MAX))
+
+
+def test_a_function_with_many_arguments_is_reported_on_the_heap():
+    # The tool itself reads sizes as py/objfun.c reckons them (4 B a word,
+    # 12 B a try): put_message's nine arguments alone are 36 B, and with
+    # its other locals and its try its frame is well over 44 B.
+    assert frames.frame_bytes(11, 0) == 44 and frames.frame_bytes(8, 1) == 44
+    found = {n: frames.frame_bytes(s, e) for n, s, e in frames.functions(REPO / "firmware/broker/pump.py", *frames._tree())}
+    assert found["put_message"] > frames.ON_STACK_MAX
