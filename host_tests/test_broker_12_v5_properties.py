@@ -101,6 +101,31 @@ def test_topic_alias_0_gets_disconnect_0x81_as_from_mosquitto(broker):
     assert c.closed()
 
 
+@pytest.mark.parametrize("props,what", [
+    ({SUBID: 7}, "subscription identifier"),  # MQTT-3.3.4-6
+    ({RESPONSE_TOPIC: "reply/+"}, "response topic with +"),  # MQTT-3.3.2-14
+    ({RESPONSE_TOPIC: "reply/#"}, "response topic with #"),
+], ids=["subid", "response-plus", "response-hash"])
+def test_publish_with_a_property_a_client_must_not_send_gets_disconnect_0x82(broker, still_alive, props, what):
+    # The spec makes each a Protocol Error; the message is not routed, and
+    # the rest of the broker goes on. (Mosquitto 2.0.11 forwarded them.)
+    sub = Client(broker.port, "p12-bad-sub", version=5)
+    sub.subscribe([("bad/props", 1)])
+    c = Client(broker.port, "p12-bad-pub", version=5)
+    c.send(Publish("bad/props", b"x", 1, False, False, 1, props))
+    d = c.expect(DISCONNECT)
+    assert d.reason == 0x82, what
+    assert c.closed()
+    assert sub.messages(timeout=0.5) == [], what
+    # The same message without that property is taken and delivered.
+    ok = Client(broker.port, "p12-ok-pub", version=5)
+    ok.publish("bad/props", b"y", qos=1, props={RESPONSE_TOPIC: "reply/plain"})
+    m = sub.get()
+    assert m.payload == b"y" and m.props[RESPONSE_TOPIC] == "reply/plain"
+    sub.close()
+    ok.close()
+
+
 def test_topic_alias_over_maximum_gets_disconnect_0x94(broker):
     c = Client(broker.port, "p12-ta-max", version=5)
     assert c.connack.props[TOPIC_ALIAS_MAX] == 4

@@ -489,7 +489,7 @@ class Conn:
     broker = b
     acks = []
 
-    def send_ack(self, first, pid, reason):
+    def ack(self, first, pid, reason):  # Connection.ack: every acknowledgement goes there
         Conn.acks.append((first, pid, reason))
 
 

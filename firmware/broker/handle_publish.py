@@ -17,6 +17,8 @@ from broker.backpressure import Paused
 _TOPIC_ALIAS = const(0x23)
 _EXPIRY = const(0x02)
 _PFI = const(0x01)
+_RESPONSE_TOPIC = const(0x08)
+_SUBSCRIPTION_ID = const(0x0B)
 
 
 def _ack(c, t, pid, reason):
@@ -80,6 +82,16 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
     return True
 
 
+def _check_client_props(pr):
+    # What a client's PUBLISH must not carry, each a Protocol Error (4.13).
+    # A bridge's upstream is a server: it sends Subscription Identifiers.
+    if _SUBSCRIPTION_ID in pr:
+        raise MQTTError(0x82, "Subscription Identifier in a PUBLISH from a client")  # MQTT-3.3.4-6
+    rt = pr.get(_RESPONSE_TOPIC)
+    if rt is not None and ("+" in rt or "#" in rt):
+        raise MQTTError(0x82, "wildcard in the Response Topic")  # MQTT-3.3.2-14
+
+
 def on_publish(c, first, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -91,6 +103,8 @@ def on_publish(c, first, mv, off, end):
     except MemoryError:
         _decode_short(c, qos, mv, off, end)
         return
+    if pr is not None and c.topic_in is None:
+        _check_client_props(pr)
     alias = pr is not None and _TOPIC_ALIAS in pr
     if alias:
         a = pr[_TOPIC_ALIAS]
