@@ -224,7 +224,9 @@ class Connection(Output):
         maxp = b.cfg["max_packet_size"]
         pos = 0
         while not self.closing:
-            rem = cur[pos + 1] if have - pos > 1 else 128
+            if have - pos < 2:
+                break  # all taken, or not even a fixed header yet
+            rem = cur[pos + 1]
             if rem < 128 and rem + 2 <= maxp:
                 # A one-byte remaining length, the usual case: no call.
                 h = 2

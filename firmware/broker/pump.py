@@ -154,7 +154,7 @@ def _retained(b, c, s):
                     topics.pop()
                     continue
                 v = packed.get(t) if plain else None
-                if type(v) is bytes and (q == 0 or v[0] == 0) and _put_packed(b, c, t, v):
+                if type(v) is bytes and (q == 0 or v[0] == 0) and _put_packed(c, t, v):
                     topics.pop()
                     continue
                 m = ret.get(t, b.now())
@@ -172,23 +172,24 @@ def _retained(b, c, s):
     return False
 
 
-def _put_packed(b, c, t, v):
+def _put_packed(c, t, v):
     # True when the packed retained value v of topic t went into c's output
     # buffer; False: put_message must take it (a QoS 2 PUBLISH before it
     # waits for its commit, no room in the buffer now, or too big for it or
-    # for the client: put_message decides what follows).
+    # for the client: put_message decides what follows). No broker argument:
+    # one local more would put this frame on the heap (tools/frames.py).
     if c.held:
         return False
     t = memoryview(t)
     n = len(t) + len(v) + 7  # at most (put_packed)
-    if n > c.max_out or n > b.wpool.size >> 1:
+    if n > c.max_out or n > c.broker.wpool.size >> 1:
         return False
     ob = c.reserve(n)
     if ob is None:
         return False
     c.olen = put_packed(ob, c.olen, t, v, c.version)
     c.session.full_since = None  # progress: not stuck
-    b.stats_msgs_sent += 1
+    c.broker.stats_msgs_sent += 1
     return True
 
 
