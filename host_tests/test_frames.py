@@ -25,6 +25,7 @@ HOT = [
     ("firmware/broker/conn.py", "Connection.dispatch"),
     ("firmware/broker/conn.py", "Connection.ack"),
     ("firmware/broker/handle_publish.py", "_ack"),
+    ("firmware/broker/handle_publish.py", "_ack_ahead"),
     ("firmware/broker/handle_other.py", "on_packet"),
     ("firmware/broker/handle_other.py", "_pid"),
     ("firmware/broker/handle_other.py", "_on_ack"),
