@@ -226,6 +226,22 @@ def test_require_certificate_alone_still_asks_for_a_login(certs, broker):
     c.disconnect()
 
 
+def test_a_refused_tls_client_that_stays_connected_does_not_hold_the_tls_slot(certs, broker):
+    # max_tls_connections 1 per listener. After a refusing CONNACK the
+    # broker reads what a plain TCP client still sends before it closes
+    # (conn._drain_in); over TLS that wait held the listener's one TLS
+    # session, so the next TLS client was reset in its handshake (found by
+    # a fresh-clone run of the suite: the login test above).
+    a = tls_client(certs, broker.only, "sensor7", "cc-slot-anon")
+    assert a.connack.reason == 0x87
+    # a keeps its socket open and sends nothing more.
+    b = tls_client(certs, broker.only, "sensor7", "cc-slot-user", username=TEST_USER,
+                   password=TEST_PASSWORD.encode())
+    assert b.connack.reason == 0
+    b.disconnect()
+    a.close()
+
+
 def test_a_refused_handshake_leaves_the_tls_slot_free_and_logs_no_error(certs, broker):
     # max_tls_connections 1 per listener: a failed handshake gives it back.
     for _ in range(3):

@@ -400,7 +400,11 @@ class Connection(Output):
             gc.collect()
             self.broker.drop_connection(self)
         if drain_in:
-            if self.broker.sockets_left() > 1:
+            # Plain TCP only (a TcpTransport without TLS under it): over TLS
+            # the wait would hold one of the listener's few TLS sessions
+            # (max_tls_connections, 20-25 KB each), and the next TLS client
+            # would be refused meanwhile.
+            if self.broker.sockets_left() > 1 and getattr(self.t, "raw", 0) is None:
                 await self._drain_in()
             self.t.close()
 
