@@ -198,3 +198,69 @@ def test_a_stalled_subscriber_holds_back_only_the_publishers_that_feed_it():
         dash.raw.s.close()
         slow_pub.raw.s.close()
         t.join(10)
+
+
+def _pipeline(c, topic, n, out):
+    # Sends n QoS 1 PUBLISHes to topic in one write, then reads, answering
+    # each delivery with its PUBACK at once. out: [PUBACKs, payloads
+    # delivered, seconds from the write to the last PUBACK].
+    data = b"".join(K.encode(K.Publish(topic, b"%d" % i, 1, pid=i + 1), c.version) for i in range(n))
+    t0 = time.monotonic()
+    c.s.sendall(data)
+    acks, got = out[0], out[1]
+    while len(acks) < n or len(got) < n:
+        p = c.recv(timeout=10)
+        if p is None:
+            break
+        if p.type == K.PUBACK:
+            acks.append(p.pid)
+            out[2] = time.monotonic() - t0
+        elif p.type == K.PUBLISH:
+            got.append(int(p.payload))
+            c.send(K.Ack(K.PUBACK, p.pid))
+
+
+# The broker gives up holding publishers back for a queue that made no
+# progress for 2 s (backpressure._STALL_MS); a pause that only that ends
+# shows as PUBACKs this late.
+STALL = 1.5
+
+
+def test_a_client_subscribed_to_its_own_topic_is_not_paused_by_its_own_queue():
+    # Its PUBACKs for the copies it gets back come in on the reader a pause
+    # would stop: waiting for its own queue to drain would wait for the
+    # stall timer. 40 messages fit its session (20 in flight, 32 queued).
+    with BrokerProc(board="esp32") as b:
+        c = Client(b.port, "bp-self", version=4)
+        c.send(K.Subscribe(1, [("bp/self", 1)]))
+        assert c.recv().type == K.SUBACK
+        out = [[], [], None]
+        _pipeline(c, "bp/self", 40, out)
+        assert sorted(out[0]) == list(range(1, 41))
+        assert out[1] == list(range(40)), "copies lost or out of order"
+        assert out[2] < STALL, "its PUBACKs waited %.1f s: its reader was paused on its own queue" % out[2]
+        c.close()
+
+
+def test_two_clients_publishing_to_each_other_do_not_pause_each_other_into_a_stall():
+    # a's reader waits for b's queue, which drains only as b's reader reads
+    # b's PUBACKs; b's reader must then not wait for a's queue in turn.
+    with BrokerProc(board="esp32") as b:
+        a = Client(b.port, "bp-a", version=4)
+        z = Client(b.port, "bp-b", version=4)
+        for c, t in ((a, "bp/to-a"), (z, "bp/to-b")):
+            c.send(K.Subscribe(1, [(t, 1)]))
+            assert c.recv().type == K.SUBACK
+        outs = [[[], [], None], [[], [], None]]
+        ts = [threading.Thread(target=_pipeline, args=(a, "bp/to-b", 40, outs[0])),
+              threading.Thread(target=_pipeline, args=(z, "bp/to-a", 40, outs[1]))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        for name, out in zip("ab", outs):
+            assert sorted(out[0]) == list(range(1, 41)), name
+            assert out[1] == list(range(40)), "%s: copies lost or out of order" % name
+            assert out[2] < STALL, "%s's PUBACKs waited %.1f s: the two paused each other" % (name, out[2])
+        a.close()
+        z.close()

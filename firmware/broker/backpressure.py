@@ -6,7 +6,8 @@
 #     publisher waits; others, publishing to other sessions, go on. A
 #     session whose queue makes no progress for _STALL_MS stops holding
 #     publishers back (it then drops messages), and keepalive.py
-#     disconnects it after _STUCK_MS;
+#     disconnects it after _STUCK_MS. Not when that session's drain needs
+#     this very reader (holds_back());
 #   - the heap is below its message floor, or the store cannot take what a
 #     QoS 1/2 message needs: wait until it recovers (handle_publish raises
 #     Paused before the message is taken).
@@ -39,6 +40,24 @@ def busy(b, s, now_ms):
         return True
     s.full_since = None
     return False
+
+
+def holds_back(c, s):
+    # Should c's reader wait for session s to drain? Not when the drain
+    # needs c's reader itself: s is c's own session (a client subscribed to
+    # what it publishes sends the PUBACKs for its copies on this reader), or
+    # s's reader waits, through a chain of such waits, for c's session (two
+    # clients publishing to each other). Either wait would last until the
+    # stall timer gives up, and the queue would then drop messages.
+    own = c.session
+    for _ in range(16):  # more than a board has sockets
+        if s is own:
+            return False
+        w = s.conn
+        s = w.waiting_for if w is not None else None
+        if s is None:
+            return True
+    return True
 
 
 async def wait_for_session(b, s):

@@ -17,7 +17,7 @@ from mqtt.packets import frame, check_flags, encode, Disconnect
 from broker import log
 from broker.core import Closed
 from broker.outbuf import Output, ack_packet
-from broker.backpressure import Paused, wait_for_session, wait_recovered
+from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
 from broker.handle_connect import on_connect, refuse
 from broker.handle_publish import on_publish
@@ -53,9 +53,6 @@ class Connection(Output):
     linger_ms = 0  # delay before a refusal goes out (failed login)
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
-    # What the reader waits for before reading on (backpressure.py): set by
-    # a handler before it raises Paused, or when a session fills up.
-    pause = None
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
     # upstream's, topic_in(upstream topic) -> ours or None (not ours).
     topic_out = None
@@ -70,6 +67,10 @@ class Connection(Output):
         # grow the attribute table when the heap may be out.
         self.closing = False
         self.session = None
+        # What the reader waits for before reading on (backpressure.py): set
+        # by a handler before it raises Paused, or when a session fills up.
+        self.pause = None
+        self.waiting_for = None  # the session whose queue it waits for now
 
     # ------------------------------------------------------------ output
 
@@ -245,12 +246,20 @@ class Connection(Output):
                 # Not taken: it stays, and is handed over again.
                 break
             pos += h + rem
-            if b.congested is not None:
-                # A session this message went to is filling up.
-                self.pause = b.congested
-                b.congested = None
+            if b.congested is not None and self._held_back():
                 break
         return pos
+
+    def _held_back(self):
+        # A session the last message went to is filling up: True when this
+        # reader is to wait for it (self.pause).
+        b = self.broker
+        s = b.congested
+        b.congested = None
+        if holds_back(self, s):
+            self.pause = s
+            return True
+        return False
 
     async def _wait(self, what):
         # A pause: for a condition to hold, a task to end (a login being
@@ -260,7 +269,11 @@ class Connection(Output):
         elif type(what) is asyncio.Task:
             await what
         else:
-            await wait_for_session(self.broker, what)
+            self.waiting_for = what  # read by holds_back()
+            try:
+                await wait_for_session(self.broker, what)
+            finally:
+                self.waiting_for = None
 
     async def _read_big(self, mv, pos, have):
         # Reads one packet that is larger than the receive buffer into a
@@ -303,8 +316,7 @@ class Connection(Output):
                     await self._wait(self.pause)
                     self.pause = None
             if b.congested is not None:
-                self.pause = b.congested
-                b.congested = None
+                self._held_back()
         finally:
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
