@@ -6,7 +6,7 @@ import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Client, Connect, SESSION_EXPIRY, WILL_DELAY, CONTENT_TYPE, USER,
-                   RESPONSE_TOPIC)
+                   RESPONSE_TOPIC, CONNACK, TEST_USER, TEST_PASSWORD)
 
 CONFIG = {}
 
@@ -214,3 +214,19 @@ def test_will_not_published_after_normal_disconnect_with_delay(broker):
     c.disconnect()
     assert w.poll(2.5) is None
     w.close()
+
+
+@pytest.mark.parametrize("topic", ["w07/#", "w07/+/x", ""])
+def test_a_will_topic_that_is_not_valid_is_refused_v5_0x90_and_v311_closed_without_connack(broker, topic):
+    # 3.1.1 has no return code for it: the server closes without a CONNACK
+    # (MQTT-3.2.2-6), as Mosquitto does; 5.0 says 0x90 (Topic Name invalid).
+    for version in (5, 4):
+        c = Client(broker.port, "w07-badwill%d" % version, version=version, connect=False)
+        c.send(Connect("w07-badwill%d" % version, version, True, 60, TEST_USER, TEST_PASSWORD.encode(),
+                       will_topic=topic, will_payload=b"x"))
+        if version == 5:
+            assert c.expect(CONNACK).reason == 0x90
+            assert c.closed()
+        else:
+            assert c.recv_raw() is None, "3.1.1 got a packet instead of a close"
+        c.close()

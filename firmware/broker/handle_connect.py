@@ -26,6 +26,9 @@ _MAX_CLIENT_ID = const(128)
 # PBKDF2 iterations hashed between two turns of the other clients: about
 # 4 ms on an ESP32 (a whole login of 1,000 iterations takes 250 ms).
 _HASH_SLICE = const(16)
+# v5 refusals with no 3.1.1 return code of their own: a will topic that is
+# not valid, will retain without retain, a will payload that is not UTF-8.
+_V3_NO_CODE = (0x90, 0x9A, 0x99)
 
 
 def refuse(c, reason, why):
@@ -38,6 +41,11 @@ def refuse(c, reason, why):
         if len(pkt) > c.max_out:
             # No reason string past the client's limit (MQTT-3.2.2-19).
             pkt = encode(Connack(False, reason), 5)
+    elif reason in _V3_NO_CODE:
+        # No 3.1.1 return code fits: closed without a CONNACK
+        # (MQTT-3.2.2-6), as Mosquitto does.
+        c.disconnect_reason = reason
+        raise Closed()
     else:
         pkt = encode(Connack(False, v3_connack_code(reason)), 4)
     if c.linger_ms:
