@@ -64,17 +64,7 @@ from broker.core import Broker
 from broker.conn import Connection
 from broker.message import Message
 from broker.session import Session
-
-
-class T:
-    peer = "10.0.0.1:1"
-    sent = b""
-
-    async def send(self, mv):
-        T.sent += bytes(mv)
-
-    def close(self):
-        pass
+from mp_fake_transport import SentTransport as T
 
 
 b = Broker(config.build({"persistence": False}))

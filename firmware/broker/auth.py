@@ -11,6 +11,7 @@
 import os
 
 import pwhash
+from broker.addrtable import AddrTable
 from broker.conffile import read_lines
 from mqtt.compat import const, ticks_diff, ticks_ms
 
@@ -131,18 +132,21 @@ class LoginThrottle:
         self.cap_ms = cap_ms
         self.quiet_ms = quiet_ms
         self.failures = 0  # all failed logins since start, for $SYS
-        self._t = {}  # addr -> [failures in a row, ticks_ms of the last one]
+        # Per address: failures in a row, ticks_ms of the last one.
+        self._t = AddrTable(size, 2)
 
     def _live(self, addr, now):
-        e = self._t.get(addr)
-        if e is None:
-            return None
-        d = ticks_diff(now, e[1])
+        # addr's slot, or -1 (also when it has been quiet long enough).
+        t = self._t
+        i = t.find(addr)
+        if i < 0:
+            return -1
+        d = ticks_diff(now, t.v[2 * i + 1])
         # d < 0 means the tick counter wrapped past the entry: long quiet.
         if d < 0 or d >= self.quiet_ms:
-            del self._t[addr]
-            return None
-        return e
+            t.remove(i)
+            return -1
+        return i
 
     def _wait_ms(self, n):
         # Wait owed after n failures in a row.
@@ -158,37 +162,39 @@ class LoginThrottle:
     def delay_ms(self, addr):
         # Milliseconds the next login from addr must wait before it is checked.
         now = ticks_ms()
-        e = self._live(addr, now)
-        if e is None:
+        i = self._live(addr, now)
+        if i < 0:
             return 0
-        left = self._wait_ms(e[0]) - ticks_diff(now, e[1])
+        v = self._t.v
+        left = self._wait_ms(v[2 * i]) - ticks_diff(now, v[2 * i + 1])
         return left if left > 0 else 0
 
     def failed(self, addr):
         self.failures += 1
         now = ticks_ms()
-        e = self._live(addr, now)
-        if e is not None:
-            e[0] += 1
-            e[1] = now
-            return
         t = self._t
-        if len(t) >= self.size:
-            old = None
-            age = -1
-            for a in t:
-                d = ticks_diff(now, t[a][1])
-                if d < 0:
-                    d = self.quiet_ms
-                if d > age:
-                    age = d
-                    old = a
-            del t[old]
-        t[addr] = [1, now]
+        v = t.v
+        i = self._live(addr, now)
+        if i < 0:
+            if len(t) >= self.size:
+                old = -1
+                age = -1
+                for j in t.slots():
+                    d = ticks_diff(now, v[2 * j + 1])
+                    if d < 0:
+                        d = self.quiet_ms
+                    if d > age:
+                        age = d
+                        old = j
+                t.remove(old)
+            i = t.add(addr)
+        v[2 * i] += 1
+        v[2 * i + 1] = now
 
     def succeeded(self, addr):
-        if addr in self._t:
-            del self._t[addr]
+        i = self._t.find(addr)
+        if i >= 0:
+            self._t.remove(i)
 
     def __len__(self):
         return len(self._t)

@@ -9,6 +9,7 @@ import socket
 import time
 from micropython import const
 from broker import log
+from broker.addrtable import AddrTable
 from broker.transport import TcpTransport, peer_str, wait_io
 from broker.conn import Connection
 
@@ -16,6 +17,7 @@ _WINDOW_MS = const(10000)  # max_connection_rate counts connections per this
 _OOM_WAIT_MS = const(100)  # the listener's pause when the poller found no heap
 _TABLE = const(16)  # source addresses tracked at most
 _SLOW_MAX_MS = const(1000)  # longest delay before a slowed connection is served
+_FIELDS = const(5)
 
 
 class ConnRate:
@@ -40,14 +42,18 @@ class ConnRate:
         self.size = size
         self.slowed = 0
         self.refused = 0
-        self._t = {}  # ip -> [level ms at last_ms, last_ms, last log ms, kind logged (1 slowed, 2 refused), refused since]
+        # Per address, _FIELDS fields from slot * _FIELDS: level ms at the
+        # last connection, its ticks_ms, ticks_ms of the last log line, kind
+        # logged (1 slowed, 2 refused), refused since that line.
+        self._t = AddrTable(size, _FIELDS)
 
-    def _level(self, e, now):
-        d = time.ticks_diff(now, e[1])
+    def _level(self, o, now):
+        v = self._t.v
+        d = time.ticks_diff(now, v[o + 1])
         if d < 0:  # the tick counter wrapped past the entry: long quiet
             return 0
-        v = e[0] - d
-        return v if v > 0 else 0
+        x = v[o] - d
+        return x if x > 0 else 0
 
     def check(self, ip):
         # -> 0 to serve now, a delay in ms (> 0) to serve later, or -1 to
@@ -56,50 +62,53 @@ class ConnRate:
             return 0
         now = time.ticks_ms()
         t = self._t
-        e = t.get(ip)
-        if e is None:
+        i = t.find(ip)
+        if i < 0:
             # Addresses whose bucket has drained are forgotten: a gateway's
             # sensors each connect now and then, and need no entry between.
-            for a in [a for a in t if self._level(t[a], now) == 0]:
-                del t[a]
+            low = -1
+            lv = 0
+            for j in t.slots():
+                x = self._level(j * _FIELDS, now)
+                if x == 0:
+                    t.remove(j)
+                elif low < 0 or x < lv:
+                    low = j
+                    lv = x
             if len(t) >= self.size:
-                low = None
-                lv = 0
-                for a in t:
-                    x = self._level(t[a], now)
-                    if low is None or x < lv:
-                        low = a
-                        lv = x
-                del t[low]
-            e = t[ip] = [0, now, now, 0, 0]
-        level = self._level(e, now)
+                t.remove(low)
+            i = t.add(ip)
+            t.v[i * _FIELDS + 1] = t.v[i * _FIELDS + 2] = now
+        o = i * _FIELDS
+        v = t.v
+        level = self._level(o, now)
         w = _WINDOW_MS
         if level < 3 * w:
             level += self.step
-        e[0] = level
-        e[1] = now
+        v[o] = level
+        v[o + 1] = now
         if level <= w:
-            e[3] = 0  # back to normal: the next episode is logged again
+            v[o + 3] = 0  # back to normal: the next episode is logged again
             return 0
         kind = 1 if level <= 2 * w else 2
-        if kind > e[3] or time.ticks_diff(now, e[2]) >= w:
+        if kind > v[o + 3] or time.ticks_diff(now, v[o + 2]) >= w:
             # Once per window, and again when it turns from slowed to refused.
-            e[2] = now
+            v[o + 2] = now
             if kind == 1:
                 log.warning("connection rate from %s over %d per 10 s: slowing it", ip, self.rate)
-            elif e[3] == 2:
+            elif v[o + 3] == 2:
                 log.warning("connection rate from %s over %d per 10 s: still refusing it (%d refused "
-                            "since the last report)", ip, 2 * self.rate, e[4])
+                            "since the last report)", ip, 2 * self.rate, v[o + 4])
             else:
                 log.warning("connection rate from %s over %d per 10 s: refusing it", ip, 2 * self.rate)
-            e[3] = kind
-            e[4] = 0
+            v[o + 3] = kind
+            v[o + 4] = 0
         if kind == 1:
             self.slowed += 1
             ms = (level - w) * _SLOW_MAX_MS // w
             return ms if ms > 0 else 1
         self.refused += 1
-        e[4] += 1
+        v[o + 4] += 1
         return -1
 
     def __len__(self):
