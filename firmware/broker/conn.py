@@ -19,7 +19,7 @@ from broker.core import Closed
 from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
-from broker.handle_connect import on_connect, refuse
+from broker.handle_connect import asked_version, on_connect, refuse
 from broker.handle_publish import on_publish
 from broker.handle_other import on_packet
 
@@ -350,6 +350,7 @@ class Connection(Output):
             # (0x97; 3.1.1: 3, server unavailable), never with a
             # DISCONNECT before one (MQTT-3.14.0-1).
             gc.collect()
+            self.version = asked_version(mv, off, end)
             refuse(self, 0x97, "out of memory")
 
     # ------------------------------------------------------------ closing

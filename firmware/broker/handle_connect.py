@@ -144,6 +144,13 @@ def _recheck(b, s, username):
                 p.acked(s, pid, d)
 
 
+def asked_version(mv, off, end):
+    # The protocol version of a CONNECT that could not be decoded, so that
+    # its refusal is a CONNACK the client can read: 5 when it says "MQTT"
+    # level 5, else 4.
+    return 5 if end - off > 6 and mv[off + 6] == 5 else 4
+
+
 def on_connect(c, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -151,8 +158,7 @@ def on_connect(c, mv, off, end):
         pkt = decode(0x10, mv, off, end, 4)
     except MQTTError as e:
         if e.reason == 0x84:
-            # Answer in the version the client asked for when we can tell.
-            c.version = 5 if end - off > 6 and mv[off + 6] == 5 else 4
+            c.version = asked_version(mv, off, end)
             refuse(c, 0x84, "unsupported protocol version")
         log.info("bad CONNECT from %s: %s", c.t.peer, e)
         c.disconnect_reason = e.reason
