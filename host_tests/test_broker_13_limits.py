@@ -675,11 +675,13 @@ def test_messages_with_more_properties_than_the_heap_holds_are_refused_and_nobod
 
 
 CONNECT_OOM = r"""
-# A CONNECT whose decoding finds no heap (1000 user properties are 8 KB
-# sent and can be more objects than an esp32's heap holds): forced here by
-# making the decoder raise MemoryError.
+# A CONNECT that finds no heap, forced by making an allocation raise
+# MemoryError: "decode", its decoding (1000 user properties are 8 KB sent
+# and can be more objects than an esp32's heap holds); "buffer", the
+# buffer of a CONNECT larger than the read buffer (free heap, but no piece
+# that large).
 import asyncio
-from broker import config, handle_connect
+from broker import config, conn, handle_connect
 from broker.core import Broker, Closed
 from broker.conn import Connection
 from mqtt import packets as K
@@ -690,21 +692,28 @@ def no_heap(*args):
     raise MemoryError("memory allocation failed, allocating 8192 bytes")
 
 
-handle_connect.decode = no_heap
 b = Broker(config.build({"persistence": False}))
 
 
 async def main():
     flusher = asyncio.create_task(b.flush_all())
-    for v in (5, 4):
-        T.sent = b""
-        pkt = K.encode(K.Connect("heavy", v), v)
-        try:
-            Connection(b, T()).dispatch(pkt[0], memoryview(pkt), 2, len(pkt))
-        except Closed:
-            pass
-        await asyncio.sleep_ms(50)
-        print("v%d %s" % (v, T.sent.hex()))
+    for case in ("decode", "buffer"):
+        for v in (5, 4):
+            T.sent = b""
+            c = Connection(b, T())
+            try:
+                if case == "decode":
+                    handle_connect.decode = no_heap
+                    pkt = K.encode(K.Connect("heavy", v), v)
+                    c.dispatch(pkt[0], memoryview(pkt), 2, len(pkt))
+                else:
+                    conn.bytearray = no_heap
+                    pkt = K.encode(K.Connect("heavy", v, password=bytes(2000)), v)
+                    await c._read_big(memoryview(pkt), 0, 512)  # its first 512 bytes read
+            except Closed:
+                pass
+            await asyncio.sleep_ms(50)
+            print("%s-v%d %s" % (case, v, T.sent.hex()))
     flusher.cancel()
 
 
@@ -714,13 +723,16 @@ asyncio.run(main())
 
 def test_a_connect_that_finds_no_heap_is_refused_in_the_version_it_asked_for():
     # The refusal was always a 3.1.1 CONNACK (return code 3, no property
-    # length): a v5 client could not read it. Now v5 gets CONNACK 0x97,
-    # 3.1.1 return code 3 (server unavailable).
+    # length) that a v5 client could not read, or, for a large CONNECT, no
+    # CONNACK at all. Now v5 gets CONNACK 0x97, 3.1.1 return code 3
+    # (server unavailable).
     from conftest import run_mp
 
     r = run_mp(CONNECT_OOM)
     assert r.returncode == 0, r.stdout + r.stderr
-    sent = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] in ("v4", "v5"))
-    for v in (5, 4):
-        ack = decode(bytes.fromhex(sent["v%d" % v]), v)  # raises on a packet not valid in v
-        assert ack.type == CONNACK and ack.reason == (0x97 if v == 5 else 3), (v, ack)
+    sent = dict(line.split(" ", 1) for line in r.stdout.splitlines() if "-v" in line)
+    for case in ("decode", "buffer"):
+        for v in (5, 4):
+            # decode() raises on a packet that is not valid in version v.
+            ack = decode(bytes.fromhex(sent["%s-v%d" % (case, v)]), v)
+            assert ack.type == CONNACK and ack.reason == (0x97 if v == 5 else 3), (case, v, ack)

@@ -294,7 +294,16 @@ class Connection(Output):
             heap = b.heap
             if not heap.room_for(total):
                 await wait_recovered(b, lambda: heap.room_for(total))
-            big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+            try:
+                big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+            except MemoryError:
+                if self.session is not None or mv[pos] >> 4 != _CONNECT:
+                    raise
+                # Free heap, but no piece this large: a CONNECT is refused
+                # as when it cannot be decoded (_connect).
+                gc.collect()
+                self.version = asked_version(mv, pos + h, have)
+                refuse(self, 0x97, "out of memory")
         try:
             bmv = memoryview(big)
             got = have - pos
