@@ -97,7 +97,14 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
         # receiver), and it would stay in the heap.
         _heap_short(c, qos, pid, need)
         return False
-    if qos and p is not None and not p.healthy() and not p.can_take(s, topic, retain, size):
+    if not qos or p is None or p.healthy():
+        return True
+    if not p.batch_takes(topic, retain, size):
+        # The batch for the next commit has no room for its records: it
+        # waits, unread, until the committer has written the batch out.
+        c.pause = lambda: p.batch_takes(topic, retain, size)
+        raise Paused()
+    if not p.can_take(s, topic, retain, size):
         # The store cannot take what this message would need (a commit is
         # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
         # so its message waits, unread and unacknowledged, until it can.

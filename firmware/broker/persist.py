@@ -286,15 +286,37 @@ class Persist:
 
     def healthy(self):
         # True when the store surely takes new work: its last commit went
-        # through and it has room for a few more messages. When not, the
-        # publish path asks can_take() about the message at hand.
+        # through, it has room for a few more messages, and so has the
+        # batch staged for the next commit. When not, the publish path asks
+        # batch_takes() and can_take() about the message at hand.
         st = self.store
-        return not self.failing and st.used_bytes() + (self.b.cfg["max_packet_size"] << 1) <= st.max_bytes
+        mps = self.b.cfg["max_packet_size"]
+        return (not self.failing and st.used_bytes() + (mps << 1) <= st.max_bytes
+                and st.batch_left() > mps + 512)
+
+    def batch_takes(self, topic, retain, size):
+        # Has the batch staged for the next commit room for this QoS 1/2
+        # message's records? When not, the message waits for the committer
+        # (a matter of milliseconds), unread: refused or taken without its
+        # record, a burst of large messages lost its tail. An empty batch
+        # takes anything put() takes.
+        st = self.store
+        return not st.pending() or self._need(topic, retain, size) <= st.batch_left()
 
     def can_take(self, s, topic, retain, size):
         # Can the store take a QoS 1/2 message of size bytes on topic?
         # True when it needs no record at all (not retained, and no
         # persistent session subscribes to it).
+        need = self._need(topic, retain, size)
+        if not need:
+            return True
+        st = self.store
+        return not self.failing and st.used_bytes() + st.pending() + need <= st.max_bytes
+
+    def _need(self, topic, retain, size):
+        # Bytes of records a message of size bytes on topic makes: its
+        # retained record, and its own record and a queue entry per
+        # persistent session it is held for.
         b = self.b
         need = size + len(topic) + 40 if retain and size else 0  # a delete makes room
         hits = b.hits
@@ -308,10 +330,7 @@ class Persist:
                 held = True
         if held:
             need += size + len(topic) + 40
-        if not need:
-            return True
-        st = self.store
-        return not self.failing and st.used_bytes() + st.pending() + need <= st.max_bytes
+        return need
 
     def hold(self, c, pkt, publish=False):
         # publish: a QoS 2 PUBLISH, which pauses c's queue until released.

@@ -326,6 +326,10 @@ class Store:
     def pending(self):
         return self._pend
 
+    def batch_left(self):
+        # Bytes of records put() still takes before the next commit.
+        return self.max_batch - _PART - self._pend
+
     def staged_ops(self):
         return len(self._staged)
 
