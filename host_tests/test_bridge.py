@@ -293,6 +293,25 @@ def test_bridge_fails_over_to_the_other_address_when_its_upstream_dies(procs):
     assert holds_one(other)
 
 
+def test_a_refused_uplink_is_written_to_once_and_its_log_names_the_refusal(procs):
+    # Nothing listens upstream. The flusher retried the dead socket's
+    # write for as long as the connection's close waited for its output
+    # (1 s of full CPU per attempt, thousands of "write to ... failed"
+    # lines at debug), and the warning named the broken pipe (32) rather
+    # than the refused connect (111).
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % free_port()], "topics": ["x/# out 1"],
+                        "restart_timeout": [0.5, 0.5]}, log_level="debug")
+    end = time.time() + 10
+    while time.time() < end and g.log().count("connecting to") < 3:
+        time.sleep(0.1)
+    log = g.log()
+    attempts = [line for line in log.splitlines() if "connecting to" in line and "failed" in line]
+    assert len(attempts) >= 3, log[-3000:]
+    assert all("111" in line for line in attempts), attempts
+    writes = log.count("write to")
+    assert writes <= len(attempts) + 1, "%d failed writes for %d attempts" % (writes, len(attempts))
+
+
 @pytest.mark.parametrize("mode", ["v5-no-local", "v4-try-private", "v4-plain"])
 def test_loop_setup_does_not_echo(procs, mode):
     m = upstream(procs)

@@ -152,8 +152,7 @@ class Broker:
                 # The connection stays on no list: its next kick retries.
                 log.warning("out of memory sending to %s", c.t.peer)
             except OSError as e:
-                log.debug("write to %s failed: %r", c.t.peer, e)
-                c.close_soon(e)
+                c.write_failed(e)
             except Exception as e:
                 log.error("sending to %s failed: %r", c.t.peer, e)
                 c.close_soon()

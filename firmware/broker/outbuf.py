@@ -308,9 +308,18 @@ class Output:
             pass
         except Exception as e:
             # The peer is gone or stuck: end the connection.
-            log.debug("write to %s failed: %r", self.t.peer, e)
-            self.close_soon(e)
+            self.write_failed(e)
         self.writer = None
+        self._drained()
+
+    def write_failed(self, e):
+        # A write raised: nothing more goes out on this transport, and the
+        # connection ends. Trying again would fail again: a bridge uplink
+        # whose connect was refused spun the CPU for the second its close
+        # waits for output to drain.
+        log.debug("write to %s failed: %r", self.t.peer, e)
+        self.gone = True
+        self.close_soon(e)
         self._drained()
 
     def wait_drained(self):
@@ -319,7 +328,7 @@ class Output:
         if d is None:
             d = self.drained = asyncio.Event()
         d.clear()
-        if not self.pending() and self.writer is None:
+        if self.gone or (not self.pending() and self.writer is None):
             d.set()
         else:
             self.kick()
