@@ -165,6 +165,9 @@ class Persist:
         queued = []  # (seq, cid, mid, info)
         inflight = []  # (cid, pid, Delivery, mid)
         qos2 = []
+        # One str per client id for all its records: hundreds of queued
+        # messages each kept a copy of it until the end of the restore.
+        cids = {}
         retained = 0
         n = 0
         for key, val in self.store.items():
@@ -191,11 +194,13 @@ class Persist:
                     sessions[key[1:]] = json.loads(val)
                 elif k == "q":
                     cid, seq = key[1:].split("\0")
+                    cid = cids.setdefault(cid, cid)
                     f = val[0]
                     v = _read_varints(val, 1)
                     queued.append((int(seq), cid, v[0], info(f & 3, f & 4, int(seq), v[1:], True)))
                 elif k == "i":
                     cid, pid = key[1:].split("\0")
+                    cid = cids.setdefault(cid, cid)
                     f = val[1]
                     v = _read_varints(val, 2)
                     d = Delivery(None, f & 3, bool(f & 4), v[2:] or None, v[0])
@@ -204,7 +209,7 @@ class Persist:
                     inflight.append((cid, int(pid), d, v[1]))
                 elif k == "x":
                     cid, pid = key[1:].split("\0")
-                    qos2.append((cid, int(pid)))
+                    qos2.append((cids.setdefault(cid, cid), int(pid)))
                 elif k == "c":
                     b.clock = self.clock_saved = wire.get_u32(val, 0, 4)[0]
             except MemoryError:
