@@ -56,9 +56,12 @@ def route(b, msg, origin, keep=True):
 def _copy(b, s, raw):
     # A Raw message, as it came, into s's output when its client takes it
     # so (connected, nothing queued or held, the sender's protocol version,
-    # no topic mapping). Kept small: a larger frame comes from the heap.
+    # no topic mapping, no topic aliases). Kept small: a larger frame comes
+    # from the heap.
     c = s.conn
     if c is None or s.queue or c.version != raw.version or c.topic_out is not None or c.held:
+        return False
+    if c.alias_out_max:
         return False
     n = len(raw.src)
     ob = c.reserve(n)
