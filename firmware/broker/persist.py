@@ -304,9 +304,10 @@ class Persist:
         # message's records? When not, the message waits for the committer
         # (a matter of milliseconds), unread: refused or taken without its
         # record, a burst of large messages lost its tail. An empty batch
-        # takes anything put() takes.
+        # takes anything put() takes. While commits fail, can_take() says
+        # no instead (v5 is told 0x97).
         st = self.store
-        return not st.pending() or self._need(topic, retain, size) <= st.batch_left()
+        return self.failing or not st.pending() or self._need(topic, retain, size) <= st.batch_left()
 
     def can_take(self, s, topic, retain, size):
         # Can the store take a QoS 1/2 message of size bytes on topic?
