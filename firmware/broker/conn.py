@@ -299,11 +299,8 @@ class Connection(Output):
             except MemoryError:
                 if self.session is not None or mv[pos] >> 4 != _CONNECT:
                     raise
-                # Free heap, but no piece this large: a CONNECT is refused
-                # as when it cannot be decoded (_connect).
-                gc.collect()
-                self.version = asked_version(mv, pos + h, have)
-                refuse(self, 0x97, "out of memory")
+                # Free heap, but no piece this large.
+                self._no_heap_for_connect(mv, pos + h, have)
         try:
             bmv = memoryview(big)
             got = have - pos
@@ -355,12 +352,16 @@ class Connection(Output):
         except MemoryError:
             if self.session is not None:
                 raise  # after its CONNACK: closed as any other
-            # No session was made: the client is told, in a CONNACK
-            # (0x97; 3.1.1: 3, server unavailable), never with a
-            # DISCONNECT before one (MQTT-3.14.0-1).
-            gc.collect()
-            self.version = asked_version(mv, off, end)
-            refuse(self, 0x97, "out of memory")
+            self._no_heap_for_connect(mv, off, end)
+
+    def _no_heap_for_connect(self, mv, off, end):
+        # A CONNECT (its body at mv[off:end], maybe not all read) that the
+        # heap cannot take, before any session was made: the client is told
+        # in a CONNACK of the version it asked for (0x97; 3.1.1: 3, server
+        # unavailable), never with a DISCONNECT before one (MQTT-3.14.0-1).
+        gc.collect()
+        self.version = asked_version(mv, off, end)
+        refuse(self, 0x97, "out of memory")
 
     # ------------------------------------------------------------ closing
 
