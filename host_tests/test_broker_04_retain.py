@@ -151,3 +151,33 @@ def test_retained_message_over_client_maximum_packet_size_is_skipped_and_the_res
     c.subscribe([("retmps/#", 0)])
     assert [(m.topic, m.payload) for m in c.messages(timeout=0.5)] == [("retmps/small", b"small")]
     c.close()
+
+
+def test_hash_gets_every_retained_topic_except_dollar_ones_which_their_own_filter_gets(broker, pub):
+    # "#" is answered without matching each topic (retain.topics): it must
+    # still leave out topics that start with '$' (MQTT-4.7.2-1).
+    for t in ("dollar/a", "$app/x", "dollar/b/c"):
+        pub.publish(t, b"v", qos=1, retain=True)
+    try:
+        got = [m.topic for m in retained(broker.port, "#")]
+        assert "dollar/a" in got and "dollar/b/c" in got
+        assert [t for t in got if t.startswith("$")] == []
+        assert [m.topic for m in retained(broker.port, "$app/#")] == ["$app/x"]
+    finally:
+        for t in ("dollar/a", "$app/x", "dollar/b/c"):
+            pub.publish(t, b"", qos=1, retain=True)
+
+
+def test_filter_with_a_literal_head_gets_only_the_topics_it_matches(broker, pub):
+    # Topics sharing the filter's head before its wildcard, and more, are
+    # compared whole: "head/+/c" is not "head/b/cd", nor "head/b/c/d".
+    topics = ("head/b/c", "head/x/c", "head/b/cd", "head/b/c/d", "head", "heads/b/c")
+    for t in topics:
+        pub.publish(t, b"v", qos=0, retain=True)
+    try:
+        assert sorted(m.topic for m in retained(broker.port, "head/+/c")) == ["head/b/c", "head/x/c"]
+        assert sorted(m.topic for m in retained(broker.port, "head/#")) == [
+            "head", "head/b/c", "head/b/c/d", "head/b/cd", "head/x/c"]
+    finally:
+        for t in topics:
+            pub.publish(t, b"", qos=0, retain=True)

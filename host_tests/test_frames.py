@@ -37,7 +37,6 @@ HOT = [
     ("firmware/broker/outbuf.py", "Output.send_ack"),
     ("firmware/broker/outbuf.py", "Output.write_now"),
     ("firmware/broker/outbuf.py", "Output.service"),
-    ("firmware/broker/pump.py", "_put_packed"),  # per retained message, to a new subscriber
     ("firmware/broker/route.py", "_copy"),
     ("firmware/broker/subs.py", "Subs.match"),
 ]

@@ -42,21 +42,38 @@ def _put_head(ob, o, first, rem, t, tn):
     return o + tn
 
 
-def put_packed(ob, o, t, packed, version):
-    # A retained message as the retained table packs it (retain.py: its
-    # QoS, then its payload; no properties, no expiry) as a QoS 0 PUBLISH
-    # for a new subscription, without making a Message: a subscriber to
-    # "#" on a hub with a few hundred retained topics gets them this way.
-    # t is the topic as a memoryview; it takes at most len(t) + len(packed)
-    # + 7 bytes. Returns the offset after it.
-    pn = len(packed) - 1
-    v5 = version == 5
-    o = _put_head(ob, o, 0x31, 2 + len(t) + pn + (1 if v5 else 0), t, len(t))
-    if v5:
-        ob[o] = 0  # no properties
-        o += 1
-    ob[o : o + pn] = memoryview(packed)[1:]
-    return o + pn
+def put_packed(ob, o, end, topics, packed, q, v5, most):
+    # Retained messages as the retained table packs them (retain.py: the
+    # payload, then the QoS; no properties, no expiry) as PUBLISH packets
+    # for a new subscription of QoS q, without making a Message: a
+    # subscriber to "#" on a hub with a few hundred retained topics gets
+    # them this way. Writes them into ob from o, taken from the end of
+    # topics (and popped) while the next one is packed, goes out at QoS 0
+    # (q is 0, or it was published at QoS 0), takes at most `most` bytes
+    # and fits before end. Returns the offset after the last one written.
+    while topics:
+        t = topics[-1]
+        v = packed.get(t)
+        if type(v) is not bytes or (q and v[-1]):
+            return o
+        t = memoryview(t)
+        tn = len(t)
+        pn = len(v) - 1
+        rem = 2 + tn + pn + (1 if v5 else 0)
+        n = 1 + _vlen(rem) + rem
+        # (one byte more than the packet: see below)
+        if n > most or o + n >= end:
+            return o
+        o = _put_head(ob, o, 0x31, rem, t, tn)
+        if v5:
+            ob[o] = 0  # no properties
+            o += 1
+        # The payload and the QoS byte after it in one copy, without a slice
+        # of v: the QoS lands past the packet, where the next one goes.
+        ob[o : o + pn + 1] = v
+        o += pn
+        topics.pop()
+    return o
 
 
 class Message:

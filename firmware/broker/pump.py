@@ -142,22 +142,24 @@ def _retained(b, c, s):
     while pend:
         sub, chunks = pend[0]
         q = sub.opts & 3
-        # A retained value without properties that goes out at QoS 0, with
-        # nothing to add for this receiver, is written from its packed
-        # bytes (put_packed): about twice as fast as making a Message.
+        # Retained values without properties that go out at QoS 0, with
+        # nothing to add for this receiver, are written from their packed
+        # bytes in runs (_put_packed): about three times as fast as making
+        # a Message for each.
         plain = c.topic_out is None and not c.alias_out_max and not (c.version == 5 and sub.subid)
         while chunks:
             topics = chunks[-1]
+            if acl is not None:
+                # (again when a chunk is taken up again: no harm done)
+                for i in range(len(topics) - 1, -1, -1):
+                    if not acl.can_read(s.client_id, s.username, topics[i]):
+                        topics.pop(i)
             while topics:
-                t = topics[-1]
-                if acl is not None and not acl.can_read(s.client_id, s.username, t):
-                    topics.pop()
-                    continue
-                v = packed.get(t) if plain else None
-                if type(v) is bytes and (q == 0 or v[0] == 0) and _put_packed(c, t, v):
-                    topics.pop()
-                    continue
-                m = ret.get(t, b.now())
+                if plain and _put_packed(c, topics, packed, q):
+                    return c.held == 0 and (c.olen > 0 or c.big is not None)
+                if not topics:
+                    break
+                m = ret.get(topics[-1], b.now())
                 if m is None:
                     topics.pop()
                     continue
@@ -172,25 +174,35 @@ def _retained(b, c, s):
     return False
 
 
-def _put_packed(c, t, v):
-    # True when the packed retained value v of topic t went into c's output
-    # buffer; False: put_message must take it (a QoS 2 PUBLISH before it
-    # waits for its commit, no room in the buffer now, or too big for it or
-    # for the client: put_message decides what follows). No broker argument:
-    # one local more would put this frame on the heap (tools/frames.py).
+def _put_packed(c, topics, packed, q):
+    # Writes into c's output buffer, from the end of topics (popping them),
+    # the packed retained values that go out as they are (message.
+    # put_packed), until one does not. True when it stopped for lack of
+    # room in the output; False: put_message takes the next one (it is not
+    # packed, goes out at QoS 1 or 2, is too big for the buffer or for the
+    # client, or a QoS 2 PUBLISH before it waits for its commit).
     if c.held:
         return False
-    t = memoryview(t)
-    n = len(t) + len(v) + 7  # at most (put_packed)
-    if n > c.max_out or n > c.broker.wpool.size >> 1:
-        return False
-    ob = c.reserve(n)
-    if ob is None:
-        return False
-    c.olen = put_packed(ob, c.olen, t, v, c.version)
-    c.session.full_since = None  # progress: not stuck
-    c.broker.stats_msgs_sent += 1
-    return True
+    most = c.broker.wpool.size >> 1
+    if c.max_out < most:
+        most = c.max_out
+    v5 = c.version == 5
+    left = len(topics)
+    full = False
+    while topics:
+        # Room for the largest one; a full buffer is written out first.
+        ob = c.reserve(most)
+        if ob is None:
+            full = True
+            break
+        o = c.olen
+        c.olen = put_packed(ob, o, len(ob), topics, packed, q, v5, most)
+        if c.olen == o:
+            break
+    if len(topics) < left:
+        c.session.full_since = None  # progress: not stuck
+        c.broker.stats_msgs_sent += left - len(topics)
+    return full
 
 
 def resend_inflight(c, s):

@@ -5,7 +5,7 @@
 #
 # A gateway holds hundreds of these (a value per sensor), so the common
 # one, without properties or expiry, is kept packed: one bytes object, its
-# QoS then its payload, next to its topic. A Message is made from it only
+# payload then its QoS, next to its topic. A Message is made from it only
 # while it is being sent (get()), and not even then when it goes out at
 # QoS 0 with nothing added: pump.py writes it from the packed bytes
 # (message.put_packed).
@@ -20,13 +20,13 @@ _CHUNK = const(16)
 def _packed(msg):
     # msg as the table keeps it: packed bytes, or the Message itself.
     if msg.props is None and msg.expires is None:
-        return bytes((msg.qos,)) + msg.payload
+        return msg.payload + bytes((msg.qos,))
     return msg
 
 
 def _message(topic, v):
     if type(v) is bytes:
-        return Message(topic, memoryview(v)[1:], v[0], True)
+        return Message(topic, memoryview(v)[:-1], v[-1], True)
     return v
 
 
@@ -109,11 +109,23 @@ class Retained:
         # chunk first, each last topic first, as pump takes them from the
         # ends. Chunks, because 200 topics in one list is one 1 KB block,
         # which a fragmented heap may not have.
+        # Every topic is compared with the filter's literal head (before its
+        # first wildcard) at C speed; matches() sees only those that start
+        # with it, and none for "#", which takes all but the $ topics.
+        w = len(flt)
+        for ch in "+#":
+            i = flt.find(ch)
+            if 0 <= i < w:
+                w = i
+        if w and w == len(flt) - 1 and flt[w] == "#":
+            w -= 1  # "a/#" also matches "a": its head is "a", not "a/"
+        head = flt[:w]
+        every = flt == "#"
         out = []
         chunk = None
         for d in (self.sys, self.msgs) if flt[0] == "$" else (self.msgs,):
             for t in d:
-                if matches(flt, t):
+                if t.startswith(head) and (t[0] != "$" if every else matches(flt, t)):
                     if chunk is None or len(chunk) == _CHUNK:
                         chunk = []
                         out.append(chunk)
