@@ -55,6 +55,7 @@ _RESTORE_GC_BYTES = const(1024)
 # and an in-flight record put, while the PUBACKs of the last round delete
 # in-flight and message records).
 _BATCH_KEYS = const(96)
+_CROWDED = const(32)  # staged ops past which more work waits for the commit (a third)
 
 
 def _pack(msg):
@@ -422,7 +423,7 @@ class Persist:
         # compaction ran in steps, and one batch held 160 ops (esp32 heap,
         # a session draining 300 queued messages). The PUBACKs of what is
         # in flight may still add two ops each.
-        if self.store.staged_ops() < _BATCH_KEYS // 3:
+        if self.store.staged_ops() < _CROWDED:
             return False
         if c not in self.waiting:
             self.waiting.append(c)
@@ -473,22 +474,37 @@ class Persist:
             self._save_lazy()
 
     def _save_lazy(self):
-        self._since_save = 0
+        # Writes the retained QoS 0 values that wait for their autosave, as
+        # many as the staged batch takes: a few dozen values of 500 B are
+        # more than one batch holds (put() refused the rest, and they were
+        # never written). True when all are written; tick() goes on with
+        # the rest each second, after the commit.
         r = self.b.retained
-        for t in self.lazy:
+        st = self.store
+        lazy = self.lazy
+        while lazy:
+            if st.staged_ops() >= _CROWDED:
+                return False
+            t = next(iter(lazy))
             m = r.peek(t)
             if m is None:
                 self._del("r" + t)
             else:
-                self._put("r" + t, _pack(m))
-        self.lazy = {}
+                rec = _pack(m)
+                if st.pending() and not st.takes("r" + t, rec):
+                    return False
+                self._put("r" + t, rec)
+            del lazy[t]
+        self._since_save = 0
+        return True
 
     def shutdown(self):
         # A clean stop: what waits for its autosave, and the clock. The
         # pooled buffers are of no more use: their heap goes to this.
         self.b.shed_buffers()
         self.b.advance_clock()
-        self._save_lazy()
+        while not self._save_lazy():
+            self.store.commit()
         self._save_clock()
         self.store.commit()
         self._release()

@@ -330,6 +330,11 @@ class Store:
         # Bytes of records put() still takes before the next commit.
         return self.max_batch - _PART - self._pend
 
+    def takes(self, key, value):
+        # Whether the staged batch has room for this put() (else: commit
+        # first).
+        return _OPH + len(_keybytes(key)) + _vlen(value) <= self.batch_left()
+
     def staged_ops(self):
         return len(self._staged)
 
