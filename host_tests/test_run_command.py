@@ -61,6 +61,36 @@ def test_sigint_stops_the_broker_cleanly(tmp_path):
     assert "stopped" in out and "Traceback" not in out, out
 
 
+def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
+    # A power cut as a test makes one, on the PID it started: the broker
+    # must not live on behind the wrapper, holding the port.
+    port = free_port()
+    p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    try:
+        _wait_port(port, p)
+        p.kill()
+        p.wait(10)
+        end = time.time() + 10
+        while time.time() < end:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            except OSError:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the broker still listens on %d after its command was killed" % port)
+        q = _start(["--board", "esp32", "--port", str(port)], tmp_path)  # and it starts again there
+        try:
+            _wait_port(port, q)
+        finally:
+            q.send_signal(signal.SIGINT)
+            assert q.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_local_run_says_anonymous_clients_are_allowed(tmp_path):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
