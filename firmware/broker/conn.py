@@ -20,7 +20,7 @@ from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
 from broker.handle_connect import asked_version, on_connect, refuse
-from broker.handle_publish import on_publish
+from broker.handle_publish import on_publish, refuse_for_heap
 from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
@@ -290,21 +290,14 @@ class Connection(Output):
         big = b.spare_big
         if big is not None and len(big) >= total:
             b.spare_big = None
+            big[0 : have - pos] = mv[pos:have]
         else:
-            heap = b.heap
-            if not heap.room_for(total):
-                await wait_recovered(b, lambda: heap.room_for(total))
-            try:
-                big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
-            except MemoryError:
-                if self.session is not None or mv[pos] >> 4 != _CONNECT:
-                    raise
-                # Free heap, but no piece this large.
-                self._no_heap_for_connect(mv, pos + h, have)
+            big = await self._big_buffer(mv, pos, h, have, total)
+            if big is None:
+                return  # refused, and its bytes read and dropped
         try:
             bmv = memoryview(big)
             got = have - pos
-            big[0:got] = mv[pos:have]
             while got < total:
                 n = await self.t.recv_into(bmv[got:total])
                 if not n:
@@ -326,6 +319,61 @@ class Connection(Output):
         finally:
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
+
+    async def _big_buffer(self, mv, pos, h, have, total):
+        # A buffer for the packet whose first bytes are mv[pos:have] (total
+        # bytes, h of fixed header), with those bytes in it, once the heap
+        # has a piece that large. Until then it waits unread, as any message
+        # the heap cannot take (README, "When the board is full"): a client
+        # is not closed for it. A v5 QoS 1/2 PUBLISH is refused with 0x97
+        # instead (None), and a CONNECT before any session gets its CONNACK
+        # 0x97.
+        heap = self.broker.heap
+        part = mv[pos:have]
+        while True:
+            if heap.room_for(total):
+                try:
+                    big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+                    big[0 : len(part)] = part
+                    return big
+                except MemoryError:
+                    # Free heap, but no piece this large.
+                    if self.session is None and part[0] >> 4 == _CONNECT:
+                        self._no_heap_for_connect(part, h, len(part))
+                    gc.collect()
+            if await self._refuse_big(part, h, total, mv):
+                return None
+            if type(part) is not bytes:
+                # The shared read buffer is the other readers' while this
+                # one waits: what it holds of this packet is kept aside.
+                part = bytes(part)
+            await wait_recovered(self.broker, lambda: heap.room_for(total))
+
+    async def _refuse_big(self, part, h, total, scratch):
+        # True when the packet that starts with `part` is a v5 QoS 1/2
+        # PUBLISH whose packet identifier is in part: it is answered 0x97,
+        # and the rest of its bytes are read into scratch and dropped.
+        first = part[0]
+        qos = (first >> 1) & 3
+        if self.version != 5 or self.session is None or first >> 4 != _PUBLISH or not qos:
+            return False
+        o = h + 2
+        if o > len(part):
+            return False
+        o += part[h] << 8 | part[h + 1]
+        if o + 2 > len(part) or not (part[o] or part[o + 1]):
+            return False  # (a packet identifier of 0 is for on_publish to refuse)
+        pid = part[o] << 8 | part[o + 1]
+        left = total - len(part)
+        while left:
+            n = await self.t.recv_into(scratch[: min(left, len(scratch))])
+            if not n:
+                raise OSError(104)
+            left -= n
+            self.broker.stats_bytes_recv += n
+        self.last_rx = self.broker.now_ms()
+        refuse_for_heap(self, qos, pid)
+        return True
 
     def dispatch(self, first, mv, off, end):
         # Called for every packet: no more locals, so that its frame stays

@@ -54,14 +54,19 @@ def _ack_before_copies(c, mark, t, pid, reason):
         c.send(copies)
 
 
+def refuse_for_heap(c, qos, pid):
+    # A v5 client's QoS 1/2 message that the heap cannot take: 0x97.
+    c.broker.stats_dropped += 1
+    _ack(c, 3 + qos, pid, 0x97)
+
+
 def _heap_short(c, qos, pid, need):
     # A v5 client's QoS 1/2 message is refused with 0x97; anything else
     # waits, unread, until the queues drain and the heap recovers: no
     # client is disconnected for it.
     b = c.broker
     if qos and c.version == 5:
-        b.stats_dropped += 1
-        _ack(c, 3 + qos, pid, 0x97)
+        refuse_for_heap(c, qos, pid)
         return
     heap = b.heap
     c.pause = lambda: heap.room_for(need)
