@@ -8,6 +8,7 @@ from mqtt import props as P
 from broker.session import RELEASED
 from broker.subs import Sub
 from broker.core import Closed
+from broker.backpressure import Paused
 
 _PUBACK = const(4)
 _PUBREC = const(5)
@@ -122,10 +123,31 @@ def _sub_reason(c, cfg, flt, opts, group):
     return -1
 
 
+def _record_room(c, p, s, more):
+    # The record of a persistent session is staged again for this packet:
+    # when the batch for the next commit has no room for it, the packet
+    # waits, unread, until that batch is written (Persist.session_fits).
+    if p is not None and s.expiry and not p.session_fits(s, more):
+        c.pause = lambda: not p.dirty()
+        raise Paused()
+
+
+def _answer(c, p, s, pkt, first):
+    # SUBACK or UNSUBACK: for a persistent session, once its record is on
+    # flash, as any acknowledgement (Connection.ack). `first` holds what
+    # follows (the retained messages after a SUBACK) behind it.
+    if p is not None and s.expiry and p.dirty():
+        p.hold(c, pkt, first)
+    else:
+        c.send(pkt)
+
+
 def _on_subscribe(c, pkt):
     b = c.broker
     cfg = b.cfg
     s = c.session
+    p = b.persist
+    _record_room(c, p, s, sum(2 * len(f) + 24 for f, _ in pkt.topics))
     subid = 0
     if pkt.props:
         subid = pkt.props.get(P.SUBSCRIPTION_ID, 0)
@@ -154,9 +176,9 @@ def _on_subscribe(c, pkt):
         rh = (opts >> 4) & 3
         if group is None and (rh == 0 or (rh == 1 and not existed)):
             retained.append(sub)
-    if b.persist is not None and s.expiry:
-        b.persist.session_changed(s)
-    c.send(encode(Suback(pkt.pid, reasons), c.version))
+    if p is not None and s.expiry:
+        p.session_changed(s)
+    _answer(c, p, s, encode(Suback(pkt.pid, reasons), c.version), True)
     for sub in retained:
         # Sent after the SUBACK, one at a time as the output takes them
         # (pump.py): the session holds the list of topics, not the messages.
@@ -171,6 +193,8 @@ def _on_subscribe(c, pkt):
 def _on_unsubscribe(c, pkt):
     b = c.broker
     s = c.session
+    p = b.persist
+    _record_room(c, p, s, 0)
     reasons = []
     for full in pkt.filters:
         sub = s.subs.pop(full, None)
@@ -179,9 +203,9 @@ def _on_unsubscribe(c, pkt):
             reasons.append(0)
         else:
             reasons.append(0x11)
-    if b.persist is not None and s.expiry:
-        b.persist.session_changed(s)
-    c.send(encode(Unsuback(pkt.pid, reasons if c.version == 5 else None), c.version))
+    if p is not None and s.expiry:
+        p.session_changed(s)
+    _answer(c, p, s, encode(Unsuback(pkt.pid, reasons if c.version == 5 else None), c.version), False)
 
 
 def _on_disconnect(c, pkt):

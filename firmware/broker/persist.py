@@ -161,7 +161,7 @@ class Persist:
         b = self.b
         self.report = self.store.open()
         log.info("store opened: %s", self.report)
-        sessions = {}
+        sessions = 0
         msgs = {}  # mid -> Message
         queued = []  # (seq, cid, mid, info)
         inflight = []  # (cid, pid, Delivery, mid)
@@ -192,7 +192,11 @@ class Persist:
                     if mid > self.mid:
                         self.mid = mid
                 elif k == "s":
-                    sessions[key[1:]] = json.loads(val)
+                    # Made at once: the decoded record is garbage right
+                    # after, not kept with every other one to the end.
+                    cid = key[1:]
+                    self._session(cids.setdefault(cid, cid), json.loads(val))
+                    sessions += 1
                 elif k == "q":
                     cid, seq = key[1:].split("\0")
                     cid = cids.setdefault(cid, cid)
@@ -221,26 +225,12 @@ class Persist:
             except Exception as e:
                 log.warning("store: dropped unreadable record %r: %r", key, e)
                 self.failed += 1
-        for cid in sessions:
-            d = sessions[cid]
-            s = Session(cid)
-            s.version = d["v"]
-            s.expiry = d["e"]
-            s.on_flash = True
-            s.gone_at = d.get("g") or b.clock
-            s.username = d.get("u")
-            for full, flt, opts, subid, group in d["s"]:
-                sub = Sub(s, flt, opts, subid, group)
-                s.subs[full] = sub
-                b.subs.add(sub)
-            w = d.get("w")
-            if w is not None:
-                s.will = _unpack(binascii.a2b_base64(w[0]))
-                s.will_delay = w[1]
-                if len(w) > 2:
-                    s.will_expiry = w[2]
-                s.will_at = s.gone_at + min(w[1], s.expiry) if w[1] else b.clock
-            b.sessions[cid] = s
+        for s in b.sessions.values():
+            # On the broker clock, whose record may come after theirs.
+            if s.gone_at is None:
+                s.gone_at = b.clock
+            if s.will is not None:
+                s.will_at = s.gone_at + min(s.will_delay, s.expiry) if s.will_delay else b.clock
         queued.sort()
         top = 0
         for seq, cid, mid, inf in queued:
@@ -269,7 +259,30 @@ class Persist:
         if self.store.pending():
             self.store.commit()
         log.info("restored %d retained, %d sessions, %d queued, %d in flight, clock %d",
-                 retained, len(sessions), len(queued), len(inflight), b.clock)
+                 retained, sessions, len(queued), len(inflight), b.clock)
+
+    def _session(self, cid, d):
+        # A session from its record (session_changed).
+        b = self.b
+        s = Session(cid)
+        s.version = d["v"]
+        s.expiry = d["e"]
+        s.on_flash = True
+        s.gone_at = d.get("g") or None  # (see _load: the clock may not be read yet)
+        s.username = d.get("u")
+        for full, flt, opts, subid, group in d["s"]:
+            if flt == full:
+                flt = full  # one str, as when it was subscribed
+            sub = Sub(s, flt, opts, subid, group)
+            s.subs[full] = sub
+            b.subs.add(sub)
+        w = d.get("w")
+        if w is not None:
+            s.will = _unpack(binascii.a2b_base64(w[0]))
+            s.will_delay = w[1]
+            if len(w) > 2:
+                s.will_expiry = w[2]
+        b.sessions[cid] = s
 
     def _owner(self, msgs, cid, mid, key):
         # (session, message) of a restored queue or in-flight record, the
@@ -340,7 +353,8 @@ class Persist:
         return need
 
     def hold(self, c, pkt, publish=False):
-        # publish: a QoS 2 PUBLISH, which pauses c's queue until released.
+        # publish: c's queue pauses behind it until released (a QoS 2
+        # PUBLISH; a SUBACK, ahead of the retained messages).
         if publish:
             c.held += 1
         self.held.append((c, pkt, publish))
@@ -525,6 +539,23 @@ class Persist:
             return True
         self.lazy.pop(topic, None)
         return self._put("r" + topic, _pack(msg))
+
+    def session_fits(self, s, more):
+        # Has the batch staged for the next commit room for s's record grown
+        # by about `more` bytes? A burst of SUBSCRIBEs stages the record
+        # again for each, and past the batch put() refused it: a SUBACK went
+        # out for a subscription that was not kept. When not, the packet
+        # waits, unread, until the committer has written the batch. An
+        # empty batch takes anything put() takes.
+        st = self.store
+        if not st.pending():
+            return True
+        n = 96 + more  # the record's fields besides its subscriptions
+        for k in s.subs:
+            n += 2 * len(k) + 24  # (the filter twice: with its share group, and without)
+        if s.will is not None:
+            n += 2 * len(s.will.payload) + 4 * len(s.will.topic) + 96
+        return n <= st.batch_left()
 
     def session_changed(self, s):
         if not s.expiry:
