@@ -187,6 +187,30 @@ def test_v5_takeover_with_clean_start_0_keeps_subscriptions(broker, pub):
     a.close()
 
 
+@pytest.mark.parametrize("old_version,new_version", [(4, 4), (5, 5), (5, 4), (4, 5)])
+def test_a_clean_session_taken_over_ends_with_its_connection_and_is_not_resumed(broker, pub, old_version,
+                                                                                  new_version):
+    # The old session lasts only as long as its connection (3.1.1 clean 1,
+    # MQTT-3.1.2-6; v5 expiry 0, 3.1.2.11): the take-over closes that
+    # connection, so the newcomer asking to resume finds no session, as
+    # Mosquitto answers. It resumed the old one with session present 1.
+    a = Client(broker.port, "s05-cleantake", version=old_version, clean=True)
+    a.subscribe([("s05/cleantake", 1)])
+    if new_version == 5:
+        b = v5(broker.port, "s05-cleantake", expiry=60)
+    else:
+        b = Client(broker.port, "s05-cleantake", version=4, clean=False)
+    assert b.connack.session_present is False
+    pub.publish("s05/cleantake", b"x", qos=1)
+    assert b.messages(timeout=0.5) == []
+    if new_version == 5:
+        b.disconnect(props={SESSION_EXPIRY: 0})
+    else:
+        b.close()
+        Client(broker.port, "s05-cleantake", version=4, clean=True).close()  # its session ends
+    a.close()
+
+
 def test_v5_queued_messages_keep_publish_order_across_qos(broker, pub):
     c = v5(broker.port, "s05-order", expiry=60)
     c.subscribe([("s05/order", 2)])

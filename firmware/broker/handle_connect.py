@@ -261,7 +261,10 @@ def on_connect(c, mv, off, end):
         oc.close_soon()
 
     present = False
-    if old is not None and pkt.clean:
+    if old is not None and (pkt.clean or not old.expiry):
+        # A clean start; or the old session was to last only as long as the
+        # connection just taken over (MQTT-3.1.2-6; expiry 0, 3.1.2.11),
+        # so it ends with it, and nothing is resumed.
         b.end_session(old)
         old = None
     if old is not None:
