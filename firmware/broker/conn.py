@@ -328,26 +328,38 @@ class Connection(Output):
         # is not closed for it. A v5 QoS 1/2 PUBLISH is refused with 0x97
         # instead (None), and a CONNECT before any session gets its CONNACK
         # 0x97.
-        heap = self.broker.heap
+        b = self.broker
         part = mv[pos:have]
-        while True:
-            if heap.room_for(total):
-                try:
-                    big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
-                    big[0 : len(part)] = part
-                    return big
-                except MemoryError:
-                    # Free heap, but no piece this large.
-                    if self.session is None and part[0] >> 4 == _CONNECT:
-                        self._no_heap_for_connect(part, h, len(part))
-                    gc.collect()
-            if await self._refuse_big(part, h, total, mv):
-                return None
-            if type(part) is not bytes:
-                # The shared read buffer is the other readers' while this
-                # one waits: what it holds of this packet is kept aside.
-                part = bytes(part)
-            await wait_recovered(self.broker, lambda: heap.room_for(total))
+        kept = None  # the pooled buffer that holds part while this waits
+        try:
+            while True:
+                if b.heap.room_for(total):
+                    try:
+                        big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+                        big[0 : len(part)] = part
+                        return big
+                    except MemoryError:
+                        # Free heap, but no piece this large.
+                        if self.session is None and part[0] >> 4 == _CONNECT:
+                            self._no_heap_for_connect(part, h, len(part))
+                        gc.collect()
+                if await self._refuse_big(part, h, total, mv):
+                    return None
+                if kept is None:
+                    # The shared read buffer is the other readers' while
+                    # this one waits: what it holds of this packet is kept
+                    # aside, in a pooled buffer. A spare from start is there
+                    # when a heap at its floor has no new piece of 512 B
+                    # (a copy of its own closed 3.1.1 clients that way).
+                    kept = b.rpool.get()
+                    if kept is None:
+                        raise MemoryError("no buffer to keep a waiting packet in")
+                    kept[0 : len(part)] = part
+                    part = memoryview(kept)[0 : len(part)]
+                await wait_recovered(b, lambda: b.heap.room_for(total))
+        finally:
+            if kept is not None:
+                b.rpool.put(kept)
 
     async def _refuse_big(self, part, h, total, scratch):
         # True when the packet that starts with `part` is a v5 QoS 1/2
