@@ -3,15 +3,19 @@ packet identifier wrap, on the twin with the shipped esp32 config
 (persistence on) unless a test says otherwise:
 
 - its subscriptions with their v5 Subscription Identifiers;
+- its will, and a will written by an older firmware inside its record;
 - its expiry, counted on the broker clock (README, "Expiry across a
   reboot"): the time the broker was off does not count;
 - the order of its unacknowledged messages when they are sent again
   (MQTT-4.6.0-1), also when their packet identifiers wrapped.
 """
+import os
+import subprocess
 import time
 
-from brokerproc import BrokerProc
-from mqttc import Client, PUBACK, Publish, SESSION_EXPIRY, SUBID, wait_for
+from brokerproc import BrokerProc, twin_binary
+from mqttc import Client, PUBACK, Publish, SESSION_EXPIRY, SUBID, WILL_DELAY, wait_for
+from test_persist_wear import store_counters
 
 
 def v5(port, cid, **kw):
@@ -132,6 +136,109 @@ def test_a_burst_of_subscribes_is_all_kept_across_a_power_cut_and_a_clean_stop()
             got = sorted(m.topic for m in c.messages(16, timeout=3))
             assert got == sorted(filters), "%s: %d of 16 subscriptions came back" % (stop, len(got))
             assert "store full" not in b.log()
+
+
+def test_subscriptions_whose_session_record_the_store_cannot_take_are_refused_not_lost():
+    # A store of 12,000 B (store_max_bytes; shipped: 256 KB) fills up as a
+    # persistent session subscribes to 16 filters of 240 characters, and
+    # put() refuses its record ("store full"). The SUBACKs granted them
+    # all, and after a power cut the session came back with the
+    # subscriptions of its last record that fit. Those that cannot be
+    # stored are refused now (v5 0x97, 3.1.1 0x80), and every granted one
+    # survives the cut.
+    for v, refused in ((5, 0x97), (4, 0x80)):
+        with BrokerProc(config={"store_max_bytes": 12000}) as b:
+            cid = "bigrec%d" % v
+            props = {SESSION_EXPIRY: 3600} if v == 5 else None
+            c = Client(b.port, cid, version=v, clean=False, props=props)
+            filters = [_filter(i, 240) for i in range(16)]
+            reasons = [c.subscribe([(f, 1)])[0] for f in filters]
+            granted = [f for f, r in zip(filters, reasons) if r == 1]
+            assert 0 < len(granted) < 16 and reasons == [1] * len(granted) + [refused] * (16 - len(granted)), reasons
+            c.close()
+            b.kill9()
+            b.start()
+            c = Client(b.port, cid, version=v, clean=False, props=props)
+            assert c.connack.session_present
+            pub = Client(b.port, "bigrec-pub", version=5)
+            for f in granted:
+                pub.publish(f, b"x", qos=0)
+            got = sorted(m.topic for m in c.messages(len(granted), timeout=5))
+            assert got == sorted(granted), "v%d: %d of %d granted came back" % (v, len(got), len(granted))
+
+
+def test_a_large_will_is_written_once_and_not_again_with_each_subscribe():
+    # The will was part of the session's record, in base64 inside its
+    # JSON: each SUBSCRIBE wrote a will of 7,800 B to flash again, and made
+    # four copies of it in the heap. The third SUBSCRIBE found no piece
+    # for them and the client was closed (0x97). The will has a record of
+    # its own now, written when it changes, and it still comes back after
+    # a power cut: published once, after its delay.
+    with BrokerProc(config={"sys_interval": 1}) as b:
+        props = {SESSION_EXPIRY: 3600}
+        will = b"w" * 7800
+        c = Client(b.port, "bigwill", version=5, clean=False, props=props,
+                   will_topic="bigwill/gone", will_payload=will, will_props={WILL_DELAY: 2})
+        _, written = store_counters(b.port)
+        for i in range(16):
+            assert c.subscribe([(_filter(i, 240), 1)]) == [1]
+        _, written2 = store_counters(b.port)
+        # 16 records of up to 16 filters (4 KB on average), no will.
+        assert written2 - written < 16 * 6000, written2 - written
+        b.kill9()
+        b.start()
+        watcher = Client(b.port, "bigwill-watch", version=5)
+        watcher.subscribe([("bigwill/gone", 1)])
+        m = watcher.get(timeout=10)
+        assert (m.topic, bytes(m.payload)) == ("bigwill/gone", will)
+        assert watcher.poll(3) is None  # once
+        # (A clean stop: a power cut in the instant between the will going
+        # out and the commit that deletes its record sends it again, as a
+        # QoS 1 message may be.)
+        b.restart()
+        watcher = Client(b.port, "bigwill-watch2", version=5)
+        watcher.subscribe([("bigwill/gone", 1)])
+        assert watcher.poll(4) is None  # not again after a restart
+        assert "out of memory" not in b.log()
+
+
+OLD_WILL_RECORD = """
+import sys, json, binascii
+from broker.store import Store
+from broker.message import Message
+from broker.persist import _pack
+st = Store(sys.argv[1], 1 << 20)
+st.open()
+h, pl = _pack(Message("old/will", b"bye", 1, False))
+will = binascii.b2a_base64(h + pl).decode().strip()
+st.put("soldwill", json.dumps({"v": 5, "e": 3600, "g": 0, "u": None, "s": [], "w": [will, 3, None]}).encode())
+st.commit()
+"""
+
+
+def test_a_will_stored_inline_by_an_older_firmware_is_restored_and_published_once(tmp_path):
+    # Before wills had records of their own, a session's record held its
+    # will in base64. A store written then still gives the will back, and
+    # the record is rewritten at once without it: published, the will
+    # does not come back after the next restart.
+    data = str(tmp_path / "data")
+    script = tmp_path / "old.py"
+    script.write_text(OLD_WILL_RECORD)
+    r = subprocess.run([str(twin_binary()), str(script), data], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    b = BrokerProc(datadir=data)
+    with b:
+        watcher = Client(b.port, "oldwill-watch", version=5)
+        watcher.subscribe([("old/will", 1)])
+        m = watcher.get(timeout=10)
+        assert (m.topic, bytes(m.payload)) == ("old/will", b"bye")
+        b.restart()  # (clean: see test_a_large_will_is_written_once_...)
+        watcher = Client(b.port, "oldwill-watch2", version=5)
+        watcher.subscribe([("old/will", 1)])
+        assert watcher.poll(5) is None
+        b.stop()
+        assert "soldwill" in b.store_keys() and "woldwill" not in b.store_keys()
 
 
 def test_sessions_that_fit_the_heap_when_made_fit_it_when_restored():

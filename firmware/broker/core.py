@@ -240,6 +240,8 @@ class Broker:
         w = s.will
         s.will = None
         s.will_at = None
+        if self.persist is not None:
+            self.persist.will_gone(s)
         if w is None or w.topic.startswith("$SYS"):
             # (refused at CONNECT; this catches a will restored from flash)
             return

@@ -153,6 +153,7 @@ def _on_subscribe(c, pkt):
         subid = pkt.props.get(P.SUBSCRIPTION_ID, 0)
     reasons = []
     retained = []
+    made = []  # (filter, the subscription it replaced or None, its reason's index)
     for full, opts in pkt.topics:
         group, flt = split_shared(full)
         r = _sub_reason(c, cfg, flt, opts, group)
@@ -170,14 +171,16 @@ def _on_subscribe(c, pkt):
         sub = Sub(s, flt, opts, subid, group)
         s.subs[full] = sub
         b.subs.add(sub)
+        made.append((full, old, len(reasons)))
         reasons.append(opts & 3)
         # Retained messages on subscribe (3.3.1.3): Retain Handling 0 sends
         # them, 1 only for a new subscription, 2 never; never for shares.
         rh = (opts >> 4) & 3
         if group is None and (rh == 0 or (rh == 1 and not existed)):
             retained.append(sub)
-    if p is not None and s.expiry:
-        p.session_changed(s)
+    if p is not None and s.expiry and made and not p.session_changed(s):
+        _take_back(c, s, made, reasons)
+        retained = ()
     _answer(c, p, s, encode(Suback(pkt.pid, reasons), c.version), True)
     for sub in retained:
         # Sent after the SUBACK, one at a time as the output takes them
@@ -188,6 +191,23 @@ def _on_subscribe(c, pkt):
                 s.pending_retained = []
             s.pending_retained.append((sub, topics))
     c.kick()
+
+
+def _take_back(c, s, made, reasons):
+    # The session's record with these subscriptions could not be stored:
+    # the store is full, or the record is larger than one store batch
+    # (only with max_subscriptions raised far). A power cut would lose
+    # them, so they are refused (v5 0x97, 3.1.1 0x80) and the session is
+    # left as it was.
+    subs = c.broker.subs
+    for full, old, i in made:
+        subs.remove(s.subs[full])
+        if old is None:
+            del s.subs[full]
+        else:
+            s.subs[full] = old
+            subs.add(old)
+        reasons[i] = 0x97 if c.version == 5 else 0x80
 
 
 def _on_unsubscribe(c, pkt):

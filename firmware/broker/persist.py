@@ -2,7 +2,11 @@
 # with group commit). What is kept, one record per key:
 #   "c"                 the broker clock (core.py), so expiries survive a reboot
 #   "r" topic           retained message
-#   "s" cid             session: expiry, subscriptions, will (JSON)
+#   "s" cid             session: expiry, subscriptions (JSON)
+#   "w" cid             its will, its delay and expiry: written only when
+#                       the will changes, so that a SUBSCRIBE rewrites the
+#                       session's record but not a will of up to
+#                       max_packet_size
 #   "m" mid             a message queued or in flight for one or more
 #                       sessions, stored once however many refer to it
 #   "q" cid \0 seq      a QoS 1/2 delivery queued for a session: mid, QoS,
@@ -102,10 +106,6 @@ def _read_varints(b, off):
     return out
 
 
-def _b64(b):
-    return binascii.b2a_base64(b).decode().strip()
-
-
 class Persist:
     def __init__(self, broker, path, max_bytes):
         self.b = broker
@@ -166,6 +166,7 @@ class Persist:
         queued = []  # (seq, cid, mid, info)
         inflight = []  # (cid, pid, Delivery, mid)
         qos2 = []
+        wills = {}  # cid -> (Message, delay, expiry)
         # One str per client id for all its records: hundreds of queued
         # messages each kept a copy of it until the end of the restore.
         cids = {}
@@ -191,6 +192,11 @@ class Persist:
                     msgs[mid].mid = mid
                     if mid > self.mid:
                         self.mid = mid
+                elif k == "w":
+                    n = len(val)
+                    delay, off = wire.get_varint(val, 0, n)
+                    exp, off = wire.get_varint(val, off, n)
+                    wills[key[1:]] = (_unpack(memoryview(val)[off:]), delay, exp - 1 if exp else None)
                 elif k == "s":
                     # Made at once: the decoded record is garbage right
                     # after, not kept with every other one to the end.
@@ -225,7 +231,21 @@ class Persist:
             except Exception as e:
                 log.warning("store: dropped unreadable record %r: %r", key, e)
                 self.failed += 1
+        for cid in wills:
+            s = b.sessions.get(cid)
+            if s is None or s.will is not None:
+                # No session (it ended), or one written before wills had
+                # records of their own, which holds its will.
+                self.store.delete("w" + cid)
+            else:
+                s.will, s.will_delay, s.will_expiry = wills[cid]
+                s.will_stored = s.will
+        wills = None
         for s in b.sessions.values():
+            if s.will is not None and s.will_stored is None:
+                # Its will was inline in its record: written out of it now,
+                # or a will published later would come back after a cut.
+                self.session_changed(s)
             # On the broker clock, whose record may come after theirs.
             if s.gone_at is None:
                 s.gone_at = b.clock
@@ -278,6 +298,7 @@ class Persist:
             b.subs.add(sub)
         w = d.get("w")
         if w is not None:
+            # Written before wills had records of their own ("w" cid).
             s.will = _unpack(binascii.a2b_base64(w[0]))
             s.will_delay = w[1]
             if len(w) > 2:
@@ -553,23 +574,48 @@ class Persist:
         n = 96 + more  # the record's fields besides its subscriptions
         for k in s.subs:
             n += 2 * len(k) + 24  # (the filter twice: with its share group, and without)
-        if s.will is not None:
-            n += 2 * len(s.will.payload) + 4 * len(s.will.topic) + 96
         return n <= st.batch_left()
 
     def session_changed(self, s):
+        # Stages s's record; False when the store refused it (too large for
+        # a batch, or the store is full), so that the change can be taken
+        # back rather than acknowledged.
         if not s.expiry:
-            return
+            return True
         d = {"v": s.version, "e": s.expiry, "g": s.gone_at, "u": s.username,
              "s": [[k, x.filter, x.opts, x.subid, x.group] for k, x in s.subs.items()]}
-        if s.will is not None:
-            h, pl = _pack(s.will)
-            d["w"] = [_b64(h + pl), s.will_delay, s.will_expiry]
-        if self._put("s" + s.client_id, json.dumps(d).encode()):
-            s.on_flash = True
+        if s.will is not s.will_stored:
+            self._will(s)
+        if not self._put("s" + s.client_id, json.dumps(d).encode()):
+            return False
+        s.on_flash = True
+        return True
+
+    def _will(self, s):
+        # The will's record, as s.will now is: its delay and expiry, then
+        # the will as a message record ("r", "m"), written from the message
+        # itself.
+        key = "w" + s.client_id
+        w = s.will
+        if w is None:
+            self._del(key)
+            s.will_stored = None
+            return
+        out = bytearray()
+        _varints(out, s.will_delay, 0 if s.will_expiry is None else s.will_expiry + 1)
+        h, pl = _pack(w)
+        if self._put(key, (bytes(out) + h, pl)):
+            s.will_stored = w
+
+    def will_gone(self, s):
+        # s's will went out (Broker.publish_will): a restore must not
+        # publish it again.
+        if s.will_stored is not None:
+            self._will(s)
 
     def session_ended(self, s):
         cid = s.client_id
+        self.will_gone(s)
         # A session that never had a record (expiry 0 from the start, a
         # clean client) has none of "s" or "x" to delete: no commit for it.
         had = s.on_flash

@@ -75,6 +75,7 @@ class Session:
     on_flash = False  # its record ("s" + client id) is in the store
     gone_at = None  # broker clock (Broker.now()) when the connection closed
     will = None  # Message or None
+    will_stored = None  # the will whose record is on flash (persist.py)
     will_delay = 0
     will_at = None  # broker clock when a delayed will is due
     will_expiry = None  # the will's Message Expiry Interval, from when it goes out
