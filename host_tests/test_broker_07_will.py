@@ -167,6 +167,29 @@ def test_will_delay_is_cancelled_when_client_reconnects_in_time(broker):
     w.close()
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_will_delay_is_cancelled_by_a_new_connection_with_clean_start_too(broker, live):
+    # MQTT-3.1.2-8: a new connection for the client id before the Will
+    # Delay Interval has passed means no will, whatever Clean Start says
+    # (Mosquitto 2.0.11 sends none). Ending the old session sent it: a
+    # sensor restarting with a clean session raised a false "offline".
+    # live: the old connection is still open and is taken over.
+    t = "will/cleancancel%d" % live
+    w = watcher(broker, t)
+    cid = "w07-cleancancel%d" % live
+    c = willer(broker, cid, t, version=5, clean=False, props={SESSION_EXPIRY: 60},
+               will_props={WILL_DELAY: 2})
+    if not live:
+        c.close()
+        time.sleep(0.5)
+    c2 = Client(broker.port, cid, version=5, clean=True, props={SESSION_EXPIRY: 60})
+    assert c2.connack.session_present is False
+    assert w.poll(3) is None, "will sent although the client came back"
+    c2.disconnect(props={SESSION_EXPIRY: 0})
+    c.close()
+    w.close()
+
+
 def test_delayed_will_is_sent_when_session_ends_first(broker):
     # 5.0 3.1.3.2.2: sent when the delay passes or the session ends,
     # whichever is first.

@@ -52,6 +52,29 @@ def test_live_message_carries_message_expiry_interval(broker, pub):
     s.close()
 
 
+def test_a_message_expiry_interval_of_0_means_no_expiry_live_retained_and_queued(broker, pub):
+    # Taken as "expired at once", it was dropped for every receiver, with
+    # PUBACK 0x00. Mosquitto 2.0.11 takes 0 as no expiry and delivers it
+    # everywhere; so do we, without the property.
+    live = Client(broker.port, "p12-exp0-live", version=5)
+    live.subscribe([("exp0/#", 1)])
+    off = Client(broker.port, "p12-exp0-off", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    off.subscribe([("exp0/#", 1)])
+    off.close()
+    assert pub.publish("exp0/a", b"zero", qos=1, retain=True, props={EXPIRY: 0}).reason == 0
+    m = live.get()
+    assert (m.topic, m.payload, EXPIRY in (m.props or {})) == ("exp0/a", b"zero", False)
+    late = Client(broker.port, "p12-exp0-late", version=5)
+    late.subscribe([("exp0/a", 1)])
+    assert late.get().payload == b"zero"  # retained
+    off = Client(broker.port, "p12-exp0-off", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    assert off.get().payload == b"zero"  # queued
+    off.disconnect(props={SESSION_EXPIRY: 0})
+    pub.publish("exp0/a", b"", qos=1, retain=True)
+    live.close()
+    late.close()
+
+
 def test_expired_retained_message_is_not_sent_to_new_subscriber(broker, pub):
     pub.publish("expret/t", b"fleeting", qos=1, retain=True, props={EXPIRY: 1})
     pub.publish("expret/u", b"lasting", qos=1, retain=True, props={EXPIRY: 60})

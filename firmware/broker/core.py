@@ -247,7 +247,7 @@ class Broker:
             return
         if self.acl is not None and not self.acl.can_write(s.client_id, s.username, w.topic):
             return
-        if s.will_expiry is not None:
+        if s.will_expiry:
             w.expires = self.now() + s.will_expiry
         self.stats_msgs_recv += 1
         route(self, w, None)

@@ -256,9 +256,17 @@ def on_connect(c, mv, off, end):
         oc.normal_close = True
         old.conn = None
         old.gone_at = b.now() + 1
-        if old.will is not None and (pkt.clean or old.will_delay == 0):
+        if old.will is not None and old.will_delay == 0:
             b.publish_will(old)
         oc.close_soon()
+    if old is not None and old.will is not None:
+        # A delayed will, and a new connection for its client id before
+        # the delay has passed: the will is not sent (MQTT-3.1.2-8), with
+        # Clean Start 1 too, as from Mosquitto. (Ending the old session
+        # below would have sent it: a sensor that restarts with a clean
+        # session raised a false "offline".)
+        old.will = None
+        old.will_at = None
 
     present = False
     if old is not None and (pkt.clean or not old.expiry):

@@ -29,10 +29,9 @@ def _ack(c, t, pid, reason):
 def _ack_ahead(c, mark, t, pid, reason):
     # The PUBACK or PUBREC, ahead of the copies of the message that route()
     # wrote into the publisher's own output from `mark` on (a client that
-    # subscribes to what it publishes). Mosquitto's acknowledgement comes
-    # first too, and a client may take its own message coming back as the
-    # end of the exchange: Paho's test client then disconnects with its
-    # PUBACK still unread. (When output was written out during route(), or
+    # subscribes to what it publishes). A client may take its own message
+    # coming back as the end of the exchange: Paho's test client then
+    # disconnected with its PUBACK still unread. (When output was written out during route(), or
     # a copy waits in `big`, the copies keep their place.)
     if c.olen > mark and c.big is None:
         _ack_before_copies(c, mark, t, pid, reason)

@@ -92,7 +92,10 @@ class Message:
         self.payload = payload
         self.qos = qos
         self.retain = retain
-        if expiry is not None:
+        if expiry:
+            # (0, as from Mosquitto: no expiry. Taken as "expired at once",
+            # it dropped a message for subscribers ready to take it, with
+            # a PUBACK that said it was taken.)
             self.expires = now + expiry
         if props:
             self._forward(props)
