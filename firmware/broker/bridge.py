@@ -51,6 +51,9 @@ _DISCONNECT = const(14)
 _NO_LOCAL = const(0x04)
 _RAP = const(0x08)
 _ECHOES = const(16)  # messages remembered for the plain 3.1.1 echo check
+# 3.1.1 CONNACK return codes (v5 reason codes are logged in hex)
+_REFUSALS = ("", "protocol version", "client id", "server unavailable", "bad user name or password",
+             "not authorized")
 _CONNECT_MS = const(10000)  # TCP, TLS and CONNACK together
 
 
@@ -68,6 +71,16 @@ def _hostname(cfg, name):
         return network.hostname()
     except Exception:
         return name
+
+
+def _swap(topic, old, new):
+    # topic with its prefix old replaced by new. A pattern "#" matches the
+    # level above it too: "site/b3/cmd/" + "#" matches "site/b3/cmd", which
+    # is new without its last "/" ("cmd/" -> "cmd"), not new + "" ("cmd/",
+    # a topic nobody uses). "" when new has no such level.
+    if topic.startswith(old):
+        return new + topic[len(old):]
+    return new[:-1] if new[-1:] == "/" else new
 
 
 class Link(Connection):
@@ -170,7 +183,7 @@ class Bridge:
     def topic_out(self, topic):
         for f, q, lp, rp in self.outs:
             if matches(f, topic):
-                t = rp + topic[len(lp):]
+                t = _swap(topic, lp, rp) or topic
                 if self.link is not None and self.link.echo:
                     e = self.echoes
                     e.append(t)
@@ -188,8 +201,11 @@ class Bridge:
             return None
         for f, q, lp, rp in self.ins:
             if matches(f, topic):
+                t = _swap(topic, rp, lp)
+                if not t:
+                    return None
                 self.received += 1
-                return lp + topic[len(rp):]
+                return t
         return None
 
     # ------------------------------------------------------------ link
@@ -250,6 +266,8 @@ class Bridge:
                 self.private = False
                 log.info("bridge %s: %s refused the bridge protocol level; using plain 3.1.1",
                          self.name, L.t.peer)
+            r = ca.reason
+            L.error = "refused: CONNACK 0x%02X" % r if r > 5 else "refused: CONNACK %d, %s" % (r, _REFUSALS[r])
             raise MQTTError(ca.reason, "CONNACK refused")
         pr = ca.props or {}
         c = self.c
@@ -282,7 +300,10 @@ class Bridge:
         L.session = s
         self.link = L
         if self.ins:
-            o = 0x1C if L.version == 5 else 0  # No Local, Retain As Published, Retain Handling 1
+            # v5: No Local, Retain As Published, Retain Handling 0: retained
+            # messages come on every link, as with 3.1.1, so what changed
+            # upstream in an outage comes down (1 sent none on resumption).
+            o = 0x0C if L.version == 5 else 0
             L.send(encode(Subscribe(s.next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]), L.version))
         resend_inflight(L, s)
         # Our state upstream, retained (its will says "0").
@@ -304,7 +325,7 @@ class Bridge:
         t0 = time.ticks_ms()
         while not L.up.is_set():
             if task.done():
-                raise OSError("closed before CONNACK: %r" % (L.disconnect_reason or L.error,))
+                raise OSError(L.error or "closed before CONNACK: %r" % (L.disconnect_reason,))
             if time.ticks_diff(time.ticks_ms(), t0) > _CONNECT_MS:
                 L.close_soon()
                 await task

@@ -58,6 +58,14 @@ class Connection(Output):
     topic_out = None
     topic_in = None
 
+    def refuses(self):
+        # Whether a message this client sent may be refused with a reason
+        # code (v5) rather than wait, unread, until it can be taken (3.1.1
+        # has no such code). A bridge's link waits too: the upstream is a
+        # broker, which takes a refusal as final and drops the message
+        # (Mosquitto 2.0.11 does), where a client would try again.
+        return self.version == 5 and self.topic_in is None
+
     def __init__(self, broker, transport):
         self.broker = broker
         self.t = transport
@@ -367,7 +375,7 @@ class Connection(Output):
         # and the rest of its bytes are read into scratch and dropped.
         first = part[0]
         qos = (first >> 1) & 3
-        if self.version != 5 or self.session is None or first >> 4 != _PUBLISH or not qos:
+        if not self.refuses() or self.session is None or first >> 4 != _PUBLISH or not qos:
             return False
         o = h + 2
         if o > len(part):

@@ -31,8 +31,9 @@ def _ack_ahead(c, mark, t, pid, reason):
     # wrote into the publisher's own output from `mark` on (a client that
     # subscribes to what it publishes). A client may take its own message
     # coming back as the end of the exchange: Paho's test client then
-    # disconnected with its PUBACK still unread. (When output was written out during route(), or
-    # a copy waits in `big`, the copies keep their place.)
+    # disconnected with its PUBACK still unread. (When output was written
+    # out during route(), or a copy waits in `big`, the copies keep their
+    # place.)
     if c.olen > mark and c.big is None:
         _ack_before_copies(c, mark, t, pid, reason)
     else:
@@ -64,7 +65,7 @@ def _heap_short(c, qos, pid, need):
     # waits, unread, until the queues drain and the heap recovers: no
     # client is disconnected for it.
     b = c.broker
-    if qos and c.version == 5:
+    if qos and c.refuses():
         refuse_for_heap(c, qos, pid)
         return
     heap = b.heap
@@ -112,7 +113,7 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
         # The store cannot take what this message would need (a commit is
         # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
         # so its message waits, unread and unacknowledged, until it can.
-        if c.version == 5:
+        if c.refuses():
             b.stats_dropped += 1
             _ack(c, 3 + qos, pid, 0x97)
             return False
@@ -200,9 +201,12 @@ def on_publish(c, first, mv, off, end):
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
         return
-    if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"]:
+    if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"] and c.topic_in is None:
         # v5 clients were told our Receive Maximum in CONNACK. 3.1.1 has no
-        # such limit, so those get more room, but not without bound.
+        # such limit, so those get more room, but not without bound. A
+        # bridge's upstream is not held to it: Mosquitto 2.0.11 ignores it
+        # and resends its whole queue at once when the link resumes, and
+        # closing the link for that lost messages each time.
         if c.version == 5:
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
