@@ -28,7 +28,9 @@
 # MQTT 5.0; a "b" prefix = backlog: the publisher's socket always has more
 # (the reader never waits), so output buffers fill and messages wait in the
 # session queues, as under a burst. Without it the reader lets the flusher
-# run after each read, as when the broker keeps up.
+# run after each read, as when the broker keeps up. A "/1" suffix: QoS 1
+# both ways (publisher and subscriptions), each subscriber answering every
+# PUBLISH with its PUBACK as soon as the broker writes it (AckSock).
 #
 # --where: also wraps the functions of the path to count what each
 # allocates (inclusive, the wrappers' own argument tuples taken out).
@@ -147,6 +149,51 @@ class FakeSock:
         self.ev.set()
 
 
+class AckSock(FakeSock):
+    # A subscriber that answers each QoS 1 PUBLISH the broker writes to it
+    # with a PUBACK, read back from a ring made once: the fake allocates
+    # nothing per message, so what is counted is the broker's.
+    def __init__(self):
+        FakeSock.__init__(self)
+        self.src = bytearray(4096)
+
+    def give(self, data, n=None):
+        # CONNECT and SUBSCRIBE, at the start: into the ring.
+        self.src[0 : len(data)] = data
+        self.pos = 0
+        self.left = len(data)
+        self.ev.set()
+
+    def write(self, mv):
+        n = len(mv)
+        ring = self.src
+        i = 0
+        while i < n:
+            first = mv[i]
+            j = i + 1
+            rem = 0
+            shift = 0
+            while True:
+                x = mv[j]
+                rem |= (x & 0x7F) << shift
+                shift += 7
+                j += 1
+                if x < 128:
+                    break
+            if first & 0xF6 == 0x32:  # PUBLISH, QoS 1
+                k = j + 2 + (mv[j] << 8 | mv[j + 1])
+                w = (self.pos + self.left) & 4095
+                ring[w] = 0x40
+                ring[(w + 1) & 4095] = 2
+                ring[(w + 2) & 4095] = mv[k]
+                ring[(w + 3) & 4095] = mv[k + 1]
+                self.left += 4
+            i = j + rem
+        if self.left:
+            self.ev.set()
+        return FakeSock.write(self, mv)
+
+
 class FeedTransport(transport.TcpTransport):
     # TcpTransport with recv_into reading from the FakeSock's feed; its
     # write_now, send and close are TcpTransport's own. Like TcpTransport's,
@@ -174,9 +221,9 @@ server.TcpTransport = FeedTransport
 _peers = [1]
 
 
-def client(b, cid, version, then=b""):
+def client(b, cid, version, then=b"", sock=None):
     # A connection as the accept loop makes it, fed CONNECT and `then`.
-    sock = FakeSock()
+    sock = sock or FakeSock()
     _peers[0] += 1
     server._serve(b, sock, "127.0.0.%d:%d" % (_peers[0] % 250 + 2, 40000 + _peers[0]), None)
     sock.give(K.encode(K.Connect(cid, version, True, keepalive=0, username=TEST_USER,
@@ -269,31 +316,35 @@ def parse_case(c):
     backlog = c[0] == "b"
     if backlog:
         c = c[1:]
+    qos = 0
+    if "/" in c:
+        c, q = c.split("/")
+        qos = int(q)
     version = 4
     if ":" in c:
         v, c = c.split(":")
         version = int(v)
-    return int(c), version, backlog
+    return int(c), version, backlog, qos
 
 
 async def measure(b, case, messages):
-    nsub, version, backlog = parse_case(case)
+    nsub, version, backlog, qos = parse_case(case)
     topic = "bench/alloc/%s" % case
     # Raised only as far as the case needs (the esp32 ships with 8).
     b.cfg["max_connections"] = max(SHIPPED_MAX, nsub + 1)
     subs = []
     for i in range(nsub):
-        subs.append(client(b, "s%d" % i, version, K.encode(K.Subscribe(1, [(topic, 0)]), version)))
+        subs.append(client(b, "s%d" % i, version, K.encode(K.Subscribe(1, [(topic, qos)]), version),
+                           AckSock() if qos else None))
     # CONNACK and SUBACK written: 4 + 5 bytes (3.1.1), 5 + 6 (v5, empty properties)
     acks = 9 if version == 4 else 11
     await until(lambda: all(s.out >= acks for s in subs))
     pub = client(b, "p", version)
     await until(lambda: pub.out >= (4 if version == 4 else 5))
     pub.pace = not backlog
-    pkt = K.encode_publish(topic.encode(), bytes(A["payload"]), 0, False, False, 0,
-                           b"" if version == 5 else None, version)
-    L = len(pkt)
-    block = bytes(pkt) * 16
+    block = b"".join(K.encode_publish(topic.encode(), bytes(A["payload"]), qos, False, False, i + 1 if qos else 0,
+                                      b"" if version == 5 else None, version) for i in range(16))
+    L = len(block) // 16
     floor2 = b.heap.message_floor << 1  # below this heap.free() collects
     per_round = 2
     done = 0
@@ -370,7 +421,7 @@ async def measure(b, case, messages):
             per_round = per_round * 2 // 3
         if done + per_round > messages:
             per_round = max(1, messages - done)
-    out = {"case": case, "subscribers": nsub, "version": "3.1.1" if version == 4 else "5.0",
+    out = {"case": case, "subscribers": nsub, "version": "3.1.1" if version == 4 else "5.0", "qos": qos,
            "mode": "backlog" if backlog else "keeping up", "messages": done, "packet_bytes": L,
            "allocated": allocated, "per_msg": allocated / done, "per_delivery": allocated / done / nsub,
            "reads": reads / done, "writes": writes / done, "round": biggest, "lowest_free": lowest}
@@ -412,9 +463,9 @@ async def main():
             await until(lambda: not b.conns)
             continue
         res["cases"][case] = r
-        say("mp_alloc %-5s %-10s %-5s 1->%-2d %5d msgs: %6.1f B/msg, %6.1f B/delivery, %.3f reads/msg, "
-            "%.3f writes/msg" % (case, r["mode"], r["version"], r["subscribers"], r["messages"], r["per_msg"],
-                                 r["per_delivery"], r["reads"], r["writes"]))
+        say("mp_alloc %-5s %-10s %-5s QoS %d 1->%-2d %5d msgs: %6.1f B/msg, %6.1f B/delivery, %.3f reads/msg, "
+            "%.3f writes/msg" % (case, r["mode"], r["version"], r["qos"], r["subscribers"], r["messages"],
+                                 r["per_msg"], r["per_delivery"], r["reads"], r["writes"]))
     # Written out piece by piece: with the --where rows, the whole line as
     # one string is more than the board's heap has in one piece.
     gc.collect()
