@@ -117,7 +117,10 @@ def test_a_full_broker_refuses_before_computing_any_password_hash(slow_hash_file
         a = Client(port, "cap-a", version=5)
         b = Client(port, "cap-b", version=5)
         for kw in ({}, {"password": b"wrong"}):
-            code, dt = timed(port, "cap-new", **kw)
+            try:
+                code, dt = timed(port, "cap-new", **kw)
+            except Exception as e:
+                raise AssertionError("%r %r\n%s" % (kw, e, broker.log()[-2500:]))
             # Well under one hash (login): refused before any was computed.
             assert (code, dt < login * 0.6) == (0x97, True), (kw, code, dt, login)
         if connections > 2:
@@ -176,12 +179,96 @@ def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
         late.send(connect_bytes("late", 4))
         assert late.recv_packet(3) is None, "a fourth socket was served:\n" + b.log()
         late.close()
-        assert "refused connection from" in b.log() and "too many sockets" in b.log()
+        assert "refused connection from" in b.log() and "too many sockets" in b.log(), b.log()
         for s in idle:
             s.close()
         time.sleep(0.3)
         c = Client(b.port, "after-idle", version=4)  # the budget is back
         c.disconnect()
+
+
+def test_a_flood_of_refused_sockets_is_logged_once_per_10_s():
+    # Every refused socket was logged: a flood of them (265,000 in 45 s
+    # from one probe) filled the log, on a board its ring on flash.
+    with BrokerProc(board="esp32", config={"max_connections": 1}) as b:
+        time.sleep(0.5)  # BrokerProc's readiness probe has left the table
+        held = [socket.create_connection(("127.0.0.1", b.port), timeout=5,
+                                         source_address=source_address()) for _ in range(2)]
+        for _ in range(10):
+            s = socket.create_connection(("127.0.0.1", b.port), timeout=5, source_address=source_address())
+            s.settimeout(2)
+            try:
+                assert s.recv(1) == b""  # closed at once
+            except ConnectionResetError:
+                pass
+            s.close()
+        assert b.log().count("refused connection from") == 1, b.log()[-2000:]
+        for s in held:
+            s.close()
+
+
+def _bound(src):
+    s = socket.socket()
+    s.settimeout(5)
+    s.bind((src, 0))
+    return s
+
+
+def test_sockets_that_send_no_connect_make_way_for_a_client_when_the_table_is_full():
+    # Nine sockets (max_connections 8, one over) that sent one byte and
+    # stalled held every client out for the 10 s of connect_timeout, and
+    # could do it again every 10 s. The oldest of them now makes way.
+    with BrokerProc(board="esp32") as b:
+        time.sleep(0.5)  # BrokerProc's readiness probe has left the table
+        idle = []
+        for _ in range(9):
+            s = _bound(source_address()[0])
+            s.connect(("127.0.0.1", b.port))
+            s.send(b"\x10")
+            idle.append(s)
+        time.sleep(1.3)  # a second old: no longer a newcomer
+        c = Client(b.port, "past-the-idle", version=4)
+        assert c.ping()
+        c.disconnect()
+        for s in idle:
+            s.close()
+
+
+def test_logins_refused_late_by_the_throttle_make_way_for_a_client_when_the_table_is_full():
+    # The login throttle answers a refused login late, up to 30 s, and the
+    # socket waited in the table meanwhile: ten wrong passwords kept every
+    # client out (an outside probe). Four failures in a row from one
+    # address make the next logins from it wait 4 s; nine of them fill the
+    # table. A client from elsewhere now gets in, and the refusal whose
+    # socket made way goes out at once.
+    with BrokerProc(board="esp32") as b:
+        bad = "127.0.3.7"
+        for _ in range(4):
+            r = _bound(bad)
+            r.connect(("127.0.0.1", b.port))
+            r.send(connect_bytes("guess", 5, password=b"wrong"))
+            assert r.recv(64)[:1] == b"\x20"  # CONNACK (0x86), held back 0, 1, 2 s
+            r.close()
+        held = []
+        for i in range(9):
+            r = _bound(bad)
+            r.connect(("127.0.0.1", b.port))
+            r.send(connect_bytes("guess-%d" % i, 5, password=b"wrong"))
+            held.append(r)
+        time.sleep(1.3)
+        t = time.monotonic()
+        c = Client(b.port, "past-the-guesses", version=5)
+        assert c.ping() and time.monotonic() - t < 2.0
+        c.disconnect()
+        answered = 0
+        for r in held:
+            r.settimeout(0.3)
+            try:
+                answered += r.recv(64)[:1] == b"\x20"
+            except OSError:
+                pass
+            r.close()
+        assert answered >= 1, "the socket that made way got no CONNACK"
 
 
 # ---------------------------------------------------------------- MemoryError at set-up
@@ -491,6 +578,9 @@ class Conn:
 
     def ack(self, first, pid, reason):  # Connection.ack: every acknowledgement goes there
         Conn.acks.append((first, pid, reason))
+
+    def refuses(self):  # Connection.refuses: a v5 client
+        return True
 
 
 c = Conn()

@@ -27,6 +27,7 @@ _PUBLISH = const(3)
 _CONNECT = const(1)
 _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
+_LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
 
 
 class Connection(Output):
@@ -523,8 +524,11 @@ class Connection(Output):
         b.conn_waiting -= 1
 
     async def _drain_out(self):
-        if self.linger_ms:
-            await asyncio.sleep_ms(self.linger_ms)
+        # A refusal held back (linger_ms) waits in steps: a full table cuts
+        # the wait short (server._make_room sets linger_ms to 0).
+        end = time.ticks_add(time.ticks_ms(), self.linger_ms)
+        while self.linger_ms and time.ticks_diff(end, time.ticks_ms()) > 0:
+            await asyncio.sleep_ms(_LINGER_STEP_MS)
         if self.deferred is not None:
             self.send(self.deferred)
         if self.pending() or self.writer is not None:

@@ -18,6 +18,8 @@ _OOM_WAIT_MS = const(100)  # the listener's pause when the poller found no heap
 _TABLE = const(16)  # source addresses tracked at most
 _SLOW_MAX_MS = const(1000)  # longest delay before a slowed connection is served
 _FIELDS = const(5)
+_NEWCOMER_MS = const(1000)  # a socket this young keeps its place (_make_room)
+_FULL = "too many sockets"
 
 
 class ConnRate:
@@ -131,10 +133,40 @@ def _admit(broker, cs):
     # Bridge uplinks use sockets from the same lwIP pool, and so do
     # sockets waiting: Broker.sockets_left().
     if broker.sockets_left() < 0:
-        return "too many sockets"
+        return _FULL
     if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting):
         return "low memory (%d bytes free)" % gc.mem_free()
     return None
+
+
+def _make_room(broker):
+    # A full table makes room for a newcomer by closing a connection
+    # without a session: one already closing (a refusal gone out, its
+    # teardown still to run: a client told 0x97 that came straight back
+    # found no socket), else the oldest one that is a second old: a socket
+    # that sent no CONNECT yet, or a refused login whose answer the login
+    # throttle holds back. Those held every client out before (an outside
+    # probe): nine sockets that sent one byte, for the 10 s of
+    # connect_timeout, or ten wrong passwords, each answered 30 s late. A
+    # client whose CONNECT comes within the second keeps its place.
+    now = time.ticks_ms()
+    old = None
+    for c in broker.conns:
+        if c.session is not None:
+            continue
+        if c.closing:
+            old = c
+            break
+        if time.ticks_diff(now, c.born) >= _NEWCOMER_MS and (old is None or time.ticks_diff(c.born, old.born) < 0):
+            old = c
+    if old is None:
+        return False
+    log.debug("table full: closing %s, there %d ms without a session", old.t.peer,
+              time.ticks_diff(now, old.born))
+    old.linger_ms = 0  # a refusal held back goes now
+    old.close_soon()
+    broker.drop_connection(old)
+    return True
 
 
 def _serve(broker, cs, peer, wrap):
@@ -199,6 +231,8 @@ async def accept_loop(broker, ls, wrap=None):
     # wrap(broker, sock, peer) -> coroutine serving the socket, for
     # transports that need a handshake first (TLS, WebSocket).
     rate = _limiter(broker)
+    said = time.ticks_add(time.ticks_ms(), -_WINDOW_MS)  # when a refusal was last logged
+    unsaid = 0  # refusals since, not logged
     while True:
         try:
             wait_io(ls, 0)
@@ -221,9 +255,20 @@ async def accept_loop(broker, ls, wrap=None):
                 cs.close()
                 continue
             why = _admit(broker, cs)
+            if why is _FULL and _make_room(broker):
+                why = _admit(broker, cs)
             if why is not None:
                 broker.stats_refused += 1
-                log.warning("refused connection from %s: %s", peer, why)
+                # Logged once per window (a flood of sockets must not flood
+                # the log: on a board, its ring on flash), and before the
+                # close, which the client may take as the end of it.
+                if time.ticks_diff(time.ticks_ms(), said) < _WINDOW_MS:
+                    unsaid += 1
+                else:
+                    log.warning("refused connection from %s: %s%s", peer, why,
+                                " (and %d more since the last report)" % unsaid if unsaid else "")
+                    said = time.ticks_ms()
+                    unsaid = 0
                 cs.close()
                 continue
             if ms:
