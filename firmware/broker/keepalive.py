@@ -29,7 +29,10 @@ def check(b):
             # connection (its session stays).
             c.protocol_error(0x97, "not reading: queue full")
             c.close_soon()
-        elif s.queue and not c.pending() and c.writer is None:
+        elif (s.queue or s.pending_retained) and not c.pending() and c.writer is None:
             # Messages wait with the output empty: one that waited for
-            # heap (pump.put_message) is tried again.
+            # heap (pump.put_message, or an output buffer the heap had no
+            # piece for) is tried again. Retained values for a new
+            # subscription too: they waited for good, and a hub's eighth
+            # client got none of its 200.
             c.kick()
