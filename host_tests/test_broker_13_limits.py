@@ -314,6 +314,20 @@ def test_publish_over_max_packet_size_disconnects_sender_only(alive, version):
 
 
 @pytest.mark.parametrize("version", [4, 5])
+def test_a_connect_over_max_packet_size_gets_a_connack_in_its_version_not_a_reset(alive, version):
+    # A CONNECT with a password of 20,000 B (max_packet_size 8192): it got
+    # a reset, its bytes unread, and no answer (an outside probe). v5 is
+    # told 0x95 (Packet too large), 3.1.1 return code 3 (server
+    # unavailable); the rest of the packet is read and dropped.
+    r = Raw(alive.port)
+    r.send(connect_bytes("big-connect%d" % version, version, password=b"p" * 20000))
+    ack = decode(r.recv_packet(5), version)
+    assert ack.type == CONNACK and ack.reason == (0x95 if version == 5 else 3), ack
+    r.close()
+    assert _serves(alive.port, "bigconnect%d" % version)
+
+
+@pytest.mark.parametrize("version", [4, 5])
 def test_maximum_remaining_length_is_refused_without_crash(alive, version):
     c = Client(alive.port, "mps-huge%d" % version, version=version)
     c.send_raw(b"\x30\xff\xff\xff\x7f")  # 268435455 bytes announced

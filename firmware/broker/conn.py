@@ -201,7 +201,10 @@ class Connection(Output):
                     # Output is backed up: stop reading until it drains.
                     await self.wait_drained().wait()
         except MQTTError as e:
-            self.protocol_error(e.reason, e.msg)
+            if e.reason == 0x95 and self.session is None and have and cur[0] >> 4 == _CONNECT:
+                self._connect_too_large(cur, have, e.msg)
+            else:
+                self.protocol_error(e.reason, e.msg)
         except Closed:
             pass
         except asyncio.CancelledError:
@@ -431,6 +434,20 @@ class Connection(Output):
         gc.collect()
         self.version = asked_version(mv, off, end)
         refuse(self, 0x97, "out of memory")
+
+    def _connect_too_large(self, mv, have, why):
+        # A CONNECT over max_packet_size (mv[0:have], its first bytes): a
+        # CONNACK in the version it asked for says so (v5 0x95; 3.1.1: 3,
+        # server unavailable), and the rest it sends is read and dropped
+        # (finish): closed unread, it got a reset and no answer.
+        h = 1
+        while h < have and mv[h] & 0x80:
+            h += 1
+        self.version = asked_version(mv, h + 1, have)
+        try:
+            refuse(self, 0x95, why)
+        except Closed:
+            pass
 
     # ------------------------------------------------------------ closing
 
