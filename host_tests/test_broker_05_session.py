@@ -257,3 +257,34 @@ def test_a_session_resumed_without_expiry_leaves_nothing_on_flash():
         b.stop()
         # Only the broker's clock is left ("c", persist.py).
         assert b.store_keys() == ["c"]
+
+
+def test_messages_in_flight_at_a_resumption_go_again_before_a_message_routed_right_after_it():
+    # W went to a persistent session and was not acknowledged. The client
+    # comes back and publishes M to the same topic in the same segment as
+    # its CONNECT: M was routed before the writer's first turn and went
+    # straight into the output, ahead of W's resend (MQTT-4.6.0: in the
+    # order received). A fresh-clone run's power-cut test saw a message
+    # overtake one acknowledged before it this way.
+    from mqttc import Raw, connect_bytes, decode, enc, Publish as Pub, PUBLISH
+    with BrokerProc(board="esp32") as b:
+        props = {SESSION_EXPIRY: 600}
+        sink = Client(b.port, "order-sink", version=5, clean=False, props=props)
+        sink.subscribe([("order/t", 1)])
+        pub = Client(b.port, "order-pub", version=5)
+        assert pub.publish("order/t", b"W", qos=1).reason == 0
+        assert sink.get(ack=False).payload == b"W"
+        sink.close()  # W unacknowledged
+        r = Raw(b.port)
+        r.send(connect_bytes("order-sink", 5, clean=False, props=props)
+               + enc(Pub("order/t", b"M", 1, False, False, 7), 5))
+        got = []
+        while len(got) < 2:
+            raw = r.recv_packet(5)
+            assert raw is not None, "closed; got %r" % got
+            p = decode(raw, 5)
+            if p.type == PUBLISH:
+                got.append((bytes(p.payload), p.dup))
+        assert got == [(b"W", True), (b"M", False)], got
+        r.close()
+        pub.close()

@@ -18,9 +18,11 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     # One message for c: seq is its queue entry's sequence number (0: it
     # was never queued), stored whether that entry is on flash. Returns
     # SENT, WAIT or GONE.
-    if c.held:
-        # A QoS 2 PUBLISH waits for its commit; what follows waits too,
-        # to keep the order.
+    if c.held or c.resend is not None:
+        # A QoS 2 PUBLISH waits for its commit, or the messages in flight
+        # before a resumption wait to be sent again: what follows waits
+        # too, to keep the order (MQTT-4.6.0). A message routed between a
+        # CONNECT and the writer's first turn went out ahead of them.
         return WAIT
     now = b.now()
     if msg.expires is not None and msg.expired(now):
