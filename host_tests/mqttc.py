@@ -241,7 +241,7 @@ class Client:
         return self._wait(UNSUBACK, pid).reasons
 
     def publish(self, topic, payload=b"", qos=0, retain=False, props=None, dup=False, pid=None,
-                complete=True):
+                complete=True, timeout=5):
         """Sends a PUBLISH; for QoS 1 returns the PUBACK, for QoS 2 the
         PUBREC (complete=False) or the PUBCOMP after sending PUBREL."""
         if isinstance(payload, str):
@@ -250,13 +250,13 @@ class Client:
             pid = self.next_pid()
         self.send(Publish(topic, payload, qos, retain, dup, pid or 0, props))
         if qos == 1:
-            return self._wait(PUBACK, pid)
+            return self._wait(PUBACK, pid, timeout)
         if qos == 2:
-            rec = self._wait(PUBREC, pid)
+            rec = self._wait(PUBREC, pid, timeout)
             if not complete or rec.reason >= 0x80:
                 return rec
             self.send(Ack(PUBREL, pid))
-            return self._wait(PUBCOMP, pid)
+            return self._wait(PUBCOMP, pid, timeout)
         return None
 
     def ack(self, m):

@@ -254,3 +254,37 @@ def test_two_clients_publishing_to_each_other_do_not_pause_each_other_into_a_sta
             assert out[2] < STALL, "%s's PUBACKs waited %.1f s: the two paused each other" % (name, out[2])
         a.close()
         z.close()
+
+
+def test_subscribers_that_stop_reading_while_a_publisher_waits_for_heap_are_closed():
+    # Two dashboards stop reading with 8 KB QoS 1 messages in flight to
+    # them (their acknowledgements never come): the heap reaches its floor
+    # after a few messages, and the sensor's next PUBLISH waits for heap.
+    # Their queues never pass half full, and keep-alive 0 never ends them:
+    # before, the sensor waited for good. Each is closed once it has made
+    # no progress for backpressure.STUCK_MS (10 s) while the sensor waits;
+    # a third subscriber, which reads, stays and gets every message.
+    import mqttc
+
+    with BrokerProc(board="esp32") as b:
+        stuck = []
+        for i in range(2):
+            d = mqttc.Client(b.port, "bp-stuck%d" % i, version=4, keepalive=0, rcvbuf=2048)
+            d.subscribe([("bp/big", 1)])
+            stuck.append(d)
+        reader = mqttc.Client(b.port, "bp-reader", version=4, keepalive=0)
+        reader.subscribe([("bp/big", 1)])
+        sensor = mqttc.Client(b.port, "bp-sensor", version=4, keepalive=0)
+        payload = b"x" * 8000
+        for i in range(30):
+            # (The time limit only guards against a hang: the wait ends
+            # 10 to 12 s after it starts.)
+            ack = sensor.publish("bp/big", b"%02d" % i + payload, qos=1, timeout=30)
+            assert ack.type == mqttc.PUBACK
+            m = reader.get(timeout=30)
+            assert m.payload[:2] == b"%02d" % i
+        log = b.log()
+    for i in range(2):
+        assert "(bp-stuck%d): 0x97 not reading" % i in log, log[-3000:]
+    assert "(bp-reader)" not in log and "(bp-sensor)" not in log, log[-3000:]
+    assert "MemoryError" not in log and "Traceback" not in log, log[-3000:]

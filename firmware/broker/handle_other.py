@@ -82,6 +82,7 @@ def _on_ack(c, t, pid, reason):
 def _flow_ended(c, s, pid, d):
     # A QoS 1 message acknowledged, or a QoS 2 one completed or refused.
     del s.inflight[pid]
+    s.full_since = None  # progress: not stuck
     if s.expiry and c.broker.persist is not None:
         c.broker.persist.acked(s, pid, d)
     c.kick()  # room in the window for what is queued
@@ -104,6 +105,7 @@ def _on_pubrec(c, s, pid, reason):
     else:
         if d.state != RELEASED:
             d.state = RELEASED
+            s.full_since = None
             if s.expiry and c.broker.persist is not None:
                 c.broker.persist.released(s, pid, d)
         c.ack(0x62, pid, 0)

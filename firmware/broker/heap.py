@@ -10,6 +10,7 @@
 # keeps serving the clients already connected and still lets a new one in
 # (a dashboard, a $SYS reader); and a MemoryError is never what tells us.
 import gc
+import time
 
 
 class Heap:
@@ -17,6 +18,7 @@ class Heap:
         self.message_floor = cfg["min_free_heap"]
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
+        self.refused_at = None  # ticks_ms when room_for() last said no
 
     def free(self, need=0):
         # Free bytes, after a collection when what is free looks short of
@@ -63,9 +65,16 @@ class Heap:
         f = self.free(n) - n
         if f < self.message_floor:
             self._budget = 0
+            self.refused_at = time.ticks_ms()
             return False
         self._budget = (f - self.message_floor) >> 1
         return True
+
+    def refused_lately(self, now_ms):
+        # True while something waits for heap: a paused reader asks again
+        # every 50 ms (backpressure.wait_recovered).
+        t = self.refused_at
+        return t is not None and time.ticks_diff(now_ms, t) < 2000
 
     def spend(self, n):
         # n bytes taken without asking (per receiver of a message).

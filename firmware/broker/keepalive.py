@@ -1,9 +1,10 @@
 # Once a second, for every connection (Mosquitto: keepalive.c): a socket
 # that sent no CONNECT within connect_timeout, a client silent for 1.5x its
 # keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
-# its queue stayed full (backpressure.py) are closed; an idle one gives its
-# output buffer back (outbuf.py), and one whose queue waits with its output
-# empty is kicked (a message that waited for heap goes again).
+# its queue stayed full (backpressure.py), or held messages while others
+# waited for heap, are closed; an idle one gives its output buffer back
+# (outbuf.py), and one whose queue waits with its output empty is kicked
+# (a message that waited for heap goes again).
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
@@ -12,11 +13,26 @@ from broker.backpressure import STUCK_MS
 def check(b):
     now_ms = time.ticks_ms()
     cto = b.cfg["connect_timeout"] * 1000
+    short = b.heap.refused_lately(now_ms)
     for c in b.conns:
         c.release()
         if c.closing:
             continue
         s = c.session
+        if s is not None:
+            if c.wrote:
+                c.wrote = False
+                s.full_since = None  # progress: not stuck
+            elif short and s.full_since is None and (s.inflight or s.queue and c.pending()):
+                # A publisher waits for heap while this client holds
+                # messages (unacknowledged, or queued behind an output its
+                # socket does not take): two dashboards that stopped
+                # reading, each with 8 KB messages in flight, kept a
+                # sensor's 8 KB PUBLISH waiting until their keep-alive ran
+                # out, and for good with keep-alive 0. Counted as a full
+                # queue, it is closed after STUCK_MS unless it moves on (a
+                # write, an acknowledgement).
+                s.full_since = now_ms
         if s is None:
             if time.ticks_diff(now_ms, c.born) > cto:
                 log.info("%s sent no CONNECT in %d s; closing", c.t.peer, cto // 1000)
@@ -25,9 +41,9 @@ def check(b):
             c.protocol_error(0x8D, "keep alive timeout")
             c.close_soon()
         elif s.full_since is not None and time.ticks_diff(now_ms, s.full_since) > STUCK_MS:
-            # It has lost messages for a while already; free its
-            # connection (its session stays).
-            c.protocol_error(0x97, "not reading: queue full")
+            # It has lost messages, or held heap others need, for a while
+            # already; free its connection (its session stays).
+            c.protocol_error(0x97, "not reading: no progress with its messages for %d s" % (STUCK_MS // 1000))
             c.close_soon()
         elif (s.queue or s.pending_retained) and not c.pending() and c.writer is None:
             # Messages wait with the output empty: one that waited for

@@ -73,6 +73,7 @@ class Output:
     writer = None  # the task sending what the socket did not take at once
     dirty = False  # on the broker's dirty list
     gone = False  # its transport is closed: nothing more goes out
+    wrote = False  # bytes went out since keepalive.py last looked
     drained = None  # Event set whenever the output empties; made when
     # someone first waits for it, since most connections never do
 
@@ -194,8 +195,10 @@ class Output:
                 if k:
                     ob[0 : n - k] = mv[k:n]
                     self.olen = n - k
+                    self.wrote = True
                 return False
             self.olen = 0
+            self.wrote = True
         return self.big is None or self._write_big(w)
 
     def _write_big(self, w):
@@ -204,6 +207,8 @@ class Output:
             x = self.big
             k = w(x)
             self.broker.stats_bytes_sent += k
+            if k:
+                self.wrote = True
             if k < len(x):
                 if k:
                     self.big = memoryview(x)[k:]
@@ -303,7 +308,9 @@ class Output:
                 n = await self.flush(self.t)
                 if not n and not more:
                     break
-                b.stats_bytes_sent += n
+                if n:
+                    b.stats_bytes_sent += n
+                    self.wrote = True
         except asyncio.CancelledError:
             pass
         except Exception as e:
