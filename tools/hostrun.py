@@ -122,7 +122,11 @@ def main(argv, root):
     try:
         profile = load_json("%s/boards/%s.json" % (ROOT, board))
         user = load_json(cfgfile) if cfgfile else None
-        cfg = build(profile.get("config"), user, over)
+        base = dict(profile.get("config") or {})
+        # The board's lwIP send buffer (boards/README.md): without it a
+        # subscriber that stops reading fills the host kernel, not the heap.
+        base["tcp_send_buffer"] = profile.get("tcp_send_buffer", 0)
+        cfg = build(base, user, over)
     except ConfigError as e:
         print("config error: %s" % e)
         return 2

@@ -53,6 +53,7 @@ SCHEMA = {
     "bridges": ([], "list", 0, 0),
     "network": ({}, "dict", 0, 0),
     "max_connection_rate": (30, "int", 0, 10000),
+    "tcp_send_buffer": (0, "int", 0, 1 << 24),
 }
 
 _LEVELS = ("debug", "info", "warning", "error")

@@ -175,6 +175,15 @@ def _serve(broker, cs, peer, wrap):
         cs.setsockopt(6, 1, 1)  # TCP_NODELAY: no 40 ms Nagle stalls
     except OSError:
         pass
+    n = broker.cfg["tcp_send_buffer"]
+    if n:
+        # The board twin's: a board's lwIP takes about 6 KB of output per
+        # socket, a host kernel megabytes, which hid every queue that a
+        # subscriber that stops reading makes on a board (README).
+        try:
+            cs.setsockopt(1, 7, n)  # SOL_SOCKET, SO_SNDBUF (Linux)
+        except OSError:
+            pass
     if wrap is not None:
         # Counted from here: the handshake may take connect_timeout. The
         # wrapper stops counting it once it is a Connection in conns.
