@@ -35,6 +35,7 @@ import ast
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -96,11 +97,28 @@ def write_password_file(path, users, board="esp32"):
 
 
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+    """A TCP port on 127.0.0.1 that was free a moment ago, from below the
+    kernel's ephemeral range (ip_local_port_range, 32768 up by default):
+    one the kernel handed out could go to a client socket's own end before
+    the broker bound it (EADDRINUSE, a whole TLS module in one run)."""
+    lo = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo = int(f.read().split()[0])
+    except (OSError, ValueError):
+        pass
+    rnd = random.Random()
+    for _ in range(200):
+        p = rnd.randrange(lo // 2, lo)
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", p))
+            return p
+        except OSError:
+            continue
+        finally:
+            s.close()
+    raise RuntimeError("no free port in %d..%d" % (lo // 2, lo - 1))
 
 
 def profile(board):

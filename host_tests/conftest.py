@@ -26,7 +26,6 @@ HYPOTHESIS_PROFILE=explore for fresh random examples.
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ try:
 except ImportError:
     pass
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from brokerproc import TWIN as MICROPYTHON, TWIN_STOCK as MICROPYTHON_STOCK, twin_binary  # noqa: E402
+from brokerproc import TWIN as MICROPYTHON, TWIN_STOCK as MICROPYTHON_STOCK, free_port, twin_binary  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,17 +102,6 @@ def run_mp(script, heap="110K", timeout=60, cwd=None, env=None, args=(), use_bui
                 f.write(script)
         return subprocess.run(cmd + [path, *map(str, args)], cwd=str(cwd or REPO), env=full_env,
                               capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that the kernel just handed out and that was
-    closed again: free now, though nothing keeps it free."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
 
 
 

@@ -139,7 +139,7 @@ def test_a_burst_of_subscribes_is_all_kept_across_a_power_cut_and_a_clean_stop()
 
 
 def test_subscriptions_whose_session_record_the_store_cannot_take_are_refused_not_lost():
-    # A store of 12,000 B (store_max_bytes; shipped: 256 KB) fills up as a
+    # A store of 7,000 B (store_max_bytes; shipped: 256 KB) fills up as a
     # persistent session subscribes to 16 filters of 240 characters, and
     # put() refuses its record ("store full"). The SUBACKs granted them
     # all, and after a power cut the session came back with the
@@ -147,7 +147,7 @@ def test_subscriptions_whose_session_record_the_store_cannot_take_are_refused_no
     # stored are refused now (v5 0x97, 3.1.1 0x80), and every granted one
     # survives the cut.
     for v, refused in ((5, 0x97), (4, 0x80)):
-        with BrokerProc(config={"store_max_bytes": 12000}) as b:
+        with BrokerProc(config={"store_max_bytes": 7000}) as b:
             cid = "bigrec%d" % v
             props = {SESSION_EXPIRY: 3600} if v == 5 else None
             c = Client(b.port, cid, version=v, clean=False, props=props)
@@ -183,8 +183,10 @@ def test_a_large_will_is_written_once_and_not_again_with_each_subscribe():
         for i in range(16):
             assert c.subscribe([(_filter(i, 240), 1)]) == [1]
         _, written2 = store_counters(b.port)
-        # 16 records of up to 16 filters (4 KB on average), no will.
-        assert written2 - written < 16 * 6000, written2 - written
+        # 16 records of up to 16 filters, each filter once (2 KB on
+        # average), no will: 49,299 B in my run. (With each filter twice,
+        # as records were before 2026-12: about 80 KB.)
+        assert written2 - written < 16 * 3600, written2 - written
         b.kill9()
         b.start()
         watcher = Client(b.port, "bigwill-watch", version=5)
@@ -239,6 +241,48 @@ def test_a_will_stored_inline_by_an_older_firmware_is_restored_and_published_onc
         assert watcher.poll(5) is None
         b.stop()
         assert "soldwill" in b.store_keys() and "woldwill" not in b.store_keys()
+
+
+OLD_SUBS_RECORD = """
+import sys, json
+from broker.store import Store
+st = Store(sys.argv[1], 1 << 20)
+st.open()
+subs = [["old/a/#", "old/a/#", 1, 7, None], ["$share/g/old/sh", "old/sh", 1, 0, "g"]]
+st.put("soldsubs", json.dumps({"v": 5, "e": 3600, "g": 0, "u": None, "s": subs}).encode())
+st.commit()
+"""
+
+
+def test_subscriptions_stored_by_an_older_firmware_are_restored_with_their_options():
+    # Records written before 2026-12 held each filter twice ([filter,
+    # filter without the share prefix, options, identifier, group]); the
+    # new ones hold it once. A store written then still gives back its
+    # subscriptions: plain with its identifier, and shared with its group.
+    data = None
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        script = os.path.join(tmp, "old.py")
+        with open(script, "w") as f:
+            f.write(OLD_SUBS_RECORD)
+        r = subprocess.run([str(twin_binary()), script, data], capture_output=True, text=True,
+                           timeout=60, env=dict(os.environ, MICROPYPATH=".frozen"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        with BrokerProc(datadir=data) as b:
+            pub = Client(b.port, "oldsubs-pub", version=5)
+            assert pub.publish("old/a/1", b"plain", qos=1).reason == 0
+            assert pub.publish("old/sh", b"shared", qos=1).reason == 0
+            c = Client(b.port, "oldsubs", version=5, clean=False, props={SESSION_EXPIRY: 3600})
+            assert c.connack.session_present
+            got = {m.topic: m for m in c.messages(2, timeout=5)}
+            assert sorted(got) == ["old/a/1", "old/sh"], sorted(got)
+            assert got["old/a/1"].props[SUBID] in (7, [7]) and got["old/a/1"].qos == 1
+            assert bytes(got["old/sh"].payload) == b"shared" and SUBID not in (got["old/sh"].props or {})
+            # Unsubscribing the shared one by its full filter works: the
+            # group came back with it.
+            assert c.unsubscribe(["$share/g/old/sh"]) == [0]
 
 
 def test_the_clock_is_saved_with_each_commit_so_a_power_cut_does_not_stretch_expiries():

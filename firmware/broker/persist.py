@@ -290,8 +290,16 @@ class Persist:
         s.on_flash = True
         s.gone_at = d.get("g") or None  # (see _load: the clock may not be read yet)
         s.username = d.get("u")
-        for full, flt, opts, subid, group in d["s"]:
-            if flt == full:
+        for e in d["s"]:
+            full = e[0]
+            if type(e[1]) is str:
+                # Written before 2026-12: [full, filter, opts, subid, group].
+                flt, opts, subid, group = e[1], e[2], e[3], e[4]
+            else:
+                opts = e[1]
+                subid = e[2] if len(e) > 2 else 0
+                flt, group = (e[3], e[4]) if len(e) > 3 else (None, None)
+            if flt is None or flt == full:
                 flt = full  # one str, as when it was subscribed
             sub = Sub(s, flt, opts, subid, group)
             s.subs[full] = sub
@@ -584,7 +592,7 @@ class Persist:
             return True
         n = 96 + more  # the record's fields besides its subscriptions
         for k in s.subs:
-            n += 2 * len(k) + 24  # (the filter twice: with its share group, and without)
+            n += 2 * len(k) + 24  # (a shared one: the filter twice, with its group and without)
         return n <= st.batch_left()
 
     def session_changed(self, s):
@@ -593,11 +601,29 @@ class Persist:
         # back rather than acknowledged.
         if not s.expiry:
             return True
-        d = {"v": s.version, "e": s.expiry, "g": s.gone_at, "u": s.username,
-             "s": [[k, x.filter, x.opts, x.subid, x.group] for k, x in s.subs.items()]}
+        # Each subscription as [filter, options], with its identifier if
+        # it has one, and [filter, options, identifier, filter without the
+        # share prefix, group] if shared: the filter twice in every entry
+        # made a 16-filter record twice as large, on flash at every
+        # SUBSCRIBE, connect and disconnect, and in one piece of heap.
+        subs = []
+        for k, x in s.subs.items():
+            if x.group is not None:
+                subs.append([k, x.opts, x.subid, x.filter, x.group])
+            elif x.subid:
+                subs.append([k, x.opts, x.subid])
+            else:
+                subs.append([k, x.opts])
+        d = {"v": s.version, "e": s.expiry, "g": s.gone_at, "u": s.username, "s": subs}
         if s.will is not s.will_stored:
             self._will(s)
-        if not self._put("s" + s.client_id, json.dumps(d).encode()):
+        try:
+            rec = json.dumps(d).encode()
+        except MemoryError:
+            # Free, but not in one piece: as _put() does.
+            self.b.shed_buffers()
+            rec = json.dumps(d).encode()
+        if not self._put("s" + s.client_id, rec):
             return False
         s.on_flash = True
         return True
