@@ -42,6 +42,15 @@ def test_v31_mqisdp_connect_is_accepted(broker):
     r.close()
 
 
+def test_v31_connack_to_a_resumed_session_keeps_the_reserved_byte_zero(broker):
+    # 3.1 has no Session Present flag: its first CONNACK byte is reserved.
+    # A second clean-session-0 connect got 20 02 01 00 (Mosquitto: 00).
+    for _ in range(2):
+        r = connect_raw(broker.port, "c01-v31-kept", version=3, clean=False)
+        assert r.recv_packet() == b"\x20\x02\x00\x00"
+        r.close()
+
+
 def test_v5_connack_is_byte_exact_and_carries_configured_limits(broker):
     r = connect_raw(broker.port, "c01-v5", version=5, keepalive=20)
     raw = r.recv_packet()

@@ -316,6 +316,13 @@ def test_v5_unsuback_0x11_when_no_subscription_existed(broker):
     c.close()
 
 
+def test_v5_unsuback_0x8f_for_a_filter_no_subscribe_could_make(broker):
+    # As SUBSCRIBE answers them; they got 0x11 (outside probe).
+    c = Client(broker.port, "s02-u8f", version=5)
+    assert c.unsubscribe(["a/#/b", "a+", "$share/g", "ok/+"]) == [0x8F, 0x8F, 0x8F, 0x11]
+    c.close()
+
+
 def test_unsubscribe_stops_delivery(broker, pub):
     c = Client(broker.port, "s02-unsub", version=5)
     c.subscribe([("us/a", 1), ("us/b", 1)])

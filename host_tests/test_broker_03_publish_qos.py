@@ -5,7 +5,7 @@ import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Client, Publish, Ack, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
-                   DISCONNECT, SESSION_EXPIRY)
+                   DISCONNECT, SESSION_EXPIRY, decode)
 
 CONFIG = {"max_inflight_messages": 10}
 
@@ -56,17 +56,31 @@ def test_v5_qos1_puback_with_subscriber_has_no_reason_code(broker):
     c.close()
 
 
+def _remaining(n):
+    out = b""
+    while True:
+        n, d = n >> 7, n & 0x7F
+        out += bytes((d | (0x80 if n else 0),))
+        if not n:
+            return out
+
+
+@pytest.mark.parametrize("size", [1, 520, 4000])
 @pytest.mark.parametrize("durable", [False, True], ids=["clean", "durable"])
 @pytest.mark.parametrize("version", [4, 5])
 @pytest.mark.parametrize("qos", [1, 2])
-def test_a_client_subscribed_to_its_own_topic_gets_its_acknowledgement_before_the_copy(broker, version, qos, durable):
+def test_a_client_subscribed_to_its_own_topic_gets_its_acknowledgement_before_the_copy(broker, version, qos, durable,
+                                                                                      size):
     # As from Mosquitto: PUBACK/PUBREC first, then the message coming back.
     # Paho's test client disconnects as soon as its own message is back,
     # and fails when its PUBACK is still unread (client_test5
     # test_client_topic_alias, about one run in five before). A durable
     # session's acknowledgement waits for the store's commit (its copy is
-    # in flight on flash); the copy waits behind it.
-    cid = "q03-self-%d%d%s" % (version, qos, "d" if durable else "")
+    # in flight on flash); the copy waits behind it. A payload larger than
+    # half the write buffer (520) goes out from the message itself, and a
+    # packet larger than the read buffer (4000) is read apart: the copy
+    # came first for both (outside probe).
+    cid = "q03-self-%d%d%s%d" % (version, qos, "d" if durable else "", size)
     if not durable:
         c = Client(broker.port, cid, version=version)
     elif version == 5:
@@ -78,14 +92,13 @@ def test_a_client_subscribed_to_its_own_topic_gets_its_acknowledgement_before_th
     first = 0x30 | (qos << 1)
     for i in range(1, 6):
         pid = bytes((0x10, i))
-        body = b"\x00" + bytes((len(topic),)) + topic + pid + (b"\x00" if version == 5 else b"") + b"x"
-        c.send_raw(bytes((first, len(body))) + body)
+        body = b"\x00" + bytes((len(topic),)) + topic + pid + (b"\x00" if version == 5 else b"") + b"x" * size
+        c.send_raw(bytes((first,)) + _remaining(len(body)) + body)
         ack = c.recv_raw()
-        assert ack == bytes((0x40 if qos == 1 else 0x50, 2)) + pid, "round %d: %r" % (i, ack)
-        back = c.recv_raw()
-        assert back[0] >> 4 == PUBLISH and topic in back, "round %d: %r" % (i, back)
-        out_pid = back[4 + len(topic) : 6 + len(topic)]
-        c.send_raw(b"\x40\x02" + out_pid)
+        assert ack == bytes((0x40 if qos == 1 else 0x50, 2)) + pid, "round %d: %r" % (i, ack[:40])
+        back = decode(c.recv_raw(), version)
+        assert back.type == PUBLISH and back.topic == cid and len(back.payload) == size, "round %d: %r" % (i, back)
+        c.send_raw(b"\x40\x02" + bytes((back.pid >> 8, back.pid & 0xFF)))
         if qos == 2:
             c.send_raw(b"\x62\x02" + pid)
             assert c.recv_raw() == b"\x70\x02" + pid

@@ -91,6 +91,19 @@ def test_will_is_published_after_disconnect_with_will_message_0x04(broker):
     w.close()
 
 
+@pytest.mark.parametrize("reason", [0x80, 0x83, 0x95])
+def test_will_is_published_after_a_disconnect_with_an_error_reason_code(broker, reason):
+    # Only 0x00 discards the will (MQTT-3.1.2-10): it was kept for every
+    # code but 0x04, as Mosquitto 2.0.11 does (outside probe).
+    t = "will/err%x" % reason
+    w = watcher(broker, t)
+    c = willer(broker, "w07-err%x" % reason, t, version=5)
+    c.disconnect(reason=reason)
+    m = w.get(timeout=3)
+    assert m.payload == b"bye w07-err%x" % reason
+    w.close()
+
+
 def test_will_qos_and_retain_are_honoured(broker):
     t = "will/qosret"
     w = watcher(broker, t, qos=2)

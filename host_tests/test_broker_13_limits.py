@@ -253,6 +253,29 @@ def test_max_retained_messages_limits_stored_topics_but_allows_replacing(alive):
     p.close()
 
 
+def test_a_v5_retained_message_refused_for_the_limit_reaches_no_subscriber(alive):
+    # Its 0x97 says it was not taken: it went to live subscribers all the
+    # same, and a publisher that tried again gave each a second copy
+    # (outside probe). Refused whole now; QoS 0 and 3.1.1, which cannot
+    # be told, are delivered and not kept.
+    p = Client(alive.port, "mr2-pub", version=5)
+    live = Client(alive.port, "mr2-live", version=5)
+    live.subscribe([("mr2/#", 1)])
+    assert [p.publish("mr2/%d" % i, b"v", qos=1, retain=True).reason for i in range(3)] == [0, 0, 0]
+    assert len(live.messages(3, timeout=5)) == 3
+    assert p.publish("mr2/x", b"refused", qos=1, retain=True).reason == 0x97
+    assert live.poll(0.5) is None
+    p.publish("mr2/y", b"qos0", qos=0, retain=True)
+    p3 = Client(alive.port, "mr2-pub3", version=4)
+    assert p3.publish("mr2/z", b"311", qos=1, retain=True).type == PUBACK
+    got = sorted((m.topic, bytes(m.payload), m.retain) for m in live.messages(2, timeout=5))
+    assert got == [("mr2/y", b"qos0", False), ("mr2/z", b"311", False)], got
+    for i in range(3):
+        p.publish("mr2/%d" % i, b"", qos=1, retain=True)
+    for c in (p, p3, live):
+        c.close()
+
+
 def test_max_topic_levels_applies_to_topics_and_filters(alive):
     c = Client(alive.port, "mtl", version=5)
     assert c.subscribe([("l/1/2/3/4", 0), ("l/1/2/3/4/5", 0), ("l/+/+/#", 0)]) == [0, 0x8F, 0]
@@ -801,3 +824,21 @@ def test_a_311_publish_larger_than_the_read_buffer_waits_connected_when_the_heap
             raise AssertionError(b.log()[-2500:])
         assert old.ping()
         _check_alive(b)
+
+
+def test_a_packet_larger_than_the_heap_can_ever_hold_is_refused_not_left_waiting():
+    # max_packet_size raised past what the esp32 heap has free after start:
+    # a SUBSCRIBE of a 65,000-character filter waited for a piece of heap
+    # that never comes, answered nothing (not even PINGREQ), until the
+    # keep-alive ran out (outside probe). It is refused as too large.
+    from mqttc import Subscribe
+
+    cfg = {"max_packet_size": 131072, "max_topic_length": 65535}
+    with BrokerProc(board="esp32", config=cfg) as b:
+        c = Client(b.port, "huge-sub", version=5)
+        c.send(Subscribe(1, [("h/" + "x" * 65000, 0)]))
+        assert c.expect(DISCONNECT, timeout=10).reason == 0x95
+        other = Client(b.port, "huge-other", version=5)
+        assert other.subscribe([("h/ok", 0)]) == [0]
+        log = b.log()
+    assert "more than this heap can ever take" in log, log[-2000:]

@@ -62,6 +62,18 @@ def test_sys_clients_connected_follows_connections(broker):
     assert int(v) == base
 
 
+def test_sys_clients_maximum_is_the_most_connected_at_once():
+    # As Mosquitto's: it said max_connections, a config value. (A broker of
+    # its own: the most at once counts every client since the start.)
+    with BrokerProc(config={"sys_interval": 1}) as b:
+        cs = [Client(b.port, "sys-peak-%d" % i) for i in range(4)]
+        for c in cs:
+            c.close()
+        assert int(sys_wait(b.port, "clients/connected", lambda v: int(v) == 1)) == 1  # the reader
+        # 4, and the $SYS reader when it came before they left.
+        assert sys_wait(b.port, "clients/maximum", lambda v: True) in ("4", "5")
+
+
 def test_sys_messages_received_counts_publishes(broker):
     before = int(sys_wait(broker.port, "messages/received", lambda v: True))
     p = Client(broker.port, "sys-rx", version=5)

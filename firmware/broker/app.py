@@ -83,6 +83,9 @@ def start(cfg, wdt=None):
         log.notice("anonymous clients are allowed")
     asyncio.create_task(_housekeeping(b, wdt))
     gc.collect()
+    # No packet larger than what is free now, above the message floor, can
+    # ever be read: the heap has no more once clients come.
+    b.heap.most = gc.mem_free() - b.heap.message_floor
     if cfg["gc_threshold"]:
         # Collect after every gc_threshold bytes allocated, not only when
         # the heap is full: garbage then never spreads over the whole heap,

@@ -357,6 +357,11 @@ class Connection(Output):
                         gc.collect()
                 if await self._refuse_big(part, h, total, mv):
                     return None
+                if total > b.heap.most:
+                    # It would wait for good (max_packet_size past what
+                    # this heap can ever hold; a SUBSCRIBE hung until the
+                    # keep-alive ran out).
+                    raise MQTTError(0x95, "a %d byte packet: more than this heap can ever take" % total)
                 if kept is None:
                     # The shared read buffer is the other readers' while
                     # this one waits: what it holds of this packet is kept

@@ -82,6 +82,7 @@ class Broker:
         self.stats_expired = 0
         self.stats_auth_failed = 0
         self.stats_evicted = 0  # offline sessions evicted for a new one
+        self.stats_peak = 0  # most clients connected at once
         self.stall_ms = 0  # longest the loop was held up (app.py)
 
     def shed_buffers(self):

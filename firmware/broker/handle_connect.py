@@ -331,13 +331,17 @@ def on_connect(c, mv, off, end):
     c.keepalive = ka
     s.put("gone_at", None)
     s.conn = c
-    ack = encode(Connack(present, 0, ack_props), v)
+    # MQTT 3.1 has no Session Present flag: that byte is reserved, 0.
+    ack = encode(Connack(present and pkt.version != 3, 0, ack_props), v)
     # The commit. Up to here a MemoryError leaves no session in the table
     # (Connection.dispatch answers it with CONNACK 0x97); from here to the
     # CONNACK nothing allocates but a new session's table entry.
     b.sessions[cid] = s
     c.session = s  # its slot was made in Connection.__init__
     c.send(ack)
+    n = b.connected_count()
+    if n > b.stats_peak:
+        b.stats_peak = n
     log.info("client %s connected from %s (v%s, clean=%d, keepalive=%d)",
              cid, c.t.peer, "5" if v == 5 else "3.1.1", pkt.clean, ka)
     if present:

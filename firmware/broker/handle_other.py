@@ -224,7 +224,9 @@ def _on_unsubscribe(c, pkt):
             b.subs.remove(sub)
             reasons.append(0)
         else:
-            reasons.append(0x11)
+            # None such: 0x11, or 0x8F for a filter no SUBSCRIBE could make.
+            group, flt = split_shared(full)
+            reasons.append(0x8F if flt is None or not valid_filter(flt) else 0x11)
     if p is not None and s.expiry:
         p.session_changed(s)
     _answer(c, p, s, encode(Unsuback(pkt.pid, reasons if c.version == 5 else None), c.version), False)
@@ -238,7 +240,9 @@ def _on_disconnect(c, pkt):
             # MQTT-3.14.2-2: cannot turn an ending session into a kept one.
             raise MQTTError(0x82, "session expiry set at DISCONNECT after 0 at CONNECT")
         s.expiry = se
-    # 0x04 asks the server to publish the will anyway (3.14.2.1).
-    c.normal_close = pkt.reason != 0x04
+    # Only 0x00 discards the will (MQTT-3.1.2-10, 3.14.4-3): 0x04 asks
+    # for it, and an error code (0x80 and up) ends the connection as a
+    # failure would. (3.1.1 has no reason: 0.)
+    c.normal_close = pkt.reason == 0
     c.closing = True
     raise Closed()

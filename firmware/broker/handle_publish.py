@@ -27,31 +27,35 @@ def _ack(c, t, pid, reason):
 
 
 def _ack_ahead(c, mark, t, pid, reason):
-    # The PUBACK or PUBREC, ahead of the copies of the message that route()
+    # The PUBACK or PUBREC, ahead of the copy of the message that route()
     # wrote into the publisher's own output from `mark` on (a client that
     # subscribes to what it publishes). A client may take its own message
     # coming back as the end of the exchange: Paho's test client then
     # disconnected with its PUBACK still unread. (When output was written
-    # out during route(), or a copy waits in `big`, the copies keep their
-    # place.)
-    if c.olen > mark and c.big is None:
-        _ack_before_copies(c, mark, t, pid, reason)
+    # out during route(), the copy keeps its place.)
+    if c.olen > mark and c.tail is None:
+        _ack_before_copy(c, mark, t, pid, reason)
     else:
         _ack(c, t, pid, reason)
 
 
-def _ack_before_copies(c, mark, t, pid, reason):
-    copies = bytes(memoryview(c.obuf)[mark : c.olen])
+def _ack_before_copy(c, mark, t, pid, reason):
+    # The copy is obuf[mark:olen], and `big` when its payload goes out by
+    # reference (larger than half the buffer: then it came first).
+    copy = bytes(memoryview(c.obuf)[mark : c.olen])
+    payload = c.big
     c.olen = mark
+    c.big = None
     p = c.broker.persist
+    _ack(c, t, pid, reason)
     if p is not None and p.dirty():
         # The acknowledgement waits for the store's commit (Connection.ack):
-        # the copies wait behind it, and the queue behind them.
-        _ack(c, t, pid, reason)
-        p.hold(c, copies, True)
+        # the copy waits behind it, and the queue behind that.
+        p.hold(c, copy if payload is None else (copy, payload), True)
+    elif payload is None:
+        c.send(copy)
     else:
-        _ack(c, t, pid, reason)
-        c.send(copies)
+        c.send_split(copy, payload)
 
 
 def refuse_for_heap(c, qos, pid):
@@ -200,6 +204,14 @@ def on_publish(c, first, mv, off, end):
         # v5 says why; 3.1.1 acknowledges and drops, as Mosquitto does.
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
+        return
+    if retain and qos and end > poff and b.retained.full_for(topic) and c.refuses():
+        # A new retained topic past max_retained_messages: refused whole,
+        # not delivered either, so that the publisher may try again with
+        # nobody getting it twice (it was delivered and answered 0x97).
+        # QoS 0 and 3.1.1 have no answer: delivered, not kept, counted.
+        b.retained.dropped += 1
+        _ack(c, 3 + qos, pid, 0x97)
         return
     if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"] and c.topic_in is None:
         # v5 clients were told our Receive Maximum in CONNACK. 3.1.1 has no

@@ -16,6 +16,7 @@ import time
 class Heap:
     def __init__(self, cfg):
         self.message_floor = cfg["min_free_heap"]
+        self.most = 1 << 30  # the largest packet that can ever be read (app.start)
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
         self.refused_at = None  # ticks_ms when room_for() last said no

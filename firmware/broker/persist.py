@@ -750,7 +750,7 @@ class Persist:
             # Counted from what the store wrote, with the measured cost of
             # each kind of write on the board's LittleFS (docs/store.md): an
             # estimate on a board, counted erases on the simulated flash.
-            ("store/block erases estimated", st.get("block_writes", 0)),
+            ("store/block erases estimated", "%.1f" % st.get("block_writes", 0)),
             ("store/bytes used", self.store.used_bytes()),
             ("store/records dropped", st.get("records_dropped", 0) + self.failed),
             ("store/commit failing", 1 if self.failing else 0),

@@ -38,6 +38,10 @@ class Retained:
         self.dropped = 0
         self.on_change = None  # callable(topic, msg or None) -> bool accepted
 
+    def full_for(self, topic):
+        # Would a value for topic be refused for the limit?
+        return len(self.msgs) >= self.limit and topic not in self.msgs
+
     def set(self, msg):
         # Stores msg (retain flag set), or deletes on an empty payload.
         # Returns False when it was not stored (limit or store full).
@@ -52,7 +56,7 @@ class Retained:
                     self.on_change(t, None)
             return True
         new = t not in self.msgs
-        if new and len(self.msgs) >= self.limit:
+        if new and self.full_for(t):
             self.dropped += 1
             return False
         try:

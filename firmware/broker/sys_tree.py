@@ -18,7 +18,7 @@ def _values(b):
         ("uptime", "%d seconds" % (time.time() - b.started)),
         ("clients/connected", b.connected_count()),
         ("clients/total", len(b.sessions)),
-        ("clients/maximum", b.cfg["max_connections"]),
+        ("clients/maximum", b.stats_peak),  # (Mosquitto's: the most at once)
         ("clients/refused", b.stats_refused),
         ("clients/evicted", b.stats_evicted),
         ("messages/received", b.stats_msgs_recv),
