@@ -312,4 +312,42 @@ def case_memory_error_in_a_commit_keeps_the_batch():
     print("OK memory_error_in_a_commit_keeps_the_batch")
 
 
+def case_a_batch_past_batch_keys_commits_in_a_heap_in_crumbs():
+    # The RAM index grows as a batch's keys go in. As one dict it wanted
+    # its new table in one piece (1,016 B past 96 keys), and a heap in
+    # crumbs had none: the broker's commit failed for good (outside
+    # probe). In eighths, its pieces fit between the crumbs.
+    import gc
+
+    st, rep = reopen(batch_keys=96, index_max=32)
+    want = {}
+    for i in range(150):
+        k = "q%03d" % i
+        want[k] = b"v%d" % i
+        st.put(k, want[k])
+    gc.collect()
+    keep = []
+    try:
+        while True:
+            keep.append(bytearray(400))
+    except MemoryError:
+        pass
+    for i in range(0, len(keep), 2):
+        keep[i] = None
+    gc.collect()
+    try:
+        bytearray(1016)
+        raise AssertionError("the heap is not in crumbs")
+    except MemoryError:
+        pass
+    st.commit()
+    keep = None
+    gc.collect()
+    assert st.pending() == 0
+    check(st, want)
+    st, rep = reopen(batch_keys=96, index_max=32)
+    check(st, want)
+    print("OK a_batch_past_batch_keys_commits_in_a_heap_in_crumbs")
+
+
 globals()["case_" + CASE]()

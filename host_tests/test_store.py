@@ -75,6 +75,10 @@ def test_overwrite_keeps_the_last_value(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "overwrite")
 
 
+def test_a_batch_past_its_expected_keys_commits_when_the_heap_is_in_crumbs(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "a_batch_past_batch_keys_commits_in_a_heap_in_crumbs")
+
+
 def test_staged_changes_are_lost_without_commit(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "staged_not_durable")
 

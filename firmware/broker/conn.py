@@ -75,6 +75,8 @@ class Connection(Output):
         # later (closing at teardown, session when CONNECT commits) would
         # grow the attribute table when the heap may be out.
         self.closing = False
+        self.gone = False
+        self.wrote = False
         self.session = None
         # What the reader waits for before reading on (backpressure.py): set
         # by a handler before it raises Paused, or when a session fills up.

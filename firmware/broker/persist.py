@@ -340,7 +340,7 @@ class Persist:
         st = self.store
         mps = self.b.cfg["max_packet_size"]
         return (not self.failing and st.used_bytes() + (mps << 1) <= st.max_bytes
-                and st.batch_left() > mps + 512)
+                and st.batch_left() > mps + 512 and st.staged_ops() < _CROWDED)
 
     def batch_takes(self, topic, retain, size):
         # Has the batch staged for the next commit room for this QoS 1/2
@@ -349,8 +349,13 @@ class Persist:
         # record, a burst of large messages lost its tail. An empty batch
         # takes anything put() takes. While commits fail, can_take() says
         # no instead (v5 is told 0x97).
+        # Counted in ops too: each holds heap until the commit (its key,
+        # its value and their objects: about 130 B), and a message for
+        # twenty persistent sessions stages 21. Bounded in bytes only, a
+        # batch of small queue records took 60 KB of heap.
         st = self.store
-        return self.failing or not st.pending() or self._need(topic, retain, size) <= st.batch_left()
+        return (self.failing or not st.pending()
+                or (st.staged_ops() < _CROWDED and self._need(topic, retain, size) <= st.batch_left()))
 
     def can_take(self, s, topic, retain, size):
         # Can the store take a QoS 1/2 message of size bytes on topic?
@@ -459,6 +464,12 @@ class Persist:
                 await asyncio.sleep_ms(0)
         self._commit()
 
+    def room_to_end(self):
+        # Whether a session may end now: its records' deletes go into the
+        # batch (a session with a full queue and window stages over 100),
+        # which must stay within the _BATCH_KEYS the store made room for.
+        return self.store.staged_ops() < _CROWDED
+
     def crowded(self, c):
         # True when the staged batch holds a third of the room the store
         # made for one: c's pump then stops, and is kicked once the batch
@@ -477,7 +488,7 @@ class Persist:
         if not st.pending():
             return
         b = self.b
-        if b.clock != self.clock_saved:
+        if b.now() != self.clock_saved:
             self._save_clock()
         # A commit (and a compaction) needs a few KB at once: collect
         # first when the heap is short rather than fail.
@@ -492,11 +503,15 @@ class Persist:
         # and expiries counted on it stretch by that much. Saved only when
         # it was a minute stale, a retained message with an expiry of 30 s,
         # taken 25 s after a start, said 55 s left after a cut.
+        # now(), not the clock housekeeping last advanced: a message
+        # stamped with now() a second ahead of it said 31 s left of 30
+        # after a cut.
+        t = self.b.now()
         out = bytearray()
-        wire.put_u32(out, self.b.clock)
+        wire.put_u32(out, t)
         if self.store.takes("c", out):  # else the next commit takes it
             self.store.put("c", out)
-            self.clock_saved = self.b.clock
+            self.clock_saved = t
 
     def _release(self):
         held = self.held

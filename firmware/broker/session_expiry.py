@@ -19,6 +19,9 @@ def check(b):
                 dead = []
             dead.append(s)
     if dead:
+        p = b.persist
         for s in dead:
+            if p is not None and not p.room_to_end():
+                break  # the rest at a later tick, after the commit
             log.info("session %s expired", s.client_id)
             b.end_session(s)
