@@ -198,8 +198,9 @@ class Broker:
                 old = s
         if old is None:
             return False
+        # (gone_at is rounded up a second: 0 s, not -1 s, for one just gone)
         log.warning("session table full: evicting %s, offline for %d s", old.client_id,
-                    self.now() - old.gone_at)
+                    max(0, self.now() - old.gone_at))
         self.stats_evicted += 1
         self.end_session(old)
         return True
