@@ -350,9 +350,10 @@ class Persist:
         # takes anything put() takes. While commits fail, can_take() says
         # no instead (v5 is told 0x97).
         # Counted in ops too: each holds heap until the commit (its key,
-        # its value and their objects: about 130 B), and a message for
-        # twenty persistent sessions stages 21. Bounded in bytes only, a
-        # batch of small queue records took 60 KB of heap.
+        # its value and the objects around them), and a message for twenty
+        # persistent sessions stages 21. Bounded in bytes only (16 KB), a
+        # batch could hold hundreds of small queue records, past the keys
+        # the store's index made room for (store.py, _make_room).
         st = self.store
         return (self.failing or not st.pending()
                 or (st.staged_ops() < _CROWDED and self._need(topic, retain, size) <= st.batch_left()))
@@ -466,7 +467,9 @@ class Persist:
 
     def room_to_end(self):
         # Whether a session may end now: its records' deletes go into the
-        # batch (a session with a full queue and window stages over 100),
+        # batch (one per queued message, per message in flight and per
+        # message record: a session with a full queue and window can stage
+        # over 100),
         # which must stay within the _BATCH_KEYS the store made room for.
         return self.store.staged_ops() < _CROWDED
 
