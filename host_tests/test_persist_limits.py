@@ -241,3 +241,32 @@ def test_small_messages_queued_until_the_heap_is_short_are_all_restored_after_a_
     finally:
         b.kill9()
         b.tmp.cleanup()
+
+
+def test_sessions_expire_while_store_commits_fail():
+    # A session ends only while the store's batch has room for its
+    # deletes; but while commits fail the batch only grows, and no session
+    # would ever expire, their queues kept in the heap a commit may wait
+    # for (review). They end all the same then.
+    import time
+    import mqttc
+
+    cfg = {"max_sessions": 64}
+    b = BrokerProc(board="esp32", config=cfg, faults=True).start()
+    try:
+        b.set_fault("full")
+        for i in range(24):
+            # Each connect and disconnect stages the session's record: 48
+            # ops, past the 32 at which a healthy store would wait.
+            c = mqttc.Client(b.port, "fx-%d" % i, version=5, clean=False, props={mqttc.SESSION_EXPIRY: 1})
+            c.disconnect()
+        end = time.time() + 15
+        while time.time() < end and b.log().count(" expired") < 24:
+            time.sleep(0.2)
+        assert b.log().count(" expired") == 24, b.log()[-3000:]
+        b.set_fault(None)
+        late = mqttc.Client(b.port, "fx-late", version=5)
+        assert late.publish("fx/t", b"x", qos=1, timeout=15).reason == 0x10
+    finally:
+        b.kill9()
+        b.tmp.cleanup()

@@ -29,6 +29,7 @@ async def _housekeeping(b, wdt):
             if wdt is not None:
                 wdt.feed()
             b.advance_clock()
+            b.heap.track()
             keepalive.check(b)
             session_expiry.check(b)
             if b.persist is not None:
@@ -84,7 +85,7 @@ def start(cfg, wdt=None):
     asyncio.create_task(_housekeeping(b, wdt))
     gc.collect()
     # No packet larger than what is free now, above the message floor, can
-    # ever be read: the heap has no more once clients come.
+    # be read before more heap is freed (Heap.track).
     b.heap.most = gc.mem_free() - b.heap.message_floor
     if cfg["gc_threshold"]:
         # Collect after every gc_threshold bytes allocated, not only when

@@ -82,6 +82,7 @@ class Connection(Output):
         # by a handler before it raises Paused, or when a session fills up.
         self.pause = None
         self.waiting_for = None  # the session whose queue it waits for now
+        self.heap_wait = False  # its reader waits for heap to read a big packet
 
     # ------------------------------------------------------------ output
 
@@ -375,8 +376,10 @@ class Connection(Output):
                         raise MemoryError("no buffer to keep a waiting packet in")
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
+                self.heap_wait = True
                 await wait_recovered(b, lambda: b.heap.room_for(total))
         finally:
+            self.heap_wait = False
             if kept is not None:
                 b.rpool.put(kept)
 

@@ -16,7 +16,7 @@ import time
 class Heap:
     def __init__(self, cfg):
         self.message_floor = cfg["min_free_heap"]
-        self.most = 1 << 30  # the largest packet that can ever be read (app.start)
+        self.most = 1 << 30  # the largest packet that can ever be read (app.start, track)
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
         self.refused_at = None  # ticks_ms when room_for() last said no
@@ -70,6 +70,14 @@ class Heap:
             return False
         self._budget = (f - self.message_floor) >> 1
         return True
+
+    def track(self):
+        # Once a second (app.py): the largest packet that can ever be read
+        # grows with the most heap seen free (restored queues drain,
+        # sessions expire after the start).
+        f = gc.mem_free() - self.message_floor
+        if f > self.most:
+            self.most = f
 
     def refused_lately(self, now_ms):
         # True while something waits for heap: a paused reader asks again

@@ -23,7 +23,8 @@ def check(b):
             if c.wrote:
                 c.wrote = False
                 s.full_since = None  # progress: not stuck
-            elif short and s.full_since is None and (s.inflight or s.queue and c.pending()):
+            elif (short and s.full_since is None and (s.inflight or s.queue and c.pending())
+                  and c.pause is None and not c.heap_wait and not c.held):
                 # A publisher waits for heap while this client holds
                 # messages (unacknowledged, or queued behind an output its
                 # socket does not take): two dashboards that stopped
@@ -31,7 +32,10 @@ def check(b):
                 # sensor's 8 KB PUBLISH waiting until their keep-alive ran
                 # out, and for good with keep-alive 0. Counted as a full
                 # queue, it is closed after STUCK_MS unless it moves on (a
-                # write, an acknowledgement).
+                # write, an acknowledgement). Not while its own reader
+                # waits (its acknowledgements wait unread behind a packet
+                # the heap cannot take), nor while the broker holds its
+                # output for a commit.
                 s.full_since = now_ms
         if s is None:
             if time.ticks_diff(now_ms, c.born) > cto:

@@ -471,7 +471,9 @@ class Persist:
         # message record: a session with a full queue and window can stage
         # over 100),
         # which must stay within the _BATCH_KEYS the store made room for.
-        return self.store.staged_ops() < _CROWDED
+        # While commits fail the batch only grows: sessions end all the
+        # same (their queues free the heap a commit may be waiting for).
+        return self.failing or self.store.staged_ops() < _CROWDED
 
     def crowded(self, c):
         # True when the staged batch holds a third of the room the store
