@@ -78,6 +78,13 @@ class Connection(Output):
         self.gone = False
         self.wrote = False
         self.session = None
+        # The output's state too: the CONNACK is the first output, and a
+        # MemoryError between copying it into the buffer and counting it
+        # (olen) lost it, and the DISCONNECT 0x97 that followed went out
+        # in its place (esp32 heap full of queued messages).
+        self.obuf = None
+        self.olen = 0
+        self.dirty = False
         # What the reader waits for before reading on (backpressure.py): set
         # by a handler before it raises Paused, or when a session fills up.
         self.pause = None

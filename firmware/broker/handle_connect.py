@@ -3,6 +3,7 @@
 # and the limits of a small board (session table, heap), checked before
 # any password is. login() is also HTTP Basic's on a WebSocket upgrade.
 import asyncio
+import gc
 import time
 from micropython import const
 from mqtt.errors import MQTTError
@@ -26,6 +27,7 @@ _MAX_CLIENT_ID = const(128)
 # PBKDF2 iterations hashed between two turns of the other clients: about
 # 4 ms on an ESP32 (a whole login of 1,000 iterations takes 250 ms).
 _HASH_SLICE = const(16)
+_NO_HEAP = const(-2)  # login_wait when the hash ran out of heap
 # v5 refusals with no 3.1.1 return code of their own: a will topic that is
 # not valid, will retain without retain, a will payload that is not UTF-8.
 _V3_NO_CODE = (0x90, 0x9A, 0x99)
@@ -113,7 +115,14 @@ async def login(b, peer, username, password):
 
 
 async def _login(c, user, password):
-    c.login_wait = await login(c.broker, c.t.peer, user, password)
+    try:
+        c.login_wait = await login(c.broker, c.t.peer, user, password)
+    except MemoryError:
+        # The hash's slices allocate. Handed to the CONNECT as a verdict,
+        # not raised: a client gone meanwhile leaves nothing to await this
+        # task, and its error would reach the loop.
+        gc.collect()
+        c.login_wait = _NO_HEAP
 
 
 def _recheck(b, s, username):
@@ -210,6 +219,8 @@ def on_connect(c, mv, off, end):
             c.pause = asyncio.create_task(_login(c, user, pkt.password))
             raise Paused()
         c.login_wait = None
+        if wait == _NO_HEAP:
+            raise MemoryError  # answered as any CONNECT the heap cannot take
         if wait >= 0:
             c.linger_ms = wait
             refuse(c, 0x86, "bad user name or password")

@@ -9,8 +9,18 @@
 # Messages stop first, so a board whose heap fills with queued messages
 # keeps serving the clients already connected and still lets a new one in
 # (a dashboard, a $SYS reader); and a MemoryError is never what tells us.
+#
+# One piece of heap is kept aside for the work that frees heap: a store
+# commit (its acknowledgements and deletes hold heap until it is written)
+# and a session's end. A heap full of queued messages for offline sessions
+# is legitimate, and in crumbs it had 7 KB free but no 152 B in one piece
+# for the commit: every PUBACK then waited for good (esp32 heap, 27
+# sessions with full queues expiring while others came).
 import gc
 import time
+from micropython import const
+
+_RESCUE = const(2048)  # bytes kept aside (a commit needs some hundreds)
 
 
 class Heap:
@@ -20,6 +30,17 @@ class Heap:
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
         self.refused_at = None  # ticks_ms when room_for() last said no
+        self.rescue = bytearray(_RESCUE)  # made early: low in the heap, in one piece
+
+    def use_rescue(self):
+        # Frees the piece kept aside, for a retry of work that frees heap
+        # and failed for want of it. False when it was already used (made
+        # again by track() once the heap has room).
+        if self.rescue is None:
+            return False
+        self.rescue = None
+        gc.collect()
+        return True
 
     def free(self, need=0):
         # Free bytes, after a collection when what is free looks short of
@@ -78,6 +99,11 @@ class Heap:
         f = gc.mem_free() - self.message_floor
         if f > self.most:
             self.most = f
+        if self.rescue is None and f > _RESCUE:
+            try:
+                self.rescue = bytearray(_RESCUE)
+            except MemoryError:
+                pass
 
     def refused_lately(self, now_ms):
         # True while something waits for heap: a paused reader asks again

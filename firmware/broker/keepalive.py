@@ -3,8 +3,9 @@
 # keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
 # its queue stayed full (backpressure.py), or held messages while others
 # waited for heap, are closed; an idle one gives its output buffer back
-# (outbuf.py), and one whose queue waits with its output empty is kicked
-# (a message that waited for heap goes again).
+# (outbuf.py), and one whose queue waits with its output empty, or whose
+# output a MemoryError left unsent, is kicked (what waited for heap goes
+# again).
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
@@ -18,6 +19,8 @@ def check(b):
         c.release()
         if c.closing:
             continue
+        if c.pending() and not c.dirty and c.writer is None:
+            c.kick()  # output a MemoryError left unsent (core.flush_now)
         s = c.session
         if s is not None:
             if c.wrote:

@@ -29,11 +29,18 @@ def set_sinks(fns):
 
 
 def _emit(lv, fmt, args):
+    # Never raises: a line the heap has no room for is dropped. Log calls
+    # sit in the error paths of tasks that must not die (the store's
+    # committer once died of its own warning, and nothing was written
+    # again).
     try:
-        line = (fmt % args) if args else fmt
-    except Exception:
-        line = fmt
-    line = "%s %s" % (_TAGS[lv], line)
+        try:
+            line = (fmt % args) if args else fmt
+        except Exception:
+            line = fmt
+        line = "%s %s" % (_TAGS[lv], line)
+    except MemoryError:
+        return
     for s in _sinks:
         try:
             s(line)

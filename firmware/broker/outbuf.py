@@ -78,9 +78,12 @@ class Output:
     # someone first waits for it, since most connections never do
 
     def kick(self):
+        # Marked only once on the flusher's list: when that list could not
+        # grow (MemoryError), a later kick tries again, and the output (a
+        # CONNACK) is not left unsent for good.
         if not self.dirty:
-            self.dirty = True
             self.broker.kick(self)
+            self.dirty = True
 
     def send(self, data):
         # Queues a control packet. Never fails.

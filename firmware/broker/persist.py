@@ -35,7 +35,7 @@ import binascii
 from micropython import const
 from mqtt import props as P
 from mqtt import wire
-from broker import log
+from broker import log, session_expiry
 from broker.message import Message
 from broker.session import Session, Delivery, SENT, RELEASED, info, qos_of, retain_of, seq_of, subids_of, stored_of
 from broker.subs import Sub
@@ -116,6 +116,7 @@ class Persist:
                            inline_max=broker.cfg["store_inline_max"])
         self.held = []  # (connection, packet, is a PUBLISH) waiting for the commit
         self.waiting = []  # connections whose pump waits for the commit (crowded)
+        self.expire_waits = False  # a session due to end waits for the commit (room_to_end)
         self.flag = asyncio.Event()
         self.mid = 0  # last message id given
         self.failed = 0  # records that could not be kept
@@ -429,7 +430,10 @@ class Persist:
                 try:
                     await self._compact_and_commit()
                 except MemoryError:
-                    self.b.shed_buffers()  # once, then as any failed commit
+                    # Once, then as any failed commit: with the pool's
+                    # spares and the heap kept aside for it (heap.py).
+                    self.b.shed_buffers()
+                    self.b.heap.use_rescue()
                     await self._compact_and_commit()
             except Exception as e:
                 # The batch stays staged and every acknowledgement it owes
@@ -456,6 +460,15 @@ class Persist:
             w = self.waiting
             while w:
                 w.pop().kick()
+            if self.expire_waits:
+                # Sessions due to end waited for this commit: not a second
+                # more, or a hub with many full queues frees them at one a
+                # second while new ones come.
+                self.expire_waits = False
+                try:
+                    session_expiry.check(self.b)
+                except MemoryError:
+                    gc.collect()
 
     async def _compact_and_commit(self):
         if self.store.pending() and self.store.compaction_due():
@@ -469,11 +482,19 @@ class Persist:
         # Whether a session may end now: its records' deletes go into the
         # batch (one per queued message, per message in flight and per
         # message record: a session with a full queue and window can stage
-        # over 100),
-        # which must stay within the _BATCH_KEYS the store made room for.
-        # While commits fail the batch only grows: sessions end all the
-        # same (their queues free the heap a commit may be waiting for).
-        return self.failing or self.store.staged_ops() < _CROWDED
+        # over 100), which must stay within the _BATCH_KEYS the store made
+        # room for. When not, the session ends right after the commit
+        # (expire_waits). While commits fail the batch only grows: sessions
+        # end all the same while the heap has room for their deletes (a
+        # full filesystem), not while the commit waits for heap (their
+        # deletes took the last of it, and the commit could never be
+        # written: esp32 heap, sessions with full queues).
+        if self.store.staged_ops() < _CROWDED:
+            return True
+        if not self.failing or not self.b.heap.room_for_client():
+            self.expire_waits = True
+            return False
+        return True
 
     def crowded(self, c):
         # True when the staged batch holds a third of the room the store
@@ -671,14 +692,12 @@ class Persist:
             self._will(s)
 
     def session_ended(self, s):
+        # Each record's delete is marked done as it is staged, and the
+        # session's own record goes last: after a MemoryError part way
+        # (session_expiry.py), a second call goes on where this one
+        # stopped.
         cid = s.client_id
         self.will_gone(s)
-        # A session that never had a record (expiry 0 from the start, a
-        # clean client) has none of "s" or "x" to delete: no commit for it.
-        had = s.on_flash
-        if had:
-            self._del("s" + cid)
-            s.on_flash = False
         q = s.queue
         for i in range(1, len(q), 2):
             inf = q[i]
@@ -691,9 +710,13 @@ class Persist:
             d = s.inflight[pid]
             if d.stored:
                 self.acked(s, pid, d)
-        if had:
+        # A session that never had a record (expiry 0 from the start, a
+        # clean client) has none of "s" or "x" to delete: no commit for it.
+        if s.on_flash:
             for pid in s.qos2_in:
                 self._del("x" + cid + "\0" + str(pid))
+            self._del("s" + cid)
+            s.on_flash = False
 
     def _ref(self, msg):
         # One more record refers to msg: it is stored once, on first use.
