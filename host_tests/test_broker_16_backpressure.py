@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 
+import pytest
+
 from brokerproc import BrokerProc
 from rawclient import Client, K
 
@@ -256,9 +258,12 @@ def test_two_clients_publishing_to_each_other_do_not_pause_each_other_into_a_sta
         z.close()
 
 
-def test_subscribers_that_stop_reading_while_a_publisher_waits_for_heap_are_closed():
+@pytest.mark.parametrize("qos", [1, 0])
+def test_subscribers_that_stop_reading_while_a_publisher_waits_for_heap_are_closed(qos):
     # Two dashboards stop reading with 8 KB QoS 1 messages in flight to
-    # them (their acknowledgements never come): the heap reaches its floor
+    # them (their acknowledgements never come), or QoS 0 ones in their
+    # output (held by reference until the socket takes them, with nothing
+    # in flight and, at times, nothing queued): the heap reaches its floor
     # after a few messages, and the sensor's next PUBLISH waits for heap.
     # Their queues never pass half full, and keep-alive 0 never ends them:
     # before, the sensor waited for good. Each is closed once it has made
@@ -270,7 +275,7 @@ def test_subscribers_that_stop_reading_while_a_publisher_waits_for_heap_are_clos
         stuck = []
         for i in range(2):
             d = mqttc.Client(b.port, "bp-stuck%d" % i, version=4, keepalive=0, rcvbuf=2048)
-            d.subscribe([("bp/big", 1)])
+            d.subscribe([("bp/big", qos)])
             stuck.append(d)
         reader = mqttc.Client(b.port, "bp-reader", version=4, keepalive=0)
         reader.subscribe([("bp/big", 1)])
@@ -288,3 +293,58 @@ def test_subscribers_that_stop_reading_while_a_publisher_waits_for_heap_are_clos
         assert "(bp-stuck%d): 0x97 not reading" % i in log, log[-3000:]
     assert "(bp-reader)" not in log and "(bp-sensor)" not in log, log[-3000:]
     assert "MemoryError" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_a_subscriber_reading_a_large_message_slowly_is_not_taken_for_one_that_stopped():
+    # While a publisher waits for heap, subscribers that make no progress
+    # for backpressure.STUCK_MS are closed (test above). A dashboard on
+    # weak Wi-Fi reading at 400 B/s makes progress, but an 8 KB payload
+    # takes it 20 s: counted as progress only once it had all gone out, it
+    # was closed with the two that stopped. Counted per 1 KB piece now.
+    import mqttc
+
+    with BrokerProc(board="esp32") as b:
+        stuck = []
+        for i in range(2):
+            d = mqttc.Client(b.port, "bp-stuck%d" % i, version=4, keepalive=0, rcvbuf=2048)
+            d.subscribe([("bp/big", 1)])
+            stuck.append(d)
+        slow = mqttc.Client(b.port, "bp-slow", version=4, keepalive=0, rcvbuf=2048)
+        slow.subscribe([("bp/big", 1)])
+        stop = threading.Event()
+
+        def read_slowly():
+            s = slow.raw.s
+            s.settimeout(0.5)
+            while not stop.is_set():
+                try:
+                    if not s.recv(256):
+                        return
+                except socket.timeout:
+                    pass
+                except OSError:
+                    return
+                time.sleep(0.64)
+
+        def publish():
+            sensor = mqttc.Client(b.port, "bp-sensor", version=4, keepalive=0)
+            try:
+                for i in range(8):
+                    sensor.publish("bp/big", b"%02d" % i + b"x" * 8000, qos=1, timeout=60)
+            except (AssertionError, OSError):
+                pass  # waits for heap past the test's end: the slow one holds it
+
+        threads = [threading.Thread(target=read_slowly, daemon=True), threading.Thread(target=publish, daemon=True)]
+        for t in threads:
+            t.start()
+        # (The time limit only guards against a hang: the two that stopped
+        # are closed 10 to 12 s after the publisher starts to wait.)
+        end = time.time() + 40
+        while time.time() < end and not all("(bp-stuck%d): 0x97" % i in b.log() for i in range(2)):
+            time.sleep(0.2)
+        time.sleep(4)
+        log = b.log()
+        stop.set()
+    for i in range(2):
+        assert "(bp-stuck%d): 0x97 not reading" % i in log, log[-3000:]
+    assert "(bp-slow)" not in log, log[-3000:]

@@ -18,7 +18,10 @@
 # the output is backed up (room() is False), so the tail stays small.
 import asyncio
 import gc
+from micropython import const
 from broker import log
+
+_PIECE = const(1024)  # bytes of a large payload written at a time
 
 
 def ack_packet(first, pid, reason=0):
@@ -244,13 +247,22 @@ class Output:
             return 0
         y = self.tail
         self.big = self.tail = None
-        # A memoryview, so that a partial write resumes without copying.
-        await t.send(memoryview(x))
-        n = len(x)
+        n = await self._send_big(t, x)
         if y is not None:
             for d in y:
-                await t.send(memoryview(d))
-                n += len(d)
+                n += await self._send_big(t, d)
+        return n
+
+    async def _send_big(self, t, x):
+        # In pieces of _PIECE bytes, each counted as progress when it has
+        # gone (keepalive.py): a subscriber reading an 8 KB payload slowly
+        # is not taken for one that stopped. Memoryviews, so that nothing
+        # is copied.
+        mv = memoryview(x)
+        n = len(x)
+        for i in range(0, n, _PIECE):
+            await t.send(mv[i : i + _PIECE])
+            self.wrote = True
         return n
 
     def service(self):
