@@ -121,6 +121,7 @@ class Persist:
         self.mid = 0  # last message id given
         self.failed = 0  # records that could not be kept
         self.failing = False  # the last commit failed; retrying
+        self.wants_heap = False  # it failed for want of heap
         self.lazy = {}  # topic -> True: retained QoS 0 values waiting for autosave
         self.autosave = broker.cfg["autosave_interval"]
         self._since_save = 0
@@ -447,6 +448,7 @@ class Persist:
                     else:
                         log.error("store commit failed: %r; retrying", e)
                 self.failing = True
+                self.wants_heap = isinstance(e, MemoryError)
                 gc.collect()
                 await asyncio.sleep_ms(wait)
                 wait = min(wait << 1, _RETRY_MAX_MS)
@@ -485,16 +487,16 @@ class Persist:
         # over 100), which must stay within the _BATCH_KEYS the store made
         # room for. When not, the session ends right after the commit
         # (expire_waits). While commits fail the batch only grows: sessions
-        # end all the same while the heap has room for their deletes (a
-        # full filesystem), not while the commit waits for heap (their
+        # end all the same (a full store: their deletes make room), but not
+        # while the commit waits for heap and the heap is short (their
         # deletes took the last of it, and the commit could never be
         # written: esp32 heap, sessions with full queues).
         if self.store.staged_ops() < _CROWDED:
             return True
-        if not self.failing or not self.b.heap.room_for_client():
-            self.expire_waits = True
-            return False
-        return True
+        if self.failing and (not self.wants_heap or self.b.heap.room_for_client()):
+            return True
+        self.expire_waits = True
+        return False
 
     def crowded(self, c):
         # True when the staged batch holds a third of the room the store
