@@ -348,3 +348,88 @@ def test_a_subscriber_reading_a_large_message_slowly_is_not_taken_for_one_that_s
     for i in range(2):
         assert "(bp-stuck%d): 0x97 not reading" % i in log, log[-3000:]
     assert "(bp-slow)" not in log, log[-3000:]
+
+
+def _fill_heap_for_an_offline_session(b, publisher, n=20):
+    # An offline persistent subscriber to big/#, and n QoS 1 messages of
+    # 4000 B for it, sent without waiting: its queue fills the heap to the
+    # messages' floor, and publisher's reader is paused on the rest.
+    import mqttc
+
+    s = mqttc.Client(b.port, "bp-away", version=4, clean=False, keepalive=0)
+    s.subscribe([("big/#", 1)])
+    s.disconnect()
+    for _ in range(n):
+        publisher.send(mqttc.Publish("big/x", bytes(4000), 1, False, False, publisher.next_pid(), None))
+
+
+def test_a_publisher_paused_for_heap_is_not_closed_for_its_keep_alive():
+    # Its PINGREQs wait unread behind the PUBLISH the heap cannot take: the
+    # wait is the broker's, not the client's silence (README, "Messages
+    # stop first": connected clients are not disconnected for it). It was
+    # closed 0x8D 7 s in, with a keep-alive of 4 s.
+    import mqttc
+
+    with BrokerProc(board="esp32") as b:
+        p = mqttc.Client(b.port, "bp-pub", version=4, keepalive=4)
+        _fill_heap_for_an_offline_session(b, p)
+        acks = 0
+        end = time.time() + 12
+        while time.time() < end:
+            p.send(mqttc.Empty(mqttc.PINGREQ))
+            t = time.time() + 2
+            while time.time() < t:
+                m = p.poll(0.2)  # raises Closed if the broker closes it
+                acks += m is not None and m.type == mqttc.PUBACK
+        log = b.log()
+    assert "(bp-pub)" not in log, log[-3000:]
+    assert 0 < acks < 20, "not paused: %d of 20 acknowledged" % acks
+
+
+def test_a_full_table_gives_the_slot_of_a_publisher_paused_longest_to_a_new_client():
+    # Seven 3.1.1 publishers (keep-alive 0) paused on a heap full of an
+    # offline session's queue go away abruptly. A paused reader reads
+    # nothing, so it sees no EOF: they held their slots for good, with a
+    # dashboard in the eighth, and the offline session's client, whose
+    # return alone frees the heap, was refused every time. Now one paused
+    # for over backpressure.STUCK_MS (10 s) is closed to make room.
+    import socket as so
+    import struct
+    import mqttc
+
+    with BrokerProc(board="esp32") as b:
+        pubs = []
+        for i in range(7):
+            p = mqttc.Client(b.port, "bp-pub%d" % i, version=4, keepalive=0)
+            if i == 0:
+                _fill_heap_for_an_offline_session(b, p)
+            else:
+                for _ in range(2):
+                    p.send(mqttc.Publish("big/x", bytes(4000), 1, False, False, p.next_pid(), None))
+            pubs.append(p)
+            time.sleep(0.3)  # (the heap is full before the next one sends)
+        time.sleep(1)
+        for p in pubs:
+            p.raw.s.setsockopt(so.SOL_SOCKET, so.SO_LINGER, struct.pack("ii", 1, 0))
+            p.close()
+        dash = mqttc.Client(b.port, "bp-dashboard", version=5, keepalive=60)
+        # (The time limit only guards against a hang: a slot is free 10 to
+        # 12 s after the publishers paused.)
+        end = time.time() + 30
+        while True:
+            try:
+                c = mqttc.Client(b.port, "bp-away", version=4, clean=False, keepalive=0, expect_ok=False)
+                if c.connack.reason == 0:
+                    break
+                c.close()
+            except mqttc.Closed:
+                pass  # no socket left for it: closed at once (server.py)
+            assert time.time() < end, b.log()[-3000:]
+            time.sleep(1)
+        got = c.messages(timeout=2)
+        assert len(got) >= 10, len(got)
+        c.disconnect()
+        dash.ping()
+        log = b.log()
+    assert "its slot goes to a new client" in log, log[-3000:]
+    assert "(bp-dashboard)" not in log, log[-3000:]

@@ -28,6 +28,8 @@ _CONNECT = const(1)
 _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
+_NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
+_NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
 
 
 class Connection(Output):
@@ -58,6 +60,14 @@ class Connection(Output):
     # upstream's, topic_in(upstream topic) -> ours or None (not ours).
     topic_out = None
     topic_in = None
+
+    def waits_on_broker(self):
+        # True while its reader waits for the broker (heap, or the store),
+        # with what the client sent unread: its PINGREQs too, so that the
+        # time does not count against its keep-alive (last_rx is set when
+        # the wait ends). A client gone meanwhile is not seen (no read, no
+        # EOF): a full table takes its slot (handle_connect.busy).
+        return self.heap_wait or callable(self.pause)
 
     def refuses(self):
         # Whether a message this client sent may be refused with a reason
@@ -288,6 +298,7 @@ class Connection(Output):
         # hashed), or a session to drain.
         if callable(what):
             await wait_recovered(self.broker, what)
+            self.last_rx = self.broker.now_ms()  # (waits_on_broker)
         elif type(what) is asyncio.Task:
             await what
         else:
@@ -385,6 +396,7 @@ class Connection(Output):
                     part = memoryview(kept)[0 : len(part)]
                 self.heap_wait = True
                 await wait_recovered(b, lambda: b.heap.room_for(total))
+                self.last_rx = b.now_ms()  # (waits_on_broker)
         finally:
             self.heap_wait = False
             if kept is not None:
@@ -448,9 +460,14 @@ class Connection(Output):
         # heap cannot take, before any session was made: the client is told
         # in a CONNACK of the version it asked for (0x97; 3.1.1: 3, server
         # unavailable), never with a DISCONNECT before one (MQTT-3.14.0-1).
+        # A constant, sent without setting anything: encoding a refusal, or
+        # a connection's first `version` or `told`, needed heap that was
+        # not there, and the client got a bare close.
         gc.collect()
-        self.version = asked_version(mv, off, end)
-        refuse(self, 0x97, "out of memory")
+        log.info("refused %s: 0x97 out of memory", self.t.peer)
+        self.broker.stats_refused += 1
+        self.send(_NO_HEAP_V5 if asked_version(mv, off, end) == 5 else _NO_HEAP_V3)
+        raise Closed()
 
     def _connect_too_large(self, mv, have, why):
         # A CONNECT over max_packet_size (mv[0:have], its first bytes): a
@@ -512,7 +529,13 @@ class Connection(Output):
         try:
             await self._drain_out()
         except MemoryError:
+            # Waiting for the output to drain needs an Event: what goes
+            # out at once still does (a refusing CONNACK).
             gc.collect()
+            try:
+                self.write_now()
+            except Exception:
+                pass
         self.gone = True
         drain_in = self.told and not self.pending()
         if not drain_in:

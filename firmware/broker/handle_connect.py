@@ -14,7 +14,7 @@ from mqtt.wire import utf8_valid
 from broker import log
 from broker.session import Session, NEVER, SENT, stored_of, seq_of
 from broker.message import Message
-from broker.backpressure import Paused
+from broker.backpressure import Paused, STUCK_MS
 from broker.core import Closed
 from broker.pump import resend_inflight
 
@@ -79,11 +79,35 @@ def busy(b, cid):
         return 0x85, "client id of a bridge"
     if old is None or old.conn is None:
         # (a take-over frees the connection it takes)
-        if b.connected_count() >= cfg["max_connections"]:
+        if b.connected_count() >= cfg["max_connections"] and not _free_a_paused_slot(b):
             return 0x97, "too many connections"
         if old is None and cid is not None and not b.session_room():
             return 0x97, "session table full"
     return None
+
+
+def _free_a_paused_slot(b):
+    # A full table: the client whose reader has waited longest for the
+    # broker (heap or store), at least STUCK_MS, is closed to make room,
+    # and True is returned. A paused reader sees no EOF, so seven 3.1.1
+    # publishers paused on a heap full of an offline session's queue, and
+    # then gone, held their slots for good, and that session's client,
+    # whose return alone would free the heap, was refused every time.
+    # A live one sends again after reconnecting: nothing it was told was
+    # taken is lost.
+    now = b.now_ms()
+    worst = None
+    most = STUCK_MS
+    for c in b.conns:
+        if c.session is not None and not c.closing and c.waits_on_broker():
+            age = time.ticks_diff(now, c.last_rx)
+            if age > most:
+                worst, most = c, age
+    if worst is None:
+        return False
+    worst.protocol_error(0x97, "paused %d s by the broker: its slot goes to a new client" % (most // 1000))
+    worst.close_soon()
+    return True
 
 
 async def login(b, peer, username, password):

@@ -46,7 +46,8 @@ def check(b):
             if time.ticks_diff(now_ms, c.born) > cto:
                 log.info("%s sent no CONNECT in %d s; closing", c.t.peer, cto // 1000)
                 c.close_soon()
-        elif c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500:
+        elif (c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500
+              and not c.waits_on_broker()):
             c.protocol_error(0x8D, "keep alive timeout")
             c.close_soon()
         elif s.full_since is not None and time.ticks_diff(now_ms, s.full_since) > STUCK_MS:

@@ -46,11 +46,17 @@ def _values(b):
 
 def publish(b, last):
     # last: dict topic -> payload last published, so unchanged values are
-    # not sent again.
+    # not sent again. Below the messages' floor only values already kept
+    # are replaced (about what they free): the first round, some 4 KB of
+    # retained values, took a heap full of an offline session's queue
+    # below the clients' floor, and that session's client could no longer
+    # come back to drain it.
+    short = b.heap.free() < b.heap.message_floor
     for k, x in _values(b):
         t = "$SYS/broker/" + k
         p = str(x).encode()
-        if last.get(t) == p:
+        old = last.get(t)
+        if old == p or short and old is None:
             continue
         last[t] = p
         m = Message(t, p, 0, True)
