@@ -513,13 +513,18 @@ class Connection(Output):
     def close_soon(self, error=None):
         # Ends the connection from outside the reader (take-over, keep-alive
         # expiry, write failure: error).
+        # The reader is cancelled first: a kick can fail for heap, and a
+        # paused reader left waiting would keep its slot for good.
         self.closing = True
-        self.kick()
         if self.reader is not None:  # None once finish() has begun
             try:
                 self.reader.cancel()
             except Exception:
                 pass
+        try:
+            self.kick()
+        except MemoryError:
+            pass  # (finish() writes what output waits)
 
     async def finish(self):
         # Let what is queued go out (a CONNACK refusal or a DISCONNECT),
@@ -529,13 +534,7 @@ class Connection(Output):
         try:
             await self._drain_out()
         except MemoryError:
-            # Waiting for the output to drain needs an Event: what goes
-            # out at once still does (a refusing CONNACK).
             gc.collect()
-            try:
-                self.write_now()
-            except Exception:
-                pass
         self.gone = True
         drain_in = self.told and not self.pending()
         if not drain_in:
@@ -592,7 +591,14 @@ class Connection(Output):
             try:
                 await asyncio.wait_for_ms(self.wait_drained().wait(), 1000)
             except Exception:
-                pass
+                # Timed out, or no heap for the Event to wait on: what goes
+                # out at once still does (a refusing CONNACK got a bare
+                # close), unless a writer task is part way through it.
+                if self.writer is None:
+                    try:
+                        self.write_now()
+                    except Exception:
+                        pass
         w = self.writer
         if w is not None:
             try:

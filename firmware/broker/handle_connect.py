@@ -79,35 +79,32 @@ def busy(b, cid):
         return 0x85, "client id of a bridge"
     if old is None or old.conn is None:
         # (a take-over frees the connection it takes)
-        if b.connected_count() >= cfg["max_connections"] and not _free_a_paused_slot(b):
+        if b.connected_count() >= cfg["max_connections"] and _held_longest(b) is None:
             return 0x97, "too many connections"
         if old is None and cid is not None and not b.session_room():
             return 0x97, "session table full"
     return None
 
 
-def _free_a_paused_slot(b):
-    # A full table: the client whose reader has waited longest for the
-    # broker (heap or store), at least STUCK_MS, is closed to make room,
-    # and True is returned. A paused reader sees no EOF, so seven 3.1.1
-    # publishers paused on a heap full of an offline session's queue, and
-    # then gone, held their slots for good, and that session's client,
-    # whose return alone would free the heap, was refused every time.
-    # A live one sends again after reconnecting: nothing it was told was
-    # taken is lost.
+def _held_longest(b):
+    # On a full table, the client whose reader the broker has held longest
+    # (for heap or the store), at least STUCK_MS, or None: its slot goes
+    # to a new client once that one has logged in (on_connect). A paused
+    # reader sees no EOF, so seven 3.1.1 publishers paused on a heap full
+    # of an offline session's queue, and then gone, held their slots for
+    # good, and that session's client, whose return alone would free the
+    # heap, was refused every time. A live one sends again after
+    # reconnecting: nothing it was told was taken is lost. Bridge links
+    # are left alone.
     now = b.now_ms()
     worst = None
     most = STUCK_MS
     for c in b.conns:
-        if c.session is not None and not c.closing and c.waits_on_broker():
+        if c.session is not None and not c.closing and c.topic_in is None and c.waits_on_broker():
             age = time.ticks_diff(now, c.last_rx)
             if age > most:
                 worst, most = c, age
-    if worst is None:
-        return False
-    worst.protocol_error(0x97, "paused %d s by the broker: its slot goes to a new client" % (most // 1000))
-    worst.close_soon()
-    return True
+    return worst
 
 
 async def login(b, peer, username, password):
@@ -240,6 +237,7 @@ def on_connect(c, mv, off, end):
         if wait is None:
             # Hashed by a task of its own; this CONNECT is handled again,
             # from the top, once it is done (the packets after it wait).
+            c.login_wait = None  # its slot, made here: the task's handler must not grow the table
             c.pause = asyncio.create_task(_login(c, user, pkt.password))
             raise Paused()
         c.login_wait = None
@@ -280,6 +278,13 @@ def on_connect(c, mv, off, end):
     if old is None and not b.new_session_allowed():
         # (room was there at busy(); a concurrent CONNECT took it)
         refuse(c, 0x97, "session table full")
+    if (old is None or old.conn is None) and b.connected_count() >= cfg["max_connections"]:
+        held = _held_longest(b)
+        if held is None:
+            refuse(c, 0x97, "too many connections")  # (taken meanwhile)
+        held.protocol_error(0x97, "held by the broker for over %d s: its slot goes to a new client"
+                            % (STUCK_MS // 1000))
+        held.close_soon()
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
     if old is not None and old.conn is not None:

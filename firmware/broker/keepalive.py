@@ -27,17 +27,17 @@ def check(b):
                 c.wrote = False
                 s.full_since = None  # progress: not stuck
             elif (short and s.full_since is None
-                  and (s.inflight or c.big is not None or s.queue and c.pending())
+                  and (s.inflight or c.big is not None or c.writer is not None
+                       or s.queue and c.pending())
                   and c.pause is None and not c.heap_wait and not c.held):
                 # A publisher waits for heap while this client holds
-                # messages (unacknowledged, a large payload in its output,
-                # or queued behind an output its socket does not take): two
-                # dashboards that stopped reading, each with 8 KB messages
-                # in flight, kept a sensor's 8 KB PUBLISH waiting until
-                # their keep-alive ran out, and for good with keep-alive 0.
-                # Counted as a full
-                # queue, it is closed after STUCK_MS unless it moves on (a
-                # write, an acknowledgement). Not while its own reader
+                # messages (unacknowledged, a large payload in its output or
+                # part way out, or queued behind an output its socket does
+                # not take): two dashboards that stopped reading, each with
+                # 8 KB messages in flight, kept a sensor's 8 KB PUBLISH
+                # waiting until their keep-alive ran out, and for good with
+                # keep-alive 0. Counted as a full queue, it is closed after
+                # STUCK_MS unless it moves on (a write, an acknowledgement). Not while its own reader
                 # waits (its acknowledgements wait unread behind a packet
                 # the heap cannot take), nor while the broker holds its
                 # output for a commit.

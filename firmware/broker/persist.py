@@ -440,13 +440,17 @@ class Persist:
                 # The batch stays staged and every acknowledgement it owes
                 # stays held: retried until it goes through.
                 if not self.failing:
-                    if isinstance(e, MemoryError):
-                        # Load shed, as when messages wait for heap (README,
-                        # "When the board is full"), not a fault: a later
-                        # try, after collections, finds the room.
-                        log.warning("store commit waits for heap: %r; retrying", e)
-                    else:
-                        log.error("store commit failed: %r; retrying", e)
+                    try:  # (a log call's arguments take heap too)
+                        if isinstance(e, MemoryError):
+                            # Load shed, as when messages wait for heap
+                            # (README, "When the board is full"), not a
+                            # fault: a later try, after collections,
+                            # finds the room.
+                            log.warning("store commit waits for heap: %r; retrying", e)
+                        else:
+                            log.error("store commit failed: %r; retrying", e)
+                    except MemoryError:
+                        pass
                 self.failing = True
                 self.wants_heap = isinstance(e, MemoryError)
                 gc.collect()
@@ -458,19 +462,25 @@ class Persist:
                 log.notice("store: commit went through again")
                 self.failing = False
             wait = _RETRY_MS
-            self._release()
-            w = self.waiting
-            while w:
-                w.pop().kick()
-            if self.expire_waits:
-                # Sessions due to end waited for this commit: not a second
-                # more, or a hub with many full queues frees them at one a
-                # second while new ones come.
-                self.expire_waits = False
-                try:
-                    session_expiry.check(self.b)
-                except MemoryError:
-                    gc.collect()
+            try:
+                self._after_commit()
+            except Exception:
+                # This task must not die, or nothing is written again. What
+                # was left (a kick, an expiry) goes at the next commit or
+                # housekeeping tick.
+                gc.collect()
+
+    def _after_commit(self):
+        self._release()
+        w = self.waiting
+        while w:
+            w.pop().kick()
+        if self.expire_waits:
+            # Sessions due to end waited for this commit: not a second
+            # more, or a hub with many full queues frees them at one a
+            # second while new ones come.
+            self.expire_waits = False
+            session_expiry.check(self.b)
 
     async def _compact_and_commit(self):
         if self.store.pending() and self.store.compaction_due():
@@ -490,7 +500,8 @@ class Persist:
         # end all the same (a full store: their deletes make room), but not
         # while the commit waits for heap and the heap is short (their
         # deletes took the last of it, and the commit could never be
-        # written: esp32 heap, sessions with full queues).
+        # written: esp32 heap, sessions with full queues). A batch short of
+        # crowded still takes one session's end.
         if self.store.staged_ops() < _CROWDED:
             return True
         if self.failing and (not self.wants_heap or self.b.heap.room_for_client()):
@@ -704,10 +715,13 @@ class Persist:
         for i in range(1, len(q), 2):
             inf = q[i]
             if stored_of(inf):
-                self.dequeued(s, q[i - 1], seq_of(inf))
                 # Not on flash any more (a resumed session kept only for
-                # the connection ends its records here and goes on).
-                q[i] = info(qos_of(inf), retain_of(inf), seq_of(inf), subids_of(inf))
+                # the connection ends its records here and goes on). Made
+                # before the delete: a MemoryError between them would
+                # have a second call unref the message twice.
+                now = info(qos_of(inf), retain_of(inf), seq_of(inf), subids_of(inf))
+                self.dequeued(s, q[i - 1], seq_of(inf))
+                q[i] = now
         for pid in s.inflight:
             d = s.inflight[pid]
             if d.stored:
