@@ -745,11 +745,15 @@ class Persist:
         return True
 
     def _unref(self, msg):
-        msg.refs -= 1
-        if msg.refs <= 0 and msg.mid:
+        # All or nothing: a MemoryError staging the delete leaves refs as
+        # they were, so a caller that tries again (session_ended) does not
+        # count one reference off twice and delete a record still in use.
+        if msg.refs <= 1 and msg.mid:
             self._del("m" + str(msg.mid))
             msg.mid = 0
             msg.refs = 0
+        else:
+            msg.refs -= 1
 
     def queued(self, s, msg, seq, qos, retain, subids):
         # A QoS 1/2 delivery just appended to s.queue with this seq.
