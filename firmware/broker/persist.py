@@ -342,7 +342,7 @@ class Persist:
         st = self.store
         mps = self.b.cfg["max_packet_size"]
         return (not self.failing and st.used_bytes() + (mps << 1) <= st.max_bytes
-                and st.batch_left() > mps + 512 and st.staged_ops() < _CROWDED)
+                and st.batch_left() > mps + 512 and self._uncrowded())
 
     def batch_takes(self, topic, retain, size):
         # Has the batch staged for the next commit room for this QoS 1/2
@@ -358,7 +358,7 @@ class Persist:
         # the store's index made room for (store.py, _make_room).
         st = self.store
         return (self.failing or not st.pending()
-                or (st.staged_ops() < _CROWDED and self._need(topic, retain, size) <= st.batch_left()))
+                or (self._uncrowded() and self._need(topic, retain, size) <= st.batch_left()))
 
     def can_take(self, s, topic, retain, size):
         # Can the store take a QoS 1/2 message of size bytes on topic?
@@ -490,6 +490,11 @@ class Persist:
                 await asyncio.sleep_ms(0)
         self._commit()
 
+    def _uncrowded(self):
+        # The staged batch holds under a third of the room the store made
+        # for one (_CROWDED): more work may go into it before the commit.
+        return self.store.staged_ops() < _CROWDED
+
     def room_to_end(self):
         # Whether a session may end now: its records' deletes go into the
         # batch (one per queued message, per message in flight and per
@@ -502,7 +507,7 @@ class Persist:
         # deletes took the last of it, and the commit could never be
         # written: esp32 heap, sessions with full queues). A batch short of
         # crowded still takes one session's end.
-        if self.store.staged_ops() < _CROWDED:
+        if self._uncrowded():
             return True
         if self.failing and (not self.wants_heap or self.b.heap.room_for_client()):
             return True
@@ -516,7 +521,7 @@ class Persist:
         # compaction ran in steps, and one batch held 160 ops (esp32 heap,
         # a session draining 300 queued messages). The PUBACKs of what is
         # in flight may still add two ops each.
-        if self.store.staged_ops() < _CROWDED:
+        if self._uncrowded():
             return False
         if c not in self.waiting:
             self.waiting.append(c)
@@ -591,7 +596,7 @@ class Persist:
         st = self.store
         lazy = self.lazy
         while lazy:
-            if st.staged_ops() >= _CROWDED:
+            if not self._uncrowded():
                 return False
             t = next(iter(lazy))
             m = r.peek(t)
