@@ -197,6 +197,21 @@ def test_denied_topic_is_filtered_at_delivery_inside_a_granted_subscription(brok
         c.close()
 
 
+@pytest.mark.parametrize("version", [5, 4])
+def test_denied_topic_is_filtered_at_delivery_for_qos_0_passing_straight_through(broker, version):
+    # A QoS 0 message goes from the read buffer straight into a plain
+    # subscriber's output (route._copy): the ACL holds there too.
+    a = cl(broker, "alice", version=version)
+    assert a.subscribe([("home/#", 0)]) == [0]
+    root = cl(broker, "root", version=version)
+    for t in ("home/alarm/code", "home/hall/light"):
+        root.publish(t, b"v", qos=0)
+    root.ping()
+    assert delivered(a, "home/#") == ["home/hall/light"]
+    for c in (a, root):
+        c.close()
+
+
 def test_pattern_deny_wins_over_a_users_readwrite_everything(broker):
     r = cl(broker, "root")
     assert r.publish("secret/plans", b"x", qos=1).reason == 0x87

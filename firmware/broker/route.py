@@ -31,7 +31,8 @@ def route(b, msg, origin, keep=True):
     else:
         # One subscription per session (the usual case): no bookkeeping.
         sent = 0
-        raw = type(msg) is Raw
+        # (With an ACL, deliver() checks it before its own _copy().)
+        raw = type(msg) is Raw and b.acl is None
         for sub in hits:
             s = sub.session
             if sub.opts & _NO_LOCAL and s is origin:
