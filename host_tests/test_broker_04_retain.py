@@ -144,6 +144,30 @@ def test_more_retained_messages_than_one_output_buffer_holds_all_arrive_once(bro
         pub.publish("many/%02d" % i, b"", qos=1, retain=True)
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_live_messages_after_a_subscribe_are_not_overtaken_by_its_retained_ones(broker, pub, version):
+    # 24 retained values of 300 bytes (more than the write buffer holds)
+    # go out while the same topics get newer live messages, at QoS 1 and
+    # QoS 0 (which may pass straight through). Per topic the old retained
+    # value must come first: a receiver is left with what came last
+    # (MQTT-4.6.0-6).
+    n = 24
+    for i in range(n):
+        pub.publish("order/%02d" % i, b"OLD" + bytes(300), qos=1, retain=True)
+    c = Client(broker.port, "r04-order", version=version)
+    c.subscribe([("order/#", 1)])
+    for i in range(n):
+        pub.publish("order/%02d" % i, b"NEW", qos=i & 1)
+    got = c.messages(2 * n, timeout=5)
+    seen = {}
+    for m in got:
+        seen.setdefault(m.topic, []).append((m.payload[:3], m.retain))
+    assert seen == {"order/%02d" % i: [(b"OLD", True), (b"NEW", False)] for i in range(n)}
+    c.close()
+    for i in range(n):
+        pub.publish("order/%02d" % i, b"", qos=1, retain=True)
+
+
 def test_retained_message_over_client_maximum_packet_size_is_skipped_and_the_rest_arrive(broker, pub):
     pub.publish("retmps/big", b"B" * 200, qos=0, retain=True)
     pub.publish("retmps/small", b"small", qos=0, retain=True)

@@ -161,7 +161,7 @@ def _recheck(b, s, username):
             continue
         if p is not None and stored_of(q[i + 1]):
             p.dequeued(s, q[i], seq_of(q[i + 1]))
-        del q[i : i + 2]
+        s.drop(i)
         b.stats_dropped += 1
     inf = s.inflight
     for pid in [k for k in inf if inf[k].state == SENT]:

@@ -191,6 +191,7 @@ def _on_subscribe(c, pkt):
         if topics:
             if s.pending_retained is None:
                 s.pending_retained = []
+                s.put("ahead", s.queued())
             s.pending_retained.append((sub, topics))
     c.kick()
 

@@ -117,7 +117,20 @@ def pump(b, c, s):
         return True
     q = s.queue
     p = b.persist
-    while q:
+    while True:
+        if s.pending_retained and (not s.ahead or not q):
+            # Retained messages for a new subscription go out before what
+            # was queued after its SUBSCRIBE (route.deliver queues while
+            # they wait): a live message newer than a topic's retained one
+            # must not be overtaken by it (MQTT-4.6.0-6), or the receiver
+            # is left with the old value. Mosquitto queues them at the
+            # SUBSCRIBE, to the same effect.
+            s.put("ahead", 0)
+            r = _retained(b, c, s)
+            if s.pending_retained:
+                return r
+        if not q:
+            return False
         inf = q[1]
         st = stored_of(inf)
         if st and p is not None and p.crowded(c):
@@ -128,9 +141,6 @@ def pump(b, c, s):
         if r == GONE and st and p is not None:
             p.dequeued(s, q[0], seq_of(inf))
         s.pop()
-    if s.pending_retained:
-        return _retained(b, c, s)
-    return False
 
 
 def _retained(b, c, s):

@@ -60,7 +60,7 @@ def _copy(b, s, raw):
     # no topic mapping, no topic aliases). Kept small: a larger frame comes
     # from the heap.
     c = s.conn
-    if c is None or s.queue or c.version != raw.version or c.topic_out is not None or c.held or c.resend:
+    if c is None or s.queue or s.pending_retained or c.version != raw.version or c.topic_out is not None or c.held or c.resend:
         return False
     if c.alias_out_max:
         return False
@@ -131,7 +131,8 @@ def deliver(b, s, msg, qos, retain, subids):
             if not subids and not retain and _copy(b, s, msg):
                 return
             msg = msg.message()
-        if c is not None and not s.queue:
+        if c is not None and not s.queue and not s.pending_retained:
+            # (Else behind what waits, retained messages too: pump.py.)
             r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
             if r == SENT:
                 # Straight into its output: sent by the flusher with the rest.

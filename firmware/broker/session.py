@@ -87,6 +87,7 @@ class Session:
     inflight = ()  # pid -> Delivery
     qos2_in = ()  # pid -> True: QoS 2 received, PUBREL pending
     pending_retained = None  # [(Sub, [topic, ...])]: retained messages still to send
+    ahead = 0  # queue entries that go before pending_retained (queued before its SUBSCRIBE)
     limit = 0  # queue bound when not max_queued_messages (a bridge's max_queued)
     bridge = None  # the Bridge, for a bridge's own session: never evicted or taken over
 
@@ -112,7 +113,13 @@ class Session:
 
     def pop(self):
         # Removes the first queue entry.
-        del self.queue[0:2]
+        self.drop(0)
+
+    def drop(self, i):
+        # Removes the queue entry at q[i], q[i + 1].
+        del self.queue[i : i + 2]
+        if i < self.ahead << 1:
+            self.ahead -= 1
 
     def enqueue(self, msg, inf, limit):
         # Bounded queue. When full, the oldest QoS 0 message makes room
@@ -122,7 +129,7 @@ class Session:
         if len(q) >> 1 >= limit:
             for i in range(1, len(q), 2):
                 if qos_of(q[i]) == 0:
-                    del q[i - 1 : i + 1]
+                    self.drop(i - 1)
                     self.dropped += 1
                     break
             else:
@@ -160,3 +167,4 @@ class Session:
         self.inflight = ()
         self.qos2_in = ()
         self.pending_retained = None
+        self.put("ahead", 0)
