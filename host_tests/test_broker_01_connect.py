@@ -157,6 +157,17 @@ def test_v5_empty_client_id_gets_assigned_client_identifier(broker):
     b.close()
 
 
+def test_v5_client_whose_maximum_packet_size_is_below_the_connack_is_closed_without_one(broker):
+    # The CONNACK with an Assigned Client Identifier is over 20 bytes; one
+    # for a client with an identifier of its own fits.
+    r = connect_raw(broker.port, "", version=5, props={MAX_PACKET: 20})
+    assert r.closed()
+    r = connect_raw(broker.port, "mps20", version=5, props={MAX_PACKET: 20})
+    ack = r.recv_packet()
+    assert ack[0] == 0x20 and len(ack) <= 20
+    r.close()
+
+
 def test_v311_empty_client_id_with_clean_session_is_accepted(broker):
     r = connect_raw(broker.port, "", version=4, clean=True)
     assert r.recv_packet() == b"\x20\x02\x00\x00"

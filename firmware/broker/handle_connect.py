@@ -3,7 +3,9 @@
 # and the limits of a small board (session table, heap), checked before
 # any password is. login() is also HTTP Basic's on a WebSocket upgrade.
 import asyncio
+import binascii
 import gc
+import os
 import time
 from micropython import const
 from mqtt.errors import MQTTError
@@ -18,7 +20,6 @@ from broker.backpressure import Paused, STUCK_MS
 from broker.core import Closed
 from broker.pump import resend_inflight
 
-_ids = 0
 # Longest client id, in UTF-8 bytes. Persistence keys a session's records
 # "q"/"i"/"x" + id + "\0" + a number of up to 10 digits, and the store
 # takes keys of at most 1024 bytes (store.py); 128 leaves room to spare and
@@ -181,6 +182,17 @@ def asked_version(mv, off, end):
     return 5 if end - off > 6 and mv[off + 6] == 5 else 4
 
 
+def _new_client_id(b):
+    # An Assigned Client Identifier, not any session's (MQTT-3.2.2-16).
+    # Random, as Mosquitto's are: a counter or a clock starts again at each
+    # boot, and could give a name a restored session already has (it then
+    # got that session and its messages).
+    while True:
+        cid = "auto-" + binascii.hexlify(os.urandom(8)).decode()
+        if cid not in b.sessions:
+            return cid
+
+
 def on_connect(c, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -210,9 +222,7 @@ def on_connect(c, mv, off, end):
     if not cid:
         if v == 4 and (not pkt.clean or pkt.version == 3):
             refuse(c, 0x85, "empty client id needs clean session")
-        global _ids
-        _ids += 1
-        cid = assigned = "auto-%x-%d" % (time.ticks_ms() & 0xFFFFFF, _ids)
+        cid = assigned = _new_client_id(b)
     elif len(cid.encode()) > _MAX_CLIENT_ID:
         refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
 
@@ -368,11 +378,19 @@ def on_connect(c, mv, off, end):
             ack_props[P.TOPIC_ALIAS_MAXIMUM] = cfg["max_topic_alias"]
         if not cfg["retain_available"]:
             ack_props[P.RETAIN_AVAILABLE] = 0
+    # MQTT 3.1 has no Session Present flag: that byte is reserved, 0.
+    ack = encode(Connack(present and pkt.version != 3, 0, ack_props), v)
+    if len(ack) > c.max_out:
+        # Its Maximum Packet Size is below our CONNACK (an Assigned Client
+        # Identifier cannot be left out): closed without one, as Mosquitto
+        # does, rather than sent a packet past it (MQTT-3.1.2-24).
+        log.info("refused %s: its maximum packet size %d is below the CONNACK's %d bytes",
+                 c.t.peer, c.max_out, len(ack))
+        c.disconnect_reason = 0x95
+        raise Closed()
     c.keepalive = ka
     s.put("gone_at", None)
     s.conn = c
-    # MQTT 3.1 has no Session Present flag: that byte is reserved, 0.
-    ack = encode(Connack(present and pkt.version != 3, 0, ack_props), v)
     # The commit. Up to here a MemoryError leaves no session in the table
     # (Connection.dispatch answers it with CONNACK 0x97); from here to the
     # CONNACK nothing allocates but a new session's table entry.
