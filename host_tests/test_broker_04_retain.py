@@ -2,7 +2,7 @@
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import MAX_PACKET, BrokerProc, Client, RAP
+from mqttc import MAX_PACKET, RECEIVE_MAX, SESSION_EXPIRY, BrokerProc, Client, RAP
 
 CONFIG = {}
 
@@ -166,6 +166,28 @@ def test_live_messages_after_a_subscribe_are_not_overtaken_by_its_retained_ones(
     c.close()
     for i in range(n):
         pub.publish("order/%02d" % i, b"", qos=1, retain=True)
+
+
+def test_messages_queued_before_a_subscribe_go_before_its_retained_ones(broker, pub):
+    # A session's queue, held back by its Receive Maximum of 1, then a
+    # SUBSCRIBE that sends a retained message: the queue goes first, as
+    # Mosquitto orders them (the retained ones join the queue's end).
+    c = Client(broker.port, "r04-ahead", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    c.subscribe([("ahead/#", 1)])
+    c.disconnect()
+    pub.publish("ahead/r", b"R", qos=1, retain=True)
+    for i in range(3):
+        pub.publish("ahead/%d" % i, b"%d" % i, qos=1)
+    c = Client(broker.port, "r04-ahead", version=5, clean=False, props={SESSION_EXPIRY: 60, RECEIVE_MAX: 1})
+    first = c.recv()  # in flight, not acknowledged yet: the rest wait
+    c.subscribe([("ahead/#", 1)])
+    c.ack(first)
+    got = [first] + c.messages(4, timeout=5)
+    assert [(m.payload, m.retain) for m in got] == [
+        (b"R", False), (b"0", False), (b"1", False), (b"2", False), (b"R", True)]
+    c.close()
+    pub.publish("ahead/r", b"", qos=1, retain=True)
+    Client(broker.port, "r04-ahead", version=5).close()  # the session ends
 
 
 def test_retained_message_over_client_maximum_packet_size_is_skipped_and_the_rest_arrive(broker, pub):
