@@ -7,7 +7,7 @@ import pytest
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import (BrokerProc, Raw, Client, Connect, Empty, decode, CONNACK,
                    DISCONNECT, PINGREQ, PINGRESP, ASSIGNED_ID, SERVER_KEEP_ALIVE, RECEIVE_MAX,
-                   MAX_PACKET, TOPIC_ALIAS_MAX, connect_bytes)
+                   MAX_PACKET, SESSION_EXPIRY, TOPIC_ALIAS_MAX, connect_bytes)
 from mqtt import packets as P
 
 CONFIG = {
@@ -166,6 +166,22 @@ def test_v5_client_whose_maximum_packet_size_is_below_the_connack_is_closed_with
     ack = r.recv_packet()
     assert ack[0] == 0x20 and len(ack) <= 20
     r.close()
+
+
+def test_a_connect_refused_for_its_maximum_packet_size_takes_nothing_over(broker):
+    # Refused before the take-over: the connected client keeps its
+    # connection and session, and the refused CONNECT's will never goes.
+    watcher = Client(broker.port, "mps-watcher", version=5)
+    watcher.subscribe([("mps/will", 0)])
+    victim = Client(broker.port, "mps-victim", version=5, props={SESSION_EXPIRY: 60})
+    r = connect_raw(broker.port, "mps-victim", version=5, clean=False, props={MAX_PACKET: 12},
+                    will_topic="mps/will", will_payload=b"ghost")
+    assert r.closed()
+    victim.ping()
+    assert watcher.messages(timeout=1) == []
+    victim.close()
+    watcher.close()
+    Client(broker.port, "mps-victim", version=5).close()  # the session ends
 
 
 def test_v311_empty_client_id_with_clean_session_is_accepted(broker):

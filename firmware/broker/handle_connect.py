@@ -284,6 +284,33 @@ def on_connect(c, mv, off, end):
         will = Message(pkt.will_topic, pkt.will_payload, pkt.will_qos, pkt.will_retain, wp or None)
         wexp = wp.get(P.MESSAGE_EXPIRY)
 
+    ka = pkt.keepalive
+    ack_props = None
+    if v == 5:
+        ack_props = {}
+        mk = cfg["max_keepalive"]
+        if ka > mk or (ka == 0 and mk < 65535):
+            ka = mk
+            ack_props[P.SERVER_KEEP_ALIVE] = ka
+        if assigned is not None:
+            ack_props[P.ASSIGNED_CLIENT_ID] = assigned
+        if cfg["max_inflight_messages"] < 65535:
+            ack_props[P.RECEIVE_MAXIMUM] = cfg["max_inflight_messages"]
+        ack_props[P.MAXIMUM_PACKET_SIZE] = cfg["max_packet_size"]
+        if cfg["max_topic_alias"]:
+            ack_props[P.TOPIC_ALIAS_MAXIMUM] = cfg["max_topic_alias"]
+        if not cfg["retain_available"]:
+            ack_props[P.RETAIN_AVAILABLE] = 0
+    if c.max_out < 256 and len(encode(Connack(False, 0, ack_props), v)) > c.max_out:
+        # Its Maximum Packet Size is below our CONNACK (an Assigned Client
+        # Identifier cannot be left out): closed without one, as Mosquitto
+        # does, rather than sent a packet past it (MQTT-3.1.2-24). Before
+        # anything changes (a take-over, a will): it is refused.
+        b.stats_refused += 1
+        log.info("refused %s: its maximum packet size %d is below our CONNACK", c.t.peer, c.max_out)
+        c.disconnect_reason = 0x95
+        raise Closed()
+
     old = b.sessions.get(cid)
     if old is None and not b.new_session_allowed():
         # (room was there at busy(); a concurrent CONNECT took it)
@@ -361,33 +388,8 @@ def on_connect(c, mv, off, end):
     if pr.get(P.REQUEST_PROBLEM_INFO) == 0:
         c.problem_info = False
 
-    ka = pkt.keepalive
-    ack_props = None
-    if v == 5:
-        ack_props = {}
-        mk = cfg["max_keepalive"]
-        if ka > mk or (ka == 0 and mk < 65535):
-            ka = mk
-            ack_props[P.SERVER_KEEP_ALIVE] = ka
-        if assigned is not None:
-            ack_props[P.ASSIGNED_CLIENT_ID] = assigned
-        if cfg["max_inflight_messages"] < 65535:
-            ack_props[P.RECEIVE_MAXIMUM] = cfg["max_inflight_messages"]
-        ack_props[P.MAXIMUM_PACKET_SIZE] = cfg["max_packet_size"]
-        if cfg["max_topic_alias"]:
-            ack_props[P.TOPIC_ALIAS_MAXIMUM] = cfg["max_topic_alias"]
-        if not cfg["retain_available"]:
-            ack_props[P.RETAIN_AVAILABLE] = 0
     # MQTT 3.1 has no Session Present flag: that byte is reserved, 0.
     ack = encode(Connack(present and pkt.version != 3, 0, ack_props), v)
-    if len(ack) > c.max_out:
-        # Its Maximum Packet Size is below our CONNACK (an Assigned Client
-        # Identifier cannot be left out): closed without one, as Mosquitto
-        # does, rather than sent a packet past it (MQTT-3.1.2-24).
-        log.info("refused %s: its maximum packet size %d is below the CONNACK's %d bytes",
-                 c.t.peer, c.max_out, len(ack))
-        c.disconnect_reason = 0x95
-        raise Closed()
     c.keepalive = ka
     s.put("gone_at", None)
     s.conn = c
