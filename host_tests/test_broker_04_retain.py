@@ -190,6 +190,38 @@ def test_messages_queued_before_a_subscribe_go_before_its_retained_ones(broker, 
     Client(broker.port, "r04-ahead", version=5).close()  # the session ends
 
 
+def test_a_resend_after_reconnect_keeps_the_order_retained_and_live_messages_went_out_in(broker, pub):
+    # 10 retained values, of which a Receive Maximum of 8 lets 8 out; then
+    # 10 live ones queue. Once those 8 are acknowledged, the last 2 retained
+    # ones go out, then 6 live ones, none acknowledged before the client
+    # drops. Resent on reconnect (MQTT-4.6.0-1), they keep that order, and
+    # every topic ends on its live value.
+    n = 10
+    props = {SESSION_EXPIRY: 60, RECEIVE_MAX: 8}
+    for i in range(n):
+        pub.publish("resend/%02d" % i, b"OLD", qos=1, retain=True)
+    c = Client(broker.port, "r04-resend", version=5, clean=False, props=props)
+    c.subscribe([("resend/#", 1)])
+    first = [c.recv() for _ in range(8)]
+    for i in range(n):
+        pub.publish("resend/%02d" % i, b"NEW", qos=1)
+    for m in first:
+        c.ack(m)
+    sent = [(m.topic, m.payload) for m in (c.recv() for _ in range(8))]
+    c.close()
+    c = Client(broker.port, "r04-resend", version=5, clean=False, props=props)
+    got = c.messages(12, timeout=5)
+    assert [(m.topic, m.payload) for m in got[:8]] == sent and all(m.dup for m in got[:8])
+    last = {}
+    for m in got:
+        last[m.topic] = m.payload
+    assert last == {"resend/%02d" % i: b"NEW" for i in range(n)}
+    c.close()
+    Client(broker.port, "r04-resend", version=5).close()  # the session ends
+    for i in range(n):
+        pub.publish("resend/%02d" % i, b"", qos=1, retain=True)
+
+
 def test_retained_message_over_client_maximum_packet_size_is_skipped_and_the_rest_arrive(broker, pub):
     pub.publish("retmps/big", b"B" * 200, qos=0, retain=True)
     pub.publish("retmps/small", b"small", qos=0, retain=True)

@@ -782,11 +782,12 @@ class Persist:
         _varints(out, d.seq, d.msg.mid, *(d.subids or ()))
         return self._put("i" + s.client_id + "\0" + str(pid), out)
 
-    def sent(self, s, pid, d, was_queued):
-        # d went out as pid: its queue record (if any) becomes an in-flight
-        # record, which takes over the reference to the message.
-        if was_queued:
-            self._del("q" + s.client_id + "\0" + str(d.seq))
+    def sent(self, s, pid, d, queued_seq):
+        # d went out as pid: its queue record (queued_seq, if it has one)
+        # becomes an in-flight record, which takes over the reference to
+        # the message.
+        if queued_seq:
+            self._del("q" + s.client_id + "\0" + str(queued_seq))
         elif not self._ref(d.msg):
             return
         if self._inflight_record(s, pid, d):

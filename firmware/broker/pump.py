@@ -62,8 +62,8 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         pkt = _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole)
         if pkt is None:
             return WAIT
-        d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, seq or b.next_seq())
-        p.sent(s, pid, d, stored)
+        d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
+        p.sent(s, pid, d, seq if stored else 0)
         p.hold(c, pkt if whole else (pkt, msg.payload), True)
     else:
         ob = c.reserve(n)
@@ -82,9 +82,9 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
             if not whole:
                 c.tail = [msg.payload]
         if qos:
-            d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, seq or b.next_seq())
+            d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
             if durable:
-                p.sent(s, pid, d, stored)
+                p.sent(s, pid, d, seq if stored else 0)
     if stored and not durable:
         # Its session no longer persists: the queue entry's record goes.
         p.dequeued(s, msg, seq)

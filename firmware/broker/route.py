@@ -194,6 +194,6 @@ def would_hold(b, topic, qos, retain):
         if c is None:
             if qos and sub.opts & 3 or b.cfg["queue_qos0_messages"]:
                 return True
-        elif s.queue or not c.room(512):
+        elif s.queue or s.pending_retained or not c.room(512):
             return True
     return False

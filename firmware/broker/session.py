@@ -57,7 +57,11 @@ class Delivery:
     def __init__(self, msg, qos, retain, subids, seq):
         self.msg = msg
         self.qos = qos
-        self.seq = seq  # the queue entry's sequence number: resend order
+        # Taken when it is sent, so that a resend on resumption keeps the
+        # order it went out in (MQTT-4.6.0-1): not its queue entry's, since
+        # retained messages for a new subscription go out ahead of entries
+        # queued before them (pump.py).
+        self.seq = seq
         if retain:
             self.retain = True
         if subids:
