@@ -73,7 +73,7 @@ def busy(b, cid):
     # Why a connection for client id cid (None: not known yet) cannot be
     # served now, as (reason code, text); None when it can.
     cfg = b.cfg
-    if not b.heap.room_for_client():
+    if not b.heap.room_for_client() and _held_longest(b) is None:
         return 0x89, "server busy: low memory"
     old = b.sessions.get(cid) if cid is not None else None
     if old is not None and old.bridge is not None:
@@ -88,7 +88,7 @@ def busy(b, cid):
 
 
 def _held_longest(b):
-    # On a full table, the client whose reader the broker has held longest
+    # On a full table or heap, the client whose reader the broker has held longest
     # (for heap or the store), at least STUCK_MS, or None: its slot goes
     # to a new client once that one has logged in (on_connect). A paused
     # reader sees no EOF, so seven 3.1.1 publishers paused on a heap full
@@ -315,10 +315,16 @@ def on_connect(c, mv, off, end):
     if old is None and not b.new_session_allowed():
         # (room was there at busy(); a concurrent CONNECT took it)
         refuse(c, 0x97, "session table full")
-    if (old is None or old.conn is None) and b.connected_count() >= cfg["max_connections"]:
+    full = (old is None or old.conn is None) and b.connected_count() >= cfg["max_connections"]
+    if full or not b.heap.room_for_client():
+        # What the held client frees (its slot, its buffers) goes to this
+        # one. A heap below the clients' floor is full too: those clients
+        # hold part of it, and one of them may be the very client that
+        # would drain it.
         held = _held_longest(b)
         if held is None:
-            refuse(c, 0x97, "too many connections")  # (taken meanwhile)
+            # (taken meanwhile)
+            refuse(c, 0x97 if full else 0x89, "too many connections" if full else "server busy: low memory")
         held.protocol_error(0x97, "held by the broker for over %d s: its slot goes to a new client"
                             % (STUCK_MS // 1000))
         held.close_soon()
