@@ -88,15 +88,15 @@ def busy(b, cid):
 
 
 def _held_longest(b):
-    # On a full table or heap, the client whose reader the broker has held longest
-    # (for heap or the store), at least STUCK_MS, or None: its slot goes
-    # to a new client once that one has logged in (on_connect). A paused
-    # reader sees no EOF, so seven 3.1.1 publishers paused on a heap full
-    # of an offline session's queue, and then gone, held their slots for
-    # good, and that session's client, whose return alone would free the
-    # heap, was refused every time. A live one sends again after
-    # reconnecting: nothing it was told was taken is lost. Bridge links
-    # are left alone.
+    # On a full table or heap, the client whose reader the broker has held
+    # longest (for heap or the store), at least STUCK_MS, or None: its slot
+    # and buffers go to a new client once that one has logged in
+    # (on_connect). A paused reader sees no EOF, so seven 3.1.1 publishers
+    # paused on a heap full of an offline session's queue, and then gone,
+    # held their slots for good, and that session's client, whose return
+    # alone would free the heap, was refused every time. A live one sends
+    # again after reconnecting: nothing it was told was taken is lost.
+    # Bridge links are left alone.
     now = b.now_ms()
     worst = None
     most = STUCK_MS

@@ -37,10 +37,10 @@ def check(b):
                 # 8 KB messages in flight, kept a sensor's 8 KB PUBLISH
                 # waiting until their keep-alive ran out, and for good with
                 # keep-alive 0. Counted as a full queue, it is closed after
-                # STUCK_MS unless it moves on (a write, an acknowledgement). Not while its own reader
-                # waits (its acknowledgements wait unread behind a packet
-                # the heap cannot take), nor while the broker holds its
-                # output for a commit.
+                # STUCK_MS unless it moves on (a write, an acknowledgement).
+                # Not while its own reader waits (its acknowledgements wait
+                # unread behind a packet the heap cannot take), nor while
+                # the broker holds its output for a commit.
                 s.full_since = now_ms
         if s is None:
             if time.ticks_diff(now_ms, c.born) > cto:

@@ -60,7 +60,9 @@ def _copy(b, s, raw):
     # no topic mapping, no topic aliases). Kept small: a larger frame comes
     # from the heap.
     c = s.conn
-    if c is None or s.queue or s.pending_retained or c.version != raw.version or c.topic_out is not None or c.held or c.resend:
+    if c is None or s.queue or s.pending_retained:
+        return False  # (behind what waits)
+    if c.version != raw.version or c.topic_out is not None or c.held or c.resend:
         return False
     if c.alias_out_max:
         return False
