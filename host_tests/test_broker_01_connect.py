@@ -42,6 +42,20 @@ def test_v31_mqisdp_connect_is_accepted(broker):
     r.close()
 
 
+def test_v31_client_id_longer_than_23_bytes_is_rejected_with_return_code_2(broker):
+    # The 3.1 spec: ids of 1 to 23 characters, a longer one gets CONNACK 2
+    # (Identifier Rejected). 3.1.1 and 5.0 may take more (below).
+    r = connect_raw(broker.port, "c01-v31-" + "x" * 15, version=3)
+    assert r.recv_packet() == b"\x20\x02\x00\x00"  # 23 bytes: taken
+    r.close()
+    r = connect_raw(broker.port, "c01-v31-" + "x" * 16, version=3)
+    assert r.recv_packet() == b"\x20\x02\x00\x02"
+    assert r.closed()
+    r = connect_raw(broker.port, "c01-v311-" + "x" * 40, version=4)
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.close()
+
+
 def test_v31_connack_to_a_resumed_session_keeps_the_reserved_byte_zero(broker):
     # 3.1 has no Session Present flag: its first CONNACK byte is reserved.
     # A second clean-session-0 connect got 20 02 01 00 (Mosquitto: 00).
@@ -311,6 +325,14 @@ def test_v5_connect_with_authentication_method_gets_connack_0x8c(broker):
     # Enhanced authentication is not offered: 0x8C Bad authentication method.
     c = Client(broker.port, "c01-authm", version=5, props={0x15: "SCRAM-SHA-1"}, expect_ok=False)
     assert c.connack.reason == 0x8C
+    assert c.closed()
+
+
+def test_v5_authentication_data_without_a_method_gets_connack_0x82(broker):
+    # 5.0 3.1.2.11.10: Authentication Data with no Authentication Method is
+    # a Protocol Error.
+    c = Client(broker.port, "c01-authd", version=5, props={0x16: b"token"}, expect_ok=False)
+    assert c.connack.reason == 0x82
     assert c.closed()
 
 

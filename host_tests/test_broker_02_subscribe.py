@@ -301,6 +301,29 @@ def test_v311_suback_byte_exact_with_0x80_for_invalid_filter(broker):
     c.close()
 
 
+def test_v31_subscribe_with_a_filter_that_is_not_valid_closes_the_connection(broker, pub):
+    # A 3.1 SUBACK has no failure code (0x80 is 3.1.1's): closed, as by
+    # Mosquitto, and none of the packet's filters is taken.
+    from mqttc import Raw, connect_bytes, enc
+    r = Raw(broker.port)
+    r.send(connect_bytes("s02-v31-bad", version=3, clean=False))
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.send(enc(Subscribe(9, [("v31ok/a", 1), ("v31/#/y", 0)]), 4))
+    assert r.closed()
+    c = Client(broker.port, "s02-v31-bad", version=4, clean=False)
+    pub.publish("v31ok/a", b"x", qos=1)
+    assert c.poll(0.5) is None
+    c.close()
+    Client(broker.port, "s02-v31-bad", version=4, clean=True).disconnect()
+    # A valid one is granted as in 3.1.1.
+    r = Raw(broker.port)
+    r.send(connect_bytes("s02-v31-ok", version=3))
+    assert r.recv_packet() == b"\x20\x02\x00\x00"
+    r.send(enc(Subscribe(9, [("v31ok/#", 1)]), 4))
+    assert r.recv_packet() == b"\x90\x03\x00\x09\x01"
+    r.close()
+
+
 def test_v311_unsuback_is_byte_exact(broker):
     c = Client(broker.port, "s02-unsuback4", version=4)
     c.subscribe([("u4/a", 0)])

@@ -288,3 +288,58 @@ def test_messages_in_flight_at_a_resumption_go_again_before_a_message_routed_rig
         assert got == [(b"W", True), (b"M", False)], got
         r.close()
         pub.close()
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_message_in_flight_too_big_for_the_resumed_client_is_dropped_not_sent_again(broker, pub, qos):
+    # MQTT-3.1.2-24/25: the Maximum Packet Size of the new CONNECT holds for
+    # what is sent again on resumption; the message is discarded for that
+    # client, and its flow ends (the next one is not held behind it).
+    from mqttc import MAX_PACKET, PUBLISH
+    cid = "s05-mps-q%d" % qos
+    c = v5(broker.port, cid, expiry=60, clean=True)
+    c.subscribe([("s05/mps/%d" % qos, qos)])
+    pub.publish("s05/mps/%d" % qos, b"A" * 200, qos=qos)
+    assert c.get(ack=False).payload == b"A" * 200
+    c.close()  # in flight, unacknowledged
+    time.sleep(0.1)
+    c = Client(broker.port, cid, version=5, clean=False, props={SESSION_EXPIRY: 60, MAX_PACKET: 100})
+    assert c.connack.session_present is True
+    got = c.poll(0.5)
+    assert got is None, "sent again past the client's Maximum Packet Size: %r" % (got,)
+    pub.publish("s05/mps/%d" % qos, b"small", qos=qos)
+    m = c.get()
+    assert m.type == PUBLISH and m.payload == b"small" and not m.dup
+    c.close()
+    v5(broker.port, cid, expiry=0, clean=True).disconnect()
+
+
+def test_messages_sent_again_on_resumption_keep_to_the_new_receive_maximum(broker, pub):
+    # MQTT-3.3.4-9: no more unacknowledged QoS 1/2 PUBLISHes than the
+    # Receive Maximum of this connection, resent ones included; the rest
+    # follow as they are acknowledged, in their order.
+    from mqttc import RECEIVE_MAX, PUBLISH
+    c = v5(broker.port, "s05-rm", expiry=60, clean=True)
+    c.subscribe([("s05/rm", 1)])
+    for i in range(6):
+        pub.publish("s05/rm", b"%d" % i, qos=1)
+    assert [m.payload for m in c.messages(6, timeout=5, ack=False)] == [b"%d" % i for i in range(6)]
+    c.close()  # six in flight
+    time.sleep(0.1)
+    c = Client(broker.port, "s05-rm", version=5, clean=False, props={SESSION_EXPIRY: 60, RECEIVE_MAX: 2})
+    first = [c.get(ack=False) for _ in range(2)]
+    assert c.poll(0.5) is None, "more than the Receive Maximum of 2 in flight"
+    got = []
+    for m in first:
+        assert m.dup
+        got.append(m.payload)
+        c.ack(m)
+    while len(got) < 6:
+        m = c.get(ack=False)
+        assert m.type == PUBLISH and m.dup
+        got.append(m.payload)
+        c.ack(m)
+    assert got == [b"%d" % i for i in range(6)]
+    assert c.poll(0.3) is None
+    c.close()
+    v5(broker.port, "s05-rm", expiry=0, clean=True).disconnect()

@@ -38,7 +38,8 @@ class Connection(Output):
     # obuf, olen, big, tail, writer, dirty, drained: see outbuf.py.
     resend = None  # packet ids to send again on session resumption
     session = None
-    version = 4
+    version = 4  # 4: MQTT 3.1.1, and 3.1 with v31 set; 5: MQTT 5.0
+    v31 = False
     keepalive = 0
     send_max = 0  # the client's Receive Maximum if below ours (0: ours)
     max_out = 268435455  # client's Maximum Packet Size

@@ -25,6 +25,7 @@ from broker.pump import resend_inflight
 # takes keys of at most 1024 bytes (store.py); 128 leaves room to spare and
 # is far above the 23 the spec requires servers to allow.
 _MAX_CLIENT_ID = const(128)
+_MAX_CLIENT_ID_V31 = const(23)
 # PBKDF2 iterations hashed between two turns of the other clients: about
 # 4 ms on an ESP32 (a whole login of 1,000 iterations takes 250 ms).
 _HASH_SLICE = const(16)
@@ -210,11 +211,15 @@ def on_connect(c, mv, off, end):
         # Assigned only when it differs from the class default, as below:
         # an idle connection's attribute table stays small.
         c.version = v
+    if pkt.version == 3:
+        c.v31 = True
     pr = pkt.props or {}
     if P.MAXIMUM_PACKET_SIZE in pr:
         c.max_out = pr[P.MAXIMUM_PACKET_SIZE]
     if P.AUTH_METHOD in pr:
         refuse(c, 0x8C, "enhanced authentication is not supported")
+    if P.AUTH_DATA in pr:
+        refuse(c, 0x82, "authentication data without an authentication method")  # 3.1.2.11.10
 
     # Client identifier (MQTT-3.1.3-6..8).
     cid = pkt.client_id
@@ -223,8 +228,12 @@ def on_connect(c, mv, off, end):
         if v == 4 and (not pkt.clean or pkt.version == 3):
             refuse(c, 0x85, "empty client id needs clean session")
         cid = assigned = _new_client_id(b)
-    elif len(cid.encode()) > _MAX_CLIENT_ID:
-        refuse(c, 0x85, "client id longer than %d bytes" % _MAX_CLIENT_ID)
+    else:
+        # MQTT 3.1 allows 23 characters and says to reject a longer id
+        # (return code 2); 3.1.1 and 5.0 let servers take more.
+        most = _MAX_CLIENT_ID_V31 if pkt.version == 3 else _MAX_CLIENT_ID
+        if len(cid.encode()) > most:
+            refuse(c, 0x85, "client id longer than %d bytes" % most)
 
     # Room for it, before any password is hashed: a full broker spends no
     # CPU on logins it could not serve anyway.

@@ -82,6 +82,8 @@ def _on_ack(c, t, pid, reason):
 def _flow_ended(c, s, pid, d):
     # A QoS 1 message acknowledged, or a QoS 2 one completed or refused.
     del s.inflight[pid]
+    if c.resend and pid in c.resend:
+        c.resend.remove(pid)  # (acknowledged before it was sent again)
     s.full_since = None  # progress: not stuck
     if s.expiry and c.broker.persist is not None:
         c.broker.persist.acked(s, pid, d)
@@ -144,11 +146,24 @@ def _answer(c, p, s, pkt, first):
         c.send(pkt)
 
 
+def _check_v31(c, cfg, pkt):
+    # MQTT 3.1's SUBACK has no failure code: a filter that is not valid
+    # closes the connection before any filter of the packet is taken, as
+    # Mosquitto does. (Other refusals, such as the ACL's, still answer 0x80
+    # rather than close a client that would only come back.)
+    for full, opts in pkt.topics:
+        group, flt = split_shared(full)
+        if _sub_reason(c, cfg, flt, opts, group) == 0x8F:
+            raise MQTTError(0x8F, "topic filter not valid")
+
+
 def _on_subscribe(c, pkt):
     b = c.broker
     cfg = b.cfg
     s = c.session
     p = b.persist
+    if c.v31:
+        _check_v31(c, cfg, pkt)
     _record_room(c, p, s, sum(2 * len(f) + 24 for f, _ in pkt.topics))
     subid = 0
     if pkt.props:

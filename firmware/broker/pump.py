@@ -114,7 +114,7 @@ def pump(b, c, s):
     # it stopped for lack of room in the output (more may follow once it
     # is written), False when nothing more can go now.
     if c.resend is not None and not resend(b, c, s):
-        return True
+        return c.held == 0 and (c.olen > 0 or c.big is not None)
     q = s.queue
     p = b.persist
     while True:
@@ -232,11 +232,13 @@ def resend(b, c, s):
     # A QoS 2 PUBLISH or PUBREL whose state may not be on flash yet waits
     # for the commit (Persist.hold), as when it first went out: sent before
     # a power cut undoes that state, it would make the receiver take the
-    # message twice.
+    # message twice. The client's Receive Maximum and Maximum Packet Size
+    # are those it connected with this time.
     r = c.resend
     now = b.now()
     half = b.wpool.size >> 1
     p = b.persist if s.expiry else None
+    most = c.send_max or b.cfg["max_inflight_messages"]
     while r:
         if c.held:
             return False
@@ -255,10 +257,25 @@ def resend(b, c, s):
             else:
                 c.send(pkt)
         else:
+            if len(s.inflight) - len(r) >= most:
+                # Those sent again are in flight on this connection, and
+                # within its Receive Maximum (MQTT-3.3.4-9): the rest go
+                # as they are acknowledged (c.resend holds no acknowledged
+                # ones: handle_other._flow_ended).
+                return False
             m = d.msg
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
             n = m.size(t, c.version, d.qos, d.subids, 0, True, whole)
+            if n + (0 if whole else len(m.payload)) > c.max_out:
+                # Too big for the client as it connected this time: its
+                # flow ends unsent (MQTT-3.1.2-25), as in put_message.
+                b.stats_dropped += 1
+                del s.inflight[pid]
+                if p is not None:
+                    p.acked(s, pid, d)
+                r.pop(0)
+                continue
             ob = None if wait else c.reserve(n)
             if ob is None:
                 if c.olen or c.big is not None:
