@@ -116,6 +116,16 @@ def test_overlapping_subscriptions_carry_every_subscription_identifier(broker, p
     s.close()
 
 
+def test_filters_of_one_subscribe_matching_a_message_carry_their_shared_identifier_once(broker, pub):
+    s = Client(broker.port, "s02-subids1", version=5)
+    s.subscribe([("sid1/#", 0), ("sid1/+", 1)], props={SUBID: 9})
+    pub.publish("sid1/a", b"x", qos=1)
+    got = s.messages(1, timeout=5)
+    assert got[0].props[SUBID] == [9] and got[0].qos == 1
+    assert s.poll(0.3) is None
+    s.close()
+
+
 def test_subscription_identifier_is_sent_with_matching_message(broker, pub):
     s = Client(broker.port, "s02-subid1", version=5)
     s.subscribe([("sid1/+", 1)], props={SUBID: 268435455})

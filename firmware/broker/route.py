@@ -111,7 +111,8 @@ def _route_many(b, msg, origin, hits):
             if sub.subid:
                 if e[2] is None:
                     e[2] = [sub.subid]
-                else:
+                elif sub.subid not in e[2]:
+                    # (filters of one SUBSCRIBE share its identifier)
                     e[2].append(sub.subid)
     for s in best:
         e = best[s]
