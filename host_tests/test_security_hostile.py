@@ -11,7 +11,7 @@ import pytest
 import pwhash
 from brokerproc import TEST_PASSWORD, TEST_USER, free_port, source_address, write_password_file
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, Raw, collect, connect_bytes, wait_for
+from mqttc import BrokerProc, Client, Raw, collect, connect_bytes, sys_wait, wait_for
 
 CONFIG = {}  # the shipped defaults
 
@@ -782,3 +782,34 @@ def test_failed_logins_leave_a_piece_of_heap_for_a_packet_of_max_packet_size():
             ack = c.publish(topic, b"x" * n, qos=1)
             assert ack.reason in (0, 0x10), ack
             c.close()
+
+
+# ---------------------------------------------------------------- heap held by one packet
+
+
+def test_a_qos_0_publish_of_thousands_of_user_properties_holds_no_heap_once_routed():
+    # One legal 8 KB v5 QoS 0 PUBLISH of 1600 empty user properties. The
+    # broker's one holder of the QoS 0 message passing through kept its
+    # packet and decoded properties (34 to 45 KB) until the next QoS 0
+    # message came, and every new client got CONNACK 0x97 meanwhile.
+    from mqtt import wire
+    with BrokerProc(board="esp32", config={"sys_interval": 1}) as b:
+        base = int(sys_wait(b.port, "heap/used", lambda v: True))
+        r = Raw(b.port)
+        r.send(connect_bytes("props-bomb", 5))
+        ack = r.recv_packet()
+        assert ack[0] == 0x20 and ack[3] == 0x00, ack
+        props = b"\x26\x00\x00\x00\x00" * 1600
+        body = bytearray(b"\x00\x04pb/t")
+        wire.put_varint(body, len(props))
+        body += props + b"x"
+        pkt = bytearray(b"\x30")
+        wire.put_varint(pkt, len(body))
+        r.send(bytes(pkt + body) + b"\xc0\x00")  # and a PINGREQ: it was handled
+        assert r.recv_packet(10) == b"\xd0\x00"
+        c = Client(b.port, "after-bomb", version=5)  # asserts CONNACK 0x00
+        c.close()
+        used = int(sys_wait(b.port, "heap/used", lambda v: int(v) < base + 4000, timeout=6))
+        assert used < base + 4000, "heap used %d B after the packet, %d before" % (used, base)
+        r.close()
+        assert "Traceback" not in b.log()

@@ -233,13 +233,15 @@ def on_publish(c, first, mv, off, end):
         if mv[start] == first:
             msg = b.raw
             msg.set(topic, mv[start:end], poff - start, pr, c.version, b.now())
-            n = route(b, msg, s)
-            if msg.msg is not None:
-                # Some receiver needed a Message of it (to queue it, say):
-                # reckoned per receiver, as below. Copies made straight into
-                # output buffers hold no heap beyond them.
-                b.heap.spend(n << 7)
-                msg.msg = None
+            try:
+                n = route(b, msg, s)
+                if msg.msg is not None:
+                    # Some receiver needed a Message of it (to queue it,
+                    # say): reckoned per receiver, as below. Copies made
+                    # straight into output buffers hold no heap beyond them.
+                    b.heap.spend(n << 7)
+            finally:
+                msg.clear()
             return
     try:
         msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,

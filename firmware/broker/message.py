@@ -217,6 +217,11 @@ class Raw:
         self.now = now
         self.msg = None
 
+    def clear(self):
+        # Once routed: what it points at (a big packet's buffer, thousands
+        # of decoded properties) must not stay held until the next one.
+        self.topic = self.src = self.props = self.msg = None
+
     def message(self):
         m = self.msg
         if m is None:
