@@ -711,6 +711,32 @@ def test_messages_with_more_properties_than_the_heap_holds_are_refused_and_nobod
 
 
 
+def test_retained_messages_with_more_properties_than_the_heap_can_pack_are_refused_and_nobody_is_cut_off():
+    # 300 user properties: from the second retained one on, the heap had no
+    # piece of 2.4 KB to pack its record for the store in, and the
+    # publisher got DISCONNECT 0x97 instead of PUBACK 0x97 (hostile-input
+    # probe). What was acknowledged is kept; nothing refused is.
+    props = {0x26: [("k%d" % (i % 10), "v") for i in range(300)]}
+    with BrokerProc(board="esp32") as b:
+        pub = Client(b.port, "heavy-ret", version=5)
+        reasons = []
+        for i in range(1, 13):
+            pub.send(Publish("heavyret/%02d" % i, b"x", 1, True, False, i, props))
+            p = pub.recv()
+            assert p.type == PUBACK and p.pid == i, p
+            reasons.append(p.reason)
+        assert set(reasons) == {0, 0x97} and reasons[0] == 0, reasons
+        pub.ping()
+        pub.close()
+        kept = Client(b.port, "heavy-ret-sub", version=5)
+        kept.subscribe([("heavyret/#", 0)])
+        got = sorted(m.topic for m in kept.messages(timeout=1))
+        assert got == ["heavyret/%02d" % (i + 1) for i, r in enumerate(reasons) if r == 0]
+        kept.close()
+        assert _serves(b.port, "heavyret")
+        _check_alive(b)
+
+
 CONNECT_OOM = r"""
 # A CONNECT that finds no heap, forced by making an allocation raise
 # MemoryError: "decode", its decoding (1000 user properties are 8 KB sent

@@ -71,7 +71,15 @@ class Retained:
             gc.collect()
             self.dropped += 1
             return False
-        if self.on_change and not self.on_change(t, msg):
+        try:
+            ok = self.on_change is None or self.on_change(t, msg)
+        except MemoryError:
+            # No heap to pack its record (a few KB of properties in one
+            # piece): not kept, as when the store refuses it, rather than
+            # the publisher cut off.
+            gc.collect()
+            ok = False
+        if not ok:
             if new:
                 del self.msgs[t]
             self.dropped += 1
