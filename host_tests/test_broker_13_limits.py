@@ -737,6 +737,34 @@ def test_retained_messages_with_more_properties_than_the_heap_can_pack_are_refus
         _check_alive(b)
 
 
+def test_offline_sessions_whose_subscriptions_fill_the_heap_make_way_for_a_new_client():
+    # Within every shipped limit (32 sessions, 16 subscriptions of up to
+    # 256 bytes): one user's offline sessions filled the esp32 heap. Their
+    # later SUBSCRIBEs ended in DISCONNECT 0x97 (no heap for the session's
+    # record), and every new or returning client got 0x89, after a
+    # restart too, until those sessions expired (hostile-input probe).
+    # Now subscriptions stop at the clients' floor (SUBACK 0x97), and a
+    # new client makes the offline session idle longest go, as on a full
+    # session table.
+    flt = lambda i, j: "s/%02d/%02d/" % (i, j) + "f" * 231
+    with BrokerProc(board="esp32") as b:
+        codes = []
+        for i in range(31):
+            c = Client(b.port, "fill%02d" % i, version=5, clean=False, props={SESSION_EXPIRY: 3600})
+            mine = [c.subscribe([(flt(i, j), 0)])[0] for j in range(16)]
+            c.disconnect()
+            codes += mine
+            if mine == [0x97] * 16:
+                break
+        assert set(codes) == {0, 0x97}, codes
+        for k in range(2):
+            assert _serves(b.port, "after-fill-%d" % k)
+        assert "heap low: evicting fill" in b.log()
+        b.restart()
+        assert _serves(b.port, "after-restart")
+        _check_alive(b)
+
+
 CONNECT_OOM = r"""
 # A CONNECT that finds no heap, forced by making an allocation raise
 # MemoryError: "decode", its decoding (1000 user properties are 8 KB sent

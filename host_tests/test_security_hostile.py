@@ -813,3 +813,43 @@ def test_a_qos_0_publish_of_thousands_of_user_properties_holds_no_heap_once_rout
         assert used < base + 4000, "heap used %d B after the packet, %d before" % (used, base)
         r.close()
         assert "Traceback" not in b.log()
+
+
+def test_connects_that_never_finish_hold_one_big_packet_buffer_at_most():
+    # Five sockets that each sent the first 100 bytes of a CONNECT of
+    # 8,000 bytes got a buffer of that size each before any password was
+    # checked: 40 KB of the esp32 heap for as long as connect_timeout let
+    # them, and a logged-in publisher's messages were refused meanwhile
+    # (hostile-input probe). One such buffer at a time now.
+    import struct
+    from mqtt import wire
+
+    def s(x):
+        return struct.pack(">H", len(x)) + x
+
+    body = s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00" + s(b"big") + s(b"nobody") + s(b"p" * 7900)
+    head = bytearray(b"\x10")
+    wire.put_varint(head, len(body))
+    start = bytes(head + body)[:100]
+    with BrokerProc(board="esp32", config={"sys_interval": 1}) as b:
+        base = int(sys_wait(b.port, "heap/used", lambda v: True))
+        socks = []
+        try:
+            for _ in range(5):
+                so = socket.create_connection(("127.0.0.1", b.port), timeout=5)
+                so.sendall(start)
+                socks.append(so)
+            seen = []
+            for _ in range(5):
+                time.sleep(0.5)
+                seen.append(int(sys_wait(b.port, "heap/used", lambda v: True)))
+            assert max(seen) > base + 7000, "no CONNECT buffer was taken: %s (base %d)" % (seen, base)
+            # One buffer of 8 KB, and five connections waiting (each a few
+            # hundred bytes, and a pooled 512 B buffer for its first bytes).
+            assert max(seen) < base + 24000, "CONNECT buffers held: %s (base %d)" % (seen, base)
+        finally:
+            for so in socks:
+                so.close()
+        # A client with a large will still gets in.
+        c = Client(b.port, "big-will", version=5, will_topic="w/big", will_payload=b"w" * 6000)
+        c.disconnect()

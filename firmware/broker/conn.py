@@ -351,6 +351,8 @@ class Connection(Output):
             if b.congested is not None:
                 self._held_back()
         finally:
+            if b.connect_big is self:
+                b.connect_big = None
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
 
@@ -361,16 +363,22 @@ class Connection(Output):
         # the heap cannot take (README, "When the board is full"): a client
         # is not closed for it. A v5 QoS 1/2 PUBLISH is refused with 0x97
         # instead (None), and a CONNECT before any session gets its CONNACK
-        # 0x97.
+        # 0x97. Before a login, one such buffer at a time (connect_big):
+        # five sockets that sent the first 100 bytes of an 8 KB CONNECT
+        # held 40 KB of heap, with no password checked, for as long as
+        # connect_timeout let them, and messages were refused meanwhile.
         b = self.broker
         part = mv[pos:have]
         kept = None  # the pooled buffer that holds part while this waits
+        login = self.session is None  # a CONNECT: nobody has logged in yet
         try:
             while True:
-                if b.heap.room_for(total):
+                if (not login or b.connect_big is None) and b.heap.room_for(total):
                     try:
                         big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
                         big[0 : len(part)] = part
+                        if login:
+                            b.connect_big = self
                         return big
                     except MemoryError:
                         # Free heap, but no piece this large.
@@ -396,7 +404,7 @@ class Connection(Output):
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
                 self.heap_wait = True
-                await wait_recovered(b, lambda: b.heap.room_for(total))
+                await wait_recovered(b, lambda: (not login or b.connect_big is None) and b.heap.room_for(total))
                 self.last_rx = b.now_ms()  # (waits_on_broker)
         finally:
             self.heap_wait = False

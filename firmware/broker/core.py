@@ -12,6 +12,7 @@
 import asyncio
 import gc
 import time
+from micropython import const
 from broker import log
 from broker.subs import Subs
 from broker.retain import Retained
@@ -19,6 +20,10 @@ from broker.outbuf import Pool
 from broker.heap import Heap
 from broker.route import route
 from broker.message import Raw
+
+# Heap above the clients' floor that offline sessions make way for, for a
+# new client: it and a few subscriptions (an idle one with one is 829 B).
+_CLIENT_ROOM = const(2048)
 
 
 class Closed(Exception):
@@ -42,6 +47,7 @@ class Broker:
         self.rpool.fill()
         self.wpool.fill()
         self.spare_big = None  # see Connection._read_big
+        self.connect_big = None  # the one connection reading a big CONNECT (Connection._big_buffer)
         self.heap = Heap(cfg)
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not
@@ -179,12 +185,19 @@ class Broker:
 
     def session_room(self):
         # Whether new_session_allowed() would find room, without evicting.
-        if len(self.sessions) < self.cfg["max_sessions"]:
-            return True
+        return len(self.sessions) < self.cfg["max_sessions"] or self.oldest_offline() is not None
+
+    def oldest_offline(self, keep=None, empty=False):
+        # The offline session idle longest, never a bridge's nor keep; None.
+        # empty: only one that holds no message nor QoS 2 state (its going
+        # loses nothing that was acknowledged).
+        old = None
         for s in self.sessions.values():
-            if s.conn is None and s.bridge is None:
-                return True
-        return False
+            if (s.conn is None and s.bridge is None and s is not keep
+                    and (old is None or s.gone_at < old.gone_at)
+                    and not (empty and (s.queue or s.inflight or s.qos2_in or s.pending_retained))):
+                old = s
+        return old
 
     def new_session_allowed(self):
         # Room for one more session: when the table is full, the offline
@@ -192,18 +205,37 @@ class Broker:
         # anyone is refused. False when every session is connected.
         if len(self.sessions) < self.cfg["max_sessions"]:
             return True
-        old = None
-        for s in self.sessions.values():
-            if s.conn is None and s.bridge is None and (old is None or s.gone_at < old.gone_at):
-                old = s
+        old = self.oldest_offline()
         if old is None:
             return False
-        # (gone_at is rounded up a second: 0 s, not -1 s, for one just gone)
-        log.warning("session table full: evicting %s, offline for %d s", old.client_id,
-                    max(0, self.now() - old.gone_at))
-        self.stats_evicted += 1
-        self.end_session(old)
+        self._evict(old, "session table full")
         return True
+
+    def heap_for_client(self, keep):
+        # A heap below the clients' floor makes way for a new client much
+        # as a full table does: offline sessions that hold no message go,
+        # idle longest first (never keep, the one it resumes), until the
+        # heap has room for the client and some subscriptions
+        # (_CLIENT_ROOM). Else one user's offline sessions, within every
+        # limit (32 of 16 long filters each), shut everyone else out, even
+        # after a restart, until they expired. A session with messages
+        # stays: the heap it holds is what its client's return drains (the
+        # held clients of handle_connect make way for that client). True
+        # when the heap has room for the client.
+        for _ in range(8):
+            if self.heap.room_for_client(_CLIENT_ROOM):
+                return True
+            old = self.oldest_offline(keep, True)
+            if old is None:
+                break
+            self._evict(old, "heap low")
+        return self.heap.room_for_client()
+
+    def _evict(self, s, why):
+        # (gone_at is rounded up a second: 0 s, not -1 s, for one just gone)
+        log.warning("%s: evicting %s, offline for %d s", why, s.client_id, max(0, self.now() - s.gone_at))
+        self.stats_evicted += 1
+        self.end_session(s)
 
     def connection_closed(self, c):
         if c in self.conns:

@@ -74,9 +74,9 @@ def busy(b, cid):
     # Why a connection for client id cid (None: not known yet) cannot be
     # served now, as (reason code, text); None when it can.
     cfg = b.cfg
-    if not b.heap.room_for_client() and _held_longest(b) is None:
-        return 0x89, "server busy: low memory"
     old = b.sessions.get(cid) if cid is not None else None
+    if not b.heap.room_for_client() and _held_longest(b) is None and b.oldest_offline(old, True) is None:
+        return 0x89, "server busy: low memory"
     if old is not None and old.bridge is not None:
         return 0x85, "client id of a bridge"
     if old is None or old.conn is None:
@@ -325,7 +325,7 @@ def on_connect(c, mv, off, end):
         # (room was there at busy(); a concurrent CONNECT took it)
         refuse(c, 0x97, "session table full")
     full = (old is None or old.conn is None) and b.connected_count() >= cfg["max_connections"]
-    if full or not b.heap.room_for_client():
+    if full or not b.heap_for_client(old):
         # What the held client frees (its slot, its buffers) goes to this
         # one. A heap below the clients' floor is full too: those clients
         # hold part of it, and one of them may be the very client that

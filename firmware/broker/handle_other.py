@@ -1,5 +1,6 @@
 # Every packet after CONNECT except PUBLISH: the QoS 1/2 acknowledgements
 # of outgoing messages, SUBSCRIBE/UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH.
+import gc
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, decode_ack, encode, Suback, Unsuback
@@ -177,7 +178,11 @@ def _on_subscribe(c, pkt):
         if r < 0 and b.acl is not None and not b.acl.can_subscribe(s.client_id, s.username, flt):
             r = 0x87 if c.version == 5 else 0x80
         existed = full in s.subs
-        if r < 0 and not existed and len(s.subs) >= cfg["max_subscriptions"]:
+        if r < 0 and not existed and (len(s.subs) >= cfg["max_subscriptions"]
+                                      or not b.heap.room_for_client(2 * len(full) + 128)):
+            # Past the limit, or the heap's clients' floor: a subscription
+            # lives as long as its session (offline sessions of many long
+            # filters filled the heap, and SUBSCRIBE ended in MemoryError).
             r = 0x97 if c.version == 5 else 0x80
         if r >= 0:
             reasons.append(r if c.version == 5 or r < 0x80 else 0x80)
@@ -195,7 +200,7 @@ def _on_subscribe(c, pkt):
         rh = (opts >> 4) & 3
         if group is None and (rh == 0 or (rh == 1 and not existed)):
             retained.append(sub)
-    if p is not None and s.expiry and made and not p.session_changed(s):
+    if p is not None and s.expiry and made and not _stored(p, s):
         _take_back(c, s, made, reasons)
         retained = ()
     _answer(c, p, s, encode(Suback(pkt.pid, reasons), c.version), True)
@@ -211,10 +216,21 @@ def _on_subscribe(c, pkt):
     c.kick()
 
 
+def _stored(p, s):
+    # The session's record staged with its new subscriptions; False when
+    # the store refused it, or the heap has no piece to make it in (16
+    # long filters are a record of 4 KB).
+    try:
+        return p.session_changed(s)
+    except MemoryError:
+        gc.collect()
+        return False
+
+
 def _take_back(c, s, made, reasons):
     # The session's record with these subscriptions could not be stored:
-    # the store is full, or the record is larger than one store batch
-    # (only with max_subscriptions raised far). A power cut would lose
+    # the store is full, the record is larger than one store batch (only
+    # with max_subscriptions raised far), or no heap. A power cut would lose
     # them, so they are refused (v5 0x97, 3.1.1 0x80) and the session is
     # left as it was.
     subs = c.broker.subs

@@ -131,7 +131,7 @@ class Retained:
                 w = i
         if w and w == len(flt) - 1 and flt[w] == "#":
             w -= 1  # "a/#" also matches "a": its head is "a", not "a/"
-        head = flt[:w]
+        head = flt if w == len(flt) else flt[:w]  # (no copy of a plain filter)
         every = flt == "#"
         out = []
         chunk = None

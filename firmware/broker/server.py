@@ -134,7 +134,10 @@ def _admit(broker, cs):
     # sockets waiting: Broker.sockets_left().
     if broker.sockets_left() < 0:
         return _FULL
-    if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting):
+    # A heap below the clients' floor still takes a client when an offline
+    # session can make way for it (Broker.heap_for_client, after its login).
+    short_ok = broker.oldest_offline(None, True) is not None
+    if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting, short_ok):
         return "low memory (%d bytes free)" % gc.mem_free()
     return None
 

@@ -209,6 +209,8 @@ def _refused_by(lines):
     for line in reversed(lines):
         if "store full" in line:
             return "store (store_max_bytes)"
+        if "heap low: evicting" in line:
+            return "heap (min_free_heap / 2: evicts the oldest offline session)"
         if "evicting" in line:
             return "max_sessions (evicts the oldest offline session)"
         if "refused" in line or "out of memory" in line:
@@ -436,7 +438,8 @@ def measure_sessions(board, pc):
 
         def add(i):
             if i % 16 == 0:
-                # A full table would evict the oldest offline session.
+                # A full table, or a heap at the clients' floor, would
+                # evict the oldest offline session.
                 seen.extend(st.tail.new())
                 if st.w.latest("clients/evicted") or any("evicting" in x for x in seen):
                     return "a session evicted", True
@@ -447,9 +450,8 @@ def measure_sessions(board, pc):
         v = st.stopped(_refused_by(seen + st.tail.new()))
         st.count(int(v["clients/total"]) - int(v["clients/connected"]))
         st.rec["evicted"] = int(v.get("clients/evicted", 0))
-        # Nothing is taken back: the broker has room for no client (not
-        # even one resuming its session to end it), and sessions leave only
-        # by expiry, an hour here.
+        # Nothing is taken back: sessions leave by expiry, an hour here,
+        # or evicted for a new client.
     return st.rec
 
 
