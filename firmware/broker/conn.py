@@ -54,6 +54,7 @@ class Connection(Output):
     reader = None
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
+    big_in = None  # the buffer of the large packet being handled (_read_big), until a message takes it
     linger_ms = 0  # delay before a refusal goes out (failed login)
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
@@ -330,6 +331,7 @@ class Connection(Output):
             if big is None:
                 return  # refused, and its bytes read and dropped
         try:
+            self.big_in = big
             bmv = memoryview(big)
             got = have - pos
             while got < total:
@@ -340,7 +342,8 @@ class Connection(Output):
                 b.stats_bytes_recv += n
             self.last_rx = b.now_ms()
             # Handlers copy what they keep (as they do from the shared
-            # read buffer), so the buffer is free again afterwards.
+            # read buffer), so the buffer is free again afterwards, unless a
+            # message took it for its payload (handle_publish: big_in).
             while True:
                 try:
                     self.dispatch(big[0], bmv, h, total)
@@ -351,9 +354,11 @@ class Connection(Output):
             if b.congested is not None:
                 self._held_back()
         finally:
+            kept = self.big_in is None  # a message holds its payload in it
+            self.big_in = None
             if b.connect_big is self:
                 b.connect_big = None
-            if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
+            if not kept and len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
 
     async def _big_buffer(self, mv, pos, h, have, total):

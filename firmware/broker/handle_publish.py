@@ -223,11 +223,12 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
             raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
-    if not qos and not retain and not alias and c.topic_in is None:
+    if not qos and not retain and not alias and c.topic_in is None and c.big_in is None:
         # Straight from the read buffer to the receivers that take it as it
         # came; a Message only if one of them needs it (route.py). The
         # packet's first byte is found from the shortest encoding of its
-        # length; a longer one (legal in 3.1.1) goes the usual way.
+        # length; a longer one (legal in 3.1.1) goes the usual way, and so
+        # does a large one (its Message keeps the payload where it was read).
         rem = end - off
         start = off - (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
         if mv[start] == first:
@@ -244,7 +245,16 @@ def on_publish(c, first, mv, off, end):
                 msg.clear()
             return
     try:
-        msg = Message(topic, bytes(mv[poff:end]), qos, bool(retain), pr,
+        if c.big_in is not None:
+            # The packet was read into a buffer of its own (Connection.
+            # _read_big): the message keeps its payload there, not a copy.
+            # A large message then needs one free piece of heap its size,
+            # not two at once, which a heap in pieces often lacked.
+            c.big_in = None
+            payload = mv[poff:end]
+        else:
+            payload = bytes(mv[poff:end])
+        msg = Message(topic, payload, qos, bool(retain), pr,
                       pr.get(_EXPIRY) if pr is not None else None, b.now())
     except MemoryError:
         # Free heap, but not in one piece: as when it is short.
