@@ -54,7 +54,7 @@ class Connection(Output):
     reader = None
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
-    big_in = None  # the buffer of the large packet being handled (_read_big), until a message takes it
+    big_in = None  # the buffer (over _BIG_KEEP) of the packet being handled, until a message takes it
     linger_ms = 0  # delay before a refusal goes out (failed login)
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
@@ -331,7 +331,10 @@ class Connection(Output):
             if big is None:
                 return  # refused, and its bytes read and dropped
         try:
-            self.big_in = big
+            if len(big) > _BIG_KEEP:
+                # Not kept for reuse: a message may keep its payload in it
+                # (handle_publish), rather than copy it to a second piece.
+                self.big_in = big
             bmv = memoryview(big)
             got = have - pos
             while got < total:
@@ -342,8 +345,8 @@ class Connection(Output):
                 b.stats_bytes_recv += n
             self.last_rx = b.now_ms()
             # Handlers copy what they keep (as they do from the shared
-            # read buffer), so the buffer is free again afterwards, unless a
-            # message took it for its payload (handle_publish: big_in).
+            # read buffer), so the buffer is free again afterwards, but for
+            # one over _BIG_KEEP that a message took for its payload.
             while True:
                 try:
                     self.dispatch(big[0], bmv, h, total)
@@ -354,11 +357,10 @@ class Connection(Output):
             if b.congested is not None:
                 self._held_back()
         finally:
-            kept = self.big_in is None  # a message holds its payload in it
             self.big_in = None
             if b.connect_big is self:
                 b.connect_big = None
-            if not kept and len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
+            if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
 
     async def _big_buffer(self, mv, pos, h, have, total):

@@ -26,6 +26,23 @@ from broker.message import Raw
 _CLIENT_ROOM = const(2048)
 
 
+def _holds(s):
+    # Whether ending s would lose an acknowledged message or QoS 2 state,
+    # or send a delayed will early.
+    return s.queue or s.inflight or s.qos2_in or s.pending_retained or s.will is not None
+
+
+def _held_by(s):
+    # At least the heap a session without messages holds: itself and its
+    # subscriptions (a filter as a key and in the tree, and its Sub). Low
+    # rather than high: an offline session with one short filter measured
+    # about 300 B (docs/memory.md).
+    n = 160
+    for k in s.subs:
+        n += 2 * len(k) + 64
+    return n
+
+
 class Closed(Exception):
     # Raised inside a handler to end the connection once its reply is sent.
     pass
@@ -189,13 +206,13 @@ class Broker:
 
     def oldest_offline(self, keep=None, empty=False):
         # The offline session idle longest, never a bridge's nor keep; None.
-        # empty: only one that holds no message nor QoS 2 state (its going
-        # loses nothing that was acknowledged).
+        # empty: only one whose end loses nothing and sends nothing early:
+        # no message, no QoS 2 state, no delayed will.
         old = None
         for s in self.sessions.values():
             if (s.conn is None and s.bridge is None and s is not keep
                     and (old is None or s.gone_at < old.gone_at)
-                    and not (empty and (s.queue or s.inflight or s.qos2_in or s.pending_retained))):
+                    and not (empty and _holds(s))):
                 old = s
         return old
 
@@ -212,24 +229,34 @@ class Broker:
         return True
 
     def heap_for_client(self, keep):
-        # A heap below the clients' floor makes way for a new client much
-        # as a full table does: offline sessions that hold no message go,
-        # idle longest first (never keep, the one it resumes), until the
-        # heap has room for the client and some subscriptions
-        # (_CLIENT_ROOM). Else one user's offline sessions, within every
-        # limit (32 of 16 long filters each), shut everyone else out, even
-        # after a restart, until they expired. A session with messages
-        # stays: the heap it holds is what its client's return drains (the
-        # held clients of handle_connect make way for that client). True
-        # when the heap has room for the client.
-        for _ in range(8):
-            if self.heap.room_for_client(_CLIENT_ROOM):
-                return True
+        # A heap without room above the clients' floor for a new client and
+        # some subscriptions (_CLIENT_ROOM) makes way for it much as a full
+        # table does: offline sessions that hold nothing (see oldest_offline)
+        # go, idle longest first, never keep (the one it resumes), until it
+        # has. Else one user's offline sessions, within every limit (32 of
+        # 16 long filters each), shut everyone else out, even after a
+        # restart, until they expired; or let the client in with no room
+        # left to subscribe. None go when all of them together would not
+        # make room. A session with messages stays: the heap it holds is
+        # what its client's return drains (handle_connect's held clients
+        # make way for that one). True when the heap has room for the
+        # client itself.
+        heap = self.heap
+        if heap.room_for_client(_CLIENT_ROOM):
+            return True
+        short = heap.client_floor - heap.free() + _CLIENT_ROOM
+        spare = 0
+        for s in self.sessions.values():
+            if s.conn is None and s.bridge is None and s is not keep and not _holds(s):
+                spare += _held_by(s)
+        if spare < short:
+            return heap.room_for_client()
+        while not heap.room_for_client(_CLIENT_ROOM):
             old = self.oldest_offline(keep, True)
             if old is None:
                 break
             self._evict(old, "heap low")
-        return self.heap.room_for_client()
+        return heap.room_for_client()
 
     def _evict(self, s, why):
         # (gone_at is rounded up a second: 0 s, not -1 s, for one just gone)

@@ -234,7 +234,7 @@ def _take_back(c, s, made, reasons):
     # them, so they are refused (v5 0x97, 3.1.1 0x80) and the session is
     # left as it was.
     subs = c.broker.subs
-    for full, old, i in made:
+    for full, old, i in reversed(made):  # (a filter named twice: its latest first)
         subs.remove(s.subs[full])
         if old is None:
             del s.subs[full]

@@ -228,7 +228,7 @@ def on_publish(c, first, mv, off, end):
         # came; a Message only if one of them needs it (route.py). The
         # packet's first byte is found from the shortest encoding of its
         # length; a longer one (legal in 3.1.1) goes the usual way, and so
-        # does a large one (its Message keeps the payload where it was read).
+        # does one in a large buffer (its Message keeps the payload there).
         rem = end - off
         start = off - (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
         if mv[start] == first:
@@ -245,17 +245,13 @@ def on_publish(c, first, mv, off, end):
                 msg.clear()
             return
     try:
-        if c.big_in is not None:
-            # The packet was read into a buffer of its own (Connection.
-            # _read_big): the message keeps its payload there, not a copy.
-            # A large message then needs one free piece of heap its size,
-            # not two at once, which a heap in pieces often lacked.
-            c.big_in = None
-            payload = mv[poff:end]
-        else:
-            payload = bytes(mv[poff:end])
-        msg = Message(topic, payload, qos, bool(retain), pr,
-                      pr.get(_EXPIRY) if pr is not None else None, b.now())
+        # A packet read into a large buffer of its own (Connection.
+        # _read_big: big_in) keeps its payload there, not a copy: a large
+        # message then needs one free piece of heap its size, not two at
+        # once, which a heap in pieces often lacked.
+        msg = Message(topic, mv[poff:end] if c.big_in is not None else bytes(mv[poff:end]),
+                      qos, bool(retain), pr, pr.get(_EXPIRY) if pr is not None else None, b.now())
+        c.big_in = None  # (taken: not reused)
     except MemoryError:
         # Free heap, but not in one piece: as when it is short.
         b.stats_msgs_recv -= 1

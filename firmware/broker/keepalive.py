@@ -55,10 +55,11 @@ def check(b):
             # already; free its connection (its session stays).
             c.protocol_error(0x97, "not reading: no progress with its messages for %d s" % (STUCK_MS // 1000))
             c.close_soon()
-        elif (s.queue or s.pending_retained) and not c.pending() and c.writer is None:
+        elif (s.queue or s.pending_retained or c.resend) and not c.pending() and c.writer is None:
             # Messages wait with the output empty: one that waited for
             # heap (pump.put_message, or an output buffer the heap had no
             # piece for) is tried again. Retained values for a new
             # subscription too: they waited for good, and a hub's eighth
-            # client got none of its 200.
+            # client got none of its 200. And what is to go again on a
+            # resumption (pump.resend), once the heap has a piece for it.
             c.kick()

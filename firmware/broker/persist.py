@@ -636,8 +636,10 @@ class Persist:
             # Nobody was promised anything: written with the next autosave.
             self.lazy[topic] = True
             return True
+        if not self._put("r" + topic, _pack(msg)):
+            return False  # (a QoS 0 value before it is still to be saved)
         self.lazy.pop(topic, None)
-        return self._put("r" + topic, _pack(msg))
+        return True
 
     def session_fits(self, s, more):
         # Has the batch staged for the next commit room for s's record grown
