@@ -251,11 +251,18 @@ class Broker:
                 spare += _held_by(s)
         if spare < short:
             return heap.room_for_client()
+        p = self.persist
         while not heap.room_for_client(_CLIENT_ROOM):
             old = self.oldest_offline(keep, True)
-            if old is None:
+            if old is None or (p is not None and not p.room_to_end()):
+                # (as for an expired session: deletes staged while a commit
+                # waits for heap would take the last of it)
                 break
-            self._evict(old, "heap low")
+            try:
+                self._evict(old, "heap low")
+            except MemoryError:
+                gc.collect()
+                break
         return heap.room_for_client()
 
     def _evict(self, s, why):
