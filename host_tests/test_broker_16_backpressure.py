@@ -133,6 +133,81 @@ def test_a_writer_without_an_output_buffer_waits_instead_of_dropping_its_client(
     assert "buffered again True True" in r.stdout, r.stdout + r.stderr
 
 
+
+READER_OOM = r"""
+# The reader of a connection whose packet is split across two reads keeps
+# the first part in a pooled buffer; when the heap has no piece that large
+# (a fragmented heap), it waits for one rather than drop its client. Forced
+# by making the read-buffer pool fail three times.
+import asyncio
+from broker import config
+from broker.core import Broker
+from broker.conn import Connection
+from mp_fake_transport import SentTransport as T
+
+CONNECT = b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02c1"
+PUBLISH = b"\x32\x0c\x00\x03a/b\x00\x07hello"  # QoS 1, packet id 7
+
+
+class R(T):
+    chunks = [CONNECT + PUBLISH[:6]]
+
+    async def recv_into(self, mv):
+        while not R.chunks:
+            await asyncio.sleep_ms(10)
+        c = R.chunks.pop(0)
+        mv[: len(c)] = c
+        return len(c)
+
+
+b = Broker(config.build({"persistence": False, "allow_anonymous": True}))
+b.rpool.free = []
+real_get = b.rpool.get
+short = [3]
+
+
+def get():
+    # As on a fragmented heap: no block as large as a read buffer.
+    if short[0]:
+        short[0] -= 1
+        return None
+    return real_get()
+
+
+b.rpool.get = get
+
+
+async def main():
+    flusher = asyncio.create_task(b.flush_all())
+    c = Connection(b, R())
+    b.conns.append(c)
+    reader = asyncio.create_task(c.run())
+    await asyncio.sleep_ms(100)
+    print("waiting", c.heap_wait, "closing", c.closing)
+    R.chunks.append(PUBLISH[6:])
+    await asyncio.sleep_ms(1000)
+    print("short", short[0], "puback", T.sent.endswith(b"\x40\x02\x00\x07"), "closing", c.closing)
+    reader.cancel()
+    flusher.cancel()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_reader_without_a_buffer_for_a_split_packet_waits_instead_of_dropping_its_client():
+    # An outside stress run (esp32 heap full of offline sessions' queues,
+    # free only in pieces under 512 B) closed a publisher with 0x97 "out
+    # of memory" when its PUBLISH came in two reads and the pool had no
+    # buffer to keep the first part in.
+    from conftest import run_mp
+
+    r = run_mp(READER_OOM)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "waiting True closing False" in r.stdout, r.stdout
+    assert "short 0 puback True closing False" in r.stdout, r.stdout
+
+
 def test_a_stalled_subscriber_holds_back_only_the_publishers_that_feed_it():
     # A dashboard on weak Wi-Fi stops reading: the sensor publishing to it
     # is paused (its PUBACKs stop), while another sensor, whose messages go

@@ -210,9 +210,10 @@ class Connection(Output):
                     # buffers are as large as the shared one, so it fits.
                     buf = b.rpool.get()
                     if buf is None:
-                        raise MemoryError("no read buffer")
+                        buf = await self._wait_for_buffer(smv[pos:have])
+                    else:
+                        buf[0:n] = smv[pos:have]
                     mv = memoryview(buf)
-                    buf[0:n] = smv[pos:have]
                     have = n
                 elif pos:
                     buf[0:n] = mv[pos:have]
@@ -249,6 +250,30 @@ class Connection(Output):
         if buf is not None:
             b.rpool.put(buf)
         await self.finish()
+
+    async def _wait_for_buffer(self, part):
+        # A pooled buffer holding `part`, once the heap has one: the shared
+        # buffer is the other readers' while this one waits, so part is
+        # kept meanwhile in a copy its size. (A publisher whose packet was
+        # split across two reads was cut off with 0x97 while a heap full of
+        # offline sessions' queues was free only in pieces under 512 B.)
+        # Each look collects, so they come 50 ms apart and then up to a
+        # second apart. Cancelled when the connection is closed.
+        b = self.broker
+        part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
+        self.heap_wait = True
+        ms = 50
+        try:
+            while True:
+                await asyncio.sleep_ms(ms)
+                buf = b.rpool.get()
+                if buf is not None:
+                    buf[0 : len(part)] = part
+                    return buf
+                ms = min(ms << 1, 1000)
+                self.last_rx = b.now_ms()  # (waits_on_broker)
+        finally:
+            self.heap_wait = False
 
     def _take(self, cur, have):
         # Hands the whole packets in cur[:have] to the handlers. Returns

@@ -10,17 +10,22 @@
 # keeps serving the clients already connected and still lets a new one in
 # (a dashboard, a $SYS reader); and a MemoryError is never what tells us.
 #
-# One piece of heap is kept aside for the work that frees heap: a store
-# commit (its acknowledgements and deletes hold heap until it is written)
-# and a session's end. A heap full of queued messages for offline sessions
-# is legitimate, and in crumbs it had 7 KB free but no 152 B in one piece
-# for the commit: every PUBACK then waited for good (esp32 heap, 27
-# sessions with full queues expiring while others came).
+# Some heap is kept aside for the work that frees heap: a store commit (its
+# acknowledgements and deletes hold heap until it is written) and a
+# session's end. A heap full of queued messages for offline sessions is
+# legitimate, and in crumbs it had 7 KB free but no 152 B in one piece for
+# the commit: every PUBACK then waited for good (esp32 heap, 27 sessions
+# with full queues expiring while others came). It is kept in pieces of
+# 256 B, made again as soon as the heap has them: a piece of 2 KB, or of
+# 512 B, was rarely there again under that load, and the next commit that
+# failed for heap waited for good.
 import gc
 import time
 from micropython import const
 
-_RESCUE = const(2048)  # bytes kept aside (a commit needs some hundreds)
+_PIECE = const(256)  # bytes kept aside: _PIECES pieces (a commit needs some hundreds,
+_PIECES = const(8)  # its largest piece 152 B)
+_GONE = bytearray(0)  # a piece used, not yet made again
 
 
 class Heap:
@@ -30,15 +35,18 @@ class Heap:
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
         self.refused_at = None  # ticks_ms when room_for() last said no
-        self.rescue = bytearray(_RESCUE)  # made early: low in the heap, in one piece
+        self.rescue = [_GONE] * _PIECES  # the pieces kept aside (keep_rescue)
+        self.keep_rescue()  # made early: low in the heap
 
     def use_rescue(self):
-        # Frees the piece kept aside, for a retry of work that frees heap
-        # and failed for want of it. False when it was already used (made
-        # again by track() once the heap has room).
-        if self.rescue is None:
+        # Frees the pieces kept aside, for a retry of work that frees heap
+        # and failed for want of it. False when none was left (made again
+        # by keep_rescue()).
+        r = self.rescue
+        if r[0] is _GONE:
             return False
-        self.rescue = None
+        for i in range(_PIECES):
+            r[i] = _GONE
         gc.collect()
         return True
 
@@ -102,11 +110,21 @@ class Heap:
         f = gc.mem_free() - self.message_floor
         if f > self.most:
             self.most = f
-        if self.rescue is None and f > _RESCUE:
-            try:
-                self.rescue = bytearray(_RESCUE)
-            except MemoryError:
-                pass
+        self.keep_rescue()
+
+    def keep_rescue(self):
+        # Makes again the pieces kept aside once used: after each commit,
+        # and once a second. Whatever else waits for heap: the commit comes
+        # first, since what it frees is what the others wait for.
+        r = self.rescue
+        if r[_PIECES - 1] is not _GONE:
+            return  # all there (made in order, used all at once)
+        for i in range(_PIECES):
+            if r[i] is _GONE:
+                try:
+                    r[i] = bytearray(_PIECE)
+                except MemoryError:
+                    return
 
     def refused_lately(self, now_ms):
         # True while something waits for heap: a paused reader asks again

@@ -433,9 +433,15 @@ class Persist:
                 except MemoryError:
                     # Once, then as any failed commit: with the pool's
                     # spares and the heap kept aside for it (heap.py).
+                    # With that piece freed, no other task runs until the
+                    # commit is written: new connections took it between
+                    # a compaction's steps, and the commit then waited
+                    # for good (esp32 heap full of offline sessions'
+                    # queues, which could not end until it was written).
                     self.b.shed_buffers()
-                    self.b.heap.use_rescue()
-                    await self._compact_and_commit()
+                    if not self.b.heap.use_rescue():
+                        raise
+                    await self._compact_and_commit(False)
             except Exception as e:
                 # The batch stays staged and every acknowledgement it owes
                 # stays held: retried until it goes through.
@@ -463,6 +469,9 @@ class Persist:
                 self.failing = False
             wait = _RETRY_MS
             try:
+                # The pieces kept aside are made again first, from what the
+                # batch held: before the sends it released take the heap.
+                self.b.heap.keep_rescue()
                 self._after_commit()
             except Exception:
                 # This task must not die, or nothing is written again. What
@@ -482,12 +491,13 @@ class Persist:
             self.expire_waits = False
             session_expiry.check(self.b)
 
-    async def _compact_and_commit(self):
+    async def _compact_and_commit(self, steps_yield=True):
         if self.store.pending() and self.store.compaction_due():
             # In steps, one namespace each, so that the loop is not held
             # for the whole of it.
             for _ in self.store.compact_steps():
-                await asyncio.sleep_ms(0)
+                if steps_yield:
+                    await asyncio.sleep_ms(0)
         self._commit()
 
     def _uncrowded(self):

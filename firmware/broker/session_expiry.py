@@ -9,27 +9,32 @@ from broker.session import NEVER
 
 def check(b):
     now = b.now()
-    dead = None
     for s in b.sessions.values():
-        if s.conn is not None:
-            continue
-        if s.will_at is not None and now >= s.will_at:
+        if s.conn is None and s.will_at is not None and now >= s.will_at:
             b.publish_will(s)
-        if s.expiry != NEVER and s.gone_at is not None and now - s.gone_at >= s.expiry:
-            if dead is None:
-                dead = []
-            dead.append(s)
-    if dead:
-        p = b.persist
-        for s in dead:
-            if p is not None and not p.room_to_end():
-                break  # the rest right after the commit
-            try:
-                b.end_session(s)
-            except MemoryError:
-                # Its deletes took what the heap had: those staged stay
-                # done (persist.session_ended), the rest at the next tick,
-                # after the commit has freed them.
-                gc.collect()
-                break
-            log.info("session %s expired", s.client_id)
+    # One at a time, found again after each end, rather than listed: a
+    # heap in crumbs had no piece for the list, and no session could end
+    # (esp32 heap full of expired sessions' queues).
+    p = b.persist
+    while True:
+        s = _due(b, now)
+        if s is None or p is not None and not p.room_to_end():
+            break  # the rest right after the commit
+        try:
+            b.end_session(s)
+        except MemoryError:
+            # Its deletes took what the heap had: those staged stay
+            # done (persist.session_ended), the rest at the next tick,
+            # after the commit has freed them.
+            gc.collect()
+            break
+        log.info("session %s expired", s.client_id)
+
+
+def _due(b, now):
+    # An offline session whose expiry interval has passed, or None.
+    for s in b.sessions.values():
+        if (s.conn is None and s.expiry != NEVER and s.gone_at is not None
+                and now - s.gone_at >= s.expiry):
+            return s
+    return None
