@@ -257,8 +257,11 @@ class Connection(Output):
         # kept meanwhile in a copy its size. (A publisher whose packet was
         # split across two reads was cut off with 0x97 while a heap full of
         # offline sessions' queues was free only in pieces under 512 B.)
-        # Each look collects, so they come 50 ms apart and then up to a
-        # second apart. Cancelled when the connection is closed.
+        # A look that fails costs a collection, so they come 50 ms apart
+        # and then up to a second apart. Cancelled when the connection is
+        # closed; last_rx is set when the wait ends (waits_on_broker), so
+        # that a newcomer may take the slot of one that waits long
+        # (handle_connect._held_longest).
         b = self.broker
         part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
         self.heap_wait = True
@@ -266,12 +269,12 @@ class Connection(Output):
         try:
             while True:
                 await asyncio.sleep_ms(ms)
-                buf = b.rpool.get()
+                buf = b.rpool.get(False)
                 if buf is not None:
                     buf[0 : len(part)] = part
+                    self.last_rx = b.now_ms()
                     return buf
                 ms = min(ms << 1, 1000)
-                self.last_rx = b.now_ms()  # (waits_on_broker)
         finally:
             self.heap_wait = False
 

@@ -18,7 +18,8 @@
 # with full queues expiring while others came). It is kept in pieces of
 # 256 B, made again as soon as the heap has them: a piece of 2 KB, or of
 # 512 B, was rarely there again under that load, and the next commit that
-# failed for heap waited for good.
+# failed for heap waited for good. (They may take a hole that a 512 B read
+# buffer wanted: the commit comes first, and a reader waits for a buffer.)
 import gc
 import time
 from micropython import const
@@ -39,16 +40,15 @@ class Heap:
         self.keep_rescue()  # made early: low in the heap
 
     def use_rescue(self):
-        # Frees the pieces kept aside, for a retry of work that frees heap
-        # and failed for want of it. False when none was left (made again
-        # by keep_rescue()).
+        # Frees the pieces kept aside (those made again since they were
+        # last used), for a retry of work that frees heap and failed for
+        # want of it.
         r = self.rescue
         if r[0] is _GONE:
-            return False
+            return
         for i in range(_PIECES):
             r[i] = _GONE
         gc.collect()
-        return True
 
     def free(self, need=0):
         # Free bytes, after a collection when what is free looks short of
@@ -115,7 +115,9 @@ class Heap:
     def keep_rescue(self):
         # Makes again the pieces kept aside once used: after each commit,
         # and once a second. Whatever else waits for heap: the commit comes
-        # first, since what it frees is what the others wait for.
+        # first, since what it frees is what the others wait for. (A try
+        # that fails costs a collection, but only while they are missing:
+        # a heap in crumbs, where the commit is what matters.)
         r = self.rescue
         if r[_PIECES - 1] is not _GONE:
             return  # all there (made in order, used all at once)

@@ -48,17 +48,20 @@ class Pool:
         while len(self.free) < self.keep:
             self.free.append(bytearray(self.size))
 
-    def get(self):
+    def get(self, again=True):
         # A buffer, or None when the heap has no block that large even
         # after a collection (it may be fragmented: free, but not in one
         # piece). Callers then do without one, or give up the connection.
+        # Not again: one try (the allocator's own collection), for a
+        # caller that asks again later.
         if self.free:
             return self.free.pop()
-        for _ in range(2):
+        for _ in range(2 if again else 1):
             try:
                 return bytearray(self.size)
             except MemoryError:
-                gc.collect()
+                if again:
+                    gc.collect()
         return None
 
     def put(self, buf):

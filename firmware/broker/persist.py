@@ -433,14 +433,13 @@ class Persist:
                 except MemoryError:
                     # Once, then as any failed commit: with the pool's
                     # spares and the heap kept aside for it (heap.py).
-                    # With that piece freed, no other task runs until the
-                    # commit is written: new connections took it between
-                    # a compaction's steps, and the commit then waited
-                    # for good (esp32 heap full of offline sessions'
-                    # queues, which could not end until it was written).
+                    # With that heap freed, no other task runs until this
+                    # try is over: new connections took it between a
+                    # compaction's steps, and the commit then waited for
+                    # good (esp32 heap full of offline sessions' queues,
+                    # which could not end until it was written).
                     self.b.shed_buffers()
-                    if not self.b.heap.use_rescue():
-                        raise
+                    self.b.heap.use_rescue()
                     await self._compact_and_commit(False)
             except Exception as e:
                 # The batch stays staged and every acknowledgement it owes
