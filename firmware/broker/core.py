@@ -26,6 +26,12 @@ from broker.message import Raw
 _CLIENT_ROOM = const(2048)
 
 
+def _offline(s, keep):
+    # Whether s may make way for another client: offline, not a bridge's,
+    # not keep (the session that client resumes).
+    return s.conn is None and s.bridge is None and s is not keep
+
+
 def _holds(s):
     # Whether ending s would lose an acknowledged message or QoS 2 state,
     # or send a delayed will early.
@@ -210,8 +216,7 @@ class Broker:
         # no message, no QoS 2 state, no delayed will.
         old = None
         for s in self.sessions.values():
-            if (s.conn is None and s.bridge is None and s is not keep
-                    and (old is None or s.gone_at < old.gone_at)
+            if (_offline(s, keep) and (old is None or s.gone_at < old.gone_at)
                     and not (empty and _holds(s))):
                 old = s
         return old
@@ -247,7 +252,7 @@ class Broker:
         short = heap.client_floor - heap.free() + _CLIENT_ROOM
         spare = 0
         for s in self.sessions.values():
-            if s.conn is None and s.bridge is None and s is not keep and not _holds(s):
+            if _offline(s, keep) and not _holds(s):
                 spare += _held_by(s)
         if spare < short:
             return heap.room_for_client()

@@ -66,18 +66,16 @@ class Heap:
         # free: what a client holds for long is taken down to it.
         return self.free(n) - n >= self.client_floor
 
-    def room_for_socket(self, sockets, short_ok):
-        # room_for_client() (unless short_ok: room can be made once the
-        # client has logged in), and one free piece as large as the poller's
-        # tables may need to take one socket more than `sockets`: the
+    def room_for_socket(self, sockets):
+        # One free piece as large as the poller's tables may need to take
+        # one socket more than `sockets` (the caller asks room_for_client()
+        # too, unless room can be made once the client has logged in): the
         # select module's map and pollfd array and asyncio's map grow,
         # never shrink, and want about 16 B a socket in one piece. A heap
         # in crumbs has the bytes but not the piece, and a poller that
         # cannot take a socket ends the broker (transport._unpoll):
         # measured on the esp32 heap with max_connections raised, once in
         # four fills at 71 clients. The probe is garbage at once.
-        if not short_ok and not self.room_for_client():
-            return False
         for _ in range(2):
             try:
                 bytearray((sockets + 8) << 4)

@@ -136,8 +136,9 @@ def _admit(broker, cs):
         return _FULL
     # A heap below the clients' floor still takes a client when an offline
     # session can make way for it (Broker.heap_for_client, after its login).
-    short_ok = broker.oldest_offline(None, True) is not None
-    if not broker.heap.room_for_socket(len(broker.conns) + broker.conn_waiting, short_ok):
+    heap = broker.heap
+    if ((not heap.room_for_client() and broker.oldest_offline(None, True) is None)
+            or not heap.room_for_socket(len(broker.conns) + broker.conn_waiting)):
         return "low memory (%d bytes free)" % gc.mem_free()
     return None
 
