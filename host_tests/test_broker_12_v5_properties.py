@@ -344,6 +344,25 @@ def test_message_exactly_at_client_maximum_packet_size_is_sent(broker, pub):
     s.close()
 
 
+def test_a_message_in_flight_over_the_resumed_connections_maximum_packet_size_is_not_sent_again(broker, pub):
+    # MQTT-3.1.2-25: the Maximum Packet Size is the one of this connection;
+    # the unacknowledged message's flow ends unsent, and the next arrives.
+    s = Client(broker.port, "p12-mps-resume", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    s.subscribe([("mps/r", 1)])
+    pub.publish("mps/r", b"B" * 200, qos=1)
+    assert s.expect(PUBLISH).payload == b"B" * 200  # and not acknowledged
+    s.close()
+    s = Client(broker.port, "p12-mps-resume", version=5, clean=False,
+               props={SESSION_EXPIRY: 60, MAX_PACKET: 100})
+    assert s.connack.session_present
+    pub.publish("mps/r", b"small", qos=1)
+    assert [m.payload for m in s.messages(timeout=0.5)] == [b"small"]
+    s.close()
+    s = Client(broker.port, "p12-mps-resume", version=5, clean=False, props={SESSION_EXPIRY: 60})
+    assert s.messages(timeout=0.4) == [], "the dropped message came back"
+    s.close()
+
+
 # ---------------------------------------------------------------- forwarded properties
 
 

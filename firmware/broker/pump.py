@@ -34,23 +34,10 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     v = c.version
     t = msg.topic if c.topic_out is None else c.topic_out(msg.topic)
     alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
-    # A payload larger than half the write buffer goes out from the
-    # message itself, after its head: it is never copied.
     whole = len(msg.payload) <= b.wpool.size >> 1
-    try:
-        n = msg.size(t, v, qos, subids, alias, send_topic, whole)
-    except MemoryError:
-        # Its properties are encoded on first use (Message.props_body),
-        # in one piece, and the heap has none that large now. It waits;
-        # what is already in the output (a CONNACK) goes out, and the
-        # housekeeping tries again (keepalive.py).
-        gc.collect()
-        log.warning("no heap to encode a message's properties; it waits")
-        return WAIT
-    if n + (0 if whole else len(msg.payload)) > c.max_out:
-        # Too big for this client (MQTT-3.1.2-24): discarded as if sent.
-        b.stats_dropped += 1
-        return GONE
+    n = _size(b, c, msg, t, qos, subids, alias, send_topic, whole)
+    if n <= 0:
+        return WAIT if n == 0 else GONE
     p = b.persist
     durable = qos and p is not None and s.expiry
     pid = s.next_pid() if qos else 0
@@ -93,6 +80,26 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     s.full_since = None  # progress: not stuck
     b.stats_msgs_sent += 1
     return SENT
+
+
+def _size(b, c, msg, t, qos, subids, alias, send_topic, whole):
+    # The size of msg's PUBLISH for c (of its head alone when not whole: a
+    # payload larger than half the write buffer goes out from the message
+    # itself, never copied). 0 when the heap has no piece to encode its
+    # properties now (Message.props_body, on first use): it waits, what is
+    # already in the output (a CONNACK) goes out, and the housekeeping
+    # tries again (keepalive.py). -1 when it is too big for this client
+    # as it connected this time (MQTT-3.1.2-24, -25): discarded as if sent.
+    try:
+        n = msg.size(t, c.version, qos, subids, alias, send_topic, whole)
+    except MemoryError:
+        gc.collect()
+        log.warning("no heap to encode a message's properties; it waits")
+        return 0
+    if n + (0 if whole else len(msg.payload)) > c.max_out:
+        b.stats_dropped += 1
+        return -1
+    return n
 
 
 def _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole):
@@ -266,11 +273,11 @@ def resend(b, c, s):
             m = d.msg
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
-            n = m.size(t, c.version, d.qos, d.subids, 0, True, whole)
-            if n + (0 if whole else len(m.payload)) > c.max_out:
-                # Too big for the client as it connected this time: its
-                # flow ends unsent (MQTT-3.1.2-25), as in put_message.
-                b.stats_dropped += 1
+            n = _size(b, c, m, t, d.qos, d.subids, 0, True, whole)
+            if n == 0:
+                return False
+            if n < 0:
+                # Its flow ends unsent.
                 del s.inflight[pid]
                 if p is not None:
                     p.acked(s, pid, d)
