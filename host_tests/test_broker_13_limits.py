@@ -9,7 +9,7 @@ import time
 import pytest
 
 from mqttc import (BrokerProc, Raw, Client, Closed, Publish, P, PUBLISH, PUBACK, DISCONNECT, CONNACK, PINGRESP,
-                   SESSION_EXPIRY, MAX_PACKET, WILL_DELAY, decode, connect_bytes, sys_wait)
+                   SUBACK, SESSION_EXPIRY, MAX_PACKET, WILL_DELAY, decode, connect_bytes, sys_wait)
 
 
 
@@ -842,6 +842,60 @@ def test_a_connect_that_finds_no_heap_is_refused_in_the_version_it_asked_for():
             # decode() raises on a packet that is not valid in version v.
             ack = decode(bytes.fromhex(sent["%s-v%d" % (case, v)]), v)
             assert ack.type == CONNACK and ack.reason == (0x97 if v == 5 else 3), (case, v, ack)
+
+
+SUBSCRIBE_OOM = r"""
+# A SUBSCRIBE whose subscription finds no piece of heap, though the heap is
+# above its floor (the list of one filter's subscribers grows in one piece),
+# forced by making the table's add() raise MemoryError once.
+import asyncio
+from broker import config
+from broker.core import Broker
+from broker.conn import Connection
+from mqtt import packets as K
+from mp_oom import fail_first
+from mp_fake_transport import SentTransport as T
+
+b = Broker(config.build({"persistence": False, "allow_anonymous": True}))
+
+
+async def main():
+    flusher = asyncio.create_task(b.flush_all())
+    for v in (5, 4):
+        b.subs = type(b.subs)()
+        c = Connection(b, T())
+        steps = (K.Connect("sub-oom-%d" % v, v), K.Subscribe(1, [("a/#", 1), ("b/c", 0)]),
+                 K.Subscribe(2, [("a/#", 1)]))
+        for i, pkt in enumerate(steps):
+            if i == 1:
+                b.subs.add, left = fail_first(b.subs.add, 1, 8192)
+            T.sent = b""
+            data = K.encode(pkt, v)
+            c.dispatch(data[0], memoryview(data), 2, len(data))
+            await asyncio.sleep_ms(50)
+            print("v%d-%d %s" % (v, i, T.sent.hex()))
+        print("v%d closing %s subs %s table %d" % (v, c.closing, sorted(c.session.subs), b.subs.count))
+    flusher.cancel()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_subscription_that_finds_no_piece_of_heap_is_refused_in_its_suback_and_the_client_stays():
+    # On a pico2_w with max_sessions raised, the 1,024th session to take
+    # alerts/# needed 8 KB in one piece for the filter's list of
+    # subscribers; the MemoryError closed it with DISCONNECT 0x97.
+    from conftest import run_mp
+
+    r = run_mp(SUBSCRIBE_OOM)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sent = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line[:2] in ("v5", "v4"))
+    for v, refused in ((5, 0x97), (4, 0x80)):
+        first, again = (decode(bytes.fromhex(sent["v%d-%d" % (v, i)]), v) for i in (1, 2))
+        assert (first.type, first.pid, first.reasons) == (SUBACK, 1, [refused, 0]), (v, first)
+        assert (again.type, again.pid, again.reasons) == (SUBACK, 2, [1]), (v, again)
+        assert "v%d closing False subs ['a/#', 'b/c'] table 2" % v in r.stdout, r.stdout
 
 
 # ---------------------------------------------------------------- packets larger than the read buffer
