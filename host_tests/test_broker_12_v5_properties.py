@@ -419,6 +419,24 @@ def test_payload_format_utf8_with_invalid_payload_qos2_gets_pubrec_0x99(broker, 
     assert r.type == PUBREC and r.reason == 0x99
 
 
+def test_payload_format_utf8_with_invalid_payload_at_qos0_gets_disconnect_0x99_and_is_not_delivered(broker):
+    # QoS 0 has no acknowledgement to refuse it in: the spec's other answer
+    # is DISCONNECT 0x99 (5.0 3.3.2.3.2), never a silent drop.
+    s = Client(broker.port, "p12-pfi0", version=5)
+    s.subscribe([("pfi/t0", 0)])
+    p = Client(broker.port, "p12-pfi0-pub", version=5)
+    p.send(Publish("pfi/t0", b"\xff\xfe bad", 0, False, False, None, {PFI: 1}))
+    d = p.expect(DISCONNECT)
+    assert d.reason == 0x99
+    assert p.closed()
+    assert s.poll(0.4) is None
+    p = Client(broker.port, "p12-pfi0-pub", version=5)
+    p.publish("pfi/t0", "gr\u00fc\u00df".encode(), qos=0, props={PFI: 1})
+    assert s.get().payload == "gr\u00fc\u00df".encode()
+    p.close()
+    s.close()
+
+
 def test_puback_0x10_when_no_matching_subscribers(broker):
     c = Client(broker.port, "p12-nosub", version=5)
     c.send_raw(b"\x32\x0c\x00\x07nosub/t\x00\x05\x00x")

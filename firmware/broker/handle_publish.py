@@ -192,8 +192,11 @@ def on_publish(c, first, mv, off, end):
             return
     b.stats_msgs_recv += 1
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
-        if qos:
-            _ack(c, 3 + qos, pid, 0x99)
+        # 5.0 3.3.2.3.2 lets a receiver that checks say so in the PUBACK or
+        # PUBREC, or in a DISCONNECT: at QoS 0 that is the only way.
+        if not qos:
+            raise MQTTError(0x99, "payload is not UTF-8")
+        _ack(c, 3 + qos, pid, 0x99)
         return
     if topic[0] == "$" and topic.startswith("$SYS"):
         # $SYS is the broker's own (MQTT 4.7.2): refused like an ACL denial.
