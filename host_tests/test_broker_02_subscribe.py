@@ -304,11 +304,44 @@ def test_v5_suback_has_a_code_per_filter_and_0x8f_for_invalid(broker):
     c.close()
 
 
-def test_v311_suback_byte_exact_with_0x80_for_invalid_filter(broker):
+def test_v311_suback_byte_exact_with_0x80_for_a_filter_it_does_not_take(broker):
+    # A shared filter without a filter part: valid in 3.1.1 (which has no
+    # shared subscriptions), refused here (MQTT-4.8.2-1).
     c = Client(broker.port, "s02-suback4", version=4)
-    c.send(Subscribe(0x1234, [("ok4/a", 0), ("ok4/#/x", 1), ("ok4/b", 2)]))
+    c.send(Subscribe(0x1234, [("ok4/a", 0), ("$share/g4", 1), ("ok4/b", 2)]))
     assert c.recv_raw() == b"\x90\x05\x12\x34\x00\x80\x02"
     c.close()
+
+
+def _closed_then_published(broker, pub, cid, setup, pkt, topic):
+    # A 3.1.1 session sends pkt and must be closed for it; then the session
+    # is back, topic is published to, and what the session got is returned
+    # (the session is ended afterwards).
+    c = Client(broker.port, cid, version=4, clean=False)
+    if setup:
+        c.subscribe(setup)
+    c.send(pkt)
+    assert c.closed()
+    c = Client(broker.port, cid, version=4, clean=False)
+    pub.publish(topic, b"x", qos=1)
+    got = c.messages(timeout=0.4)
+    c.close()
+    Client(broker.port, cid, version=4, clean=True).disconnect()
+    return [m.topic for m in got]
+
+
+@pytest.mark.parametrize("bad", ["ok4/#/x", "a+", "", "$share/g+/x"])
+def test_v311_subscribe_with_a_filter_that_is_not_valid_closes_the_connection_and_takes_none(broker, pub, bad):
+    # A protocol violation (MQTT-4.7.1-2, 4.7.3-1, 4.8.0-1): closed, as by
+    # Mosquitto 2.0.11, with none of the packet's filters taken.
+    pkt = Subscribe(7, [("v311ok/a", 1), (bad, 0)])
+    assert _closed_then_published(broker, pub, "s02-v311-bad", None, pkt, "v311ok/a") == []
+
+
+@pytest.mark.parametrize("bad", ["u4/#/x", "a+", ""])
+def test_v311_unsubscribe_with_a_filter_that_is_not_valid_closes_the_connection_and_removes_none(broker, pub, bad):
+    pkt = Unsubscribe(8, ["u4ok/a", bad])
+    assert _closed_then_published(broker, pub, "s02-v311-unbad", [("u4ok/a", 1)], pkt, "u4ok/a") == ["u4ok/a"]
 
 
 def test_v31_subscribe_with_a_filter_that_is_not_valid_closes_the_connection(broker, pub):

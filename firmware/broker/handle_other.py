@@ -147,15 +147,22 @@ def _answer(c, p, s, pkt, first):
         c.send(pkt)
 
 
-def _check_v31(c, cfg, pkt):
-    # MQTT 3.1's SUBACK has no failure code: a filter that is not valid
-    # closes the connection before any filter of the packet is taken, as
-    # Mosquitto does. (Other refusals, such as the ACL's, still answer 0x80
-    # rather than close a client that would only come back.)
-    for full, opts in pkt.topics:
+def _check_v3(c, cfg, full, opts):
+    # 3.1 and 3.1.1, for each filter of a SUBSCRIBE (opts: its options) or
+    # an UNSUBSCRIBE (None), before any of the packet's is taken: a filter
+    # that is not valid (MQTT-4.7.1-2, -3, 4.7.3-1) is a protocol
+    # violation, which closes the connection (MQTT-4.8.0-1), as Mosquitto
+    # does. A 3.1 SUBACK has no failure code, so there a filter past our
+    # own limits (length, levels, a $share without a filter) closes it
+    # too; 3.1.1 answers those 0x80. Refusals by the ACL or
+    # max_subscriptions answer 0x80 in both, rather than close a client
+    # that would only come back.
+    if not valid_filter(full):
+        raise MQTTError(0x8F, "topic filter not valid")
+    if c.v31 and opts is not None:
         group, flt = split_shared(full)
         if _sub_reason(c, cfg, flt, opts, group) == 0x8F:
-            raise MQTTError(0x8F, "topic filter not valid")
+            raise MQTTError(0x8F, "topic filter not taken, and 3.1 cannot say so")
 
 
 def _on_subscribe(c, pkt):
@@ -163,8 +170,9 @@ def _on_subscribe(c, pkt):
     cfg = b.cfg
     s = c.session
     p = b.persist
-    if c.v31:
-        _check_v31(c, cfg, pkt)
+    if c.version < 5:
+        for full, opts in pkt.topics:
+            _check_v3(c, cfg, full, opts)
     _record_room(c, p, s, sum(2 * len(f) + 24 for f, _ in pkt.topics))
     subid = 0
     if pkt.props:
@@ -260,6 +268,9 @@ def _on_unsubscribe(c, pkt):
     b = c.broker
     s = c.session
     p = b.persist
+    if c.version < 5:
+        for full in pkt.filters:
+            _check_v3(c, b.cfg, full, None)
     _record_room(c, p, s, 0)
     reasons = []
     for full in pkt.filters:
