@@ -44,6 +44,7 @@ from broker.store import Store, StoreFull
 _RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
 _RETRY_MAX_MS = const(5000)
 _CLOCK_IDLE = const(3600)  # with nothing else written, the clock is written this often
+_ROOM_S = const(10)  # a full store compacts to find freed room at most this often (Persist._want_room)
 _FEED_EVERY = const(16)  # records restored between watchdog feeds and collections
 # While restoring, the heap is collected after every this many bytes
 # allocated: each record read leaves garbage between the objects kept, and
@@ -122,6 +123,9 @@ class Persist:
         self.failed = 0  # records that could not be kept
         self.failing = False  # the last commit failed; retrying
         self.wants_heap = False  # it failed for want of heap
+        self.freed = False  # records were deleted since the last compaction asked for room
+        self.room_at = -_ROOM_S  # broker clock of that compaction
+        self.compact_now = False  # the committer compacts at its next turn
         self.lazy = {}  # topic -> True: retained QoS 0 values waiting for autosave
         self.autosave = broker.cfg["autosave_interval"]
         self._since_save = 0
@@ -334,6 +338,10 @@ class Persist:
     def dirty(self):
         return self.store.pending() > 0
 
+    def written(self):
+        # (A reader's pause until the staged changes are on flash.)
+        return not self.store.pending()
+
     def healthy(self):
         # True when the store surely takes new work: its last commit went
         # through, it has room for a few more messages, and so has the
@@ -368,7 +376,26 @@ class Persist:
         if not need:
             return True
         st = self.store
-        return not self.failing and st.used_bytes() + st.pending() + need <= st.max_bytes
+        if self.failing:
+            return False
+        if st.used_bytes() + st.pending() + need <= st.max_bytes:
+            return True
+        self._want_room()
+        return False
+
+    def _want_room(self):
+        # used_bytes() counts deleted records until the next compaction,
+        # which writes bring; a refusal writes nothing. So a store filled
+        # once refused new topics after room was freed, until a restart
+        # (outside power-cut probe). A refusal after deletes has the
+        # committer compact, in steps, which finds that room; at most every
+        # _ROOM_S seconds, since each rewrites the namespaces the log
+        # touched.
+        if self.freed and self.b.clock - self.room_at >= _ROOM_S:
+            self.freed = False
+            self.room_at = self.b.clock
+            self.compact_now = True
+            self.flag.set()
 
     def _need(self, topic, retain, size):
         # Bytes of records a message of size bytes on topic makes: its
@@ -417,6 +444,7 @@ class Persist:
         except MemoryError:
             self.b.shed_buffers()
             self.store.delete(key)
+        self.freed = True
         self.flag.set()
 
     async def _committer(self):
@@ -491,12 +519,13 @@ class Persist:
             session_expiry.check(self.b)
 
     async def _compact_and_commit(self, steps_yield=True):
-        if self.store.pending() and self.store.compaction_due():
+        if self.compact_now or (self.store.pending() and self.store.compaction_due()):
             # In steps, one namespace each, so that the loop is not held
             # for the whole of it.
             for _ in self.store.compact_steps():
                 if steps_yield:
                     await asyncio.sleep_ms(0)
+            self.compact_now = False
         self._commit()
 
     def _uncrowded(self):
