@@ -308,8 +308,8 @@ class Connection(Output):
                 # Not taken: it stays, and is handed over again.
                 break
             pos += h + rem
-            if b.congested is not None and self._held_back():
-                break
+            if self.pause is not None or (b.congested is not None and self._held_back()):
+                break  # (a handler may set self.pause for after its packet)
         return pos
 
     def _held_back(self):

@@ -361,10 +361,12 @@ def on_connect(c, mv, off, end):
         old.will_at = None
 
     present = False
+    ended = False  # a session with a record on flash ends here
     if old is not None and (pkt.clean or not old.expiry):
         # A clean start; or the old session was to last only as long as the
         # connection just taken over (MQTT-3.1.2-6; expiry 0, 3.1.2.11),
         # so it ends with it, and nothing is resumed.
+        ended = old.on_flash
         b.end_session(old)
         old = None
     if old is not None:
@@ -393,6 +395,7 @@ def on_connect(c, mv, off, end):
         # now, since what follows writes none for a session with expiry 0
         # and would leave these behind (a message sent, or acknowledged,
         # while the old record stays).
+        ended = s.on_flash
         b.persist.session_ended(s)
 
     # Limits the client asked for (v5).
@@ -413,7 +416,17 @@ def on_connect(c, mv, off, end):
     # CONNACK nothing allocates but a new session's table entry.
     b.sessions[cid] = s
     c.session = s  # its slot was made in Connection.__init__
-    c.send(ack)
+    p = b.persist
+    if ended and p is not None and p.dirty():
+        # The client is told the old session is gone (MQTT-3.1.2-4) once
+        # that is on flash, as any acknowledgement: a power cut right after
+        # the CONNACK brought it back, queue and subscriptions, in 7 of 12
+        # tries. Its next packets wait for the commit too, unread, since
+        # nothing may go out ahead of the CONNACK.
+        p.hold(c, ack, True)
+        c.pause = p.written
+    else:
+        c.send(ack)
     n = b.connected_count()
     if n > b.stats_peak:
         b.stats_peak = n
