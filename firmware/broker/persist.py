@@ -33,7 +33,6 @@ import gc
 import json
 import binascii
 from micropython import const
-from mqtt import props as P
 from mqtt import wire
 from broker import log, session_expiry
 from broker.message import Message
@@ -72,7 +71,8 @@ def _pack(msg):
     out.append(1 if msg.retain else 0)
     wire.put_u32(out, msg.expires if msg.expires is not None else 0)
     wire.put_str(out, memoryview(msg.topic))
-    out.extend(P.encode(msg.props))
+    wire.put_varint(out, len(msg.pbody))
+    out.extend(msg.pbody)
     return (bytes(out), msg.payload)
 
 
@@ -80,8 +80,13 @@ def _unpack(b):
     n = len(b)
     exp, off = wire.get_u32(b, 2, n)
     topic, off = wire.get_str(b, off, n)
-    pr, off = P.decode(b, off, n, 3)
-    m = Message(topic, bytes(b[off:]), b[0], bool(b[1]), pr)
+    pn, off = wire.get_varint(b, off, n)
+    if off + pn > n:
+        raise ValueError("properties past the record's end")
+    m = Message(topic, bytes(b[off + pn:]), b[0], bool(b[1]))
+    if pn:
+        # As the message was stored: the properties it goes on with.
+        m.pbody = bytes(b[off : off + pn])
     if exp:
         m.expires = exp
     return m
@@ -89,7 +94,7 @@ def _unpack(b):
 
 def _same(a, b):
     # Two retained messages that would be stored alike.
-    return (a.qos == b.qos and a.props == b.props and a.expires == b.expires
+    return (a.qos == b.qos and a.pbody == b.pbody and a.expires == b.expires
             and a.payload == b.payload)
 
 

@@ -36,8 +36,8 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
     whole = len(msg.payload) <= b.wpool.size >> 1
     n = _size(b, c, msg, t, qos, subids, alias, send_topic, whole)
-    if n <= 0:
-        return WAIT if n == 0 else GONE
+    if n < 0:
+        return GONE
     p = b.persist
     durable = qos and p is not None and s.expiry
     pid = s.next_pid() if qos else 0
@@ -85,17 +85,9 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
 def _size(b, c, msg, t, qos, subids, alias, send_topic, whole):
     # The size of msg's PUBLISH for c (of its head alone when not whole: a
     # payload larger than half the write buffer goes out from the message
-    # itself, never copied). 0 when the heap has no piece to encode its
-    # properties now (Message.props_body, on first use): it waits, what is
-    # already in the output (a CONNACK) goes out, and the housekeeping
-    # tries again (keepalive.py). -1 when it is too big for this client
-    # as it connected this time (MQTT-3.1.2-24, -25): discarded as if sent.
-    try:
-        n = msg.size(t, c.version, qos, subids, alias, send_topic, whole)
-    except MemoryError:
-        gc.collect()
-        log.warning("no heap to encode a message's properties; it waits")
-        return 0
+    # itself, never copied); -1 when it is too big for this client as it
+    # connected this time (MQTT-3.1.2-24, -25): discarded as if sent.
+    n = msg.size(t, c.version, qos, subids, alias, send_topic, whole)
     if n + (0 if whole else len(msg.payload)) > c.max_out:
         b.stats_dropped += 1
         return -1
@@ -274,8 +266,6 @@ def resend(b, c, s):
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
             n = _size(b, c, m, t, d.qos, d.subids, 0, True, whole)
-            if n == 0:
-                return False
             if n < 0:
                 # Its flow ends unsent.
                 del s.inflight[pid]

@@ -21,7 +21,7 @@ def _packed(msg):
     # msg as the table keeps it: packed bytes, or the Message itself (also
     # for a payload kept in the buffer its packet was read into, rather
     # than copy a large one).
-    if msg.props is None and msg.expires is None and type(msg.payload) is bytes:
+    if not msg.pbody and msg.expires is None and type(msg.payload) is bytes:
         return msg.payload + bytes((msg.qos,))
     return msg
 
