@@ -2,8 +2,7 @@
 #   MICROPYPATH=.frozen:lib:firmware micropython mp_ws_echo.py PORT [--py-unmask]
 # Prints "READY py" or "READY native" (which unmask loop runs) once listening. Every byte received through a WsTransport
 # is sent back in a binary frame of its own (one frame per recv_into).
-# Paths: /auth wants Basic user:pass, /small passes max_size=256 to upgrade()
-# (as the broker passes its max_packet_size: it bounds no frame), /heap
+# Paths: /auth wants Basic user:pass, /heap
 # answers 200 with gc.mem_alloc() after a collection, anything else is an
 # echo. On each end of a connection it prints
 # "END close_sent close_rcvd"; an unexpected exception prints "ERR ...".
@@ -42,7 +41,6 @@ async def handle(sock, addr):
             t,
             req,
             check_basic=_check if path == "/auth" else None,
-            max_size=256 if path == "/small" else None,
         )
         # The parsed head (headers dict, strings) would otherwise live as
         # long as this coroutine: about 1 KB per connection.

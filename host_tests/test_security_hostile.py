@@ -2,6 +2,7 @@
 14): $SYS by any path, the CPU of a full broker, dead entries in the
 connection table, store keys it can make too long, messages queued for
 another user's session, and the dashboard's client list."""
+import contextlib
 import socket
 import threading
 import time
@@ -160,10 +161,11 @@ def test_other_clients_are_served_while_a_login_is_being_hashed(slow_hash_file):
 # ---------------------------------------------------------------- socket budget
 
 
-def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
-    # max_connections 2: three sockets in all (one over, to be told
-    # "quota exceeded"). Sockets that never finish their upgrade hold
-    # board sockets as much as clients do.
+@contextlib.contextmanager
+def _idle_websocket_sockets():
+    # A broker with max_connections 2 (three sockets in all: one over, to
+    # be told "quota exceeded") and a WebSocket listener, and three sockets
+    # on that port that sent nothing.
     wsport = free_port()
     cfg = {"max_connections": 2,
            "listeners": [{"port": 0}, {"port": wsport, "protocol": "websockets"}]}
@@ -173,6 +175,17 @@ def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
         time.sleep(0.5)  # BrokerProc's readiness probe has left the table
         idle = [socket.create_connection(("127.0.0.1", wsport), timeout=5,
                                          source_address=source_address()) for _ in range(3)]
+        try:
+            yield b, idle
+        finally:
+            for s in idle:
+                s.close()
+
+
+def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
+    # Sockets that never finish their upgrade hold board sockets as much as
+    # clients do: while they are newcomers (under a second), none goes.
+    with _idle_websocket_sockets() as (b, idle):
         time.sleep(0.3)
         assert "too many sockets" not in b.log()
         late = Raw(b.port)
@@ -185,6 +198,26 @@ def test_sockets_in_a_websocket_handshake_count_against_the_socket_budget():
         time.sleep(0.3)
         c = Client(b.port, "after-idle", version=4)  # the budget is back
         c.disconnect()
+
+
+def test_sockets_that_never_finish_a_websocket_handshake_make_way_for_a_client_when_the_table_is_full():
+    # Seven sockets on the WebSocket port that sent nothing held every
+    # client out (a bare reset, "too many sockets") for the 10 s of
+    # connect_timeout, and could do it again every 10 s (an outside probe).
+    # As on the MQTT port, the oldest that is a second old now makes way.
+    with _idle_websocket_sockets() as (b, idle):
+        time.sleep(1.3)  # a second old: no longer newcomers
+        c = Client(b.port, "past-the-handshakes", version=4)
+        assert c.ping()
+        c.disconnect()
+        ended = 0
+        for s in idle:
+            s.settimeout(0.3)
+            try:
+                ended += s.recv(16) == b""
+            except socket.timeout:
+                pass
+        assert ended == 1, "%d handshakes ended to make room for one client" % ended
 
 
 def test_a_flood_of_refused_sockets_is_logged_once_per_10_s():

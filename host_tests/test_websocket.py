@@ -570,20 +570,20 @@ def test_close_with_invalid_utf8_reason_closes_1007(server):
     c.close()
 
 
-def test_frame_longer_than_max_size_is_streamed(server):
+def test_a_frame_far_longer_than_the_read_buffer_is_streamed(server):
     # MQTT over WebSocket (MQTT 3.1.1 and 5.0 section 6): a frame may carry
-    # many packets, so its length is not bounded by the packet limit the
-    # broker passes as max_size (/small: 256). Its payload comes out through
-    # the server's 1 KiB buffer as it arrives, unmasked across reads.
-    c = ws_client(server.port, path="/small")
+    # many packets, so its length is not bounded by the packet limit. Its
+    # payload comes out through the server's 1 KiB buffer as it arrives,
+    # unmasked across reads.
+    c = ws_client(server.port)
     data = os.urandom(200000)
     c.send(frame(OP_BIN, data))
     assert c.read_data(len(data)) == data
     c.close()
 
 
-def test_fragmented_message_longer_than_max_size_is_streamed(server):
-    c = ws_client(server.port, path="/small")
+def test_a_fragmented_message_far_longer_than_the_read_buffer_is_streamed(server):
+    c = ws_client(server.port)
     parts = [os.urandom(n) for n in (200, 60000, 3, 70000)]
     c.send(frame(OP_BIN, parts[0], fin=False))
     assert c.read_data(200) == parts[0]  # streamed, not held back
@@ -885,9 +885,9 @@ async def pump(ws):
 async def main():
     data = b"".join(frame(2, bytes(40)) for _ in range(300)) + frame(9, b"p") + frame(8, b"\x03\xe8")
     t = Fake(data, chunk=97, keep=False)
-    WsTransport(t, 8192)  # first use in a process interns names: not per connection
+    WsTransport(t)  # first use in a process interns names: not per connection
     gc.collect(); a = gc.mem_alloc()
-    ws = WsTransport(t, 8192)
+    ws = WsTransport(t)
     gc.collect(); b = gc.mem_alloc()
     await pump(ws)
     gc.collect(); c = gc.mem_alloc()
@@ -913,7 +913,7 @@ def test_pong_waits_for_frame_in_flight():
         + r"""
 async def main():
     t = Fake(frame(9, b"PING"), slow=True)
-    ws = WsTransport(t, 8192)
+    ws = WsTransport(t)
     payload = bytes(range(200))
     w = asyncio.create_task(ws.send(payload))
     await asyncio.sleep_ms(3)
@@ -941,14 +941,14 @@ class Sock:
 async def main():
     t = Fake(b"", slow=True)
     t.sock = Sock()
-    ws = WsTransport(t, 8192)
+    ws = WsTransport(t)
     w = asyncio.create_task(ws.send(bytes(100)))
     await asyncio.sleep_ms(3)
     ws.close()
     busy_close = (bytes(t.sock.w), t.closed)
     t2 = Fake(b"")
     t2.sock = Sock()
-    ws2 = WsTransport(t2, 8192)
+    ws2 = WsTransport(t2)
     ws2.close(1001)
     try:
         await ws2.send(b"x")
@@ -971,7 +971,7 @@ def test_send_frames_small_and_large_headers():
         + r"""
 async def main():
     t = Fake(b"")
-    ws = WsTransport(t, 8192)
+    ws = WsTransport(t)
     for n in (0, 12, 13, 125, 126, 65535, 65536):
         t.out = bytearray()
         t.writes = 0

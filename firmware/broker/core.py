@@ -74,6 +74,10 @@ class Broker:
         self.heap = Heap(cfg)
         self.sessions = {}  # client id -> Session
         self.conns = []  # live Connection objects, CONNECT seen or not
+        # Sockets of a TLS or WebSocket listener before they are a
+        # Connection (in a WebSocket handshake, say): task -> ticks_ms it
+        # began (listeners.py). A full table may end one (server._make_room).
+        self.handshakes = {}
         self.subs = Subs()
         self.retained = Retained(cfg["max_retained_messages"])
         self.persist = None  # persist.Persist when persistence is on

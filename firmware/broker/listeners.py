@@ -5,6 +5,7 @@
 # carries none of it. A websockets listener also serves the dashboard page
 # at a plain GET / (dashboard.py).
 import asyncio
+import time
 from broker import log
 from broker.transport import TcpTransport
 from broker.conn import Connection
@@ -81,12 +82,14 @@ def wrapper(L, cfg):
 
     async def serve(broker, cs, peer):
         # The socket counts in broker.conn_waiting (server._serve) until it
-        # is a Connection c in broker.conns. (Few locals: this coroutine
+        # is a Connection c in broker.conns, or a full table ends its
+        # handshake (server._end_handshake). (Few locals: this coroutine
         # lives as long as the connection.)
         t = None
         c = None
         key = None  # this socket's entry in pending
         counted = False
+        broker.handshakes[asyncio.current_task()] = time.ticks_ms()
         try:
             if ctx is not None:
                 if live[0] >= limit:
@@ -126,30 +129,41 @@ def wrapper(L, cfg):
                 _pending[key] = t
             c = Connection(broker, t)
             broker.conn_waiting -= 1  # a socket of conns from here on
+            del broker.handshakes[asyncio.current_task()]
             broker.conns.append(c)
             await c.run()
+        except asyncio.CancelledError:
+            # Its handshake ended for a newcomer (server._end_handshake),
+            # or the broker stops.
+            _close(t, cs)
         except Exception as e:
             if c is not None:
                 # c.run() never started (MemoryError): no teardown of its
                 # own will take it out of the table.
                 broker.drop_connection(c)
             log.info("handshake with %s failed: %r", peer, e)
-            if t is not None:
-                t.close()
-            else:
-                try:
-                    cs.close()
-                except Exception:
-                    pass
+            _close(t, cs)
         finally:
             if key is not None:
                 _pending.pop(key, None)
-            if c is None:
+            if c is None and broker.handshakes.pop(asyncio.current_task(), None) is not None:
                 broker.conn_waiting -= 1
             if counted:
                 live[0] -= 1
 
     return serve
+
+
+def _close(t, cs):
+    # The transport if there is one (after a failed TLS handshake, closing
+    # the TLS socket leaves the TCP one open: the transport closes both).
+    if t is not None:
+        t.close()
+    else:
+        try:
+            cs.close()
+        except Exception:
+            pass
 
 
 def _basic_checker(L, broker, peer):
@@ -202,7 +216,7 @@ async def _upgrade(t, cfg, broker, L, peer):
         await http.respond(t, 503, "Service Unavailable", (("Connection", "close"),))
         t.close()
         return None
-    w = await websocket.upgrade(t, req, max_size=cfg["max_packet_size"] + 16, check_basic=basic)
+    w = await websocket.upgrade(t, req, check_basic=basic)
     if w is None:
         t.close()
         return None

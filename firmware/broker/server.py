@@ -152,7 +152,8 @@ def _make_room(broker):
     # throttle holds back. Those held every client out before (an outside
     # probe): nine sockets that sent one byte, for the 10 s of
     # connect_timeout, or ten wrong passwords, each answered 30 s late. A
-    # client whose CONNECT comes within the second keeps its place.
+    # client whose CONNECT comes within the second keeps its place. With
+    # none such, a socket a second into a WebSocket handshake goes.
     now = time.ticks_ms()
     old = None
     for c in broker.conns:
@@ -164,12 +165,31 @@ def _make_room(broker):
         if time.ticks_diff(now, c.born) >= _NEWCOMER_MS and (old is None or time.ticks_diff(c.born, old.born) < 0):
             old = c
     if old is None:
-        return False
+        return _end_handshake(broker, now)
     log.debug("table full: closing %s, there %d ms without a session", old.t.peer,
               time.ticks_diff(now, old.born))
     old.linger_ms = 0  # a refusal held back goes now
     old.close_soon()
     broker.drop_connection(old)
+    return True
+
+
+def _end_handshake(broker, now):
+    # Seven sockets on the WebSocket port that sent nothing held every
+    # client out for connect_timeout (an outside probe): they wait outside
+    # conns. The oldest that is a second old is ended: its task cancelled
+    # (listeners.py closes the socket), and it no longer counts.
+    hs = broker.handshakes
+    old = None
+    for task in hs:
+        if time.ticks_diff(now, hs[task]) >= _NEWCOMER_MS and (old is None or time.ticks_diff(hs[task], hs[old]) < 0):
+            old = task
+    if old is None:
+        return False
+    log.debug("table full: ending a handshake there %d ms", time.ticks_diff(now, hs[old]))
+    del hs[old]
+    broker.conn_waiting -= 1
+    old.cancel()
     return True
 
 

@@ -171,11 +171,10 @@ async def _refuse(t, status, reason, extra=()):
     await respond(t, status, reason, extra + (("Connection", "close"),))
 
 
-async def upgrade(t, req, protocols=_PROTOCOLS, check_basic=None, max_size=None):
+async def upgrade(t, req, protocols=_PROTOCOLS, check_basic=None):
     # req: what http.read_request returned. Returns a WsTransport, or None
     # after an error response; the caller then closes t. OSError from t
-    # passes through. max_size is not used (frames have no limit of their
-    # own, see the top); it is accepted for callers that still pass it.
+    # passes through.
     method, _path, h, extra = req
     if method != "GET":
         await _refuse(t, 405, "Method Not Allowed", (("Allow", "GET"),))
@@ -223,13 +222,13 @@ async def upgrade(t, req, protocols=_PROTOCOLS, check_basic=None, max_size=None)
     if proto:
         hdrs.append(("Sec-WebSocket-Protocol", proto))
     await respond(t, 101, "Switching Protocols", hdrs)
-    return WsTransport(t, None, extra)
+    return WsTransport(t, extra)
 
 
 class WsTransport:
     # t: the inner transport; extra: bytes that arrived behind the upgrade
-    # request, read before the socket. _max: not used (see upgrade()).
-    def __init__(self, t, _max=None, extra=None):
+    # request, read before the socket.
+    def __init__(self, t, extra=None):
         self.t = t
         self._m = memoryview(bytearray(_BUFLEN))
         self._x = memoryview(extra) if extra else None
