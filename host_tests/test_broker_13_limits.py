@@ -719,7 +719,8 @@ def test_a_message_of_many_user_properties_never_holds_up_the_acknowledged_messa
     # subscriber: the heap had no 6 KB piece to encode them for the send,
     # the message waited at the head of the queue for good, and the small
     # messages acknowledged after it were never delivered (hostile-input
-    # probe). Whatever the big one's answer, what was acknowledged arrives.
+    # probe). Whatever the big one's answer, what was acknowledged arrives
+    # (a refused QoS 1 message may still arrive: at least once).
     props = {0x26: [("", "")] * 1200}
     with BrokerProc(board="esp32") as b:
         sub = Client(b.port, "many-props-sub", version=5, clean=False, props={SESSION_EXPIRY: 600})
@@ -728,12 +729,11 @@ def test_a_message_of_many_user_properties_never_holds_up_the_acknowledged_messa
         pub.send(Publish("manyp/big", b"x", 1, False, False, 7, props))
         p = pub.recv()
         assert p.type == PUBACK and p.pid == 7, p
-        acked = [b"big"] if p.reason == 0 else []
         for i in range(3):
             assert pub.publish("manyp/small", b"small%d" % i, qos=1).reason == 0
-            acked.append(b"small%d" % i)
-        got = [m.payload if m.topic == "manyp/small" else b"big" for m in sub.messages(n=len(acked), timeout=5)]
-        assert got == acked, (p.reason, got)
+        got = [m.payload if m.topic == "manyp/small" else b"big" for m in sub.messages(timeout=1.5)]
+        smalls = [b"small0", b"small1", b"small2"]
+        assert got in (smalls, [b"big"] + smalls) and (p.reason or got[0] == b"big"), (p.reason, got)
         sub.close()
         pub.close()
         _check_alive(b)

@@ -14,6 +14,25 @@ _ALIAS = const(0x23)
 _SUBID = const(0x0B)
 
 
+def as_sent(props):
+    # True when all of a PUBLISH's properties go on with its message (none
+    # of _NOT_FORWARDED): the message keeps their bytes as they came
+    # (props_start) rather than encode them again.
+    for k in _NOT_FORWARDED:
+        if k in props:
+            return False
+    return True
+
+
+def props_start(mv, o, qos):
+    # Where a v5 PUBLISH's properties begin (after their length), o being
+    # where its topic's length is.
+    o += 2 + (mv[o] << 8 | mv[o + 1]) + (2 if qos else 0)
+    while mv[o] & 0x80:
+        o += 1
+    return o + 1
+
+
 def _vlen(n):
     # Bytes of a variable byte integer.
     return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
@@ -106,7 +125,8 @@ class Message:
         # properties found no 6 KB piece for it, waited at the head of its
         # queue, and held the acknowledged messages behind it for good; as
         # a dict it also held five times the heap. Now a heap without that
-        # piece refuses it when it comes (0x97).
+        # piece refuses it when it comes (0x97). (A PUBLISH whose properties
+        # all go on needs no encoding: handle_publish, Raw.message.)
         fwd = None
         for k in props:
             if k not in _NOT_FORWARDED:
@@ -224,6 +244,13 @@ class Raw:
         m = self.msg
         if m is None:
             pr = self.props
-            m = self.msg = Message(self.topic, bytes(self.src[self.poff:]), 0, False, pr,
+            keep = pr is not None and as_sent(pr)
+            m = self.msg = Message(self.topic, bytes(self.src[self.poff:]), 0, False, None if keep else pr,
                                    pr.get(_EXPIRY) if pr is not None else None, self.now)
+            if keep:
+                src = self.src
+                o = 1
+                while src[o] & 0x80:  # (the fixed header's remaining length)
+                    o += 1
+                m.pbody = bytes(src[props_start(src, o + 1, 0) : self.poff])
         return m
