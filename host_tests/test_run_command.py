@@ -22,12 +22,12 @@ def _start(args, cwd):
                             text=True, stdin=subprocess.DEVNULL, cwd=str(cwd))
 
 
-def _wait_port(port, proc, timeout=20):
+def _wait_port(port, proc, timeout=20, host="127.0.0.1"):
     end = time.time() + timeout
     while time.time() < end:
         assert proc.poll() is None, proc.stdout.read()
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -124,6 +124,21 @@ def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_on
         p.send_signal(signal.SIGINT)
         out = p.communicate(timeout=10)[0]
     assert "connection rate from" not in out, out[-2000:]
+
+
+def test_config_file_port_and_bind_address_apply_without_port_and_bind_options(tmp_path):
+    # They were always replaced by the command's defaults, 1883 and
+    # 127.0.0.1. (127.0.0.2 is this machine too, on Linux.)
+    port = free_port()
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"port": port, "bind_address": "127.0.0.2"}))
+    p = _start(["--config", str(f)], tmp_path)
+    try:
+        _wait_port(port, p, host="127.0.0.2")
+    finally:
+        p.send_signal(signal.SIGINT)
+        out = p.communicate(timeout=10)[0]
+    assert "listening on 127.0.0.2:%d " % port in out, out
 
 
 def _refused(tmp_path, cfg):
