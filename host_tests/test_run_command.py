@@ -146,7 +146,7 @@ def _refused(tmp_path, cfg):
     f.write_text(json.dumps(cfg))
     port = free_port()
     p = subprocess.run(BROKER + ["--port", str(port), "--config", str(f)], capture_output=True,
-                       text=True, timeout=30, stdin=subprocess.DEVNULL)
+                       text=True, timeout=30, stdin=subprocess.DEVNULL, cwd=str(tmp_path))
     return p.returncode, p.stdout + p.stderr
 
 
@@ -169,6 +169,25 @@ def test_config_that_is_not_json_is_refused_with_the_file_named(tmp_path):
     p = subprocess.run(BROKER + ["--config", str(f)], capture_output=True, text=True, timeout=30,
                        stdin=subprocess.DEVNULL)
     assert p.returncode == 2 and "broken.json" in p.stdout + p.stderr
+
+
+def test_config_that_is_not_utf8_is_refused_with_the_file_named(tmp_path):
+    # It was a raw traceback (UnicodeError) and exit 1.
+    f = tmp_path / "latin1.json"
+    f.write_bytes(b'{"log_dest": "caf\xe9"}')
+    p = subprocess.run(BROKER + ["--config", str(f)], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "config file %s is not UTF-8 text" % f in out, out
+    assert "Traceback" not in out, out
+
+
+def test_password_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_path):
+    # The error said nothing at all: "error: ".
+    pw = tmp_path / "passwd"
+    pw.write_bytes(b"caf\xe9:$7$101$c2FsdA==$aGFzaA==\n")
+    rc, out = _refused(tmp_path, {"password_file": str(pw)})
+    assert rc == 2 and "password_file %s line 1: not UTF-8 text" % pw in out, out
 
 
 GC_LOOP = """

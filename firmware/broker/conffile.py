@@ -14,12 +14,14 @@ def read_lines(path, key, take):
     n = 0
     try:
         while True:
-            line = f.readline()
-            if not line:
-                break
             n += 1
             try:
+                line = f.readline()
+                if not line:
+                    break
                 take(line)
+            except UnicodeError:  # from readline; MicroPython's says nothing more
+                raise ValueError("%s %s line %d: not UTF-8 text" % (key, path, n))
             except ValueError as e:
                 raise ValueError("%s %s line %d: %s" % (key, path, n, e))
     finally:

@@ -258,6 +258,8 @@ def load_json(path):
             text = f.read()
     except OSError as e:
         raise ConfigError("cannot read config file %s: %s" % (path, e))
+    except UnicodeError:  # MicroPython's says nothing more
+        raise ConfigError("config file %s is not UTF-8 text" % path)
     try:
         return json.loads(text)
     except ValueError as e:
