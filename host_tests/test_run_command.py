@@ -190,6 +190,14 @@ def test_password_file_that_is_not_utf8_is_refused_naming_the_file_and_line(tmp_
     assert rc == 2 and "password_file %s line 1: not UTF-8 text" % pw in out, out
 
 
+def test_persistence_location_that_cannot_be_made_is_refused_naming_the_key_and_path(tmp_path):
+    # It was "error: [Errno 2] ENOENT" for /proc/nope, naming neither.
+    (tmp_path / "a_file").write_text("")
+    where = str(tmp_path / "a_file" / "store")
+    rc, out = _refused(tmp_path, {"persistence": True, "persistence_location": where})
+    assert rc == 2 and "persistence_location %s: cannot use it (" % where in out, out
+
+
 GC_LOOP = """
 import gc
 keep = [[i, str(i)] for i in range(800)]

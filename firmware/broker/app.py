@@ -55,8 +55,13 @@ def start(cfg, wdt=None):
     if cfg["persistence"]:
         from broker.persist import Persist
 
-        b.persist = Persist(b, cfg["persistence_location"], cfg["store_max_bytes"])
-        b.persist.load(wdt)
+        where = cfg["persistence_location"]
+        try:
+            b.persist = Persist(b, where, cfg["store_max_bytes"])
+            b.persist.load(wdt)
+        except OSError as e:
+            # The errno alone named neither the key nor the path.
+            raise OSError("persistence_location %s: cannot use it (%s)" % (where, e))
     if cfg["password_file"]:
         from broker.auth import PasswordFile, LoginThrottle
 
