@@ -198,6 +198,13 @@ def test_persistence_location_that_cannot_be_made_is_refused_naming_the_key_and_
     assert rc == 2 and "persistence_location %s: cannot use it (" % where in out, out
 
 
+def test_listener_that_cannot_listen_stops_the_start_naming_its_address_and_port(tmp_path):
+    # Two listeners on one port: it was "error: [Errno 98] EADDRINUSE".
+    port = free_port()
+    rc, out = _refused(tmp_path, {"listeners": [{"port": port}, {"port": port}]})
+    assert rc == 2 and "listener 127.0.0.1:%d: cannot listen there (" % port in out, out
+
+
 GC_LOOP = """
 import gc
 keep = [[i, str(i)] for i in range(800)]

@@ -118,11 +118,16 @@ class ConnRate:
 
 
 def listen(host, port, backlog=4):
-    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-    s = socket.socket(ai[0], socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(ai[-1])
-    s.listen(backlog)
+    # A failure names the listener: the errno alone (EADDRINUSE, an
+    # addrinfo error) did not say which of them, or which address.
+    try:
+        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(ai[-1])
+        s.listen(backlog)
+    except OSError as e:
+        raise OSError("listener %s:%d: cannot listen there (%s)" % (host, port, e))
     s.setblocking(False)
     return s
 
