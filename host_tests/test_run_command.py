@@ -205,6 +205,14 @@ def test_listener_that_cannot_listen_stops_the_start_naming_its_address_and_port
     assert rc == 2 and "listener 127.0.0.1:%d: cannot listen there (" % port in out, out
 
 
+def test_min_free_heap_that_leaves_no_room_for_a_client_stops_the_start(tmp_path):
+    # More than the esp32's 110,000 B heap: it said "broker ready", then
+    # refused every client.
+    rc, out = _refused(tmp_path, {"min_free_heap": 200000})
+    assert rc == 2 and "min_free_heap 200000 leaves no room for a client" in out, out
+    assert "listening" not in out and "ready" not in out, out
+
+
 GC_LOOP = """
 import gc
 keep = [[i, str(i)] for i in range(800)]

@@ -52,16 +52,21 @@ def start(cfg, wdt=None):
     b = Broker(cfg)
     transport.shed = b.shed_buffers
     asyncio.create_task(b.flush_all())
+    restored = 0  # heap taken by what the store restored
     if cfg["persistence"]:
         from broker.persist import Persist
 
         where = cfg["persistence_location"]
         try:
             b.persist = Persist(b, where, cfg["store_max_bytes"])
+            gc.collect()
+            restored = gc.mem_free()
             b.persist.load(wdt)
         except OSError as e:
             # The errno alone named neither the key nor the path.
             raise OSError("persistence_location %s: cannot use it (%s)" % (where, e))
+        gc.collect()
+        restored -= gc.mem_free()
     if cfg["password_file"]:
         from broker.auth import PasswordFile, LoginThrottle
 
@@ -71,6 +76,19 @@ def start(cfg, wdt=None):
         from broker.acl import Acl
 
         b.acl = Acl.load(cfg["acl_file"])
+    # heap.py's floors against the heap free now: below min_free_heap no
+    # message is taken, below half of it no client is let in. With
+    # min_free_heap at or above what is free there is no room for a
+    # client: each would be refused, or could send nothing (200000 on the
+    # esp32's 110 KB said "broker ready", then refused every client). What
+    # the store restored counts as free: sessions expire or make way, and
+    # a full store must not keep a board from starting.
+    gc.collect()
+    free = gc.mem_free() + restored
+    if free <= cfg["min_free_heap"]:
+        raise ValueError("min_free_heap %d leaves no room for a client: the heap has %d B free at start, "
+                         "what the store restored aside (a client is let in above half of it, its "
+                         "messages taken above it)" % (cfg["min_free_heap"], free))
     for L in cfg["listeners"]:
         wrap = None
         if L["protocol"] == "websockets" or "certfile" in L:
