@@ -171,6 +171,16 @@ def test_config_that_is_not_json_is_refused_with_the_file_named(tmp_path):
     assert p.returncode == 2 and "broken.json" in p.stdout + p.stderr
 
 
+def test_config_key_given_twice_is_refused_naming_the_key(tmp_path):
+    # The last one was taken, silently.
+    f = tmp_path / "twice.json"
+    f.write_text('{"max_connections": 4, "max_connections": 40}')
+    p = subprocess.run(BROKER + ["--config", str(f)], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "config file %s: key 'max_connections' given twice" % f in out, out
+
+
 def test_config_that_is_not_utf8_is_refused_with_the_file_named(tmp_path):
     # It was a raw traceback (UnicodeError) and exit 1.
     f = tmp_path / "latin1.json"
