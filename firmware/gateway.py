@@ -169,6 +169,13 @@ def start(app=None):
         _maintenance(wdt, ring, "interrupted")
         return
     except (Exception, SystemExit) as e:
+        if isinstance(e, getattr(app, "StartError", ())):
+            # A config that cannot work on this board (broker.app.start):
+            # restarted into every 10 s, it rejoined Wi-Fi and wrote the
+            # log ring to flash each time.
+            log.error("broker not started: %s", e)
+            _maintenance(wdt, ring, "bad config")
+            return
         # SystemExit: the broker stopped itself on a state it cannot go on
         # from (transport.py); a restart clears it.
         why = _log_exception(e)

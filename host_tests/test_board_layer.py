@@ -435,6 +435,24 @@ def test_main_logs_a_crash_and_resets_after_a_delay(tmp_path):
     """, cwd=tmp_path, pre=MAIN_PRE)
 
 
+def test_main_stops_in_maintenance_when_the_config_cannot_work_on_this_board(tmp_path):
+    # broker.app.start's StartError (min_free_heap over the free heap, a
+    # persistence_location it cannot use): restarted into every 10 s, the
+    # board rejoined Wi-Fi and wrote its log ring to flash each time.
+    _board_files(tmp_path, {"network": {"ssid": "home"}, "log_dest": "file"}, {"wifi_password": "password1"})
+    mp("""
+    class StartError(ValueError):
+        pass
+    app = App(StartError("min_free_heap 200000 leaves no room for a client"))
+    app.StartError = StartError
+    main.start(app)
+    assert machine.resets == []
+    assert machine.timers and machine.timers[-1].running              # feeding for maintenance
+    text = open("log/0.log").read()
+    assert "broker not started: min_free_heap 200000" in text and "restarting" not in text, text
+    """, cwd=tmp_path, pre=MAIN_PRE)
+
+
 def test_main_with_a_bad_config_does_not_start(tmp_path):
     _board_files(tmp_path, {"network": {"ssid": "home"}, "max_connections": 0}, {"wifi_password": "password1"})
     out = mp("""

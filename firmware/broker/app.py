@@ -10,6 +10,13 @@ from broker.server import listen, accept_loop
 from broker import sys_tree, keepalive, session_expiry, transport
 
 
+class StartError(ValueError):
+    # A config that passed its checks but cannot work here (this board's
+    # heap, its filesystem): the board stops in maintenance, as for a bad
+    # config (gateway.py), rather than restart into it every 10 s.
+    pass
+
+
 async def _housekeeping(b, wdt):
     last = {}
     interval = b.cfg["sys_interval"]
@@ -64,7 +71,7 @@ def start(cfg, wdt=None):
             b.persist.load(wdt)
         except OSError as e:
             # The errno alone named neither the key nor the path.
-            raise OSError("persistence_location %s: cannot use it (%s)" % (where, e))
+            raise StartError("persistence_location %s: cannot use it (%s)" % (where, e))
         gc.collect()
         restored -= gc.mem_free()
     if cfg["password_file"]:
@@ -86,7 +93,7 @@ def start(cfg, wdt=None):
     gc.collect()
     free = gc.mem_free() + restored
     if free <= cfg["min_free_heap"]:
-        raise ValueError("min_free_heap %d leaves no room for a client: the heap has %d B free at start, "
+        raise StartError("min_free_heap %d leaves no room for a client: the heap has %d B free at start, "
                          "what the store restored aside (a client is let in above half of it, its "
                          "messages taken above it)" % (cfg["min_free_heap"], free))
     for L in cfg["listeners"]:

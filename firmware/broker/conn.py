@@ -63,6 +63,11 @@ class Connection(Output):
     topic_out = None
     topic_in = None
 
+    def unheld(self):
+        # (The pause of a reader whose CONNACK waits for a commit,
+        # handle_connect: until persist has sent what it held for it.)
+        return not self.held
+
     def waits_on_broker(self):
         # True while its reader waits for the broker (heap, or the store),
         # with what the client sent unread: its PINGREQs too, so that the
@@ -308,20 +313,21 @@ class Connection(Output):
                 # Not taken: it stays, and is handed over again.
                 break
             pos += h + rem
-            if self.pause is not None or (b.congested is not None and self._held_back()):
-                break  # (a handler may set self.pause for after its packet)
+            if b.congested is not None:
+                self._held_back()
+            if self.pause is not None:
+                break  # (set by _held_back, or by a handler for after its packet)
         return pos
 
     def _held_back(self):
-        # A session the last message went to is filling up: True when this
-        # reader is to wait for it (self.pause).
+        # A session the last message went to is filling up: this reader is
+        # to wait for it (self.pause), unless it already waits for
+        # something else, which comes first.
         b = self.broker
         s = b.congested
         b.congested = None
-        if holds_back(self, s):
+        if self.pause is None and holds_back(self, s):
             self.pause = s
-            return True
-        return False
 
     async def _wait(self, what):
         # A pause: for a condition to hold, a task to end (a login being

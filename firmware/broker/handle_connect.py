@@ -413,19 +413,26 @@ def on_connect(c, mv, off, end):
     s.conn = c
     # The commit. Up to here a MemoryError leaves no session in the table
     # (Connection.dispatch answers it with CONNACK 0x97); from here to the
-    # CONNACK nothing allocates but a new session's table entry.
+    # CONNACK nothing allocates but a new session's table entry (and, for
+    # a CONNACK held, what holding it takes, or it goes at once).
     b.sessions[cid] = s
     c.session = s  # its slot was made in Connection.__init__
     p = b.persist
+    sent = False
     if ended and p is not None and p.dirty():
         # The client is told the old session is gone (MQTT-3.1.2-4) once
         # that is on flash, as any acknowledgement: a power cut right after
         # the CONNACK brought it back, queue and subscriptions, in 7 of 12
-        # tries. Its next packets wait for the commit too, unread, since
-        # nothing may go out ahead of the CONNACK.
-        p.hold(c, ack, True)
-        c.pause = p.written
-    else:
+        # tries. Its next packets wait, unread, until the CONNACK is out:
+        # nothing may go ahead of it.
+        try:
+            out = c.unheld
+            p.hold(c, ack, True)
+            c.pause = out
+            sent = True
+        except MemoryError:
+            pass
+    if not sent:
         c.send(ack)
     n = b.connected_count()
     if n > b.stats_peak:

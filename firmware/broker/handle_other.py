@@ -133,7 +133,7 @@ def _record_room(c, p, s, more):
     # when the batch for the next commit has no room for it, the packet
     # waits, unread, until that batch is written (Persist.session_fits).
     if p is not None and s.expiry and not p.session_fits(s, more):
-        c.pause = p.written
+        c.pause = lambda: not p.dirty()
         raise Paused()
 
 

@@ -247,26 +247,26 @@ def on_publish(c, first, mv, off, end):
             finally:
                 msg.clear()
             return
+    # A packet read into a large buffer of its own (Connection._read_big:
+    # big_in) keeps its payload there, not a copy: a large message then
+    # needs one free piece of heap its size, not two at once, which a heap
+    # in pieces often lacked. Its properties too, when all of them go on:
+    # no encoding, and no second piece of heap their size (1,600 user
+    # properties are 8 KB).
+    big = c.big_in is not None
+    keep = pr is not None and as_sent(pr)
     try:
-        # A packet read into a large buffer of its own (Connection.
-        # _read_big: big_in) keeps its payload there, not a copy: a large
-        # message then needs one free piece of heap its size, not two at
-        # once, which a heap in pieces often lacked.
-        # Its properties too, when all of them go on: no encoding, and no
-        # second piece of heap their size (1,600 user properties are 8 KB).
-        big = c.big_in is not None
-        keep = pr is not None and as_sent(pr)
         msg = Message(topic, mv[poff:end] if big else bytes(mv[poff:end]),
                       qos, bool(retain), None if keep else pr, pr.get(_EXPIRY) if pr is not None else None, b.now())
         if keep:
-            keep = mv[props_start(mv, off, qos) : poff]
-            msg.pbody = keep if big else bytes(keep)
+            raw = mv[props_start(mv, off, qos) : poff]
+            msg.pbody = raw if big else bytes(raw)
         c.big_in = None  # (taken: not reused)
     except MemoryError:
         # Free heap, but not in one piece: as when it is short.
         b.stats_msgs_recv -= 1
         gc.collect()
-        if not qos and pr is not None:
+        if not qos and pr is not None and not keep:
             # A v5 QoS 0 message, whose properties must be encoded (an
             # expiry among thousands of user properties): dropped, as at
             # most once allows. Waiting, it was tried again every 50 ms for

@@ -89,8 +89,8 @@ def wrapper(L, cfg):
         c = None
         key = None  # this socket's entry in pending
         counted = False
-        broker.handshakes[asyncio.current_task()] = time.ticks_ms()
         try:
+            broker.handshakes[asyncio.current_task()] = time.ticks_ms()
             if ctx is not None:
                 if live[0] >= limit:
                     # Each TLS session costs 20-25 KB (on Pico W from the
@@ -146,7 +146,9 @@ def wrapper(L, cfg):
         finally:
             if key is not None:
                 _pending.pop(key, None)
-            if c is None and broker.handshakes.pop(asyncio.current_task(), None) is not None:
+            # (None: a full table ended it, and counted it off already; 0:
+            # it was never entered, the dict had no heap to grow.)
+            if c is None and broker.handshakes.pop(asyncio.current_task(), 0) is not None:
                 broker.conn_waiting -= 1
             if counted:
                 live[0] -= 1

@@ -43,7 +43,7 @@ from broker.store import Store, StoreFull
 _RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
 _RETRY_MAX_MS = const(5000)
 _CLOCK_IDLE = const(3600)  # with nothing else written, the clock is written this often
-_ROOM_S = const(10)  # a full store compacts to find freed room at most this often (Persist._want_room)
+_ROOM_S = const(30)  # a full store compacts to find freed room at most this often (Persist._want_room)
 _FEED_EVERY = const(16)  # records restored between watchdog feeds and collections
 # While restoring, the heap is collected after every this many bytes
 # allocated: each record read leaves garbage between the objects kept, and
@@ -128,7 +128,7 @@ class Persist:
         self.failed = 0  # records that could not be kept
         self.failing = False  # the last commit failed; retrying
         self.wants_heap = False  # it failed for want of heap
-        self.freed = False  # records were deleted since the last compaction asked for room
+        self.freed = False  # records were deleted since the committer last compacted
         self.room_at = -_ROOM_S  # broker clock of that compaction
         self.compact_now = False  # the committer compacts at its next turn
         self.lazy = {}  # topic -> True: retained QoS 0 values waiting for autosave
@@ -343,10 +343,6 @@ class Persist:
     def dirty(self):
         return self.store.pending() > 0
 
-    def written(self):
-        # (A reader's pause until the staged changes are on flash.)
-        return not self.store.pending()
-
     def healthy(self):
         # True when the store surely takes new work: its last commit went
         # through, it has room for a few more messages, and so has the
@@ -397,7 +393,6 @@ class Persist:
         # _ROOM_S seconds, since each rewrites the namespaces the log
         # touched.
         if self.freed and self.b.clock - self.room_at >= _ROOM_S:
-            self.freed = False
             self.room_at = self.b.clock
             self.compact_now = True
             self.flag.set()
@@ -424,9 +419,9 @@ class Persist:
     def hold(self, c, pkt, publish=False):
         # publish: c's queue pauses behind it until released (a QoS 2
         # PUBLISH; a SUBACK, ahead of the retained messages).
-        if publish:
-            c.held += 1
         self.held.append((c, pkt, publish))
+        if publish:
+            c.held += 1  # (after the append, which may fail)
         self.flag.set()
 
     def _put(self, key, val):
@@ -524,9 +519,14 @@ class Persist:
             session_expiry.check(self.b)
 
     async def _compact_and_commit(self, steps_yield=True):
+        if self.compact_now:
+            # Asked for room (_want_room): deletes still staged go first,
+            # to be folded in too.
+            self._commit()
         if self.compact_now or (self.store.pending() and self.store.compaction_due()):
             # In steps, one namespace each, so that the loop is not held
-            # for the whole of it.
+            # for the whole of it. (Deletes staged meanwhile are not in it.)
+            self.freed = False
             for _ in self.store.compact_steps():
                 if steps_yield:
                     await asyncio.sleep_ms(0)

@@ -183,16 +183,19 @@ def _end_handshake(broker, now):
     # Seven sockets on the WebSocket port that sent nothing held every
     # client out for connect_timeout (an outside probe): they wait outside
     # conns. The oldest that is a second old is ended: its task cancelled
-    # (listeners.py closes the socket), and it no longer counts.
+    # (listeners.py closes the socket), and it no longer counts. Its entry
+    # stays, None, until the task has ended (listeners.serve).
     hs = broker.handshakes
     old = None
     for task in hs:
-        if time.ticks_diff(now, hs[task]) >= _NEWCOMER_MS and (old is None or time.ticks_diff(hs[task], hs[old]) < 0):
+        t0 = hs[task]
+        if t0 is not None and time.ticks_diff(now, t0) >= _NEWCOMER_MS and (
+                old is None or time.ticks_diff(t0, hs[old]) < 0):
             old = task
     if old is None:
         return False
     log.debug("table full: ending a handshake there %d ms", time.ticks_diff(now, hs[old]))
-    del hs[old]
+    hs[old] = None
     broker.conn_waiting -= 1
     old.cancel()
     return True
