@@ -9,7 +9,7 @@ from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode_publish
 from mqtt.wire import utf8_valid
-from broker.message import Message, as_sent, props_start
+from broker.message import Message, as_sent
 from broker.handle_connect import check_topic
 from broker.route import route, would_hold
 from broker.backpressure import Paused
@@ -250,23 +250,19 @@ def on_publish(c, first, mv, off, end):
     # A packet read into a large buffer of its own (Connection._read_big:
     # big_in) keeps its payload there, not a copy: a large message then
     # needs one free piece of heap its size, not two at once, which a heap
-    # in pieces often lacked. Its properties too, when all of them go on:
-    # no encoding, and no second piece of heap their size (1,600 user
-    # properties are 8 KB).
+    # in pieces often lacked. Its properties too (Message.keep_props).
     big = c.big_in is not None
-    keep = pr is not None and as_sent(pr)
     try:
         msg = Message(topic, mv[poff:end] if big else bytes(mv[poff:end]),
-                      qos, bool(retain), None if keep else pr, pr.get(_EXPIRY) if pr is not None else None, b.now())
-        if keep:
-            raw = mv[props_start(mv, off, qos) : poff]
-            msg.pbody = raw if big else bytes(raw)
+                      qos, bool(retain), None, pr.get(_EXPIRY) if pr is not None else None, b.now())
+        if pr is not None:
+            msg.keep_props(pr, mv, off, qos, poff, not big)
         c.big_in = None  # (taken: not reused)
     except MemoryError:
         # Free heap, but not in one piece: as when it is short.
         b.stats_msgs_recv -= 1
         gc.collect()
-        if not qos and pr is not None and not keep:
+        if not qos and pr is not None and not as_sent(pr):
             # A v5 QoS 0 message, whose properties must be encoded (an
             # expiry among thousands of user properties): dropped, as at
             # most once allows. Waiting, it was tried again every 50 ms for

@@ -17,7 +17,7 @@ _SUBID = const(0x0B)
 def as_sent(props):
     # True when all of a PUBLISH's properties go on with its message (none
     # of _NOT_FORWARDED): the message keeps their bytes as they came
-    # (props_start) rather than encode them again.
+    # (Message.keep_props) rather than encode them again.
     for k in _NOT_FORWARDED:
         if k in props:
             return False
@@ -126,7 +126,7 @@ class Message:
         # queue, and held the acknowledged messages behind it for good; as
         # a dict it also held five times the heap. Now a heap without that
         # piece refuses it when it comes (0x97). (A PUBLISH whose properties
-        # all go on needs no encoding: handle_publish, Raw.message.)
+        # all go on needs no encoding: keep_props.)
         fwd = None
         for k in props:
             if k not in _NOT_FORWARDED:
@@ -135,6 +135,18 @@ class Message:
                 fwd[k] = props[k]
         if fwd is not None:
             self.pbody = P.encode_body(fwd)
+
+    def keep_props(self, props, mv, o, qos, poff, copy):
+        # A PUBLISH's properties: props decoded, o where its topic's length
+        # is in mv, poff where its payload begins. When all of them go on,
+        # their bytes as they came: no encoding, and with copy False (a
+        # large packet's own buffer) no second piece of heap their size
+        # (1,600 user properties are 8 KB).
+        if as_sent(props):
+            raw = mv[props_start(mv, o, qos) : poff]
+            self.pbody = bytes(raw) if copy else raw
+        else:
+            self._forward(props)
 
     def expired(self, now):
         return self.expires is not None and now >= self.expires
@@ -244,13 +256,12 @@ class Raw:
         m = self.msg
         if m is None:
             pr = self.props
-            keep = pr is not None and as_sent(pr)
-            m = self.msg = Message(self.topic, bytes(self.src[self.poff:]), 0, False, None if keep else pr,
+            m = self.msg = Message(self.topic, bytes(self.src[self.poff:]), 0, False, None,
                                    pr.get(_EXPIRY) if pr is not None else None, self.now)
-            if keep:
+            if pr is not None:
                 src = self.src
                 o = 1
                 while src[o] & 0x80:  # (the fixed header's remaining length)
                     o += 1
-                m.pbody = bytes(src[props_start(src, o + 1, 0) : self.poff])
+                m.keep_props(pr, src, o + 1, 0, self.poff, True)
         return m
