@@ -268,6 +268,20 @@ def test_failed_logins_are_counted_on_sys_auth_failed_and_logged(broker):
     assert "wonderland" not in log
 
 
+def test_a_failed_login_with_a_huge_user_name_is_logged_with_its_address_and_the_name_cut_short(broker):
+    name = "m" * 8000
+    p, _ = timed_connack(broker.port, "127.0.0.17", 5, username=name, password=b"x")
+    assert p.reason == 0x86
+    deadline = time.time() + 5
+    line = None
+    while line is None and time.time() < deadline:
+        line = next((ln for ln in broker.log().splitlines() if "from 127.0.0.17:" in ln), None)
+        time.sleep(0.1)
+    assert line is not None, "no log line for the failed login from 127.0.0.17"
+    assert "login failed for user '" + "m" * 64 + "' from 127.0.0.17:" in line
+    assert len(line) < 200
+
+
 # ---------------------------------------------------------------- start-up
 
 

@@ -30,6 +30,7 @@ _MAX_CLIENT_ID_V31 = const(23)
 # 4 ms on an ESP32 (a whole login of 1,000 iterations takes 250 ms).
 _HASH_SLICE = const(16)
 _NO_HEAP = const(-2)  # login_wait when the hash ran out of heap
+_NAME_LOGGED = const(64)  # characters of a refused user name in its log line
 # v5 refusals with no 3.1.1 return code of their own: a will topic that is
 # not valid, will retain without retain, a will payload that is not UTF-8.
 _V3_NO_CODE = (0x90, 0x9A, 0x99)
@@ -133,7 +134,9 @@ async def login(b, peer, username, password):
         return -1
     b.stats_auth_failed += 1
     th.failed(ip)
-    log.warning("login failed for user %r from %s", username, peer)
+    # The name as sent is the attacker's to choose: a line of 8 KB found no
+    # heap on a board, and the address it was logged for was lost with it.
+    log.warning("login failed for user %r from %s", username[:_NAME_LOGGED] if username else username, peer)
     return th.delay_ms(ip)
 
 
