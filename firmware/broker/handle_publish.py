@@ -183,9 +183,10 @@ def on_publish(c, first, mv, off, end):
     # Can it be taken now? If not, it is refused or stays unread (Paused)
     # before anything else happens to it.
     p = b.persist
-    # The heap a message holds: its payload, its topic and properties
-    # (objects of several times their bytes: 250 user properties are 1.7 KB
-    # sent and 5.4 KB held), and 320 bytes of objects around them.
+    # The heap a message takes while it is handled: its payload, its topic,
+    # its properties decoded (objects of several times their bytes: 250
+    # user properties are 1.7 KB sent and 5.4 KB decoded) and kept as bytes
+    # (Message.keep_props), and 320 bytes of objects around them.
     need = end - poff + ((poff - off) << 2) + 320
     if not b.heap.room_for(need) or (qos and p is not None and not p.healthy()):
         if not _admit(c, s, qos, pid, topic, retain, end - poff, need):
