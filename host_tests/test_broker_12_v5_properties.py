@@ -344,6 +344,32 @@ def test_message_exactly_at_client_maximum_packet_size_is_sent(broker, pub):
     s.close()
 
 
+@pytest.mark.parametrize("qos", [0, 1])
+def test_a_message_that_fits_without_a_new_topic_alias_goes_without_one_rather_than_not_at_all(broker, pub, qos):
+    # A topic alias is the sender's choice (3.3.2.3.4): the 3 bytes of a new
+    # one must not take a message that fits over the client's Maximum
+    # Packet Size. QoS 1: 1 + 1 + (2 + 6) + 2 + 1 + 90 = 103 bytes as it
+    # came; QoS 0 has no packet identifier. The next topic gets the alias.
+    size = 103 - (0 if qos else 2)
+    pub.publish("mpa%d/r" % qos, b"R" * 90, qos=1, retain=True)
+    s = Client(broker.port, "p12-mps-alias%d" % qos, version=5, props={MAX_PACKET: size, TOPIC_ALIAS_MAX: 2})
+    # A retained message sent for a new subscription.
+    s.subscribe([("mpa%d/r" % qos, qos)])
+    m = s.get()
+    assert (m.topic, m.payload, m.retain) == ("mpa%d/r" % qos, b"R" * 90, True)
+    assert TOPIC_ALIAS not in (m.props or {})
+    # Messages routed to it.
+    s.subscribe([("mpa%d/a" % qos, qos), ("mpa%d/b" % qos, qos)])
+    pub.publish("mpa%d/a" % qos, b"A" * 90, qos=1)
+    pub.publish("mpa%d/b" % qos, b"small", qos=1)
+    got = s.messages(2)
+    assert [(m.topic, m.payload) for m in got] == [("mpa%d/a" % qos, b"A" * 90), ("mpa%d/b" % qos, b"small")]
+    assert TOPIC_ALIAS not in (got[0].props or {})
+    assert got[1].props[TOPIC_ALIAS] == 1
+    pub.publish("mpa%d/r" % qos, b"", qos=1, retain=True)
+    s.close()
+
+
 def test_a_message_in_flight_over_the_resumed_connections_maximum_packet_size_is_not_sent_again(broker, pub):
     # MQTT-3.1.2-25: the Maximum Packet Size is the one of this connection;
     # the unacknowledged message's flow ends unsent, and the next arrives.

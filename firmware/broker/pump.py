@@ -35,8 +35,15 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     t = msg.topic if c.topic_out is None else c.topic_out(msg.topic)
     alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
     whole = len(msg.payload) <= b.wpool.size >> 1
-    n = _size(b, c, msg, t, qos, subids, alias, send_topic, whole)
+    n = _size(c, msg, t, qos, subids, alias, send_topic, whole)
+    if n < 0 and send_topic and alias:
+        # The new alias's 3 bytes took it over the client's Maximum Packet
+        # Size: it goes without one (an alias is the sender's choice,
+        # 3.3.2.3.4), rather than not at all.
+        alias = 0
+        n = _size(c, msg, t, qos, subids, 0, True, whole)
     if n < 0:
+        b.stats_dropped += 1
         return GONE
     p = b.persist
     durable = qos and p is not None and s.expiry
@@ -82,14 +89,14 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     return SENT
 
 
-def _size(b, c, msg, t, qos, subids, alias, send_topic, whole):
+def _size(c, msg, t, qos, subids, alias, send_topic, whole):
     # The size of msg's PUBLISH for c (of its head alone when not whole: a
     # payload larger than half the write buffer goes out from the message
     # itself, never copied); -1 when it is too big for this client as it
-    # connected this time (MQTT-3.1.2-24, -25): discarded as if sent.
+    # connected this time (MQTT-3.1.2-24, -25): discarded as if sent, and
+    # counted as dropped by the caller.
     n = msg.size(t, c.version, qos, subids, alias, send_topic, whole)
     if n + (0 if whole else len(msg.payload)) > c.max_out:
-        b.stats_dropped += 1
         return -1
     return n
 
@@ -265,9 +272,10 @@ def resend(b, c, s):
             m = d.msg
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
-            n = _size(b, c, m, t, d.qos, d.subids, 0, True, whole)
+            n = _size(c, m, t, d.qos, d.subids, 0, True, whole)
             if n < 0:
                 # Its flow ends unsent.
+                b.stats_dropped += 1
                 del s.inflight[pid]
                 if p is not None:
                     p.acked(s, pid, d)
