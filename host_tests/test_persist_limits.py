@@ -133,10 +133,9 @@ def test_retained_messages_that_filled_the_heap_are_all_restored_after_a_power_c
         b.tmp.cleanup()
 
 
-COMMIT_OOM = r"""
-# A commit that runs out of heap (the store keeps its batch staged) is
-# tried again, sooner first and then every 5 s; the acknowledgement held
-# for it goes out once it succeeds, and its client is not closed.
+# A store's committer, run alone; C stands for a connection whose
+# acknowledgements it holds.
+_COMMITTER = r"""
 import asyncio
 import sys
 from broker import config
@@ -147,12 +146,12 @@ from mp_oom import fail_first
 b = Broker(config.build({"persistence": True}))
 p = Persist(b, sys.argv[1], 65536)
 p.store.open()
-p.store.commit, fails = fail_first(p.store.commit, 2, 2304)
 
 
 class C:
     closing = False
     held = 0
+    connack_held = False
     got = []
 
     def send(self, pkt):
@@ -160,6 +159,13 @@ class C:
 
     def close_soon(self):
         C.closing = True
+"""
+
+COMMIT_OOM = _COMMITTER + r"""
+# A commit that runs out of heap (the store keeps its batch staged) is
+# tried again, sooner first and then every 5 s; the acknowledgement held
+# for it goes out once it succeeds, and its client is not closed.
+p.store.commit, fails = fail_first(p.store.commit, 2, 2304)
 
 
 async def main():
@@ -187,6 +193,34 @@ async def main():
 
 asyncio.run(main())
 """
+
+COMMITTER_WAIT_OOM = _COMMITTER + r"""
+# The committer waits on an Event whose wait() makes a generator: with no
+# heap for it once, the task ended, nothing was written again and every
+# acknowledgement held for a commit waited for good. Forced by making
+# wait() raise MemoryError once.
+p.flag.wait, left = fail_first(p.flag.wait, 1, 44)
+
+
+async def main():
+    asyncio.create_task(p._committer())
+    await asyncio.sleep_ms(10)
+    p._put("rk", b"v")
+    p.hold(C(), b"\x40\x02\x00\x07")
+    await asyncio.sleep_ms(500)
+    print("failed", 1 - left[0], "acked", C.got == [b"\x40\x02\x00\x07"], "pending", p.store.pending())
+
+
+asyncio.run(main())
+"""
+
+
+def test_commits_still_go_through_after_the_committer_met_a_heap_with_no_room_to_wait(tmp_path):
+    from conftest import run_mp
+
+    r = run_mp(COMMITTER_WAIT_OOM, args=[tmp_path / "store"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed 1 acked True pending 0" in r.stdout, r.stdout
 
 
 def test_a_commit_out_of_heap_is_tried_again_and_its_acknowledgement_still_goes_out(tmp_path):

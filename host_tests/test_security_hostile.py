@@ -886,3 +886,32 @@ def test_connects_that_never_finish_hold_one_big_packet_buffer_at_most():
         # A client with a large will still gets in.
         c = Client(b.port, "big-will", version=5, will_topic="w/big", will_payload=b"w" * 6000)
         c.disconnect()
+
+
+def test_a_burst_of_pubrels_while_a_commit_waits_is_answered_whole_and_the_broker_serves_everyone():
+    # Each answer held for the store's commit took about 80 B: 2,000
+    # PUBRELs in one write ran the esp32 heap out, the connection went
+    # without a word (or with 0x97), and a teardown that met the empty heap
+    # left it in the tables for good; the flusher or the committer could
+    # die the same way, and then nobody was served (outside hostile probe).
+    # The reader now waits for the commit once 64 answers are held.
+    from mqttc import SESSION_EXPIRY, PUBREC
+
+    with BrokerProc(board="esp32") as b:
+        c = Client(b.port, "relburst", version=5, clean=False, props={SESSION_EXPIRY: 600})
+        assert c.publish("relburst/t", b"x", qos=2, complete=False).type == PUBREC
+        n = 2000
+        # Its PUBREL ends a stored flow: a commit is due, and the 2,000 for
+        # packet identifiers it never had wait behind it.
+        c.send_raw(b"".join(bytes((0x62, 2, pid >> 8, pid & 0xFF)) for pid in range(1, n + 2)))
+        got = {}
+        for _ in range(n + 1):
+            p = c.recv_raw(timeout=10)
+            assert p is not None, "closed after %d answers: %s" % (sum(got.values()), b.log()[-2000:])
+            key = (p[0], p[4] if len(p) > 4 else 0)
+            got[key] = got.get(key, 0) + 1
+        assert got == {(0x70, 0): 1, (0x70, 0x92): n}, got
+        assert c.ping()
+        others = [Client(b.port, "relburst-%d" % i, version=4) for i in range(7)]
+        assert all(o.ping() for o in others)
+    assert "Task exception" not in b.log()

@@ -54,6 +54,7 @@ class Connection(Output):
     reader = None
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
+    connack_held = False  # its CONNACK is one of them: no DISCONNECT may go first
     big_in = None  # the buffer (over _BIG_KEEP) of the packet being handled, until a message takes it
     linger_ms = 0  # delay before a refusal goes out (failed login)
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
@@ -252,9 +253,17 @@ class Connection(Output):
             except MemoryError:
                 pass
             self.protocol_error(0x83, "internal error")
-        if buf is not None:
-            b.rpool.put(buf)
-        await self.finish()
+        try:
+            if buf is not None:
+                b.rpool.put(buf)
+            await self.finish()
+        except MemoryError:
+            # finish() is a coroutine to be made: a heap without room for it
+            # left the connection in the tables, its socket open and its
+            # slot lost for good. It leaves without the waits.
+            self.closing = True
+            self.reader = None
+            self._leave(False)
 
     async def _wait_for_buffer(self, part):
         # A pooled buffer holding `part`, once the heap has one: the shared
@@ -543,7 +552,7 @@ class Connection(Output):
         try:
             self.disconnect_reason = reason  # its first assignment may need heap
             log.info("closing %s (%s): 0x%02X %s", self.t.peer, self.client_label(), reason, msg)
-            if self.version == 5 and self.session is not None and not self.closing:
+            if self.version == 5 and self.session is not None and not self.closing and not self.connack_held:
                 pkt = None
                 if msg and self.problem_info:
                     pkt = encode(Disconnect(reason, {0x1F: msg[:100]}), 5)
@@ -585,11 +594,31 @@ class Connection(Output):
             await self._drain_out()
         except MemoryError:
             gc.collect()
-        self.gone = True
         drain_in = self.told and not self.pending()
+        self._leave(drain_in)
+        if drain_in:
+            # Plain TCP only (a TcpTransport without TLS under it): over TLS
+            # the wait would hold one of the listener's few TLS sessions
+            # (max_tls_connections, 20-25 KB each), and the next TLS client
+            # would be refused meanwhile.
+            try:
+                if self.broker.sockets_left() > 1 and getattr(self.t, "raw", 0) is None:
+                    await self._drain_in()
+            except MemoryError:
+                pass  # (no heap to wait with: closed now)
+            self.t.close()
+
+    def _leave(self, drain_in):
+        # Out of the broker's tables, whatever the heap has; the socket is
+        # closed too unless what the client still sends is to be drained
+        # first.
+        self.gone = True
         if not drain_in:
             self.t.close()
-        self.release()
+        try:
+            self.release()
+        except MemoryError:
+            pass  # (a pool's list to grow: the buffer is garbage instead)
         try:
             self.broker.connection_closed(self)
         except MemoryError:
@@ -597,14 +626,6 @@ class Connection(Output):
             # must leave the tables all the same.
             gc.collect()
             self.broker.drop_connection(self)
-        if drain_in:
-            # Plain TCP only (a TcpTransport without TLS under it): over TLS
-            # the wait would hold one of the listener's few TLS sessions
-            # (max_tls_connections, 20-25 KB each), and the next TLS client
-            # would be refused meanwhile.
-            if self.broker.sockets_left() > 1 and getattr(self.t, "raw", 0) is None:
-                await self._drain_in()
-            self.t.close()
 
     async def _drain_in(self):
         # The client was told why it is closed (a DISCONNECT or a refusing

@@ -165,7 +165,12 @@ class Broker:
         # The one task that sends output (outbuf.py, Output.service).
         ev = self.flush_ev
         while True:
-            await ev.wait()
+            try:
+                await ev.wait()
+            except MemoryError:
+                # wait() makes a generator (44 B): a heap without one ended
+                # this task, and nothing was sent again.
+                gc.collect()
             ev.clear()
             self.flush_now()
             # Connections kicked again while served go in the next round,

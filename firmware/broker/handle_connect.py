@@ -345,7 +345,9 @@ def on_connect(c, mv, off, end):
     if old is not None and old.conn is not None:
         oc = old.conn
         log.info("client %s taken over from %s", cid, oc.t.peer)
-        if oc.version == 5:
+        if oc.version == 5 and not oc.connack_held:
+            # (One whose CONNACK waits for a commit is closed without a
+            # word: the first packet a client gets is its CONNACK.)
             oc.send(encode(Disconnect(0x8E), 5))
         oc.session = None
         oc.normal_close = True
@@ -430,11 +432,13 @@ def on_connect(c, mv, off, end):
         # nothing may go ahead of it.
         try:
             out = c.unheld
+            c.connack_held = True
             p.hold(c, ack, True)
             c.pause = out
             sent = True
         except MemoryError:
-            pass
+            if c.connack_held:
+                c.connack_held = False  # (in place: no heap needed)
     if not sent:
         c.send(ack)
     n = b.connected_count()

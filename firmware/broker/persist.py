@@ -44,6 +44,7 @@ _RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_M
 _RETRY_MAX_MS = const(5000)
 _CLOCK_IDLE = const(3600)  # with nothing else written, the clock is written this often
 _ROOM_S = const(30)  # a full store compacts to find freed room at most this often (Persist._want_room)
+_HELD_MAX = const(64)  # answers held for a commit past which their reader waits (Persist.hold)
 _FEED_EVERY = const(16)  # records restored between watchdog feeds and collections
 # While restoring, the heap is collected after every this many bytes
 # allocated: each record read leaves garbage between the objects kept, and
@@ -422,7 +423,16 @@ class Persist:
         self.held.append((c, pkt, publish))
         if publish:
             c.held += 1  # (after the append, which may fail)
+        if len(self.held) >= _HELD_MAX and c.pause is None and c.reader is asyncio.current_task():
+            # Answers held cost about 80 B each: 2,000 PUBRELs in one write
+            # ran the heap out, and the broker then served no one. The
+            # reader that adds one past the bound waits, its packets
+            # unread, until the commit sends them.
+            c.pause = self.room_to_hold
         self.flag.set()
+
+    def room_to_hold(self):
+        return len(self.held) < _HELD_MAX
 
     def _put(self, key, val):
         try:
@@ -450,7 +460,13 @@ class Persist:
     async def _committer(self):
         wait = _RETRY_MS
         while True:
-            await self.flag.wait()
+            try:
+                await self.flag.wait()
+            except MemoryError:
+                # wait() makes a generator (44 B): a heap without one
+                # ended this task, and nothing was written again.
+                gc.collect()
+                await asyncio.sleep_ms(_RETRY_MS)
             self.flag.clear()
             # Let every packet already read be handled first, so that one
             # commit covers them all (group commit).
@@ -606,6 +622,8 @@ class Persist:
         for c, pkt, publish in held:
             if publish:
                 c.held -= 1
+            if c.connack_held:
+                c.connack_held = False  # (held first: this is the CONNACK)
             if c.closing:
                 continue
             try:
