@@ -254,13 +254,18 @@ class Persist:
                 s.will_stored = s.will
         wills = None
         for s in b.sessions.values():
-            if s.will is not None and s.will_stored is None:
-                # Its will was inline in its record: written out of it now,
-                # or a will published later would come back after a cut.
-                self.session_changed(s)
             # On the broker clock, whose record may come after theirs.
-            if s.gone_at is None:
+            cut = s.gone_at is None
+            if cut:
+                # Its client was connected at a power cut: gone from now,
+                # and written so, or each restart began its expiry again
+                # (and it looked just gone when a full table chose one to
+                # evict).
                 s.gone_at = b.clock
+            if cut or s.will is not None and s.will_stored is None:
+                # (A will inline in its record is written out of it now, or
+                # a will published later would come back after a cut.)
+                self.session_changed(s)
             if s.will is not None:
                 s.will_at = s.gone_at + min(s.will_delay, s.expiry) if s.will_delay else b.clock
         queued.sort()
