@@ -6,7 +6,7 @@ from mqtt.errors import MQTTError
 from mqtt.packets import decode, decode_ack, encode, Suback, Unsuback
 from mqtt.topic import valid_filter, split_shared
 from mqtt import props as P
-from broker.session import RELEASED
+from broker.session import RELEASED, SENT
 from broker.subs import Sub
 from broker.core import Closed
 from broker.backpressure import Paused
@@ -108,9 +108,16 @@ def _on_pubrec(c, s, pid, reason):
     else:
         if d.state != RELEASED:
             d.state = RELEASED
+            p = c.broker.persist
+            if s.expiry and p is not None and not p.released(s, pid, d):
+                # The store has no room to say so: after a power cut the
+                # PUBLISH would go again behind this PUBREL, and its
+                # receiver, done with the identifier, would take it twice.
+                # No PUBREL yet: the PUBREC comes again when the PUBLISH
+                # is sent again, at the client's next connection.
+                d.state = SENT
+                return
             s.full_since = None
-            if s.expiry and c.broker.persist is not None:
-                c.broker.persist.released(s, pid, d)
         c.ack(0x62, pid, 0)
 
 
@@ -273,17 +280,27 @@ def _on_unsubscribe(c, pkt):
             _check_v3(c, b.cfg, full, None)
     _record_room(c, p, s, 0)
     reasons = []
+    gone = []
     for full in pkt.filters:
         sub = s.subs.pop(full, None)
         if sub is not None:
             b.subs.remove(sub)
+            gone.append((full, sub, len(reasons)))
             reasons.append(0)
         else:
             # None such: 0x11, or 0x8F for a filter no SUBSCRIBE could make.
             group, flt = split_shared(full)
             reasons.append(0x8F if flt is None or not valid_filter(flt) else 0x11)
-    if p is not None and s.expiry:
-        p.session_changed(s)
+    if p is not None and s.expiry and gone and not _stored(p, s):
+        # A power cut would bring them back (the store is full): they stay,
+        # refused with 0x80. 3.1.1's UNSUBACK cannot refuse: closed
+        # without one.
+        for full, sub, i in gone:
+            s.subs[full] = sub
+            b.subs.add(sub)
+            reasons[i] = 0x80
+        if c.version < 5:
+            raise MQTTError(0x80, "the store has no room for the unsubscribe")
     _answer(c, p, s, encode(Unsuback(pkt.pid, reasons if c.version == 5 else None), c.version), False)
 
 

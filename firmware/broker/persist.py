@@ -797,7 +797,7 @@ class Persist:
                 q[i] = now
         for pid in s.inflight:
             d = s.inflight[pid]
-            if d.stored:
+            if d.stored or d.queued:
                 self.acked(s, pid, d)
         # A session that never had a record (expiry 0 from the start, a
         # clean client) has none of "s" or "x" to delete: no commit for it.
@@ -851,27 +851,37 @@ class Persist:
         return self._put("i" + s.client_id + "\0" + str(pid), out)
 
     def sent(self, s, pid, d, queued_seq):
-        # d went out as pid: its queue record (queued_seq, if it has one)
-        # becomes an in-flight record, which takes over the reference to
-        # the message.
-        if queued_seq:
-            self._del("q" + s.client_id + "\0" + str(queued_seq))
-        elif not self._ref(d.msg):
-            return
+        # d goes out as pid: an in-flight record takes over the reference to
+        # the message from its queue record (queued_seq, if it has one).
+        # False when the store has no room for it: a queue record then
+        # stays and stands for it (d.queued), and a power cut sends the
+        # message again as queued. Its delete came first, and a full store
+        # lost acknowledged messages that way.
+        if not queued_seq and not self._ref(d.msg):
+            return False
         if self._inflight_record(s, pid, d):
             d.stored = True
+            if queued_seq:
+                self._del("q" + s.client_id + "\0" + str(queued_seq))
+            return True
+        if queued_seq:
+            d.queued = queued_seq
         else:
             self._unref(d.msg)
+        return False
 
     def released(self, s, pid, d):
-        if d.stored:
-            self._inflight_record(s, pid, d)
+        # False when d's record could not be rewritten (the store is full).
+        return self._inflight_record(s, pid, d) if d.stored else True
 
     def acked(self, s, pid, d):
         if d.stored:
             self._del("i" + s.client_id + "\0" + str(pid))
             d.stored = False
             self._unref(d.msg)
+        elif d.queued:
+            self.dequeued(s, d.msg, d.queued)
+            d.queued = 0
 
     def qos2_received(self, s, pid):
         self._put("x" + s.client_id + "\0" + str(pid), b"")

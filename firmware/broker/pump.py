@@ -56,8 +56,13 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         pkt = _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, whole)
         if pkt is None:
             return WAIT
-        d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
-        p.sent(s, pid, d, seq if stored else 0)
+        d = Delivery(msg, qos, retain, subids, b.next_seq())
+        if not p.sent(s, pid, d, seq if stored else 0):
+            # No room in the store for that: it waits, queued. (Sent, a
+            # power cut would send it again as queued, under a new
+            # identifier: twice for its receiver.)
+            return WAIT
+        s.in_flight()[pid] = d
         p.hold(c, pkt if whole else (pkt, msg.payload), True)
     else:
         ob = c.reserve(n)

@@ -51,6 +51,7 @@ class Delivery:
     # Fields at their class default take no room in the instance.
     state = SENT
     stored = False  # it has a record on flash
+    queued = 0  # else the seq of the queue record that stands for it (persist.sent)
     retain = False
     subids = None
 
