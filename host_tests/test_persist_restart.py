@@ -148,6 +148,29 @@ def test_a_session_whose_client_was_connected_at_power_cuts_expires_after_its_in
         c.disconnect(props={SESSION_EXPIRY: 0})
 
 
+def test_the_broker_starts_after_a_power_cut_even_when_its_first_commit_fails():
+    # The restore commits what it staged (here: the time of going of a
+    # session connected at the cut); a full filesystem at that commit
+    # stopped the start, and a board would restart into it again. It is
+    # retried by the committer instead, and goes through once it can.
+    with BrokerProc(faults=True) as b:
+        v5(b.port, "startfail", expiry=600).subscribe([("startfail/#", 1)])
+        b.kill9()
+        b.set_fault("full")
+        try:
+            b.start()
+            c = Client(b.port, "startfail-check", version=5)
+            assert c.ping()
+            c.close()
+            assert "commit at start failed" in b.log()
+        finally:
+            b.set_fault(None)
+        assert wait_for(lambda: "commit went through again" in b.log(), timeout=10), b.log()[-1500:]
+        c = v5(b.port, "startfail", expiry=600)
+        assert c.connack.session_present
+        c.disconnect(props={SESSION_EXPIRY: 0})
+
+
 def _pump(pub, sub, n):
     # n QoS 1 messages from pub, each delivered to sub at QoS 1 and
     # acknowledged: 20 at a time, the esp32's max_inflight_messages.

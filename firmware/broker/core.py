@@ -171,6 +171,7 @@ class Broker:
                 # wait() makes a generator (44 B): a heap without one ended
                 # this task, and nothing was sent again.
                 gc.collect()
+                await asyncio.sleep_ms(10)
             ev.clear()
             self.flush_now()
             # Connections kicked again while served go in the next round,

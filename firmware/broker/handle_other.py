@@ -107,14 +107,18 @@ def _on_pubrec(c, s, pid, reason):
         _flow_ended(c, s, pid, d)
     else:
         if d.state != RELEASED:
-            d.state = RELEASED
             p = c.broker.persist
-            if s.expiry and p is not None and not p.released(s, pid, d):
-                # The store has no room to say so: after a power cut the
-                # PUBLISH would go again behind this PUBREL, and its
-                # receiver, done with the identifier, would take it twice.
-                # No PUBREL yet: the PUBREC comes again when the PUBLISH
-                # is sent again, at the client's next connection.
+            durable = s.expiry and p is not None and d.stored
+            if durable and not p.inflight_fits(s):
+                c.pause = lambda: not p.dirty()
+                raise Paused()
+            d.state = RELEASED
+            if durable and not p.released(s, pid, d):
+                # The store is full: after a power cut the PUBLISH would go
+                # again behind this PUBREL, and its receiver, done with the
+                # identifier, would take it twice. No PUBREL yet: the
+                # PUBREC comes again when the PUBLISH is sent again, at the
+                # client's next connection.
                 d.state = SENT
                 return
             s.full_since = None

@@ -265,6 +265,8 @@ class Persist:
             if cut or s.will is not None and s.will_stored is None:
                 # (A will inline in its record is written out of it now, or
                 # a will published later would come back after a cut.)
+                if not self.session_fits(s, 0):
+                    self._commit_at_start()
                 self.session_changed(s)
             if s.will is not None:
                 s.will_at = s.gone_at + min(s.will_delay, s.expiry) if s.will_delay else b.clock
@@ -293,10 +295,20 @@ class Persist:
                 self.store.delete("m" + str(mid))
         b.seq = top
         b.retained.on_change = self.retained_changed
-        if self.store.pending():
-            self.store.commit()
+        self._commit_at_start()
         log.info("restored %d retained, %d sessions, %d queued, %d in flight, clock %d",
                  retained, sessions, len(queued), len(inflight), b.clock)
+
+    def _commit_at_start(self):
+        # What the restore staged, written now; a failure must not stop the
+        # start (a board would restart into it again): the committer tries
+        # again, as for any commit.
+        if self.store.pending():
+            try:
+                self.store.commit()
+            except Exception as e:
+                log.warning("store: commit at start failed: %r; retrying", e)
+                self.flag.set()
 
     def _session(self, cid, d):
         # A session from its record (session_changed).
@@ -425,15 +437,17 @@ class Persist:
     def hold(self, c, pkt, publish=False):
         # publish: c's queue pauses behind it until released (a QoS 2
         # PUBLISH; a SUBACK, ahead of the retained messages).
+        if len(self.held) >= _HELD_MAX - 1 and c.pause is None and c.reader is asyncio.current_task():
+            # Answers held cost about 80 B each: 2,000 PUBRELs in one write
+            # ran the heap out, and the broker then served no one. The
+            # reader that holds the last one the bound allows waits, its
+            # packets unread, until fewer are held. (Before the append: a
+            # MemoryError after it would have the caller send the packet
+            # a second time.)
+            c.pause = self.room_to_hold
         self.held.append((c, pkt, publish))
         if publish:
             c.held += 1  # (after the append, which may fail)
-        if len(self.held) >= _HELD_MAX and c.pause is None and c.reader is asyncio.current_task():
-            # Answers held cost about 80 B each: 2,000 PUBRELs in one write
-            # ran the heap out, and the broker then served no one. The
-            # reader that adds one past the bound waits, its packets
-            # unread, until the commit sends them.
-            c.pause = self.room_to_hold
         self.flag.set()
 
     def room_to_hold(self):
@@ -707,6 +721,15 @@ class Persist:
         self.lazy.pop(topic, None)
         return True
 
+    def inflight_fits(self, s):
+        # Has the batch staged for the next commit room for an in-flight
+        # record of s (its key: the client id and a packet identifier; its
+        # value under 40 B)? A PUBREC waits, unread, for the commit when
+        # not: refused by a full batch, its PUBREL would wait for the
+        # client's next connection.
+        st = self.store
+        return not st.pending() or len(s.client_id) + 64 <= st.batch_left()
+
     def session_fits(self, s, more):
         # Has the batch staged for the next commit room for s's record grown
         # by about `more` bytes? A burst of SUBSCRIBEs stages the record
@@ -829,14 +852,17 @@ class Persist:
             msg.refs -= 1
 
     def queued(self, s, msg, seq, qos, retain, subids):
-        # A QoS 1/2 delivery just appended to s.queue with this seq.
+        # A QoS 1/2 delivery just appended to s.queue with this seq; False
+        # when the store refused its record.
         if not self._ref(msg):
-            return
+            return False
         out = bytearray()
         out.append(qos | (4 if retain else 0))
         _varints(out, msg.mid, *(subids or ()))
         if not self._put("q" + s.client_id + "\0" + str(seq), out):
             self._unref(msg)
+            return False
+        return True
 
     def dequeued(self, s, msg, seq):
         # A stored queue entry that will never be sent (expired, too big).

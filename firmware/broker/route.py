@@ -169,8 +169,11 @@ def _enqueue(b, s, msg, qos, retain, subids):
         if qos:
             b.queue_refusals += 1
         return
-    if durable:
-        p.queued(s, msg, seq, qos, retain, subids)
+    if durable and not p.queued(s, msg, seq, qos, retain, subids):
+        # Not on flash (the publisher was told, counted in p.failed): its
+        # entry must not say so, or its going out would delete a record,
+        # and count a reference off, that were never made.
+        s.queue[-1] = info(qos, retain, seq, subids, False)
     c = s.conn
     if c is not None:
         if s.queued() >= lim >> 1:
