@@ -171,6 +171,35 @@ def test_the_broker_starts_after_a_power_cut_even_when_its_first_commit_fails():
         c.disconnect(props={SESSION_EXPIRY: 0})
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_clean_stop_publishes_the_wills_of_the_sessions_that_end_with_it(version):
+    # MQTT-3.1.2-8: the stop closes their connections without a
+    # DISCONNECT. A clean session's will was lost with it, and a sensor's
+    # retained status said "online" for good (outside field probe;
+    # Mosquitto 2.0.11 publishes them). A kept session's will goes from its
+    # record at the restart, as before.
+    with BrokerProc() as b:
+        props = {SESSION_EXPIRY: 600} if version == 5 else None
+        kept = Client(b.port, "stopwill-kept", version=version, clean=False, props=props,
+                      will_topic="stopwill/kept", will_payload=b"offline", will_qos=1, will_retain=True)
+        gone = Client(b.port, "stopwill-gone", version=version, clean=True,
+                      will_topic="stopwill/gone", will_payload=b"offline", will_qos=1, will_retain=True)
+        for c, topic in ((kept, "stopwill/kept"), (gone, "stopwill/gone")):
+            assert c.publish(topic, b"online", qos=1, retain=True).reason in (0, 0x10)
+        b.restart()
+        s = Client(b.port, "stopwill-check", version=5)
+        s.subscribe([("stopwill/#", 1)])
+        # The latest value of each topic: retained ones first, then a kept
+        # session's will, which the housekeeping publishes a second on.
+        got = {}
+        end = time.time() + 5
+        while time.time() < end and got != {"stopwill/kept": b"offline", "stopwill/gone": b"offline"}:
+            for m in s.messages(timeout=0.5):
+                got[m.topic] = m.payload
+        assert got == {"stopwill/kept": b"offline", "stopwill/gone": b"offline"}, got
+        s.close()
+
+
 def _pump(pub, sub, n):
     # n QoS 1 messages from pub, each delivered to sub at QoS 1 and
     # acknowledged: 20 at a time, the esp32's max_inflight_messages.

@@ -142,10 +142,12 @@ def run(cfg, wdt=None):
     try:
         asyncio.run(main())
     finally:
-        # A clean stop (Ctrl-C, SIGTERM through tools/broker) writes what
-        # waits for its autosave: retained QoS 0 values and the clock.
+        # A clean stop (Ctrl-C, SIGTERM through tools/broker) publishes the
+        # wills of the sessions that end with it and writes what waits for
+        # its autosave: retained QoS 0 values and the clock.
         if box and box[0].persist is not None:
             try:
+                box[0].wills_at_stop()
                 box[0].persist.shutdown()
             except Exception as e:
                 log.error("store: final save failed: %r", e)

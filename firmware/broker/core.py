@@ -297,6 +297,12 @@ class Broker:
         # will delay must never end early.
         now = self.now() + 1
         s.gone_at = now
+        if s.queue and not self.cfg["queue_qos0_messages"]:
+            # QoS 0 that waited for a client now gone (a dashboard that
+            # stopped reading) is not kept for its session, as none is
+            # queued for an offline one: eight such sessions held the heap
+            # below its floor, and a returning client got stale values.
+            self.stats_dropped += s.drop_qos0()
         if s.will is not None and not c.normal_close:
             if s.will_delay and s.expiry:
                 s.will_at = now + min(s.will_delay, s.expiry)
@@ -334,6 +340,16 @@ class Broker:
             w.expires = self.now() + s.will_expiry
         self.stats_msgs_recv += 1
         route(self, w, None)
+
+    def wills_at_stop(self):
+        # A clean stop ends every connection without a DISCONNECT
+        # (MQTT-3.1.2-8): the wills of sessions that end with it go now, to
+        # the retained store and to queues on flash (no output goes out any
+        # more); a kept session's will goes from its record at the restart.
+        for c in self.conns:
+            s = c.session
+            if s is not None and s.conn is c and s.will is not None and not s.expiry and not c.normal_close:
+                self.publish_will(s)
 
     def end_session(self, s):
         # Session over: its will (if still delayed) goes out now

@@ -126,6 +126,20 @@ class Session:
         if i < self.ahead << 1:
             self.ahead -= 1
 
+    def drop_qos0(self):
+        # Removes the QoS 0 entries (never on flash); returns how many.
+        q = self.queue
+        n = 0
+        i = 1
+        while q and i < len(q):
+            if qos_of(q[i]) == 0:
+                self.drop(i - 1)
+                n += 1
+            else:
+                i += 2
+        self.dropped += n
+        return n
+
     def enqueue(self, msg, inf, limit):
         # Bounded queue. When full, the oldest QoS 0 message makes room
         # (QoS 0 entries are never on flash); with none, the newcomer is
