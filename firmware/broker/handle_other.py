@@ -106,23 +106,29 @@ def _on_pubrec(c, s, pid, reason):
         # The receiver refused it: the flow ends here (MQTT-4.3.3 v5).
         _flow_ended(c, s, pid, d)
     else:
-        if d.state != RELEASED:
-            p = c.broker.persist
-            durable = s.expiry and p is not None and d.stored
-            if durable and not p.inflight_fits(s):
-                c.pause = lambda: not p.dirty()
-                raise Paused()
-            d.state = RELEASED
-            if durable and not p.released(s, pid, d):
-                # The store is full: after a power cut the PUBLISH would go
-                # again behind this PUBREL, and its receiver, done with the
-                # identifier, would take it twice. No PUBREL yet: the
-                # PUBREC comes again when the PUBLISH is sent again, at the
-                # client's next connection.
-                d.state = SENT
-                return
-            s.full_since = None
+        if d.state != RELEASED and not _released(c, s, pid, d):
+            return
         c.ack(0x62, pid, 0)
+
+
+def _released(c, s, pid, d):
+    # d's receiver sent its PUBREC: d is RELEASED, on flash first for a
+    # persistent session. False when the store is full: after a power cut
+    # the PUBLISH would go again behind the PUBREL, and its receiver, done
+    # with the identifier, would take it twice. No PUBREL then: the PUBREC
+    # comes again when the PUBLISH is sent again, at the client's next
+    # connection. (Out of _on_pubrec: its frame stays off the heap.)
+    p = c.broker.persist
+    durable = s.expiry and p is not None and d.stored
+    if durable and not p.inflight_fits(s):
+        c.pause = lambda: not p.dirty()
+        raise Paused()
+    d.state = RELEASED
+    if durable and not p.released(s, pid, d):
+        d.state = SENT
+        return False
+    s.full_since = None
+    return True
 
 
 def _sub_reason(c, cfg, flt, opts, group):
