@@ -453,7 +453,10 @@ class Persist:
     def room_to_hold(self):
         return len(self.held) < _HELD_MAX
 
-    def _put(self, key, val):
+    def _put(self, key, val, lost=True):
+        # lost=False: a refusal loses nothing (a record already on flash
+        # stands for this one), so it is neither logged nor counted as a
+        # record dropped.
         try:
             try:
                 self.store.put(key, val)
@@ -461,8 +464,9 @@ class Persist:
                 self.b.shed_buffers()
                 self.store.put(key, val)
         except StoreFull:
-            self.failed += 1
-            log.warning("store full: %r not stored", key[:40])
+            if lost:
+                self.failed += 1
+                log.warning("store full: %r not stored", key[:40])
             return False
         self.flag.set()
         return True
@@ -869,12 +873,12 @@ class Persist:
         self._del("q" + s.client_id + "\0" + str(seq))
         self._unref(msg)
 
-    def _inflight_record(self, s, pid, d):
+    def _inflight_record(self, s, pid, d, lost=True):
         out = bytearray()
         out.append(d.state)
         out.append(d.qos | (4 if d.retain else 0))
         _varints(out, d.seq, d.msg.mid, *(d.subids or ()))
-        return self._put("i" + s.client_id + "\0" + str(pid), out)
+        return self._put("i" + s.client_id + "\0" + str(pid), out, lost)
 
     def sent(self, s, pid, d, queued_seq):
         # d goes out as pid: an in-flight record takes over the reference to
@@ -885,7 +889,9 @@ class Persist:
         # lost acknowledged messages that way.
         if not queued_seq and not self._ref(d.msg):
             return False
-        if self._inflight_record(s, pid, d):
+        # (A QoS 2 message refused so waits and is tried again: each try
+        # was logged and counted as a record dropped while nothing was.)
+        if self._inflight_record(s, pid, d, not queued_seq):
             d.stored = True
             if queued_seq:
                 self._del("q" + s.client_id + "\0" + str(queued_seq))
