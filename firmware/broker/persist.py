@@ -823,9 +823,7 @@ class Persist:
                 self.dequeued(s, q[i - 1], seq_of(inf))
                 q[i] = now
         for pid in s.inflight:
-            d = s.inflight[pid]
-            if d.stored or d.queued:
-                self.acked(s, pid, d)
+            self.acked(s, pid, s.inflight[pid])  # (deletes what is on flash)
         # A session that never had a record (expiry 0 from the start, a
         # clean client) has none of "s" or "x" to delete: no commit for it.
         if s.on_flash:
