@@ -137,7 +137,15 @@ class Heap:
         # True while something waits for heap: a paused reader asks again
         # every 50 ms (backpressure.wait_recovered).
         t = self.refused_at
-        return t is not None and time.ticks_diff(now_ms, t) < 2000
+        if t is None:
+            return False
+        if 0 <= time.ticks_diff(now_ms, t) < 2000:
+            return True
+        # Forgotten once old: ticks wrap every 12.4 days, and a refusal
+        # kept for good looked recent again half of that time, 6.2 days
+        # on (outside leak probe: stuck-looking clients were closed then).
+        self.refused_at = None
+        return False
 
     def spend(self, n):
         # n bytes taken without asking (per receiver of a message).

@@ -303,7 +303,10 @@ async def accept_loop(broker, ls, wrap=None):
                 # Logged once per window (a flood of sockets must not flood
                 # the log: on a board, its ring on flash), and before the
                 # close, which the client may take as the end of it.
-                if time.ticks_diff(time.ticks_ms(), said) < _WINDOW_MS:
+                # (0 <=: after a quiet spell of over 6.2 days the ticks
+                # wrapped, the difference is negative, and nothing was
+                # logged until as long again.)
+                if 0 <= time.ticks_diff(time.ticks_ms(), said) < _WINDOW_MS:
                     unsaid += 1
                 else:
                     log.warning("refused connection from %s: %s%s", peer, why,
