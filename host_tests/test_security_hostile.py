@@ -608,6 +608,7 @@ class Conn:
     version = 5
     broker = b
     acks = []
+    topic_in = None  # (not a bridge's link)
 
     def ack(self, first, pid, reason):  # Connection.ack: every acknowledgement goes there
         Conn.acks.append((first, pid, reason))

@@ -108,6 +108,9 @@ class Link(Connection):
     def topic_in(self, topic, mv, off, end):
         return self.br.topic_in(topic, mv, off, end)
 
+    def went_out(self, t):
+        self.br.went_out(t)
+
     def dispatch(self, first, mv, off, end):
         t = first >> 4
         if self.session is None:
@@ -183,15 +186,19 @@ class Bridge:
     def topic_out(self, topic):
         for f, q, lp, rp in self.outs:
             if matches(f, topic):
-                t = _swap(topic, lp, rp) or topic
-                if self.link is not None and self.link.echo:
-                    e = self.echoes
-                    e.append(t)
-                    if len(e) > _ECHOES:
-                        e.pop(0)
-                self.sent += 1
-                return t
+                return _swap(topic, lp, rp) or topic
         return topic
+
+    def went_out(self, t):
+        # A PUBLISH on upstream topic t is on its way (pump.py: a message
+        # that waits is mapped again at each try, and was counted, and its
+        # echo expected, at each).
+        if self.link is not None and self.link.echo:
+            e = self.echoes
+            e.append(t)
+            if len(e) > _ECHOES:
+                e.pop(0)
+        self.sent += 1
 
     def topic_in(self, topic, mv, off, end):
         if self.echoes and topic in self.echoes:
@@ -201,11 +208,7 @@ class Bridge:
             return None
         for f, q, lp, rp in self.ins:
             if matches(f, topic):
-                t = _swap(topic, rp, lp)
-                if not t:
-                    return None
-                self.received += 1
-                return t
+                return _swap(topic, rp, lp) or None
         return None
 
     # ------------------------------------------------------------ link
@@ -352,7 +355,11 @@ class Bridge:
                 now = time.ticks_ms()
                 if cycle and time.ticks_diff(now, born) >= cycle:
                     break
-                if not ka:
+                if not ka or L.waits_on_broker():
+                    # (A reply may wait unread behind what the reader
+                    # holds: the upstream is not silent. Dropped for it,
+                    # the link came back to the same wait and sent what
+                    # was in flight again.)
                     continue
                 rx = time.ticks_diff(now, L.last_rx)
                 if rx > ka + (ka >> 1):

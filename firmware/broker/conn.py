@@ -60,7 +60,8 @@ class Connection(Output):
     login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
-    # upstream's, topic_in(upstream topic) -> ours or None (not ours).
+    # upstream's, topic_in(upstream topic) -> ours or None (not ours); and
+    # is told went_out(upstream topic) of each PUBLISH on its way.
     topic_out = None
     topic_in = None
 

@@ -73,7 +73,10 @@ def _heap_short(c, qos, pid, need):
         refuse_for_heap(c, qos, pid)
         return
     heap = b.heap
-    c.pause = lambda: heap.room_for(need)
+    if c.topic_in is not None:
+        c.pause = lambda: heap.room_for_client(need)  # (see _admit)
+    else:
+        c.pause = lambda: heap.room_for(need)
     raise Paused()
 
 
@@ -105,11 +108,26 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
     p = b.persist
     # An empty retained message deletes one: it frees heap, so it is
     # reckoned as the message it is for the receivers only.
-    if not b.heap.room_for(need) and would_hold(b, topic, qos, retain and size > 0):
+    heap = b.heap
+    if not heap.room_for(need) and would_hold(b, topic, qos, retain and size > 0, s):
         # It needs `need` bytes (on_publish; route() adds more per
         # receiver), and it would stay in the heap.
-        _heap_short(c, qos, pid, need)
-        return False
+        if c.topic_in is None:
+            _heap_short(c, qos, pid, need)
+            return False
+        # A bridge's link must not stop reading: behind the upstream's
+        # messages come its acknowledgements, which alone drain the
+        # bridge's queue, and with sensors publishing faster than the
+        # upstream took, that queue is what filled the heap (outside
+        # bridge probe: paused here, the link read nothing more for good).
+        # QoS 0 is dropped, as at most once allows; QoS 1 and 2, as many
+        # as the upstream has in flight, go on down to the clients' floor.
+        if not qos:
+            b.stats_dropped += 1
+            return False
+        if not heap.room_for_client(need):
+            _heap_short(c, qos, pid, need)
+            return False
     if not qos or p is None or p.healthy():
         return True
     if not p.batch_takes(topic, retain, size):
@@ -196,6 +214,8 @@ def on_publish(c, first, mv, off, end):
         if not _admit(c, s, qos, pid, topic, retain, end - poff, need):
             return
     b.stats_msgs_recv += 1
+    if c.topic_in is not None:
+        c.br.received += 1  # (here: a message held for heap is mapped again)
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
         # 5.0 3.3.2.3.2 lets a receiver that checks say so in the PUBACK or
         # PUBREC, or in a DISCONNECT: at QoS 0 that is the only way.

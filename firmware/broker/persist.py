@@ -113,6 +113,13 @@ def _read_varints(b, off):
     return out
 
 
+def _list_of(room):
+    # An empty list with room for `room` items before it grows.
+    a = [None] * room
+    del a[:]
+    return a
+
+
 class Persist:
     def __init__(self, broker, path, max_bytes):
         self.b = broker
@@ -121,7 +128,13 @@ class Persist:
         # limit (esp32 ~120 B, rp2 ~500 B).
         self.store = Store(path, max_bytes, index_max=32, batch_keys=_BATCH_KEYS,
                            inline_max=broker.cfg["store_inline_max"])
-        self.held = []  # (connection, packet, is a PUBLISH) waiting for the commit
+        # (connection, packet, is a PUBLISH) waiting for the commit. Two
+        # lists, swapped at each release, made once with room for the
+        # bound and never shrunk (del [:] keeps their room): grown from
+        # empty after each commit, the list wanted 512 B in one piece on a
+        # heap in crumbs, and the client whose answer it was got 0x97.
+        self.held = _list_of(_HELD_MAX + 8)
+        self.spare_held = _list_of(_HELD_MAX + 8)
         self.waiting = []  # connections whose pump waits for the commit (crowded)
         self.expire_waits = False  # a session due to end waits for the commit (room_to_end)
         self.flag = asyncio.Event()
@@ -641,7 +654,10 @@ class Persist:
 
     def _release(self):
         held = self.held
-        self.held = []
+        spare = self.spare_held
+        del spare[:]  # (emptied at the end of the last release, unless cut short)
+        self.held = spare
+        self.spare_held = held
         for c, pkt, publish in held:
             if publish:
                 c.held -= 1
@@ -659,6 +675,7 @@ class Persist:
                 # 1/2 stays in flight on both sides).
                 gc.collect()
                 c.close_soon()
+        del held[:]
 
     def tick(self):
         # Once a second (app.py): the autosave of retained QoS 0 values,

@@ -89,6 +89,8 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         p.dequeued(s, msg, seq)
     if alias and send_topic:
         c.take_alias(t, alias)
+    if c.topic_out is not None:
+        c.went_out(t)
     s.full_since = None  # progress: not stuck
     b.stats_msgs_sent += 1
     return SENT
@@ -305,6 +307,8 @@ def resend(b, c, s):
                 c.olen = m.put(ob, o, t, c.version, d.qos, d.retain, True, pid, d.subids, 0, True, now, whole)
                 if not whole:
                     c.big = m.payload
+            if c.topic_out is not None:
+                c.went_out(t)
         r.pop(0)
     c.resend = None
     return True

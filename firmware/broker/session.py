@@ -114,7 +114,11 @@ class Session:
         if not q:
             q = self.queue = []
         q.append(msg)
-        q.append(inf)
+        try:
+            q.append(inf)
+        except MemoryError:
+            q.pop()  # never half an entry
+            raise
 
     def pop(self):
         # Removes the first queue entry.
