@@ -595,37 +595,38 @@ def test_cycling_the_uplink_loses_nothing_and_keeps_qos2_exactly_once(procs):
 
 
 def test_the_uplink_reads_on_past_upstream_messages_the_full_heap_would_hold(procs):
-    # A heap at the messages' floor (an offline session's queue) paused the
-    # uplink on a QoS 1 message from the upstream for that session. Behind
-    # it came the upstream's PUBACKs, unread, so the bridge's window never
-    # moved again and the sensors' messages never went up (outside bridge
-    # probe). The uplink now goes on down to the clients' floor with QoS
-    # 1/2 (QoS 0 is dropped): what the upstream has in flight is bounded.
+    # A heap below the messages' floor paused the uplink on a message from
+    # the upstream that an offline session would keep. Behind it came the
+    # upstream's PUBACKs, unread, so the bridge's window never moved again
+    # and the sensors' messages never went up (outside bridge probe). The
+    # uplink now goes on down to the clients' floor with QoS 1/2 (QoS 0 is
+    # dropped).
     import mqttc
 
     m = upstream(procs)
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port],
                         "topics": ["# out 1 gw/ site/gw/", "# in 1 cmd/ site/cmd/"]})
     wait_state(g, b"1")
-    up = peer(procs, m.port, "up-sub", [("site/gw/#", 1)])
+    dash = peer(procs, g.port, "dash", [("cmd/#", 1)])
     away = mqttc.Client(g.port, "away", version=4, clean=False, keepalive=0)
     away.subscribe([("big/#", 1), ("cmd/#", 1)])
     away.disconnect()
     filler = mqttc.Client(g.port, "filler", version=4, keepalive=0)
-    for _ in range(20):  # more than the heap takes: paused at the floor
-        filler.send(mqttc.Publish("big/x", bytes(4000), 1, False, False, filler.next_pid(), None))
+    for _ in range(30):  # more than the heap takes (within max_queued_messages, 32)
+        filler.send(mqttc.Publish("big/x", bytes(2000), 1, False, False, filler.next_pid(), None))
     time.sleep(1)
-    for i in range(5):
-        up.publish("site/cmd/x", b"in%d" % i, 1)
-    time.sleep(0.5)
-    sensor = peer(procs, g.port, "sensor")
-    n = 60  # past the bridge's window of 20 in flight
-    for i in range(n):
-        sensor.publish("gw/x", b"out%d" % i, 1)
-    got = up.wait(lambda ms: len(ms) >= n, 15)
-    assert [p for t, p, q, r, pr in got] == [b"out%d" % i for i in range(n)], g.log()[-3000:]
+    # Subscriptions may go on down to the clients' floor: some 6 KB of them
+    # take the heap below the messages' floor, whatever room the filler left.
+    subs = mqttc.Client(g.port, "subs", version=4, keepalive=0)
+    for i in range(10):  # (one a packet: a large packet waits for heap)
+        assert subs.subscribe([("long/%02d/" % i + "x" * 200, 0)]) == [0]
+    upp = peer(procs, m.port, "up-pub")
+    for i in range(3):
+        upp.publish("site/cmd/x", b"in%d" % i, 1)
+    got = dash.wait(lambda ms: len(ms) >= 3, 8)
+    assert [p for t, p, q, r, pr in got] == [b"in%d" % i for i in range(3)], g.log()[-3000:]
     filler.close()
     away = mqttc.Client(g.port, "away", version=4, clean=False, keepalive=0)
-    got = [p.payload for p in away.messages(timeout=5) if p.topic == "cmd/x"]
-    assert got == [b"in%d" % i for i in range(5)], g.log()[-3000:]
+    got = [p.payload for p in away.messages(timeout=3) if p.topic == "cmd/x"]
+    assert got == [b"in%d" % i for i in range(3)], g.log()[-3000:]
     assert "within keep-alive" not in g.log()

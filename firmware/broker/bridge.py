@@ -355,14 +355,14 @@ class Bridge:
                 now = time.ticks_ms()
                 if cycle and time.ticks_diff(now, born) >= cycle:
                     break
-                if not ka or L.waits_on_broker():
-                    # (A reply may wait unread behind what the reader
-                    # holds: the upstream is not silent. Dropped for it,
-                    # the link came back to the same wait and sent what
-                    # was in flight again.)
+                if not ka:
                     continue
                 rx = time.ticks_diff(now, L.last_rx)
-                if rx > ka + (ka >> 1):
+                # (While the reader waits, a reply may be unread behind
+                # what it holds: the upstream is not silent. Dropped for
+                # it, the link came back to the same wait and sent what
+                # was in flight again.)
+                if rx > ka + (ka >> 1) and not L.waits_on_broker():
                     log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
                                 self.name, host, port)
                     L.close_soon()

@@ -204,7 +204,7 @@ def _on_subscribe(c, pkt):
             r = 0x87 if c.version == 5 else 0x80
         existed = full in s.subs
         if r < 0 and not existed and (len(s.subs) >= cfg["max_subscriptions"]
-                                      or not b.heap.room_for_client(2 * len(full) + 128)):
+                                      or not b.heap.room_for_client(2 * len(full) + 128, False)):
             # Past the limit, or the heap's clients' floor: a subscription
             # lives as long as its session (offline sessions of many long
             # filters filled the heap, and SUBSCRIBE ended in MemoryError).

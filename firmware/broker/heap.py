@@ -61,14 +61,15 @@ class Heap:
             f = gc.mem_free()
         return f
 
-    def room_for_client(self, n=0):
+    def room_for_client(self, n=0, look=True):
         # True when n more bytes (a subscription) leave the clients' floor
-        # free: what a client holds for long is taken down to it. Bytes
-        # room_for() may still spend without a look are above the higher
-        # floor, so above this one too: gc.mem_free() costs 23 us on the
-        # esp32 heap and 200 us on a PC's 4 MB, and it was asked for each
-        # topic of a SUBSCRIBE and before each commit.
-        if self._budget > n:
+        # free: what a client holds for long is taken down to it. look=False
+        # (each topic of a SUBSCRIBE): bytes room_for() may still spend are
+        # above the higher floor, so above this one too, and answer without
+        # a look, which costs 23 us on the esp32 heap and 200 us on a PC's
+        # 4 MB (gc.mem_free() walks the allocation table). Not for a new
+        # client, whose heap the budget does not count.
+        if not look and self._budget > n:
             self._budget -= n
             return True
         return self.free(n) - n >= self.client_floor
@@ -115,6 +116,8 @@ class Heap:
         f = gc.mem_free() - self.message_floor
         if f > self.most:
             self.most = f
+        if self._budget > f >> 1:
+            self._budget = f >> 1  # (what clients and sessions took is not counted in it)
         self.keep_rescue()
 
     def keep_rescue(self):

@@ -7,7 +7,6 @@
 # persists.
 import gc
 from micropython import const
-from broker import log
 from broker.session import info
 from broker.message import Raw
 from broker.pump import put_message, SENT, GONE
@@ -151,16 +150,11 @@ def deliver(b, s, msg, qos, retain, subids):
         _enqueue(b, s, msg, qos, retain, subids)
     except MemoryError:
         # Counted like a full queue (v5 publishers are told 0x97); the
-        # other receivers still get it. Logged: a 3.1.1 publisher was not
-        # told (outside bridge probe: nothing said where messages went).
+        # other receivers still get it.
         gc.collect()
         b.stats_dropped += 1
         if qos:
             b.queue_refusals += 1
-        try:
-            log.warning("out of memory: a message on %s not delivered to %s", msg.topic, s.client_id)
-        except MemoryError:
-            pass
 
 
 def _enqueue(b, s, msg, qos, retain, subids):
@@ -173,12 +167,7 @@ def _enqueue(b, s, msg, qos, retain, subids):
     try:
         ok = s.enqueue(msg, inf, lim)
     except MemoryError:
-        # A long queue's list grows in one piece, which a heap in crumbs
-        # may not have although the bytes are free: the spare buffers are
-        # large pieces (outside bridge probe: acknowledged messages for a
-        # bridge's queue of some hundred were dropped so).
-        b.shed_buffers()
-        ok = s.enqueue(msg, inf, lim)
+        ok = _enqueue_again(b, s, msg, inf, lim, d)
     b.stats_dropped += s.dropped - d  # refused, or an old QoS 0 evicted
     if not ok:
         if qos:
@@ -196,6 +185,29 @@ def _enqueue(b, s, msg, qos, retain, subids):
             # (backpressure.py).
             b.congested = s
         c.kick()
+
+
+def _enqueue_again(b, s, msg, inf, lim, d):
+    # After a MemoryError in s.enqueue(): a long queue's list grows in one
+    # piece, which a heap in crumbs may not have although the bytes are
+    # free, and the spare buffers are large pieces (outside bridge probe:
+    # acknowledged messages for a bridge's queue of some hundred were
+    # dropped so). Half an entry, left when the list could not grow
+    # between its two appends, is taken back first, each time.
+    _whole(s)
+    b.shed_buffers()
+    try:
+        return s.enqueue(msg, inf, lim)
+    except MemoryError:
+        _whole(s)
+        b.stats_dropped += s.dropped - d  # (an old QoS 0 evicted for it)
+        raise
+
+
+def _whole(s):
+    q = s.queue
+    if q and len(q) & 1:
+        q.pop()
 
 
 def would_hold(b, topic, qos, retain, origin):

@@ -114,11 +114,7 @@ class Session:
         if not q:
             q = self.queue = []
         q.append(msg)
-        try:
-            q.append(inf)
-        except MemoryError:
-            q.pop()  # never half an entry
-            raise
+        q.append(inf)  # (a MemoryError here leaves half an entry: route._whole)
 
     def pop(self):
         # Removes the first queue entry.
