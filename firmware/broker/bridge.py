@@ -93,6 +93,7 @@ class Link(Connection):
     def __init__(self, br, t, version):
         Connection.__init__(self, br.b, t)
         self.br = br
+        self.went_out = br.went_out
         if version != 4:
             self.version = version
         self.up = asyncio.Event()  # set at CONNACK
@@ -107,9 +108,6 @@ class Link(Connection):
 
     def topic_in(self, topic, mv, off, end):
         return self.br.topic_in(topic, mv, off, end)
-
-    def went_out(self, t):
-        self.br.went_out(t)
 
     def dispatch(self, first, mv, off, end):
         t = first >> 4
@@ -190,9 +188,7 @@ class Bridge:
         return topic
 
     def went_out(self, t):
-        # A PUBLISH on upstream topic t is on its way (pump.py: a message
-        # that waits is mapped again at each try, and was counted, and its
-        # echo expected, at each).
+        # A PUBLISH on upstream topic t is on its way (once: pump.py).
         if self.link is not None and self.link.echo:
             e = self.echoes
             e.append(t)
@@ -358,10 +354,8 @@ class Bridge:
                 if not ka:
                     continue
                 rx = time.ticks_diff(now, L.last_rx)
-                # (While the reader waits, a reply may be unread behind
-                # what it holds: the upstream is not silent. Dropped for
-                # it, the link came back to the same wait and sent what
-                # was in flight again.)
+                # (A reader that waits may hold a reply unread: dropped for
+                # that, the link came back to the same wait and resent.)
                 if rx > ka + (ka >> 1) and not L.waits_on_broker():
                     log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
                                 self.name, host, port)
