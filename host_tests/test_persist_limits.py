@@ -396,7 +396,10 @@ def test_a_heap_filled_by_expiring_sessions_queues_keeps_acknowledging_and_recov
                 except mqttc.Closed:
                     pass  # load shed: closed, after its CONNACK or before any
             for i in range(100):
-                ack = pub.publish("exp/r/%d" % i, b"r" * rnd.randint(10, 200), qos=1, retain=True, timeout=30)
+                try:
+                    ack = pub.publish("exp/r/%d" % i, b"r" * rnd.randint(10, 200), qos=1, retain=True, timeout=30)
+                except AssertionError as e:
+                    raise AssertionError("%s in round %d; broker log: %s" % (e, rnd_no, b.log()[-6000:]))
                 assert ack.reason in (0x00, 0x10, 0x97), ack
             if rnd_no % 3 == 2:
                 time.sleep(1.5)

@@ -79,6 +79,10 @@ def test_a_batch_past_its_expected_keys_commits_when_the_heap_is_in_crumbs(mpypa
     run_case(mpypath, tmp_path, "a_batch_past_batch_keys_commits_in_a_heap_in_crumbs")
 
 
+def test_a_compaction_makes_no_container_anew(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "a_compaction_makes_no_container_anew")
+
+
 def test_staged_changes_are_lost_without_commit(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "staged_not_durable")
 

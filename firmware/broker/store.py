@@ -453,7 +453,14 @@ class Store:
         self._compacting = True
         try:
             for ns in sorted(touched):
-                self._segs[ns] = [seq, self._rewrite(ns, seq), 0]
+                live = self._rewrite(ns, seq)
+                sg = self._segs.get(ns)
+                if sg is None:
+                    self._segs[ns] = [seq, live, 0]
+                else:
+                    sg[0] = seq
+                    sg[1] = live
+                    sg[2] = 0
                 yield
         finally:
             self._compacting = False
@@ -469,12 +476,17 @@ class Store:
         # reuse, so old logs cannot pile up on flash.
         for i in self._big:
             self._remove("l%d" % i)
-        self._big = []
+        del self._big[:]
         if self._live:
             self.stats["compactions"] += 1
+        # Containers are emptied, not made anew: made anew they landed,
+        # long-lived, in the heap the broker had freed for this commit
+        # (heap.py's pieces), and a heap in crumbs lost them for good.
         idx.clear()
-        self._tns = {}
-        self._live = []
+        tns = self._tns
+        while tns:
+            tns.popitem()
+        del self._live[:]
         self._next = 0
         self._logb = 0
         self._base = seq
