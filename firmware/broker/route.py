@@ -149,12 +149,39 @@ def deliver(b, s, msg, qos, retain, subids):
             return
         _enqueue(b, s, msg, qos, retain, subids)
     except MemoryError:
-        # Counted like a full queue (v5 publishers are told 0x97); the
-        # other receivers still get it.
         gc.collect()
+        if qos and _missing(s, msg):
+            # Not yet in flight nor queued (put_message leaves nothing
+            # sent when it fails): queued, once more, as the output was
+            # full. Else counted like a full queue (v5 publishers are told
+            # 0x97); the other receivers still get it.
+            _requeue(b, s, msg, qos, retain, subids)
+            return
         b.stats_dropped += 1
         if qos:
             b.queue_refusals += 1
+
+
+def _missing(s, msg):
+    inf = s.inflight
+    if inf:
+        for d in inf.values():
+            if d.msg is msg:
+                return False
+    q = s.queue
+    for i in range(0, len(q), 2):
+        if q[i] is msg:
+            return False
+    return True
+
+
+def _requeue(b, s, msg, qos, retain, subids):
+    try:
+        _enqueue(b, s, msg, qos, retain, subids)
+    except MemoryError:
+        gc.collect()
+        b.stats_dropped += 1
+        b.queue_refusals += 1
 
 
 def _enqueue(b, s, msg, qos, retain, subids):
