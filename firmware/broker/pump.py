@@ -57,19 +57,19 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         if pkt is None:
             return WAIT
         d = Delivery(msg, qos, retain, subids, b.next_seq())
-        if not p.sent(s, pid, d, seq if stored else 0):
+        if not _sent(p, s, pid, d, seq if stored else 0):
             # No room in the store for that: it waits, queued. (Sent, a
             # power cut would send it again as queued, under a new
             # identifier: twice for its receiver.)
             return WAIT
-        s.in_flight()[pid] = d
         p.hold(c, pkt if whole else (pkt, msg.payload), True)
     else:
-        # Laid out first, then in flight, then out (olen or big moves): a
-        # MemoryError on the way leaves nothing sent, and route.deliver
-        # queues the message instead. (In flight after it went out, an
-        # acknowledged message was dropped for want of 32 B: outside
-        # bridge probe, 15 of 300 in one run under a CPU hog.)
+        # Laid out first, then made in flight, then let out (olen or big
+        # moves): a MemoryError before it is out leaves nothing sent, and
+        # route.deliver queues the message instead (pump keeps its queue
+        # entry for the next try). Made in flight only once it was out,
+        # an acknowledged message was dropped for want of 32 B (outside
+        # bridge probe: 15 of 300 in one run under a CPU hog).
         ob = c.reserve(n)
         pkt = tail = None
         if ob is not None:
@@ -104,6 +104,24 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     s.full_since = None  # progress: not stuck
     b.stats_msgs_sent += 1
     return SENT
+
+
+def _sent(p, s, pid, d, seq):
+    # p.sent() for a QoS 2 PUBLISH that waits for its commit, with d in
+    # flight first, taken back (del takes no heap) when the store has no
+    # room for its record or no heap. Made after the record, an entry that
+    # found no heap left a record of a message never sent, and the retry
+    # sent it under a second identifier: twice after a power cut.
+    inf = s.in_flight()
+    inf[pid] = d
+    try:
+        if p.sent(s, pid, d, seq):
+            return True
+    except MemoryError:
+        del inf[pid]
+        raise
+    del inf[pid]
+    return False
 
 
 def _size(c, msg, t, qos, subids, alias, send_topic, whole):

@@ -148,38 +148,30 @@ def deliver(b, s, msg, qos, retain, subids):
             b.stats_dropped += 1
             return
         _enqueue(b, s, msg, qos, retain, subids)
+        return
     except MemoryError:
+        # (Nothing in here may take heap: a MemoryError out of it would end
+        # the publisher's connection. c and r are reused: each local is a
+        # word of this frame, which every call takes from the heap.)
         gc.collect()
-        if qos and _missing(s, msg):
-            # Not yet in flight nor queued (put_message leaves nothing
-            # sent when it fails): queued, once more, as the output was
-            # full. Else counted like a full queue (v5 publishers are told
-            # 0x97); the other receivers still get it.
-            _requeue(b, s, msg, qos, retain, subids)
+        if not qos:
+            b.stats_dropped += 1
             return
-        b.stats_dropped += 1
-        if qos:
-            b.queue_refusals += 1
-
-
-def _missing(s, msg):
-    inf = s.inflight
-    if inf:
-        for d in inf.values():
-            if d.msg is msg:
-                return False
-    q = s.queue
-    for i in range(0, len(q), 2):
-        if q[i] is msg:
-            return False
-    return True
-
-
-def _requeue(b, s, msg, qos, retain, subids):
+        c = s.inflight
+        for r in c:
+            if c[r].msg is msg:
+                return  # out, in flight: it met the error after that
+        c = s.queue
+        for r in range(0, len(c), 2):
+            if c[r] is msg:
+                return  # queued
+    # Neither (put_message leaves nothing sent when it fails): queued, once
+    # more, as when the output is full. Else counted like a full queue (v5
+    # publishers are told 0x97); the other receivers still get it. (A try
+    # after the first, not in it: one exception slot in the frame.)
     try:
         _enqueue(b, s, msg, qos, retain, subids)
     except MemoryError:
-        gc.collect()
         b.stats_dropped += 1
         b.queue_refusals += 1
 
