@@ -83,6 +83,10 @@ def test_a_compaction_makes_no_container_anew(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "a_compaction_makes_no_container_anew")
 
 
+def test_a_large_record_needs_no_large_piece_of_heap_at_the_compaction(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "a_large_record_needs_no_large_piece_at_the_compaction")
+
+
 def test_staged_changes_are_lost_without_commit(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "staged_not_durable")
 

@@ -38,7 +38,7 @@ from broker import log, session_expiry
 from broker.message import Message
 from broker.session import Session, Delivery, SENT, RELEASED, info, qos_of, retain_of, seq_of, subids_of, stored_of
 from broker.subs import Sub
-from broker.store import Store, StoreFull
+from broker.store import Store, StoreFull, NoHeap
 
 _RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
 _RETRY_MAX_MS = const(5000)
@@ -473,13 +473,14 @@ class Persist:
         try:
             try:
                 self.store.put(key, val)
-            except MemoryError:
-                self.b.shed_buffers()
+            except (MemoryError, NoHeap):
+                self.b.shed_buffers()  # (the spares are large pieces)
                 self.store.put(key, val)
-        except StoreFull:
+        except StoreFull as e:
             if lost:
                 self.failed += 1
-                log.warning("store full: %r not stored", key[:40])
+                log.warning("%s: %r not stored", "no heap to read it back" if isinstance(e, NoHeap) else "store full",
+                            key[:40])
             return False
         self.flag.set()
         return True

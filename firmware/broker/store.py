@@ -69,6 +69,11 @@ class StoreFull(Exception):
     pass
 
 
+class NoHeap(StoreFull):
+    # A record the store could not read back: no piece of heap as large.
+    pass
+
+
 class Store:
     def __init__(
         self,
@@ -303,6 +308,17 @@ class Store:
         op = _OPH + len(kb) + vn
         if vn > _MAXLEN or _PART + op > self.max_batch:
             raise StoreFull("record too large")
+        if n > len(self._buf):
+            # The buffer a compaction reads each record into, whole, grows
+            # now: grown then, it wanted a piece as large as the record
+            # from a heap in crumbs, and every commit, with every
+            # acknowledgement behind it, waited until the heap changed
+            # (outside probe: offline sessions and four messages of 2 to
+            # 7 KB stalled the broker until they came back).
+            try:
+                self._grow(n)
+            except MemoryError:
+                raise NoHeap("no heap to read it back")
         self._room(op)
         if self._used + self._pend_put + n > self.max_bytes:
             if self._live and not self._compacting:
