@@ -11,6 +11,18 @@ import pytest
 from brokerproc import BrokerProc
 from rawclient import Client, K
 
+
+def _twin_says(script, *lines):
+    # Runs script on the twin (the frozen broker) and checks that it
+    # printed each of lines.
+    from conftest import run_mp
+
+    r = run_mp(script)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in lines:
+        assert line in r.stdout, r.stdout + r.stderr
+
+
 PUBLISHERS = 5
 EACH = 2000
 
@@ -123,14 +135,8 @@ def test_a_writer_without_an_output_buffer_waits_instead_of_dropping_its_client(
     # subscriber was disconnected, four ticks lost. Then (seeds
     # 790185167 ...) the normal publisher was closed without a word: its
     # held PUBACK found no buffer after the commit.
-    from conftest import run_mp
-
-    r = run_mp(WRITER_OOM)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "closing False sent True queue 0" in r.stdout, r.stdout + r.stderr
-    assert "ack sent True closing False" in r.stdout, r.stdout + r.stderr
-    assert "split sent True" in r.stdout, r.stdout + r.stderr
-    assert "buffered again True True" in r.stdout, r.stdout + r.stderr
+    _twin_says(WRITER_OOM, "closing False sent True queue 0", "ack sent True closing False", "split sent True",
+               "buffered again True True")
 
 
 
@@ -205,13 +211,8 @@ def test_a_reader_without_a_buffer_for_a_split_packet_waits_instead_of_dropping_
     # free only in pieces under 512 B) closed a publisher with 0x97 "out
     # of memory" when its PUBLISH came in two reads and the pool had no
     # buffer to keep the first part in.
-    from conftest import run_mp
-
-    r = run_mp(READER_OOM)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "waiting True closing False" in r.stdout, r.stdout
-    assert "still True last_rx kept True" in r.stdout, r.stdout
-    assert "short 0 puback True closing False" in r.stdout, r.stdout
+    _twin_says(READER_OOM, "waiting True closing False", "still True last_rx kept True",
+               "short 0 puback True closing False")
 
 
 def test_a_stalled_subscriber_holds_back_only_the_publishers_that_feed_it():
@@ -552,12 +553,8 @@ def test_one_heap_refusal_is_not_taken_for_a_recent_one_days_after_when_the_tick
     # and half of that time the old refusal looked 2 s old or less, so
     # keepalive.check took clients holding messages for stuck and closed
     # them 0x97 with no publisher waiting (outside leak probe).
-    from conftest import run_mp
-
-    r = run_mp(HEAP_REFUSAL_AGE)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "seen 3600000 [True, False, False, False, False]" in r.stdout, r.stdout
-    assert "seen %d [True, False, False, False, False]" % int(6.3 * 86400000) in r.stdout, r.stdout
+    _twin_says(HEAP_REFUSAL_AGE, "seen 3600000 [True, False, False, False, False]",
+               "seen %d [True, False, False, False, False]" % int(6.3 * 86400000))
 
 
 IN_FLIGHT_WITHOUT_HEAP = r"""
@@ -643,13 +640,10 @@ def test_a_message_whose_in_flight_entry_finds_no_heap_is_queued_not_half_sent_o
     # told it was taken (outside bridge probe: 15 of 300 in one run). Now
     # nothing is out until the entry exists, and deliver queues the
     # message instead. Run on the twin, with the frozen route and pump.
-    from conftest import run_mp
-
-    r = run_mp(IN_FLIGHT_WITHOUT_HEAP)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "after failure: olen 0 queued 1 dropped 0 refused 0" in r.stdout, r.stdout
-    # The queue's head stays for the next try when the drain fails the same way.
-    assert "pump failed: olen 0 queued 2 in flight 0" in r.stdout, r.stdout
-    # Both go out once, in order, each in flight under its packet
-    # identifier (1 and 2 were taken by the tries that failed).
-    assert "drained: queued 0 in flight ['t/1', 't/2'] out b'2\\n\\x00\\x03t/1\\x00\\x03one2\\n\\x00\\x03t/2\\x00\\x04two'" in r.stdout, r.stdout
+    # The queue's head stays for the next try when the drain fails the
+    # same way; both then go out once, in order, each in flight under its
+    # packet identifier (1 and 2 were taken by the tries that failed).
+    _twin_says(IN_FLIGHT_WITHOUT_HEAP, "after failure: olen 0 queued 1 dropped 0 refused 0",
+               "pump failed: olen 0 queued 2 in flight 0",
+               "drained: queued 0 in flight ['t/1', 't/2'] out "
+               "b'2\\n\\x00\\x03t/1\\x00\\x03one2\\n\\x00\\x03t/2\\x00\\x04two'")
