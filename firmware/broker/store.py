@@ -257,8 +257,10 @@ class Store:
         for seq, i, m in self._live:
             for op, key, loc, vlen in self._ops(i, m, False):
                 if op == _OP_PUT and idx.get(key) == loc:
-                    used += _REC + len(key.encode()) + vlen
+                    n = _REC + len(key.encode()) + vlen
+                    used += n
                     recs += 1
+                    self._readable(n)  # (as put() made it: a compaction reads it whole)
         self._used = used
         rep["recovered"] = recs
         self.stats["records_dropped"] += rep["dropped"]
@@ -308,23 +310,14 @@ class Store:
         op = _OPH + len(kb) + vn
         if vn > _MAXLEN or _PART + op > self.max_batch:
             raise StoreFull("record too large")
-        if n > len(self._buf):
-            # The buffer a compaction reads each record into, whole, grows
-            # now: grown then, it wanted a piece as large as the record
-            # from a heap in crumbs, and every commit, with every
-            # acknowledgement behind it, waited until the heap changed
-            # (outside probe: offline sessions and four messages of 2 to
-            # 7 KB stalled the broker until they came back).
-            try:
-                self._grow(n)
-            except MemoryError:
-                raise NoHeap("no heap to read it back")
         self._room(op)
         if self._used + self._pend_put + n > self.max_bytes:
             if self._live and not self._compacting:
                 self.compact()
             if self._used + self._pend_put + n > self.max_bytes:
                 raise StoreFull("store full")
+        if not self._readable(n):
+            raise NoHeap("no heap to read it back")
         self._staged.append((key, kb, value))
         self._pend += op
         self._pend_put += n
@@ -659,6 +652,21 @@ class Store:
         rep = self._rep
         rep["dropped"] += 1
         rep["dropped_bytes"] += nbytes
+
+    def _readable(self, n):
+        # Whether a record of n bytes can be read back: the buffer a
+        # compaction reads each record into, whole, grows now, while the
+        # heap holds the value in one piece. Grown at the compaction, it
+        # wanted a piece as large as the record from a heap in crumbs, and
+        # every commit, with every acknowledgement behind it, waited until
+        # the heap changed (outside probe: offline sessions and four
+        # messages of 2 to 7 KB stalled the broker until they came back).
+        if n > len(self._buf):
+            try:
+                self._grow(n)
+            except MemoryError:
+                return False
+        return True
 
     def _grow(self, n):
         # The read buffer only grows, at least doubling, so that reading
