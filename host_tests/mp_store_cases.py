@@ -7,6 +7,7 @@ import os
 import sys
 
 from broker.store import Store, StoreFull
+from mp_oom import crumble
 
 DIR = sys.argv[1]
 CASE = sys.argv[2]
@@ -34,29 +35,6 @@ def reopen(**kw):
     st = Store(DIR, kw.pop("max_bytes", 1 << 20), **kw)
     rep = st.open()
     return st, rep
-
-
-def crumble(piece):
-    # Fills the heap with 400 B pieces and frees every other one: bytes
-    # free, but no piece of `piece` bytes. Returns what holds the rest.
-    import gc
-
-    gc.collect()
-    keep = []
-    try:
-        while True:
-            keep.append(bytearray(400))
-    except MemoryError:
-        pass
-    for i in range(0, len(keep), 2):
-        keep[i] = None
-    gc.collect()
-    try:
-        bytearray(piece)
-        raise AssertionError("the heap is not in crumbs")
-    except MemoryError:
-        pass
-    return keep
 
 
 def exact_used(d):

@@ -239,6 +239,84 @@ def test_a_commit_out_of_heap_is_tried_again_and_its_acknowledgement_still_goes_
     assert "W store commit waits for heap: MemoryError" in r.stdout, r.stdout
 
 
+UNREADABLE = r"""
+# A 4,000 B QoS 1 message for an offline persistent session, offered to
+# handle_publish._admit while no piece of heap could read its record back.
+import gc
+import sys
+from broker import config
+from broker.backpressure import Paused
+from broker.core import Broker
+from broker.handle_publish import _admit
+from broker.persist import Persist
+from broker.session import Session
+from broker.subs import Sub
+from mp_oom import crumble
+
+b = Broker(config.build({"persistence": True}))
+p = b.persist = Persist(b, sys.argv[1], 65536)
+p.store.open()
+off = Session("off")
+off.expiry = 3600
+b.sessions["off"] = off
+b.subs.add(Sub(off, "t/#", 1, 0, None))
+
+
+class Conn:
+    topic_in = pause = None  # (not a bridge's link)
+
+    def __init__(self, version):
+        self.version = version
+        self.broker = b
+        self.acks = []
+
+    def ack(self, first, pid, reason):  # Connection.ack
+        self.acks.append((first, pid, reason))
+
+    def refuses(self):  # Connection.refuses
+        return self.version == 5
+
+
+size = 4000
+n = 2 + 3 + 2 + size  # topic "t/a", packet identifier, payload
+need = size + 28 + 320
+print("small", p.healthy(2 + 3 + 2 + 64, "t/a"), "large", p.healthy(n, "t/a"))
+b.shed_buffers()  # (so that crumble() takes them too)
+keep = crumble(size + 256)
+c4 = Conn(4)
+try:
+    print("3.1.1 taken", _admit(c4, Session("p4"), 1, 1, "t/a", False, size, n, need))
+except Paused:
+    print("3.1.1 paused", c4.acks, "ready", c4.pause())
+c5 = Conn(5)
+print("v5 taken", _admit(c5, Session("p5"), 1, 2, "t/a", False, size, n, need), c5.acks)
+print("for nobody", _admit(c5, Session("p5"), 1, 3, "u/a", False, size, n, need))
+keep = None
+gc.collect()
+print("heap back: ready", c4.pause(), "large", p.healthy(n, "t/a"), "staged", p.store.pending())
+"""
+
+
+def test_a_message_whose_record_no_piece_of_heap_could_read_back_waits_or_is_refused_before_it_is_taken(tmp_path):
+    # The store refuses a record it could not read back whole at the next
+    # compaction (Store.readable). Asked only at the put, after the message
+    # was taken, a 3.1.1 publisher was acknowledged for a message that was
+    # then only in RAM for the offline sessions it was queued for: a power
+    # cut lost it. Now the publish path asks first, as it does for a full
+    # store: 3.1.1 waits, unread and unacknowledged, until the heap has the
+    # piece; v5 is told 0x97. A message no persistent session is held for
+    # needs no record and is taken. Run on the twin, with the frozen
+    # handle_publish and persist; the publish path's quick look sends a
+    # message larger than the store's read buffer to the slow path.
+    from conftest import run_mp
+
+    r = run_mp(UNREADABLE, args=[tmp_path / "store"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in ("small True large False", "3.1.1 paused [] ready False", "v5 taken False [(64, 2, 151)]",
+                 "for nobody True", "heap back: ready True large True staged 0"):
+        assert line in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("version", [5, 4])
 def test_a_burst_that_fills_the_store_batch_waits_for_the_commit_and_survives_a_power_cut(version):
     # 2 KB QoS 1 messages for an offline persistent session, sent without

@@ -260,7 +260,7 @@ class Store:
                     n = _REC + len(key.encode()) + vlen
                     used += n
                     recs += 1
-                    self._readable(n)  # (as put() made it: a compaction reads it whole)
+                    self.readable(n)  # (as put() made it: a compaction reads it whole)
         self._used = used
         rep["recovered"] = recs
         self.stats["records_dropped"] += rep["dropped"]
@@ -316,7 +316,7 @@ class Store:
                 self.compact()
             if self._used + self._pend_put + n > self.max_bytes:
                 raise StoreFull("store full")
-        if not self._readable(n):
+        if not self.readable(n):
             raise NoHeap("no heap to read it back")
         self._staged.append((key, kb, value))
         self._pend += op
@@ -653,7 +653,7 @@ class Store:
         rep["dropped"] += 1
         rep["dropped_bytes"] += nbytes
 
-    def _readable(self, n):
+    def readable(self, n, grow=True):
         # Whether a record of n bytes can be read back: the buffer a
         # compaction reads each record into, whole, grows now, while the
         # heap holds the value in one piece. Grown at the compaction, it
@@ -661,7 +661,11 @@ class Store:
         # every commit, with every acknowledgement behind it, waited until
         # the heap changed (outside probe: offline sessions and four
         # messages of 2 to 7 KB stalled the broker until they came back).
+        # grow=False: whether it can be without growing (the publish path's
+        # quick look, Persist.healthy).
         if n > len(self._buf):
+            if not grow:
+                return False
             try:
                 self._grow(n)
             except MemoryError:
