@@ -88,9 +88,13 @@ def test_a_clean_stop_writes_the_retained_qos0_value_waiting_for_its_autosave():
         assert retained_payload(b.port, "site/c/state") == b"open"
 
 
+MANY_VALUES = {"max_retained_bytes": 1 << 16}
+
+
 def _many_values(c, n):
     # n retained QoS 0 values of about 515 B: n = 60 is about 31 KB, more
-    # than one staged batch of the store holds (16 KB).
+    # than one staged batch of the store holds (16 KB), and more than the
+    # retained payloads the esp32 keeps (MANY_VALUES raises that).
     for i in range(n):
         c.publish("site/many/%03d" % i, bytes([i]) * (500 + i % 31), qos=0, retain=True)
     c.ping()  # all handled
@@ -108,7 +112,7 @@ def _retained_count(port, flt):
 def test_an_autosave_larger_than_one_batch_writes_every_value_before_a_power_cut():
     # They used to go in one batch: put() refused what did not fit ("store
     # full" in the log), and after a power cut only about half came back.
-    with BrokerProc(config={"sys_interval": 1, "autosave_interval": 2}) as b:
+    with BrokerProc(config=dict(MANY_VALUES, sys_interval=1, autosave_interval=2)) as b:
         c = Client(b.port, "sensor-many", version=5)
         _many_values(c, 60)
         c.close()
@@ -129,7 +133,7 @@ def test_an_autosave_larger_than_one_batch_writes_every_value_before_a_power_cut
 
 
 def test_a_clean_stop_writes_every_value_waiting_for_its_autosave_in_as_many_batches_as_it_takes():
-    with BrokerProc(config={"sys_interval": 1, "autosave_interval": 3600}) as b:
+    with BrokerProc(config=dict(MANY_VALUES, sys_interval=1, autosave_interval=3600)) as b:
         c = Client(b.port, "sensor-many2", version=5)
         _many_values(c, 60)
         c.close()

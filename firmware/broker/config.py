@@ -33,6 +33,7 @@ SCHEMA = {
     "max_topic_levels": (16, "int", 1, 1000),
     "max_subscriptions": (16, "int", 1, 10000),
     "max_retained_messages": (64, "int", 0, 100000),
+    "max_retained_bytes": (16384, "int", 0, 1 << 30),
     "max_topic_alias": (10, "int", 0, _U16),
     "retain_available": (True, "bool", 0, 0),
     "persistence": (False, "bool", 0, 0),

@@ -79,7 +79,7 @@ class Broker:
         # began (listeners.py). A full table may end one (server._make_room).
         self.handshakes = {}
         self.subs = Subs()
-        self.retained = Retained(cfg["max_retained_messages"])
+        self.retained = Retained(cfg["max_retained_messages"], cfg["max_retained_bytes"])
         self.persist = None  # persist.Persist when persistence is on
         self.auth = None
         self.throttle = None

@@ -233,11 +233,12 @@ def on_publish(c, first, mv, off, end):
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
         return
-    if retain and qos and end > poff and b.retained.full_for(topic) and c.refuses():
-        # A new retained topic past max_retained_messages: refused whole,
-        # not delivered either, so that the publisher may try again with
-        # nobody getting it twice (it was delivered and answered 0x97).
-        # QoS 0 and 3.1.1 have no answer: delivered, not kept, counted.
+    if retain and qos and end > poff and b.retained.full_for(topic, end - poff) and c.refuses():
+        # A retained value past max_retained_messages or past
+        # max_retained_bytes: refused whole, not delivered either, so that
+        # the publisher may try again with nobody getting it twice (it was
+        # delivered and answered 0x97). QoS 0 and 3.1.1 have no answer:
+        # delivered, not kept, counted.
         b.retained.dropped += 1
         _ack(c, 3 + qos, pid, 0x97)
         return

@@ -178,7 +178,7 @@ class Persist:
             # now, and a collected heap is less fragmented.
             b = self.b
             b.sessions.clear()
-            b.retained.msgs.clear()
+            b.retained.clear()
             b.subs.__init__()
             self.store.discard()
             gc.collect()

@@ -82,8 +82,8 @@ CMD = "make capacity"
 STEP_SECONDS = 100  # a measurement that runs longer stops, "time limit"
 EXPIRY = 3600  # Session Expiry of the offline sessions
 # The configurable maximum of each limit (firmware/broker/config.py).
-RAISED = {"max_retained_messages": 100000, "max_sessions": 10000, "max_queued_messages": 100000,
-          "max_connections": 1000}
+RAISED = {"max_retained_messages": 100000, "max_retained_bytes": 1 << 30, "max_sessions": 10000,
+          "max_queued_messages": 100000, "max_connections": 1000}
 # $SYS values not worth keeping with a measurement's stop.
 _SYS_SKIP = {"version", "uptime", "loop/longest stall ms", "bytes/received", "bytes/sent"}
 # Log lines worth keeping with a measurement, and those that are a problem.
