@@ -38,7 +38,7 @@ from broker import log, session_expiry
 from broker.message import Message
 from broker.session import Session, Delivery, SENT, RELEASED, info, qos_of, retain_of, seq_of, subids_of, stored_of
 from broker.subs import Sub
-from broker.store import Store, StoreFull, NoHeap
+from broker.store import Store, StoreFull
 
 _RETRY_MS = const(100)  # first retry of a failed commit; doubles up to _RETRY_MAX_MS
 _RETRY_MAX_MS = const(5000)
@@ -75,15 +75,6 @@ def _pack(msg):
     wire.put_varint(out, len(msg.pbody))
     out.extend(msg.pbody)
     return (bytes(out), msg.payload)
-
-
-def _record_max(n, topic):
-    # At most the bytes of the largest record a message makes, n the bytes
-    # of its PUBLISH after the fixed header (topic, packet identifier,
-    # properties, payload): its retained record, whose key repeats the
-    # topic and whose frame and head take 19 bytes. A topic is up to 4
-    # bytes a character, and twice over when it came as an alias.
-    return n + (len(topic) << 3) + 19
 
 
 def _unpack(b):
@@ -383,18 +374,15 @@ class Persist:
     def dirty(self):
         return self.store.pending() > 0
 
-    def healthy(self, n, topic):
-        # True when the store surely takes a new message, n the bytes of
-        # its PUBLISH after the fixed header: its last commit went through,
-        # it has room for a few more messages, and so has the batch staged
-        # for the next commit, and it reads back the message's records
-        # with the buffer it has. When not, the publish path asks
+    def healthy(self):
+        # True when the store surely takes new work: its last commit went
+        # through, it has room for a few more messages, and so has the
+        # batch staged for the next commit. When not, the publish path asks
         # batch_takes() and can_take() about the message at hand.
         st = self.store
         mps = self.b.cfg["max_packet_size"]
         return (not self.failing and st.used_bytes() + (mps << 1) <= st.max_bytes
-                and st.batch_left() > mps + 512 and self._uncrowded()
-                and st.readable(_record_max(n, topic), False))
+                and st.batch_left() > mps + 512 and self._uncrowded())
 
     def batch_takes(self, topic, retain, size):
         # Has the batch staged for the next commit room for this QoS 1/2
@@ -412,28 +400,20 @@ class Persist:
         return (self.failing or not st.pending()
                 or (self._uncrowded() and self._need(topic, retain, size) <= st.batch_left()))
 
-    def can_take(self, s, topic, retain, size, n):
-        # Can the store take a QoS 1/2 message of size bytes of payload on
-        # topic, n the bytes of its PUBLISH after the fixed header? True
-        # when it needs no record at all (not retained, and no persistent
-        # session subscribes to it).
+    def can_take(self, s, topic, retain, size):
+        # Can the store take a QoS 1/2 message of size bytes on topic?
+        # True when it needs no record at all (not retained, and no
+        # persistent session subscribes to it).
         need = self._need(topic, retain, size)
         if not need:
             return True
         st = self.store
         if self.failing:
             return False
-        if st.used_bytes() + st.pending() + need > st.max_bytes:
-            self._want_room()
-            return False
-        # Its records must be readable too: refused at the put, after the
-        # message was taken, a 3.1.1 publisher was told it was and its
-        # message was only in RAM for the sessions it was queued for.
-        n = _record_max(n, topic)
-        if st.readable(n):
+        if st.used_bytes() + st.pending() + need <= st.max_bytes:
             return True
-        self.b.shed_buffers()  # (as _put() does)
-        return st.readable(n)
+        self._want_room()
+        return False
 
     def _want_room(self):
         # used_bytes() counts deleted records until the next compaction,
@@ -493,14 +473,13 @@ class Persist:
         try:
             try:
                 self.store.put(key, val)
-            except (MemoryError, NoHeap):
-                self.b.shed_buffers()  # (the spares are large pieces)
+            except MemoryError:
+                self.b.shed_buffers()
                 self.store.put(key, val)
-        except StoreFull as e:
+        except StoreFull:
             if lost:
                 self.failed += 1
-                log.warning("%s: %r not stored", "no heap to read it back" if isinstance(e, NoHeap) else "store full",
-                            key[:40])
+                log.warning("store full: %r not stored", key[:40])
             return False
         self.flag.set()
         return True

@@ -69,11 +69,6 @@ class StoreFull(Exception):
     pass
 
 
-class NoHeap(StoreFull):
-    # A record the store could not read back: no piece of heap as large.
-    pass
-
-
 class Store:
     def __init__(
         self,
@@ -131,7 +126,10 @@ class Store:
         self._tns = {}  # namespaces written since the last compaction
         self._used = 0
         self._rep = None
-        self._buf = bytearray(256)  # records being read
+        self._buf = bytearray(256)  # records being read, in pieces of this
+        self._src = None  # the segment file and offset of the record being read
+        self._src_pos = -1  # (-1: it is in _buf whole)
+        self._vr = None  # the log parts whose op is being read (_ops)
         self._hb = bytearray(16)  # frame headers being written
         self._rb = bytearray(16)  # frame headers being read
         self._pb = None  # a part being built
@@ -226,7 +224,7 @@ class Store:
                 a = b
                 continue
             live = False
-            for op, key, loc, vlen in self._ops(i, count, False):
+            for op, key, loc, vlen in self._ops(i, count):
                 s = self._segs.get(_ns(key))
                 if s is not None and seq <= s[0]:
                     continue
@@ -255,12 +253,10 @@ class Store:
             used += live
         # The logs' live puts.
         for seq, i, m in self._live:
-            for op, key, loc, vlen in self._ops(i, m, False):
+            for op, key, loc, vlen in self._ops(i, m):
                 if op == _OP_PUT and idx.get(key) == loc:
-                    n = _REC + len(key.encode()) + vlen
-                    used += n
+                    used += _REC + len(key.encode()) + vlen
                     recs += 1
-                    self.readable(n)  # (as put() made it: a compaction reads it whole)
         self._used = used
         rep["recovered"] = recs
         self.stats["records_dropped"] += rep["dropped"]
@@ -291,11 +287,21 @@ class Store:
             for typ, n, key in self._seg_records(ns, True):
                 if typ == _T_REC and key not in idx:
                     b = self._buf
-                    yield key, bytes(b[6 + (b[4] | b[5] << 8) : n - 4])
+                    k = 6 + (b[4] | b[5] << 8)
+                    if self._src_pos >= 0:  # (larger than the buffer)
+                        b = bytearray(n - 4 - k)
+                        self._frame_read(k, memoryview(b))
+                        yield key, bytes(b)
+                    else:
+                        yield key, bytes(b[k : n - 4])
         for seq, i, m in list(self._live):
-            for op, key, loc, vlen in self._ops(i, m, True):
+            for op, key, loc, vlen in self._ops(i, m):
                 if op == _OP_PUT and idx.get(key) == loc:
-                    yield key, bytes(memoryview(self._buf)[:vlen])
+                    b = self._buf if vlen <= len(self._buf) else bytearray(vlen)
+                    v = memoryview(b)[:vlen]
+                    if self._value(v) < vlen:
+                        return
+                    yield key, bytes(v)
 
     def put(self, key, value):
         # value: bytes-like (copied unless bytes), or a tuple of bytes
@@ -316,8 +322,6 @@ class Store:
                 self.compact()
             if self._used + self._pend_put + n > self.max_bytes:
                 raise StoreFull("store full")
-        if not self.readable(n):
-            raise NoHeap("no heap to read it back")
         self._staged.append((key, kb, value))
         self._pend += op
         self._pend_put += n
@@ -653,32 +657,13 @@ class Store:
         rep["dropped"] += 1
         rep["dropped_bytes"] += nbytes
 
-    def readable(self, n, grow=True):
-        # Whether a record of n bytes can be read back: the buffer a
-        # compaction reads each record into, whole, grows now, while the
-        # heap holds the value in one piece. Grown at the compaction, it
-        # wanted a piece as large as the record from a heap in crumbs, and
-        # every commit, with every acknowledgement behind it, waited until
-        # the heap changed (outside probe: offline sessions and four
-        # messages of 2 to 7 KB stalled the broker until they came back).
-        # grow=False: whether it can be without growing (the publish path's
-        # quick look, Persist.healthy).
-        if n > len(self._buf):
-            if not grow:
-                return False
-            try:
-                self._grow(n)
-            except MemoryError:
-                return False
-        return True
-
     def _grow(self, n):
-        # The read buffer only grows, at least doubling, so that reading
-        # records of many sizes leaves few holes in the heap; on a heap too
-        # fragmented for that, to just what this record needs. The old one
-        # is kept until a new one is had (callers hold it too, so dropping
-        # it first would free nothing): without a buffer the store could
-        # not read at all, and a MemoryError leaves it as it was.
+        # The read buffer grows only to hold a key (records are read and
+        # copied through it in pieces: see _frame_at), at least doubling;
+        # on a heap too fragmented for that, to just what is needed. The
+        # old one is kept until a new one is had (callers hold it too, so
+        # dropping it first would free nothing): without a buffer the store
+        # could not read at all, and a MemoryError leaves it as it was.
         k = len(self._buf)
         if k < n:
             want = (n + 255) & ~255
@@ -735,12 +720,13 @@ class Store:
             self._rep["removed"] += 1
         return head
 
-    def _ops(self, i, m, values):
+    def _ops(self, i, m):
         # The ops of a whole batch in parts i .. i+m-1: (op, key, location,
         # value length), the location being slot << 16 | offset of the op's
-        # first byte. With `values` the value is in self._buf[:vlen] while
-        # the op is current.
+        # first byte. While an op is current its value can be read, in
+        # pieces, with _value(); what is not read is skipped.
         r = _Parts(self, i, m)
+        self._vr = r
         try:
             h = memoryview(self._rb)[:_OPH]
             while True:
@@ -755,15 +741,23 @@ class Store:
                     key = str(memoryview(b)[:kl], "utf-8")
                 except UnicodeError:
                     return
-                if values and op == _OP_PUT:
-                    b = self._grow(vl)
-                    if r.read(memoryview(b)[:vl]) < vl:
-                        return
-                elif not r.skip(vl):
+                if not r.has(vl):
                     return
+                r.vleft = vl
                 yield op, key, loc, vl
+                if not r.skip(r.vleft):
+                    return
         finally:
+            self._vr = None
             r.close()
+
+    def _value(self, mv):
+        # Reads the next len(mv) bytes of the current op's value (_ops) into
+        # mv; returns how many there were.
+        r = self._vr
+        k = r.read(mv[: min(len(mv), r.vleft)])
+        r.vleft -= k
+        return k
 
     def _seg_seq(self, ns):
         # The sequence number a segment covers: from its head frame, or from
@@ -781,11 +775,12 @@ class Store:
         return seq
 
     def _seg_records(self, ns, quiet=False):
-        # Every whole, valid frame of a segment: (type, frame length, key)
-        # with the frame in self._buf[:n]; for head and end frames `key` is
-        # the sequence number. Damaged stretches are skipped by searching for
-        # the next frame whose CRC holds; unless quiet, each stretch counts
-        # as one dropped record and the namespace is marked for a rewrite.
+        # Every whole, valid frame of a segment: (type, frame length, key);
+        # for head and end frames `key` is the sequence number. While a
+        # record is current, _frame_read() and _frame_copy() read it.
+        # Damaged stretches are skipped by searching for the next frame
+        # whose CRC holds; unless quiet, each stretch counts as one dropped
+        # record and the namespace is marked for a rewrite.
         p = self._segp(ns)
         try:
             size = os.stat(p)[6]
@@ -823,6 +818,7 @@ class Store:
                             self._drop(n)
                     else:
                         recs += 1
+                        self._src = f
                         yield typ, n, key
                 elif typ == _T_HEAD:
                     yield typ, n, struct.unpack_from("<I", b, 4)[0]
@@ -838,10 +834,43 @@ class Store:
                 if pos < size or not ended:
                     self._segs[ns][2] = 1
         finally:
+            self._src = None
             f.close()
 
+    def _frame_read(self, k, mv):
+        # Bytes k .. k + len(mv) of the current segment record into mv.
+        n = len(mv)
+        if self._src_pos < 0:
+            mv[:] = memoryview(self._buf)[k : k + n]
+            return
+        f = self._src
+        f.seek(self._src_pos + k)
+        if _readn(f, mv) < n:
+            raise OSError(5)  # (its CRC held a moment ago)
+
+    def _frame_copy(self, out, n):
+        # Writes the current segment record, n bytes, to the file out.
+        b = memoryview(self._buf)
+        if self._src_pos < 0:
+            out.write(b[:n])
+            return
+        k = 0
+        while k < n:
+            m = min(n - k, len(b))
+            self._frame_read(k, b[:m])
+            out.write(b[:m])
+            k += m
+
     def _frame_at(self, f, pos, size):
-        # Length of the valid segment frame at pos (now in self._buf), or 0.
+        # Length of the valid segment frame at pos, or 0. The frame is now
+        # in self._buf, or, larger than that, its head and key: the rest is
+        # read from the file in pieces (_frame_read). Read whole, a record
+        # wanted one piece of heap its size at each compaction, which a
+        # heap in crumbs lacked, and every commit, with every
+        # acknowledgement behind it, waited until the heap changed (outside
+        # probe: offline sessions and four messages of 2 to 7 KB stalled
+        # the broker until they came back).
+        self._src_pos = -1
         h = memoryview(self._rb)[:4]
         f.seek(pos)
         if _readn(f, h) < 4:
@@ -856,10 +885,15 @@ class Store:
             crc = self._crc_file(f, blen, crc32(h))
             if crc is None or _readn(f, h) < 4 or struct.unpack_from("<I", h)[0] != crc:
                 return 0
-            f.seek(pos)
-            b = self._grow(n)
-            if _readn(f, memoryview(b)[:n]) < n:
+            f.seek(pos + 4)
+            if _readn(f, h[:2]) < 2:
                 return 0
+            k = min(6 + (h[0] | h[1] << 8), n)
+            b = self._grow(k)
+            f.seek(pos)
+            if _readn(f, memoryview(b)[:k]) < k:
+                return 0
+            self._src_pos = pos
             return n
         b = self._buf
         mv = memoryview(b)
@@ -902,13 +936,13 @@ class Store:
             if ns in self._segs:
                 for typ, n, key in self._seg_records(ns, True):
                     if typ == _T_REC and key not in idx:
-                        f.write(memoryview(self._buf)[:n])
+                        self._frame_copy(f, n)
                         count += 1
                         live += n
                         if count & 15 == 0 and self.feed is not None:
                             self.feed()
             for s, i, m in self._live:
-                for op, key, loc, vl in self._ops(i, m, True):
+                for op, key, loc, vl in self._ops(i, m):
                     if op != _OP_PUT or idx.get(key) != loc:
                         continue
                     kb = key.encode()
@@ -916,11 +950,18 @@ class Store:
                         continue
                     n = _REC + len(kb) + vl
                     struct.pack_into("<BBHH", h, 0, _MAGIC, _T_REC, n - _FRAME, len(kb))
-                    v = memoryview(self._buf)[:vl]
-                    crc = crc32(v, crc32(kb, crc32(mv[:6])))
+                    crc = crc32(kb, crc32(mv[:6]))
                     f.write(mv[:6])
                     f.write(kb)
-                    f.write(v)
+                    b = memoryview(self._buf)
+                    k = vl
+                    while k:  # (in pieces, as _frame_copy)
+                        got = self._value(b[: min(k, len(b))])
+                        if not got:
+                            raise OSError(5)
+                        crc = crc32(b[:got], crc)
+                        f.write(b[:got])
+                        k -= got
                     struct.pack_into("<I", h, 0, crc)
                     f.write(mv[:4])
                     count += 1
@@ -1030,6 +1071,7 @@ class _Parts:
         self.f = None
         self.off = 0
         self.left = 0
+        self.vleft = 0  # bytes of the current op's value not yet read (Store._value)
 
     def _step(self):
         # Move on to the next part; False when there is none.
@@ -1066,6 +1108,15 @@ class _Parts:
             self.off += k
             self.left -= k
         return n
+
+    def has(self, n):
+        # Whether n more bytes are there: in this part and the ones after.
+        k = self.left
+        j = self.i
+        while k < n and j < self.end:
+            k += os.stat(self.st._slot(j))[6] - _OPS - 4
+            j += 1
+        return k >= n
 
     def skip(self, n):
         while n > 0:
