@@ -496,9 +496,7 @@ class Store:
         # long-lived, in the heap the broker had freed for this commit
         # (heap.py's pieces), and a heap in crumbs lost them for good.
         idx.clear()
-        tns = self._tns
-        while tns:
-            tns.popitem()
+        _empty(self._tns)
         del self._live[:]
         self._next = 0
         self._logb = 0
@@ -1054,12 +1052,16 @@ class _Index:
                 yield key
 
     def clear(self):
-        # In place: each dict keeps its table, so the next cycle does not
-        # grow it again through ever larger allocations (dict.clear()
-        # would free it).
         for p in self.parts:
-            while p:
-                p.popitem()
+            _empty(p)
+
+
+def _empty(d):
+    # Empties dict d in place: it keeps its table, so the next cycle does
+    # not grow it again through ever larger allocations (dict.clear()
+    # would free it).
+    while d:
+        d.popitem()
 
 
 class _Parts:
