@@ -339,11 +339,15 @@ def test_a_3_1_1_publisher_of_large_retained_values_is_not_held_for_good_by_them
     assert p3.publish("rb2/after", b"small", qos=1, timeout=10).type == PUBACK
     assert _retained(port, "rb2/#") == {"rb2/0": 8000, "rb2/1": 8000}
     p3.close()
-    # The bytes are counted again from what a power cut left on flash.
+    # The bytes are counted again from what a power cut left on flash,
+    # here past a budget lowered meanwhile: a new topic waits for room, but
+    # a value no larger than the one it replaces is still taken.
     shipped.kill9()
+    shipped.config["max_retained_bytes"] = 12000
     shipped.start()
     p = Client(shipped.port, "rb2-pub", version=5)
     assert p.publish("rb2/2", bytes(1000), qos=1, retain=True).reason == 0x97
+    assert p.publish("rb2/0", bytes(8000), qos=1, retain=True).reason == 0
     assert p.publish("rb2/0", bytes(300), qos=1, retain=True).reason == 0
     assert p.publish("rb2/2", bytes(300), qos=1, retain=True).reason == 0
     p.close()

@@ -87,6 +87,10 @@ def test_a_large_record_needs_no_large_piece_of_heap_at_the_compaction(mpypath, 
     run_case(mpypath, tmp_path, "a_large_record_needs_no_large_piece_at_the_compaction")
 
 
+def test_a_large_record_misread_in_a_compaction_keeps_the_old_segment(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "a_large_record_misread_in_a_compaction_keeps_the_old_segment")
+
+
 def test_staged_changes_are_lost_without_commit(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "staged_not_durable")
 

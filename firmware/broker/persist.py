@@ -84,7 +84,7 @@ def _unpack(b):
     pn, off = wire.get_varint(b, off, n)
     if off + pn > n:
         raise ValueError("properties past the record's end")
-    m = Message(topic, bytes(b[off + pn:]), b[0], bool(b[1]))
+    m = Message(topic, bytes(memoryview(b)[off + pn:]), b[0], bool(b[1]))  # (b: bytes or a bytearray)
     if pn:
         # As the message was stored: the properties it goes on with.
         m.pbody = bytes(b[off : off + pn])

@@ -49,10 +49,12 @@ class Retained:
 
     def full_for(self, topic, size):
         # Would a value of size bytes for topic be refused for the limits?
-        # A new topic past the topics', or payloads past the bytes' (net of
-        # the value it replaces: one no larger is always taken).
+        # A new topic past the topics', or payloads past the bytes'. One no
+        # larger than the value it replaces is always taken: also when what
+        # was restored is past a limit lowered since (or new).
         if topic in self.msgs:
-            return self.bytes - self.size(topic) + size > self.byte_limit
+            old = self.size(topic)
+            return size > old and self.bytes - old + size > self.byte_limit
         return len(self.msgs) >= self.limit or self.bytes + size > self.byte_limit
 
     def clear(self):
@@ -95,11 +97,13 @@ class Retained:
             return False
         try:
             ok = self.on_change is None or self.on_change(t, msg)
-        except MemoryError:
+        except Exception as e:
             # No heap to pack its record (a few KB of properties in one
-            # piece): not kept, as when the store refuses it, rather than
-            # the publisher cut off.
-            gc.collect()
+            # piece), or a key the store cannot take: not kept, as when the
+            # store refuses it, rather than the publisher cut off (and its
+            # slot left holding None).
+            if isinstance(e, MemoryError):
+                gc.collect()
             ok = False
         if not ok:
             if new:

@@ -280,8 +280,10 @@ class Store:
             del idx[-1 - i]
 
     def items(self):
-        # The committed state, one (key, value) at a time. Do not commit
-        # while iterating: compaction replaces the files being read.
+        # The committed state, one (key, value) at a time: the value is
+        # bytes, or a bytearray when larger than the read buffer (read
+        # straight into it, not copied again). Do not commit while
+        # iterating: compaction replaces the files being read.
         idx = self._idx
         for ns in sorted(self._segs):
             for typ, n, key in self._seg_records(ns, True):
@@ -291,17 +293,19 @@ class Store:
                     if self._src_pos >= 0:  # (larger than the buffer)
                         b = bytearray(n - 4 - k)
                         self._frame_read(k, memoryview(b))
-                        yield key, bytes(b)
+                        yield key, b
                     else:
                         yield key, bytes(b[k : n - 4])
         for seq, i, m in list(self._live):
-            for op, key, loc, vlen in self._ops(i, m):
+            for op, key, loc, vlen in self._ops(i, m, True):
                 if op == _OP_PUT and idx.get(key) == loc:
-                    b = self._buf if vlen <= len(self._buf) else bytearray(vlen)
-                    v = memoryview(b)[:vlen]
-                    if self._value(v) < vlen:
-                        return
-                    yield key, bytes(v)
+                    if vlen <= len(self._buf):
+                        self._vr.value(memoryview(self._buf)[:vlen])
+                        yield key, bytes(memoryview(self._buf)[:vlen])
+                    else:
+                        b = bytearray(vlen)
+                        self._vr.value(memoryview(b))
+                        yield key, b
 
     def put(self, key, value):
         # value: bytes-like (copied unless bytes), or a tuple of bytes
@@ -718,11 +722,12 @@ class Store:
             self._rep["removed"] += 1
         return head
 
-    def _ops(self, i, m):
+    def _ops(self, i, m, values=False):
         # The ops of a whole batch in parts i .. i+m-1: (op, key, location,
         # value length), the location being slot << 16 | offset of the op's
-        # first byte. While an op is current its value can be read, in
-        # pieces, with _value(); what is not read is skipped.
+        # first byte. With `values`, while an op is current its value can
+        # be read, in pieces, with self._vr.value(); what is not read is
+        # skipped.
         r = _Parts(self, i, m)
         self._vr = r
         try:
@@ -739,6 +744,11 @@ class Store:
                     key = str(memoryview(b)[:kl], "utf-8")
                 except UnicodeError:
                     return
+                if not values:
+                    if not r.skip(vl):
+                        return
+                    yield op, key, loc, vl
+                    continue
                 if not r.has(vl):
                     return
                 r.vleft = vl
@@ -748,14 +758,6 @@ class Store:
         finally:
             self._vr = None
             r.close()
-
-    def _value(self, mv):
-        # Reads the next len(mv) bytes of the current op's value (_ops) into
-        # mv; returns how many there were.
-        r = self._vr
-        k = r.read(mv[: min(len(mv), r.vleft)])
-        r.vleft -= k
-        return k
 
     def _seg_seq(self, ns):
         # The sequence number a segment covers: from its head frame, or from
@@ -847,17 +849,27 @@ class Store:
             raise OSError(5)  # (its CRC held a moment ago)
 
     def _frame_copy(self, out, n):
-        # Writes the current segment record, n bytes, to the file out.
+        # Writes the current segment record, n bytes, to the file out. One
+        # larger than the buffer is read a second time, in pieces, and its
+        # CRC checked again: LittleFS checks no file data, and a bad read
+        # copied would be lost once the old segment is gone.
         b = memoryview(self._buf)
         if self._src_pos < 0:
             out.write(b[:n])
             return
         k = 0
-        while k < n:
-            m = min(n - k, len(b))
+        crc = 0
+        while k < n - 4:
+            m = min(n - 4 - k, len(b))
             self._frame_read(k, b[:m])
+            crc = crc32(b[:m], crc)
             out.write(b[:m])
             k += m
+        h = memoryview(self._rb)[:4]
+        self._frame_read(k, h)
+        if struct.unpack_from("<I", h)[0] != crc:
+            raise OSError(5)
+        out.write(h)
 
     def _frame_at(self, f, pos, size):
         # Length of the valid segment frame at pos, or 0. The frame is now
@@ -940,7 +952,7 @@ class Store:
                         if count & 15 == 0 and self.feed is not None:
                             self.feed()
             for s, i, m in self._live:
-                for op, key, loc, vl in self._ops(i, m):
+                for op, key, loc, vl in self._ops(i, m, True):
                     if op != _OP_PUT or idx.get(key) != loc:
                         continue
                     kb = key.encode()
@@ -954,9 +966,8 @@ class Store:
                     b = memoryview(self._buf)
                     k = vl
                     while k:  # (in pieces, as _frame_copy)
-                        got = self._value(b[: min(k, len(b))])
-                        if not got:
-                            raise OSError(5)
+                        got = min(k, len(b))
+                        self._vr.value(b[:got])
                         crc = crc32(b[:got], crc)
                         f.write(b[:got])
                         k -= got
@@ -1073,7 +1084,7 @@ class _Parts:
         self.f = None
         self.off = 0
         self.left = 0
-        self.vleft = 0  # bytes of the current op's value not yet read (Store._value)
+        self.vleft = 0  # bytes of the current op's value not yet read (value())
 
     def _step(self):
         # Move on to the next part; False when there is none.
@@ -1110,6 +1121,14 @@ class _Parts:
             self.off += k
             self.left -= k
         return n
+
+    def value(self, mv):
+        # The next len(mv) bytes of the current op's value (Store._ops)
+        # into mv. They were there (has()): short, the flash failed a read.
+        n = len(mv)
+        if n > self.vleft or self.read(mv) < n:
+            raise OSError(5)
+        self.vleft -= n
 
     def has(self, n):
         # Whether n more bytes are there: in this part and the ones after.
