@@ -4,10 +4,14 @@
 import asyncio
 import gc
 import time
+from micropython import const
 from broker import log
 from broker.core import Broker
 from broker.server import listen, accept_loop
 from broker import sys_tree, keepalive, session_expiry, transport
+
+
+_TICK_MS = const(250)  # keep-alive is checked this often (_housekeeping)
 
 
 class StartError(ValueError):
@@ -21,18 +25,27 @@ async def _housekeeping(b, wdt):
     last = {}
     interval = b.cfg["sys_interval"]
     n = 0
-    t0 = time.ticks_ms()
+    t0 = t1 = time.ticks_ms()
     while True:
-        await asyncio.sleep(1)
+        await asyncio.sleep_ms(_TICK_MS)
         # How late this wake-up came: the longest time some task held the
         # loop (a compaction, a restore, a password hash) shows here, and
         # must stay well under the watchdog's timeout.
         t = time.ticks_ms()
-        late = time.ticks_diff(t, t0) - 1000
-        t0 = t
+        late = time.ticks_diff(t, t1) - _TICK_MS
+        t1 = t
         if late > b.stall_ms:
             b.stall_ms = late
         try:
+            # Keep-alive every tick: checked once a second, a silent client
+            # was closed up to a second past 1.5 times its keep-alive
+            # (MQTT-3.1.2-24 says within it).
+            keepalive.expire(b, t)
+            if time.ticks_diff(t, t0) < 1000:
+                continue
+            # The rest once a second, on the second (a loop held up for
+            # longer catches up at once, not a second at a time).
+            t0 = t if time.ticks_diff(t, t0) >= 2000 else time.ticks_add(t0, 1000)
             if wdt is not None:
                 wdt.feed()
             b.advance_clock()

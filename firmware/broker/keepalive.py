@@ -1,14 +1,25 @@
-# Once a second, for every connection (Mosquitto: keepalive.c): a socket
-# that sent no CONNECT within connect_timeout, a client silent for 1.5x its
-# keep-alive (MQTT-3.1.2-24), and a subscriber that stopped reading while
-# its queue stayed full (backpressure.py), or held messages while others
-# waited for heap, are closed; an idle one gives its output buffer back
-# (outbuf.py), and one whose queue waits with its output empty, or whose
-# output a MemoryError left unsent, is kicked (what waited for heap goes
-# again).
+# For every connection (Mosquitto: keepalive.c). Every quarter second
+# (expire), a client silent for 1.5x its keep-alive (MQTT-3.1.2-24) is
+# closed. Once a second (check), so are a socket that sent no CONNECT
+# within connect_timeout and a subscriber that stopped reading while its
+# queue stayed full (backpressure.py), or held messages while others
+# waited for heap; an idle one gives its output buffer back (outbuf.py),
+# and one whose queue waits with its output empty, or whose output a
+# MemoryError left unsent, is kicked (what waited for heap goes again).
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
+
+
+def expire(b, now_ms):
+    # Every quarter second (app.py): a client silent for 1.5 times its
+    # keep-alive is closed (v5: DISCONNECT 0x8D), unless what it waits for
+    # is the broker (a paused reader's packets wait unread).
+    for c in b.conns:
+        if (c.keepalive and not c.closing and c.session is not None
+                and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500 and not c.waits_on_broker()):
+            c.protocol_error(0x8D, "keep alive timeout")
+            c.close_soon()
 
 
 def check(b):
@@ -46,10 +57,6 @@ def check(b):
             if time.ticks_diff(now_ms, c.born) > cto:
                 log.info("%s sent no CONNECT in %d s; closing", c.t.peer, cto // 1000)
                 c.close_soon()
-        elif (c.keepalive and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500
-              and not c.waits_on_broker()):
-            c.protocol_error(0x8D, "keep alive timeout")
-            c.close_soon()
         elif s.full_since is not None and time.ticks_diff(now_ms, s.full_since) > STUCK_MS:
             # It has lost messages, or held heap others need, for a while
             # already; free its connection (its session stays).
