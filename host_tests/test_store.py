@@ -91,6 +91,10 @@ def test_a_large_record_misread_in_a_compaction_keeps_the_old_segment(mpypath, t
     run_case(mpypath, tmp_path, "a_large_record_misread_in_a_compaction_keeps_the_old_segment")
 
 
+def test_a_large_value_the_flash_fails_to_read_back_is_dropped_and_the_rest_restored(mpypath, tmp_path):
+    run_case(mpypath, tmp_path, "a_large_value_the_flash_fails_to_read_back_is_dropped_and_the_rest_restored")
+
+
 def test_staged_changes_are_lost_without_commit(mpypath, tmp_path):
     run_case(mpypath, tmp_path, "staged_not_durable")
 

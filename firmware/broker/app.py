@@ -37,17 +37,17 @@ async def _housekeeping(b, wdt):
         if late > b.stall_ms:
             b.stall_ms = late
         try:
+            if wdt is not None:
+                wdt.feed()
             # Keep-alive every tick: checked once a second, a silent client
             # was closed up to a second past 1.5 times its keep-alive
             # (MQTT-3.1.2-24 says within it).
             keepalive.expire(b, t)
             if time.ticks_diff(t, t0) < 1000:
                 continue
-            # The rest once a second, on the second (a loop held up for
-            # longer catches up at once, not a second at a time).
+            # The rest once a second, on the second; after a loop held up
+            # for two seconds or more, the seconds missed are not made up.
             t0 = t if time.ticks_diff(t, t0) >= 2000 else time.ticks_add(t0, 1000)
-            if wdt is not None:
-                wdt.feed()
             b.advance_clock()
             b.heap.track()
             keepalive.check(b)

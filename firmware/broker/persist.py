@@ -218,9 +218,9 @@ class Persist:
                     if mid > self.mid:
                         self.mid = mid
                 elif k == "w":
-                    n = len(val)
-                    delay, off = wire.get_varint(val, 0, n)
-                    exp, off = wire.get_varint(val, off, n)
+                    vn = len(val)  # (n counts the records)
+                    delay, off = wire.get_varint(val, 0, vn)
+                    exp, off = wire.get_varint(val, off, vn)
                     wills[key[1:]] = (_unpack(memoryview(val)[off:]), delay, exp - 1 if exp else None)
                 elif k == "s":
                     # Made at once: the decoded record is garbage right

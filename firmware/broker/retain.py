@@ -12,6 +12,7 @@
 import gc
 from micropython import const
 from mqtt.topic import matches
+from broker import log
 from broker.message import Message
 
 _CHUNK = const(16)
@@ -104,6 +105,8 @@ class Retained:
             # slot left holding None).
             if isinstance(e, MemoryError):
                 gc.collect()
+            else:
+                log.warning("retained %r not stored: %r", t[:40], e)
             ok = False
         if not ok:
             if new:

@@ -281,9 +281,12 @@ class Store:
 
     def items(self):
         # The committed state, one (key, value) at a time: the value is
-        # bytes, or a bytearray when larger than the read buffer (read
-        # straight into it, not copied again). Do not commit while
-        # iterating: compaction replaces the files being read.
+        # bytes, or a bytearray when its record is larger than the read
+        # buffer (read straight into it, not copied again). A value the
+        # flash fails to read back (its CRC held when it was checked) is
+        # dropped and counted, with the rest of its batch in a log, so that
+        # the broker still starts. Do not commit while iterating:
+        # compaction replaces the files being read.
         idx = self._idx
         for ns in sorted(self._segs):
             for typ, n, key in self._seg_records(ns, True):
@@ -292,20 +295,24 @@ class Store:
                     k = 6 + (b[4] | b[5] << 8)
                     if self._src_pos >= 0:  # (larger than the buffer)
                         b = bytearray(n - 4 - k)
-                        self._frame_read(k, memoryview(b))
+                        try:
+                            self._frame_read(k, memoryview(b))
+                        except OSError:
+                            self._unread(n)
+                            continue
                         yield key, b
                     else:
                         yield key, bytes(b[k : n - 4])
         for seq, i, m in list(self._live):
             for op, key, loc, vlen in self._ops(i, m, True):
                 if op == _OP_PUT and idx.get(key) == loc:
-                    if vlen <= len(self._buf):
-                        self._vr.value(memoryview(self._buf)[:vlen])
-                        yield key, bytes(memoryview(self._buf)[:vlen])
-                    else:
-                        b = bytearray(vlen)
-                        self._vr.value(memoryview(b))
-                        yield key, b
+                    b = self._buf if vlen <= len(self._buf) else bytearray(vlen)
+                    try:
+                        self._vr.value(memoryview(b)[:vlen])
+                    except OSError:
+                        self._unread(vlen)
+                        break  # (its reader is part way into a value)
+                    yield key, bytes(memoryview(b)[:vlen]) if b is self._buf else b
 
     def put(self, key, value):
         # value: bytes-like (copied unless bytes), or a tuple of bytes
@@ -658,6 +665,11 @@ class Store:
         rep = self._rep
         rep["dropped"] += 1
         rep["dropped_bytes"] += nbytes
+
+    def _unread(self, nbytes):
+        # A record dropped after open() (items()): counted in the stats too.
+        self._drop(nbytes)
+        self.stats["records_dropped"] += 1
 
     def _grow(self, n):
         # The read buffer grows only to hold a key (records are read and
