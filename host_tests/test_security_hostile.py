@@ -619,8 +619,8 @@ class Conn:
 
 c = Conn()
 s = Session("p")
-print("delete", _admit(c, s, 1, 1, "site/a", True, 0, 320), Conn.acks)
-print("value", _admit(c, s, 1, 2, "site/a", True, 4, 324), Conn.acks)
+print("delete", _admit(c, s, 1, 1, "site/a", True, 0, 10, 320), Conn.acks)
+print("value", _admit(c, s, 1, 2, "site/a", True, 4, 14, 324), Conn.acks)
 """
 
 

@@ -98,7 +98,7 @@ def _decode_short(c, qos, mv, off, end):
     _heap_short(c, qos, pid, ((end - off) << 2) + 320)
 
 
-def _admit(c, s, qos, pid, topic, retain, size, need):
+def _admit(c, s, qos, pid, topic, retain, size, n, need):
     # The slow half of on_publish's check that a message can be taken, when
     # the heap or the store looks short: True when it can; False when it
     # was refused (and answered); raises Paused when it must wait. Apart
@@ -128,14 +128,14 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
         if not heap.room_for_client(need):
             _heap_short(c, qos, pid, need)
             return False
-    if not qos or p is None or p.healthy():
+    if not qos or p is None or p.healthy(n, topic):
         return True
-    if not p.batch_takes(topic, retain, size):
+    if not p.batch_takes(topic, retain, size, n):
         # The batch for the next commit has no room for its records: it
         # waits, unread, until the committer has written the batch out.
-        c.pause = lambda: p.batch_takes(topic, retain, size)
+        c.pause = lambda: p.batch_takes(topic, retain, size, n)
         raise Paused()
-    if not p.can_take(s, topic, retain, size):
+    if not p.can_take(s, topic, retain, size, n):
         # The store cannot take what this message would need (a commit is
         # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
         # so its message waits, unread and unacknowledged, until it can.
@@ -143,7 +143,7 @@ def _admit(c, s, qos, pid, topic, retain, size, need):
             b.stats_dropped += 1
             _ack(c, 3 + qos, pid, 0x97)
             return False
-        c.pause = lambda: p.can_take(s, topic, retain, size)
+        c.pause = lambda: p.can_take(s, topic, retain, size, n)
         raise Paused()
     return True
 
@@ -210,8 +210,8 @@ def on_publish(c, first, mv, off, end):
     # user properties are 1.7 KB sent and 5.4 KB decoded) and kept as bytes
     # (Message.keep_props), and 320 bytes of objects around them.
     need = end - poff + ((poff - off) << 2) + 320
-    if not b.heap.room_for(need) or (qos and p is not None and not p.healthy()):
-        if not _admit(c, s, qos, pid, topic, retain, end - poff, need):
+    if not b.heap.room_for(need) or (qos and p is not None and not p.healthy(end - off, topic)):
+        if not _admit(c, s, qos, pid, topic, retain, end - poff, end - off, need):
             return
     b.stats_msgs_recv += 1
     if c.topic_in is not None:
