@@ -496,7 +496,7 @@ def _fill_with_retained(b, cid, size=300, prefix="fillr"):
         if p.reason == 0x97:
             c.close()
             return
-    raise AssertionError("the store took 200 retained values of 300 B")
+    raise AssertionError("the store took 200 retained values of %d B" % size)
 
 
 def _publishes(c, n, timeout=2):

@@ -61,6 +61,10 @@ _RESTORE_GC_BYTES = const(1024)
 # in-flight and message records).
 _BATCH_KEYS = const(96)
 _CROWDED = const(32)  # staged ops past which more work waits for the commit (a third)
+# The most one subscription's queue or in-flight record takes in a batch:
+# op head, a key of the client id (up to 128 bytes, handle_connect.py) and
+# a sequence number, and a value of a few varints (Persist.healthy).
+_PER_SUB = const(176)
 
 
 def _pack(msg):
@@ -388,8 +392,8 @@ class Persist:
         # the bytes of its PUBLISH after the fixed header: its last commit
         # went through, and both the store and the batch staged for the
         # next commit have room for the most the message could make (a
-        # retained record, its own record, and a queue entry per session),
-        # found without matching its topic. When not, the publish path asks
+        # retained record, its own record, and a queue entry per
+        # subscription), found without matching its topic. When not, the publish path asks
         # batch_takes() and can_take(), which match it. With room for any
         # packet up to max_packet_size only, a retained 6.8 KB message for
         # persistent sessions was taken, its retained record staged and its
@@ -397,7 +401,7 @@ class Persist:
         # a value that stayed retained, and a power cut left it in place of
         # the last one acknowledged (outside power-cut probe, 3 of 6 seeds).
         st = self.store
-        most = (_record_max(n, topic) << 1) + ((len(self.b.sessions) + 1) << 6)
+        most = (_record_max(n, topic) << 1) + (self.b.subs.count + 1) * _PER_SUB
         return (not self.failing and st.used_bytes() + st.pending() + most <= st.max_bytes
                 and most <= st.batch_left() and self._uncrowded())
 
@@ -456,11 +460,11 @@ class Persist:
         hits = b.hits
         del hits[:]
         b.subs.match(topic, hits)
-        b.subs.match_shared(topic, hits)
+        b.subs.match_shared(topic, hits, False)
         held = False
         for sub in hits:
             if sub.session.expiry and sub.opts & 3:
-                need += 40 + len(sub.session.client_id)
+                need += 48 + (len(sub.session.client_id) << 2)  # (up to 4 bytes a character)
                 held = True
         if held:
             need += rec

@@ -241,7 +241,7 @@ def would_hold(b, topic, qos, retain, origin):
     hits = b.hits
     del hits[:]
     b.subs.match(topic, hits)
-    b.subs.match_shared(topic, hits)
+    b.subs.match_shared(topic, hits, False)
     for sub in hits:
         s = sub.session
         if sub.opts & _NO_LOCAL and s is origin:

@@ -91,10 +91,12 @@ class Subs:
             if s.match(topic):
                 out.append(s)
 
-    def match_shared(self, topic, out):
+    def match_shared(self, topic, out, turn=True):
         # Appends one Sub per matching share group: round robin over the
         # members, skipping those whose client is offline when another is
         # online (an offline member still queues if it is the only one).
+        # turn=False: who would get it, the turn not taken (a look before
+        # routing: taken there too, one member got every message).
         for k in self.shared:
             if not matches(k[1], topic):
                 continue
@@ -106,9 +108,11 @@ class Subs:
                 s = members[(g[1] + i) % n]
                 if s.session.conn is not None:
                     pick = s
-                    g[1] = (g[1] + i + 1) % n
+                    nxt = (g[1] + i + 1) % n
                     break
             if pick is None:
                 pick = members[g[1] % n]
-                g[1] = (g[1] + 1) % n
+                nxt = (g[1] + 1) % n
+            if turn:
+                g[1] = nxt
             out.append(pick)
