@@ -1,6 +1,6 @@
-# For every connection (Mosquitto: keepalive.c). Every quarter second
-# (expire), a client silent for 1.5x its keep-alive (MQTT-3.1.2-24) is
-# closed. Once a second (check), so are a socket that sent no CONNECT
+# For every connection (Mosquitto: keepalive.c). Every housekeeping tick
+# (expire, app.py), a client silent for 1.5x its keep-alive (MQTT-3.1.2-24)
+# is closed. Once a second (check), so are a socket that sent no CONNECT
 # within connect_timeout and a subscriber that stopped reading while its
 # queue stayed full (backpressure.py), or held messages while others
 # waited for heap; an idle one gives its output buffer back (outbuf.py),
@@ -12,7 +12,7 @@ from broker.backpressure import STUCK_MS
 
 
 def expire(b, now_ms):
-    # Every quarter second (app.py): a client silent for 1.5 times its
+    # Every housekeeping tick (app.py): a client silent for 1.5 times its
     # keep-alive is closed (v5: DISCONNECT 0x8D), unless what it waits for
     # is the broker (a paused reader's packets wait unread).
     for c in b.conns:
