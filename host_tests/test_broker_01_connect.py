@@ -288,6 +288,33 @@ def test_v311_keepalive_expiry_closes_connection(broker):
     assert 1.4 <= dt <= 4.5, dt
 
 
+def test_silent_clients_are_closed_at_one_and_a_half_keep_alives_not_on_the_next_whole_second(broker):
+    # MQTT-3.1.2-24: within 1.5 times the keep-alive. Four clients connect
+    # a quarter second apart, so that a check made once a second would find
+    # at least two of them 0.4 s or more past their time.
+    import threading
+
+    took = {}
+
+    def wait_close(i, c, t0):
+        d = c.expect(DISCONNECT, timeout=5)
+        took[i] = (d.reason, time.time() - t0)
+
+    threads = []
+    for i in range(4):
+        c = Client(broker.port, "c01-ka-due%d" % i, version=5, keepalive=1)
+        th = threading.Thread(target=wait_close, args=(i, c, time.time()))
+        th.start()
+        threads.append(th)
+        time.sleep(0.25)
+    for th in threads:
+        th.join(10)
+    assert sorted(took) == [0, 1, 2, 3], took
+    for reason, dt in took.values():
+        assert reason == 0x8D
+        assert 1.45 <= dt <= 1.85, took
+
+
 def test_pingreq_keeps_connection_alive_past_keepalive(broker):
     c = Client(broker.port, "c01-ka-ping", version=4, keepalive=1)
     end = time.time() + 3.2

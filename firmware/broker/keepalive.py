@@ -1,4 +1,4 @@
-# For every connection (Mosquitto: keepalive.c). Every housekeeping tick
+# For every connection (Mosquitto: keepalive.c). When its time runs out
 # (expire, app.py), a client silent for 1.5x its keep-alive (MQTT-3.1.2-24)
 # is closed. Once a second (check), so are a socket that sent no CONNECT
 # within connect_timeout and a subscriber that stopped reading while its
@@ -12,14 +12,21 @@ from broker.backpressure import STUCK_MS
 
 
 def expire(b, now_ms):
-    # Every housekeeping tick (app.py): a client silent for 1.5 times its
+    # Every housekeeping wake-up (app.py): a client silent for 1.5 times its
     # keep-alive is closed (v5: DISCONNECT 0x8D), unless what it waits for
-    # is the broker (a paused reader's packets wait unread).
+    # is the broker (a paused reader's packets wait unread). Returns the ms
+    # until the next one runs out, so that the loop wakes for it then.
+    soon = 1000
     for c in b.conns:
-        if (c.keepalive and not c.closing and c.session is not None
-                and time.ticks_diff(now_ms, c.last_rx) > c.keepalive * 1500 and not c.waits_on_broker()):
-            c.protocol_error(0x8D, "keep alive timeout")
-            c.close_soon()
+        if c.keepalive and not c.closing and c.session is not None:
+            left = c.keepalive * 1500 - time.ticks_diff(now_ms, c.last_rx)
+            if left >= 0:
+                if left < soon:
+                    soon = left + 1
+            elif not c.waits_on_broker():
+                c.protocol_error(0x8D, "keep alive timeout")
+                c.close_soon()
+    return soon
 
 
 def check(b):
