@@ -174,6 +174,15 @@ class Broker:
                 await asyncio.sleep_ms(10)
             ev.clear()
             self.flush_now()
+            if self.heap.low:
+                # The heap was found short: connections with nothing to
+                # send give their output buffers back now rather than at
+                # the next second's release (keepalive.check). Seven idle
+                # ones (1 KB each) took a hub under its message floor, to
+                # 13 KB free, as its clients came.
+                self.heap.low = False
+                for c in self.conns:
+                    c.release()
             # Connections kicked again while served go in the next round,
             # after the other tasks have run.
             await asyncio.sleep_ms(0)
@@ -303,6 +312,7 @@ class Broker:
             # queued for an offline one: eight such sessions held the heap
             # below its floor, and a returning client got stale values.
             self.stats_dropped += s.drop_qos0()
+        s.shrink()
         if s.will is not None and not c.normal_close:
             if s.will_delay and s.expiry:
                 s.will_at = now + min(s.will_delay, s.expiry)

@@ -35,6 +35,7 @@ class Heap:
         self.most = 1 << 30  # the largest packet that can ever be read (app.start, track)
         self.client_floor = cfg["min_free_heap"] >> 1
         self._budget = 0  # bytes we may take before looking at the heap again
+        self.low = False  # a look found it below the message floor (Broker.flush_all)
         self.refused_at = None  # ticks_ms when room_for() last said no
         self.rescue = [_GONE] * _PIECES  # the pieces kept aside (keep_rescue)
         self.keep_rescue()  # made early: low in the heap
@@ -59,6 +60,8 @@ class Heap:
         if f - need < self.message_floor:
             gc.collect()
             f = gc.mem_free()
+            if f - need < self.message_floor:
+                self.low = True  # (the flusher has idle buffers given back)
         return f
 
     def room_for_client(self, n=0, look=True):

@@ -41,6 +41,7 @@ def check(b):
             c.kick()  # output a MemoryError left unsent (core.flush_now)
         s = c.session
         if s is not None:
+            s.shrink()
             if c.wrote:
                 c.wrote = False
                 s.full_since = None  # progress: not stuck
