@@ -130,6 +130,17 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
             return False
     if not qos or p is None or p.healthy(n, topic):
         return True
+    if p.too_large(topic, retain, size, n):
+        # The store can never keep it: v5 is told 0x97. 3.1.1 cannot be
+        # told, and must not be acknowledged for what a power cut would
+        # lose: its connection is closed (MQTT-3.3.5-2), as is a bridge's
+        # link, whose upstream sends it again on the next one.
+        b.stats_dropped += 1
+        if c.refuses():
+            _ack(c, 3 + qos, pid, 0x97)
+        else:
+            c.protocol_error(0x97, "a QoS %d message of %d B makes records past the store's largest batch" % (qos, n))
+        return False
     if not p.batch_takes(topic, retain, size, n):
         # The batch for the next commit has no room for its records: it
         # waits, unread, until the committer has written the batch out.

@@ -139,8 +139,15 @@ class Persist:
         # index_max bounds the RAM index of keys written since the last
         # compaction. inline_max is the board's LittleFS inline file
         # limit (esp32 ~120 B, rp2 ~500 B).
+        # max_batch: a batch takes what the largest message makes (its
+        # retained record and its own, each of up to a packet with the
+        # topic counted again, _record_max, and its queue entries). At a
+        # fixed 16 KB, a retained message near the esp32's 8 KB limit for
+        # persistent sessions had one record staged and the other refused.
+        # (The store caps it at its format's 64 KB; past that, too_large.)
         self.store = Store(path, max_bytes, index_max=32, batch_keys=_BATCH_KEYS,
-                           inline_max=broker.cfg["store_inline_max"])
+                           inline_max=broker.cfg["store_inline_max"],
+                           max_batch=max(16384, 4 * broker.cfg["max_packet_size"] + 8192))
         # (connection, packet, is a PUBLISH) waiting for the commit. Two
         # lists, swapped at each release, made once with room for the
         # bound and never shrunk (del [:] keeps their room): grown from
@@ -420,6 +427,13 @@ class Persist:
         st = self.store
         return (self.failing or not st.pending()
                 or (self._uncrowded() and self._need(topic, retain, size, n) <= st.batch_left()))
+
+    def too_large(self, topic, retain, size, n):
+        # Are this QoS 1/2 message's records more than even an empty batch
+        # holds? Then the store can never keep it, and waiting for a commit
+        # would be for good (a packet past about a quarter of the 64 KB
+        # batch, on a board whose max_packet_size allows it).
+        return self._need(topic, retain, size, n) > self.store.batch_room()
 
     def can_take(self, s, topic, retain, size, n):
         # Can the store take a QoS 1/2 message on topic, of size bytes of

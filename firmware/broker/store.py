@@ -350,6 +350,10 @@ class Store:
     def pending(self):
         return self._pend
 
+    def batch_room(self):
+        # Bytes of records an empty batch takes.
+        return self.max_batch - _PART
+
     def batch_left(self):
         # Bytes of records put() still takes before the next commit.
         return self.max_batch - _PART - self._pend
