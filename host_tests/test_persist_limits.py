@@ -707,3 +707,27 @@ def test_a_pubrec_the_full_store_cannot_record_gets_no_pubrel_and_the_publish_go
     (again,) = _publishes(r, 1)
     assert (again.pid, again.dup, again.payload) == (m.pid, True, b"once")
     r.close()
+
+
+def test_a_qos_2_publish_the_full_store_cannot_record_as_received_is_refused_and_delivered_once(small_store):
+    # A QoS 2 PUBLISH from a persistent session is recorded as received, so
+    # that its resend after a power cut (DUP, the same identifier) is not
+    # taken as new. This one needs no record of its own (no persistent
+    # subscriber, not retained), so the full store took it and refused
+    # only that record: after a power cut the resend went out again, a
+    # second copy of an exactly-once message. Now it is refused (0x97).
+    b = small_store
+    cid = "fullx" + "x" * 120  # (its record's key holds the client id)
+    pub = Client(b.port, cid, version=5, clean=False, expiry=3600)
+    live = Client(b.port, "fullx-live", version=5)
+    live.send(K.Subscribe(1, [("fullx/t", 2)]))
+    assert live.recv().type == K.SUBACK
+    _fill_with_retained(b, "fullx-fill")
+    _fill_with_retained(b, "fullx-fill1", 1, "fill1")  # (to the last bytes)
+    pub.send(K.Publish("fullx/t", b"once", 2, False, False, 1))
+    p = pub.recv()
+    assert (p.type, p.pid, p.reason) == (K.PUBREC, 1, 0x97), p
+    assert _publishes(live, 1, timeout=1) == []
+    assert "not stored" not in b.log(), b.log()[-2000:]
+    pub.close()
+    live.close()

@@ -141,12 +141,13 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
         else:
             c.protocol_error(0x97, "a QoS %d message of %d B makes records past the store's largest batch" % (qos, n))
         return False
-    if not p.batch_takes(topic, retain, size, n):
+    x = s if qos == 2 else None  # (its record that it received the message)
+    if not p.batch_takes(topic, retain, size, n, x):
         # The batch for the next commit has no room for its records: it
         # waits, unread, until the committer has written the batch out.
-        c.pause = lambda: p.batch_takes(topic, retain, size, n)
+        c.pause = lambda: p.batch_takes(topic, retain, size, n, x)
         raise Paused()
-    if not p.can_take(s, topic, retain, size, n):
+    if not p.can_take(x, topic, retain, size, n):
         # The store cannot take what this message would need (a commit is
         # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
         # so its message waits, unread and unacknowledged, until it can.
@@ -154,7 +155,7 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
             b.stats_dropped += 1
             _ack(c, 3 + qos, pid, 0x97)
             return False
-        c.pause = lambda: p.can_take(s, topic, retain, size, n)
+        c.pause = lambda: p.can_take(x, topic, retain, size, n)
         raise Paused()
     return True
 

@@ -412,7 +412,7 @@ class Persist:
         return (not self.failing and st.used_bytes() + st.pending() + most <= st.max_bytes
                 and most <= st.batch_left() and self._uncrowded())
 
-    def batch_takes(self, topic, retain, size, n):
+    def batch_takes(self, topic, retain, size, n, x=None):
         # Has the batch staged for the next commit room for this QoS 1/2
         # message's records? When not, the message waits for the committer
         # (a matter of milliseconds), unread: refused or taken without its
@@ -426,7 +426,7 @@ class Persist:
         # the store's index made room for (store.py, _make_room).
         st = self.store
         return (self.failing or not st.pending()
-                or (self._uncrowded() and self._need(topic, retain, size, n) <= st.batch_left()))
+                or (self._uncrowded() and self._need(topic, retain, size, n, x) <= st.batch_left()))
 
     def too_large(self, topic, retain, size, n):
         # Are this QoS 1/2 message's records more than even an empty batch
@@ -435,12 +435,12 @@ class Persist:
         # batch, on a board whose max_packet_size allows it).
         return self._need(topic, retain, size, n) > self.store.batch_room()
 
-    def can_take(self, s, topic, retain, size, n):
+    def can_take(self, x, topic, retain, size, n):
         # Can the store take a QoS 1/2 message on topic, of size bytes of
         # payload and n bytes after the fixed header? True when it needs no
-        # record at all (not retained, and no persistent session subscribes
-        # to it).
-        need = self._need(topic, retain, size, n)
+        # record at all (not retained, no persistent session subscribes to
+        # it, and x is None).
+        need = self._need(topic, retain, size, n, x)
         if not need:
             return True
         st = self.store
@@ -464,13 +464,19 @@ class Persist:
             self.compact_now = True
             self.flag.set()
 
-    def _need(self, topic, retain, size, n):
+    def _need(self, topic, retain, size, n, x=None):
         # Bytes of records a message makes (as for can_take): its retained
         # record, and its own record and a queue entry per persistent
-        # session it is held for. Its records hold its properties too.
+        # session it is held for. Its records hold its properties too. x:
+        # the persistent session of a QoS 2 publisher, whose record that it
+        # received the message (qos2_received) must be kept too: refused
+        # for a full store, a power cut let the publisher's resend through
+        # as a new message, a second copy for every subscriber.
         b = self.b
         rec = _record_max(n, topic)
         need = rec if retain and size else 0  # a delete makes room
+        if x is not None and x.expiry:
+            need += 24 + (len(x.client_id) << 2)
         hits = b.hits
         del hits[:]
         b.subs.match(topic, hits)
