@@ -25,6 +25,11 @@ def expire(b, now_ms):
                     soon = left + 1
             elif not c.waits_on_broker():
                 c.protocol_error(0x8D, "keep alive timeout")
+                # Closed once the DISCONNECT is out, not after the half
+                # second that drains what a client still sends (conn.py,
+                # _drain_in): this one sends nothing, and its connection is
+                # to close at 1.5 times its keep-alive (MQTT-3.1.2-22).
+                c.told = False
                 c.close_soon()
     return soon
 
