@@ -33,8 +33,8 @@ async def _housekeeping(b, wdt):
     n = 0
     t0 = time.ticks_ms()  # when this second began
     nap = _TICK_MS
+    t1 = t0
     while True:
-        t1 = time.ticks_ms()
         await asyncio.sleep_ms(nap)
         # How late this wake-up came: the longest time some task held the
         # loop (a compaction, a restore, a password hash) shows here, and
@@ -62,12 +62,14 @@ async def _housekeeping(b, wdt):
                 if interval and n >= interval:
                     n = 0
                     sys_tree.publish(b, last)
-            nap = max(1, min(soon, time.ticks_diff(time.ticks_add(t0, _TICK_MS), time.ticks_ms())))
+            now = time.ticks_ms()  # (soon counts from t, before the work above)
+            nap = max(1, min(soon - time.ticks_diff(now, t), time.ticks_diff(time.ticks_add(t0, _TICK_MS), now)))
         except MemoryError:
             gc.collect()
             log.warning("housekeeping: out of memory")
         except Exception as e:
             log.error("housekeeping failed: %r", e)
+        t1 = time.ticks_ms()
 
 
 def start(cfg, wdt=None):

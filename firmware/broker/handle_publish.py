@@ -9,6 +9,7 @@ from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode_publish
 from mqtt.wire import utf8_valid
+from broker import log
 from broker.message import Message, as_sent
 from broker.handle_connect import check_topic
 from broker.route import route, would_hold
@@ -130,18 +131,18 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
             return False
     if not qos or p is None or p.healthy(n, topic):
         return True
-    if p.too_large(topic, retain, size, n):
-        # The store can never keep it: v5 is told 0x97. 3.1.1 cannot be
-        # told, and must not be acknowledged for what a power cut would
-        # lose: its connection is closed (MQTT-3.3.5-2), as is a bridge's
-        # link, whose upstream sends it again on the next one.
-        b.stats_dropped += 1
-        if c.refuses():
-            _ack(c, 3 + qos, pid, 0x97)
-        else:
-            c.protocol_error(0x97, "a QoS %d message of %d B makes records past the store's largest batch" % (qos, n))
-        return False
     x = s if qos == 2 else None  # (its record that it received the message)
+    if p.too_large(topic, retain, size, n, x):
+        # The store can never keep it, and waiting would be for good. v5
+        # is told 0x97 (a bridge's link too: the upstream drops it, as it
+        # should). 3.1.1 cannot be told; closed, a client with a session
+        # would send it again at every connection: it is acknowledged and
+        # dropped, as for a full queue, and said so in the log.
+        b.stats_dropped += 1
+        _ack(c, 3 + qos, pid, 0x97)  # (3.1.1: a plain PUBACK or PUBREC)
+        log.warning("%s: a QoS %d message of %d B on %s makes records past the store's largest batch; dropped",
+                    c.client_label(), qos, n, topic[:40])
+        return False
     if not p.batch_takes(topic, retain, size, n, x):
         # The batch for the next commit has no room for its records: it
         # waits, unread, until the committer has written the batch out.

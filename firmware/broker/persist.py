@@ -65,6 +65,11 @@ _CROWDED = const(32)  # staged ops past which more work waits for the commit (a 
 # op head, a key of the client id (up to 128 bytes, handle_connect.py) and
 # a sequence number, and a value of a few varints (Persist.healthy).
 _PER_SUB = const(176)
+# Bytes of records a batch with records already staged takes in all: what
+# staged records keep alive in the heap until the commit (a payload
+# acknowledged or replaced meanwhile) stays as it was before max_batch grew
+# to take the largest message, which an empty batch takes (_batch_left).
+_BATCH_SOFT = const(16384)
 
 
 def _pack(msg):
@@ -410,7 +415,7 @@ class Persist:
         st = self.store
         most = (_record_max(n, topic) << 1) + (self.b.subs.count + 1) * _PER_SUB
         return (not self.failing and st.used_bytes() + st.pending() + most <= st.max_bytes
-                and most <= st.batch_left() and self._uncrowded())
+                and most <= self._batch_left() and self._uncrowded())
 
     def batch_takes(self, topic, retain, size, n, x=None):
         # Has the batch staged for the next commit room for this QoS 1/2
@@ -426,14 +431,22 @@ class Persist:
         # the store's index made room for (store.py, _make_room).
         st = self.store
         return (self.failing or not st.pending()
-                or (self._uncrowded() and self._need(topic, retain, size, n, x) <= st.batch_left()))
+                or (self._uncrowded() and self._need(topic, retain, size, n, x) <= self._batch_left()))
 
-    def too_large(self, topic, retain, size, n):
+    def too_large(self, topic, retain, size, n, x=None):
         # Are this QoS 1/2 message's records more than even an empty batch
         # holds? Then the store can never keep it, and waiting for a commit
         # would be for good (a packet past about a quarter of the 64 KB
         # batch, on a board whose max_packet_size allows it).
-        return self._need(topic, retain, size, n) > self.store.batch_room()
+        return self._need(topic, retain, size, n, x) > self.store.batch_room()
+
+    def _batch_left(self):
+        # Bytes of records the staged batch takes more of: an empty one,
+        # the largest message (max_batch); else up to _BATCH_SOFT in all.
+        st = self.store
+        if not st.pending():
+            return st.batch_room()
+        return st.batch_left() - max(0, st.max_batch - _BATCH_SOFT)
 
     def can_take(self, x, topic, retain, size, n):
         # Can the store take a QoS 1/2 message on topic, of size bytes of
