@@ -242,6 +242,8 @@ ALLOWED = [
     ("README.md", "8 KB", CODE + ": the 8192 in Persist's max_batch (4 x max_packet_size + 8192)"),
     ("README.md", "64 KB", CODE + ": the store format's largest batch, _MAXLEN in store.py"),
     ("README.md", "32 KB", CODE + ": half the store's largest batch, a message making two records"),
+    ("README.md", "7.5 KB", "the payload sizes of test_large_retained_values_queued_for_a_session_are_all_restored_"
+                            "after_a_power_cut (test_persist_limits.py)"),
 ]
 
 

@@ -65,6 +65,12 @@ _CROWDED = const(32)  # staged ops past which more work waits for the commit (a 
 # op head, a key of the client id (up to 128 bytes, handle_connect.py) and
 # a sequence number, and a value of a few varints (Persist.healthy).
 _PER_SUB = const(176)
+# A payload of at least this many bytes, in a record read as a bytearray of
+# its own (Store.items()), stays in it when restored, as a large one read
+# at run time stays in the buffer it was read into, rather than need a
+# second piece of its size. (A smaller one is copied out: a long topic
+# with a 4-byte value kept whole took 300 B a retained topic more.)
+_KEEP_IN_RECORD = const(1024)
 # Bytes of records a batch with records already staged takes in all: what
 # staged records keep alive in the heap until the commit (a payload
 # acknowledged or replaced meanwhile) stays as it was before max_batch grew
@@ -102,12 +108,29 @@ def _unpack(b):
     pn, off = wire.get_varint(b, off, n)
     if off + pn > n:
         raise ValueError("properties past the record's end")
-    m = Message(topic, bytes(memoryview(b)[off + pn:]), b[0], bool(b[1]))  # (b: bytes or a bytearray)
+    pay = memoryview(b)[off + pn:]
+    if type(b) is not bytearray or len(pay) < _KEEP_IN_RECORD:
+        pay = bytes(pay)
+    m = Message(topic, pay, b[0], bool(b[1]))
     if pn:
         # As the message was stored: the properties it goes on with.
         m.pbody = bytes(b[off : off + pn])
     if exp:
         m.expires = exp
+    return m
+
+
+def _entry(s):
+    # At most the bytes of a queue, in-flight or received record of s: its
+    # client id at up to 4 bytes a character, and at most 128 bytes.
+    return min(48 + (len(s.client_id) << 2), _PER_SUB)
+
+
+def _shared(kept, m):
+    # The Message already restored for the same message as m (a large
+    # retained value and its queued copy), or m.
+    if type(kept) is Message and type(m.payload) is memoryview and _same(kept, m):
+        return kept
     return m
 
 
@@ -220,6 +243,11 @@ class Persist:
         # One str per client id for all its records: hundreds of queued
         # messages each kept a copy of it until the end of the restore.
         cids = {}
+        # Running, a large retained message for persistent sessions is one
+        # Message, the retained value and the queues' (retain._packed); on
+        # flash it is two records. Restored as two, it needed twice the
+        # heap it had: topic -> large Message restored from an "m" record.
+        big = {}
         retained = 0
         n = 0
         for key, val in self.store.items():
@@ -234,12 +262,19 @@ class Persist:
             k = key[0]
             try:
                 if k == "r":
-                    b.retained.load(_unpack(val))
+                    m = _unpack(val)
+                    val = None
+                    b.retained.load(_shared(big.get(m.topic), m))
                     retained += 1
                 elif k == "m":
                     mid = int(key[1:])
-                    msgs[mid] = _unpack(val)
-                    msgs[mid].mid = mid
+                    m = _unpack(val)
+                    val = None
+                    m = _shared(b.retained.msgs.get(m.topic), m)
+                    if type(m.payload) is memoryview:
+                        big[m.topic] = m
+                    m.mid = mid
+                    msgs[mid] = m
                     if mid > self.mid:
                         self.mid = mid
                 elif k == "w":
@@ -327,10 +362,14 @@ class Persist:
             s = b.sessions.get(cid)
             if s is not None:
                 s.qos2()[pid] = True
+        big = None
         for mid in msgs:
-            if not msgs[mid].refs:
-                # A message no queue refers to any more.
+            m = msgs[mid]
+            if not m.refs:
+                # A message no queue refers to any more (its Message may be
+                # a retained value: it has no record of its own now).
                 self.store.delete("m" + str(mid))
+                m.mid = 0
         b.seq = top
         b.retained.on_change = self.retained_changed
         self._commit_at_start()
@@ -489,16 +528,19 @@ class Persist:
         rec = _record_max(n, topic)
         need = rec if retain and size else 0  # a delete makes room
         if x is not None and x.expiry:
-            need += 24 + (len(x.client_id) << 2)
+            need += _entry(x)
         hits = b.hits
         del hits[:]
         b.subs.match(topic, hits)
         b.subs.match_shared(topic, hits, False)
-        held = False
+        held = None  # the sessions it is queued for: one entry each, however many subscriptions match
         for sub in hits:
-            if sub.session.expiry and sub.opts & 3:
-                need += 48 + (len(sub.session.client_id) << 2)  # (up to 4 bytes a character)
-                held = True
+            s = sub.session
+            if s.expiry and sub.opts & 3 and (held is None or s not in held):
+                if held is None:
+                    held = []
+                held.append(s)
+                need += _entry(s)
         if held:
             need += rec
         return need
