@@ -804,3 +804,52 @@ def test_small_messages_for_many_sessions_with_overlapping_subscriptions_are_nev
     finally:
         b.kill9()
         b.tmp.cleanup()
+
+
+def test_after_a_restore_that_ran_out_of_heap_new_values_are_kept_and_the_rest_is_not_written_over():
+    # Messages queued for an offline session, then a restart on a heap too
+    # small to restore them (as after a board's config or firmware grew):
+    # the broker starts with what fit, and the rest stays on flash. A
+    # retained value acknowledged then was never written (the store's hook
+    # was set only at the end of a whole restore), and new records took the
+    # ids of records not restored (outside power-cut probe). On the board's
+    # own heap again, everything acknowledged comes back.
+    import os
+
+    b = BrokerProc(board="esp32").start()
+    try:
+        _subscribe_offline(b.port, "deg-sleeper", 5, "deg/#")
+        pub = Client(b.port, "deg-pub", version=5)
+        sent = []
+        for i in range(1, 7):
+            payload = b"Q%d|" % i + os.urandom(6000)
+            pub.send(K.Publish("deg/q", payload, 1, pid=i))
+            p = pub.recv(timeout=10)
+            assert (p.type, p.reason) == (K.PUBACK, 0), p
+            sent.append(payload)
+        pub.close()
+        b.kill9()
+        heap = b.heap
+        b.heap = 72000
+        b.start()
+        assert "out of memory while restoring" in b.log(), b.log()[-2000:]
+        pub = Client(b.port, "deg-pub", version=5)
+        pub.send(K.Publish("deg/new", b"kept", 1, retain=True, pid=1))
+        p = pub.recv(timeout=10)
+        assert (p.type, p.reason) == (K.PUBACK, 0), p
+        pub.close()
+        b.kill9()
+        b.heap = heap
+        b.start()
+        assert "out of memory" not in b.log().split("broker ready")[-2], b.log()[-2000:]
+        look = Client(b.port, "deg-look", version=5)
+        look.send(K.Subscribe(1, [("deg/new", 0)]))
+        assert look.recv().type == K.SUBACK
+        assert [p.payload for p in _publishes(look, 1)] == [b"kept"]
+        look.close()
+        sub = Client(b.port, "deg-sleeper", version=5, clean=False, expiry=3600)
+        assert [p.payload for p in _publishes(sub, 6)] == sent
+        sub.close()
+    finally:
+        b.kill9()
+        b.tmp.cleanup()

@@ -227,6 +227,7 @@ class Persist:
                 gc.collect()
                 self.failed += 1
                 log.error("store: out of memory while restoring; the rest stays on flash")
+                self._past_the_rest()
         gc.threshold(-1)  # app.start() sets the board's own
         asyncio.create_task(self._committer())
 
@@ -375,6 +376,28 @@ class Persist:
         self._commit_at_start()
         log.info("restored %d retained, %d sessions, %d queued, %d in flight, clock %d",
                  retained, sessions, len(queued), len(inflight), b.clock)
+
+    def _past_the_rest(self):
+        # After a restore that stopped part way, what stays on flash must
+        # not be written over: new message ids and queue sequence numbers
+        # start past all of theirs, and retained values are written as
+        # usual. Before, the ids began again from those restored, so a new
+        # message's record replaced an acknowledged one not restored, and
+        # a new retained value acknowledged was never written (outside
+        # power-cut probe).
+        b = self.b
+        b.retained.on_change = self.retained_changed
+        try:
+            for key in self.store.keys():
+                k = key[0]
+                if k == "m":
+                    self.mid = max(self.mid, int(key[1:]))
+                elif k == "q":
+                    b.seq = max(b.seq, int(key[key.index("\0") + 1:]))
+        except Exception as e:  # (no heap to read them, or a key not ours)
+            log.warning("store: keys not read (%r); ids start a million on", e)
+            self.mid += 1000000
+            b.seq += 1000000
 
     def _commit_at_start(self):
         # What the restore staged, written now; a failure must not stop the

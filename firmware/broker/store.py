@@ -314,6 +314,18 @@ class Store:
                         break  # (its reader is part way into a value)
                     yield key, bytes(memoryview(b)[:vlen]) if b is self._buf else b
 
+    def keys(self):
+        # The committed keys, as items() gives them, no value read.
+        idx = self._idx
+        for ns in sorted(self._segs):
+            for typ, _, key in self._seg_records(ns, True):
+                if typ == _T_REC and key not in idx:
+                    yield key
+        for _, i, m in list(self._live):
+            for op, key, loc, _ in self._ops(i, m):
+                if op == _OP_PUT and idx.get(key) == loc:
+                    yield key
+
     def put(self, key, value):
         # value: bytes-like (copied unless bytes), or a tuple of bytes
         # pieces stored as one value and not copied: a message's record is
