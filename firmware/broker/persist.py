@@ -66,11 +66,12 @@ _CROWDED = const(32)  # staged ops past which more work waits for the commit (a 
 # a sequence number, and a value of a few varints (Persist.healthy).
 _PER_SUB = const(176)
 # A payload of at least this many bytes, in a record read as a bytearray of
-# its own (Store.items()), stays in it when restored, as a large one read
-# at run time stays in the buffer it was read into, rather than need a
-# second piece of its size. (A smaller one is copied out: a long topic
-# with a 4-byte value kept whole took 300 B a retained topic more.)
-_KEEP_IN_RECORD = const(1024)
+# its own (Store.items()), stays in it when restored, as a packet past
+# conn._BIG_KEEP read at run time stays in the buffer it was read into,
+# rather than need a second piece of its size. (A smaller one is copied
+# out and packed, as at run time: kept whole, a 4-byte value on a long
+# topic took 300 B more.)
+_KEEP_IN_RECORD = const(4097)  # (past conn._BIG_KEEP, as at run time)
 # Bytes of records a batch with records already staged takes in all: what
 # staged records keep alive in the heap until the commit (a payload
 # acknowledged or replaced meanwhile) stays as it was before max_batch grew
@@ -187,6 +188,7 @@ class Persist:
         self.expire_waits = False  # a session due to end waits for the commit (room_to_end)
         self.flag = asyncio.Event()
         self.mid = 0  # last message id given
+        self.partial = False  # the restore stopped part way (_past_the_rest)
         self.failed = 0  # records that could not be kept
         self.failing = False  # the last commit failed; retrying
         self.wants_heap = False  # it failed for want of heap
@@ -271,9 +273,13 @@ class Persist:
                     mid = int(key[1:])
                     m = _unpack(val)
                     val = None
-                    m = _shared(b.retained.msgs.get(m.topic), m)
-                    if type(m.payload) is memoryview:
-                        big[m.topic] = m
+                    kept = b.retained.msgs.get(m.topic)
+                    if not (type(kept) is Message and kept.mid):  # (one record each)
+                        m = _shared(kept, m)
+                    if m.retain and type(m.payload) is memoryview:
+                        o = big.get(m.topic)
+                        if o is None or o.mid < mid:
+                            big[m.topic] = m
                     m.mid = mid
                     msgs[mid] = m
                     if mid > self.mid:
@@ -387,17 +393,24 @@ class Persist:
         # power-cut probe).
         b = self.b
         b.retained.on_change = self.retained_changed
+        self.partial = True
+        keys = self.store.keys()
         try:
-            for key in self.store.keys():
+            for key in keys:
                 k = key[0]
                 if k == "m":
                     self.mid = max(self.mid, int(key[1:]))
                 elif k == "q":
                     b.seq = max(b.seq, int(key[key.index("\0") + 1:]))
-        except Exception as e:  # (no heap to read them, or a key not ours)
-            log.warning("store: keys not read (%r); ids start a million on", e)
+        except Exception:  # (no heap to read them, or a key not ours)
             self.mid += 1000000
             b.seq += 1000000
+            try:
+                log.warning("store: keys not read; ids start a million on")
+            except MemoryError:
+                pass
+        finally:
+            keys.close()  # (its file)
 
     def _commit_at_start(self):
         # What the restore staged, written now; a failure must not stop the
@@ -555,13 +568,19 @@ class Persist:
         hits = b.hits
         del hits[:]
         b.subs.match(topic, hits)
+        plain = len(hits)
         b.subs.match_shared(topic, hits, False)
-        held = None  # the sessions it is queued for: one entry each, however many subscriptions match
-        for sub in hits:
+        # A queue entry per session its plain subscriptions match, however
+        # many do (route() delivers once), and one per share group.
+        held = None
+        for i in range(len(hits)):
+            sub = hits[i]
             s = sub.session
-            if s.expiry and sub.opts & 3 and (held is None or s not in held):
+            if s.expiry and sub.opts & 3:
                 if held is None:
                     held = []
+                elif i < plain and s in held:
+                    continue
                 held.append(s)
                 need += _entry(s)
         if held:
@@ -985,7 +1004,10 @@ class Persist:
         # they were, so a caller that tries again (session_ended) does not
         # count one reference off twice and delete a record still in use.
         if msg.refs <= 1 and msg.mid:
-            self._del("m" + str(msg.mid))
+            if not self.partial:
+                # (After a restore that stopped part way, queues not
+                # restored may refer to it: the next whole one deletes it.)
+                self._del("m" + str(msg.mid))
             msg.mid = 0
             msg.refs = 0
         else:
