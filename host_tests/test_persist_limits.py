@@ -268,14 +268,14 @@ for i in range(4):
     b.subs.add(Sub(s, "t/#", 1, 0, None))
 size = 6784
 n = 2 + 4 + 2 + size  # topic "t/r0", packet identifier, payload
-print("empty batch: quick", p.healthy(n, "t/r0"), "batch", p.batch_takes("t/r0", True, size, n))
+print("empty batch: quick", p.healthy(n, "t/r0"), "batch", p.batch_takes(p.need("t/r0", True, size, n)))
 # (9,000 B left of the 16 KB a batch with records staged takes, _BATCH_SOFT:
 # 15 B of part head, and the filler's op head and key, 11 B)
 p.store.put("filler", bytes(16384 - 15 - 11 - 9000))
-print("9 KB left: quick", p.healthy(n, "t/r0"), "batch", p.batch_takes("t/r0", True, size, n),
-      "not retained", p.batch_takes("t/r0", False, size, n))
+print("9 KB left: quick", p.healthy(n, "t/r0"), "batch", p.batch_takes(p.need("t/r0", True, size, n)),
+      "not retained", p.batch_takes(p.need("t/r0", False, size, n)))
 p.store.commit()
-print("after the commit: batch", p.batch_takes("t/r0", True, size, n), "store", p.can_take(None, "t/r0", True, size, n))
+print("after the commit: batch", p.batch_takes(p.need("t/r0", True, size, n)), "store", p.can_take(p.need("t/r0", True, size, n)))
 """
 
 

@@ -47,7 +47,7 @@ async def _housekeeping(b, wdt):
         try:
             if wdt is not None:
                 wdt.feed()
-            soon = keepalive.expire(b, t)
+            soon = keepalive.expire(b, t, _TICK_MS)
             if time.ticks_diff(t, t0) >= _TICK_MS:
                 # Once a second, on the second; after a loop held up for two
                 # seconds or more, the seconds missed are not made up.
@@ -63,7 +63,8 @@ async def _housekeeping(b, wdt):
                     n = 0
                     sys_tree.publish(b, last)
             now = time.ticks_ms()  # (soon counts from t, before the work above)
-            nap = max(1, min(soon - time.ticks_diff(now, t), time.ticks_diff(time.ticks_add(t0, _TICK_MS), now)))
+            second = time.ticks_diff(time.ticks_add(t0, _TICK_MS), now)
+            nap = max(1, min(soon - time.ticks_diff(now, t), second))
         except MemoryError:
             gc.collect()
             log.warning("housekeeping: out of memory")

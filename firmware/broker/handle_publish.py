@@ -132,7 +132,9 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
     if not qos or p is None or p.healthy(n, topic):
         return True
     x = s if qos == 2 else None  # (its record that it received the message)
-    if p.too_large(topic, retain, size, n, x):
+    # (Matched again when a pause is over: subscriptions change meanwhile.)
+    rec = p.need(topic, retain, size, n, x)
+    if p.too_large(rec):
         # The store can never keep it, and waiting would be for good. v5
         # is told 0x97 (a bridge's link too: the upstream drops it, as it
         # should). 3.1.1 cannot be told; closed, a client with a session
@@ -140,15 +142,15 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
         # dropped, as for a full queue, and said so in the log.
         b.stats_dropped += 1
         _ack(c, 3 + qos, pid, 0x97)  # (3.1.1: a plain PUBACK or PUBREC)
-        log.warning("%s: a QoS %d message of %d B on %s makes records past the store's largest batch; dropped",
-                    c.client_label(), qos, n, topic[:40])
+        log.warning("%s: a QoS %d message of %d B on %s makes records past the store's largest batch;"
+                    " dropped", c.client_label(), qos, n, topic[:40])
         return False
-    if not p.batch_takes(topic, retain, size, n, x):
+    if not p.batch_takes(rec):
         # The batch for the next commit has no room for its records: it
         # waits, unread, until the committer has written the batch out.
-        c.pause = lambda: p.batch_takes(topic, retain, size, n, x)
+        c.pause = lambda: p.batch_takes(p.need(topic, retain, size, n, x))
         raise Paused()
-    if not p.can_take(x, topic, retain, size, n):
+    if not p.can_take(rec):
         # The store cannot take what this message would need (a commit is
         # failing, or it is full): v5 is told 0x97; 3.1.1 cannot be told,
         # so its message waits, unread and unacknowledged, until it can.
@@ -156,7 +158,7 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
             b.stats_dropped += 1
             _ack(c, 3 + qos, pid, 0x97)
             return False
-        c.pause = lambda: p.can_take(x, topic, retain, size, n)
+        c.pause = lambda: p.can_take(p.need(topic, retain, size, n, x))
         raise Paused()
     return True
 
@@ -246,15 +248,6 @@ def on_publish(c, first, mv, off, end):
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
         return
-    if retain and qos and end > poff and b.retained.full_for(topic, end - poff) and c.refuses():
-        # A retained value past max_retained_messages or past
-        # max_retained_bytes: refused whole, not delivered either, so that
-        # the publisher may try again with nobody getting it twice (it was
-        # delivered and answered 0x97). QoS 0 and 3.1.1 have no answer:
-        # delivered, not kept, counted.
-        b.retained.dropped += 1
-        _ack(c, 3 + qos, pid, 0x97)
-        return
     if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"] and c.topic_in is None:
         # v5 clients were told our Receive Maximum in CONNACK. 3.1.1 has no
         # such limit, so those get more room, but not without bound. A
@@ -310,12 +303,24 @@ def on_publish(c, first, mv, off, end):
             return
         _heap_short(c, qos, pid, need)
         return
+    keep = True
+    if retain and qos and c.refuses():
+        # A v5 retained value is kept before anyone gets it. When it cannot
+        # be (past max_retained_messages or max_retained_bytes, no heap to
+        # pack its record, the store refused it), it is refused whole, not
+        # delivered either, so that the publisher may try again with nobody
+        # getting it twice (it was delivered and answered 0x97). QoS 0 and
+        # 3.1.1 have no answer: delivered, not kept, counted.
+        if not b.retained.set(msg):
+            _ack(c, 3 + qos, pid, 0x97)
+            return
+        keep = False
     refused = b.queue_refusals
     kept = b.retained.dropped
     stored = p.failed if p is not None else 0
     mark = c.olen  # where copies for the publisher itself would start
     sent = b.stats_bytes_sent
-    n = route(b, msg, s)
+    n = route(b, msg, s, keep)
     if b.stats_bytes_sent != sent:
         # Some output was written out meanwhile, maybe this client's: the
         # bytes from mark on may not start with a packet. No reordering.

@@ -11,12 +11,12 @@ from broker import log
 from broker.backpressure import STUCK_MS
 
 
-def expire(b, now_ms):
+def expire(b, now_ms, soon):
     # Every housekeeping wake-up (app.py): a client silent for 1.5 times its
     # keep-alive is closed (v5: DISCONNECT 0x8D), unless what it waits for
     # is the broker (a paused reader's packets wait unread). Returns the ms
-    # until the next one runs out, so that the loop wakes for it then.
-    soon = 1000
+    # until the next one runs out, or soon if that is sooner, so that the
+    # loop wakes for it then.
     for c in b.conns:
         if c.keepalive and not c.closing and c.session is not None:
             left = c.keepalive * 1500 - time.ticks_diff(now_ms, c.last_rx)

@@ -36,7 +36,8 @@ from micropython import const
 from mqtt import wire
 from broker import log, session_expiry
 from broker.message import Message
-from broker.session import Session, Delivery, SENT, RELEASED, info, qos_of, retain_of, seq_of, subids_of, stored_of
+from broker.session import Session, Delivery, SENT, RELEASED, info
+from broker.session import qos_of, retain_of, seq_of, subids_of, stored_of
 from broker.subs import Sub
 from broker.store import Store, StoreFull
 
@@ -480,8 +481,9 @@ class Persist:
         # went through, and both the store and the batch staged for the
         # next commit have room for the most the message could make (a
         # retained record, its own record, and a queue entry per
-        # subscription), found without matching its topic. When not, the publish path asks
-        # batch_takes() and can_take(), which match it. With room for any
+        # subscription), found without matching its topic. When not, the
+        # publish path works out need(), which matches it, and asks
+        # too_large(), batch_takes() and can_take(). With room for any
         # packet up to max_packet_size only, a retained 6.8 KB message for
         # persistent sessions was taken, its retained record staged and its
         # own record refused by the batch: the publisher was told 0x97 for
@@ -492,9 +494,9 @@ class Persist:
         return (not self.failing and st.used_bytes() + st.pending() + most <= st.max_bytes
                 and most <= self._batch_left() and self._uncrowded())
 
-    def batch_takes(self, topic, retain, size, n, x=None):
-        # Has the batch staged for the next commit room for this QoS 1/2
-        # message's records? When not, the message waits for the committer
+    def batch_takes(self, need):
+        # Has the batch staged for the next commit room for a QoS 1/2
+        # message's records, `need` bytes (need())? When not, the message waits for the committer
         # (a matter of milliseconds), unread: refused or taken without its
         # record, a burst of large messages lost its tail. An empty batch
         # takes anything put() takes. While commits fail, can_take() says
@@ -506,14 +508,14 @@ class Persist:
         # the store's index made room for (store.py, _make_room).
         st = self.store
         return (self.failing or not st.pending()
-                or (self._uncrowded() and self._need(topic, retain, size, n, x) <= self._batch_left()))
+                or (self._uncrowded() and need <= self._batch_left()))
 
-    def too_large(self, topic, retain, size, n, x=None):
-        # Are this QoS 1/2 message's records more than even an empty batch
-        # holds? Then the store can never keep it, and waiting for a commit
+    def too_large(self, need):
+        # Are a QoS 1/2 message's records (need()) more than even an empty
+        # batch holds? Then the store can never keep it, and waiting for a commit
         # would be for good (a packet past about a quarter of the 64 KB
         # batch, on a board whose max_packet_size allows it).
-        return self._need(topic, retain, size, n, x) > self.store.batch_room()
+        return need > self.store.batch_room()
 
     def _batch_left(self):
         # Bytes of records the staged batch takes more of: an empty one,
@@ -523,12 +525,10 @@ class Persist:
             return st.batch_room()
         return st.batch_left() - max(0, st.max_batch - _BATCH_SOFT)
 
-    def can_take(self, x, topic, retain, size, n):
-        # Can the store take a QoS 1/2 message on topic, of size bytes of
-        # payload and n bytes after the fixed header? True when it needs no
-        # record at all (not retained, no persistent session subscribes to
-        # it, and x is None).
-        need = self._need(topic, retain, size, n, x)
+    def can_take(self, need):
+        # Can the store take a QoS 1/2 message whose records are `need`
+        # bytes (need())? True when it needs none (not retained, no
+        # persistent session subscribes to it, no QoS 2 record).
         if not need:
             return True
         st = self.store
@@ -552,10 +552,11 @@ class Persist:
             self.compact_now = True
             self.flag.set()
 
-    def _need(self, topic, retain, size, n, x=None):
-        # Bytes of records a message makes (as for can_take): its retained
-        # record, and its own record and a queue entry per persistent
-        # session it is held for. Its records hold its properties too. x:
+    def need(self, topic, retain, size, n, x=None):
+        # Bytes of records a message on topic makes, of size bytes of
+        # payload and n bytes after the fixed header: its retained record,
+        # and its own record and a queue entry per persistent session it is
+        # held for. Its records hold its properties too. x:
         # the persistent session of a QoS 2 publisher, whose record that it
         # received the message (qos2_received) must be kept too: refused
         # for a full store, a power cut let the publisher's resend through
