@@ -275,7 +275,8 @@ p.store.put("filler", bytes(16384 - 15 - 11 - 9000))
 print("9 KB left: quick", p.healthy(n, "t/r0"), "batch", p.batch_takes(p.need("t/r0", True, size, n)),
       "not retained", p.batch_takes(p.need("t/r0", False, size, n)))
 p.store.commit()
-print("after the commit: batch", p.batch_takes(p.need("t/r0", True, size, n)), "store", p.can_take(p.need("t/r0", True, size, n)))
+need = p.need("t/r0", True, size, n)
+print("after the commit: batch", p.batch_takes(need), "store", p.can_take(need))
 """
 
 

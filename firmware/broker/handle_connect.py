@@ -384,10 +384,14 @@ def on_connect(c, mv, off, end):
         # puts each in the lowest free piece that fits: after the garbage
         # of a login and the packets before it (4 to 20 KB measured), that
         # was high in the free heap, and four sessions made that way left
-        # it in pieces of at most 7 KB with 52 KB free. A 7 KB message then found
-        # no buffer: v5 publishers were told 0x97 and 3.1.1 ones waited for
-        # good (large-retained probe). Collected first, they sit low.
-        gc.collect()
+        # it in pieces of at most 7 KB with 52 KB free. A 7 KB message then
+        # found no buffer: v5 publishers were told 0x97 and 3.1.1 ones
+        # waited for good (large-retained probe). Collected first, they sit
+        # low. On the boards with a small heap only (gc_threshold set,
+        # app.py): on megabytes a collection costs more and pieces are not
+        # short.
+        if cfg["gc_threshold"]:
+            gc.collect()
         s = Session(cid)
     s.put("will", will)
     s.put("will_delay", wdelay)

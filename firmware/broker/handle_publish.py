@@ -314,8 +314,9 @@ def on_publish(c, first, mv, off, end):
         # be (past max_retained_messages or max_retained_bytes, no heap to
         # pack its record, the store refused it), it is refused whole, not
         # delivered either, so that the publisher may try again with nobody
-        # getting it twice (it was delivered and answered 0x97). QoS 0 and
-        # 3.1.1 have no answer: delivered, not kept, counted.
+        # getting it twice (it was delivered and answered 0x97). QoS 0,
+        # 3.1.1 and a bridge's link are not refused: delivered, not kept,
+        # counted (a v5 link is told 0x97 after, below).
         if not b.retained.set(msg):
             _ack(c, 3 + qos, pid, 0x97)
             return
@@ -331,6 +332,8 @@ def on_publish(c, first, mv, off, end):
         # bytes from mark on may not start with a packet. No reordering.
         mark = c.olen
     b.heap.spend(n << 7)
+    # (b.retained.dropped moves here only when route() kept a retained
+    # value: for those not refused above.)
     if c.version == 5 and (b.queue_refusals != refused or b.retained.dropped != kept
                            or (p is not None and p.failed != stored)):
         # A full queue, the retained limit or a full store could not take

@@ -496,11 +496,11 @@ class Persist:
 
     def batch_takes(self, need):
         # Has the batch staged for the next commit room for a QoS 1/2
-        # message's records, `need` bytes (need())? When not, the message waits for the committer
-        # (a matter of milliseconds), unread: refused or taken without its
-        # record, a burst of large messages lost its tail. An empty batch
-        # takes anything put() takes. While commits fail, can_take() says
-        # no instead (v5 is told 0x97).
+        # message's records, `need` bytes (need())? When not, the message
+        # waits for the committer (a matter of milliseconds), unread:
+        # refused or taken without its record, a burst of large messages
+        # lost its tail. An empty batch takes anything put() takes. While
+        # commits fail, can_take() says no instead (v5 is told 0x97).
         # Counted in ops too: each holds heap until the commit (its key,
         # its value and the objects around them), and a message for twenty
         # persistent sessions stages 21. Bounded in bytes only (16 KB), a
@@ -512,8 +512,8 @@ class Persist:
 
     def too_large(self, need):
         # Are a QoS 1/2 message's records (need()) more than even an empty
-        # batch holds? Then the store can never keep it, and waiting for a commit
-        # would be for good (a packet past about a quarter of the 64 KB
+        # batch holds? Then the store can never keep it, and waiting for a
+        # commit would be for good (a packet past about a quarter of the 64 KB
         # batch, on a board whose max_packet_size allows it).
         return need > self.store.batch_room()
 

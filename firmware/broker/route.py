@@ -18,8 +18,8 @@ _RAP = const(0x08)
 def route(b, msg, origin, keep=True):
     # Returns the number of sessions msg went to. msg is a Message, or a
     # message.Raw (a QoS 0 message straight from the read buffer). keep: a
-    # retained message replaces the stored one (False for $SYS and the
-    # dashboard).
+    # retained message replaces the stored one (False for $SYS, and where
+    # the caller has set it already: handle_publish, the bridge).
     if msg.retain and keep:
         b.retained.set(msg)
     hits = b.hits
