@@ -687,7 +687,12 @@ def test_sessions_past_what_the_heap_holds_are_refused_in_a_connack_never_before
     # one is refused. Every CONNECT must get a CONNACK: 0 while the session
     # fits, then a refusal (v5: 0x97 or 0x89; 3.1.1: 3, server unavailable),
     # never a DISCONNECT or a close before it (MQTT-3.14.0-1); a client
-    # connected all along is still served.
+    # connected all along is still served. Or no refusal at all, when the
+    # heap's clients' floor is met before the heap is in pieces too small
+    # for the next session: offline sessions that hold nothing then make
+    # way, idle longest first (README, "When the board is full", item 4).
+    # Which comes first depends on when collections fall: on a busy
+    # machine, 4 of 10 runs went the second way.
     with BrokerProc(board="esp32", config={"max_sessions": 1000}) as b:
         watcher = Client(b.port, "heap-watcher", version=5)
         refusal = None
@@ -707,9 +712,12 @@ def test_sessions_past_what_the_heap_holds_are_refused_in_a_connack_never_before
                 c.disconnect()
             except (Closed, OSError):
                 c.close()  # closed after its CONNACK (DISCONNECT 0x97): allowed
-        assert refusal in ((0x97, 0x89) if version == 5 else (3,)), \
-            "no refusal in 800 sessions, or the wrong code: %r" % refusal
-        assert i > 20, "refused after only %d sessions" % i
+        if refusal is None:
+            evicted = b.log().count("heap low: evicting heap-sess-")
+            assert evicted > 500, "800 sessions, none refused, %d evicted for heap" % evicted
+        else:
+            assert refusal in ((0x97, 0x89) if version == 5 else (3,)), "the wrong code: %r" % refusal
+            assert i > 20, "refused after only %d sessions" % i
         assert watcher.ping().type == PINGRESP
         _check_alive(b)
 

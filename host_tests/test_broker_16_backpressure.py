@@ -10,6 +10,7 @@ import pytest
 
 from brokerproc import BrokerProc
 from rawclient import Client, K
+import mqttc
 
 
 def _twin_says(script, *lines):
@@ -194,7 +195,7 @@ async def main():
     R.chunks.append(PUBLISH[6:])
     await asyncio.sleep_ms(600)
     # Its wait is not taken for traffic: a newcomer may take the slot of
-    # one that waits long (handle_connect._held_longest).
+    # one that waits long (handle_connect.held_longest).
     print("still", c.heap_wait, "last_rx kept", c.last_rx == t0)
     await asyncio.sleep_ms(1500)
     print("short", short[0], "puback", T.sent.endswith(b"\x40\x02\x00\x07"), "closing", c.closing)
@@ -647,3 +648,28 @@ def test_a_message_whose_in_flight_entry_finds_no_heap_is_queued_not_half_sent_o
                "pump failed: olen 0 queued 2 in flight 0",
                "drained: queued 0 in flight ['t/1', 't/2'] out "
                "b'2\\n\\x00\\x03t/1\\x00\\x03one2\\n\\x00\\x03t/2\\x00\\x04two'")
+
+
+def test_a_client_publishing_as_fast_as_it_can_does_not_keep_others_out():
+    # A socket that always has data never makes its reader wait, and a read
+    # that does not wait lets no other task run: while one client sent
+    # small QoS 0 messages as fast as loopback took them (to a subscriber
+    # that kept up), no new client got its CONNACK, nor a connected one its
+    # PINGRESP, until it stopped. Each is given 5 s (a guard against the
+    # hang: it takes about a tenth of a second).
+    with BrokerProc(board="esp32") as b:
+        idle = mqttc.Client(b.port, "turn-idle", version=4)
+        stop = threading.Event()
+        threads = mqttc.flood(b.port, stop, pace=False)
+        try:
+            time.sleep(0.5)
+            for i in range(3):
+                c = mqttc.Client(b.port, "turn-new%d" % i, version=5)
+                c.disconnect()
+                assert idle.ping(timeout=5).type == mqttc.PINGRESP
+            assert all(t.is_alive() for t in threads), "the flood ended early"
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(5)
+        assert "Traceback" not in b.log()

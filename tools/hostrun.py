@@ -133,6 +133,10 @@ def main(argv, root):
     # Keep only cfg: the profile and broker.config are not needed again.
     build = load_json = profile = user = over = opt = None
     unload()
+    # unload too: a function holds its module's globals, and this frame
+    # lives as long as the broker (1,168 B of broker.config stayed, which a
+    # board's gateway.py, whose _config() returns, does not keep).
+    unload = ConfigError = None
     if fault:
         _inject_faults(fault)
     from broker import app

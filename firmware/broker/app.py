@@ -145,8 +145,9 @@ def start(cfg, wdt=None):
         # free pieces remain. The small-heap profiles set it: after 200
         # retained messages a Pico W had no piece for Mbed TLS's 16 KiB
         # record buffer with 112 KB free, and an ESP32 hub once none for a
-        # returning session with 25 KB free. It costs a third of the
-        # throughput under load, so the boards with megabytes leave it off.
+        # returning session with 25 KB free. It costs throughput under
+        # load (README, gc_threshold), so the boards with megabytes leave
+        # it off.
         gc.threshold(cfg["gc_threshold"])
     log.notice("broker ready; heap used %d free %d", gc.mem_alloc(), gc.mem_free())
     return b

@@ -27,6 +27,7 @@ _PUBLISH = const(3)
 _CONNECT = const(1)
 _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
+_TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
 _NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
 _NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
@@ -230,6 +231,16 @@ class Connection(Output):
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
                     await self.wait_drained().wait()
+                b.passes += 1
+                if b.passes >= _TURN_PASSES:
+                    # recv_into() returns at once while the socket has data,
+                    # and only a read that finds none lets another task run:
+                    # one client that published as fast as loopback let it
+                    # kept every login and the housekeeping waiting (no
+                    # CONNACK in 5 s). Here, with nothing of this reader's
+                    # left in the shared buffer.
+                    b.passes = 0
+                    await asyncio.sleep_ms(0)
         except MQTTError as e:
             if e.reason == 0x95 and self.session is None and have and cur[0] >> 4 == _CONNECT:
                 self._connect_too_large(cur, have, e.msg)
@@ -276,7 +287,7 @@ class Connection(Output):
         # and then up to a second apart. Cancelled when the connection is
         # closed; last_rx is set when the wait ends (waits_on_broker), so
         # that a newcomer may take the slot of one that waits long
-        # (handle_connect._held_longest).
+        # (handle_connect.held_longest).
         b = self.broker
         part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
         self.heap_wait = True
@@ -435,6 +446,10 @@ class Connection(Output):
                         # Free heap, but no piece this large.
                         if self.session is None and part[0] >> 4 == _CONNECT:
                             self._no_heap_for_connect(part, h, len(part))
+                        if kept is None:  # (once a packet: the first try)
+                            log.warning("%s (%s): no piece of heap for a %d B packet, %d B free in smaller "
+                                        "ones; it waits (v5 QoS 1/2: 0x97)", self.t.peer, self.client_label(),
+                                        total, gc.mem_free())
                         gc.collect()
                 if await self._refuse_big(part, h, total, mv):
                     return None

@@ -103,6 +103,7 @@ class Broker:
         self._tick0 = time.ticks_ms()
         self.raw = Raw()  # the QoS 0 message passing through (route.py)
         self.sys_extra = None  # callable -> [(name, value)] for $SYS
+        self.passes = 0  # of all readers' loops (conn.py: every _TURN_PASSES, a turn for the rest)
         # Counters, named after the $SYS topics they feed.
         self.stats_msgs_recv = 0
         self.stats_msgs_sent = 0

@@ -76,20 +76,20 @@ def busy(b, cid):
     # served now, as (reason code, text); None when it can.
     cfg = b.cfg
     old = b.sessions.get(cid) if cid is not None else None
-    if not b.heap.room_for_client() and _held_longest(b) is None and b.oldest_offline(old, True) is None:
+    if not b.heap.room_for_client() and held_longest(b) is None and b.oldest_offline(old, True) is None:
         return 0x89, "server busy: low memory"
     if old is not None and old.bridge is not None:
         return 0x85, "client id of a bridge"
     if old is None or old.conn is None:
         # (a take-over frees the connection it takes)
-        if b.connected_count() >= cfg["max_connections"] and _held_longest(b) is None:
+        if b.connected_count() >= cfg["max_connections"] and held_longest(b) is None:
             return 0x97, "too many connections"
         if old is None and cid is not None and not b.session_room():
             return 0x97, "session table full"
     return None
 
 
-def _held_longest(b):
+def held_longest(b):
     # On a full table or heap, the client whose reader the broker has held
     # longest (for heap or the store), at least STUCK_MS, or None: its slot
     # and buffers go to a new client once that one has logged in
@@ -333,7 +333,7 @@ def on_connect(c, mv, off, end):
         # one. A heap below the clients' floor is full too: those clients
         # hold part of it, and one of them may be the very client that
         # would drain it.
-        held = _held_longest(b)
+        held = held_longest(b)
         if held is None:
             # (taken meanwhile)
             refuse(c, 0x97 if full else 0x89, "too many connections" if full else "server busy: low memory")

@@ -23,10 +23,12 @@
 import gc
 import time
 from micropython import const
+from broker import log
 
 _PIECE = const(256)  # bytes kept aside: _PIECES pieces (a commit needs some hundreds,
 _PIECES = const(8)  # its largest piece 152 B)
 _GONE = bytearray(0)  # a piece used, not yet made again
+_TELL_MS = const(60000)  # at most one "heap short" log line a minute
 
 
 class Heap:
@@ -37,6 +39,7 @@ class Heap:
         self._budget = 0  # bytes we may take before looking at the heap again
         self.low = False  # a look found it below the message floor (Broker.flush_all)
         self.refused_at = None  # ticks_ms when room_for() last said no
+        self._told_at = None  # ticks_ms of the last "heap short" line
         self.rescue = [_GONE] * _PIECES  # the pieces kept aside (keep_rescue)
         self.keep_rescue()  # made early: low in the heap
 
@@ -107,7 +110,15 @@ class Heap:
         f = self.free(n) - n
         if f < self.message_floor:
             self._budget = 0
-            self.refused_at = time.ticks_ms()
+            now = self.refused_at = time.ticks_ms()
+            t = self._told_at
+            if t is None or not 0 <= time.ticks_diff(now, t) < _TELL_MS:
+                # Said, or nothing tells why publishers stall; not every
+                # time, or a hub at its floor writes a board's log ring
+                # on flash all day.
+                self._told_at = now
+                log.warning("heap short: %d B more would leave %d B free, under min_free_heap %d; messages "
+                            "wait (v5 QoS 1/2: 0x97) until queues drain", n, f, self.message_floor)
             return False
         self._budget = (f - self.message_floor) >> 1
         return True
