@@ -334,27 +334,31 @@ def collect(c, seconds):
         out.append(p)
 
 
-def flood(port, stop, pace=True, seed=0):
-    """Small QoS 0 messages from one client to another, which reads them,
-    until stop (a threading.Event) is set: the garbage a broker makes
-    between its collections, or (pace=False: as fast as loopback takes
-    them) a client whose socket always has data. Returns the two threads,
-    to join once stop is set."""
+def flood(port, stop, pace=True, seed=0, sink=True):
+    """Small QoS 0 messages from one client until stop (a threading.Event)
+    is set, to another client that reads them (sink=False: to nobody):
+    the garbage a broker makes between its collections, or (pace=False:
+    fifty at a time, as fast as loopback takes them) a client whose socket
+    always has data. Returns the threads, to join once stop is set."""
     import random
     import threading
 
     rnd = random.Random(seed)
-    sink = Client(port, "flood-sink", version=5)
-    sink.subscribe([("flood/#", 0)])
+    reader = None
+    if sink:
+        reader = Client(port, "flood-sink", version=5)
+        reader.subscribe([("flood/#", 0)])
     src = Client(port, "flood-src", version=4)
     packets = [P.encode(Publish("flood/%d" % i, b"f" * rnd.randint(10, 200), 0, False, False, 0), 4)
                for i in range(50)]
+    if not pace:
+        packets = [b"".join(packets)]
 
     def send():
         i = 0
         try:
             while not stop.is_set():
-                src.send_raw(packets[i % 50])
+                src.send_raw(packets[i % len(packets)])
                 i += 1
                 if pace and i % 20 == 0:
                     time.sleep(0.002)  # (the reader keeps up: nothing is dropped)
@@ -365,13 +369,15 @@ def flood(port, stop, pace=True, seed=0):
         try:
             while not stop.is_set():
                 try:
-                    sink.recv_raw(timeout=0.3)
+                    reader.recv_raw(timeout=0.3)
                 except socket.timeout:
                     pass
         finally:
-            sink.close()
+            reader.close()
 
-    threads = [threading.Thread(target=send, daemon=True), threading.Thread(target=drain, daemon=True)]
+    threads = [threading.Thread(target=send, daemon=True)]
+    if sink:
+        threads.append(threading.Thread(target=drain, daemon=True))
     for t in threads:
         t.start()
     return threads

@@ -288,6 +288,25 @@ def test_v311_keepalive_expiry_closes_connection(broker):
     assert 1.4 <= dt <= 4.5, dt
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_client_whose_connack_waited_for_a_commit_is_still_closed_for_its_keep_alive(broker, version):
+    # A clean start over a persistent session ends it, and the CONNACK
+    # waits until that is on flash (its reader paused behind it). The
+    # pause stayed set once the CONNACK went, and a silent client then
+    # counted as one the broker held: never closed for its keep-alive.
+    props = {0x11: 3600} if version == 5 else None
+    c = Client(broker.port, "c01-ka-held%d" % version, version=version, clean=False, props=props)
+    c.subscribe([("c01/kaheld/#", 1)])
+    c.disconnect()
+    c = Client(broker.port, "c01-ka-held%d" % version, version=version, clean=True, keepalive=1)
+    assert c.connack.reason == 0
+    t0 = time.time()
+    while c.raw.recv_packet(6) is not None:  # (v5: DISCONNECT 0x8D, then the close)
+        pass
+    dt = time.time() - t0
+    assert 1.4 <= dt <= 4.5, dt
+
+
 def test_silent_clients_are_closed_at_one_and_a_half_keep_alives_not_on_the_next_whole_second(broker):
     # MQTT-3.1.2-24 (5.0: MQTT-3.1.2-22): closed within 1.5 times the
     # keep-alive. Four clients connect a quarter second apart, so that a

@@ -714,7 +714,8 @@ def test_sessions_past_what_the_heap_holds_are_refused_in_a_connack_never_before
                 c.close()  # closed after its CONNACK (DISCONNECT 0x97): allowed
         if refusal is None:
             evicted = b.log().count("heap low: evicting heap-sess-")
-            assert evicted > 500, "800 sessions, none refused, %d evicted for heap" % evicted
+            # (and the first only once over 20 sessions were in)
+            assert 500 < evicted < 780, "800 sessions, none refused, %d evicted for heap" % evicted
         else:
             assert refusal in ((0x97, 0x89) if version == 5 else (3,)), "the wrong code: %r" % refusal
             assert i > 20, "refused after only %d sessions" % i

@@ -32,6 +32,8 @@ HOT = [
     ("firmware/broker/handle_other.py", "_flow_ended"),
     ("firmware/broker/handle_other.py", "_on_pubrel"),
     ("firmware/broker/handle_other.py", "_on_pubrec"),
+    ("firmware/broker/heap.py", "Heap.room_for"),
+    ("firmware/broker/heap.py", "Heap.spend"),
     ("firmware/broker/message.py", "Message.__init__"),
     ("firmware/broker/outbuf.py", "Output.reserve"),
     ("firmware/broker/outbuf.py", "Output.send_ack"),

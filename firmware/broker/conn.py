@@ -228,6 +228,14 @@ class Connection(Output):
                     have = n
                 if self.pause is not None and not self.closing:
                     await self._wait(self.pause)
+                    if not have:
+                        # Nothing left to handle (a CONNACK held for a
+                        # commit paused it after its CONNECT): back to
+                        # reading, no longer held by the broker. Left set,
+                        # an idle client counted as held for good: never
+                        # closed for its keep-alive, and its slot given to
+                        # a newcomer after 10 s (held_longest).
+                        self.pause = None
                 if not self.room(256) and not self.closing:
                     # Output is backed up: stop reading until it drains.
                     await self.wait_drained().wait()
@@ -446,10 +454,13 @@ class Connection(Output):
                         # Free heap, but no piece this large.
                         if self.session is None and part[0] >> 4 == _CONNECT:
                             self._no_heap_for_connect(part, h, len(part))
-                        if kept is None:  # (once a packet: the first try)
-                            log.warning("%s (%s): no piece of heap for a %d B packet, %d B free in smaller "
-                                        "ones; it waits (v5 QoS 1/2: 0x97)", self.t.peer, self.client_label(),
-                                        total, gc.mem_free())
+                        if kept is None and b.heap.may_tell():  # (the first try)
+                            try:  # (its arguments take heap)
+                                log.warning("%s (%s): no piece of heap for a %d B packet, %d B free in "
+                                            "smaller ones; it waits (v5 QoS 1/2: 0x97)", self.t.peer,
+                                            self.client_label(), total, gc.mem_free())
+                            except MemoryError:
+                                pass
                         gc.collect()
                 if await self._refuse_big(part, h, total, mv):
                     return None

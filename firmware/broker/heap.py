@@ -28,7 +28,7 @@ from broker import log
 _PIECE = const(256)  # bytes kept aside: _PIECES pieces (a commit needs some hundreds,
 _PIECES = const(8)  # its largest piece 152 B)
 _GONE = bytearray(0)  # a piece used, not yet made again
-_TELL_MS = const(60000)  # at most one "heap short" log line a minute
+_TELL_MS = const(60000)  # may_tell(): at most one line a minute
 
 
 class Heap:
@@ -39,7 +39,7 @@ class Heap:
         self._budget = 0  # bytes we may take before looking at the heap again
         self.low = False  # a look found it below the message floor (Broker.flush_all)
         self.refused_at = None  # ticks_ms when room_for() last said no
-        self._told_at = None  # ticks_ms of the last "heap short" line
+        self._told_at = None  # ticks_ms of the last line may_tell() allowed
         self.rescue = [_GONE] * _PIECES  # the pieces kept aside (keep_rescue)
         self.keep_rescue()  # made early: low in the heap
 
@@ -110,18 +110,33 @@ class Heap:
         f = self.free(n) - n
         if f < self.message_floor:
             self._budget = 0
-            now = self.refused_at = time.ticks_ms()
-            t = self._told_at
-            if t is None or not 0 <= time.ticks_diff(now, t) < _TELL_MS:
-                # Said, or nothing tells why publishers stall; not every
-                # time, or a hub at its floor writes a board's log ring
-                # on flash all day.
-                self._told_at = now
-                log.warning("heap short: %d B more would leave %d B free, under min_free_heap %d; messages "
-                            "wait (v5 QoS 1/2: 0x97) until queues drain", n, f, self.message_floor)
+            self.refused_at = time.ticks_ms()
+            if self.may_tell():
+                self._say_short(f + n, n)
             return False
         self._budget = (f - self.message_floor) >> 1
         return True
+
+    def may_tell(self):
+        # True at most once a minute: for a log line that says why clients
+        # wait for heap. Said, or nothing tells why publishers stall; not
+        # each time, or a hub at its floor writes a board's log ring on
+        # flash all day.
+        now = time.ticks_ms()
+        t = self._told_at
+        if t is not None and 0 <= time.ticks_diff(now, t) < _TELL_MS:
+            return False
+        self._told_at = now
+        return True
+
+    def _say_short(self, free, n):
+        # Apart from room_for(), whose frame must stay off the heap
+        # (tools/frames.py): a try and the arguments did not fit.
+        try:  # (its arguments take heap)
+            log.warning("heap short: %d B free, and %d B more would go below min_free_heap %d; "
+                        "publishers wait (v5 QoS 1/2: 0x97) until it recovers", free, n, self.message_floor)
+        except MemoryError:
+            pass
 
     def track(self):
         # Once a second (app.py): the largest packet that can ever be read
