@@ -76,7 +76,7 @@ def busy(b, cid):
     # served now, as (reason code, text); None when it can.
     cfg = b.cfg
     old = b.sessions.get(cid) if cid is not None else None
-    if not b.heap.room_for_client() and held_longest(b) is None and b.oldest_offline(old, True) is None:
+    if not room_for_newcomer(b, old):
         return 0x89, "server busy: low memory"
     if old is not None and old.bridge is not None:
         return 0x85, "client id of a bridge"
@@ -87,6 +87,17 @@ def busy(b, cid):
         if old is None and cid is not None and not b.session_room():
             return 0x97, "session table full"
     return None
+
+
+def room_for_newcomer(b, old=None):
+    # Whether the heap takes one more client: above the clients' floor, or
+    # below it when an offline session that holds nothing (never old, the
+    # one it resumes) or a client held too long can make way for it once it
+    # has logged in (Broker.heap_for_client, on_connect). Asked at accept
+    # (server.py) and at CONNECT (busy) alike: refused at accept alone, the
+    # client whose return would drain the heap was kept out by publishers
+    # paused on it.
+    return b.heap.room_for_client() or held_longest(b) is not None or b.oldest_offline(old, True) is not None
 
 
 def held_longest(b):

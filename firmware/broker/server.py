@@ -12,7 +12,7 @@ from broker import log
 from broker.addrtable import AddrTable
 from broker.transport import TcpTransport, peer_str, wait_io
 from broker.conn import Connection
-from broker.handle_connect import held_longest
+from broker.handle_connect import room_for_newcomer
 
 _WINDOW_MS = const(10000)  # max_connection_rate counts connections per this
 _OOM_WAIT_MS = const(100)  # the listener's pause when the poller found no heap
@@ -140,15 +140,10 @@ def _admit(broker, cs):
     # sockets waiting: Broker.sockets_left().
     if broker.sockets_left() < 0:
         return _FULL
-    # A heap below the clients' floor still takes a client when an offline
-    # session can make way for it (Broker.heap_for_client, after its login),
-    # or a client the broker has held too long can (held_longest): as
-    # handle_connect.busy() reckons. Refused here, the client whose return
-    # alone would drain the heap was kept out by publishers paused on it.
-    heap = broker.heap
-    if ((not heap.room_for_client() and broker.oldest_offline(None, True) is None
-         and held_longest(broker) is None)
-            or not heap.room_for_socket(len(broker.conns) + broker.conn_waiting)):
+    # The heap, as at CONNECT (room_for_newcomer), and a piece for the
+    # poller's tables.
+    sockets = len(broker.conns) + broker.conn_waiting
+    if not room_for_newcomer(broker) or not broker.heap.room_for_socket(sockets):
         return "low memory (%d bytes free)" % gc.mem_free()
     return None
 
