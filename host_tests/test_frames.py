@@ -69,3 +69,92 @@ def test_a_function_with_many_arguments_is_reported_on_the_heap():
     assert frames.frame_bytes(11, 0) == 44 and frames.frame_bytes(8, 1) == 44
     found = {n: frames.frame_bytes(s, e) for n, s, e in frames.functions(REPO / "firmware/broker/pump.py", *frames._tree())}
     assert found["put_message"] > frames.ON_STACK_MAX
+
+
+WAITS = r"""
+# A reader that keeps up with its socket waits once per read: 200 reads of
+# one byte each, written by another task between them, on the twin, with
+# the collector off; the heap is read by the reader itself, from its first
+# byte (after its first wait, which makes its entry) to its last. Then the
+# transport closes.
+import asyncio
+import gc
+import socket
+import sys
+from asyncio import core
+from broker import server
+from broker.transport import TcpTransport
+
+N = 200
+ls = server.listen("127.0.0.1", int(sys.argv[1]))
+a = socket.socket()
+a.connect(socket.getaddrinfo("127.0.0.1", int(sys.argv[1]))[0][-1])
+while True:
+    try:
+        s, _ = ls.accept()
+        break
+    except OSError:
+        pass
+s.setblocking(False)
+t = TcpTransport(s, "10.0.0.1:1")
+mv = memoryview(bytearray(16))
+seen = [0, 0, 0, False]  # waits, heap at the first byte, at the last, done
+
+
+async def reader():
+    got = 0
+    while got < N:
+        n = t.read_now(mv)
+        while n is None:
+            seen[0] += 1
+            await t.readable()
+            n = t.read_now(mv)
+        if not got:
+            gc.collect()
+            gc.disable()
+            seen[1] = gc.mem_alloc()
+        got += n
+    seen[2] = gc.mem_alloc()
+    seen[3] = True
+
+
+async def writer():
+    i = 0
+    while not seen[3]:  # no range object: only the reader's heap counts
+        if i < N and seen[0]:  # the first byte after a wait: its entry is made
+            a.send(b"x")
+            i += 1
+        await asyncio.sleep_ms(0)
+
+
+async def main():
+    asyncio.create_task(reader())
+    await writer()
+    gc.enable()
+    print("waits", seen[0], "bytes", seen[2] - seen[1])
+    print("entry", s in core._io_queue.map)
+    t.close()
+    print("closed", s in core._io_queue.map)
+    a.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_reader_waiting_for_its_socket_allocates_nothing():
+    # asyncio's own IOQueue makes an entry (a list, a dict slot, a poller
+    # entry) at every wait and drops it at every wakeup, id() makes an int
+    # on the twin, whose heap lies above 2**30, and a coroutine per read
+    # is 112 B: a QoS 1 message a subscriber kept up with cost 1,237 B of
+    # heap over real sockets, 680 B without them. And a closed transport
+    # leaves no entry behind (WakeOrder keeps one between waits).
+    from conftest import free_port, run_mp
+
+    r = run_mp(WAITS, args=[free_port()])
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    waits, _, allocated = got["waits"].partition(" bytes ")
+    assert int(waits) >= 100, "the reader hardly waited: %s" % r.stdout
+    assert int(allocated) == 0, "%s B allocated over %s waits" % (allocated, waits)
+    assert (got["entry"], got["closed"]) == ("True", "False"), r.stdout

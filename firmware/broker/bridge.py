@@ -40,7 +40,7 @@ from broker.pump import resend_inflight
 from broker.route import route
 from broker.session import Session, NEVER, RELEASED
 from broker.subs import Sub
-from broker.transport import TcpTransport, wait_io
+from broker.transport import TcpTransport, close_socket, wait_io
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
@@ -252,7 +252,7 @@ class Bridge:
                     self.ctx = ctx
                 s = self.ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
         except BaseException:
-            s.close()
+            close_socket(s)
             raise
         return TcpTransport(s, "%s:%d" % (host, port))
 

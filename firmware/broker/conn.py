@@ -164,14 +164,14 @@ class Connection(Output):
         # (no await in between), so an idle connection holds no buffer. Only
         # a packet split across reads, or packets left unread by a pause,
         # get a buffer of its own from the pool until they are handled.
-        # Transports that cannot hand over whole reads synchronously
-        # (shared_ok False) keep their own buffer. The packets themselves
+        # Transports that may wait inside a read with part of it in the
+        # caller's buffer (no read_now: WebSocket) keep their own buffer. The packets themselves
         # are taken in _take(): this coroutine's frame lives as long as the
         # connection, so it holds as few variables as it can.
         b = self.broker
         self.reader = asyncio.current_task()
         smv = b.rmv
-        own = not getattr(self.t, "shared_ok", True)
+        own = not hasattr(self.t, "read_now")
         buf = mv = None
         have = 0
         try:
@@ -186,7 +186,11 @@ class Connection(Output):
                     cur = mv  # packets left in buf after a pause
                     n = 0
                 elif buf is None:
-                    n = await self.t.recv_into(smv)
+                    # recv_into, without the coroutine it makes per read.
+                    n = self.t.read_now(smv)
+                    while n is None:
+                        await self.t.readable()
+                        n = self.t.read_now(smv)
                     if not n:
                         break
                     cur = smv
@@ -241,7 +245,7 @@ class Connection(Output):
                     await self.wait_drained().wait()
                 b.passes += 1
                 if b.passes >= _TURN_PASSES:
-                    # recv_into() returns at once while the socket has data,
+                    # read_now() returns at once while the socket has data,
                     # and only a read that finds none lets another task run:
                     # one client that published as fast as loopback let it
                     # kept every login and the housekeeping waiting (no

@@ -222,9 +222,6 @@ async def _upgrade(t, cfg, broker, L, peer):
     if w is None:
         t.close()
         return None
-    # WsTransport may wait inside recv_into with part of a read in the
-    # caller's buffer, so it cannot use the broker's shared read buffer.
-    w.shared_ok = False
     if t.cert_user is not None:
         w.cert_user = t.cert_user  # wss:// with use_identity_as_username
     if query == "dashboard":

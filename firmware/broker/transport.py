@@ -6,7 +6,10 @@
 #   await t.send(mv)             writes all of mv (backpressure: waits)
 #   t.close()
 #   t.peer                       "ip:port" of the remote end
-# and, where a partial write needs no state of its own (TCP, TLS):
+# and, where a read or a partial write needs no state of its own (TCP,
+# TLS), so that a reader can use the broker's shared read buffer:
+#   t.read_now(mv) -> n          as recv_into, or None: nothing has come
+#   await t.readable()           until read_now has something to say
 #   t.write_now(mv) -> n         writes what goes without waiting
 #
 # We talk to the socket directly instead of through asyncio.Stream because
@@ -23,6 +26,8 @@ _EAGAIN = 11
 _SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
 _UNSUBSCRIBE = const(0xA2)
 _PEEK = getattr(socket, "MSG_PEEK", 0)
+_EVENTS = (0, select.POLLIN, select.POLLOUT, select.POLLIN | select.POLLOUT)
+_FAULT = ~(select.POLLIN | select.POLLOUT)
 _TURN = const(16)  # readers of one turn put in order at most (a board has 5 to 10 sockets)
 
 
@@ -36,23 +41,32 @@ class TcpTransport:
         self.sock = sock
         self.peer = peer
 
+    def read_now(self, mv):
+        # What the socket has, read into mv: n > 0, 0 at the end of the
+        # stream, None when nothing is there yet (then await readable()).
+        try:
+            return self.sock.readinto(mv)
+        except OSError as e:
+            if e.args[0] != _EAGAIN:
+                raise
+        except ValueError as e:
+            # A TLS handshake that refused the client's certificate
+            # (require_certificate): a failed read like any other.
+            raise _refused(e)
+        return None
+
+    def readable(self):
+        # Allocates nothing: recv_into, a coroutine, costs 112 B per call
+        # on the twin, and a reader that keeps up waits once per read.
+        wait_io(self.sock, 0)
+        return _wait
+
     async def recv_into(self, mv):
-        s = self.sock
-        while True:
-            try:
-                n = s.readinto(mv)
-            except OSError as e:
-                if e.args[0] != _EAGAIN:
-                    raise
-                n = None
-            except ValueError as e:
-                # A TLS handshake that refused the client's certificate
-                # (require_certificate): a failed read like any other.
-                raise _refused(e)
-            if n is not None:
-                return n
-            wait_io(s, 0)
-            yield
+        n = self.read_now(mv)
+        while n is None:
+            await self.readable()
+            n = self.read_now(mv)
+        return n
 
     async def send(self, mv):
         s = self.sock
@@ -86,36 +100,47 @@ class TcpTransport:
         # a task takes it out of asyncio's poller. Allocates nothing: a
         # tuple of the two sockets found no heap once, and the connection
         # stayed in the tables with its socket open, its slot lost for good.
-        _close(self.sock)
-        _close(self.raw)
+        close_socket(self.sock)
+        close_socket(self.raw)
 
 
-def _close(s):
+def close_socket(s):
+    # Its entry in the poller goes first (WakeOrder keeps it between waits).
     if s is not None:
+        core._io_queue.forget(s)
         try:
             s.close()
         except Exception:
             pass
 
 
+class _Wait:
+    # Awaited after wait_io(): yields to asyncio once, and ends when the
+    # task is woken. One for all tasks, as asyncio's sleep_ms() has: the
+    # first step is taken at once by the task that awaits it.
+    def __init__(self):
+        self.fresh = False
+        self.done = StopIteration()
+
+    def __iter__(self):
+        self.fresh = True
+        return self
+
+    def __next__(self):
+        if self.fresh:
+            self.fresh = False
+            return None
+        self.done.__traceback__ = None
+        raise self.done
+
+
+_wait = _Wait()
+
+
 def wait_io(s, idx):
-    # asyncio's queue_read (idx 0) / queue_write (1), then the caller
-    # yields. A MemoryError while the poller takes a new socket can leave
-    # an entry without its object in MicroPython's poll map (modselect.c:
-    # "This case is not handled"), which unregister() and the next poll()
-    # dereference: a crash. register() again completes such an entry (or
-    # makes a whole one), after which unregister() takes it out cleanly;
-    # the error stays the caller's, who closes that socket or waits.
-    q = core._io_queue
-    new = id(s) not in q.map
-    try:
-        q._enqueue(s, idx)
-    except MemoryError:
-        # asyncio adds its own entry, then registers with the poller: with
-        # no entry of asyncio's, the poller was never reached.
-        if new and q.map.pop(id(s), None) is not None:
-            _unpoll(q.poller, s)
-        raise
+    # asyncio's queue_read (idx 0) / queue_write (1), on the WakeOrder
+    # queue this module installs; then the caller yields, or awaits _wait.
+    core._io_queue._enqueue(s, idx)
 
 
 class WakeOrder(core.IOQueue):
@@ -137,12 +162,50 @@ class WakeOrder(core.IOQueue):
         # loop must not allocate (a MemoryError here would end asyncio).
         self.woken = [None] * (2 * _TURN)
 
+    # Two changes to how asyncio keeps its entries ([reader, writer,
+    # socket] and the poller's), both so that a wait allocates nothing:
+    # - keyed by the socket, not id(s): on the twin the heap lies above
+    #   2**30, where id() makes a new int at every call;
+    # - kept between waits, the poller asked for no events while no task
+    #   waits (asyncio drops both after every wakeup and makes them again
+    #   at the next wait). close_socket() takes them out.
+    def _enqueue(self, s, idx):
+        sm = self.map.get(s)
+        if sm is None:
+            sm = [None, None, s]
+            sm[idx] = core.cur_task
+            self.map[s] = sm
+            try:
+                self.poller.register(s, _EVENTS[idx + 1])
+            except MemoryError:
+                # MicroPython's poll map can be left with an entry without
+                # its object (modselect.c: "This case is not handled"),
+                # which the next poll() dereferences: _unpoll completes and
+                # removes it. The error stays the caller's, who closes that
+                # socket or waits.
+                del self.map[s]
+                sm = None  # the list too, for _unpoll's collection
+                _unpoll(self.poller, s)
+                raise
+        else:
+            sm[idx] = core.cur_task
+            self.poller.modify(s, _asked(sm))
+        core.cur_task.data = self
+
+    def _dequeue(self, s):
+        del self.map[s]
+        self.poller.unregister(s)
+
+    def forget(self, s):
+        if s in self.map:
+            self._dequeue(s)
+
     def wait_io_event(self, dt):
         tq = core._task_queue
         w = self.woken
         n = 0
         for s, ev in self.poller.ipoll(dt):
-            sm = self.map[id(s)]
+            sm = self.map[s]
             t = sm[0]
             if t is not None and ev & ~select.POLLOUT:
                 sm[0] = None
@@ -155,16 +218,21 @@ class WakeOrder(core.IOQueue):
             if t is not None and ev & ~select.POLLIN:
                 sm[1] = None
                 tq.push(t)
-            if sm[0] is None and sm[1] is None:
+            if sm[0] is None and sm[1] is None and ev & _FAULT:
+                # An error or a hang-up that no task waits for: the poller
+                # reports it whatever it is asked, so at every turn.
                 self._dequeue(s)
-            elif sm[0] is None:
-                self.poller.modify(s, select.POLLOUT)
             else:
-                self.poller.modify(s, select.POLLIN)
+                self.poller.modify(s, _asked(sm))
         if n > 2:
             _subscriptions_first(tq, w, n)
         for i in range(0, n, 2):
             w[i] = w[i + 1] = None  # no task or socket kept beyond its turn
+
+
+def _asked(sm):
+    # The poller events for the tasks an entry holds (none: errors only).
+    return _EVENTS[(sm[0] is not None) + 2 * (sm[1] is not None)]
 
 
 def _subscriptions_first(tq, w, n):
@@ -201,13 +269,14 @@ def _subscribes(s):
     return len(b) == 1 and (b[0] == _SUBSCRIBE or b[0] == _UNSUBSCRIBE)
 
 
-def order_wakeups():
-    # Called at start, before any socket waits on asyncio's poller.
-    if type(core._io_queue) is WakeOrder:
-        return
+def _order_wakeups():
+    # Asyncio's queue replaced before any socket waits on it.
     if core._io_queue.map:
-        raise RuntimeError("order_wakeups: sockets already wait on the poller")
+        raise RuntimeError("broker.transport: imported after sockets began to wait on asyncio's poller")
     core._io_queue = WakeOrder()  # pyright: ignore[reportAttributeAccessIssue]
+
+
+_order_wakeups()  # on import: every socket here waits on a WakeOrder
 
 
 # Frees what can be freed at once, for _unpoll's register(), which must not

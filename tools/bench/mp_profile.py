@@ -68,17 +68,18 @@ mp_path.wrap_all(mp_path.PUBLISH + mp_path.MORE, timed, MISSING)
 
 # Reads, writes of writer tasks, and publisher pauses: counted (they are
 # coroutines; what they cost shows in the time outside the wrappers).
-_recv = transport.TcpTransport.recv_into
+_read = transport.TcpTransport.read_now
 _send = transport.TcpTransport.send
 _wn = transport.TcpTransport.write_now
 _wait_s = conn.wait_for_session
 _wait_r = conn.wait_recovered
 
 
-async def recv_into(self, mv):
-    n = await _recv(self, mv)
-    COUNT["recv_into"] += 1
-    COUNT["recv_bytes"] += n or 0
+def read_now(self, mv):
+    n = _read(self, mv)
+    if n is not None:  # a read, not a look that found nothing yet
+        COUNT["recv_into"] += 1
+        COUNT["recv_bytes"] += n
     return n
 
 
@@ -105,7 +106,7 @@ async def wait_recovered(b, ready):
     await _wait_r(b, ready)
 
 
-transport.TcpTransport.recv_into = recv_into
+transport.TcpTransport.read_now = read_now
 transport.TcpTransport.send = send
 transport.TcpTransport.write_now = write_now
 conn.wait_for_session = wait_for_session
