@@ -1020,44 +1020,6 @@ def test_a_subscription_that_finds_no_piece_of_heap_is_refused_in_its_suback_and
         assert "v%d closing False subs ['a/#', 'b/c'] table 2" % v in r.stdout, r.stdout
 
 
-FLUSHER_WAIT_OOM = r"""
-# The flusher, the one task that sends output, waits on an Event whose
-# wait() makes a generator: with no heap for it once, the task ended and
-# nothing was sent again. Forced by making wait() raise MemoryError once.
-import asyncio
-from broker import config
-from broker.core import Broker
-from broker.conn import Connection
-from mqtt import packets as K
-from mp_oom import fail_first
-from mp_fake_transport import SentTransport as T
-
-b = Broker(config.build({"persistence": False, "allow_anonymous": True}))
-b.flush_ev.wait, left = fail_first(b.flush_ev.wait, 1, 44)
-
-
-async def main():
-    asyncio.create_task(b.flush_all())
-    await asyncio.sleep_ms(10)
-    c = Connection(b, T())
-    data = K.encode(K.Connect("flusher-oom", 4), 4)
-    c.dispatch(data[0], memoryview(data), 2, len(data))
-    await asyncio.sleep_ms(50)
-    print("failed", 1 - left[0], "sent", T.sent.hex())
-
-
-asyncio.run(main())
-"""
-
-
-def test_output_still_goes_out_after_the_flusher_met_a_heap_with_no_room_to_wait():
-    from conftest import run_mp
-
-    r = run_mp(FLUSHER_WAIT_OOM)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "failed 1 sent 20020000" in r.stdout, r.stdout  # the CONNACK
-
-
 FINISH_OOM = r"""
 # A reader's teardown is a coroutine made as the connection ends: with no
 # heap for it, the MemoryError ended the reader with the connection still

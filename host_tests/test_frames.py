@@ -20,9 +20,17 @@ sys.path.insert(0, str(REPO / "tools"))
 import frames  # noqa: E402
 
 # (file, function): called once or more per message on the QoS 0, 1 and 2
-# paths (publisher's packet in, receiver's acknowledgement in, flush out).
+# paths (publisher's packet in, receiver's acknowledgement in, flush out,
+# and the waits for the next read and the next flush between them).
 HOT = [
     ("firmware/broker/conn.py", "Connection.dispatch"),
+    ("firmware/broker/core.py", "Wakeup.set"),
+    ("firmware/broker/core.py", "Wakeup.wait"),
+    ("firmware/broker/transport.py", "TcpTransport.read_now"),
+    ("firmware/broker/transport.py", "TcpTransport.readable"),
+    ("firmware/broker/transport.py", "WakeOrder._enqueue"),
+    ("firmware/broker/transport.py", "_Wait.__next__"),
+    ("firmware/broker/transport.py", "_asked"),
     ("firmware/broker/conn.py", "Connection.ack"),
     ("firmware/broker/handle_publish.py", "_ack"),
     ("firmware/broker/handle_publish.py", "_ack_ahead"),
@@ -71,12 +79,10 @@ def test_a_function_with_many_arguments_is_reported_on_the_heap():
     assert found["put_message"] > frames.ON_STACK_MAX
 
 
-WAITS = r"""
-# A reader that keeps up with its socket waits once per read: 200 reads of
-# one byte each, written by another task between them, on the twin, with
-# the collector off; the heap is read by the reader itself, from its first
-# byte (after its first wait, which makes its entry) to its last. Then the
-# transport closes.
+# A connected TCP pair for the scripts below, on the twin: a blocking
+# client socket, and the accepted one in a TcpTransport (non-blocking), with
+# small kernel buffers so that a writer soon has to wait.
+PAIR = r"""
 import asyncio
 import gc
 import socket
@@ -85,18 +91,33 @@ from asyncio import core
 from broker import server
 from broker.transport import TcpTransport
 
-N = 200
 ls = server.listen("127.0.0.1", int(sys.argv[1]))
-a = socket.socket()
-a.connect(socket.getaddrinfo("127.0.0.1", int(sys.argv[1]))[0][-1])
-while True:
-    try:
-        s, _ = ls.accept()
-        break
-    except OSError:
-        pass
-s.setblocking(False)
-t = TcpTransport(s, "10.0.0.1:1")
+
+
+def pair():
+    a = socket.socket()
+    a.setsockopt(socket.SOL_SOCKET, 8, 4096)  # SO_RCVBUF
+    a.connect(socket.getaddrinfo("127.0.0.1", int(sys.argv[1]))[0][-1])
+    while True:
+        try:
+            s, _ = ls.accept()
+            break
+        except OSError:
+            pass
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, 7, 4096)  # SO_SNDBUF
+    return a, TcpTransport(s, "10.0.0.1:1")
+"""
+
+WAITS = PAIR + r"""
+# A reader that keeps up with its socket waits once per read: 200 reads of
+# one byte each, written by another task between them, on the twin, with
+# the collector off; the heap is read by the reader itself, from its first
+# byte (after its first wait, which makes its entry) to its last. Then the
+# transport closes.
+N = 200
+a, t = pair()
+s = t.sock
 mv = memoryview(bytearray(16))
 seen = [0, 0, 0, False]  # waits, heap at the first byte, at the last, done
 
@@ -158,3 +179,136 @@ def test_a_reader_waiting_for_its_socket_allocates_nothing():
     assert int(waits) >= 100, "the reader hardly waited: %s" % r.stdout
     assert int(allocated) == 0, "%s B allocated over %s waits" % (allocated, waits)
     assert (got["entry"], got["closed"]) == ("True", "False"), r.stdout
+
+
+FLUSHES = r"""
+# The flusher woken 200 times, once per kick, each with a connection to
+# serve, on the twin with the collector off.
+import asyncio
+import gc
+from broker import config
+from broker.core import Broker
+
+b = Broker(config.build({"persistence": False}))
+
+
+class Out:
+    dirty = False
+    served = 0
+
+    def service(self):
+        Out.served += 1
+
+
+async def main():
+    asyncio.create_task(b.flush_all())
+    c = Out()
+    for _ in range(2):  # the flusher's two lists take their size
+        b.kick(c)
+        await asyncio.sleep_ms(0)
+        await asyncio.sleep_ms(0)
+    gc.collect()
+    gc.disable()
+    before = gc.mem_alloc()
+    i = 0
+    while i < 200:
+        b.kick(c)
+        i += 1
+        await asyncio.sleep_ms(0)
+        await asyncio.sleep_ms(0)
+    print("served", Out.served, "bytes", gc.mem_alloc() - before)
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_flusher_waiting_for_output_allocates_nothing():
+    # asyncio's Event.wait() makes a coroutine at every wait: 48 B per
+    # message a subscriber keeps up with, and a heap without those 48 B
+    # once stopped all output for good (core.Wakeup). And `del d[:]`
+    # makes a slice object each time (route.EVERY).
+    from conftest import run_mp
+
+    r = run_mp(FLUSHES)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = r.stdout.strip().splitlines()[-1].split()
+    assert got[0] == "served" and int(got[1]) == 202, r.stdout
+    assert int(got[3]) == 0, "%s B allocated over 200 flushes" % got[3]
+
+
+SHARED_WAITS = PAIR + r"""
+# Two tasks wait on one socket, a reader and a writer (whose peer reads
+# nothing yet). 1. The reader is cancelled: the writer's wait must stay,
+# and it finishes once the peer reads. 2. A task waits to read; another
+# closes the socket: the waiting task must be woken, to find it closed.
+
+
+async def read(t, out):
+    mv = memoryview(bytearray(16))
+    try:
+        n = t.read_now(mv)
+        while n is None:
+            await t.readable()
+            n = t.read_now(mv)
+        out.append(n)
+    except asyncio.CancelledError:
+        out.append("cancelled")
+    except OSError as e:
+        out.append("OSError")
+
+
+async def main():
+    a, t = pair()
+    big = bytearray(32768)
+    done = []
+
+    async def write():
+        await t.send(big)
+        done.append(True)
+
+    got = []
+    r = asyncio.create_task(read(t, got))
+    w = asyncio.create_task(write())
+    await asyncio.sleep_ms(50)
+    print("writer waiting", not done)
+    r.cancel()
+    await asyncio.sleep_ms(10)
+    a.setblocking(False)
+    sink = bytearray(4096)
+    for _ in range(2000):
+        try:
+            a.readinto(sink)
+        except OSError:
+            pass
+        if done:
+            break
+        await asyncio.sleep_ms(2)
+    print("reader", got, "writer done", bool(done))
+    t.close()
+    a.close()
+    a, t = pair()
+    got = []
+    asyncio.create_task(read(t, got))
+    await asyncio.sleep_ms(20)
+    t.close()
+    await asyncio.sleep_ms(20)
+    print("closed under its reader", got)
+    a.close()
+
+
+asyncio.run(main())
+"""
+
+
+def test_a_socket_two_tasks_wait_on_keeps_one_wait_when_the_other_is_cancelled_and_wakes_both_when_closed():
+    # asyncio's IOQueue.remove() drops the socket's whole entry: cancelling
+    # a connection's reader (close_soon) stalled its writer mid-send until
+    # a timeout. And WakeOrder keeps entries between waits: closing a
+    # socket must not leave a task waiting on it for good.
+    from conftest import free_port, run_mp
+
+    r = run_mp(SHARED_WAITS, args=[free_port()])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == ["writer waiting True", "reader ['cancelled'] writer done True",
+                                     "closed under its reader ['OSError']"], r.stdout

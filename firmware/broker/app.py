@@ -76,6 +76,7 @@ async def _housekeeping(b, wdt):
 def start(cfg, wdt=None):
     # Sets everything up and returns the Broker; the caller runs the loop.
     log.set_level(cfg["log_level"])
+    transport.order_wakeups()
     b = Broker(cfg)
     transport.shed = b.shed_buffers
     asyncio.create_task(b.flush_all())

@@ -165,9 +165,10 @@ class Connection(Output):
         # a packet split across reads, or packets left unread by a pause,
         # get a buffer of its own from the pool until they are handled.
         # Transports that may wait inside a read with part of it in the
-        # caller's buffer (no read_now: WebSocket) keep their own buffer. The packets themselves
-        # are taken in _take(): this coroutine's frame lives as long as the
-        # connection, so it holds as few variables as it can.
+        # caller's buffer (no read_now: WebSocket) keep their own buffer.
+        # The packets themselves are taken in _take(): this coroutine's
+        # frame lives as long as the connection, so it holds as few
+        # variables as it can.
         b = self.broker
         self.reader = asyncio.current_task()
         smv = b.rmv

@@ -18,8 +18,10 @@ from broker.subs import Subs
 from broker.retain import Retained
 from broker.outbuf import Pool
 from broker.heap import Heap
-from broker.route import route
+from broker.route import route, EVERY
 from broker.message import Raw
+from broker.transport import until_woken
+from asyncio import core as aio
 
 # Heap above the clients' floor that offline sessions make way for, for a
 # new client: it and a few subscriptions (an idle one with one is 829 B).
@@ -52,6 +54,32 @@ def _held_by(s):
 class Closed(Exception):
     # Raised inside a handler to end the connection once its reply is sent.
     pass
+
+
+class Wakeup:
+    # asyncio's Event for one waiting task (the flusher), without the
+    # coroutine Event.wait() makes at every wait: 48 B per message that a
+    # subscriber keeps up with. `due` is the Event's state: await wait()
+    # only while it is False, and set it False when served.
+    def __init__(self):
+        self.due = False
+        self.task = None
+
+    def set(self):
+        self.due = True
+        t = self.task
+        if t is not None:
+            self.task = None
+            aio._task_queue.push(t)
+
+    def wait(self):
+        t = self.task = aio.cur_task
+        t.data = self  # Task.cancel() takes it off through remove()
+        return until_woken
+
+    def remove(self, task):
+        if self.task is task:
+            self.task = None
 
 
 class Broker:
@@ -88,11 +116,11 @@ class Broker:
         self.hits = []  # scratch list reused by route()
         self.seq = 0  # last sequence number given to a QoS 1/2 delivery
         self.congested = None  # a session route() found past half full
-        # Connections with output to send, and the event that wakes the
-        # flusher for them (outbuf.py).
+        # Connections with output to send, and what wakes the flusher for
+        # them (outbuf.py).
         self.dirty = []
         self.spare_dirty = []
-        self.flush_ev = asyncio.Event()
+        self.flush_due = Wakeup()
         # The broker clock: seconds that only move forward while the broker
         # runs and that persist.py carries across restarts. Every expiry
         # (messages, sessions, delayed wills) is counted on it, so a board
@@ -160,20 +188,15 @@ class Broker:
         # c has output to send: the flusher sends it once the running task
         # yields, together with everything else queued meanwhile.
         self.dirty.append(c)
-        self.flush_ev.set()
+        self.flush_due.set()
 
     async def flush_all(self):
         # The one task that sends output (outbuf.py, Output.service).
-        ev = self.flush_ev
+        due = self.flush_due
         while True:
-            try:
-                await ev.wait()
-            except MemoryError:
-                # wait() makes a generator (44 B): a heap without one ended
-                # this task, and nothing was sent again.
-                gc.collect()
-                await asyncio.sleep_ms(10)
-            ev.clear()
+            if not due.due:
+                await due.wait()
+            due.due = False
             self.flush_now()
             if self.heap.low:
                 # The heap was found short: connections with nothing to
@@ -206,7 +229,7 @@ class Broker:
             except Exception as e:
                 log.error("sending to %s failed: %r", c.t.peer, e)
                 c.close_soon()
-        del d[:]
+        del d[EVERY]
         self.spare_dirty = d
 
     # ------------------------------------------------------------ sessions

@@ -7,7 +7,7 @@
 import asyncio
 import time
 from broker import log
-from broker.transport import TcpTransport
+from broker.transport import TcpTransport, TlsTransport
 from broker.conn import Connection
 from broker.handle_connect import busy, login
 
@@ -102,7 +102,7 @@ def wrapper(L, cfg):
                 live[0] += 1
                 counted = True
                 t = ctx.wrap_socket(cs, server_side=True, do_handshake_on_connect=False)
-                t = TcpTransport(t, peer)
+                t = TlsTransport(t, peer)
                 # After a failed handshake, closing the TLS socket leaves the
                 # TCP socket open: the transport closes both.
                 t.raw = cs

@@ -15,6 +15,18 @@ _NO_LOCAL = const(0x04)
 _RAP = const(0x08)
 
 
+class _Slicer:
+    def __getitem__(self, k):
+        return k
+
+
+# Empties a scratch list and keeps its room, with no allocation: `del
+# a[EVERY]`. `del a[:]` makes a slice (16 B) every time, once per message
+# here, and MicroPython's slice() cannot be called.
+EVERY = _Slicer()[:]
+del _Slicer
+
+
 def route(b, msg, origin, keep=True):
     # Returns the number of sessions msg went to. msg is a Message, or a
     # message.Raw (a QoS 0 message straight from the read buffer). keep: a
@@ -23,7 +35,7 @@ def route(b, msg, origin, keep=True):
     if msg.retain and keep:
         b.retained.set(msg)
     hits = b.hits
-    del hits[:]
+    del hits[EVERY]
     b.subs.match(msg.topic, hits)
     n = len(hits)
     if n > 1 and _overlap(hits):
@@ -44,7 +56,7 @@ def route(b, msg, origin, keep=True):
             deliver(b, s, msg, q if q < msg.qos else msg.qos, msg.retain and sub.opts & _RAP,
                     (sub.subid,) if sub.subid else None)
     if b.subs.shared:
-        del hits[:]
+        del hits[EVERY]
         b.subs.match_shared(msg.topic, hits)
         for sub in hits:
             q = sub.opts & 3
@@ -239,7 +251,7 @@ def would_hold(b, topic, qos, retain, origin):
     if retain:
         return True
     hits = b.hits
-    del hits[:]
+    del hits[EVERY]
     b.subs.match(topic, hits)
     b.subs.match_shared(topic, hits, False)
     for sub in hits:

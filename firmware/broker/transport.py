@@ -43,23 +43,15 @@ class TcpTransport:
 
     def read_now(self, mv):
         # What the socket has, read into mv: n > 0, 0 at the end of the
-        # stream, None when nothing is there yet (then await readable()).
-        try:
-            return self.sock.readinto(mv)
-        except OSError as e:
-            if e.args[0] != _EAGAIN:
-                raise
-        except ValueError as e:
-            # A TLS handshake that refused the client's certificate
-            # (require_certificate): a failed read like any other.
-            raise _refused(e)
-        return None
+        # stream, None when nothing is there yet (a non-blocking socket's
+        # readinto says so on every port; then await readable()).
+        return self.sock.readinto(mv)
 
     def readable(self):
         # Allocates nothing: recv_into, a coroutine, costs 112 B per call
         # on the twin, and a reader that keeps up waits once per read.
         wait_io(self.sock, 0)
-        return _wait
+        return until_woken
 
     async def recv_into(self, mv):
         n = self.read_now(mv)
@@ -104,10 +96,14 @@ class TcpTransport:
         close_socket(self.raw)
 
 
+def forget(s):
+    # The poller entry WakeOrder keeps for s between waits, if s has one.
+    core._io_queue.forget(s)
+
+
 def close_socket(s):
-    # Its entry in the poller goes first (WakeOrder keeps it between waits).
     if s is not None:
-        core._io_queue.forget(s)
+        forget(s)
         try:
             s.close()
         except Exception:
@@ -115,9 +111,10 @@ def close_socket(s):
 
 
 class _Wait:
-    # Awaited after wait_io(): yields to asyncio once, and ends when the
-    # task is woken. One for all tasks, as asyncio's sleep_ms() has: the
-    # first step is taken at once by the task that awaits it.
+    # Awaited once the task is on a queue that wakes it (wait_io(), or
+    # core.Wakeup): yields to asyncio once, and ends when the task runs
+    # again. One for all tasks, as asyncio's sleep_ms() has: the first
+    # step is taken at once by the task that awaits it.
     def __init__(self):
         self.fresh = False
         self.done = StopIteration()
@@ -134,12 +131,13 @@ class _Wait:
         raise self.done
 
 
-_wait = _Wait()
+until_woken = _Wait()
 
 
 def wait_io(s, idx):
     # asyncio's queue_read (idx 0) / queue_write (1), on the WakeOrder
-    # queue this module installs; then the caller yields, or awaits _wait.
+    # queue this module installs; then the caller yields, or awaits
+    # until_woken.
     core._io_queue._enqueue(s, idx)
 
 
@@ -164,41 +162,65 @@ class WakeOrder(core.IOQueue):
 
     # Two changes to how asyncio keeps its entries ([reader, writer,
     # socket] and the poller's), both so that a wait allocates nothing:
-    # - keyed by the socket, not id(s): on the twin the heap lies above
-    #   2**30, where id() makes a new int at every call;
+    # - keyed by the socket, not id(s): on the twin the heap can lie at
+    #   or above 2**31 (mmap'd, at the pico_w heap), where id() makes a
+    #   new int at every call (a board's RAM lies below 2**30);
     # - kept between waits, the poller asked for no events while no task
     #   waits (asyncio drops both after every wakeup and makes them again
     #   at the next wait). close_socket() takes them out.
     def _enqueue(self, s, idx):
         sm = self.map.get(s)
         if sm is None:
-            sm = [None, None, s]
-            sm[idx] = core.cur_task
-            self.map[s] = sm
-            try:
-                self.poller.register(s, _EVENTS[idx + 1])
-            except MemoryError:
-                # MicroPython's poll map can be left with an entry without
-                # its object (modselect.c: "This case is not handled"),
-                # which the next poll() dereferences: _unpoll completes and
-                # removes it. The error stays the caller's, who closes that
-                # socket or waits.
-                del self.map[s]
-                sm = None  # the list too, for _unpoll's collection
-                _unpoll(self.poller, s)
-                raise
+            self._add(s, idx)
         else:
+            # The poller first: should it fail, no task is left waiting.
+            self.poller.modify(s, _asked(sm) | _EVENTS[idx + 1])
             sm[idx] = core.cur_task
-            self.poller.modify(s, _asked(sm))
         core.cur_task.data = self
+
+    def _add(self, s, idx):
+        sm = [None, None, s]
+        sm[idx] = core.cur_task
+        self.map[s] = sm
+        try:
+            self.poller.register(s, _EVENTS[idx + 1])
+        except MemoryError:
+            # MicroPython's poll map can be left with an entry without its
+            # object (modselect.c: "This case is not handled"), which the
+            # next poll() dereferences: _unpoll completes and removes it.
+            # The error stays the caller's, who closes that socket or waits.
+            del self.map[s]
+            sm = None  # the list too, for _unpoll's collection
+            _unpoll(self.poller, s)
+            raise
 
     def _dequeue(self, s):
         del self.map[s]
         self.poller.unregister(s)
 
     def forget(self, s):
-        if s in self.map:
-            self._dequeue(s)
+        # A task still waiting on s is woken, to find it closed (else it
+        # would wait for good: nothing polls s any more).
+        sm = self.map.pop(s, None)
+        if sm is not None:
+            self.poller.unregister(s)
+            if sm[0] is not None:
+                core._task_queue.push(sm[0])
+            if sm[1] is not None:
+                core._task_queue.push(sm[1])
+
+    def remove(self, task):
+        # Task.cancel(): that task's wait goes, and only it. asyncio's own
+        # drops the socket's entry, and with it the wait of the task on the
+        # other side (a reader cancelled stalled its connection's writer).
+        for s in self.map:
+            sm = self.map[s]
+            if sm[0] is task or sm[1] is task:
+                if sm[0] is task:
+                    sm[0] = None
+                if sm[1] is task:
+                    sm[1] = None
+                self.poller.modify(s, _asked(sm))
 
     def wait_io_event(self, dt):
         tq = core._task_queue
@@ -269,14 +291,18 @@ def _subscribes(s):
     return len(b) == 1 and (b[0] == _SUBSCRIBE or b[0] == _UNSUBSCRIBE)
 
 
-def _order_wakeups():
-    # Asyncio's queue replaced before any socket waits on it.
+def order_wakeups():
+    # Asyncio's queue replaced before any socket waits on it: on import,
+    # and again by app.start(), as asyncio.new_event_loop() (app.run's
+    # end) puts asyncio's own back.
+    if type(core._io_queue) is WakeOrder:
+        return
     if core._io_queue.map:
-        raise RuntimeError("broker.transport: imported after sockets began to wait on asyncio's poller")
+        raise RuntimeError("order_wakeups: sockets already wait on asyncio's poller")
     core._io_queue = WakeOrder()  # pyright: ignore[reportAttributeAccessIssue]
 
 
-_order_wakeups()  # on import: every socket here waits on a WakeOrder
+order_wakeups()
 
 
 # Frees what can be freed at once, for _unpoll's register(), which must not
@@ -300,10 +326,16 @@ def _unpoll(poller, s):
     raise SystemExit("poller: out of heap with a half-registered socket")
 
 
-def _refused(e):
-    # Built here, not in recv_into: a deeper expression there would make
-    # the frame every waiting reader keeps one heap block larger.
-    return OSError("client certificate refused: %s" % str(e).strip())
+class TlsTransport(TcpTransport):
+    def read_now(self, mv):
+        # A try of its own (its frame then takes heap on a board, as TLS
+        # takes far more): mbedTLS refusing the client's certificate
+        # (require_certificate) raises ValueError, here a failed read like
+        # any other.
+        try:
+            return self.sock.readinto(mv)
+        except ValueError as e:
+            raise OSError("client certificate refused: %s" % str(e).strip())
 
 
 def peer_str(addr):
