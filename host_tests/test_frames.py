@@ -110,16 +110,16 @@ def pair():
 """
 
 WAITS = PAIR + r"""
-# A reader that keeps up with its socket waits once per read: 200 reads of
-# one byte each, written by another task between them, on the twin, with
-# the collector off; the heap is read by the reader itself, from its first
-# byte (after its first wait, which makes its entry) to its last. Then the
-# transport closes.
+# A reader that keeps up with its socket waits once per read: 200 bytes,
+# each written by another task once the reader has the one before, on the
+# twin, with the collector off; the heap (the reader's, the writer's and
+# the loop's) is read by the reader, from its first byte (after its first
+# wait, which makes its entry) to its last. Then the transport closes.
 N = 200
 a, t = pair()
 s = t.sock
 mv = memoryview(bytearray(16))
-seen = [0, 0, 0, False]  # waits, heap at the first byte, at the last, done
+seen = [0, 0, 0, False, 0]  # waits, heap at the first byte, at the last, done, bytes read
 
 
 async def reader():
@@ -135,14 +135,17 @@ async def reader():
             gc.disable()
             seen[1] = gc.mem_alloc()
         got += n
+        seen[4] = got
     seen[2] = gc.mem_alloc()
     seen[3] = True
 
 
 async def writer():
     i = 0
-    while not seen[3]:  # no range object: only the reader's heap counts
-        if i < N and seen[0]:  # the first byte after a wait: its entry is made
+    while not seen[3]:  # (no range object: nothing made per pass)
+        # The first byte once the reader has waited (its entry is made),
+        # each next one once it has the last.
+        if i < N and seen[0] and seen[4] == i:
             a.send(b"x")
             i += 1
         await asyncio.sleep_ms(0)
@@ -176,7 +179,7 @@ def test_a_reader_waiting_for_its_socket_allocates_nothing():
     assert r.returncode == 0, r.stdout + r.stderr
     got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     waits, _, allocated = got["waits"].partition(" bytes ")
-    assert int(waits) >= 100, "the reader hardly waited: %s" % r.stdout
+    assert int(waits) >= 190, "the reader hardly waited: %s" % r.stdout
     assert int(allocated) == 0, "%s B allocated over %s waits" % (allocated, waits)
     assert (got["entry"], got["closed"]) == ("True", "False"), r.stdout
 
@@ -242,6 +245,7 @@ SHARED_WAITS = PAIR + r"""
 # nothing yet). 1. The reader is cancelled: the writer's wait must stay,
 # and it finishes once the peer reads. 2. A task waits to read; another
 # closes the socket: the waiting task must be woken, to find it closed.
+# 3. A second task that would wait to read on it too is refused.
 
 
 async def read(t, out):
@@ -295,6 +299,19 @@ async def main():
     await asyncio.sleep_ms(20)
     print("closed under its reader", got)
     a.close()
+    a, t = pair()
+    got = []
+    asyncio.create_task(read(t, got))
+    await asyncio.sleep_ms(10)
+    try:
+        await t.readable()
+        print("second reader waited")
+    except RuntimeError:
+        print("second reader refused")
+    t.close()
+    await asyncio.sleep_ms(10)
+    print("first reader", got)
+    a.close()
 
 
 asyncio.run(main())
@@ -305,10 +322,12 @@ def test_a_socket_two_tasks_wait_on_keeps_one_wait_when_the_other_is_cancelled_a
     # asyncio's IOQueue.remove() drops the socket's whole entry: cancelling
     # a connection's reader (close_soon) stalled its writer mid-send until
     # a timeout. And WakeOrder keeps entries between waits: closing a
-    # socket must not leave a task waiting on it for good.
+    # socket must not leave a task waiting on it for good. A second reader
+    # would have taken the first one's place, which then waited for good.
     from conftest import free_port, run_mp
 
     r = run_mp(SHARED_WAITS, args=[free_port()])
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.splitlines() == ["writer waiting True", "reader ['cancelled'] writer done True",
-                                     "closed under its reader ['OSError']"], r.stdout
+                                     "closed under its reader ['OSError']", "second reader refused",
+                                     "first reader ['OSError']"], r.stdout

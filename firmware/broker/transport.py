@@ -88,8 +88,8 @@ class TcpTransport:
         return n or 0
 
     def close(self):
-        # Callers cancel the tasks that wait on this socket first; cancelling
-        # a task takes it out of asyncio's poller. Allocates nothing: a
+        # A task still waiting on this socket is woken, to find it closed
+        # (close_socket); callers cancel theirs first. Allocates nothing: a
         # tuple of the two sockets found no heap once, and the connection
         # stayed in the tables with its socket open, its slot lost for good.
         close_socket(self.sock)
@@ -162,9 +162,10 @@ class WakeOrder(core.IOQueue):
 
     # Two changes to how asyncio keeps its entries ([reader, writer,
     # socket] and the poller's), both so that a wait allocates nothing:
-    # - keyed by the socket, not id(s): on the twin the heap can lie at
-    #   or above 2**31 (mmap'd, at the pico_w heap), where id() makes a
-    #   new int at every call (a board's RAM lies below 2**30);
+    # - keyed by the socket, not id(s), which makes an int at every call
+    #   where the heap lies at or above 2**31 (the twin's, when glibc maps
+    #   it; a board's RAM lies below 2**30; the poller's own map then
+    #   makes one too, in C);
     # - kept between waits, the poller asked for no events while no task
     #   waits (asyncio drops both after every wakeup and makes them again
     #   at the next wait). close_socket() takes them out.
@@ -173,6 +174,8 @@ class WakeOrder(core.IOQueue):
         if sm is None:
             self._add(s, idx)
         else:
+            if sm[idx] is not None:
+                _second(sm, idx)
             # The poller first: should it fail, no task is left waiting.
             self.poller.modify(s, _asked(sm) | _EVENTS[idx + 1])
             sm[idx] = core.cur_task
@@ -184,14 +187,16 @@ class WakeOrder(core.IOQueue):
         self.map[s] = sm
         try:
             self.poller.register(s, _EVENTS[idx + 1])
-        except MemoryError:
+        except BaseException as e:
+            # No entry is left to wake a task that does not wait. And
             # MicroPython's poll map can be left with an entry without its
             # object (modselect.c: "This case is not handled"), which the
             # next poll() dereferences: _unpoll completes and removes it.
             # The error stays the caller's, who closes that socket or waits.
             del self.map[s]
             sm = None  # the list too, for _unpoll's collection
-            _unpoll(self.poller, s)
+            if isinstance(e, MemoryError):
+                _unpoll(self.poller, s)
             raise
 
     def _dequeue(self, s):
@@ -250,6 +255,12 @@ class WakeOrder(core.IOQueue):
             _subscriptions_first(tq, w, n)
         for i in range(0, n, 2):
             w[i] = w[i + 1] = None  # no task or socket kept beyond its turn
+
+
+def _second(sm, idx):
+    # Two tasks may not wait to read (or to write) on one socket: only one
+    # would be woken. (asyncio's own queue asserts the same.)
+    raise RuntimeError("a second task waits to %s on one socket" % ("read", "write")[idx])
 
 
 def _asked(sm):
