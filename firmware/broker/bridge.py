@@ -40,7 +40,7 @@ from broker.pump import resend_inflight
 from broker.route import route
 from broker.session import Session, NEVER, RELEASED
 from broker.subs import Sub
-from broker.transport import TcpTransport, TlsTransport, close_socket, forget, wait_io
+from broker.transport import TcpTransport, TlsTransport, client_tls, close_socket, wait_io
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
@@ -250,10 +250,7 @@ class Bridge:
                         ctx.load_verify_locations(cadata=f.read())
                     ctx.verify_mode = ssl.CERT_REQUIRED
                     self.ctx = ctx
-                # The TCP socket waited for its connect: its poller entry
-                # goes now, as the TLS socket is what is closed later.
-                forget(s)
-                s = self.ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
+                s = client_tls(self.ctx, s, host)
         except BaseException:
             close_socket(s)
             raise

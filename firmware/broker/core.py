@@ -24,7 +24,7 @@ from broker.transport import until_woken
 from asyncio import core as aio
 
 # Heap above the clients' floor that offline sessions make way for, for a
-# new client: it and a few subscriptions (an idle one with one is 829 B).
+# new client: it and a few subscriptions (an idle one with one is 733 B).
 _CLIENT_ROOM = const(2048)
 
 

@@ -101,6 +101,13 @@ def forget(s):
     core._io_queue.forget(s)
 
 
+def client_tls(ctx, s, host):
+    # A TLS client socket over s, whose connect waited on the poller: its
+    # entry goes now, as only the TLS socket is closed later.
+    forget(s)
+    return ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
+
+
 def close_socket(s):
     if s is not None:
         forget(s)
