@@ -153,6 +153,7 @@ class BrokerProc:
         self.logpath = os.path.join(self.tmp.name, "broker.log")
         self.proc = None
         self._logf = None
+        self._log_from = 0
 
     def start(self, wait=True):
         if self.code == "mpy":
@@ -162,6 +163,9 @@ class BrokerProc:
             mp = self.binary or twin_binary(self.variant or "broker")
         with open(self.cfgpath, "w") as f:
             json.dump(self.config, f)
+        # The log is kept across restarts: wait_ready() must look only at
+        # this start's lines, or it takes the last start's "broker ready".
+        self._log_from = len(self.log())
         self._logf = open(self.logpath, "ab")
         cmd = [str(mp), "-X", "heapsize=%s" % self.heap, self.script,
                "--board", self.board, "--code", self.code, "--config", self.cfgpath, "--port", str(self.port)]
@@ -178,7 +182,7 @@ class BrokerProc:
         while time.time() < end:
             if self.proc.poll() is not None:
                 raise RuntimeError("broker exited with %s:\n%s" % (self.proc.returncode, self.log()))
-            if "broker ready" in self.log():
+            if "broker ready" in self.log()[self._log_from:]:
                 try:
                     socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                     return

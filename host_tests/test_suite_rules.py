@@ -4,7 +4,8 @@ A test that needs a program asks conftest.need() for it: with CI=true a
 missing one fails the test, naming it and how make test installs it;
 elsewhere the test is skipped with the same words. No other skip for a
 missing tool may come back: the tests below run need() in a pytest of its
-own, and look for skip calls in host_tests/.
+own, and look for skip calls in host_tests/. Nor does the harness hand a
+test a restarted broker before that start said it was ready.
 """
 import os
 import re
@@ -59,3 +60,34 @@ def test_no_other_skips_in_the_suite():
         for m in pat.finditer(p.read_text()):
             found.add((p.name, m.group(0).strip()))
     assert found <= KNOWN_SKIPS, "skips not through conftest.need(): %s" % sorted(found - KNOWN_SKIPS)
+
+
+def test_a_restarted_broker_is_ready_only_once_its_own_start_says_so(tmp_path):
+    # BrokerProc keeps one log across restarts. A broker listens a moment
+    # before it logs "broker ready": once, the restart took the previous
+    # start's line and returned, and the test read a log its broker had not
+    # finished writing. This stand-in listens a second before it says so.
+    from brokerproc import BrokerProc
+
+    script = tmp_path / "slow_ready.py"
+    script.write_text(
+        "import sys, socket, time\n"
+        "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(socket.getaddrinfo('127.0.0.1', port)[0][-1])\n"
+        "s.listen(4)\n"
+        "print('listening')\n"
+        "time.sleep(1)\n"
+        "print('broker ready')\n"
+        "while True:\n"
+        "    time.sleep(1)\n")
+    b = BrokerProc(script=str(script))
+    try:
+        b.start()
+        assert b.log().count("broker ready") == 1, b.log()
+        b.kill9()
+        b.start()
+        assert b.log().count("broker ready") == 2, b.log()
+    finally:
+        b.kill9()
