@@ -84,7 +84,8 @@ def _inputs(src_id, variant):
     _, manifest, project = VARIANTS[variant]
     h = hashlib.sha256()
     h.update(("%s\n%s\n" % (src_id, " ".join(MAKE_FLAGS))).encode())
-    files = [manifest, VARIANTS["stock"][1], VARIANT_DIR / "mpconfigvariant.h", VARIANT_DIR / "mpconfigvariant.mk"]
+    files = [manifest, VARIANTS["stock"][1], VARIANT_DIR / "mpconfigvariant.h", VARIANT_DIR / "mpconfigvariant.mk",
+             VARIANT_DIR / "twin_heap.c"]
     if variant == "tlsheap":
         files.append(TLSHEAP_CONFIG)
     if project:

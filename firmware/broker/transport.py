@@ -170,9 +170,8 @@ class WakeOrder(core.IOQueue):
     # Two changes to how asyncio keeps its entries ([reader, writer,
     # socket] and the poller's), both so that a wait allocates nothing:
     # - keyed by the socket, not id(s), which makes an int at every call
-    #   where the heap lies at or above 2**31 (the twin's, when glibc maps
-    #   it; a board's RAM lies below 2**30; the poller's own map then
-    #   makes one too, in C);
+    #   where the heap lies at or above 2**30 (a board's RAM lies below,
+    #   as the twin's heap does: tools/twin_variant/twin_heap.c);
     # - kept between waits, the poller asked for no events while no task
     #   waits (asyncio drops both after every wakeup and makes them again
     #   at the next wait). close_socket() takes them out.
@@ -182,7 +181,7 @@ class WakeOrder(core.IOQueue):
             self._add(s, idx)
         else:
             if sm[idx] is not None:
-                _second(sm, idx)
+                _second(idx)
             # The poller first: should it fail, no task is left waiting.
             self.poller.modify(s, _asked(sm) | _EVENTS[idx + 1])
             sm[idx] = core.cur_task
@@ -213,9 +212,9 @@ class WakeOrder(core.IOQueue):
     def forget(self, s):
         # A task still waiting on s is woken, to find it closed (else it
         # would wait for good: nothing polls s any more).
-        sm = self.map.pop(s, None)
+        sm = self.map.get(s)
         if sm is not None:
-            self.poller.unregister(s)
+            self._dequeue(s)
             if sm[0] is not None:
                 core._task_queue.push(sm[0])
             if sm[1] is not None:
@@ -264,7 +263,7 @@ class WakeOrder(core.IOQueue):
             w[i] = w[i + 1] = None  # no task or socket kept beyond its turn
 
 
-def _second(sm, idx):
+def _second(idx):
     # Two tasks may not wait to read (or to write) on one socket: only one
     # would be woken. (asyncio's own queue asserts the same.)
     raise RuntimeError("a second task waits to %s on one socket" % ("read", "write")[idx])

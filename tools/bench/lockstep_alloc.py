@@ -107,11 +107,6 @@ def measure(qos, messages, board):
             f.write(WATCH)
         os.environ["LOCKSTEP_OUT"] = out
         os.environ["LOCKSTEP_TOOLS"] = str(REPO / "tools")
-        # The heap from brk, not mmap: glibc maps a heap this large at or
-        # above 2**31, where the poller's own map makes an int for each
-        # socket it is asked about (mp_obj_id), 60 to 150 B per message
-        # that no board allocates (their RAM lies below 2**30).
-        os.environ["MALLOC_MMAP_MAX_"] = "0"
         b = BrokerProc(board=board, heap=64000000, script=script).start()
         try:
             sub = _client(b.port, b"lockstep-sub")
