@@ -96,11 +96,16 @@ def write_password_file(path, users, board="esp32"):
             f.write("%s:%s\n" % (name, pwhash.make_hash(pw, it)))
 
 
+_handed_out = set()  # ports free_port() gave in this process
+
+
 def free_port():
     """A TCP port on 127.0.0.1 that was free a moment ago, from below the
     kernel's ephemeral range (ip_local_port_range, 32768 up by default):
     one the kernel handed out could go to a client socket's own end before
-    the broker bound it (EADDRINUSE, a whole TLS module in one run)."""
+    the broker bound it (EADDRINUSE, a whole TLS module in one run). Not
+    one given before in this process: a test that asks for two ports
+    before it binds either could get one twice."""
     lo = 32768
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -108,11 +113,16 @@ def free_port():
     except (OSError, ValueError):
         pass
     rnd = random.Random()
+    if len(_handed_out) > lo // 4:
+        _handed_out.clear()  # (those are long bound, or given up)
     for _ in range(200):
         p = rnd.randrange(lo // 2, lo)
+        if p in _handed_out:
+            continue  # free still, maybe, but given to a listener not yet bound
         s = socket.socket()
         try:
             s.bind(("127.0.0.1", p))
+            _handed_out.add(p)
             return p
         except OSError:
             continue

@@ -400,6 +400,20 @@ def sys_value(port, name, timeout=3):
         c.close()
 
 
+def sys_round(port, timeout=6):
+    """Waits for a $SYS round (sys_interval 1) published after this call:
+    a value read then is not older than what the test did before it. (The
+    retained value there now may come from the round before.)"""
+    up = sys_value(port, "uptime")
+    assert up is not None, "the broker publishes no $SYS uptime"
+    later = sys_wait(port, "uptime", lambda v: _uptime(v) > _uptime(up), timeout=timeout)
+    assert later is not None and _uptime(later) > _uptime(up), "no $SYS round after uptime %r" % up
+
+
+def _uptime(v):
+    return int(v.split()[0])  # "12 seconds"
+
+
 def sys_wait(port, name, pred, timeout=4):
     """Reads $SYS/broker/<name> until pred(value) holds; returns the last
     value read (None if never published)."""

@@ -359,7 +359,7 @@ def test_qos0_messages_waiting_for_a_client_that_goes_are_not_kept_for_its_sessi
         pub = Client(b.port, "stale-pub", version=4)
         for i in range(120):
             pub.publish("stale/t", b"%03d" % i + b"x" * 300, qos=0)
-        time.sleep(1)  # (taken by the broker: queued behind the stalled output)
+        pub.ping()  # its PINGRESP: every PUBLISH before it was taken (queued behind the stalled output)
         d.raw.s.setsockopt(so.SOL_SOCKET, so.SO_LINGER, struct.pack("ii", 1, 0))
         d.close()
         assert wait_for(lambda: "client stale-dash disconnected" in b.log(), timeout=5)

@@ -452,6 +452,20 @@ def _fill_heap_for_an_offline_session(b, publisher, n=20):
         publisher.send(mqttc.Publish("big/x", bytes(4000), 1, False, False, publisher.next_pid(), None))
 
 
+def _acks_until_quiet(p, quiet=0.5, timeout=20):
+    # The PUBACKs p gets until none came for `quiet` seconds.
+    import mqttc
+
+    n = 0
+    end = time.time() + timeout
+    while time.time() < end:
+        m = p.poll(quiet)
+        if m is None:
+            break
+        n += m.type == mqttc.PUBACK
+    return n
+
+
 def test_a_publisher_paused_for_heap_is_not_closed_for_its_keep_alive():
     # Its PINGREQs wait unread behind the PUBLISH the heap cannot take: the
     # wait is the broker's, not the client's silence (README, "Messages
@@ -502,7 +516,10 @@ def test_a_full_table_gives_the_slot_of_a_publisher_paused_longest_to_a_new_clie
                 for _ in range(2):
                     p.send(mqttc.Publish("big/x", bytes(4000), 1, False, False, p.next_pid(), None))
             pubs.append(p)
-            time.sleep(0.3)  # (the heap is full before the next one sends)
+            # The broker took what it could (the heap is full before the
+            # next one sends), and left the rest unread: paused.
+            sent = 20 if i == 0 else 2
+            assert _acks_until_quiet(p) < sent, "bp-pub%d was not paused" % i
         time.sleep(1)
         for p in pubs:
             p.raw.s.setsockopt(so.SOL_SOCKET, so.SO_LINGER, struct.pack("ii", 1, 0))

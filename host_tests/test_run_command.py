@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from brokerproc import twin_binary
@@ -22,26 +23,34 @@ def _start(args, cwd):
                             text=True, stdin=subprocess.DEVNULL, cwd=str(cwd))
 
 
-def _wait_port(port, proc, timeout=20, host="127.0.0.1"):
-    end = time.time() + timeout
-    while time.time() < end:
-        assert proc.poll() is None, proc.stdout.read()
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("broker did not listen on %d" % port)
+def _wait_ready(proc, timeout=20):
+    # The broker's output up to its "broker ready" line. It listens a
+    # moment before that: a signal sent as soon as the port took a
+    # connection could stop it before the notices a test reads.
+    got = []
+
+    def read():
+        for line in proc.stdout:
+            got.append(line)
+            if "broker ready" in line:
+                return
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(timeout)
+    out = "".join(got)
+    assert not t.is_alive() and "broker ready" in out, "not ready within %d s:\n%s" % (timeout, out)
+    return out
 
 
 def _stop_with(sig, cwd):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], cwd)
     try:
-        _wait_port(port, p)
+        out = _wait_ready(p)
         p.send_signal(sig)
         rc = p.wait(10)
-        out = p.stdout.read()
+        out += p.stdout.read()
     finally:
         if p.poll() is None:
             p.kill()
@@ -67,7 +76,7 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
     try:
-        _wait_port(port, p)
+        _wait_ready(p)
         p.kill()
         p.wait(10)
         end = time.time() + 10
@@ -81,7 +90,7 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
             raise AssertionError("the broker still listens on %d after its command was killed" % port)
         q = _start(["--board", "esp32", "--port", str(port)], tmp_path)  # and it starts again there
         try:
-            _wait_port(port, q)
+            _wait_ready(q)
         finally:
             q.send_signal(signal.SIGINT)
             assert q.wait(10) == 0
@@ -94,11 +103,12 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
 def test_local_run_says_anonymous_clients_are_allowed(tmp_path):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    head = ""
     try:
-        _wait_port(port, p)
+        head = _wait_ready(p)
     finally:
         p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=10)[0]
+        out = head + p.communicate(timeout=10)[0]
     assert "anonymous clients are allowed" in out
     # On the board twin with the esp32 profile's heap, code frozen in.
     assert "build/twin/micropython -X heapsize=110000" in out and "--code frozen" in out
@@ -111,8 +121,9 @@ def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_on
     # clients in.
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    head = ""
     try:
-        _wait_port(port, p)
+        head = _wait_ready(p)
         for i in range(80):
             s = socket.create_connection(("127.0.0.1", port), timeout=3)
             s.sendall(connect_bytes("burst-%d" % i, version=4, username=None))
@@ -122,7 +133,7 @@ def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_on
             assert ack == b"\x20\x02\x00\x00", "connection %d: CONNACK %r" % (i, ack)
     finally:
         p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=10)[0]
+        out = head + p.communicate(timeout=10)[0]
     assert "connection rate from" not in out, out[-2000:]
 
 
@@ -133,11 +144,12 @@ def test_config_file_port_and_bind_address_apply_without_port_and_bind_options(t
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"port": port, "bind_address": "127.0.0.2"}))
     p = _start(["--config", str(f)], tmp_path)
+    head = ""
     try:
-        _wait_port(port, p, host="127.0.0.2")
+        head = _wait_ready(p)
     finally:
         p.send_signal(signal.SIGINT)
-        out = p.communicate(timeout=10)[0]
+        out = head + p.communicate(timeout=10)[0]
     assert "listening on 127.0.0.2:%d " % port in out, out
 
 

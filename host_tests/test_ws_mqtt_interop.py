@@ -101,9 +101,14 @@ class Paho:
             assert time.time() < deadline, "paho did not connect"
             time.sleep(0.01)
         if sub:
+            # Its SUBACK before anything is published: a SUBSCRIBE still in
+            # paho's thread could reach the broker after another client's
+            # PUBLISH.
+            subacked = threading.Event()
+            self.c.on_subscribe = lambda c, u, mid, rcs, props: subacked.set()
             r, mid = self.c.subscribe(sub, qos=2)
             assert r == 0
-            time.sleep(0.2)  # SUBACK on its way; the broker has the subscription in order
+            assert subacked.wait(5), "no SUBACK"
 
     def _on_message(self, c, u, m):
         with self.cond:
@@ -635,9 +640,11 @@ def test_messages_up_to_max_packet_size_over_websocket_go_one_by_one_without_sta
 
         sub = client("big-ws-sub")
         sub.on_message = on_message
+        subacked = threading.Event()
+        sub.on_subscribe = lambda c, u, mid, rcs, props: subacked.set()
         r, _ = sub.subscribe("big/x", qos=1)
         assert r == 0
-        time.sleep(0.2)  # SUBACK on its way
+        assert subacked.wait(5), "no SUBACK"
         pub = client("big-ws-pub")
         pub.on_publish = on_publish
         try:
