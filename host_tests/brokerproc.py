@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,8 +105,8 @@ def free_port():
     kernel's ephemeral range (ip_local_port_range, 32768 up by default):
     one the kernel handed out could go to a client socket's own end before
     the broker bound it (EADDRINUSE, a whole TLS module in one run). Not
-    one given before in this process: a test that asks for two ports
-    before it binds either could get one twice."""
+    one given lately in this process (the last few thousand): a test that
+    asks for two ports before it binds either could get one twice."""
     lo = 32768
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -346,3 +347,14 @@ def paho_connect(client, port, user=TEST_USER, password=TEST_PASSWORD, host="127
     if user is not None:
         client.username_pw_set(user, password)
     return client.connect(host, port, bind_address=source_address()[0], **kw)
+
+
+def paho_subscribe(client, topic, qos):
+    """client.subscribe() for a paho client whose loop runs, returned from
+    once its SUBACK came: a PUBLISH sent after it, from any client, finds
+    the subscription (one still in paho's thread could come after it)."""
+    acked = threading.Event()
+    client.on_subscribe = lambda *a: acked.set()
+    r, _ = client.subscribe(topic, qos=qos)
+    assert r == 0, "paho could not send the SUBSCRIBE: %s" % r
+    assert acked.wait(5), "no SUBACK for %s" % (topic,)

@@ -13,7 +13,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from mqttc import BrokerProc
-from brokerproc import TEST_USER, TEST_PASSWORD, cli_args, source_address
+from brokerproc import TEST_USER, TEST_PASSWORD, cli_args, paho_subscribe, source_address
 
 PAHO_VERSION = {4: mqtt.MQTTv311, 5: mqtt.MQTTv5}
 CLI_VERSION = {4: "mqttv311", 5: "mqttv5"}
@@ -37,12 +37,10 @@ class Paho:
     def __init__(self, port, cid, version):
         self.version = version
         self.q = queue.Queue()
-        self.subacked = threading.Event()
         self.connected = threading.Event()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid,
                              protocol=PAHO_VERSION[version])
         self.c.on_message = lambda c, u, m: self.q.put(m)
-        self.c.on_subscribe = lambda c, u, mid, rcs, props: self.subacked.set()
         self.c.on_connect = lambda c, u, f, rc, props: self.connected.set()
         self.c.username_pw_set(TEST_USER, TEST_PASSWORD)
         self.c.connect("127.0.0.1", port, keepalive=30, bind_address=source_address()[0])
@@ -50,9 +48,7 @@ class Paho:
         assert self.connected.wait(5), "paho %s did not connect" % cid
 
     def subscribe(self, topic, qos):
-        self.subacked.clear()
-        self.c.subscribe(topic, qos)
-        assert self.subacked.wait(5), "no SUBACK"
+        paho_subscribe(self.c, topic, qos)
 
     def publish(self, topic, payload, qos, props=None, retain=False):
         info = self.c.publish(topic, payload, qos, retain=retain, properties=props)

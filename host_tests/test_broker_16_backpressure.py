@@ -454,8 +454,6 @@ def _fill_heap_for_an_offline_session(b, publisher, n=20):
 
 def _acks_until_quiet(p, quiet=0.5, timeout=20):
     # The PUBACKs p gets until none came for `quiet` seconds.
-    import mqttc
-
     n = 0
     end = time.time() + timeout
     while time.time() < end:

@@ -23,34 +23,47 @@ def _start(args, cwd):
                             text=True, stdin=subprocess.DEVNULL, cwd=str(cwd))
 
 
-def _wait_ready(proc, timeout=20):
-    # The broker's output up to its "broker ready" line. It listens a
-    # moment before that: a signal sent as soon as the port took a
-    # connection could stop it before the notices a test reads.
-    got = []
+class _Output:
+    """The broker's output, read to its end by a thread of its own. The
+    broker listens a moment before it logs "broker ready": a signal sent
+    as soon as the port took a connection could stop it before the notices
+    a test reads, so tests wait for that line (wait_ready())."""
 
-    def read():
+    def __init__(self, proc):
+        self.lines = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.reader.start()
+
+    def _read(self, proc):
         for line in proc.stdout:
-            got.append(line)
+            self.lines.append(line)
             if "broker ready" in line:
-                return
+                self.ready.set()
 
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    t.join(timeout)
-    out = "".join(got)
-    assert not t.is_alive() and "broker ready" in out, "not ready within %d s:\n%s" % (timeout, out)
-    return out
+    def wait_ready(self, timeout=20):
+        end = time.time() + timeout
+        while not self.ready.wait(0.05):
+            assert self.reader.is_alive(), "the broker ended before it was ready:\n" + self.text()
+            assert time.time() < end, "not ready within %d s:\n%s" % (timeout, self.text())
+
+    def text(self, proc=None):
+        # All of it, once proc (when given) has ended.
+        if proc is not None:
+            proc.wait(10)
+            self.reader.join(10)
+        return "".join(self.lines)
 
 
 def _stop_with(sig, cwd):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], cwd)
     try:
-        out = _wait_ready(p)
+        o = _Output(p)
+        o.wait_ready()
         p.send_signal(sig)
         rc = p.wait(10)
-        out += p.stdout.read()
+        out = o.text(p)
     finally:
         if p.poll() is None:
             p.kill()
@@ -76,7 +89,7 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
     try:
-        _wait_ready(p)
+        _Output(p).wait_ready()
         p.kill()
         p.wait(10)
         end = time.time() + 10
@@ -90,7 +103,7 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
             raise AssertionError("the broker still listens on %d after its command was killed" % port)
         q = _start(["--board", "esp32", "--port", str(port)], tmp_path)  # and it starts again there
         try:
-            _wait_ready(q)
+            _Output(q).wait_ready()
         finally:
             q.send_signal(signal.SIGINT)
             assert q.wait(10) == 0
@@ -103,12 +116,12 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
 def test_local_run_says_anonymous_clients_are_allowed(tmp_path):
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
-    head = ""
+    o = _Output(p)
     try:
-        head = _wait_ready(p)
+        o.wait_ready()
     finally:
         p.send_signal(signal.SIGINT)
-        out = head + p.communicate(timeout=10)[0]
+    out = o.text(p)
     assert "anonymous clients are allowed" in out
     # On the board twin with the esp32 profile's heap, code frozen in.
     assert "build/twin/micropython -X heapsize=110000" in out and "--code frozen" in out
@@ -121,9 +134,9 @@ def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_on
     # clients in.
     port = free_port()
     p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
-    head = ""
+    o = _Output(p)
     try:
-        head = _wait_ready(p)
+        o.wait_ready()
         for i in range(80):
             s = socket.create_connection(("127.0.0.1", port), timeout=3)
             s.sendall(connect_bytes("burst-%d" % i, version=4, username=None))
@@ -133,7 +146,7 @@ def test_local_run_serves_a_burst_of_connections_from_one_loopback_address_at_on
             assert ack == b"\x20\x02\x00\x00", "connection %d: CONNACK %r" % (i, ack)
     finally:
         p.send_signal(signal.SIGINT)
-        out = head + p.communicate(timeout=10)[0]
+    out = o.text(p)
     assert "connection rate from" not in out, out[-2000:]
 
 
@@ -144,12 +157,13 @@ def test_config_file_port_and_bind_address_apply_without_port_and_bind_options(t
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"port": port, "bind_address": "127.0.0.2"}))
     p = _start(["--config", str(f)], tmp_path)
-    head = ""
+    o = _Output(p)
     try:
-        head = _wait_ready(p)
+        o.wait_ready()
+        socket.create_connection(("127.0.0.2", port), timeout=3).close()
     finally:
         p.send_signal(signal.SIGINT)
-        out = head + p.communicate(timeout=10)[0]
+    out = o.text(p)
     assert "listening on 127.0.0.2:%d " % port in out, out
 
 

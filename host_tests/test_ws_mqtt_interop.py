@@ -27,7 +27,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from mqttc import connect_bytes
-from brokerproc import BrokerProc, free_port, connect, paho_connect, TEST_USER, TEST_PASSWORD
+from brokerproc import BrokerProc, free_port, connect, paho_connect, paho_subscribe, TEST_USER, TEST_PASSWORD
 from conftest import need, node_env, node_ready
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,14 +101,7 @@ class Paho:
             assert time.time() < deadline, "paho did not connect"
             time.sleep(0.01)
         if sub:
-            # Its SUBACK before anything is published: a SUBSCRIBE still in
-            # paho's thread could reach the broker after another client's
-            # PUBLISH.
-            subacked = threading.Event()
-            self.c.on_subscribe = lambda c, u, mid, rcs, props: subacked.set()
-            r, mid = self.c.subscribe(sub, qos=2)
-            assert r == 0
-            assert subacked.wait(5), "no SUBACK"
+            paho_subscribe(self.c, sub, 2)
 
     def _on_message(self, c, u, m):
         with self.cond:
@@ -640,11 +633,7 @@ def test_messages_up_to_max_packet_size_over_websocket_go_one_by_one_without_sta
 
         sub = client("big-ws-sub")
         sub.on_message = on_message
-        subacked = threading.Event()
-        sub.on_subscribe = lambda c, u, mid, rcs, props: subacked.set()
-        r, _ = sub.subscribe("big/x", qos=1)
-        assert r == 0
-        assert subacked.wait(5), "no SUBACK"
+        paho_subscribe(sub, "big/x", 1)
         pub = client("big-ws-pub")
         pub.on_publish = on_publish
         try:

@@ -64,7 +64,8 @@ RELEASE_URL = ("https://github.com/micropython/micropython/releases/download/v%s
 # 32-bit libffi.
 MAKE_FLAGS = ["CFLAGS_EXTRA=-m32", "LDFLAGS_EXTRA=-m32", "MICROPY_PY_BTREE=0", "MICROPY_PY_FFI=0"]
 # The port's standard variant but for Ctrl-C, which a board takes between
-# bytecodes (tools/twin_variant/mpconfigvariant.h says why).
+# bytecodes, and a heap below 2**31, where a board's RAM lies
+# (tools/twin_variant/mpconfigvariant.h and twin_heap.c say why).
 VARIANT_DIR = REPO / "tools" / "twin_variant"
 # What is frozen: lib/ and firmware/ as the manifest lists them.
 CODE_DIRS = [REPO / "lib", REPO / "firmware"]

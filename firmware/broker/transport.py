@@ -170,7 +170,7 @@ class WakeOrder(core.IOQueue):
     # Two changes to how asyncio keeps its entries ([reader, writer,
     # socket] and the poller's), both so that a wait allocates nothing:
     # - keyed by the socket, not id(s), which makes an int at every call
-    #   where the heap lies at or above 2**30 (a board's RAM lies below,
+    #   where the heap lies at or above 2**31 (a board's RAM lies below,
     #   as the twin's heap does: tools/twin_variant/twin_heap.c);
     # - kept between waits, the poller asked for no events while no task
     #   waits (asyncio drops both after every wakeup and makes them again

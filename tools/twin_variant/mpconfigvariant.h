@@ -1,6 +1,6 @@
 // The board twin's build of the unix port (tools/twin.py): the standard
 // variant, with two changes that make it behave as a board does: this one,
-// and a heap low in memory (twin_heap.c, added by mpconfigvariant.mk).
+// and a heap below 2**31 (twin_heap.c, added by mpconfigvariant.mk).
 #define MICROPY_CONFIG_ROM_LEVEL (MICROPY_CONFIG_ROM_LEVEL_EXTRA_FEATURES)
 
 #include "variants/mpconfigvariant_common.h"
