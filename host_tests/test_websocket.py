@@ -83,9 +83,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(str(tmp_path_factory.mktemp("ws") / "echo.log"))
-    assert srv.ready() == b"READY native"  # the viper unmask compiled
-    yield srv
-    srv.stop()
+    try:
+        assert srv.ready() == b"READY native"  # the viper unmask compiled
+        yield srv
+    finally:
+        srv.stop()  # (a failed check above left it running)
     out = srv.output().decode()
     assert not [l for l in out.splitlines() if l.startswith("ERR ")] and "Traceback" not in out, out
 
@@ -93,9 +95,11 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def py_server(tmp_path_factory):
     srv = Server(str(tmp_path_factory.mktemp("wspy") / "echo.log"), "--py-unmask")
-    assert srv.ready() == b"READY py"
-    yield srv
-    srv.stop()
+    try:
+        assert srv.ready() == b"READY py"
+        yield srv
+    finally:
+        srv.stop()
     out = srv.output().decode()
     assert not [l for l in out.splitlines() if l.startswith("ERR ")] and "Traceback" not in out, out
 
