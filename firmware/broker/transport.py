@@ -61,20 +61,14 @@ class TcpTransport:
         return n
 
     async def send(self, mv):
-        s = self.sock
         off = 0
         end = len(mv)
         while off < end:
-            try:
-                n = s.write(mv[off:] if off else mv)
-            except OSError as e:
-                if e.args[0] != _EAGAIN:
-                    raise
-                n = None
+            n = self.write_now(mv[off:] if off else mv)
             if n:
                 off += n
             else:
-                wait_io(s, 1)
+                wait_io(self.sock, 1)
                 yield
 
     def write_now(self, mv):

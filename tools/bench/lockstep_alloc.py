@@ -17,7 +17,6 @@ growth of mem_alloc() over the messages, after 500 to warm up, per message.
 import argparse
 import os
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "host_tests"))
-from brokerproc import BrokerProc, TEST_PASSWORD, TEST_USER  # noqa: E402
+from brokerproc import BrokerProc  # noqa: E402
+from mqttc import Client, Publish  # noqa: E402
 
 # The broker's runner, plus the task that reports the heap (MicroPython).
 WATCH = r"""
@@ -61,44 +61,6 @@ sys.exit(main(sys.argv, TOOLS + "/.."))
 """
 
 
-def _s(b):
-    return struct.pack("!H", len(b)) + b
-
-
-def _packet(first, body):
-    n = len(body)
-    rl = b""
-    while True:
-        d = n & 127
-        n >>= 7
-        rl += bytes([d | (128 if n else 0)])
-        if not n:
-            return bytes([first]) + rl + body
-
-
-def _read(s):
-    first = s.recv(1, socket.MSG_WAITALL)
-    n = shift = 0
-    while True:
-        c = s.recv(1)[0]
-        n |= (c & 127) << shift
-        shift += 7
-        if c < 128:
-            break
-    return first[0], s.recv(n, socket.MSG_WAITALL) if n else b""
-
-
-def _client(port, cid):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    body = (_s(b"MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + _s(cid)
-            + _s(TEST_USER.encode()) + _s(TEST_PASSWORD.encode()))
-    s.sendall(_packet(0x10, body))
-    if _read(s)[0] != 0x20:
-        raise RuntimeError("no CONNACK for %s" % cid)
-    return s
-
-
 def measure(qos, messages, board):
     with tempfile.TemporaryDirectory(prefix="lockstep_") as tmp:
         script = os.path.join(tmp, "watch.py")
@@ -109,21 +71,18 @@ def measure(qos, messages, board):
         os.environ["LOCKSTEP_TOOLS"] = str(REPO / "tools")
         b = BrokerProc(board=board, heap=64000000, script=script).start()
         try:
-            sub = _client(b.port, b"lockstep-sub")
-            pub = _client(b.port, b"lockstep-pub")
-            sub.sendall(_packet(0x82, struct.pack("!H", 1) + _s(b"t/x") + bytes([qos])))
-            _read(sub)
+            sub = Client(b.port, "lockstep-sub", version=4)
+            pub = Client(b.port, "lockstep-pub", version=4)
+            for c in (sub, pub):  # one small packet at a time, each answered
+                c.raw.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sub.subscribe([("t/x", qos)])
             payload = b"p" * 64
 
             def one(i):
+                pub.send(Publish("t/x", payload, qos, pid=i % 65535 + 1))  # (no pid at QoS 0)
+                sub.ack(sub.recv())
                 if qos:
-                    pub.sendall(_packet(0x32, _s(b"t/x") + struct.pack("!H", i % 65535 + 1) + payload))
-                    body = _read(sub)[1]
-                    sub.sendall(b"\x40\x02" + body[5:7])
-                    _read(pub)
-                else:
-                    pub.sendall(_packet(0x30, _s(b"t/x") + payload))
-                    _read(sub)
+                    pub.recv()  # its PUBACK
 
             def heap():
                 time.sleep(0.35)  # past the next report
