@@ -61,7 +61,7 @@ def board_twin():
 # MICROPYPATH replaces MicroPython's default sys.path. ".frozen" is the
 # code frozen into the twin: asyncio, ssl, and the project itself.
 MICROPYPATH = os.pathsep.join([".frozen", str(REPO / "host_tests")])
-# The modules as compiled by tools/build.py (portable .mpy, laid out as on
+# The modules as compiled by tools/build.py (.mpy for x86, laid out as on
 # a board's flash) ahead of the frozen ones; run_mp(..., use_build=True).
 MICROPYPATH_BUILD = os.pathsep.join([str(REPO / "build" / "host" / "lib"), str(REPO / "build" / "host"),
                                      ".frozen", str(REPO / "host_tests")])

@@ -17,10 +17,10 @@ What stands in for what:
     there, print its commands: FIRMWARE_FLAGS=--dry-run);
   - the commands run in a folder of their own that links to the checkout,
     so the files they write stay out of it; tools/ and boards/ are copies
-    there, and in those profiles `mpy_arch` is null: the simulated board
-    runs on this x86 host, which cannot load a .mpy file made for
-    armv6m or xtensawin (the broker has no native code, so the bytecode is
-    the same);
+    there, and in those profiles `mpy_arch` is x86: the simulated board
+    is the 32-bit stock twin, which cannot load a .mpy file made for
+    armv6m or xtensawin (the bytecode is the same; the machine code of the
+    functions marked @micropython.native is made for x86 instead);
   - mosquitto_sub runs once the board's broker accepts connections (it
     boots after the deploy's reset), as a person would wait for it.
 Lines marked `# needs:` are not run (the board itself, GitHub), except
@@ -112,7 +112,7 @@ def test_newcomer_commands_run_against_a_simulated_board(title, tmp_path):
     shutil.copytree(REPO / "boards", work / "boards")
     for p in (work / "boards").glob("*.json"):
         prof = json.loads(p.read_text())
-        prof["mpy_arch"] = None
+        prof["mpy_arch"] = "x86"
         p.write_text(json.dumps(prof))
     tcp = free_port()
     sim = None

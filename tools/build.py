@@ -5,8 +5,12 @@ Targets and where their output goes (the layout of the board's flash):
 
     xtensawin  build/xtensawin/   ESP32 family (-march=xtensawin)
     armv6m     build/armv6m/      RP2040 / Pico W (-march=armv6m)
-    host       build/host/        portable bytecode (no -march), for the
-                                  unix port used by the host tests
+    host       build/host/        32-bit x86 (-march=x86), for the stock
+                                  twin (a firmware that loads the broker
+                                  from its filesystem, in the host tests)
+
+Each target's machine code is the functions marked @micropython.native
+(tools/frames.py); the rest is bytecode any firmware of its arch loads.
 
     lib/mqtt/topic.py          -> build/<target>/lib/mqtt/topic.mpy
     firmware/broker/config.py  -> build/<target>/broker/config.mpy
@@ -33,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
 SOURCES = (("lib", "lib"), ("firmware", ""))  # (source folder, folder on flash)
-TARGETS = {"xtensawin": ["-march=xtensawin"], "armv6m": ["-march=armv6m"], "host": []}
+TARGETS = {"xtensawin": ["-march=xtensawin"], "armv6m": ["-march=armv6m"], "host": ["-march=x86"]}
 SOURCE_ONLY = ("boot.py", "main.py")  # at the firmware root: copied, not replaced
 
 

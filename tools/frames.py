@@ -23,11 +23,17 @@ method, and each argument; a `for` loop holds 4 words for its iterator.
 A generator (an `async def` too) always keeps its frame on the heap, in
 the generator object made once per call; those are not listed.
 
+A function marked @micropython.native is machine code, and keeps its
+frame on the C stack at any size: listed as native. (What it costs:
+flash for its code, and a heap object for every slice written in it,
+which bytecode makes on the C stack: the hot path's slices are in small
+bytecode helpers, message.put_bytes and handle_publish.part.)
+
 Prints one line per function whose frame would come from the heap
 (--all: every function but generators): bytes, locals+stack words, try
 depth, name.
 The compiler is the twin's mpy-cross (tools/twin.py's MicroPython tree),
-the one that compiles the frozen code.
+the one that compiles the frozen code, for the twin's 32-bit x86.
 """
 import argparse
 import subprocess
@@ -60,19 +66,23 @@ def _tree():
 
 
 def functions(path, cross, tool):
-    # -> [(qualified name, n_state, n_exc)] for every function in path
-    # that is not a generator
+    # -> [(qualified name, n_state, n_exc, native)] for every function in
+    # path that is not a generator
     with tempfile.TemporaryDirectory() as d:
         mpy = Path(d) / "m.mpy"
-        subprocess.run([str(cross), "-o", str(mpy), str(path)], check=True)
+        subprocess.run([str(cross), "-march=x86", "-o", str(mpy), str(path)], check=True)
         dump = subprocess.run([sys.executable, str(tool), "-d", str(mpy)], check=True,
                               capture_output=True, text=True).stdout
     out = []
     stack = []  # [name, children still to come]
     name = None
+    native = False
     for line in dump.splitlines():
         if line.startswith("simple_name: "):
             name = line.split(": ", 1)[1]
+            native = False
+        elif line.startswith("  raw data: "):
+            native = True  # (machine code: mpy-tool shows its bytes)
         elif line.startswith("  prelude: "):
             sig = [int(x) for x in line.split(": ", 1)[1].strip("()").split(",")]
             while stack and stack[-1][1] == 0:
@@ -81,7 +91,7 @@ def functions(path, cross, tool):
                 stack[-1][1] -= 1
             qual = ".".join([s[0] for s in stack if s[0] != "<module>"] + [name])
             if not sig[2] & GENERATOR:
-                out.append((qual, sig[0], sig[1]))
+                out.append((qual, sig[0], sig[1], native))
         elif line.startswith("  children: "):
             inner = line.split(": ", 1)[1].strip("[]")
             stack.append([name, len([c for c in inner.split(",") if c.strip()])])
@@ -97,9 +107,12 @@ def main():
         (REPO / "lib" / "mqtt").glob("*.py"))
     cross, tool = _tree()
     for f in files:
-        for qual, n_state, n_exc in functions(f, cross, tool):
+        for qual, n_state, n_exc, native in functions(f, cross, tool):
             size = frame_bytes(n_state, n_exc)
-            if a.all or size > ON_STACK_MAX:
+            if native:
+                if a.all:
+                    print("  native               %s.%s" % (f.stem, qual))
+            elif a.all or size > ON_STACK_MAX:
                 print("%4d B  %2d words  try %d  %s.%s" % (size, n_state, n_exc, f.stem, qual))
 
 

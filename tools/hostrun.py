@@ -9,7 +9,8 @@
 #   mpy     the compiled .mpy files in build/host (as copied to a board);
 #   src     the sources in lib/ and firmware/.
 # Without --code: frozen when the binary has the broker frozen in, else mpy
-# when build/host exists, else src.
+# when build/host exists and this binary runs its x86 machine code (the
+# 32-bit twins), else src.
 #
 # The twin has this module frozen in, as a board has gateway.py: its code
 # then takes none of the heap the broker's figures are read from (2.6 KB
@@ -48,7 +49,8 @@ def _paths(code):
         else:
             try:
                 os.stat(b + "/broker")
-                code = "mpy"
+                # (the arch field of sys.implementation._mpy: 1 is x86)
+                code = "mpy" if (sys.implementation._mpy >> 10) & 0xF == 1 else "src"
             except OSError:
                 code = "src"
     if code == "frozen":

@@ -11,6 +11,7 @@
 import asyncio
 import gc
 import time
+import micropython
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import frame, check_flags, encode, Disconnect
@@ -317,6 +318,7 @@ class Connection(Output):
         finally:
             self.heap_wait = False
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def _take(self, cur, have):
         # Hands the whole packets in cur[:have] to the handlers. Returns
         # where it stopped: at the end, at a partial packet, or at the

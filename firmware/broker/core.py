@@ -12,6 +12,7 @@
 import asyncio
 import gc
 import time
+import micropython
 from micropython import const
 from broker import log
 from broker.subs import Subs
@@ -211,6 +212,7 @@ class Broker:
             # after the other tasks have run.
             await asyncio.sleep_ms(0)
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def flush_now(self):
         d = self.dirty
         if not d:

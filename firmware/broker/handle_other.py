@@ -1,6 +1,7 @@
 # Every packet after CONNECT except PUBLISH: the QoS 1/2 acknowledgements
 # of outgoing messages, SUBSCRIBE/UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH.
 import gc
+import micropython
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode, decode_ack, encode, Suback, Unsuback
@@ -40,6 +41,7 @@ def _pid(mv, off):
     return pid
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def _on_other(c, first, mv, off, end):
     t = first >> 4
     if _PUBACK <= t <= _PUBCOMP:

@@ -5,6 +5,7 @@
 # message in RAM. Mosquitto holds it until PUBREL instead; receivers see
 # exactly one copy either way.
 import gc
+import micropython
 from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode_publish
@@ -163,6 +164,12 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
     return True
 
 
+def part(mv, a, b):
+    # mv[a:b], for native code: a slice written there is an object on the
+    # heap, one per message; in bytecode the VM makes it on the C stack.
+    return mv[a:b]
+
+
 def _check_client_props(pr):
     # What a client's PUBLISH must not carry, each a Protocol Error (4.13).
     # A bridge's upstream is a server: it sends Subscription Identifiers.
@@ -173,6 +180,7 @@ def _check_client_props(pr):
         raise MQTTError(0x82, "wildcard in the Response Topic")  # MQTT-3.3.2-14
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def on_publish(c, first, mv, off, end):
     b = c.broker
     cfg = b.cfg
@@ -273,7 +281,7 @@ def on_publish(c, first, mv, off, end):
         start = off - (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
         if mv[start] == first:
             msg = b.raw
-            msg.set(topic, mv[start:end], poff - start, pr, c.version, b.now())
+            msg.set(topic, part(mv, start, end), poff - start, pr, c.version, b.now())
             try:
                 n = route(b, msg, s)
                 if msg.msg is not None:
@@ -290,7 +298,7 @@ def on_publish(c, first, mv, off, end):
     # in pieces often lacked. Its properties too (Message.keep_props).
     big = c.big_in is not None
     try:
-        msg = Message(topic, mv[poff:end] if big else bytes(mv[poff:end]),
+        msg = Message(topic, part(mv, poff, end) if big else bytes(part(mv, poff, end)),
                       qos, bool(retain), None, pr.get(_EXPIRY) if pr is not None else None, b.now())
         if pr is not None:
             msg.keep_props(pr, mv, off, qos, poff, not big)

@@ -1,6 +1,7 @@
 # An application message as the broker holds it: one object, shared by
 # every queue it sits in, and written straight into each receiver's output
 # buffer (put()): no encoded copy is made or kept per receiver.
+import micropython
 from micropython import const
 from mqtt import props as P
 
@@ -48,6 +49,15 @@ def _put_varint(ob, o, n):
         else:
             ob[o] = b
             return o + 1
+
+
+def put_bytes(ob, o, b):
+    # b into ob at o; returns the offset after it. For native code: a slice
+    # written there is an object on the heap, one per call; in bytecode the
+    # VM makes it on the C stack.
+    n = o + len(b)
+    ob[o:n] = b
+    return n
 
 
 def _put_head(ob, o, first, rem, t, tn):
@@ -156,6 +166,7 @@ class Message:
         r = self.expires - now
         return r if r > 0 else 1
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def _props_len(self, alias, subids):
         n = len(self.pbody)
         if self.expires is not None:
@@ -167,6 +178,7 @@ class Message:
                 n += 1 + _vlen(s)
         return n
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def size(self, topic, version, qos, subids, alias, send_topic, payload=True):
         # Bytes put() writes with these arguments.
         n = (len(memoryview(topic)) if send_topic else 0) + 2
@@ -178,6 +190,7 @@ class Message:
         rem = n + len(self.payload)
         return 1 + _vlen(rem) + (rem if payload else n)
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def put(self, ob, o, topic, version, qos, retain, dup, pid, subids, alias, send_topic, now, payload=True):
         # Writes the PUBLISH for one receiver into ob at o (the caller has
         # checked the room with size()); returns the offset after it. topic
@@ -218,11 +231,9 @@ class Message:
                     o = _put_varint(ob, o + 1, s)
             b = self.pbody
             if b:
-                ob[o : o + len(b)] = b
-                o += len(b)
+                o = put_bytes(ob, o, b)
         if payload:
-            ob[o : o + len(pl)] = pl
-            o += len(pl)
+            o = put_bytes(ob, o, pl)
         return o
 
 

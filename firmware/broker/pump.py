@@ -4,6 +4,7 @@
 # route.deliver for a client with nothing queued, and by the flusher
 # (Connection.pump) to drain a session's queue as the output empties.
 import gc
+import micropython
 from micropython import const
 from broker import log
 from broker.message import put_packed
@@ -14,6 +15,7 @@ WAIT = const(0)  # no room now: try again once the output drains or acks come
 GONE = const(2)  # it will never go: expired, or too big for this client
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     # One message for c: seq is its queue entry's sequence number (0: it
     # was never queued), stored whether that entry is on flash. Returns
@@ -124,6 +126,7 @@ def _sent(p, s, pid, d, seq):
     return False
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def _size(c, msg, t, qos, subids, alias, send_topic, whole):
     # The size of msg's PUBLISH for c (of its head alone when not whole: a
     # payload larger than half the write buffer goes out from the message
@@ -150,6 +153,7 @@ def _alone(b, msg, t, n, v, qos, retain, pid, subids, alias, send_topic, now, wh
     return None
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def pump(b, c, s):
     # Moves queued messages into c's output while there is room. True when
     # it stopped for lack of room in the output (more may follow once it

@@ -6,6 +6,7 @@
 # the rest waits in the session's queue, on flash too when the session
 # persists.
 import gc
+import micropython
 from micropython import const
 from broker.session import info
 from broker.message import Raw
@@ -27,6 +28,7 @@ EVERY = _Slicer()[:]
 del _Slicer
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def route(b, msg, origin, keep=True):
     # Returns the number of sessions msg went to. msg is a Message, or a
     # message.Raw (a QoS 0 message straight from the read buffer). keep: a
@@ -132,6 +134,7 @@ def _route_many(b, msg, origin, hits):
     return len(best)
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def deliver(b, s, msg, qos, retain, subids):
     # One message for session s: straight into its client's output when
     # the client is connected with nothing queued, else into its queue.
@@ -188,6 +191,7 @@ def deliver(b, s, msg, qos, retain, subids):
         b.queue_refusals += 1
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def _enqueue(b, s, msg, qos, retain, subids):
     p = b.persist
     durable = bool(qos and p is not None and s.expiry)

@@ -11,6 +11,7 @@
 # (that int, subscription identifiers) in the rare case it has some. A
 # message in flight is a Delivery: at most the Receive Maximum of them per
 # session.
+import micropython
 from micropython import const
 
 NEVER = const(0xFFFFFFFF)
@@ -140,6 +141,7 @@ class Session:
         self.dropped += n
         return n
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def enqueue(self, msg, inf, limit):
         # Bounded queue. When full, the oldest QoS 0 message makes room
         # (QoS 0 entries are never on flash); with none, the newcomer is

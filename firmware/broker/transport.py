@@ -19,6 +19,7 @@
 import gc
 import select
 import socket
+import micropython
 from micropython import const
 from asyncio import core
 
@@ -71,13 +72,14 @@ class TcpTransport:
                 wait_io(self.sock, 1)
                 yield
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def write_now(self, mv):
         # Writes what the socket takes at once; 0 when it would block.
         try:
             n = self.sock.write(mv)
         except OSError as e:
             if e.args[0] != _EAGAIN:
-                raise
+                raise e  # (machine code has no bare raise)
             n = None
         return n or 0
 
@@ -227,6 +229,7 @@ class WakeOrder(core.IOQueue):
                     sm[1] = None
                 self.poller.modify(s, _asked(sm))
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def wait_io_event(self, dt):
         tq = core._task_queue
         w = self.woken

@@ -8,6 +8,16 @@ except ImportError:  # CPython
 
 
 try:
+    import micropython  # noqa: F401
+except ImportError:  # CPython: @micropython.native leaves a function as it is
+
+    class micropython:
+        @staticmethod
+        def native(f):
+            return f
+
+
+try:
     from time import ticks_ms, ticks_diff, ticks_add  # noqa: F401
 except ImportError:  # CPython
     import time as _time

@@ -9,7 +9,7 @@
 # The broker's publish path does not build objects: it uses
 # decode_publish() and decode_ack(), which return tuples, and
 # encode_publish(), which lays a message out once for many receivers.
-from mqtt.compat import const
+from mqtt.compat import const, micropython
 from mqtt.errors import MQTTError, MALFORMED, PROTOCOL_ERROR, UNSUPPORTED_VERSION
 from mqtt import wire, props as P
 
@@ -236,6 +236,14 @@ def check_flags(first):
 
 # ---------------------------------------------------------------- decode
 
+def _utf8(buf, off, e):
+    # str(buf[off:e], "utf-8"), for decode_publish: in its machine code a
+    # slice is an object on the heap; in bytecode the VM makes it on the C
+    # stack.
+    return str(buf[off:e], "utf-8")
+
+
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def decode_publish(first, buf, off, end, version):
     # Returns (topic, pid, props, payload_offset). topic may be "" in v5
     # when a Topic Alias stands for it; the caller resolves that.
@@ -248,7 +256,7 @@ def decode_publish(first, buf, off, end, version):
     if e > end:
         raise MQTTError(MALFORMED, "string runs past the packet")
     try:
-        topic = str(buf[off:e], "utf-8")
+        topic = _utf8(buf, off, e)
     except UnicodeError:
         raise MQTTError(MALFORMED, "invalid UTF-8 string")
     if len(topic) == n:

