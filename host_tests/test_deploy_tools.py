@@ -316,6 +316,19 @@ def test_deploy_refuses_where_the_measured_board_did_not_start_from_mpy():
     assert fits is False, "the ESP32 WROOM was expected not to fit .mpy files: %s" % why
 
 
+def test_machine_code_an_rp2_board_copies_into_its_heap_counts_against_the_mpy_path():
+    # The rp2 port puts the machine code of .mpy files in the Python heap;
+    # the twin that measured the .mpy start put it outside. A start that
+    # fits with 100 B to spare no longer fits with that code counted.
+    rec = json.loads(json.dumps(_records()["pico2_w"]))
+    fits, why = deploy.mpy_verdict(dict(rec, native_in_heap=0))
+    need = int(why.rsplit("= ", 1)[1].split()[0])
+    rec["mpy"] = dict(rec["mpy"], start_free=need + 100)
+    assert deploy.mpy_verdict(dict(rec, native_in_heap=0))[0] is True
+    fits, why = deploy.mpy_verdict(dict(rec, native_in_heap=24000))
+    assert fits is False and "less 24000 B of machine code" in why, why
+
+
 def test_romfs_needs_a_romfs_partition(sim_board):
     fs, port = sim_board
     r = run([MPREMOTE, "connect", port, "resume", "romfs", "query"], timeout=30)

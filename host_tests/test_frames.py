@@ -10,6 +10,7 @@ functions were cut to fit; a new local or a try in one of them would put
 it back on the heap, which these tests catch. Frame sizes come from the
 twin's own mpy-cross, the compiler of the frozen code.
 """
+import ast
 import json
 import subprocess
 import sys
@@ -129,6 +130,30 @@ def test_a_forwarded_message_sets_off_collections_for_its_garbage_only(case):
     assert r["counted_per_msg"] <= 1.5 * r["per_msg"], (
         "%.1f B/msg towards gc.threshold for %.1f B/msg of garbage: frames from the heap "
         "(tools/frames.py)" % (r["counted_per_msg"], r["per_msg"]))
+
+
+def _function_node(path, qual):
+    tree = ast.parse((REPO / path).read_text())
+    scope = tree.body
+    for part in qual.split("."):
+        node = next(n for n in scope if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+        scope = node.body
+    return node
+
+
+@pytest.mark.parametrize("path,name", NATIVE, ids=["%s:%s" % (p.rsplit("/", 1)[1], n) for p, n in NATIVE])
+def test_machine_code_function_uses_nothing_the_native_emitter_does_differently(path, name):
+    # MicroPython v1.28's native emitter cannot compile a bare `raise`
+    # (mpy-cross aborts on an assertion in py/emitnative.c, or says "native
+    # raise") nor `raise ... from`, and compiles `del x` of a local as
+    # `x = None` (no NameError after it). None of these may appear.
+    found = []
+    for n in ast.walk(_function_node(path, name)):
+        if isinstance(n, ast.Raise) and (n.exc is None or n.cause is not None):
+            found.append("line %d: %s" % (n.lineno, "bare raise" if n.exc is None else "raise ... from"))
+        elif isinstance(n, ast.Delete) and any(isinstance(t, ast.Name) for t in n.targets):
+            found.append("line %d: del of a local" % n.lineno)
+    assert not found, "%s %s: %s" % (path, name, "; ".join(found))
 
 
 def test_a_function_with_many_arguments_is_reported_on_the_heap():

@@ -40,8 +40,10 @@ def mpy_verdict(rec):
     if mpy.get("start_free") is None:
         return False, ("loaded from .mpy files the broker did not even start in the board's %d B heap (%s)"
                        % (rec["heap"], mpy.get("error", "no result")))
-    have = mpy["start_free"]
-    return have >= need, ("loaded from .mpy files it leaves %d B free after start; it needs min_free_heap "
+    code = rec.get("native_in_heap", 0)  # machine code the board copies into its heap
+    have = mpy["start_free"] - code
+    return have >= need, ("loaded from .mpy files it leaves %d B free after start%s; it needs min_free_heap "
                           "%d B + %d clients x %d B%s = %d B" % (
-                              have, rec["min_free_heap"], rec["max_connections"], client,
+                              have, " (less %d B of machine code, copied into the heap)" % code if code else "",
+                              rec["min_free_heap"], rec["max_connections"], client,
                               " + one TLS session %d B" % tls if tls else "", need))

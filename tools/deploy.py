@@ -22,7 +22,8 @@ How the code reaches the board (--code, default auto):
           of the code on the filesystem (which would be imported instead)
           are removed. auto picks it when the board has a frozen broker.
   romfs   the .mpy files go into a ROMFS image (`mpremote romfs deploy`),
-          which runs in place from flash; needs firmware with a ROMFS
+          whose bytecode runs in place from flash (machine code is copied
+          into RAM as it loads); needs firmware with a ROMFS
           partition (`mpremote connect PORT romfs query`). auto picks it
           when the board's ROMFS already holds the broker.
   mpy     the .mpy files are copied to the filesystem and loaded into the
@@ -647,7 +648,7 @@ def deploy(args):
 
     if args.dry_run:
         print("deploy --dry-run: %s (%s) to %s; the device is not read, so everything is listed"
-              % (profile["name"], profile.get("mpy_arch") or "portable bytecode", args.port))
+              % (profile["name"], profile["mpy_arch"], args.port))
         if args.code == "auto" and verdict[0] is False:
             how = "frozen"
             print("deploy: .mpy files do not fit this board (%s): listed for firmware with the broker frozen in"

@@ -25,9 +25,12 @@ the generator object made once per call; those are not listed.
 
 A function marked @micropython.native is machine code, and keeps its
 frame on the C stack at any size: listed as native. (What it costs:
-flash for its code, and a heap object for every slice written in it,
-which bytecode makes on the C stack: the hot path's slices are in small
-bytecode helpers, message.put_bytes and handle_publish.part.)
+flash for its code, RAM for it where it is loaded from .mpy or ROMFS (on
+the rp2 boards from the Python heap), C stack for its frame, and a heap
+object for every slice written in it, which bytecode makes on the C stack
+for a memoryview or bytearray: the hot path's slices are in small
+bytecode helpers, message.put_bytes, handle_publish.part and
+packets._utf8.)
 
 Prints one line per function whose frame would come from the heap
 (--all: every function but generators): bytes, locals+stack words, try
@@ -65,14 +68,33 @@ def _tree():
     return cross, src / "tools" / "mpy-tool.py"
 
 
-def functions(path, cross, tool):
-    # -> [(qualified name, n_state, n_exc, native)] for every function in
-    # path that is not a generator
+def _dump(path, cross, tool, arch):
+    # mpy-tool's listing of path compiled for arch
     with tempfile.TemporaryDirectory() as d:
         mpy = Path(d) / "m.mpy"
-        subprocess.run([str(cross), "-march=x86", "-o", str(mpy), str(path)], check=True)
-        dump = subprocess.run([sys.executable, str(tool), "-d", str(mpy)], check=True,
+        subprocess.run([str(cross), "-march=" + arch, "-o", str(mpy), str(path)], check=True)
+        return subprocess.run([sys.executable, str(tool), "-d", str(mpy)], check=True,
                               capture_output=True, text=True).stdout
+
+
+def machine_code_bytes(arch, files=None):
+    """Bytes of machine code that the functions marked @micropython.native
+    in files (default: all of lib/ and firmware/) compile to for arch: what
+    a board loading them from .mpy files (or ROMFS) copies into RAM."""
+    cross, tool = _tree()
+    files = files or sorted(p for d in ("lib", "firmware") for p in (REPO / d).rglob("*.py"))
+    n = 0
+    for f in files:
+        for line in _dump(f, cross, tool, arch).splitlines():
+            if line.startswith("  raw data: "):
+                n += int(line.split()[2])
+    return n
+
+
+def functions(path, cross, tool):
+    # -> [(qualified name, n_state, n_exc, native)] for every function in
+    # path that is not a generator (compiled for the twin's x86)
+    dump = _dump(path, cross, tool, "x86")
     out = []
     stack = []  # [name, children still to come]
     name = None

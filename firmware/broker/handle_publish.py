@@ -166,7 +166,8 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
 
 def part(mv, a, b):
     # mv[a:b], for native code: a slice written there is an object on the
-    # heap, one per message; in bytecode the VM makes it on the C stack.
+    # heap, one per message; in bytecode the VM makes a memoryview's slice
+    # on the C stack.
     return mv[a:b]
 
 

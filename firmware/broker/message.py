@@ -54,7 +54,7 @@ def _put_varint(ob, o, n):
 def put_bytes(ob, o, b):
     # b into ob at o; returns the offset after it. For native code: a slice
     # written there is an object on the heap, one per call; in bytecode the
-    # VM makes it on the C stack.
+    # VM makes a bytearray's (or memoryview's) slice on the C stack.
     n = o + len(b)
     ob[o:n] = b
     return n

@@ -107,9 +107,10 @@ def _unmask_py(buf, n, m, ph):
 
 
 _unmask = _unmask_py
-# Viper unmasks about 20x faster. It is compiled from a string because a
-# @viper function in this file would stop mpy-cross from building portable
-# bytecode; firmware without the native emitter keeps the version above.
+# Viper unmasks about 20x faster. It is compiled from a string at import,
+# so that firmware without the viper emitter keeps the version above (the
+# build once made portable bytecode; the hot path's @micropython.native
+# functions now need the native emitter anyway, which brings viper).
 try:
     _g = {"micropython": micropython}
     exec(

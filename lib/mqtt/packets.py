@@ -238,8 +238,8 @@ def check_flags(first):
 
 def _utf8(buf, off, e):
     # str(buf[off:e], "utf-8"), for decode_publish: in its machine code a
-    # slice is an object on the heap; in bytecode the VM makes it on the C
-    # stack.
+    # slice is an object on the heap; in bytecode the VM makes the slice of
+    # a memoryview (the broker's read buffer) on the C stack.
     return str(buf[off:e], "utf-8")
 
 

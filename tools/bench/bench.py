@@ -10,7 +10,7 @@ Our broker runs with the esp32 profile's shipped config (persistence on,
 anonymous clients refused, the connection-rate limit on; brokers.Ours) in
 two places:
   host  the 64-bit PyPI MicroPython (.venv/bin/micropython) running the
-        .mpy files of build/host, with the unix profile's heap (4,000,000):
+        sources, with the unix profile's heap (4,000,000):
         a PC, as Mosquitto and amqtt run here
   twin  the board twin (build/twin/micropython: v1.28.0, 32-bit, the code
         frozen in), heap 110000, as on an ESP32

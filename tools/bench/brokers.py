@@ -3,7 +3,7 @@
     Ours("twin")  our broker on the board twin (build/twin/micropython, 32-bit,
                   code frozen in) at the board profile's heap
     Ours("host")  our broker on the 64-bit PyPI MicroPython (.venv/bin/micropython)
-                  running the .mpy files of build/host, at twice the board's heap
+                  running the sources, at twice the board's heap
     Mosquitto()   Debian's /usr/sbin/mosquitto, conf in a temp dir,
                   set_tcp_nodelay true, no persistence, anonymous clients
     Amqtt(exe)    amqtt from its own venv (build/bench-venv), YAML in a temp dir,

@@ -52,8 +52,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(HERE), str(REPO / "lib"), str(REPO / "host_tests")]
+sys.path[:0] = [str(HERE), str(REPO / "lib"), str(REPO / "host_tests"), str(REPO / "tools")]
 import brokerproc  # noqa: E402
+import frames  # noqa: E402
 from brokerproc import BrokerProc, TEST_USER, TEST_PASSWORD, profile as board_profile  # noqa: E402
 from mqtt import packets as K  # noqa: E402
 from framer import Framer  # noqa: E402
@@ -425,6 +426,11 @@ def measure_board(board, log=print):
     # the Python heap, the ESP32's from the IDF heap (PLATFORM.md).
     rec["tls_from"] = "python heap" if prof.get("mpy_arch") == "armv6m" else "outside the python heap"
     rec["tls_connection"] = rec["tls_in_heap"] if rec["tls_from"] == "python heap" else rec["tls_outside_heap"]
+    # Loaded from .mpy files, machine code (the @micropython.native
+    # functions) goes into the Python heap on the rp2 port (no
+    # MP_PLAT_ALLOC_EXEC: m_new), into executable RAM outside it on the
+    # ESP32, and outside it on the stock twin that measured the .mpy start.
+    rec["native_in_heap"] = frames.machine_code_bytes(prof["mpy_arch"]) if prof["mpy_arch"] == "armv6m" else 0
     return rec
 
 
