@@ -107,10 +107,9 @@ def _unmask_py(buf, n, m, ph):
 
 
 _unmask = _unmask_py
-# Viper unmasks about 20x faster. It is compiled from a string at import,
-# so that firmware without the viper emitter keeps the version above (the
-# build once made portable bytecode; the hot path's @micropython.native
-# functions now need the native emitter anyway, which brings viper).
+# Viper unmasks about 20x faster. It is compiled from a string at import;
+# where that fails (firmware without the viper emitter), the version above
+# stays.
 try:
     _g = {"micropython": micropython}
     exec(
