@@ -2,7 +2,7 @@
 # board twin. Runs under MicroPython (not CPython):
 #
 #   build/twin/micropython -X heapsize=110000 tools/bench/mp_alloc.py \
-#       [--board esp32] [--messages 2000] [--cases 1,10,5:1,b1] [--payload 64] [--where] [--json]
+#       [--board esp32] [--messages 2000] [--cases 1,10,5:1,b1] [--payload 64] [--where] [--collections] [--json]
 #
 # The broker is started as app.start() starts it, from the board profile's
 # shipped config (persistence on, with its store in a temporary folder;
@@ -36,7 +36,7 @@
 # allocates (inclusive, the wrappers' own argument tuples taken out).
 #
 # --collections: then, with the collector on at the profile's gc_threshold
-# (as the board runs), M more messages, counting the collections. Each
+# (as the board runs), as many messages again, counting the collections. Each
 # comes after gc_threshold bytes allocated, and that count includes the
 # frames of Python functions too large for the C stack (tools/frames.py),
 # freed on return and so invisible to mem_alloc(): gc_threshold times the
@@ -462,8 +462,7 @@ async def collections(b, subs, pub, block, L, messages, out):
         raise RuntimeError("--collections needs a board whose profile sets gc_threshold")
     base = [s.out for s in subs]
     want = messages * L
-    gc.collect()
-    gc.threshold(t)  # (app.start set it too; again, in case it was not)
+    gc.collect()  # (app.start set gc.threshold to t)
     n = 0
     step = 0
     last = gc.mem_alloc()
