@@ -52,9 +52,9 @@ def case_round_trip():
     st.put("s/b", b"")
     st.put("q/c", b"\x00\xff" * 300)
     st.put("é/unicode", b"u")
-    assert st.pending() > 0
+    assert st.pending > 0
     seq = st.commit()
-    assert seq > 0 and st.pending() == 0
+    assert seq > 0 and st.pending == 0
     st.delete("s/b")
     st.put("r/a", b"alpha2")
     st.commit()
@@ -63,13 +63,13 @@ def case_round_trip():
     st, rep = reopen()
     assert state(st) == want, state(st)
     assert rep["recovered"] == 3 and rep["dropped"] == 0, rep
-    assert st.used_bytes() == exact_used(want)
+    assert st.used_bytes == exact_used(want)
     # After a compaction and another reopen: the same.
     st.compact()
     assert state(st) == want
     st, rep = reopen()
     assert state(st) == want
-    assert st.used_bytes() == exact_used(want)
+    assert st.used_bytes == exact_used(want)
     print("OK round_trip", rep)
 
 
@@ -82,7 +82,7 @@ def case_overwrite():
         st.commit()
     st, rep = reopen(slots=4)
     assert state(st) == {"r/x": b"v49", "r/y": b"y48"}, state(st)
-    assert st.used_bytes() == exact_used(state(st))
+    assert st.used_bytes == exact_used(state(st))
     print("OK overwrite", st.stats)
 
 
@@ -97,7 +97,7 @@ def case_staged_not_durable():
     assert state(st) == {"a/1": b"1"}
     st.put("a/3", b"3")
     st.discard()
-    assert st.pending() == 0
+    assert st.pending == 0
     assert st.commit() == 0
     st, rep = reopen()
     assert state(st) == {"a/1": b"1"}
@@ -141,13 +141,13 @@ def case_store_full():
     except StoreFull:
         pass
     assert n == 9, n  # 9 * 105 = 945 fits, a tenth would not
-    assert st.pending() == 0
+    assert st.pending == 0
     committed = state(st)
     assert len(committed) == 9
     # Nothing already stored is damaged, and nothing was half written.
     st, rep = reopen(max_bytes=1000, slots=8)
     assert state(st) == committed and rep["dropped"] == 0
-    assert st.used_bytes() == 945
+    assert st.used_bytes == 945
     # Deleting makes room again: put() compacts to reclaim it.
     st.delete("q/000")
     st.delete("q/001")
@@ -196,7 +196,7 @@ def case_split_batches():
     st, rep = reopen(inline_max=64, split_max=2048, slots=64)
     check(st, want)
     assert rep["dropped"] == 0, rep
-    assert st.used_bytes() == exact_used(want)
+    assert st.used_bytes == exact_used(want)
     st.compact()
     st, rep = reopen(inline_max=64, split_max=2048, slots=64)
     check(st, want)
@@ -305,15 +305,15 @@ def case_memory_error_in_a_commit_keeps_the_batch():
             raise AssertionError("no MemoryError")
         except MemoryError:
             pass
-        assert fails[0] == 0 and st.pending() > 0 and st.stats["compactions"] == c
+        assert fails[0] == 0 and st.pending > 0 and st.stats["compactions"] == c
         k = "r/0/" + "k" * 300
         st.delete(k)
         del want[k]
         st.commit()
-        assert st.pending() == 0 and st.stats["compactions"] == c + 1
+        assert st.pending == 0 and st.stats["compactions"] == c + 1
     finally:
         del store.bytearray
-    assert st.pending() == 0
+    assert st.pending == 0
     check(st, want)
     st, rep = reopen(slots=2)
     check(st, want)
@@ -337,7 +337,7 @@ def case_a_batch_past_batch_keys_commits_in_a_heap_in_crumbs():
     st.commit()
     keep = None
     gc.collect()
-    assert st.pending() == 0
+    assert st.pending == 0
     check(st, want)
     st, rep = reopen(batch_keys=96, index_max=32)
     check(st, want)

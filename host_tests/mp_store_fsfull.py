@@ -84,7 +84,7 @@ try:
     raise AssertionError("commit on a full filesystem did not raise")
 except StoreFull:
     refused += 1
-assert st.pending() > 0 and state(st) == want and not leftovers()
+assert st.pending > 0 and state(st) == want and not leftovers()
 # Tried again with more staged: still no room, nothing lost or applied.
 st.put("q/9", b"x")
 st.delete("r/0")
@@ -93,7 +93,7 @@ try:
     raise AssertionError("commit on a full filesystem did not raise")
 except StoreFull:
     refused += 1
-assert st.pending() > 0 and state(st) == want and not leftovers()
+assert st.pending > 0 and state(st) == want and not leftovers()
 # A compaction needs room for the new segment next to the old one.
 try:
     st.compact()

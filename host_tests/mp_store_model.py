@@ -9,7 +9,7 @@
 # changes are lost). Steps are read one at a time, so a long run needs
 # little heap. After every commit (with "dump": "all"), compact and reopen
 # it prints one JSON line:
-#   {"step": n, "used": used_bytes(), "items": {key: hexvalue}}
+#   {"step": n, "used": used_bytes, "items": {key: hexvalue}}
 # and last "DONE" with the stats summed over all sessions.
 import json
 import sys
@@ -43,7 +43,7 @@ def dump(n, st):
     for k, v in st.items():
         assert k not in items, "key twice in items(): " + k
         items[k] = hexlify(v).decode()
-    print(json.dumps({"step": n, "used": st.used_bytes(), "items": items}))
+    print(json.dumps({"step": n, "used": st.used_bytes, "items": items}))
 
 
 st = new()

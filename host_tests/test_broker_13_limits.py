@@ -466,6 +466,15 @@ MALFORMED = [
     ("pingreq-with-body", b"\xc0\x01\x00"),
     ("puback-truncated", b"\x40\x01\x00"),
     ("pubrel-flags-0", b"\x60\x02\x00\x01"),
+    # The acknowledgements' usual two-byte form takes a shorter path
+    # (handle_other.on_packet): their flags and packet identifier are
+    # still checked there.
+    ("puback-flags", b"\x41\x02\x00\x01"),
+    ("pubrec-flags", b"\x52\x02\x00\x01"),
+    ("pubrel-flags-3", b"\x63\x02\x00\x01"),
+    ("pubcomp-flags", b"\x78\x02\x00\x01"),
+    ("puback-pid-0", b"\x40\x02\x00\x00"),
+    ("pubrel-pid-0", b"\x62\x02\x00\x00"),
     ("connack-from-client", b"\x20\x02\x00\x00"),
     ("disconnect-flags", b"\xe1\x00"),
     ("remaining-length-5-bytes", b"\x30\xff\xff\xff\xff\x01"),

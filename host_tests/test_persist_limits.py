@@ -182,7 +182,7 @@ async def main():
     p.hold(C(), b"\x40\x02\x00\x07")
     await asyncio.sleep_ms(800)
     print("fails", fails[0], "acked", C.got == [b"\x40\x02\x00\x07"], "closed", C.closing,
-          "pending", p.store.pending(), "failed", p.failed)
+          "pending", p.store.pending, "failed", p.failed)
     # Out of heap for seconds: the acknowledgement waits (nothing is
     # acknowledged that is not on flash), the client is not closed, and
     # the batch goes through once the heap is back.
@@ -191,11 +191,11 @@ async def main():
     p._put("rk2", b"v")
     p.hold(C(), b"\x40\x02\x00\x08")
     await asyncio.sleep_ms(3000)
-    print("waiting", C.got == [], "closed", C.closing, "pending", p.store.pending() > 0)
+    print("waiting", C.got == [], "closed", C.closing, "pending", p.store.pending > 0)
     fails[0] = 0
     p._put("rk3", b"v")
     await asyncio.sleep_ms(5500)  # the retry interval has grown to its 5 s cap
-    print("acked", C.got == [b"\x40\x02\x00\x08"], "pending", p.store.pending(), "failed", p.failed)
+    print("acked", C.got == [b"\x40\x02\x00\x08"], "pending", p.store.pending, "failed", p.failed)
     print("after", sorted(k for k, v in p.store.items() if k != "c"))  # (the clock too, once a second has passed)
 
 
@@ -216,7 +216,7 @@ async def main():
     p._put("rk", b"v")
     p.hold(C(), b"\x40\x02\x00\x07")
     await asyncio.sleep_ms(500)
-    print("failed", 1 - left[0], "acked", C.got == [b"\x40\x02\x00\x07"], "pending", p.store.pending())
+    print("failed", 1 - left[0], "acked", C.got == [b"\x40\x02\x00\x07"], "pending", p.store.pending)
 
 
 asyncio.run(main())

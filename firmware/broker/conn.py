@@ -534,8 +534,7 @@ class Connection(Output):
                 check_flags(first)
             on_publish(self, first, mv, off, end)
         else:
-            check_flags(first)
-            on_packet(self, first, mv, off, end)
+            on_packet(self, first, mv, off, end)  # (checks the flags)
 
     def _connect(self, first, mv, off, end):
         if first >> 4 != _CONNECT:

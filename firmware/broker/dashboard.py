@@ -198,7 +198,7 @@ def state(b, budget=0):
     p = b.persist
     if p is not None:
         ss = p.store.stats
-        st = [p.store.used_bytes(), cfg["store_max_bytes"], ss.get("bytes_written", 0), ss.get("block_writes", 0)]
+        st = [p.store.used_bytes, cfg["store_max_bytes"], ss.get("bytes_written", 0), ss.get("block_writes", 0)]
     o = _Out(budget)
     head = json.dumps(
         {

@@ -4,7 +4,7 @@ import gc
 import micropython
 from micropython import const
 from mqtt.errors import MQTTError
-from mqtt.packets import decode, decode_ack, encode, Suback, Unsuback
+from mqtt.packets import check_flags, decode, decode_ack, encode, Suback, Unsuback
 from mqtt.topic import valid_filter, split_shared
 from mqtt import props as P
 from broker.session import RELEASED, SENT
@@ -24,21 +24,21 @@ _AUTH = const(15)
 _CONNECT = const(1)
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def on_packet(c, first, mv, off, end):
-    if 0x40 <= first < 0x80 and end - off == 2:
-        # PUBACK, PUBREC, PUBREL or PUBCOMP in the usual form, in both
-        # versions: no reason code, no properties. The other packets are
-        # apart, so that this frame stays off the heap (tools/frames.py).
-        _on_ack(c, first >> 4, _pid(mv, off), 0)
+    # PUBACK, PUBREC, PUBREL or PUBCOMP in the usual form, in both versions
+    # (no reason code, no properties, the flags the spec requires) goes to
+    # _on_ack with no other call: one of these comes for every QoS 1/2
+    # message. Anything else has its fixed header checked first.
+    t = first >> 4
+    if _PUBACK <= t <= _PUBCOMP and end - off == 2 and first & 0x0F == (2 if t == _PUBREL else 0):
+        pid = mv[off] << 8 | mv[off + 1]
+        if not pid:
+            raise MQTTError(0x82, "packet identifier 0")
+        _on_ack(c, t, pid, 0)
     else:
+        check_flags(first)
         _on_other(c, first, mv, off, end)
-
-
-def _pid(mv, off):
-    pid = mv[off] << 8 | mv[off + 1]
-    if not pid:
-        raise MQTTError(0x82, "packet identifier 0")
-    return pid
 
 
 @micropython.native  # (tools/frames.py: its frame on the C stack)
@@ -90,7 +90,8 @@ def _flow_ended(c, s, pid, d):
     s.full_since = None  # progress: not stuck
     if s.expiry and c.broker.persist is not None:
         c.broker.persist.acked(s, pid, d)
-    c.kick()  # room in the window for what is queued
+    if not c.dirty:  # (see Output.kick)
+        c.kick()  # room in the window for what is queued
 
 
 def _on_pubrel(c, s, pid):

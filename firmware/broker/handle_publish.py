@@ -28,19 +28,6 @@ def _ack(c, t, pid, reason):
     c.ack(t << 4, pid, reason if c.version == 5 else 0)
 
 
-def _ack_ahead(c, mark, t, pid, reason):
-    # The PUBACK or PUBREC, ahead of the copy of the message that route()
-    # wrote into the publisher's own output from `mark` on (a client that
-    # subscribes to what it publishes). A client may take its own message
-    # coming back as the end of the exchange: Paho's test client then
-    # disconnected with its PUBACK still unread. (When output was written
-    # out during route(), the copy keeps its place.)
-    if c.olen > mark and c.tail is None:
-        _ack_before_copy(c, mark, t, pid, reason)
-    else:
-        _ack(c, t, pid, reason)
-
-
 def _ack_before_copy(c, mark, t, pid, reason):
     # The copy is obuf[mark:olen], and `big` when its payload goes out by
     # reference (larger than half the buffer: then it came first).
@@ -252,7 +239,7 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x99, "payload is not UTF-8")
         _ack(c, 3 + qos, pid, 0x99)
         return
-    if topic[0] == "$" and topic.startswith("$SYS"):
+    if "$" in topic and topic.startswith("$SYS"):
         # $SYS is the broker's own (MQTT 4.7.2): refused like an ACL denial.
         if qos:
             _ack(c, 3 + qos, pid, 0x87)
@@ -298,9 +285,10 @@ def on_publish(c, first, mv, off, end):
     # needs one free piece of heap its size, not two at once, which a heap
     # in pieces often lacked. Its properties too (Message.keep_props).
     big = c.big_in is not None
+    exp = pr.get(_EXPIRY) if pr is not None else None
     try:
         msg = Message(topic, part(mv, poff, end) if big else bytes(part(mv, poff, end)),
-                      qos, bool(retain), None, pr.get(_EXPIRY) if pr is not None else None, b.now())
+                      qos, bool(retain), None, exp, b.now() if exp else 0)
         if pr is not None:
             msg.keep_props(pr, mv, off, qos, poff, not big)
         c.big_in = None  # (taken: not reused)
@@ -351,11 +339,18 @@ def on_publish(c, first, mv, off, end):
         reason = 0x97
     else:
         reason = 0 if n or retain else 0x10
-    if qos == 1:
-        _ack_ahead(c, mark, 4, pid, reason)
-    elif qos == 2:
-        if reason < 0x80:
-            s.qos2()[pid] = True
-            if p is not None and s.expiry:
-                p.qos2_received(s, pid)
-        _ack_ahead(c, mark, 5, pid, reason)
+    if qos == 2 and reason < 0x80:
+        s.qos2()[pid] = True
+        if p is not None and s.expiry:
+            p.qos2_received(s, pid)
+    if qos:
+        # The PUBACK or PUBREC goes ahead of the copy of the message that
+        # route() wrote into the publisher's own output from `mark` on (a
+        # client that subscribes to what it publishes). A client may take
+        # its own message coming back as the end of the exchange: Paho's
+        # test client then disconnected with its PUBACK still unread. (When
+        # output was written out during route(), the copy keeps its place.)
+        if c.olen > mark and c.tail is None:
+            _ack_before_copy(c, mark, 3 + qos, pid, reason)
+        else:
+            _ack(c, 3 + qos, pid, reason)

@@ -63,7 +63,11 @@ def put_bytes(ob, o, b):
 def _put_head(ob, o, first, rem, t, tn):
     # A PUBLISH's fixed header and topic (t: tn bytes) into ob at o.
     ob[o] = first
-    o = _put_varint(ob, o + 1, rem)
+    if rem < 128:  # (most messages: no call)
+        ob[o + 1] = rem
+        o += 2
+    else:
+        o = _put_varint(ob, o + 1, rem)
     ob[o] = tn >> 8
     ob[o + 1] = tn & 0xFF
     o += 2
@@ -188,7 +192,7 @@ class Message:
             p = self._props_len(alias, subids)
             n += _vlen(p) + p
         rem = n + len(self.payload)
-        return 1 + _vlen(rem) + (rem if payload else n)
+        return (2 if rem < 128 else 1 + _vlen(rem)) + (rem if payload else n)  # (most: no call)
 
     @micropython.native  # (tools/frames.py: its frame on the C stack)
     def put(self, ob, o, topic, version, qos, retain, dup, pid, subids, alias, send_topic, now, payload=True):

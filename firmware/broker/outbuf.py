@@ -86,7 +86,9 @@ class Output:
     def kick(self):
         # Marked only once on the flusher's list: when that list could not
         # grow (MemoryError), a later kick tries again, and the output (a
-        # CONNACK) is not left unsent for good.
+        # CONNACK) is not left unsent for good. The publish path's callers
+        # look at `dirty` first: most of a batch's messages find it set,
+        # and the look costs less than the call.
         if not self.dirty:
             self.broker.kick(self)
             self.dirty = True
@@ -133,7 +135,8 @@ class Output:
         else:
             ob[o + 1] = 2
             self.olen = o + 4
-        self.kick()
+        if not self.dirty:  # (see kick)
+            self.kick()
 
     def send_split(self, head, payload):
         # A PUBLISH as its head and its payload: the payload goes out from

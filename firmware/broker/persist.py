@@ -417,7 +417,7 @@ class Persist:
         # What the restore staged, written now; a failure must not stop the
         # start (a board would restart into it again): the committer tries
         # again, as for any commit.
-        if self.store.pending():
+        if self.store.pending:
             try:
                 self.store.commit()
             except Exception as e:
@@ -473,7 +473,7 @@ class Persist:
     # ------------------------------------------------------------ commit
 
     def dirty(self):
-        return self.store.pending() > 0
+        return self.store.pending > 0
 
     def healthy(self, n, topic):
         # True when the store surely takes a QoS 1/2 message on topic, n
@@ -489,10 +489,13 @@ class Persist:
         # own record refused by the batch: the publisher was told 0x97 for
         # a value that stayed retained, and a power cut left it in place of
         # the last one acknowledged (outside power-cut probe, 3 of 6 seeds).
+        # (Asked for every QoS 1/2 message: with nothing staged, as is usual
+        # between clean sessions, it makes two calls.)
         st = self.store
+        if self.failing or st.pending and not self._uncrowded():
+            return False
         most = (_record_max(n, topic) << 1) + (self.b.subs.count + 1) * _PER_SUB
-        return (not self.failing and st.used_bytes() + st.pending() + most <= st.max_bytes
-                and most <= self._batch_left() and self._uncrowded())
+        return st.used_bytes + st.pending + most <= st.max_bytes and most <= self._batch_left()
 
     def batch_takes(self, need):
         # Has the batch staged for the next commit room for a QoS 1/2
@@ -507,7 +510,7 @@ class Persist:
         # batch could hold hundreds of small queue records, past the keys
         # the store's index made room for (store.py, _make_room).
         st = self.store
-        return (self.failing or not st.pending()
+        return (self.failing or not st.pending
                 or (self._uncrowded() and need <= self._batch_left()))
 
     def too_large(self, need):
@@ -521,7 +524,7 @@ class Persist:
         # Bytes of records the staged batch takes more of: an empty one,
         # the largest message (max_batch); else up to _BATCH_SOFT in all.
         st = self.store
-        if not st.pending():
+        if not st.pending:
             return st.batch_room()
         return st.batch_left() - max(0, st.max_batch - _BATCH_SOFT)
 
@@ -534,13 +537,13 @@ class Persist:
         st = self.store
         if self.failing:
             return False
-        if st.used_bytes() + st.pending() + need <= st.max_bytes:
+        if st.used_bytes + st.pending + need <= st.max_bytes:
             return True
         self._want_room()
         return False
 
     def _want_room(self):
-        # used_bytes() counts deleted records until the next compaction,
+        # used_bytes counts deleted records until the next compaction,
         # which writes bring; a refusal writes nothing. So a store filled
         # once refused new topics after room was freed, until a restart
         # (outside power-cut probe). A refusal after deletes has the
@@ -716,7 +719,7 @@ class Persist:
             # Asked for room (_want_room): deletes still staged go first,
             # to be folded in too.
             self._commit()
-        if self.compact_now or (self.store.pending() and self.store.compaction_due()):
+        if self.compact_now or (self.store.pending and self.store.compaction_due()):
             # In steps, one namespace each, so that the loop is not held
             # for the whole of it. (Deletes staged meanwhile are not in it.)
             self.freed = False
@@ -765,7 +768,7 @@ class Persist:
 
     def _commit(self):
         st = self.store
-        if not st.pending():
+        if not st.pending:
             return
         b = self.b
         if b.now() != self.clock_saved:
@@ -824,7 +827,7 @@ class Persist:
         self._since_save += 1
         if self.lazy and self._since_save >= self.autosave:
             self._save_lazy()
-        if self.b.clock - self.clock_saved >= _CLOCK_IDLE and not self.store.pending():
+        if self.b.clock - self.clock_saved >= _CLOCK_IDLE and not self.store.pending:
             self._save_clock()
             self.flag.set()
 
@@ -846,7 +849,7 @@ class Persist:
                 self._del("r" + t)
             else:
                 rec = _pack(m)
-                if st.pending() and not st.takes("r" + t, rec):
+                if st.pending and not st.takes("r" + t, rec):
                     return False
                 self._put("r" + t, rec)
             del lazy[t]
@@ -890,7 +893,7 @@ class Persist:
         # not: refused by a full batch, its PUBREL would wait for the
         # client's next connection.
         st = self.store
-        return not st.pending() or len(s.client_id) + 64 <= st.batch_left()
+        return not st.pending or len(s.client_id) + 64 <= st.batch_left()
 
     def session_fits(self, s, more):
         # Has the batch staged for the next commit room for s's record grown
@@ -900,7 +903,7 @@ class Persist:
         # waits, unread, until the committer has written the batch. An
         # empty batch takes anything put() takes.
         st = self.store
-        if not st.pending():
+        if not st.pending:
             return True
         n = 96 + more  # the record's fields besides its subscriptions
         for k in s.subs:
@@ -1089,7 +1092,7 @@ class Persist:
             # each kind of write on the board's LittleFS (docs/store.md): an
             # estimate on a board, counted erases on the simulated flash.
             ("store/block erases estimated", "%.1f" % st.get("block_writes", 0)),
-            ("store/bytes used", self.store.used_bytes()),
+            ("store/bytes used", self.store.used_bytes),
             ("store/records dropped", st.get("records_dropped", 0) + self.failed),
             ("store/commit failing", 1 if self.failing else 0),
         ]

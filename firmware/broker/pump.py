@@ -26,10 +26,12 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         # too, to keep the order (MQTT-4.6.0). A message routed between a
         # CONNECT and the writer's first turn went out ahead of them.
         return WAIT
-    now = b.now()
-    if msg.expires is not None and msg.expired(now):
-        b.stats_expired += 1
-        return GONE
+    now = 0  # (the clock is read only for a message that expires)
+    if msg.expires is not None:
+        now = b.now()
+        if msg.expired(now):
+            b.stats_expired += 1
+            return GONE
     inf = s.inflight
     if qos and len(inf) >= (c.send_max or b.cfg["max_inflight_messages"]):
         return WAIT
@@ -86,7 +88,9 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
             if not whole:
                 tail = [msg.payload]
         if qos:
-            d = s.in_flight()[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
+            if type(inf) is tuple:
+                inf = s.in_flight()  # (the shared () until the first one)
+            d = inf[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
         if pkt is None:
             c.olen = o
             if not whole:

@@ -89,7 +89,8 @@ def _copy(b, s, raw):
     c.olen = n
     s.full_since = None
     b.stats_msgs_sent += 1
-    c.kick()
+    if not c.dirty:  # (see Output.kick)
+        c.kick()
     return True
 
 
@@ -154,7 +155,8 @@ def deliver(b, s, msg, qos, retain, subids):
             r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
             if r == SENT:
                 # Straight into its output: sent by the flusher with the rest.
-                c.kick()
+                if not c.dirty:  # (see Output.kick)
+                    c.kick()
                 return
             if r == GONE:
                 return

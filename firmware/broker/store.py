@@ -112,7 +112,9 @@ class Store:
         }
         self._staged = [None] * batch_keys
         del self._staged[:]  # keeps its room (see _make_room)
-        self._pend = 0  # encoded bytes of the staged ops
+        # Read by the publish path for every QoS 1/2 message: attributes, not
+        # methods (a call costs more there than the check it serves).
+        self.pending = 0  # encoded bytes of the staged ops
         self._pend_put = 0  # record bytes the staged puts would add
         self._idx = _Index()  # key -> slot << 16 | offset of its op; -1: deleted
         self._segs = {}  # namespace byte -> [seq, live bytes, damaged]
@@ -124,7 +126,9 @@ class Store:
         self._big = []  # slots holding a file too big to be inline
         self._extra = False  # slot files past `slots` (it was larger once)
         self._tns = {}  # namespaces written since the last compaction
-        self._used = 0
+        # Bytes of records on flash: exact after open() and compaction; in
+        # between, an overwritten or deleted record counts until the next one.
+        self.used_bytes = 0
         self._rep = None
         self._buf = bytearray(256)  # records being read, in pieces of this
         self._src = None  # the segment file and offset of the record being read
@@ -257,7 +261,7 @@ class Store:
                 if op == _OP_PUT and idx.get(key) == loc:
                     used += _REC + len(key.encode()) + vlen
                     recs += 1
-        self._used = used
+        self.used_bytes = used
         rep["recovered"] = recs
         self.stats["records_dropped"] += rep["dropped"]
         self._make_room()
@@ -340,13 +344,13 @@ class Store:
         if vn > _MAXLEN or _PART + op > self.max_batch:
             raise StoreFull("record too large")
         self._room(op)
-        if self._used + self._pend_put + n > self.max_bytes:
+        if self.used_bytes + self._pend_put + n > self.max_bytes:
             if self._live and not self._compacting:
                 self.compact()
-            if self._used + self._pend_put + n > self.max_bytes:
+            if self.used_bytes + self._pend_put + n > self.max_bytes:
                 raise StoreFull("store full")
         self._staged.append((key, kb, value))
-        self._pend += op
+        self.pending += op
         self._pend_put += n
 
     def delete(self, key):
@@ -354,13 +358,10 @@ class Store:
         # limit of 64 KB per batch.
         kb = _keybytes(key)
         op = _OPH + len(kb)
-        if self._pend + op > _MAXLEN - _OPS:
+        if self.pending + op > _MAXLEN - _OPS:
             raise StoreFull("batch full: commit first")
         self._staged.append((key, kb, None))
-        self._pend += op
-
-    def pending(self):
-        return self._pend
+        self.pending += op
 
     def batch_room(self):
         # Bytes of records an empty batch takes.
@@ -368,7 +369,7 @@ class Store:
 
     def batch_left(self):
         # Bytes of records put() still takes before the next commit.
-        return self.max_batch - _PART - self._pend
+        return self.max_batch - _PART - self.pending
 
     def takes(self, key, value):
         # Whether the staged batch has room for this put() (else: commit
@@ -380,12 +381,7 @@ class Store:
 
     def discard(self):
         del self._staged[:]
-        self._pend = self._pend_put = 0
-
-    def used_bytes(self):
-        # Exact after open() and compaction; in between, an overwritten or
-        # deleted record still counts until the next compaction.
-        return self._used
+        self.pending = self._pend_put = 0
 
     def commit(self):
         # All staged changes, durably, or none of them: on StoreFull (or
@@ -396,7 +392,7 @@ class Store:
         # (Nothing can be staged meanwhile: commit does not yield.)
         if not self._staged:
             return 0
-        seq = self._commit(self._staged, self._pend)
+        seq = self._commit(self._staged, self.pending)
         self.discard()
         return seq
 
@@ -447,7 +443,7 @@ class Store:
             else:
                 idx[key] = loc
                 vn = _vlen(v)
-                self._used += _REC + len(kb) + vn
+                self.used_bytes += _REC + len(kb) + vn
                 pos += _OPH + len(kb) + vn
         self._live.append((seq, i, m))
         self._logb += pend + m * _PART
@@ -531,7 +527,7 @@ class Store:
         used = 0
         for ns in self._segs:
             used += self._segs[ns][1]
-        self._used = used
+        self.used_bytes = used
 
     # ---- internals ----
 
@@ -553,7 +549,7 @@ class Store:
         return split < (whole + 4095) // 4096 + comp / every
 
     def _room(self, op):
-        if self._pend + op > self.max_batch - _PART:
+        if self.pending + op > self.max_batch - _PART:
             raise StoreFull("batch full: commit first")
 
     def _head(self, blen, seq, p, m):

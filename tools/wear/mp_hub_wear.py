@@ -79,7 +79,7 @@ def feed(c, pkt, version):
 def settle(b):
     # The committer's work, then the flusher's.
     p = b.persist
-    if p.store.pending():
+    if p.store.pending:
         p._commit()
         p._release()
     b.flush_now()
