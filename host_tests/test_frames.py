@@ -35,7 +35,6 @@ HOT = [
     ("firmware/broker/transport.py", "_Wait.__next__"),
     ("firmware/broker/transport.py", "_asked"),
     ("firmware/broker/conn.py", "Connection.ack"),
-    ("firmware/broker/handle_publish.py", "_ack"),
     ("firmware/broker/handle_other.py", "_on_ack"),
     ("firmware/broker/handle_other.py", "_flow_ended"),
     ("firmware/broker/handle_other.py", "_on_pubrel"),

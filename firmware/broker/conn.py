@@ -123,10 +123,13 @@ class Connection(Output):
         return pump(self.broker, self, s)
 
     def ack(self, first, pid, reason):
-        # A PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given). While the
-        # store has changes not yet on flash it waits for them: acknowledged
-        # means stored, and a PUBREL or PUBCOMP ends a QoS 2 flow on the
-        # peer's side, which a power cut must not bring back.
+        # A PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with its
+        # reason in v5 (3.1.1 and 3.1 have none). While the store has
+        # changes not yet on flash it waits for them: acknowledged means
+        # stored, and a PUBREL or PUBCOMP ends a QoS 2 flow on the peer's
+        # side, which a power cut must not bring back.
+        if self.version != 5:
+            reason = 0
         p = self.broker.persist
         if p is not None and p.dirty():
             pkt = ack_packet(first, pid, reason)

@@ -98,7 +98,7 @@ def _on_pubrel(c, s, pid):
     found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
     if found and s.expiry and c.broker.persist is not None:  # stored only then (handle_publish)
         c.broker.persist.qos2_released(s, pid)
-    c.ack(0x70, pid, 0x92 if c.version == 5 and not found else 0)
+    c.ack(0x70, pid, 0 if found else 0x92)
 
 
 def _on_pubrec(c, s, pid, reason):

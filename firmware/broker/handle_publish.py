@@ -22,10 +22,8 @@ _PFI = const(0x01)
 _RESPONSE_TOPIC = const(0x08)
 _SUBSCRIPTION_ID = const(0x0B)
 
-
-def _ack(c, t, pid, reason):
-    # PUBACK (t=4) or PUBREC (t=5). v5 may carry a reason; 3.1.1 cannot.
-    c.ack(t << 4, pid, reason if c.version == 5 else 0)
+# An acknowledgement's first byte is (3 + qos) << 4: PUBACK (0x40) at QoS 1,
+# PUBREC (0x50) at QoS 2. Connection.ack drops the reason code for 3.1.1.
 
 
 def _ack_before_copy(c, mark, t, pid, reason):
@@ -36,7 +34,7 @@ def _ack_before_copy(c, mark, t, pid, reason):
     c.olen = mark
     c.big = None
     p = c.broker.persist
-    _ack(c, t, pid, reason)
+    c.ack(t << 4, pid, reason)
     if p is not None and p.dirty():
         # The acknowledgement waits for the store's commit (Connection.ack):
         # the copy waits behind it, and the queue behind that.
@@ -50,7 +48,7 @@ def _ack_before_copy(c, mark, t, pid, reason):
 def refuse_for_heap(c, qos, pid):
     # A v5 client's QoS 1/2 message that the heap cannot take: 0x97.
     c.broker.stats_dropped += 1
-    _ack(c, 3 + qos, pid, 0x97)
+    c.ack((3 + qos) << 4, pid, 0x97)
 
 
 def _heap_short(c, qos, pid, need):
@@ -129,7 +127,7 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
         # would send it again at every connection: it is acknowledged and
         # dropped, as for a full queue, and said so in the log.
         b.stats_dropped += 1
-        _ack(c, 3 + qos, pid, 0x97)  # (3.1.1: a plain PUBACK or PUBREC)
+        c.ack((3 + qos) << 4, pid, 0x97)  # (3.1.1: a plain PUBACK or PUBREC)
         log.warning("%s: a QoS %d message of %d B on %s makes records past the store's largest batch;"
                     " dropped", c.client_label(), qos, n, topic[:40])
         return False
@@ -144,7 +142,7 @@ def _admit(c, s, qos, pid, topic, retain, size, n, need):
         # so its message waits, unread and unacknowledged, until it can.
         if c.refuses():
             b.stats_dropped += 1
-            _ack(c, 3 + qos, pid, 0x97)
+            c.ack((3 + qos) << 4, pid, 0x97)
             return False
         c.pause = lambda: p.can_take(p.need(topic, retain, size, n, x))
         raise Paused()
@@ -173,6 +171,11 @@ def on_publish(c, first, mv, off, end):
     b = c.broker
     cfg = b.cfg
     s = c.session
+    # Read once (each read of an attribute is a lookup in machine code):
+    # a bridge link's topic mapping (None for a client), and whether the
+    # packet is in a large buffer of its own (Connection._read_big).
+    topic_in = c.topic_in
+    big = c.big_in is not None
     qos = (first >> 1) & 3
     retain = first & 1
     try:
@@ -180,7 +183,7 @@ def on_publish(c, first, mv, off, end):
     except MemoryError:
         _decode_short(c, qos, mv, off, end)
         return
-    if pr is not None and c.topic_in is None:
+    if pr is not None and topic_in is None:
         _check_client_props(pr)
     alias = pr is not None and _TOPIC_ALIAS in pr
     if alias:
@@ -197,13 +200,13 @@ def on_publish(c, first, mv, off, end):
                 raise MQTTError(0x82, "unknown topic alias %d" % a)
     elif not topic:
         raise MQTTError(0x82, "empty topic without alias")
-    if c.topic_in is not None:
+    if topic_in is not None:
         # A bridge link: the upstream's topic to ours. None: not ours (or
         # the echo of our own message): acknowledged and dropped.
-        topic = c.topic_in(topic, mv, poff, end)
+        topic = topic_in(topic, mv, poff, end)
         if topic is None:
             if qos:
-                _ack(c, 3 + qos, pid, 0)
+                c.ack((3 + qos) << 4, pid, 0)
             return
     if not check_topic(cfg, topic):
         raise MQTTError(0x90, "topic name not valid")
@@ -211,7 +214,7 @@ def on_publish(c, first, mv, off, end):
         raise MQTTError(0x9A, "retain not available")
     if qos == 2 and pid in s.qos2_in:
         # A resent QoS 2 message we already routed: acknowledge only.
-        _ack(c, 5, pid, 0)
+        c.ack(0x50, pid, 0)
         return
     # Can it be taken now? If not, it is refused or stays unread (Paused)
     # before anything else happens to it.
@@ -224,32 +227,32 @@ def on_publish(c, first, mv, off, end):
     # are taken already. (Counted again, a 6 KB message was refused with
     # 28 KB free: outside probe.)
     need = ((poff - off) << 2) + 320
-    if c.big_in is None:
+    if not big:
         need += end - poff
     if not b.heap.room_for(need) or (qos and p is not None and not p.healthy(end - off, topic)):
         if not _admit(c, s, qos, pid, topic, retain, end - poff, end - off, need):
             return
     b.stats_msgs_recv += 1
-    if c.topic_in is not None:
+    if topic_in is not None:
         c.br.received += 1  # (here: a message held for heap is mapped again)
     if pr is not None and pr.get(_PFI) == 1 and not utf8_valid(mv, poff, end):
         # 5.0 3.3.2.3.2 lets a receiver that checks say so in the PUBACK or
         # PUBREC, or in a DISCONNECT: at QoS 0 that is the only way.
         if not qos:
             raise MQTTError(0x99, "payload is not UTF-8")
-        _ack(c, 3 + qos, pid, 0x99)
+        c.ack((3 + qos) << 4, pid, 0x99)
         return
     if "$" in topic and topic.startswith("$SYS"):
         # $SYS is the broker's own (MQTT 4.7.2): refused like an ACL denial.
         if qos:
-            _ack(c, 3 + qos, pid, 0x87)
+            c.ack((3 + qos) << 4, pid, 0x87)
         return
     if b.acl is not None and s.bridge is None and not b.acl.can_write(s.client_id, s.username, topic):
         # v5 says why; 3.1.1 acknowledges and drops, as Mosquitto does.
         if qos:
-            _ack(c, 3 + qos, pid, 0x87)
+            c.ack((3 + qos) << 4, pid, 0x87)
         return
-    if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"] and c.topic_in is None:
+    if qos == 2 and len(s.qos2_in) >= cfg["max_inflight_messages"] and topic_in is None:
         # v5 clients were told our Receive Maximum in CONNACK. 3.1.1 has no
         # such limit, so those get more room, but not without bound. A
         # bridge's upstream is not held to it: Mosquitto 2.0.11 ignores it
@@ -259,7 +262,7 @@ def on_publish(c, first, mv, off, end):
             raise MQTTError(0x93, "receive maximum exceeded")
         if len(s.qos2_in) >= 4 * cfg["max_inflight_messages"] + 20:
             raise MQTTError(0x93, "too many QoS 2 messages awaiting PUBREL")
-    if not qos and not retain and not alias and c.topic_in is None and c.big_in is None:
+    if not qos and not retain and not alias and topic_in is None and not big:
         # Straight from the read buffer to the receivers that take it as it
         # came; a Message only if one of them needs it (route.py). The
         # packet's first byte is found from the shortest encoding of its
@@ -284,7 +287,6 @@ def on_publish(c, first, mv, off, end):
     # big_in) keeps its payload there, not a copy: a large message then
     # needs one free piece of heap its size, not two at once, which a heap
     # in pieces often lacked. Its properties too (Message.keep_props).
-    big = c.big_in is not None
     exp = pr.get(_EXPIRY) if pr is not None else None
     try:
         msg = Message(topic, part(mv, poff, end) if big else bytes(part(mv, poff, end)),
@@ -315,7 +317,7 @@ def on_publish(c, first, mv, off, end):
         # 3.1.1 and a bridge's link are not refused: delivered, not kept,
         # counted (a v5 link is told 0x97 after, below).
         if not b.retained.set(msg):
-            _ack(c, 3 + qos, pid, 0x97)
+            c.ack((3 + qos) << 4, pid, 0x97)
             return
         keep = False
     refused = b.queue_refusals
@@ -353,4 +355,4 @@ def on_publish(c, first, mv, off, end):
         if c.olen > mark and c.tail is None:
             _ack_before_copy(c, mark, 3 + qos, pid, reason)
         else:
-            _ack(c, 3 + qos, pid, reason)
+            c.ack((3 + qos) << 4, pid, reason)

@@ -36,7 +36,8 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
     if qos and len(inf) >= (c.send_max or b.cfg["max_inflight_messages"]):
         return WAIT
     v = c.version
-    t = msg.topic if c.topic_out is None else c.topic_out(msg.topic)
+    topic_out = c.topic_out  # (read once: a lookup at each read)
+    t = msg.topic if topic_out is None else topic_out(msg.topic)
     alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
     whole = len(msg.payload) <= b.wpool.size >> 1
     n = _size(c, msg, t, qos, subids, alias, send_topic, whole)
@@ -88,7 +89,7 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
             if not whole:
                 tail = [msg.payload]
         if qos:
-            if type(inf) is tuple:
+            if not isinstance(inf, dict):
                 inf = s.in_flight()  # (the shared () until the first one)
             d = inf[pid] = Delivery(msg, qos, retain, subids, b.next_seq())
         if pkt is None:
@@ -105,7 +106,7 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         p.dequeued(s, msg, seq)
     if alias and send_topic:
         c.take_alias(t, alias)
-    if c.topic_out is not None:
+    if topic_out is not None:
         c.went_out(t)
     s.full_since = None  # progress: not stuck
     b.stats_msgs_sent += 1

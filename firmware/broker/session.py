@@ -112,7 +112,7 @@ class Session:
     def push(self, msg, inf):
         # Appends a queue entry (no limit: see enqueue).
         q = self.queue
-        if type(q) is tuple:  # (the shared (), as in in_flight)
+        if not isinstance(q, list):  # (the shared (), as in in_flight)
             q = self.queue = []
         q.append(msg)
         q.append(inf)  # (a MemoryError here leaves half an entry: route._whole)
@@ -164,13 +164,13 @@ class Session:
         # shrink() gives an empty one back): a steady QoS 1/2 subscriber
         # whose window empties between messages keeps the one it has.
         d = self.inflight
-        if type(d) is tuple:
+        if not isinstance(d, dict):
             d = self.inflight = {}
         return d
 
     def qos2(self):
         d = self.qos2_in
-        if type(d) is tuple:  # (as in_flight)
+        if not isinstance(d, dict):  # (as in_flight)
             d = self.qos2_in = {}
         return d
 

@@ -39,7 +39,7 @@ MORE = (
     ("handle_other", None, "_on_ack", "_on_ack"),
     ("handle_other", None, "decode_ack", "decode_ack"),
     ("handle_publish", None, "would_hold", "would_hold"),
-    ("handle_publish", None, "_ack", "_ack (PUBACK/PUBREC)"),
+    ("conn", "Connection", "ack", "Connection.ack (PUBACK, PUBREC...)"),
     ("heap", "Heap", "free", "Heap.free (gc.mem_free; gc.collect when short)"),
     ("session", "Session", "next_pid", "Session.next_pid"),
     ("backpressure", None, "busy", "backpressure.busy"),
