@@ -26,7 +26,6 @@ import frames  # noqa: E402
 # paths (publisher's packet in, receiver's acknowledgement in, flush out,
 # and the waits for the next read and the next flush between them).
 HOT = [
-    ("firmware/broker/conn.py", "Connection.dispatch"),
     ("firmware/broker/core.py", "Wakeup.set"),
     ("firmware/broker/core.py", "Wakeup.wait"),
     ("firmware/broker/transport.py", "TcpTransport.read_now"),
@@ -34,16 +33,10 @@ HOT = [
     ("firmware/broker/transport.py", "WakeOrder._enqueue"),
     ("firmware/broker/transport.py", "_Wait.__next__"),
     ("firmware/broker/transport.py", "_asked"),
-    ("firmware/broker/conn.py", "Connection.ack"),
-    ("firmware/broker/handle_other.py", "_on_ack"),
-    ("firmware/broker/handle_other.py", "_flow_ended"),
-    ("firmware/broker/handle_other.py", "_on_pubrel"),
     ("firmware/broker/handle_other.py", "_on_pubrec"),
     ("firmware/broker/heap.py", "Heap.room_for"),
     ("firmware/broker/heap.py", "Heap.spend"),
     ("firmware/broker/message.py", "Message.__init__"),
-    ("firmware/broker/outbuf.py", "Output.reserve"),
-    ("firmware/broker/outbuf.py", "Output.send_ack"),
     ("firmware/broker/outbuf.py", "Output.write_now"),
     ("firmware/broker/outbuf.py", "Output.service"),
     ("firmware/broker/route.py", "_copy"),
@@ -52,8 +45,10 @@ HOT = [
 
 
 # (file, function): the larger functions of the same paths, too large to
-# cut to 44 B. Marked @micropython.native, they are machine code whose
-# frames stay on the C stack at any size.
+# cut to 44 B, and small ones called for every packet, whose calls cost
+# less as machine code (no code state to set up for a bytecode frame).
+# Marked @micropython.native, they are machine code whose frames stay on
+# the C stack at any size.
 NATIVE = [
     ("firmware/broker/conn.py", "Connection._take"),
     ("firmware/broker/handle_publish.py", "on_publish"),
@@ -67,6 +62,12 @@ NATIVE = [
     ("firmware/broker/message.py", "Message.put"),
     ("firmware/broker/core.py", "Broker.flush_now"),
     ("firmware/broker/handle_other.py", "on_packet"),
+    ("firmware/broker/handle_other.py", "_on_ack"),
+    ("firmware/broker/handle_other.py", "_flow_ended"),
+    ("firmware/broker/conn.py", "Connection.dispatch"),
+    ("firmware/broker/conn.py", "Connection.ack"),
+    ("firmware/broker/outbuf.py", "Output.reserve"),
+    ("firmware/broker/outbuf.py", "Output.send_ack"),
     ("firmware/broker/handle_other.py", "_on_other"),
     ("firmware/broker/message.py", "Message._props_len"),
     ("firmware/broker/session.py", "Session.enqueue"),

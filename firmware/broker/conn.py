@@ -122,6 +122,7 @@ class Connection(Output):
             return True  # there is room once the large one has gone
         return pump(self.broker, self, s)
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def ack(self, first, pid, reason):
         # A PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with its
         # reason in v5 (3.1.1 and 3.1 have none). While the store has
@@ -524,6 +525,7 @@ class Connection(Output):
         refuse_for_heap(self, qos, pid)
         return True
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def dispatch(self, first, mv, off, end):
         # Called for every packet: no more locals, so that its frame stays
         # off the heap (tools/frames.py).

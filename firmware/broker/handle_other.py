@@ -68,12 +68,16 @@ def _on_other(c, first, mv, off, end):
         raise MQTTError(0x82, "packet type %d from a client" % t)
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def _on_ack(c, t, pid, reason):
     # PUBACK, PUBREC, PUBREL or PUBCOMP (type t) for pid, with its reason.
-    # Each step has its own function, few locals each: frames off the heap.
     s = c.session
     if t == _PUBREL:
-        _on_pubrel(c, s, pid)
+        q = s.qos2_in
+        found = q and q.pop(pid, None) is not None
+        if found and s.expiry and c.broker.persist is not None:  # stored only then (handle_publish)
+            c.broker.persist.qos2_released(s, pid)
+        c.ack(0x70, pid, 0 if found else 0x92)
     elif t == _PUBREC:
         _on_pubrec(c, s, pid, reason)
     else:
@@ -82,6 +86,7 @@ def _on_ack(c, t, pid, reason):
             _flow_ended(c, s, pid, d)
 
 
+@micropython.native  # (tools/frames.py: its frame on the C stack)
 def _flow_ended(c, s, pid, d):
     # A QoS 1 message acknowledged, or a QoS 2 one completed or refused.
     del s.inflight[pid]
@@ -92,13 +97,6 @@ def _flow_ended(c, s, pid, d):
         c.broker.persist.acked(s, pid, d)
     if not c.dirty:  # (see Output.kick)
         c.kick()  # room in the window for what is queued
-
-
-def _on_pubrel(c, s, pid):
-    found = s.qos2_in and s.qos2_in.pop(pid, None) is not None
-    if found and s.expiry and c.broker.persist is not None:  # stored only then (handle_publish)
-        c.broker.persist.qos2_released(s, pid)
-    c.ack(0x70, pid, 0 if found else 0x92)
 
 
 def _on_pubrec(c, s, pid, reason):

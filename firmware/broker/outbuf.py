@@ -18,6 +18,7 @@
 # the output is backed up (room() is False), so the tail stays small.
 import asyncio
 import gc
+import micropython
 from micropython import const
 from broker import log
 
@@ -115,6 +116,7 @@ class Output:
                 self.big = data
         self.kick()
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def send_ack(self, first, pid, reason=0):
         # PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with a
         # reason code when it is not 0: written in place, no packet object.
@@ -157,6 +159,7 @@ class Output:
             return n <= self.broker.wpool.size  # what a buffer would have
         return self.olen + n <= len(self.obuf)
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def reserve(self, n):
         # The output buffer, when n more bytes fit at olen; else None. A
         # full buffer is written out at once when the socket takes it, so
