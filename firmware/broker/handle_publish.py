@@ -272,7 +272,8 @@ def on_publish(c, first, mv, off, end):
         start = off - (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
         if mv[start] == first:
             msg = b.raw
-            msg.set(topic, part(mv, start, end), poff - start, pr, c.version, b.now())
+            msg.set(topic, part(mv, start, end), poff - start, pr, c.version,
+                    b.now() if pr is not None and _EXPIRY in pr else 0)  # (the clock: for an expiry only)
             try:
                 n = route(b, msg, s)
                 if msg.msg is not None:

@@ -120,11 +120,9 @@ class Output:
     def send_ack(self, first, pid, reason=0):
         # PUBACK, PUBREC, PUBREL or PUBCOMP (first byte given), with a
         # reason code when it is not 0: written in place, no packet object.
-        # (No more locals: its frame stays off the heap, see tools/frames.py.)
         ob = self.reserve(5 if reason else 4)
         if ob is None:
-            ob = ack_packet(first, pid, reason)  # (in two steps: a shallower stack)
-            self.send(ob)
+            self.send(ack_packet(first, pid, reason))
             return
         o = self.olen
         ob[o] = first

@@ -490,7 +490,8 @@ class Persist:
         # a value that stayed retained, and a power cut left it in place of
         # the last one acknowledged (outside power-cut probe, 3 of 6 seeds).
         # (Asked for every QoS 1/2 message: with nothing staged, as is usual
-        # between clean sessions, it makes two calls.)
+        # between clean sessions, it makes three calls, not nine as when
+        # the store's byte counts were methods.)
         st = self.store
         if self.failing or st.pending and not self._uncrowded():
             return False

@@ -162,7 +162,10 @@ class Session:
     def in_flight(self):
         # The dict, made when the container is still the shared () (only
         # shrink() gives an empty one back): a steady QoS 1/2 subscriber
-        # whose window empties between messages keeps the one it has.
+        # whose window empties between messages keeps the one it has. (Its
+        # deleted entries stay as markers that a lookup of a missing key
+        # walks past, a table of at most the window's size, until shrink()
+        # once a second; a new dict per message cost more.)
         d = self.inflight
         if not isinstance(d, dict):
             d = self.inflight = {}

@@ -11,7 +11,10 @@ mp_alloc.py runs one case under `valgrind --tool=callgrind`, at M and at 2M
 messages; the difference over M is what a message costs, start-up and the
 case's set-up taken out. Left out too is mp_alloc.py's own measuring: the
 functions of gc.mem_alloc() (a walk of the allocation table) and of the
-collections it makes between rounds. The broker's own allocations stay in.
+collections it makes between rounds. The broker's own allocations stay in,
+and so does the fake clients' Python code in mp_alloc.py (the publisher's
+reads, the subscriber's PUBACKs): the same for two commits, so a
+difference between them is the broker's.
 
     python tools/bench/instr_per_msg.py [--case 1/1] [--messages 2000] [--top 20]
 
