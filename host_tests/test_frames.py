@@ -68,6 +68,7 @@ NATIVE = [
     ("firmware/broker/conn.py", "Connection.ack"),
     ("firmware/broker/outbuf.py", "Output.reserve"),
     ("firmware/broker/outbuf.py", "Output.send_ack"),
+    ("firmware/broker/outbuf.py", "Output.kick"),
     ("firmware/broker/handle_other.py", "_on_other"),
     ("firmware/broker/message.py", "Message._props_len"),
     ("firmware/broker/session.py", "Session.enqueue"),

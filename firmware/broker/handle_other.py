@@ -95,8 +95,7 @@ def _flow_ended(c, s, pid, d):
     s.full_since = None  # progress: not stuck
     if s.expiry and c.broker.persist is not None:
         c.broker.persist.acked(s, pid, d)
-    if not c.dirty:  # (see Output.kick)
-        c.kick()  # room in the window for what is queued
+    c.kick()  # room in the window for what is queued
 
 
 def _on_pubrec(c, s, pid, reason):

@@ -84,12 +84,11 @@ class Output:
     drained = None  # Event set whenever the output empties; made when
     # someone first waits for it, since most connections never do
 
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
     def kick(self):
         # Marked only once on the flusher's list: when that list could not
         # grow (MemoryError), a later kick tries again, and the output (a
-        # CONNACK) is not left unsent for good. The publish path's callers
-        # look at `dirty` first: most of a batch's messages find it set,
-        # and the look costs less than the call.
+        # CONNACK) is not left unsent for good.
         if not self.dirty:
             self.broker.kick(self)
             self.dirty = True
@@ -135,8 +134,7 @@ class Output:
         else:
             ob[o + 1] = 2
             self.olen = o + 4
-        if not self.dirty:  # (see kick)
-            self.kick()
+        self.kick()
 
     def send_split(self, head, payload):
         # A PUBLISH as its head and its payload: the payload goes out from

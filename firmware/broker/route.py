@@ -89,8 +89,7 @@ def _copy(b, s, raw):
     c.olen = n
     s.full_since = None
     b.stats_msgs_sent += 1
-    if not c.dirty:  # (see Output.kick)
-        c.kick()
+    c.kick()
     return True
 
 
@@ -155,8 +154,7 @@ def deliver(b, s, msg, qos, retain, subids):
             r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
             if r == SENT:
                 # Straight into its output: sent by the flusher with the rest.
-                if not c.dirty:  # (see Output.kick)
-                    c.kick()
+                c.kick()
                 return
             if r == GONE:
                 return
