@@ -192,31 +192,32 @@ class Output:
     def write_now(self):
         # Writes what the socket takes without waiting. True when all of
         # the output is out. Transports that cannot write synchronously
-        # (WebSocket) always leave it to the writer task.
-        w = getattr(self.t, "write_now", None)
-        if w is None:
+        # (WebSocket) always leave it to the writer task. (hasattr, then a
+        # method call: getattr() would make a bound method, 16 B of heap for
+        # every write.)
+        t = self.t
+        if not hasattr(t, "write_now"):
             return not self.pending()
         n = self.olen
         if n:
             ob = self.obuf
-            mv = memoryview(ob)
-            k = w(mv[:n])
+            k = t.write_now(ob, 0, n)
             self.broker.stats_bytes_sent += k
             if k < n:
                 if k:
-                    ob[0 : n - k] = mv[k:n]
+                    ob[0 : n - k] = memoryview(ob)[k:n]
                     self.olen = n - k
                     self.wrote = True
                 return False
             self.olen = 0
             self.wrote = True
-        return self.big is None or self._write_big(w)
+        return self.big is None or self._write_big(t)
 
-    def _write_big(self, w):
-        # write_now() for `big` and its tail, with the socket's write w.
+    def _write_big(self, t):
+        # write_now() for `big` and its tail, to transport t.
         while self.big is not None:
             x = self.big
-            k = w(x)
+            k = t.write_now(x, 0, len(x))
             self.broker.stats_bytes_sent += k
             if k:
                 self.wrote = True

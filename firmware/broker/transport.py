@@ -10,7 +10,8 @@
 # TLS), so that a reader can use the broker's shared read buffer:
 #   t.read_now(mv) -> n          as recv_into, or None: nothing has come
 #   await t.readable()           until read_now has something to say
-#   t.write_now(mv) -> n         writes what goes without waiting
+#   t.write_now(buf, off, n) -> k  writes what goes of buf[off:off + n]
+#                                without waiting
 #
 # We talk to the socket directly instead of through asyncio.Stream because
 # Stream.write() copies into an unbounded bytes buffer on every call, and
@@ -65,7 +66,7 @@ class TcpTransport:
         off = 0
         end = len(mv)
         while off < end:
-            n = self.write_now(mv[off:] if off else mv)
+            n = self.write_now(mv, off, end - off)
             if n:
                 off += n
             else:
@@ -73,10 +74,12 @@ class TcpTransport:
                 yield
 
     @micropython.native  # (tools/frames.py: its frame on the C stack)
-    def write_now(self, mv):
-        # Writes what the socket takes at once; 0 when it would block.
+    def write_now(self, buf, off, n):
+        # Writes what the socket takes at once of buf[off:off + n]; 0 when
+        # it would block. (Offset and length go to the stream's write, so
+        # no memoryview and no slice of one is made for a write.)
         try:
-            n = self.sock.write(mv)
+            n = self.sock.write(buf, off, n)
         except OSError as e:
             if e.args[0] != _EAGAIN:
                 raise e  # (machine code has no bare raise)

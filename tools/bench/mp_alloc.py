@@ -141,10 +141,11 @@ class FakeSock:
         self.left = len(data) if n is None else n
         self.ev.set()
 
-    def write(self, mv):
-        self.out += len(mv)
+    def write(self, buf, off, n):
+        # (TcpTransport.write_now's call: buf[off:off + n])
+        self.out += n
         self.writes += 1
-        return len(mv)
+        return n
 
     def setblocking(self, flag):
         pass
@@ -172,11 +173,11 @@ class AckSock(FakeSock):
         self.left = len(data)
         self.ev.set()
 
-    def write(self, mv):
-        n = len(mv)
+    def write(self, mv, off, n):
         ring = self.src
-        i = 0
-        while i < n:
+        i = off
+        end = off + n
+        while i < end:
             first = mv[i]
             j = i + 1
             rem = 0
@@ -199,7 +200,7 @@ class AckSock(FakeSock):
             i = j + rem
         if self.left:
             self.ev.set()
-        return FakeSock.write(self, mv)
+        return FakeSock.write(self, mv, off, n)
 
 
 class FeedTransport(transport.TcpTransport):

@@ -89,8 +89,8 @@ async def send(self, mv):
     await _send(self, mv)
 
 
-def write_now(self, mv):
-    n = _wn(self, mv)
+def write_now(self, buf, off, n):
+    n = _wn(self, buf, off, n)
     COUNT["write_now"] += 1
     COUNT["write_bytes"] += n
     return n
