@@ -48,6 +48,10 @@ class Connection(Output):
     alias_in = None  # alias -> topic (v5)
     alias_out = None  # topic -> alias (v5)
     alias_out_max = 0
+    # The protocol version whose QoS 0 messages this client takes as they
+    # came (route._copy), set once its CONNECT is taken: 0 for none (topic
+    # aliases, or a bridge's topic mapping).
+    copies = 0
     problem_info = True
     closing = False
     normal_close = False

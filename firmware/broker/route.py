@@ -71,18 +71,16 @@ def route(b, msg, origin, keep=True):
 def _copy(b, s, raw):
     # A Raw message, as it came, into s's output when its client takes it
     # so (connected, nothing queued or held, the sender's protocol version,
-    # no topic mapping, no topic aliases). Kept small: a larger frame comes
-    # from the heap.
+    # no topic mapping, no topic aliases: Connection.copies). Kept small: a
+    # larger frame comes from the heap.
     c = s.conn
-    if c is None or s.queue or s.pending_retained:
-        return False  # (behind what waits)
-    if c.version != raw.version or c.topic_out is not None or c.held or c.resend:
-        return False
-    if c.alias_out_max:
-        return False
+    if c is None or c.copies != raw.version or c.held or c.resend or s.queue or s.pending_retained:
+        return False  # (or behind what waits)
     n = len(raw.src)
+    if n > c.max_out:
+        return False
     ob = c.reserve(n)
-    if ob is None or n > c.max_out:
+    if ob is None:
         return False
     n += c.olen  # where the copy ends in ob
     ob[c.olen : n] = raw.src
