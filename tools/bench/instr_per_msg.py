@@ -24,6 +24,7 @@ lookups (mp_map_lookup), bytecode (mp_execute_bytecode), calls. Needs
 valgrind (Debian's valgrind package; `make test` does not use this tool).
 """
 import argparse
+import json
 import os
 import re
 import shutil
@@ -68,6 +69,12 @@ def per_function(binary, case, messages, out):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
     if r.returncode != 0 or "ALLOC " not in r.stdout:
         sys.exit("instr_per_msg: mp_alloc.py failed under valgrind:\n" + (r.stdout + r.stderr)[-2000:])
+    # A case that failed (its set-up timed out: logins hash for seconds
+    # under valgrind) did less work than a full run, and the difference of
+    # two runs would mean nothing.
+    res = json.loads(r.stdout.split("ALLOC ", 1)[1].splitlines()[0])["cases"][case]
+    if "error" in res:
+        sys.exit("instr_per_msg: case %s failed under valgrind (%d messages): %s" % (case, messages, res["error"]))
     ann = subprocess.run(["callgrind_annotate", "--threshold=100", "--auto=no", "--tree=none",
                           "--inclusive=no", out], capture_output=True, text=True, check=True).stdout
     cost = {}
