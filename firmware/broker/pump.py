@@ -8,6 +8,7 @@ import micropython
 from micropython import const
 from broker import log
 from broker.message import put_packed
+from broker.outbuf import reserve
 from broker.session import Delivery, RELEASED, qos_of, retain_of, seq_of, subids_of, stored_of
 
 SENT = const(1)  # it is in the output (or held for its commit)
@@ -75,7 +76,7 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         # entry for the next try). Made in flight only once it was out,
         # an acknowledged message was dropped for want of 32 B (outside
         # bridge probe: 15 of 300 in one run under a CPU hog).
-        ob = c.reserve(n)
+        ob = reserve(c, n)
         pkt = tail = None
         if ob is not None:
             o = msg.put(ob, c.olen, t, v, qos, retain, False, pid, subids, alias, send_topic, now, whole)
@@ -253,7 +254,7 @@ def _put_packed(c, topics, packed, q):
     full = False
     while topics:
         # Room for the largest one; a full buffer is written out first.
-        ob = c.reserve(most)
+        ob = reserve(c, most)
         if ob is None:
             full = True
             break
@@ -325,7 +326,7 @@ def resend(b, c, s):
                     p.acked(s, pid, d)
                 r.pop(0)
                 continue
-            ob = None if wait else c.reserve(n)
+            ob = None if wait else reserve(c, n)
             if ob is None:
                 if c.olen or c.big is not None:
                     return False

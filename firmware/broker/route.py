@@ -11,6 +11,7 @@ from micropython import const
 from broker.session import info
 from broker.message import Raw
 from broker.pump import put_message, SENT, GONE
+from broker.outbuf import reserve, kick
 
 _NO_LOCAL = const(0x04)
 _RAP = const(0x08)
@@ -79,7 +80,7 @@ def _copy(b, s, raw):
     n = len(raw.src)
     if n > c.max_out:
         return False
-    ob = c.reserve(n)
+    ob = reserve(c, n)
     if ob is None:
         return False
     n += c.olen  # where the copy ends in ob
@@ -87,7 +88,7 @@ def _copy(b, s, raw):
     c.olen = n
     s.full_since = None
     b.stats_msgs_sent += 1
-    c.kick()
+    kick(c)
     return True
 
 
@@ -152,7 +153,7 @@ def deliver(b, s, msg, qos, retain, subids):
             r = put_message(b, c, s, msg, qos, retain, subids, 0, False)
             if r == SENT:
                 # Straight into its output: sent by the flusher with the rest.
-                c.kick()
+                kick(c)
                 return
             if r == GONE:
                 return
@@ -217,7 +218,7 @@ def _enqueue(b, s, msg, qos, retain, subids):
             # Past half full: the publisher waits until it drains
             # (backpressure.py).
             b.congested = s
-        c.kick()
+        kick(c)
 
 
 def _enqueue_again(b, s, msg, inf, lim, d):
