@@ -16,12 +16,17 @@ and so does the fake clients' Python code in mp_alloc.py (the publisher's
 reads, the subscriber's PUBACKs): the same for two commits, so a
 difference between them is the broker's.
 
-    python tools/bench/instr_per_msg.py [--case 1/1] [--messages 2000] [--top 20]
+    python tools/bench/instr_per_msg.py [--case 1/1] [--messages 2000] [--top 20] [--heap 110000]
 
 --case is an mp_alloc.py case (1/1: QoS 1, one publisher to one subscriber,
 3.1.1). --top lists the C functions of the VM that run most per message:
 lookups (mp_map_lookup), bytecode (mp_execute_bytecode), calls. Needs
 valgrind (Debian's valgrind package; `make test` does not use this tool).
+--heap is the twin's heap (the esp32's by default). At the esp32 heap
+mp_alloc.py's rounds for ten subscribers shrink to one message each, and
+the flusher writes to every subscriber after every message; with
+--heap 400000 a backlog case (b10) batches as `make bench` does, a write
+per ten or so deliveries.
 """
 import argparse
 import json
@@ -61,10 +66,10 @@ def unstripped():
     return OBJ / "micropython"
 
 
-def per_function(binary, case, messages, out):
+def per_function(binary, case, messages, out, heap):
     # {function: instructions} of one mp_alloc.py run under callgrind.
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=%s" % out, str(binary),
-           "-X", "heapsize=%d" % brokerproc.profile("esp32")["heap"], "tools/bench/mp_alloc.py", "--board", "esp32",
+           "-X", "heapsize=%d" % heap, "tools/bench/mp_alloc.py", "--board", "esp32",
            "--messages", str(messages), "--cases", case, "--json"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(REPO))
     if r.returncode != 0 or "ALLOC " not in r.stdout:
@@ -91,13 +96,14 @@ def main():
     ap.add_argument("--case", default="1/1")
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--top", type=int, default=0)
+    ap.add_argument("--heap", type=int, default=brokerproc.profile("esp32")["heap"])
     a = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("instr_per_msg: needs valgrind (apt-get install valgrind)")
     binary = unstripped()
     with tempfile.TemporaryDirectory(prefix="instr_") as tmp:
-        one = per_function(binary, a.case, a.messages, os.path.join(tmp, "one"))
-        two = per_function(binary, a.case, 2 * a.messages, os.path.join(tmp, "two"))
+        one = per_function(binary, a.case, a.messages, os.path.join(tmp, "one"), a.heap)
+        two = per_function(binary, a.case, 2 * a.messages, os.path.join(tmp, "two"), a.heap)
     per = {k: (two.get(k, 0) - one.get(k, 0)) / a.messages for k in set(one) | set(two)}
     broker = sum(v for k, v in per.items() if k not in HARNESS)
     print("instr_per_msg: case %s, %d messages: %.0f instructions per message on the twin "
