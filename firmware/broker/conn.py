@@ -48,10 +48,6 @@ class Connection(Output):
     alias_in = None  # alias -> topic (v5)
     alias_out = None  # topic -> alias (v5)
     alias_out_max = 0
-    # The protocol version whose QoS 0 messages this client takes as they
-    # came (route._copy), set once its CONNECT is taken: 0 for none (topic
-    # aliases, or a bridge's topic mapping).
-    copies = 0
     problem_info = True
     closing = False
     normal_close = False
@@ -115,6 +111,15 @@ class Connection(Output):
         self.pause = None
         self.waiting_for = None  # the session whose queue it waits for now
         self.heap_wait = False  # its reader waits for heap to read a big packet
+        # The protocol version whose QoS 0 messages this client takes as
+        # they came (route._copy), decided at its CONNECT: 0 for none (topic
+        # aliases, a bridge's topic mapping). An attribute of every
+        # connection, not a class default, for room: MicroPython grows a
+        # table only when it is full, and without it a 3.1.1 client's 17
+        # attributes filled theirs, so that every lookup that missed there
+        # (each method call, each class default) scanned all of it
+        # (tools/bench/analysis.md, "Calls per message").
+        self.copies = 0
 
     # ------------------------------------------------------------ output
 
