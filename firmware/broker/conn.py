@@ -59,7 +59,6 @@ class Connection(Output):
     connack_held = False  # its CONNACK is one of them: no DISCONNECT may go first
     big_in = None  # the buffer (over _BIG_KEEP) of the packet being handled, until a message takes it
     linger_ms = 0  # delay before a refusal goes out (failed login)
-    login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
     deferred = None  # that refusal
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
     # upstream's, topic_in(upstream topic) -> ours or None (not ours); and
@@ -111,14 +110,16 @@ class Connection(Output):
         self.pause = None
         self.waiting_for = None  # the session whose queue it waits for now
         self.heap_wait = False  # its reader waits for heap to read a big packet
+        self.login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
         # The protocol version whose QoS 0 messages this client takes as
         # they came (route._copy), decided at its CONNECT: 0 for none (topic
-        # aliases, a bridge's topic mapping). An attribute of every
-        # connection, not a class default, for room: MicroPython grows a
-        # table only when it is full, and without it a 3.1.1 client's 17
-        # attributes filled theirs, so that every lookup that missed there
-        # (each method call, each class default) scanned all of it
-        # (tools/bench/analysis.md, "Calls per message").
+        # aliases, a bridge's topic mapping). It and login_wait are
+        # attributes of every connection, not class defaults, for room:
+        # MicroPython grows a table only when it is full. A client's 18
+        # after its CONNECT (19 for 5.0) have a table of 23; with 17 theirs
+        # was full, and every lookup that missed there (each method call,
+        # each class default) scanned all of it (tools/bench/analysis.md,
+        # "Calls per message").
         self.copies = 0
 
     # ------------------------------------------------------------ output

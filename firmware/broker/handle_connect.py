@@ -270,7 +270,6 @@ def on_connect(c, mv, off, end):
         if wait is None:
             # Hashed by a task of its own; this CONNECT is handled again,
             # from the top, once it is done (the packets after it wait).
-            c.login_wait = None  # its slot, made here: the task's handler must not grow the table
             c.pause = asyncio.create_task(_login(c, user, pkt.password))
             raise Paused()
         c.login_wait = None
