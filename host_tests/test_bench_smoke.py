@@ -96,7 +96,7 @@ def test_profile_wraps_the_publish_path(run):
     assert sec["not_wrapped"] == [], "mp_profile.py wraps functions the broker no longer has"
     fns = {r["fn"]: r for r in sec["rows"]}
     for fn in ("Connection.dispatch", "on_publish", "decode_publish", "route", "_copy (a QoS 0 message as it came)",
-               "Output.write_now"):
+               "Output.reserve", "Output.kick", "Output.write_now"):
         assert fns[fn]["calls_per_msg"] > 0, fn
 
 
@@ -118,7 +118,7 @@ def test_memory_tools(run):
     for case, w in al["where"].items():
         fns = {r["fn"]: r for r in w["rows"]}
         for fn in ("Connection.dispatch", "Connection._take", "on_publish", "route",
-                   "_copy (a QoS 0 message as it came)",
+                   "_copy (a QoS 0 message as it came)", "Output.reserve", "Output.kick",
                    "Output.write_now"):
             assert fns[fn]["calls_per_msg"] > 0, (case, fn)
     assert {t["what"] for t in m["targets"]} >= {"idle 3.1.1 client + 1 subscription, B",

@@ -286,7 +286,7 @@ def _calibrate():
 
 def counted(label, f):
     # f, counting what it allocates (its callees' included).
-    st = STATS[label] = [0, 0]
+    st = STATS.setdefault(label, [0, 0])  # (one label may wrap several names)
     alloc = gc.mem_alloc
     ovh = OVH
     tup = TUPLE

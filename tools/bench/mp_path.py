@@ -2,7 +2,9 @@
 # run-time wrappers on the twin: mp_profile.py times them, mp_alloc.py
 # counts what they allocate. Runs under MicroPython. Each entry is
 # (module of broker/, class or None, name, label); a name a module imports
-# from another is wrapped where it is called, so it is listed there.
+# from another is wrapped where it is called, so it is listed there (and
+# entries of one label add up: Output.reserve is a method, and a function
+# in route.py and pump.py).
 import sys
 
 PUBLISH = (
@@ -27,6 +29,9 @@ PUBLISH = (
     ("session", "Session", "enqueue", "Session.enqueue"),
     ("outbuf", "Output", "reserve", "Output.reserve"),
     ("outbuf", "Output", "kick", "Output.kick"),
+    ("route", None, "reserve", "Output.reserve"),
+    ("route", None, "kick", "Output.kick"),
+    ("pump", None, "reserve", "Output.reserve"),
     ("core", "Broker", "flush_now", "Broker.flush_now"),
     ("outbuf", "Output", "service", "Output.service"),
     ("outbuf", "Output", "write_now", "Output.write_now"),
