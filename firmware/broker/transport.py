@@ -25,6 +25,7 @@ from micropython import const
 from asyncio import core
 
 _EAGAIN = 11
+_TLS_RECORD = const(1024)  # bytes of a TLS record at most (TlsTransport.write_now; outbuf._PIECE)
 _SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
 _UNSUBSCRIBE = const(0xA2)
 _PEEK = getattr(socket, "MSG_PEEK", 0)
@@ -344,6 +345,29 @@ def _unpoll(poller, s):
 
 
 class TlsTransport(TcpTransport):
+    held = 0  # bytes of the record mbedTLS holds after a write that would block
+
+    @micropython.native  # (tools/frames.py: its frame on the C stack)
+    def write_now(self, buf, off, n):
+        # mbedTLS keeps a record that could not all go out, and the next
+        # write sends the rest of it and returns its own length, whatever
+        # the record's was: a write asking for more than the record lost
+        # bytes of the stream, one asking for less sent some twice. So the
+        # record is at most _TLS_RECORD bytes, and the write after one was
+        # held asks for exactly its length: every caller writes again from
+        # the first byte not yet out, with at least that many after it
+        # (outbuf.py sends a large payload in pieces of as many).
+        done = 0
+        while done < n:
+            m = self.held or min(n - done, _TLS_RECORD)
+            k = TcpTransport.write_now(self, buf, off + done, m)
+            if not k:
+                self.held = m
+                break
+            self.held = 0
+            done += k
+        return done
+
     def read_now(self, mv):
         # A try of its own (its frame then takes heap on a board, as TLS
         # takes far more): mbedTLS refusing the client's certificate
