@@ -345,7 +345,12 @@ def _unpoll(poller, s):
 
 
 class TlsTransport(TcpTransport):
-    held = 0  # bytes of the record mbedTLS holds after a write that would block
+    def __init__(self, sock, peer):
+        TcpTransport.__init__(self, sock, peer)
+        # Bytes of the record mbedTLS holds after a write that would block;
+        # set here, so that a write never grows the attribute table (a
+        # MemoryError after bytes went out would lose count of them).
+        self.held = 0
 
     @micropython.native  # (tools/frames.py: its frame on the C stack)
     def write_now(self, buf, off, n):
