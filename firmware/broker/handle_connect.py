@@ -432,8 +432,8 @@ def on_connect(c, mv, off, end):
         c.alias_out_max = min(pr[P.TOPIC_ALIAS_MAXIMUM], cfg["max_topic_alias"])
     if pr.get(P.REQUEST_PROBLEM_INFO) == 0:
         c.problem_info = False
-    if c.topic_out is None and not c.alias_out_max:
-        c.copies = c.version
+    if not c.alias_out_max:
+        c.copies = c.version  # (a bridge's Link maps topics and keeps 0: it never gets here)
 
     # MQTT 3.1 has no Session Present flag: that byte is reserved, 0.
     ack = encode(Connack(present and pkt.version != 3, 0, ack_props), v)
