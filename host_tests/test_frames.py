@@ -526,18 +526,18 @@ def test_a_socket_two_tasks_wait_on_keeps_one_wait_when_the_other_is_cancelled_a
 
 
 OUTPUT_FUNCTIONS = """
-from broker import outbuf, route, pump
+from broker import outbuf, route, pump, handle_other
 from broker.conn import Connection
 from broker.bridge import Link
 
 same = [getattr(k, n) is getattr(outbuf.Output, n) for k in (Connection, Link) for n in ("reserve", "kick")]
-print(all(same), route.reserve is pump.reserve is outbuf.Output.reserve, route.kick is outbuf.Output.kick)
+print(all(same), route.reserve is pump.reserve is outbuf.Output.reserve, route.kick is handle_other.kick is outbuf.Output.kick)
 """
 
 
 def test_the_output_methods_route_and_pump_call_as_functions_are_every_connections_own():
-    # route.py and pump.py call Output.reserve and Output.kick as
-    # functions, saving two lookups that miss per call (outbuf.py): a
+    # route.py, pump.py and handle_other.py call Output.reserve and
+    # Output.kick as functions, saving two lookups that miss per call (outbuf.py): a
     # subclass that overrode either would be passed by without a word.
     r = run_mp(OUTPUT_FUNCTIONS)
     assert r.returncode == 0, r.stdout + r.stderr

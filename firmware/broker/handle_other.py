@@ -11,6 +11,7 @@ from broker.session import RELEASED, SENT
 from broker.subs import Sub
 from broker.core import Closed
 from broker.backpressure import Paused
+from broker.outbuf import kick
 
 _PUBACK = const(4)
 _PUBREC = const(5)
@@ -95,7 +96,7 @@ def _flow_ended(c, s, pid, d):
     s.full_since = None  # progress: not stuck
     if s.expiry and c.broker.persist is not None:
         c.broker.persist.acked(s, pid, d)
-    c.kick()  # room in the window for what is queued
+    kick(c)  # room in the window for what is queued
 
 
 def _on_pubrec(c, s, pid, reason):

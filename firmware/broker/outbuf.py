@@ -363,11 +363,12 @@ class Output:
         return d
 
 
-# Output's per-delivery methods, for route.py and pump.py to call as
-# functions: c.kick() on a Connection misses in the connection's own
-# attributes and in its class's before it finds kick in Output's, and a
-# miss walks a nearly full table (MicroPython grows one only when it is
-# full): about 400 instructions each on the twin, 1,500 a delivery for
-# these two (tools/bench/instr_per_msg.py).
+# Output's per-delivery methods, for route.py, pump.py and the
+# acknowledgements (handle_other.py) to call as functions: c.kick() on a
+# Connection misses in the connection's own attributes and in its class's
+# before it finds kick in Output's, and a miss walks a nearly full table
+# (MicroPython grows one only when it is full): about 400 instructions
+# each on the twin, 1,500 a delivery for these two, and 490 a QoS 1
+# acknowledgement (tools/bench/instr_per_msg.py).
 reserve = Output.reserve
 kick = Output.kick

@@ -42,6 +42,7 @@ PUBLISH = (
 MORE = (
     ("conn", None, "on_packet", "on_packet (acks, subscribe...)"),
     ("handle_other", None, "_on_ack", "_on_ack"),
+    ("handle_other", None, "kick", "Output.kick"),
     ("handle_other", None, "decode_ack", "decode_ack"),
     ("handle_publish", None, "would_hold", "would_hold"),
     ("conn", "Connection", "ack", "Connection.ack (PUBACK, PUBREC...)"),
