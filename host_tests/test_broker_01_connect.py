@@ -134,16 +134,26 @@ def test_unsupported_protocol_level_gets_v311_connack_0x01_then_close(broker, le
     assert r.closed()
 
 
-def test_v5_bad_protocol_name_gets_connack_0x84_then_close(broker):
-    # 5.0 3.1.2.1: the server MAY answer a CONNECT it does not understand
-    # with CONNACK 0x84, and MUST then close the connection.
-    body = b"\x00\x04MQTX\x05\x02\x00\x3C\x00\x00\x03abc"
+@pytest.mark.parametrize("name,level", [(b"MQTX", 4), (b"MQTX", 5), (b"MQIsdp2", 3), (b"", 4)])
+def test_a_connect_with_an_unknown_protocol_name_is_closed_without_a_connack(broker, name, level):
+    # MQTT-3.1.2-1 (3.1.1 and 5.0): the server MAY disconnect a client whose
+    # protocol name is wrong, and MUST NOT go on with it as MQTT; a CONNACK
+    # would answer it as MQTT. Mosquitto closes without one; so do we.
+    body = bytes([0, len(name)]) + name + bytes([level, 0x02, 0x00, 0x3C]) + (b"\x00" if level == 5 else b"") + b"\x00\x03abc"
     r = Raw(broker.port)
     r.send(bytes([0x10, len(body)]) + body)
-    raw = r.recv_packet()
-    assert raw is not None, "closed without a CONNACK"
-    ack = decode(raw, 5)
-    assert ack.type == CONNACK and ack.reason == 0x84
+    assert r.recv_packet(5) is None
+    assert r.closed()
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_mqisdp_at_a_level_other_than_3_gets_connack_0x01_then_close(broker, level):
+    # The 3.1 name at another level is a version this broker does not speak
+    # under that name: refused as an unsupported version, as Mosquitto does.
+    body = b"\x00\x06MQIsdp" + bytes([level, 0x02, 0x00, 0x3C]) + b"\x00\x03abc"
+    r = Raw(broker.port)
+    r.send(bytes([0x10, len(body)]) + body)
+    assert r.recv_packet() == b"\x20\x02\x00\x01"
     assert r.closed()
 
 

@@ -306,10 +306,13 @@ def _decode_connect(buf, off, end):
     if name == "MQTT":
         if level != 4 and level != 5:
             raise MQTTError(UNSUPPORTED_VERSION, "protocol level %d" % level)
-    elif name == "MQIsdp" and level == 3:
-        pass
+    elif name == "MQIsdp":
+        if level != 3:
+            raise MQTTError(UNSUPPORTED_VERSION, "protocol MQIsdp level %d" % level)
     else:
-        raise MQTTError(UNSUPPORTED_VERSION, "protocol %r level %d" % (name, level))
+        # Not MQTT at all: no CONNACK, which would answer it as MQTT
+        # (MQTT-3.1.2-1 lets the server just disconnect, as Mosquitto does).
+        raise MQTTError(PROTOCOL_ERROR, "protocol name %r" % name)
     flags, off = wire.get_u8(buf, off, end)
     if flags & 0x01:
         raise MQTTError(MALFORMED, "CONNECT reserved flag set")
