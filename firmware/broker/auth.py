@@ -134,6 +134,9 @@ class LoginThrottle:
         self.failures = 0  # all failed logins since start, for $SYS
         # Per address: failures in a row, ticks_ms of the last one.
         self._t = AddrTable(size, 2)
+        # Addresses whose login is being hashed now: at most one each
+        # (handle_connect.login).
+        self.checking = []
 
     def _live(self, addr, now):
         # addr's slot, or -1 (also when it has been quiet long enough).

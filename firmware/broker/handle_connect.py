@@ -29,6 +29,7 @@ _MAX_CLIENT_ID_V31 = const(23)
 # PBKDF2 iterations hashed between two turns of the other clients: about
 # 4 ms on an ESP32 (a whole login of 1,000 iterations takes 250 ms).
 _HASH_SLICE = const(16)
+_CHECKING_MS = const(10)  # how often a login waiting for another from its address looks again
 _NO_HEAP = const(-2)  # login_wait when the hash ran out of heap
 _NAME_LOGGED = const(64)  # characters of a refused user name in its log line
 # v5 refusals with no 3.1.1 return code of their own: a will topic that is
@@ -132,14 +133,23 @@ async def login(b, peer, username, password):
     # between.
     ip = peer.rsplit(":", 1)[0]
     th = b.throttle
+    while ip in th.checking:
+        # One login per address at a time. Logins sent together were all
+        # hashed before the first failure was counted: guessing went as
+        # many times faster as the address had sockets (outside probe).
+        await asyncio.sleep_ms(_CHECKING_MS)
     wait = th.delay_ms(ip)
     if wait:
         b.stats_auth_failed += 1
         return wait
     ok = False
-    for ok in b.auth.check_steps(username, password, _HASH_SLICE):
-        if ok is None:
-            await asyncio.sleep_ms(0)
+    th.checking.append(ip)
+    try:
+        for ok in b.auth.check_steps(username, password, _HASH_SLICE):
+            if ok is None:
+                await asyncio.sleep_ms(0)
+    finally:
+        th.checking.remove(ip)
     if ok:
         th.succeeded(ip)
         return -1
