@@ -335,7 +335,7 @@ def test_v311_suback_byte_exact_with_0x80_for_a_filter_it_does_not_take(broker):
 
 
 @pytest.mark.parametrize("version", [4, 5])
-def test_a_subscribe_of_a_thousand_filters_gets_a_suback_with_a_code_for_each(broker, pub, version):
+def test_a_subscribe_of_a_thousand_filters_gets_a_suback_with_a_code_for_each_and_an_unsubscribe_too(broker, pub, version):
     # 7 KB of short filters, under the esp32's 8 KB packet limit: held as a
     # list, their objects wanted more heap than the board has, and the
     # client was closed without a SUBACK. Those past max_subscriptions
@@ -346,6 +346,12 @@ def test_a_subscribe_of_a_thousand_filters_gets_a_suback_with_a_code_for_each(br
     pub.publish("m%d031" % version, b"in", qos=1)
     pub.publish("m%d032" % version, b"out", qos=1)
     assert [m.topic for m in c.messages(timeout=0.5)] == ["m%d031" % version]
+    # And an UNSUBSCRIBE of them all: 0x11 for those never taken (5.0; a
+    # 3.1.1 UNSUBACK has no codes).
+    codes = c.unsubscribe(["m%d%03d" % (version, i) for i in range(1000)])
+    assert codes == ([0] * 32 + [0x11] * 968 if version == 5 else None)
+    pub.publish("m%d031" % version, b"gone", qos=1)
+    assert c.messages(timeout=0.3) == []
     c.close()
 
 

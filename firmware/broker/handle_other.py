@@ -4,7 +4,8 @@ import gc
 import micropython
 from micropython import const
 from mqtt.errors import MQTTError
-from mqtt.packets import check_flags, decode, decode_ack, encode, subscribe_head, subscribe_filters, Suback, Unsuback
+from mqtt.packets import check_flags, decode, decode_ack, encode, filters_head, subscribe_filters, unsubscribe_filters, \
+    Suback, Unsuback
 from mqtt.topic import valid_filter, split_shared
 from mqtt import props as P
 from broker.session import RELEASED, SENT
@@ -55,7 +56,7 @@ def _on_other(c, first, mv, off, end):
     elif t == _SUBSCRIBE:
         _on_subscribe(c, mv, off, end)
     elif t == _UNSUBSCRIBE:
-        _on_unsubscribe(c, decode(first, mv, off, end, c.version))
+        _on_unsubscribe(c, mv, off, end)
     elif t == _DISCONNECT:
         _on_disconnect(c, decode(first, mv, off, end, c.version))
     elif t == _CONNECT:
@@ -194,7 +195,7 @@ def _on_subscribe(c, mv, off, end):
     s = c.session
     p = b.persist
     v = c.version
-    pid, props, at = subscribe_head(mv, off, end, v)
+    pid, props, at = filters_head(_SUBSCRIBE, mv, off, end, v)
     more = 0
     for full, opts in subscribe_filters(mv, at, end, v):
         if v < 5:
@@ -291,17 +292,20 @@ def _take_back(c, s, made, reasons):
         reasons[i] = 0x97 if c.version == 5 else 0x80
 
 
-def _on_unsubscribe(c, pkt):
+def _on_unsubscribe(c, mv, off, end):
+    # Filters one at a time, in two passes, as _on_subscribe.
     b = c.broker
     s = c.session
     p = b.persist
-    if c.version < 5:
-        for full in pkt.filters:
+    v = c.version
+    pid, _, at = filters_head(_UNSUBSCRIBE, mv, off, end, v)
+    for full in unsubscribe_filters(mv, at, end):
+        if v < 5:
             _check_v3(c, b.cfg, full, None)
     _record_room(c, p, s, 0)
-    reasons = []
+    reasons = bytearray()
     gone = []
-    for full in pkt.filters:
+    for full in unsubscribe_filters(mv, at, end):
         sub = s.subs.pop(full, None)
         if sub is not None:
             b.subs.remove(sub)
@@ -319,9 +323,9 @@ def _on_unsubscribe(c, pkt):
             s.subs[full] = sub
             b.subs.add(sub)
             reasons[i] = 0x80
-        if c.version < 5:
+        if v < 5:
             raise MQTTError(0x80, "the store has no room for the unsubscribe")
-    _answer(c, p, s, encode(Unsuback(pkt.pid, reasons if c.version == 5 else None), c.version), False)
+    _answer(c, p, s, encode(Unsuback(pid, reasons if v == 5 else None), v), False)
 
 
 def _on_disconnect(c, pkt):

@@ -376,12 +376,13 @@ def _id_and_props(t, buf, off, end, version):
     return pid, pr, off
 
 
-def subscribe_head(buf, off, end, version):
-    # A SUBSCRIBE's packet identifier, its properties, and the offset of its
-    # first topic filter, for subscribe_filters().
-    pid, pr, off = _id_and_props(SUBSCRIBE, buf, off, end, version)
+def filters_head(t, buf, off, end, version):
+    # A SUBSCRIBE's or UNSUBSCRIBE's (type t) packet identifier, its
+    # properties, and the offset of its first topic filter, for
+    # subscribe_filters() or unsubscribe_filters().
+    pid, pr, off = _id_and_props(t, buf, off, end, version)
     if off >= end:
-        raise MQTTError(PROTOCOL_ERROR, "SUBSCRIBE with no topic filter")
+        raise MQTTError(PROTOCOL_ERROR, "%s with no topic filter" % NAMES[t])
     return pid, pr, off
 
 
@@ -402,6 +403,14 @@ def subscribe_filters(buf, off, end, version):
         elif o & 0xFC or o & 3 == 3:
             raise MQTTError(MALFORMED, "bad requested QoS byte 0x%02X" % o)
         yield f, o
+
+
+def unsubscribe_filters(buf, off, end):
+    # The topic filters of an UNSUBSCRIBE from off, one at a time (as
+    # subscribe_filters).
+    while off < end:
+        f, off = wire.get_str(buf, off, end)
+        yield f
 
 
 def decode(first, buf, off, end, version):
@@ -445,17 +454,12 @@ def decode(first, buf, off, end, version):
             raise MQTTError(MALFORMED, "CONNACK has trailing bytes")
         return Connack(bool(flags), reason, pr)
     if t == SUBSCRIBE:
-        pid, pr, off = subscribe_head(buf, off, end, version)
+        pid, pr, off = filters_head(t, buf, off, end, version)
         return Subscribe(pid, list(subscribe_filters(buf, off, end, version)), pr)
-    pid, pr, off = _id_and_props(t, buf, off, end, version)
     if t == UNSUBSCRIBE:
-        filters = []
-        while off < end:
-            f, off = wire.get_str(buf, off, end)
-            filters.append(f)
-        if not filters:
-            raise MQTTError(PROTOCOL_ERROR, "UNSUBSCRIBE with no topic filter")
-        return Unsubscribe(pid, filters, pr)
+        pid, pr, off = filters_head(t, buf, off, end, version)
+        return Unsubscribe(pid, list(unsubscribe_filters(buf, off, end)), pr)
+    pid, pr, off = _id_and_props(t, buf, off, end, version)
     if t == SUBACK:
         reasons = list(buf[off:end])
         if not reasons:
