@@ -9,7 +9,7 @@ import time
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import BrokerProc, Client, Publish, Subscribe, Unsubscribe, DISCONNECT, SUBID, NL, RAP, RH,\
+from mqttc import BrokerProc, Client, Publish, Subscribe, Unsubscribe, DISCONNECT, SESSION_EXPIRY, SUBID, NL, RAP, RH,\
     PUBACK, PUBLISH, SUBACK, UNSUBACK
 
 CONFIG = {"max_subscriptions": 32}
@@ -176,6 +176,21 @@ def test_no_local_on_shared_subscription_is_protocol_error(broker):
     d = a.expect(DISCONNECT)
     assert d.reason == 0x82
     assert a.closed()
+
+
+def test_a_subscribe_closed_for_no_local_on_a_share_takes_none_of_its_filters(broker, pub):
+    # The filter before the faulty one was made, then the connection closed
+    # without a SUBACK, and the persistent session kept it (to flash too):
+    # the client was never told it had it.
+    a = Client(broker.port, "s02-nl-partial", version=5, clean=False, props={SESSION_EXPIRY: 600})
+    a.send(Subscribe(1, [("nlp/keep", 1), ("$share/g/nlp/b", NL | 1)]))
+    assert a.expect(DISCONNECT).reason == 0x82
+    assert a.closed()
+    a = Client(broker.port, "s02-nl-partial", version=5, clean=False, props={SESSION_EXPIRY: 600})
+    pub.publish("nlp/keep", b"x", qos=1)
+    assert a.messages(timeout=0.4) == []
+    a.close()
+    Client(broker.port, "s02-nl-partial", version=5, clean=True).disconnect()
 
 
 def test_retain_as_published_keeps_retain_flag(broker, pub):
@@ -352,6 +367,24 @@ def test_a_subscribe_of_a_thousand_filters_gets_a_suback_with_a_code_for_each_an
     assert codes == ([0] * 32 + [0x11] * 968 if version == 5 else None)
     pub.publish("m%d031" % version, b"gone", qos=1)
     assert c.messages(timeout=0.3) == []
+    c.close()
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_filter_named_a_thousand_times_in_one_subscribe_is_one_subscription(broker, pub, version):
+    # Each naming made a new subscription and kept the one before alive
+    # until the SUBACK: 600 of one filter ran the heap out, and a retained
+    # message went out once for each. The later options win (MQTT-3.8.4-3).
+    t = "r%d" % version
+    pub.publish(t, b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rep-%d" % version, version=version)
+    codes = c.subscribe([(t, 1)] * 999 + [(t, 0)])
+    assert codes == [1] * 999 + [0]
+    got = c.messages(timeout=0.5)
+    assert [(m.topic, m.payload, m.qos) for m in got] == [(t, b"kept", 0)]
+    pub.publish(t, b"live", qos=1)
+    assert [(m.payload, m.qos) for m in c.messages(timeout=0.5)] == [(b"live", 0)]
+    pub.publish(t, b"", qos=1, retain=True)
     c.close()
 
 

@@ -535,7 +535,7 @@ print(all(same), route.reserve is pump.reserve is outbuf.Output.reserve, route.k
 """
 
 
-def test_the_output_methods_route_and_pump_call_as_functions_are_every_connections_own():
+def test_the_output_methods_called_as_functions_are_every_connections_own():
     # route.py, pump.py and handle_other.py call Output.reserve and
     # Output.kick as functions, saving two lookups that miss per call (outbuf.py): a
     # subclass that overrode either would be passed by without a word.

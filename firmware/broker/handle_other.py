@@ -186,10 +186,11 @@ def _check_v3(c, cfg, full, opts):
 
 def _on_subscribe(c, mv, off, end):
     # The filters are taken from the packet one at a time, in two passes:
-    # every one is checked before any is taken (a malformed one closes the
-    # connection with nothing changed), and none outlives its turn. Held
-    # as a list, a SUBSCRIBE of 900 short filters, under 8 KB, wanted more
-    # heap than an ESP32 has: no SUBACK, the client closed (outside probe).
+    # every one is checked before any is taken, and none outlives its turn.
+    # Held as a list, a SUBSCRIBE of 900 short filters, under 8 KB, wanted
+    # more heap than an ESP32 has: no SUBACK, the client closed (outside
+    # probe). What fails in the second pass (No Local on a share, no heap)
+    # takes back what the packet made before the connection is closed.
     b = c.broker
     cfg = b.cfg
     s = c.session
@@ -208,48 +209,68 @@ def _on_subscribe(c, mv, off, end):
     reasons = bytearray()  # (a list of 2,000 of them is 8 KB in one piece)
     retained = []
     made = []  # (filter, the subscription it replaced or None, its reason's index)
-    for full, opts in subscribe_filters(mv, at, end, v):
-        group, flt = split_shared(full)
-        r = _sub_reason(c, cfg, flt, opts, group)
-        if r < 0 and b.acl is not None and not b.acl.can_subscribe(s.client_id, s.username, flt):
-            r = 0x87 if v == 5 else 0x80
-        existed = full in s.subs
-        if r < 0 and not existed and (len(s.subs) >= cfg["max_subscriptions"]
-                                      or not b.heap.room_for_client(2 * len(full) + 128, False)):
-            # Past the limit, or the heap's clients' floor: a subscription
-            # lives as long as its session (offline sessions of many long
-            # filters filled the heap, and SUBSCRIBE ended in MemoryError).
-            r = 0x97 if v == 5 else 0x80
-        if r >= 0:
-            reasons.append(r if v == 5 or r < 0x80 else 0x80)
-            continue
-        old = s.subs.get(full)
-        sub = None
-        try:
-            sub = Sub(s, flt, opts, subid, group)
-            b.subs.add(sub)
-            s.subs[full] = sub
-        except MemoryError:
-            # No piece of heap for it, though the heap is above the floor:
-            # the list of one filter's subscribers grows in one piece (on
-            # a 450 KB pico2_w, 1,024 sessions on alerts/# wanted 8 KB, and
-            # the largest free piece was 2.6 KB). Refused as past the floor.
+    fresh = {}  # filter -> the subscription this packet made for it
+    again = []  # indices of the reasons of filters named again in this packet
+    try:
+        for full, opts in subscribe_filters(mv, at, end, v):
+            group, flt = split_shared(full)
+            r = _sub_reason(c, cfg, flt, opts, group)
+            if r < 0 and b.acl is not None and not b.acl.can_subscribe(s.client_id, s.username, flt):
+                r = 0x87 if v == 5 else 0x80
+            existed = full in s.subs
+            if r < 0 and not existed and (len(s.subs) >= cfg["max_subscriptions"]
+                                          or not b.heap.room_for_client(2 * len(full) + 128, False)):
+                # Past the limit, or the heap's clients' floor: a subscription
+                # lives as long as its session (offline sessions of many long
+                # filters filled the heap, and SUBSCRIBE ended in MemoryError).
+                r = 0x97 if v == 5 else 0x80
+            if r >= 0:
+                reasons.append(r if v == 5 or r < 0x80 else 0x80)
+                continue
+            sub = fresh.get(full)
             if sub is not None:
-                b.subs.remove(sub)
-            gc.collect()
-            reasons.append(0x97 if v == 5 else 0x80)
-            continue
-        if old is not None:
-            b.subs.remove(old)
-        made.append((full, old, len(reasons)))
-        reasons.append(opts & 3)
-        # Retained messages on subscribe (3.3.1.3): Retain Handling 0 sends
-        # them, 1 only for a new subscription, 2 never; never for shares.
-        rh = (opts >> 4) & 3
-        if group is None and (rh == 0 or (rh == 1 and not existed)):
-            retained.append(sub)
+                # Named again in this packet: the later options, on the
+                # same subscription. A new one each time kept every earlier
+                # one alive (made, retained) until the SUBACK: one filter
+                # named 600 times ran the heap out, and a retained message
+                # went out once for each.
+                sub.opts = opts
+                again.append(len(reasons))
+                reasons.append(opts & 3)
+                if group is None and (opts >> 4) & 3 == 0 and sub not in retained:
+                    retained.append(sub)
+                continue
+            old = s.subs.get(full)
+            sub = None
+            try:
+                sub = Sub(s, flt, opts, subid, group)
+                b.subs.add(sub)
+                s.subs[full] = sub
+            except MemoryError:
+                # No piece of heap for it, though the heap is above the floor:
+                # the list of one filter's subscribers grows in one piece (on
+                # a 450 KB pico2_w, 1,024 sessions on alerts/# wanted 8 KB, and
+                # the largest free piece was 2.6 KB). Refused as past the floor.
+                if sub is not None:
+                    b.subs.remove(sub)
+                gc.collect()
+                reasons.append(0x97 if v == 5 else 0x80)
+                continue
+            if old is not None:
+                b.subs.remove(old)
+            made.append((full, old, len(reasons)))
+            fresh[full] = sub
+            reasons.append(opts & 3)
+            # Retained messages on subscribe (3.3.1.3): Retain Handling 0 sends
+            # them, 1 only for a new subscription, 2 never; never for shares.
+            rh = (opts >> 4) & 3
+            if group is None and (rh == 0 or (rh == 1 and not existed)):
+                retained.append(sub)
+    except Exception:
+        _take_back(c, s, made, reasons, again)
+        raise
     if p is not None and s.expiry and made and not _stored(p, s):
-        _take_back(c, s, made, reasons)
+        _take_back(c, s, made, reasons, again)
         retained = ()
     _answer(c, p, s, encode(Suback(pid, reasons), v), True)
     for sub in retained:
@@ -275,20 +296,24 @@ def _stored(p, s):
         return False
 
 
-def _take_back(c, s, made, reasons):
-    # The session's record with these subscriptions could not be stored:
-    # the store is full, the record is larger than one store batch (only
-    # with max_subscriptions raised far), or no heap. A power cut would lose
-    # them, so they are refused (v5 0x97, 3.1.1 0x80) and the session is
-    # left as it was.
+def _take_back(c, s, made, reasons, again):
+    # The subscriptions a SUBSCRIBE made are undone, and refused (v5 0x97,
+    # 3.1.1 0x80): the session is left as it was. Either the session's
+    # record with them could not be stored (the store is full, the record
+    # is larger than one store batch, only with max_subscriptions raised
+    # far, or no heap), and a power cut would lose them; or the packet
+    # failed part way, and the connection is being closed without a SUBACK.
+    # `again`: the reasons of filters named a second time in the packet.
     subs = c.broker.subs
-    for full, old, i in reversed(made):  # (a filter named twice: its latest first)
+    for full, old, i in reversed(made):
         subs.remove(s.subs[full])
         if old is None:
             del s.subs[full]
         else:
             s.subs[full] = old
             subs.add(old)
+        reasons[i] = 0x97 if c.version == 5 else 0x80
+    for i in again:
         reasons[i] = 0x97 if c.version == 5 else 0x80
 
 
