@@ -208,9 +208,8 @@ def _on_subscribe(c, mv, off, end):
         subid = props.get(P.SUBSCRIPTION_ID, 0)
     reasons = bytearray()  # (a list of 2,000 of them is 8 KB in one piece)
     retained = []
-    made = []  # (filter, the subscription it replaced or None, its reason's index)
+    made = []  # (filter, the subscription it replaced or None)
     fresh = {}  # filter -> the subscription this packet made for it
-    again = []  # indices of the reasons of filters named again in this packet
     try:
         for full, opts in subscribe_filters(mv, at, end, v):
             group, flt = split_shared(full)
@@ -235,7 +234,6 @@ def _on_subscribe(c, mv, off, end):
                 # named 600 times ran the heap out, and a retained message
                 # went out once for each.
                 sub.opts = opts
-                again.append(len(reasons))
                 reasons.append(opts & 3)
                 if group is None and (opts >> 4) & 3 == 0 and sub not in retained:
                     retained.append(sub)
@@ -258,7 +256,7 @@ def _on_subscribe(c, mv, off, end):
                 continue
             if old is not None:
                 b.subs.remove(old)
-            made.append((full, old, len(reasons)))
+            made.append((full, old))
             fresh[full] = sub
             reasons.append(opts & 3)
             # Retained messages on subscribe (3.3.1.3): Retain Handling 0 sends
@@ -267,10 +265,10 @@ def _on_subscribe(c, mv, off, end):
             if group is None and (rh == 0 or (rh == 1 and not existed)):
                 retained.append(sub)
     except Exception:
-        _take_back(c, s, made, reasons, again)
+        _take_back(c, s, made, reasons)
         raise
     if p is not None and s.expiry and made and not _stored(p, s):
-        _take_back(c, s, made, reasons, again)
+        _take_back(c, s, made, reasons)
         retained = ()
     _answer(c, p, s, encode(Suback(pid, reasons), v), True)
     for sub in retained:
@@ -296,25 +294,27 @@ def _stored(p, s):
         return False
 
 
-def _take_back(c, s, made, reasons, again):
+def _take_back(c, s, made, reasons):
     # The subscriptions a SUBSCRIBE made are undone, and refused (v5 0x97,
     # 3.1.1 0x80): the session is left as it was. Either the session's
     # record with them could not be stored (the store is full, the record
     # is larger than one store batch, only with max_subscriptions raised
     # far, or no heap), and a power cut would lose them; or the packet
     # failed part way, and the connection is being closed without a SUBACK.
-    # `again`: the reasons of filters named a second time in the packet.
     subs = c.broker.subs
-    for full, old, i in reversed(made):
+    for full, old in made:
         subs.remove(s.subs[full])
         if old is None:
             del s.subs[full]
         else:
             s.subs[full] = old
             subs.add(old)
-        reasons[i] = 0x97 if c.version == 5 else 0x80
-    for i in again:
-        reasons[i] = 0x97 if c.version == 5 else 0x80
+    # Every code that granted one granted what was made (a filter named
+    # again shares its first naming's subscription).
+    no = 0x97 if c.version == 5 else 0x80
+    for i in range(len(reasons)):
+        if reasons[i] < 0x80:
+            reasons[i] = no
 
 
 def _on_unsubscribe(c, mv, off, end):
