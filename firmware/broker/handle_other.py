@@ -226,6 +226,10 @@ def _on_subscribe(c, mv, off, end):
             if r >= 0:
                 reasons.append(r if v == 5 or r < 0x80 else 0x80)
                 continue
+            # Retained messages on subscribe (3.3.1.3): Retain Handling 0
+            # sends them, 1 only for a new subscription, 2 never; never for
+            # shares.
+            rh = (opts >> 4) & 3
             sub = fresh.get(full)
             if sub is not None:
                 # Named again in this packet: the later options, on the
@@ -235,7 +239,7 @@ def _on_subscribe(c, mv, off, end):
                 # went out once for each.
                 sub.opts = opts
                 reasons.append(opts & 3)
-                if group is None and (opts >> 4) & 3 == 0 and sub not in retained:
+                if group is None and rh == 0 and sub not in retained:
                     retained.append(sub)
                 continue
             old = s.subs.get(full)
@@ -259,9 +263,6 @@ def _on_subscribe(c, mv, off, end):
             made.append((full, old))
             fresh[full] = sub
             reasons.append(opts & 3)
-            # Retained messages on subscribe (3.3.1.3): Retain Handling 0 sends
-            # them, 1 only for a new subscription, 2 never; never for shares.
-            rh = (opts >> 4) & 3
             if group is None and (rh == 0 or (rh == 1 and not existed)):
                 retained.append(sub)
     except Exception:

@@ -453,11 +453,10 @@ def decode(first, buf, off, end, version):
         if off != end:
             raise MQTTError(MALFORMED, "CONNACK has trailing bytes")
         return Connack(bool(flags), reason, pr)
-    if t == SUBSCRIBE:
+    if t == SUBSCRIBE or t == UNSUBSCRIBE:
         pid, pr, off = filters_head(t, buf, off, end, version)
-        return Subscribe(pid, list(subscribe_filters(buf, off, end, version)), pr)
-    if t == UNSUBSCRIBE:
-        pid, pr, off = filters_head(t, buf, off, end, version)
+        if t == SUBSCRIBE:
+            return Subscribe(pid, list(subscribe_filters(buf, off, end, version)), pr)
         return Unsubscribe(pid, list(unsubscribe_filters(buf, off, end)), pr)
     pid, pr, off = _id_and_props(t, buf, off, end, version)
     if t == SUBACK:
