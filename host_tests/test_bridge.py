@@ -295,18 +295,137 @@ def test_a_v5_uplink_takes_more_than_its_receive_maximum_from_the_upstream_witho
     assert "0x93" not in log and len(_seqs(got, "cmd/q1")) == n, log[-3000:]
 
 
-def test_a_pattern_hash_maps_the_level_of_its_prefix_to_the_local_prefix_level(procs):
+@pytest.mark.parametrize("line,down,sent,want", [
     # "site/b3/cmd/#" matches "site/b3/cmd" too; it came down as "cmd/", a
     # topic nobody uses, where the mapping says "cmd".
+    ("# in 1 cmd/ site/b3/cmd/", True, ("site/b3/cmd", "site/b3/cmd/x"), [("cmd", b"0"), ("cmd/x", b"1")]),
+    # "gw/#" matches "gw" too, and the upstream prefix "" has no such level
+    # (docs/bridge.md): it went up unmapped, as "gw", outside the mapping.
+    ('# out 1 gw/ ""', False, ("gw", "gw/a"), [("a", b"1")]),
+])
+def test_a_pattern_hash_maps_the_level_of_its_prefix_to_the_other_prefix_level(procs, line, down, sent, want):
     m = upstream(procs)
-    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# in 1 cmd/ site/b3/cmd/"]})
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": [line]})
     wait_state(g, b"1")
-    local = peer(procs, g.port, "lvl-local", [("#", 1)])
-    up = peer(procs, m.port, "lvl-pub")
-    up.publish("site/b3/cmd", b"parent", 1)
-    up.publish("site/b3/cmd/x", b"child", 1)
-    got = local.wait(lambda ms: len([t for t, *_ in ms if not t.startswith("$")]) >= 2)
-    assert sorted((t, p) for t, p, *_ in got if not t.startswith("$")) == [("cmd", b"parent"), ("cmd/x", b"child")]
+    ports = (m.port, g.port) if down else (g.port, m.port)
+    pub = peer(procs, ports[0], "lvl-pub")
+    sub = peer(procs, ports[1], "lvl-sub", [("#", 1)])
+    for i, t in enumerate(sent):
+        pub.publish(t, b"%d" % i, 1)
+    got = sub.wait(lambda ms: any(t == want[-1][0] for t, *_ in ms))
+    assert sorted((t, p) for t, p, *_ in got if not t.startswith("$")) == want, g.log()[-2000:]
+
+
+# What a client would be closed for, from the upstream: each once dropped,
+# the link closed and came up again to be sent the same message (QoS 1/2,
+# or a retained value at each SUBSCRIBE), for good.
+_POISON = {
+    "over max_packet_size": ("site/cmd/big", b"B" * 10000, None),
+    "past max_topic_levels": ("site/cmd/" + "/".join("l%d" % i for i in range(20)), b"x", None),
+    "past max_topic_length": ("site/cmd/" + "x" * 300, b"x", None),
+    "payload not UTF-8 as its format says": ("site/cmd/pfi", b"\xff\xfe", 1),
+}
+
+
+@pytest.mark.parametrize("kind,version,qos,retain", [
+    ("over max_packet_size", 4, 1, False),
+    ("over max_packet_size", 4, 2, False),
+    ("over max_packet_size", 4, 0, True),
+    ("past max_topic_levels", 4, 1, False),
+    ("past max_topic_length", 5, 2, False),
+    ("payload not UTF-8 as its format says", 5, 0, False),
+])
+def test_a_message_from_the_upstream_that_a_client_would_be_closed_for_is_dropped_and_the_link_stays_up(
+        procs, kind, version, qos, retain):
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# in 2 cmd/ site/cmd/"],
+                        "protocol_version": version})
+    wait_state(g, b"1")
+    local = peer(procs, g.port, "poison-local", [("cmd/#", 2)])
+    up = peer(procs, m.port, "poison-up", version=5)
+    topic, payload, pfi = _POISON[kind]
+    props = None
+    if pfi is not None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.PayloadFormatIndicator = pfi
+    up.publish(topic, payload, qos, retain, props)
+    for i in range(3):
+        up.publish("site/cmd/after%d" % i, b"after", 1)
+    got = local.wait(lambda ms: len(ms) >= 3, 10)
+    assert [t for t, *_ in got] == ["cmd/after0", "cmd/after1", "cmd/after2"], g.log()[-3000:]
+    log = g.log()
+    assert log.count("bridge up: connected to") == 1, log[-3000:]
+    assert "dropped" in log and "from the upstream" in log, log[-3000:]
+
+
+def test_with_retain_unavailable_the_upstreams_retained_values_come_down_as_plain_messages(procs):
+    # A retained value from the upstream closed the link (0x9A), and every
+    # new link's SUBSCRIBE brought it again.
+    m = upstream(procs)
+    up = peer(procs, m.port, "noret-up")
+    up.publish("site/cmd/r", b"kept upstream", 1, retain=True)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["# in 1 cmd/ site/cmd/"]},
+                retain_available=False)
+    local = peer(procs, g.port, "noret-local", [("cmd/#", 1)])
+    wait_state(g, b"1")
+    up.publish("site/cmd/after", b"after", 1)
+    got = local.wait(lambda ms: any(t == "cmd/after" for t, *_ in ms), 10)
+    assert ("cmd/after", b"after") in [(t, p) for t, p, *_ in got], g.log()[-3000:]
+    assert g.log().count("bridge up: connected to") == 1, g.log()[-3000:]
+    late = peer(procs, g.port, "noret-late", [("cmd/#", 1)])
+    assert late.wait(lambda ms: ms, 1) == []  # nothing kept here
+
+
+def test_a_local_retained_value_set_while_the_upstream_was_down_is_not_replaced_by_its_older_one(procs):
+    # "both": the SUBSCRIBE went up before what the outage queued, so the
+    # upstream's older retained value came down and replaced the newer one
+    # here, while ours replaced it upstream: the two disagreed for good.
+    m = upstream(procs, persistence=True)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["r/# both 1"]})
+    wait_state(g, b"1")
+    pub = peer(procs, g.port, "both-pub")
+    pub.publish("r/x", b"old", 1, retain=True)
+    was = peer(procs, m.port, "both-was", [("r/x", 1)])
+    assert was.wait(lambda ms: ms)[-1][1] == b"old"
+    was.close()
+    m.stop()
+    wait_state(g, b"0")
+    pub.publish("r/x", b"new", 1, retain=True)  # acknowledged here, queued for the upstream
+    m.start()
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "both-up", [("r/x", 1)])
+    assert up.wait(lambda ms: ms)[-1][1] == b"new", g.log()[-3000:]
+    local = peer(procs, g.port, "both-local", [("r/x", 1)])
+    got = local.wait(lambda ms: ms)
+    assert [p for t, p, *_ in got] == [b"new"], g.log()[-3000:]
+
+
+def test_an_upstream_address_that_never_answers_is_given_up_at_the_connect_timeout(procs):
+    # A listener whose backlog is full drops SYNs, as a host that is down
+    # behind a firewall does: the TCP connect waited for the kernel's own
+    # timeout, over two minutes, before the bridge tried its next address.
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    held = []
+    try:
+        for _ in range(8):
+            s = socket.socket()
+            s.setblocking(False)
+            held.append(s)
+            try:
+                s.connect(hole.getsockname())
+            except BlockingIOError:
+                pass
+        g = gateway(procs, {"addresses": ["127.0.0.1:%d" % hole.getsockname()[1]], "topics": ["x/# out 1"]})
+        end = time.time() + 30  # (a hang guard: _CONNECT_MS is 10 s)
+        while "TimeoutError" not in g.log() and time.time() < end:
+            time.sleep(0.2)
+        assert "connecting to 127.0.0.1:%d failed: TimeoutError" % hole.getsockname()[1] in g.log(), g.log()
+    finally:
+        for s in held:
+            s.close()
+        hole.close()
 
 
 @pytest.mark.parametrize("version", [4, 5])

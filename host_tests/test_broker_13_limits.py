@@ -279,6 +279,53 @@ def test_a_v5_retained_message_refused_for_the_limit_reaches_no_subscriber(alive
         c.close()
 
 
+def test_a_v5_retained_value_kept_while_a_full_queue_missed_it_is_acknowledged_and_survives_a_power_cut():
+    # It was kept as the retained value, on flash too, and answered 0x97
+    # for the offline session's full queue: the publisher was told refused
+    # what every new subscriber got (outside durability probe). A refusal
+    # would deny what was kept: answered success, and the full queue drops
+    # it, as 3.1.1 does.
+    with BrokerProc(board="esp32", config={"max_queued_messages": 1}) as b:
+        _offline_session(b.port, "rk-slow", "rk/#")
+        p = Client(b.port, "rk-pub", version=5)
+        assert p.publish("rk/r", b"A", qos=1, retain=True).reason == 0  # fills rk-slow's queue
+        assert p.publish("rk/r", b"B", qos=1, retain=True).reason == 0
+        p.close()
+        for cut in (False, True):
+            if cut:
+                b.kill9()
+                b.start()
+            c = Client(b.port, "rk-new", version=5)
+            c.subscribe([("rk/r", 0)])
+            assert [bytes(m.payload) for m in c.messages(timeout=1)] == [b"B"], (cut, b.log()[-2000:])
+            c.close()
+
+
+def test_a_qos2_message_that_a_full_queue_missed_is_taken_once_when_resent_after_its_pubrec_was_lost():
+    # PUBREC 0x97 for the full queue ended the exchange, while the session
+    # with room kept the message: after a power cut that lost the PUBREC,
+    # the publisher's resend (MQTT-4.4.0-1) was a new message there, a
+    # second copy (outside durability probe, 5 of 5). Now answered
+    # success, and its packet identifier kept until PUBREL.
+    with BrokerProc(board="esp32", config={"max_queued_messages": 2}) as b:
+        _offline_session(b.port, "q2f-a", "q2f/x", 2)
+        _offline_session(b.port, "q2f-full", "q2f/#", 2)
+        pub = Client(b.port, "q2f-pub", version=5, clean=False, props={SESSION_EXPIRY: 600})
+        for i in range(2):
+            assert pub.publish("q2f/fill", b"fill", qos=1).reason == 0  # fills q2f-full's queue
+        assert pub.publish("q2f/x", b"once", qos=2, pid=77, complete=False).reason == 0
+        pub.close()
+        b.kill9()  # with the PUBREC, as far as the publisher knows
+        b.start()
+        pub = Client(b.port, "q2f-pub", version=5, clean=False, props={SESSION_EXPIRY: 600})
+        assert pub.connack.session_present
+        assert pub.publish("q2f/x", b"once", qos=2, pid=77, dup=True).reason == 0  # (its PUBCOMP)
+        pub.close()
+        a = _resume(b.port, "q2f-a")
+        assert [bytes(m.payload) for m in a.messages(timeout=1)] == [b"once"], b.log()[-2000:]
+        a.close()
+
+
 # ---------------------------------------------------------------- max_retained_bytes (shipped: 16 KB)
 
 

@@ -184,7 +184,7 @@ class Bridge:
     def topic_out(self, topic):
         for f, q, lp, rp in self.outs:
             if matches(f, topic):
-                return _swap(topic, lp, rp) or topic
+                return _swap(topic, lp, rp) or None
         return topic
 
     def went_out(self, t):
@@ -298,13 +298,16 @@ class Bridge:
         s.conn = L
         L.session = s
         self.link = L
+        resend_inflight(L, s)
         if self.ins:
-            # v5: No Local, Retain As Published, Retain Handling 0: retained
-            # messages come on every link, as with 3.1.1, so what changed
-            # upstream in an outage comes down (1 sent none on resumption).
+            # Behind what the outage kept for the upstream (in flight, and
+            # what the output takes of the queue now): a retained value set
+            # here meanwhile was replaced by the upstream's older one. v5: No
+            # Local, Retain As Published, Retain Handling 0: retained messages
+            # come on every link, as with 3.1.1 (1 sent none on resumption).
+            L.pump()
             o = 0x0C if L.version == 5 else 0
             L.send(encode(Subscribe(s.next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]), L.version))
-        resend_inflight(L, s)
         # Our state upstream, retained (its will says "0").
         m = Message(self.up_state, b"1", 0, True)
         n = m.size(m.topic, L.version, 0, None, 0, True)
@@ -316,12 +319,12 @@ class Bridge:
 
     async def _open_link(self, host, port):
         # A new link, up to its CONNACK. The reader task runs on; returns
-        # (link, its task).
-        t = await self._open(host, port)
+        # (link, its task). (A SYN dropped waited the kernel's 2 minutes.)
+        t0 = time.ticks_ms()
+        t = await asyncio.wait_for_ms(self._open(host, port), _CONNECT_MS)
         L = Link(self, t, 5 if self.v5 else 4)
         L.send(self._connect_packet(L.version))
         task = asyncio.create_task(L.run())
-        t0 = time.ticks_ms()
         while not L.up.is_set():
             if task.done():
                 raise OSError(L.error or "closed before CONNACK: %r" % (L.disconnect_reason,))
@@ -405,9 +408,7 @@ class Bridge:
                 # jitter", a random wait between base and three times the last.
                 hi = delay * 3
                 delay = base + (random.getrandbits(30) % (hi - base + 1)) if hi > base else base
-                if delay > cap:
-                    delay = cap
-                wait = delay
+                wait = delay = min(delay, cap)
             await asyncio.sleep_ms(wait)
 
     def _state(self, v):
@@ -427,8 +428,7 @@ class Bridge:
 
 
 def start_bridges(b):
-    # Called by app.start(): one Bridge and one supervisor task per config
-    # entry.
+    # app.start(): one Bridge and one supervisor task per config entry.
     bridges = []
     for c in b.cfg["bridges"]:
         br = Bridge(b, c)

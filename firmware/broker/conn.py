@@ -30,8 +30,22 @@ _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
+_ANY = const(0x7FFFFFFF)  # no limit on a packet's size (_take)
 _NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
 _NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
+
+
+def _pick(at, got, mv, o, a, n):
+    # mv[o:o + n] holds bytes a..a + n of a packet read in pieces. Copies
+    # into got those at the offsets in at: a PUBLISH's topic length (the
+    # first two), then its packet identifier, found from that length.
+    for k in range(4):
+        i = at[k] - a
+        if at[k] and 0 <= i < n:
+            got[k] = mv[o + i]
+            if k == 1:
+                at[2] = at[1] + 1 + (got[0] << 8 | got[1])
+                at[3] = at[2] + 1
 
 
 class Connection(Output):
@@ -340,6 +354,9 @@ class Connection(Output):
         # what); -1 - offset of a packet too large for a pooled buffer.
         b = self.broker
         maxp = b.cfg["max_packet_size"]
+        # A 3.1.1 bridge link's PUBLISH past it is read and dropped: the
+        # upstream cannot be told the limit (v5 links tell it).
+        lim = _ANY if self.topic_in is not None and self.version != 5 else maxp
         pos = 0
         while not self.closing:
             if have - pos < 2:
@@ -349,10 +366,16 @@ class Connection(Output):
                 # A one-byte remaining length, the usual case: no call.
                 h = 2
             else:
-                r = frame(cur, pos, have, maxp)
+                r = frame(cur, pos, have, lim)
                 if r is None:
                     break
                 h, rem = r
+                if h + rem > maxp:  # (only a 3.1.1 link's gets here)
+                    if pos + h + rem > have:
+                        return -1 - pos  # dropped as it is read (_read_big)
+                    self._drop_big(cur, pos, h, h + rem)
+                    pos += h + rem
+                    continue
             if pos + h + rem > have:
                 if h + rem > b.rpool.size:
                     return -1 - pos
@@ -404,8 +427,11 @@ class Connection(Output):
         # (measured: 35 KB free in blocks of at most 1 KB after a burst of
         # 1 KB messages). Sets self.pause when the reader must wait after.
         b = self.broker
-        h, total = frame(mv, pos, have, b.cfg["max_packet_size"])
+        h, total = frame(mv, pos, have, _ANY)  # (_take checked its size)
         total += h
+        if total > b.cfg["max_packet_size"]:
+            await self._drop_big_read(mv, pos, h, have, total)
+            return
         big = b.spare_big
         if big is not None and len(big) >= total:
             b.spare_big = None
@@ -446,6 +472,43 @@ class Connection(Output):
                 b.connect_big = None
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
+
+    async def _drop_big_read(self, mv, pos, h, have, total):
+        # _drop_big for a packet whose first bytes are mv[pos:have]: the
+        # rest is read into mv and dropped as it comes.
+        at = [h, h + 1, 0, 0]
+        got = bytearray(4)
+        first = mv[pos]
+        _pick(at, got, mv, pos, 0, have - pos)
+        a = have - pos
+        while a < total:
+            n = await self.t.recv_into(mv[0 : min(total - a, len(mv))])
+            if not n:
+                raise OSError(104)
+            _pick(at, got, mv, 0, a, n)
+            a += n
+            self.broker.stats_bytes_recv += n
+            self.last_rx = self.broker.now_ms()
+        self._dropped(first, at, got, total)
+
+    def _drop_big(self, mv, pos, h, total):
+        # A 3.1.1 bridge link's packet over max_packet_size, whole at
+        # mv[pos:pos + total]: a PUBLISH is acknowledged and dropped. Closed
+        # for it, the link came up again only to be sent it again (QoS 1/2,
+        # or a retained value at every SUBSCRIBE), for good.
+        at = [h, h + 1, 0, 0]
+        got = bytearray(4)
+        _pick(at, got, mv, pos, 0, total)
+        self._dropped(mv[pos], at, got, total)
+
+    def _dropped(self, first, at, got, total):
+        if first >> 4 != _PUBLISH:
+            raise MQTTError(0x95, "a %d B packet over max_packet_size" % total)
+        qos = (first >> 1) & 3
+        if qos and at[3] and at[3] < total:
+            self.ack((3 + qos) << 4, got[2] << 8 | got[3], 0)
+        self.broker.stats_dropped += 1
+        log.warning("%s: dropped a %d B message from the upstream: over max_packet_size", self.client_label(), total)
 
     async def _big_buffer(self, mv, pos, h, have, total):
         # A buffer for the packet whose first bytes are mv[pos:have] (total

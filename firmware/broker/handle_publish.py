@@ -67,6 +67,17 @@ def _heap_short(c, qos, pid, need):
     raise Paused()
 
 
+def _drop_from_link(c, qos, pid, reason, why, topic):
+    # A message from a bridge's upstream that a client would be closed
+    # for: acknowledged and dropped, and said in the log. Closed for it,
+    # the link came up again only to be sent it again (QoS 1/2, or a
+    # retained value on every SUBSCRIBE), and went down, for good.
+    c.broker.stats_dropped += 1
+    if qos:
+        c.ack((3 + qos) << 4, pid, reason)  # (3.1.1: a plain PUBACK or PUBREC)
+    log.warning("%s: dropped a message from the upstream: %s (%s)", c.client_label(), why, topic[:40])
+
+
 def _decode_short(c, qos, mv, off, end):
     # No heap to decode it (its topic and properties become objects of
     # several times their bytes): as a message the heap cannot take, with
@@ -209,9 +220,14 @@ def on_publish(c, first, mv, off, end):
                 c.ack((3 + qos) << 4, pid, 0)
             return
     if not check_topic(cfg, topic):
+        if topic_in is not None:
+            _drop_from_link(c, qos, pid, 0x90, "a topic past max_topic_length or max_topic_levels", topic)
+            return
         raise MQTTError(0x90, "topic name not valid")
     if retain and not cfg["retain_available"]:
-        raise MQTTError(0x9A, "retain not available")
+        if topic_in is None:
+            raise MQTTError(0x9A, "retain not available")
+        retain = 0  # the upstream's retained values come down as they are, kept by nobody
     if qos == 2 and pid in s.qos2_in:
         # A resent QoS 2 message we already routed: acknowledge only.
         c.ack(0x50, pid, 0)
@@ -239,6 +255,9 @@ def on_publish(c, first, mv, off, end):
         # 5.0 3.3.2.3.2 lets a receiver that checks say so in the PUBACK or
         # PUBREC, or in a DISCONNECT: at QoS 0 that is the only way.
         if not qos:
+            if topic_in is not None:
+                _drop_from_link(c, 0, 0, 0x99, "a payload not UTF-8 as its format says", topic)
+                return
             raise MQTTError(0x99, "payload is not UTF-8")
         c.ack((3 + qos) << 4, pid, 0x99)
         return
@@ -334,14 +353,18 @@ def on_publish(c, first, mv, off, end):
     b.heap.spend(n << 7)
     # (b.retained.dropped moves here only when route() kept a retained
     # value: for those not refused above.)
-    if c.version == 5 and (b.queue_refusals != refused or b.retained.dropped != kept
-                           or (p is not None and p.failed != stored)):
+    reason = 0 if n or retain else 0x10
+    missed = b.queue_refusals - refused  # receivers whose full queue refused it
+    if c.version == 5 and (missed or b.retained.dropped != kept or (p is not None and p.failed != stored)):
         # A full queue, the retained limit or a full store could not take
         # it: say so rather than promise it (3.1.1 has no way to say it;
-        # there it is dropped and counted).
-        reason = 0x97
-    else:
-        reason = 0 if n or retain else 0x10
+        # there it is dropped and counted). Not when it is kept as the
+        # retained value, which a refusal would deny; nor at QoS 2 when
+        # some receiver took it: a PUBREC 0x97 ends the exchange, and the
+        # resend that follows one lost (an outage, a power cut) would be
+        # a new message to those who had it, a second copy.
+        if not (retain and (not keep or b.retained.dropped == kept)) and (qos == 1 or n == missed):
+            reason = 0x97
     if qos == 2 and reason < 0x80:
         s.qos2()[pid] = True
         if p is not None and s.expiry:

@@ -38,7 +38,13 @@ def put_message(b, c, s, msg, qos, retain, subids, seq, stored):
         return WAIT
     v = c.version
     topic_out = c.topic_out  # (read once: a lookup at each read)
-    t = msg.topic if topic_out is None else topic_out(msg.topic)
+    if topic_out is None:
+        t = msg.topic
+    else:
+        t = topic_out(msg.topic)  # a bridge link's: None, the upstream has no such topic
+        if t is None:
+            b.stats_dropped += 1
+            return GONE
     alias, send_topic = c.out_alias(t) if c.alias_out_max else (0, True)
     whole = len(msg.payload) <= b.wpool.size >> 1
     n = _size(c, msg, t, qos, subids, alias, send_topic, whole)
