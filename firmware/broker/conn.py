@@ -48,6 +48,46 @@ def _pick(at, got, mv, o, a, n):
                 at[3] = at[2] + 1
 
 
+def _drop_big(c, mv, pos, h, total):
+    # A 3.1.1 bridge link's packet over max_packet_size, whole at
+    # mv[pos:pos + total]: a PUBLISH is acknowledged and dropped. Closed
+    # for it, the link came up again only to be sent it again (QoS 1/2, or
+    # a retained value at every SUBSCRIBE), for good.
+    at = [h, h + 1, 0, 0]
+    got = bytearray(4)
+    _pick(at, got, mv, pos, 0, total)
+    _dropped(c, mv[pos], at, got, total)
+
+
+async def _drop_big_read(c, mv, pos, h, have, total):
+    # _drop_big for a packet whose first bytes are mv[pos:have]: the rest
+    # is read into mv and dropped as it comes.
+    at = [h, h + 1, 0, 0]
+    got = bytearray(4)
+    first = mv[pos]
+    _pick(at, got, mv, pos, 0, have - pos)
+    a = have - pos
+    while a < total:
+        n = await c.t.recv_into(mv[0 : min(total - a, len(mv))])
+        if not n:
+            raise OSError(104)
+        _pick(at, got, mv, 0, a, n)
+        a += n
+        c.broker.stats_bytes_recv += n
+        c.last_rx = c.broker.now_ms()
+    _dropped(c, first, at, got, total)
+
+
+def _dropped(c, first, at, got, total):
+    if first >> 4 != _PUBLISH:
+        raise MQTTError(0x95, "a %d B packet over max_packet_size" % total)
+    qos = (first >> 1) & 3
+    if qos and at[3] and at[3] < total:
+        c.ack((3 + qos) << 4, got[2] << 8 | got[3], 0)
+    c.broker.stats_dropped += 1
+    log.warning("%s: dropped a %d B message from the upstream: over max_packet_size", c.client_label(), total)
+
+
 class Connection(Output):
     # Defaults live on the class: an instance stores only what differs,
     # which keeps an idle connection's attribute table small.
@@ -354,9 +394,6 @@ class Connection(Output):
         # what); -1 - offset of a packet too large for a pooled buffer.
         b = self.broker
         maxp = b.cfg["max_packet_size"]
-        # A 3.1.1 bridge link's PUBLISH past it is read and dropped: the
-        # upstream cannot be told the limit (v5 links tell it).
-        lim = _ANY if self.topic_in is not None and self.version != 5 else maxp
         pos = 0
         while not self.closing:
             if have - pos < 2:
@@ -366,14 +403,16 @@ class Connection(Output):
                 # A one-byte remaining length, the usual case: no call.
                 h = 2
             else:
-                r = frame(cur, pos, have, lim)
+                # A 3.1.1 bridge link's PUBLISH past maxp is read and
+                # dropped: the upstream cannot be told it (v5 links tell it).
+                r = frame(cur, pos, have, _ANY if self.topic_in is not None and self.version != 5 else maxp)
                 if r is None:
                     break
                 h, rem = r
                 if h + rem > maxp:  # (only a 3.1.1 link's gets here)
                     if pos + h + rem > have:
-                        return -1 - pos  # dropped as it is read (_read_big)
-                    self._drop_big(cur, pos, h, h + rem)
+                        return -1 - pos  # dropped as it is read (_drop_big_read)
+                    _drop_big(self, cur, pos, h, h + rem)
                     pos += h + rem
                     continue
             if pos + h + rem > have:
@@ -430,7 +469,7 @@ class Connection(Output):
         h, total = frame(mv, pos, have, _ANY)  # (_take checked its size)
         total += h
         if total > b.cfg["max_packet_size"]:
-            await self._drop_big_read(mv, pos, h, have, total)
+            await _drop_big_read(self, mv, pos, h, have, total)
             return
         big = b.spare_big
         if big is not None and len(big) >= total:
@@ -472,43 +511,6 @@ class Connection(Output):
                 b.connect_big = None
             if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
-
-    async def _drop_big_read(self, mv, pos, h, have, total):
-        # _drop_big for a packet whose first bytes are mv[pos:have]: the
-        # rest is read into mv and dropped as it comes.
-        at = [h, h + 1, 0, 0]
-        got = bytearray(4)
-        first = mv[pos]
-        _pick(at, got, mv, pos, 0, have - pos)
-        a = have - pos
-        while a < total:
-            n = await self.t.recv_into(mv[0 : min(total - a, len(mv))])
-            if not n:
-                raise OSError(104)
-            _pick(at, got, mv, 0, a, n)
-            a += n
-            self.broker.stats_bytes_recv += n
-            self.last_rx = self.broker.now_ms()
-        self._dropped(first, at, got, total)
-
-    def _drop_big(self, mv, pos, h, total):
-        # A 3.1.1 bridge link's packet over max_packet_size, whole at
-        # mv[pos:pos + total]: a PUBLISH is acknowledged and dropped. Closed
-        # for it, the link came up again only to be sent it again (QoS 1/2,
-        # or a retained value at every SUBSCRIBE), for good.
-        at = [h, h + 1, 0, 0]
-        got = bytearray(4)
-        _pick(at, got, mv, pos, 0, total)
-        self._dropped(mv[pos], at, got, total)
-
-    def _dropped(self, first, at, got, total):
-        if first >> 4 != _PUBLISH:
-            raise MQTTError(0x95, "a %d B packet over max_packet_size" % total)
-        qos = (first >> 1) & 3
-        if qos and at[3] and at[3] < total:
-            self.ack((3 + qos) << 4, got[2] << 8 | got[3], 0)
-        self.broker.stats_dropped += 1
-        log.warning("%s: dropped a %d B message from the upstream: over max_packet_size", self.client_label(), total)
 
     async def _big_buffer(self, mv, pos, h, have, total):
         # A buffer for the packet whose first bytes are mv[pos:have] (total
