@@ -582,6 +582,21 @@ def test_connection_state_is_retained_locally_and_upstream_with_a_will(procs):
     assert got[-1][:2] == (topic, b"0")
 
 
+def test_the_state_goes_up_as_1_when_the_link_comes_up_behind_a_large_waiting_message(procs):
+    # With an "in" line, what waited went into the output ahead of the
+    # SUBSCRIBE, and a 3 KB message left no room there for the state
+    # message: it was dropped, and the upstream kept the will's "0" while
+    # the link was up (review probe).
+    port = free_port()  # the upstream's, nothing listens there yet
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % port], "topics": ["x/# out 1", "c/# in 1"],
+                        "clientid": "gw8.up"})
+    peer(procs, g.port, "st-pub").publish("x/big", b"B" * 3000, 1)
+    upstream(procs, port=port)
+    wait_state(g, b"1")
+    w = peer(procs, port, "st-up", [("$SYS/broker/connection/gw8.up/state", 1)])
+    assert [p for t, p, *_ in w.wait(lambda ms: ms)] == [b"1"], g.log()[-3000:]
+
+
 def test_messages_for_the_gateway_wait_upstream_while_it_is_down(procs):
     # cleansession false: the upstream keeps the bridge's session and queues
     # for it; the gateway's own persistent subscriber gets them afterwards.

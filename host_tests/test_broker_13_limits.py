@@ -306,13 +306,16 @@ def test_a_qos2_message_that_a_full_queue_missed_is_taken_once_when_resent_after
     # with room kept the message: after a power cut that lost the PUBREC,
     # the publisher's resend (MQTT-4.4.0-1) was a new message there, a
     # second copy (outside durability probe, 5 of 5). Now answered
-    # success, and its packet identifier kept until PUBREL.
+    # success, and its packet identifier kept until PUBREL. One that no
+    # receiver took is still refused: an offline QoS 0 subscriber drops it.
     with BrokerProc(board="esp32", config={"max_queued_messages": 2}) as b:
         _offline_session(b.port, "q2f-a", "q2f/x", 2)
         _offline_session(b.port, "q2f-full", "q2f/#", 2)
+        _offline_session(b.port, "q2f-q0", "q2f/y", 0)
         pub = Client(b.port, "q2f-pub", version=5, clean=False, props={SESSION_EXPIRY: 600})
         for i in range(2):
             assert pub.publish("q2f/fill", b"fill", qos=1).reason == 0  # fills q2f-full's queue
+        assert pub.publish("q2f/y", b"nobody", qos=2, complete=False).reason == 0x97
         assert pub.publish("q2f/x", b"once", qos=2, pid=77, complete=False).reason == 0
         pub.close()
         b.kill9()  # with the PUBREC, as far as the publisher knows

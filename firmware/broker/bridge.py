@@ -298,22 +298,22 @@ class Bridge:
         s.conn = L
         L.session = s
         self.link = L
-        resend_inflight(L, s)
-        if self.ins:
-            # Behind what the outage kept for the upstream (in flight, and
-            # what the output takes of the queue now): a retained value set
-            # here meanwhile was replaced by the upstream's older one. v5: No
-            # Local, Retain As Published, Retain Handling 0: retained messages
-            # come on every link, as with 3.1.1 (1 sent none on resumption).
-            L.pump()
-            o = 0x0C if L.version == 5 else 0
-            L.send(encode(Subscribe(s.next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]), L.version))
-        # Our state upstream, retained (its will says "0").
+        # Our state upstream, retained (its will says "0"), while there is room.
         m = Message(self.up_state, b"1", 0, True)
         n = m.size(m.topic, L.version, 0, None, 0, True)
         ob = L.reserve(n)
         if ob is not None:
             L.olen = m.put(ob, L.olen, m.topic, L.version, 0, True, False, 0, None, 0, True, 0)
+        resend_inflight(L, s)
+        if self.ins:
+            # Behind what the outage kept for the upstream (in flight, and
+            # what the output takes of the queue now): a retained value set
+            # here meanwhile at QoS 1 was replaced by the upstream's older
+            # one. v5: No Local, Retain As Published, Retain Handling 0:
+            # retained messages come on every link, as with 3.1.1.
+            L.pump()
+            o = 0x0C if L.version == 5 else 0
+            L.send(encode(Subscribe(s.next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]), L.version))
         L.kick()
         L.up.set()
 

@@ -30,7 +30,7 @@ _BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
-_ANY = const(0x7FFFFFFF)  # no limit on a packet's size (_take)
+_ANY = const(0x3FFFFFFF)  # no limit on a packet's size (_take); a small int
 _NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
 _NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
 
@@ -75,12 +75,11 @@ async def _drop_big_read(c, mv, pos, h, have, total):
         a += n
         c.broker.stats_bytes_recv += n
         c.last_rx = c.broker.now_ms()
+        await asyncio.sleep_ms(0)  # (a turn for the others: it may be large)
     _dropped(c, first, at, got, total)
 
 
 def _dropped(c, first, at, got, total):
-    if first >> 4 != _PUBLISH:
-        raise MQTTError(0x95, "a %d B packet over max_packet_size" % total)
     qos = (first >> 1) & 3
     if qos and at[3] and at[3] < total:
         c.ack((3 + qos) << 4, got[2] << 8 | got[3], 0)
@@ -410,6 +409,9 @@ class Connection(Output):
                     break
                 h, rem = r
                 if h + rem > maxp:  # (only a 3.1.1 link's gets here)
+                    if cur[pos] >> 4 != _PUBLISH:
+                        raise MQTTError(0x95, "a %d B packet over max_packet_size" % (h + rem))
+                    check_flags(cur[pos])
                     if pos + h + rem > have:
                         return -1 - pos  # dropped as it is read (_drop_big_read)
                     _drop_big(self, cur, pos, h, h + rem)

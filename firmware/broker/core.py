@@ -141,6 +141,7 @@ class Broker:
         self.stats_bytes_sent = 0
         self.stats_dropped = 0
         self.queue_refusals = 0  # QoS 1/2 messages a full queue refused
+        self.missed = 0  # receivers a message went to that did not take it (route.deliver)
         self.stats_refused = 0
         self.stats_expired = 0
         self.stats_auth_failed = 0

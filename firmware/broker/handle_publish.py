@@ -221,7 +221,7 @@ def on_publish(c, first, mv, off, end):
             return
     if not check_topic(cfg, topic):
         if topic_in is not None:
-            _drop_from_link(c, qos, pid, 0x90, "a topic past max_topic_length or max_topic_levels", topic)
+            _drop_from_link(c, qos, pid, 0x90, "a topic name not valid here", topic)
             return
         raise MQTTError(0x90, "topic name not valid")
     if retain and not cfg["retain_available"]:
@@ -341,6 +341,7 @@ def on_publish(c, first, mv, off, end):
             return
         keep = False
     refused = b.queue_refusals
+    missed = b.missed
     kept = b.retained.dropped
     stored = p.failed if p is not None else 0
     mark = c.olen  # where copies for the publisher itself would start
@@ -354,8 +355,8 @@ def on_publish(c, first, mv, off, end):
     # (b.retained.dropped moves here only when route() kept a retained
     # value: for those not refused above.)
     reason = 0 if n or retain else 0x10
-    missed = b.queue_refusals - refused  # receivers whose full queue refused it
-    if c.version == 5 and (missed or b.retained.dropped != kept or (p is not None and p.failed != stored)):
+    if c.version == 5 and (b.queue_refusals != refused or b.retained.dropped != kept
+                           or (p is not None and p.failed != stored)):
         # A full queue, the retained limit or a full store could not take
         # it: say so rather than promise it (3.1.1 has no way to say it;
         # there it is dropped and counted). Not when it is kept as the
@@ -363,7 +364,7 @@ def on_publish(c, first, mv, off, end):
         # some receiver took it: a PUBREC 0x97 ends the exchange, and the
         # resend that follows one lost (an outage, a power cut) would be
         # a new message to those who had it, a second copy.
-        if not (retain and (not keep or b.retained.dropped == kept)) and (qos == 1 or n == missed):
+        if not (retain and (not keep or b.retained.dropped == kept)) and (qos == 1 or b.missed - missed == n):
             reason = 0x97
     if qos == 2 and reason < 0x80:
         s.qos2()[pid] = True

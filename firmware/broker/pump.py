@@ -323,7 +323,7 @@ def resend(b, c, s):
             m = d.msg
             t = m.topic if c.topic_out is None else c.topic_out(m.topic)
             whole = len(m.payload) <= half
-            n = _size(c, m, t, d.qos, d.subids, 0, True, whole)
+            n = _size(c, m, t, d.qos, d.subids, 0, True, whole) if t is not None else -1
             if n < 0:
                 # Its flow ends unsent.
                 b.stats_dropped += 1

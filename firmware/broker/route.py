@@ -140,6 +140,7 @@ def deliver(b, s, msg, qos, retain, subids):
     # (The try is here, not around a call: each call of a frame this size
     # takes heap, see tools/frames.py.)
     if b.acl is not None and s.bridge is None and not b.acl.can_read(s.client_id, s.username, msg.topic):
+        b.missed += 1
         return
     try:
         c = s.conn
@@ -156,10 +157,12 @@ def deliver(b, s, msg, qos, retain, subids):
                 kick(c)
                 return
             if r == GONE:
+                b.missed += 1
                 return
         if c is None and qos == 0 and not b.cfg["queue_qos0_messages"]:
             s.dropped += 1
             b.stats_dropped += 1
+            b.missed += 1
             return
         _enqueue(b, s, msg, qos, retain, subids)
         return
@@ -170,6 +173,7 @@ def deliver(b, s, msg, qos, retain, subids):
         gc.collect()
         if not qos:
             b.stats_dropped += 1
+            b.missed += 1
             return
         c = s.inflight
         for r in c:
@@ -188,6 +192,7 @@ def deliver(b, s, msg, qos, retain, subids):
     except MemoryError:
         b.stats_dropped += 1
         b.queue_refusals += 1
+        b.missed += 1
 
 
 @micropython.native  # (tools/frames.py: its frame on the C stack)
@@ -204,6 +209,7 @@ def _enqueue(b, s, msg, qos, retain, subids):
         ok = _enqueue_again(b, s, msg, inf, lim, d)
     b.stats_dropped += s.dropped - d  # refused, or an old QoS 0 evicted
     if not ok:
+        b.missed += 1
         if qos:
             b.queue_refusals += 1
         return
