@@ -10,7 +10,7 @@ import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
 from mqttc import BrokerProc, Client, Publish, Subscribe, Unsubscribe, DISCONNECT, SESSION_EXPIRY, SUBID, NL, RAP, RH,\
-    PUBACK, PUBLISH, SUBACK, UNSUBACK
+    PUBACK, PUBLISH, SUBACK, UNSUBACK, RECEIVE_MAX
 
 CONFIG = {"max_subscriptions": 32}
 
@@ -254,6 +254,26 @@ def test_shared_subscription_delivers_each_message_to_exactly_one_member(broker,
     assert sorted(ga + gb, key=int) == [b"%d" % i for i in range(10)]
     assert ga and gb, "all messages went to one member"
     a.close()
+    b.close()
+
+
+def test_a_share_member_that_stopped_reading_leaves_its_turns_to_one_that_reads(broker, pub):
+    # Round robin gave every other message to a member that acknowledged
+    # nothing: they waited in its queue behind its Receive Maximum, and its
+    # full queue refused them (PUBACK 0x97) while the other member had room
+    # (outside soak probe: 48 of 200 refused). A member with messages
+    # waiting is passed over for one with none.
+    stuck = Client(broker.port, "s02-sh4-stuck", version=5, props={RECEIVE_MAX: 1})
+    b = Client(broker.port, "s02-sh4-b", version=5)
+    stuck.subscribe([("$share/g4/sh4/t", 1)])
+    b.subscribe([("$share/g4/sh4/t", 1)])
+    got = []
+    for i in range(40):
+        assert pub.publish("sh4/t", b"%d" % i, qos=1).reason == 0
+        got += [m.payload for m in b.messages(timeout=0.05)]
+    got += [m.payload for m in b.messages(timeout=0.5)]
+    assert len(got) >= 38, "the member that reads got %d of 40" % len(got)
+    stuck.close()
     b.close()
 
 

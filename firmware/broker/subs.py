@@ -94,7 +94,10 @@ class Subs:
     def match_shared(self, topic, out, turn=True):
         # Appends one Sub per matching share group: round robin over the
         # members, skipping those whose client is offline when another is
-        # online (an offline member still queues if it is the only one).
+        # online (an offline member still queues if it is the only one),
+        # and those with messages waiting when another online one has none:
+        # a member that stopped reading kept its turns, and its full queue
+        # refused them while the others had room (outside soak probe).
         # turn=False: who would get it, the turn not taken (a look before
         # routing: taken there too, one member got every message).
         for k in self.shared:
@@ -106,10 +109,11 @@ class Subs:
             pick = None
             for i in range(n):
                 s = members[(g[1] + i) % n]
-                if s.session.conn is not None:
+                if s.session.conn is not None and (pick is None or not s.session.queue):
                     pick = s
                     nxt = (g[1] + i + 1) % n
-                    break
+                    if not s.session.queue:
+                        break
             if pick is None:
                 pick = members[g[1] % n]
                 nxt = (g[1] + 1) % n
