@@ -54,6 +54,9 @@ async def _housekeeping(b, wdt):
                 t0 = t if time.ticks_diff(t, t0) >= 2 * _TICK_MS else time.ticks_add(t0, _TICK_MS)
                 b.advance_clock()
                 b.heap.track()
+                # Read only as differences within one PUBLISH (handle_publish):
+                # set back, they stay small ints, which take no heap to count.
+                b.queue_refusals = b.missed = 0
                 keepalive.check(b)
                 session_expiry.check(b)
                 if b.persist is not None:

@@ -140,8 +140,10 @@ class Broker:
         self.stats_bytes_recv = 0
         self.stats_bytes_sent = 0
         self.stats_dropped = 0
-        self.queue_refusals = 0  # QoS 1/2 messages a full queue refused
-        self.missed = 0  # receivers a message went to that did not take it (route.deliver)
+        # Receivers route() found that a full queue refused (QoS 1/2), and
+        # that did not take the message at all (route.deliver).
+        self.queue_refusals = 0
+        self.missed = 0
         self.stats_refused = 0
         self.stats_expired = 0
         self.stats_auth_failed = 0
