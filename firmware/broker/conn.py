@@ -21,7 +21,7 @@ from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
 from broker.handle_connect import asked_version, on_connect, refuse
-from broker.handle_publish import on_publish, refuse_for_heap
+from broker.handle_publish import on_publish, refuse_for_heap, drop_from_link
 from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
@@ -80,11 +80,9 @@ async def _drop_big_read(c, mv, pos, h, have, total):
 
 
 def _dropped(c, first, at, got, total):
-    qos = (first >> 1) & 3
-    if qos and at[3] and at[3] < total:
-        c.ack((3 + qos) << 4, got[2] << 8 | got[3], 0)
-    c.broker.stats_dropped += 1
-    log.warning("%s: dropped a %d B message from the upstream: over max_packet_size", c.client_label(), total)
+    # (Unacknowledged when its packet identifier was past its end.)
+    qos = (first >> 1) & 3 if at[3] and at[3] < total else 0
+    drop_from_link(c, qos, got[2] << 8 | got[3], 0, "%d B, over max_packet_size" % total)
 
 
 class Connection(Output):

@@ -67,15 +67,16 @@ def _heap_short(c, qos, pid, need):
     raise Paused()
 
 
-def _drop_from_link(c, qos, pid, reason, why, topic):
+def drop_from_link(c, qos, pid, reason, why):
     # A message from a bridge's upstream that a client would be closed
-    # for: acknowledged and dropped, and said in the log. Closed for it,
-    # the link came up again only to be sent it again (QoS 1/2, or a
-    # retained value on every SUBSCRIBE), and went down, for good.
+    # for (here, and conn.py's oversized one): acknowledged (qos 0: not)
+    # and dropped, and said in the log. Closed for it, the link came up
+    # again only to be sent it again (QoS 1/2, or a retained value on
+    # every SUBSCRIBE), and went down, for good.
     c.broker.stats_dropped += 1
     if qos:
         c.ack((3 + qos) << 4, pid, reason)  # (3.1.1: a plain PUBACK or PUBREC)
-    log.warning("%s: dropped a message from the upstream: %s (%s)", c.client_label(), why, topic[:40])
+    log.warning("%s: dropped a message from the upstream: %s", c.client_label(), why)
 
 
 def _decode_short(c, qos, mv, off, end):
@@ -221,7 +222,7 @@ def on_publish(c, first, mv, off, end):
             return
     if not check_topic(cfg, topic):
         if topic_in is not None:
-            _drop_from_link(c, qos, pid, 0x90, "a topic name not valid here", topic)
+            drop_from_link(c, qos, pid, 0x90, "a topic name not valid here (%s)" % topic[:40])
             return
         raise MQTTError(0x90, "topic name not valid")
     if retain and not cfg["retain_available"]:
@@ -256,7 +257,7 @@ def on_publish(c, first, mv, off, end):
         # PUBREC, or in a DISCONNECT: at QoS 0 that is the only way.
         if not qos:
             if topic_in is not None:
-                _drop_from_link(c, 0, 0, 0x99, "a payload not UTF-8 as its format says", topic)
+                drop_from_link(c, 0, 0, 0x99, "a payload not UTF-8 as its format says (%s)" % topic[:40])
                 return
             raise MQTTError(0x99, "payload is not UTF-8")
         c.ack((3 + qos) << 4, pid, 0x99)
