@@ -329,6 +329,41 @@ def test_a_qos2_message_that_a_full_queue_missed_is_taken_once_when_resent_after
         a.close()
 
 
+# ---------------------------------------------------------------- max_queued_bytes (shipped esp32: 8 KB)
+
+
+def test_an_offline_queue_of_large_messages_stops_at_max_queued_bytes_and_the_heap_stays_for_others(shipped):
+    # One offline session's queue of 32 large messages (up to 256 KB at the
+    # esp32's max_packet_size) filled the heap, and then no QoS 1 message
+    # that would stay in the heap was taken from anyone until that session
+    # came back or expired, a week later (outside soak probe). Its queue
+    # now stops at 8,192 payload bytes: under it, one more message of any
+    # size is taken (as Mosquitto's max_queued_bytes). What was taken
+    # survives a power cut, and a drained queue takes as much again.
+    big = lambda i: b"%02d" % i + b"x" * 6998  # noqa: E731
+    _offline_session(shipped.port, "qb-big", "qb/big")
+    _offline_session(shipped.port, "qb-other", "qb/other")
+    p = Client(shipped.port, "qb-pub", version=5)
+    codes = [p.publish("qb/big", big(i), qos=1).reason for i in range(32)]
+    assert codes == [0, 0] + [0x97] * 30, codes  # 0, then 7,000 B queued: under 8,192
+    small = [b"%d" % i + b"y" * 1999 for i in range(6)]
+    codes = [p.publish("qb/other", m, qos=1).reason for m in small]
+    assert codes == [0] * 5 + [0x97], codes  # 8,000 B queued still takes one
+    p.close()
+    shipped.kill9()
+    shipped.start()
+    c = _resume(shipped.port, "qb-other")
+    assert [bytes(m.payload) for m in c.messages(n=5, timeout=5)] == small[:5] and c.poll(0.3) is None
+    c.close()
+    c = _resume(shipped.port, "qb-big")
+    assert [bytes(m.payload) for m in c.messages(n=2, timeout=5)] == [big(0), big(1)] and c.poll(0.3) is None
+    c.close()
+    p = Client(shipped.port, "qb-pub", version=5)
+    assert [p.publish("qb/big", big(i), qos=1).reason for i in range(3)] == [0, 0, 0x97]
+    p.close()
+    assert _serves(shipped.port, "qb")
+
+
 # ---------------------------------------------------------------- max_retained_bytes (shipped: 16 KB)
 
 
@@ -788,8 +823,9 @@ def test_sessions_past_what_the_heap_holds_are_refused_in_a_connack_never_before
 @pytest.mark.parametrize("attempt", [1, 2, 3])
 def test_a_session_whose_queue_filled_the_heap_gets_it_all_in_one_return(attempt):
     # About another setting, so it says so: max_queued_messages is raised
-    # past what the esp32 heap holds, so that the heap's message floor, not
-    # the queue's bound, stops the publisher (as `make capacity` measures).
+    # past what the esp32 heap holds, and max_queued_bytes lifted, so that
+    # the heap's message floor, not the queue's bounds, stops the publisher
+    # (as `make capacity` measures).
     # A sleeping sensor's session queues QoS 1 alerts until the broker
     # refuses one (PUBACK 0x97). When it comes back it must get every alert
     # that was acknowledged, in one connection, with no DISCONNECT. A heap
@@ -799,7 +835,7 @@ def test_a_session_whose_queue_filled_the_heap_gets_it_all_in_one_return(attempt
     # it, and the session was closed with 0x97 after 41-61 messages (one
     # run in three could never drain). Three brokers: the layout differs
     # from run to run.
-    with BrokerProc(board="esp32", config={"max_queued_messages": 1000}) as b:
+    with BrokerProc(board="esp32", config={"max_queued_messages": 1000, "max_queued_bytes": 0}) as b:
         _offline_session(b.port, "q-sleeper", "alerts/door")
         p = Client(b.port, "q-pub", version=5)
         taken = []

@@ -35,7 +35,8 @@ def _publish_until_refused(port, topic, n):
 
 
 def test_every_acknowledged_large_message_reaches_every_offline_session():
-    with BrokerProc(board="esp32") as b:
+    # (max_queued_bytes lifted: the heap, not the queues' byte bound, stops the publisher.)
+    with BrokerProc(board="esp32", config={"max_queued_bytes": 0}) as b:
         for i in range(3):
             c = Client(b.port, "big-off%d" % i, version=4, clean=False)
             c.subscribe([("big/#", 1)])
@@ -152,7 +153,8 @@ def test_messages_near_max_packet_size_are_taken_after_persistent_sessions_came_
     sizes = (7100, 7600, 7300, 7500)
     topics = ("bigr/" + "t" * 150, "bigr/" + "u" * 120)
     for version in (4, 5):
-        with BrokerProc(board="esp32") as b:
+        # (max_queued_bytes lifted: the sessions' queues take every large message.)
+        with BrokerProc(board="esp32", config={"max_queued_bytes": 0}) as b:
             for i in range(4):
                 c = Client(b.port, "bigr-off%d" % i, version=version, clean=False,
                            props={0x11: 3600} if version == 5 else None)
@@ -182,7 +184,8 @@ def test_messages_near_max_packet_size_are_taken_after_sessions_came_and_went_du
     # and the top of the heap stays in one piece.
     sizes = (7100, 7600, 7300, 7500)
     for version in (4, 5):
-        with BrokerProc(board="esp32") as b:
+        # (max_queued_bytes lifted: the sessions' queues take every large message.)
+        with BrokerProc(board="esp32", config={"max_queued_bytes": 0}) as b:
             stop = threading.Event()
             threads = flood(b.port, stop, seed=version)
             props = {0x11: 3600} if version == 5 else None
@@ -228,7 +231,8 @@ def test_a_large_message_is_refused_only_when_the_heap_cannot_hold_it_once():
     # session holds what it is sent in the heap.
     size = 6000
     floor = 16384  # the esp32 profile's min_free_heap
-    with BrokerProc(board="esp32", config={"persistence": False, "sys_interval": 1}) as b:
+    # (max_queued_bytes lifted: the heap, not the queue's byte bound, refuses.)
+    with BrokerProc(board="esp32", config={"max_queued_bytes": 0, "persistence": False, "sys_interval": 1}) as b:
         p = _publisher_for_an_offline_session(b.port, "hold")
         taken = 0
         for i in range(12):
@@ -250,7 +254,8 @@ def test_the_log_says_once_a_minute_why_messages_wait_for_heap():
     # follow within a minute add none (a hub at its floor would otherwise
     # write a board's log ring on flash all day). Persistence off: this is
     # about the heap alone.
-    with BrokerProc(board="esp32", config={"persistence": False}) as b:
+    # (max_queued_bytes lifted: the heap, not the queue's byte bound, refuses.)
+    with BrokerProc(board="esp32", config={"max_queued_bytes": 0, "persistence": False}) as b:
         p = _publisher_for_an_offline_session(b.port, "short")
         refused = 0
         for i in range(16):

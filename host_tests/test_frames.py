@@ -204,20 +204,22 @@ def test_writing_a_connections_output_to_its_socket_takes_no_heap():
 
 KEPT_CONTAINERS = """
 from broker.session import Session
+from broker.message import Message
 s = Session("c")
+m = Message("t", b"four", 1, False)
 d = s.in_flight()
 d[1] = 1
 del d[1]
 q2 = s.qos2()
 q2[1] = True
 del q2[1]
-s.push(1, 2)
+s.push(m, 2)
 s.pop()
 q = s.queue
-print(s.in_flight() is d, s.qos2() is q2, s.push(3, 4) or s.queue is q)
+print(s.in_flight() is d, s.qos2() is q2, s.push(m, 4) or s.queue is q, s.queued_bytes)
 s.pop()
 s.shrink()
-print(s.inflight, s.qos2_in, s.queue)
+print(s.inflight, s.qos2_in, s.queue, s.queued_bytes)
 """
 
 
@@ -229,7 +231,7 @@ def test_a_session_keeps_its_emptied_containers_until_shrink():
     # end of a connection, once a second) gives the room back.
     r = run_mp(KEPT_CONTAINERS)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:2] == ["True True True", "() () ()"], r.stdout
+    assert r.stdout.split("\n")[:2] == ["True True True 4", "() () () 0"], r.stdout
 
 
 def _function_node(path, qual):

@@ -309,7 +309,8 @@ def test_a_burst_that_fills_the_store_batch_waits_for_the_commit_and_survives_a_
     # every acknowledged one comes back after a power cut.
     v = version
     n = 14
-    b = BrokerProc(board="esp32").start()
+    # (max_queued_bytes lifted: the store's batch, not the queue's byte bound, stops the burst.)
+    b = BrokerProc(board="esp32", config={"max_queued_bytes": 0}).start()
     try:
         _subscribe_offline(b.port, "burst-sub", v, "burst/t")
         pub = Client(b.port, "burst-pub", version=v)
@@ -748,7 +749,8 @@ def test_large_retained_values_queued_for_a_session_are_all_restored_after_a_pow
 
     topics = ["t/" + "a1" * 85, "t/" + "b2" * 28]
     sizes = [7496, 7522, 7727]
-    b = BrokerProc(board="esp32").start()
+    # (max_queued_bytes lifted: the queue holds all three large values.)
+    b = BrokerProc(board="esp32", config={"max_queued_bytes": 0}).start()
     try:
         _subscribe_offline(b.port, "big-sleeper", 5, "t/#")
         pub = Client(b.port, "big-pub", version=5)
@@ -817,7 +819,8 @@ def test_after_a_restore_that_ran_out_of_heap_new_values_are_kept_and_the_rest_i
     # own heap again, everything acknowledged comes back.
     import os
 
-    b = BrokerProc(board="esp32").start()
+    # (max_queued_bytes lifted: the queue holds more than a small heap restores.)
+    b = BrokerProc(board="esp32", config={"max_queued_bytes": 0}).start()
     try:
         _subscribe_offline(b.port, "deg-sleeper", 5, "deg/#")
         pub = Client(b.port, "deg-pub", version=5)

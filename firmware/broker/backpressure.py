@@ -27,12 +27,12 @@ class Paused(Exception):
     pass
 
 
-def busy(b, s, now_ms):
+def busy(s, now_ms):
     # True while s's queue is past half full and its writer is making
     # progress (put_message clears full_since on progress).
     if s.conn is None:
         return False
-    if s.queued() >= (s.limit or b.cfg["max_queued_messages"]) >> 1:
+    if s.past_half():
         if s.full_since is None:
             s.full_since = now_ms
         elif time.ticks_diff(now_ms, s.full_since) > _STALL_MS:
@@ -60,9 +60,9 @@ def holds_back(c, s):
     return True
 
 
-async def wait_for_session(b, s):
+async def wait_for_session(s):
     i = 0
-    while busy(b, s, time.ticks_ms()):
+    while busy(s, time.ticks_ms()):
         await asyncio.sleep_ms(0 if i < 8 else 1)
         i += 1
 

@@ -169,7 +169,7 @@ class Bridge:
         s.bridge = self
         s.expiry = NEVER
         s.gone_at = b.now()
-        s.limit = self.c["max_queued"]
+        s.limit, s.byte_limit = self.c["max_queued"], 0  # (session.py)
         for f, q, lp, rp in self.outs:
             if f not in s.subs:
                 sub = Sub(s, f, q | _NO_LOCAL | _RAP, 0, None)

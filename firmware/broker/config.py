@@ -26,6 +26,7 @@ SCHEMA = {
     "max_sessions": (16, "int", 0, 10000),
     "max_inflight_messages": (10, "int", 1, _U16),
     "max_queued_messages": (32, "int", 0, 100000),
+    "max_queued_bytes": (0, "int", 0, 1 << 30),
     "queue_qos0_messages": (False, "bool", 0, 0),
     "max_packet_size": (8192, "int", 64, _BIG),
     "max_keepalive": (_U16, "int", 1, _U16),

@@ -452,7 +452,7 @@ class Connection(Output):
         else:
             self.waiting_for = what  # read by holds_back()
             try:
-                await wait_for_session(self.broker, what)
+                await wait_for_session(what)
             finally:
                 self.waiting_for = None
 

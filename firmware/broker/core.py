@@ -19,6 +19,7 @@ from broker.subs import Subs
 from broker.retain import Retained
 from broker.outbuf import Pool
 from broker.heap import Heap
+from broker.session import Session
 from broker.route import route, EVERY
 from broker.message import Raw
 from broker.transport import until_woken
@@ -88,6 +89,8 @@ class Broker:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        Session.limit = cfg["max_queued_messages"]
+        Session.byte_limit = cfg["max_queued_bytes"]
         self.rbuf = bytearray(cfg["read_buffer_size"])  # shared by all readers
         self.rmv = memoryview(self.rbuf)
         # What is left of a read (a split packet, or packets a pause left)

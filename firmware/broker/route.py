@@ -200,13 +200,12 @@ def _enqueue(b, s, msg, qos, retain, subids):
     p = b.persist
     durable = bool(qos and p is not None and s.expiry)
     seq = b.next_seq() if qos else 0
-    lim = s.limit or b.cfg["max_queued_messages"]
     d = s.dropped
     inf = info(qos, retain, seq, subids, durable)
     try:
-        ok = s.enqueue(msg, inf, lim)
+        ok = s.enqueue(msg, inf)
     except MemoryError:
-        ok = _enqueue_again(b, s, msg, inf, lim, d)
+        ok = _enqueue_again(b, s, msg, inf, d)
     b.stats_dropped += s.dropped - d  # refused, or an old QoS 0 evicted
     if not ok:
         b.missed += 1
@@ -220,14 +219,14 @@ def _enqueue(b, s, msg, qos, retain, subids):
         s.queue[-1] = info(qos, retain, seq, subids, False)
     c = s.conn
     if c is not None:
-        if s.queued() >= lim >> 1:
+        if s.past_half():
             # Past half full: the publisher waits until it drains
             # (backpressure.py).
             b.congested = s
         kick(c)
 
 
-def _enqueue_again(b, s, msg, inf, lim, d):
+def _enqueue_again(b, s, msg, inf, d):
     # After a MemoryError in s.enqueue(): a long queue's list grows in one
     # piece, which a heap in crumbs may not have although the bytes are
     # free, and the spare buffers are large pieces (outside bridge probe:
@@ -237,7 +236,7 @@ def _enqueue_again(b, s, msg, inf, lim, d):
     _whole(s)
     b.shed_buffers()
     try:
-        return s.enqueue(msg, inf, lim)
+        return s.enqueue(msg, inf)
     except MemoryError:
         _whole(s)
         b.stats_dropped += s.dropped - d  # (an old QoS 0 evicted for it)

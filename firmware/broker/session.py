@@ -90,11 +90,18 @@ class Session:
     dropped = 0  # messages dropped for this session
     full_since = None  # ticks_ms when the queue passed half full
     queue = ()  # [msg, info, ...], see above
+    queued_bytes = 0  # the payload bytes of the messages in queue (max_queued_bytes)
     inflight = ()  # pid -> Delivery
     qos2_in = ()  # pid -> True: QoS 2 received, PUBREL pending
     pending_retained = None  # [(Sub, [topic, ...])]: retained messages still to send
     ahead = 0  # queue entries that go before pending_retained (queued before its SUBSCRIBE)
-    limit = 0  # queue bound when not max_queued_messages (a bridge's max_queued)
+    # Queue bounds, in messages and in payload bytes (0: none). Broker()
+    # sets them from max_queued_messages and max_queued_bytes; a bridge's
+    # own session has its max_queued and no byte bound: its queue is what
+    # the gateway holds for the upstream through an outage, bounded by the
+    # heap's message floor like everything else.
+    limit = 32
+    byte_limit = 0
     bridge = None  # the Bridge, for a bridge's own session: never evicted or taken over
 
     def __init__(self, client_id):
@@ -116,6 +123,7 @@ class Session:
             q = self.queue = []
         q.append(msg)
         q.append(inf)  # (a MemoryError here leaves half an entry: route._whole)
+        self.queued_bytes += len(msg.payload)
 
     def pop(self):
         # Removes the first queue entry.
@@ -123,7 +131,9 @@ class Session:
 
     def drop(self, i):
         # Removes the queue entry at q[i], q[i + 1].
-        del self.queue[i : i + 2]
+        q = self.queue
+        self.queued_bytes -= len(q[i].payload)  # pyright: ignore[reportAttributeAccessIssue] (a list here)
+        del q[i : i + 2]
         if i < self.ahead << 1:
             self.ahead -= 1
 
@@ -142,12 +152,14 @@ class Session:
         return n
 
     @micropython.native  # (tools/frames.py: its frame on the C stack)
-    def enqueue(self, msg, inf, limit):
-        # Bounded queue. When full, the oldest QoS 0 message makes room
-        # (QoS 0 entries are never on flash); with none, the newcomer is
-        # dropped. Returns False when msg was dropped.
+    def enqueue(self, msg, inf):
+        # Bounded queue (limit, byte_limit; as with Mosquitto's
+        # max_queued_bytes, a queue under its byte bound takes one more
+        # message of any size). When full, the oldest QoS 0 messages make
+        # room (QoS 0 entries are never on flash); with none, the newcomer
+        # is dropped. Returns False when msg was dropped.
         q = self.queue
-        if len(q) >> 1 >= limit:
+        while len(q) >> 1 >= self.limit or 0 < self.byte_limit <= self.queued_bytes:
             for i in range(1, len(q), 2):
                 if qos_of(q[i]) == 0:
                     self.drop(i - 1)
@@ -158,6 +170,11 @@ class Session:
                 return False
         self.push(msg, inf)
         return True
+
+    def past_half(self):
+        # Past half of either bound: a live subscriber's publishers wait
+        # (backpressure.py).
+        return len(self.queue) >> 1 >= self.limit >> 1 or 0 < self.byte_limit >> 1 <= self.queued_bytes
 
     def in_flight(self):
         # The dict, made when the container is still the shared () (only
@@ -207,6 +224,7 @@ class Session:
         # The session is over: drop what it holds.
         self.subs = {}
         self.queue = ()
+        self.put("queued_bytes", 0)
         self.inflight = ()
         self.qos2_in = ()
         self.pending_retained = None

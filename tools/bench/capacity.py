@@ -81,9 +81,10 @@ LOGS = REPO / "build" / "capacity"  # each measurement's broker log, kept
 CMD = "make capacity"
 STEP_SECONDS = 100  # a measurement that runs longer stops, "time limit"
 EXPIRY = 3600  # Session Expiry of the offline sessions
-# The configurable maximum of each limit (firmware/broker/config.py).
+# The configurable maximum of each limit (firmware/broker/config.py; for
+# max_queued_bytes, 0: no bound).
 RAISED = {"max_retained_messages": 100000, "max_retained_bytes": 1 << 30, "max_sessions": 10000,
-          "max_queued_messages": 100000, "max_connections": 1000}
+          "max_queued_messages": 100000, "max_queued_bytes": 0, "max_connections": 1000}
 # $SYS values not worth keeping with a measurement's stop.
 _SYS_SKIP = {"version", "uptime", "loop/longest stall ms", "bytes/received", "bytes/sent"}
 # Log lines worth keeping with a measurement, and those that are a problem.
@@ -489,7 +490,7 @@ def _drain(st, cid, want):
 
 
 def measure_queued(board, pc):
-    raised = {"max_queued_messages": RAISED["max_queued_messages"]}
+    raised = {k: RAISED[k] for k in ("max_queued_messages", "max_queued_bytes")}
     with Step(board, "queued", raised) as st:
         r = _session(st, "sleeper")
         if r is not None:
