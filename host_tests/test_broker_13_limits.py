@@ -364,6 +364,36 @@ def test_an_offline_queue_of_large_messages_stops_at_max_queued_bytes_and_the_he
     assert _serves(shipped.port, "qb")
 
 
+def test_queued_qos0_messages_make_room_in_a_byte_bound_queue_only_when_that_is_enough():
+    # About another setting, so it says so: queue_qos0_messages on. QoS 0
+    # entries dropped for a newcomer that the QoS 1 ones alone already
+    # refuse were lost for nothing, the newcomer refused too (outside
+    # probe: 2 counted dropped where 1 refusal was due).
+    with BrokerProc(board="esp32", config={"queue_qos0_messages": True, "sys_interval": 1}) as b:
+        _offline_session(b.port, "qz-sub", "qz/#")
+        p = Client(b.port, "qz-pub", version=5)
+        p.publish("qz/a", b"A" * 5000, qos=1)
+        p.publish("qz/z", b"z" * 100, qos=0)
+        p.publish("qz/b", b"B" * 5000, qos=1)  # 5,100 B queued: taken
+        sys_round(b.port)
+        before = int(sys_wait(b.port, "publish/messages/dropped", lambda v: True))
+        assert p.publish("qz/c", b"c", qos=1).reason == 0x97  # the z would free 100 of 1,909 B
+        sys_wait(b.port, "publish/messages/dropped", lambda v: int(v) >= before + 1)
+        sys_round(b.port)
+        assert int(sys_wait(b.port, "publish/messages/dropped", lambda v: True)) == before + 1
+        c = _resume(b.port, "qz-sub")
+        assert [m.topic for m in c.messages(n=3, timeout=5)] == ["qz/a", "qz/z", "qz/b"] and c.poll(0.3) is None
+        c.disconnect()
+        p.publish("qz/z", b"z" * 3000, qos=0)
+        p.publish("qz/a", b"A" * 3000, qos=1)
+        p.publish("qz/b", b"B" * 3000, qos=1)  # 9,000 B queued
+        assert p.publish("qz/c", b"c", qos=1).reason == 0  # the z frees enough
+        c = _resume(b.port, "qz-sub")
+        assert [m.topic for m in c.messages(n=3, timeout=5)] == ["qz/a", "qz/b", "qz/c"] and c.poll(0.3) is None
+        c.disconnect(props={SESSION_EXPIRY: 0})
+        p.close()
+
+
 # ---------------------------------------------------------------- max_retained_bytes (shipped: 16 KB)
 
 

@@ -156,19 +156,39 @@ class Session:
         # Bounded queue (limit, byte_limit; as with Mosquitto's
         # max_queued_bytes, a queue under its byte bound takes one more
         # message of any size). When full, the oldest QoS 0 messages make
-        # room (QoS 0 entries are never on flash); with none, the newcomer
-        # is dropped. Returns False when msg was dropped.
-        q = self.queue
-        while len(q) >> 1 >= self.limit or 0 < self.byte_limit <= self.queued_bytes:
-            for i in range(1, len(q), 2):
-                if qos_of(q[i]) == 0:
-                    self.drop(i - 1)
-                    self.dropped += 1
-                    break
-            else:
-                self.dropped += 1
-                return False
+        # room (QoS 0 entries are never on flash), if they can; else the
+        # newcomer is dropped. Returns False when msg was dropped.
+        n = (len(self.queue) >> 1) - self.limit + 1  # entries to free
+        b = self.queued_bytes - self.byte_limit + 1 if self.byte_limit else 0  # bytes to free
+        if (n > 0 or b > 0) and not self._make_room(n, b):
+            self.dropped += 1
+            return False
         self.push(msg, inf)
+        return True
+
+    def _make_room(self, n, b):
+        # Drops the oldest QoS 0 entries that free n entries and b bytes,
+        # or none when all of them would not: QoS 0 messages dropped for a
+        # newcomer that is then refused anyway would be lost for nothing.
+        q = self.queue
+        end = 0  # the queue up to q[end] holds the QoS 0 entries to drop
+        for i in range(1, len(q), 2):
+            if n <= 0 and b <= 0:
+                break
+            if qos_of(q[i]) == 0:
+                n -= 1
+                b -= len(q[i - 1].payload)  # pyright: ignore[reportAttributeAccessIssue] (a list here)
+                end = i
+        if n > 0 or b > 0:
+            return False
+        i = 1
+        while i <= end:
+            if qos_of(q[i]) == 0:
+                self.drop(i - 1)
+                self.dropped += 1
+                end -= 2
+            else:
+                i += 2
         return True
 
     def past_half(self):
