@@ -73,7 +73,7 @@ NATIVE = [
     ("firmware/broker/message.py", "Message._props_len"),
     ("firmware/broker/session.py", "Session.enqueue"),
     ("firmware/broker/transport.py", "TcpTransport.write_now"),
-    ("firmware/broker/transport.py", "TlsTransport.write_now"),
+    ("firmware/broker/tls.py", "TlsTransport.write_now"),
     ("firmware/broker/transport.py", "WakeOrder.wait_io_event"),
     ("lib/mqtt/packets.py", "decode_publish"),
     ("lib/mqtt/props.py", "decode"),

@@ -907,7 +907,9 @@ elif stage == "2":
     def no_heap(*args):
         raise MemoryError("as on a heap too small for the sessions")
 
-    Persist._session = no_heap
+    from broker import restore
+
+    restore._session = no_heap
     p.load()
     x = b.retained.get("t/x", b.now())
     s = session("B")

@@ -40,7 +40,8 @@ from broker.pump import resend_inflight
 from broker.route import route
 from broker.session import Session, NEVER, RELEASED
 from broker.subs import Sub
-from broker.transport import TcpTransport, TlsTransport, client_tls, close_socket, wait_io
+from broker.tls import TlsTransport, client_context, client_tls
+from broker.transport import TcpTransport, close_socket, wait_io
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
@@ -243,13 +244,7 @@ class Bridge:
                 pass
             if self.c["cafile"]:
                 if self.ctx is None:
-                    import ssl
-
-                    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                    with open(self.c["cafile"], "rb") as f:
-                        ctx.load_verify_locations(cadata=f.read())
-                    ctx.verify_mode = ssl.CERT_REQUIRED
-                    self.ctx = ctx
+                    self.ctx = client_context(self.c["cafile"])
                 s = client_tls(self.ctx, s, host)
         except BaseException:
             close_socket(s)

@@ -273,9 +273,6 @@ def unload():
     # caller done building drops this module, and holds none of its
     # functions, to give back its heap (1.2 KB on the twin). ConfigError
     # may be kept: a class holds no reference to the module.
-    import sys
-    import broker
+    from broker import heap
 
-    sys.modules.pop("broker.config", None)
-    if "config" in broker.__dict__:
-        del broker.__dict__["config"]
+    heap.unload("config")

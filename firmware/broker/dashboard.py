@@ -28,6 +28,7 @@ import sys
 import time
 from micropython import const
 from broker import log
+from broker.heap import unload
 from broker.http import respond
 from broker.message import Message
 from broker.route import deliver
@@ -82,17 +83,7 @@ async def serve_page(t, req):
         # the heap when loaded from a .mpy. Unloading it gives those back
         # between page views (a view then reads the .mpy again).
         P = None
-        _unload()
-
-
-def _unload():
-    sys.modules.pop(_PAGE, None)
-    pkg = sys.modules.get("broker")
-    if pkg is not None:
-        try:
-            delattr(pkg, "dashboard_page")
-        except (AttributeError, TypeError):
-            pass
+        unload("dashboard_page")
 
 
 async def _send_page(t, P, gz, head_only):

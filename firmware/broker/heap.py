@@ -31,6 +31,19 @@ _GONE = bytearray(0)  # a piece used, not yet made again
 _TELL_MS = const(60000)  # may_tell(): at most one line a minute
 
 
+def unload(name):
+    # Forgets module broker.<name>, code that has run and is not needed
+    # again (the config's checks, the restore, the dashboard's page): its
+    # functions and the globals they use go back to the heap once nothing
+    # else holds them. A later import loads it again.
+    import sys
+    import broker
+
+    sys.modules.pop("broker." + name, None)
+    if name in broker.__dict__:
+        del broker.__dict__[name]
+
+
 class Heap:
     def __init__(self, cfg):
         self.message_floor = cfg["min_free_heap"]

@@ -7,7 +7,8 @@
 import asyncio
 import time
 from broker import log
-from broker.transport import TcpTransport, TlsTransport
+from broker.transport import TcpTransport
+from broker.tls import TlsTransport
 from broker.conn import Connection
 from broker.handle_connect import busy, login
 

@@ -1,5 +1,5 @@
-# Byte transports under the MQTT connection: plain TCP here; TLS and
-# WebSocket wrap or replace it without the protocol code knowing.
+# Byte transports under the MQTT connection: plain TCP here; TLS
+# (tls.py) and WebSocket wrap or replace it without the protocol code knowing.
 #
 # Interface every transport provides:
 #   await t.recv_into(mv) -> n   bytes read into mv; 0 means end of stream
@@ -25,7 +25,6 @@ from micropython import const
 from asyncio import core
 
 _EAGAIN = 11
-_TLS_RECORD = const(1024)  # bytes of a TLS record at most (TlsTransport.write_now; outbuf._PIECE)
 _SUBSCRIBE = const(0x82)  # first bytes of SUBSCRIBE and UNSUBSCRIBE
 _UNSUBSCRIBE = const(0xA2)
 _PEEK = getattr(socket, "MSG_PEEK", 0)
@@ -99,13 +98,6 @@ class TcpTransport:
 def forget(s):
     # The poller entry WakeOrder keeps for s between waits, if s has one.
     core._io_queue.forget(s)
-
-
-def client_tls(ctx, s, host):
-    # A TLS client socket over s, whose connect waited on the poller: its
-    # entry goes now, as only the TLS socket is closed later.
-    forget(s)
-    return ctx.wrap_socket(s, server_hostname=host, do_handshake_on_connect=False)
 
 
 def close_socket(s):
@@ -342,46 +334,6 @@ def _unpoll(poller, s):
     # would crash the next poll(), so stop here instead, as a watchdog
     # reset would (main.py restarts the board; a host run ends).
     raise SystemExit("poller: out of heap with a half-registered socket")
-
-
-class TlsTransport(TcpTransport):
-    def __init__(self, sock, peer):
-        TcpTransport.__init__(self, sock, peer)
-        # Bytes of the record mbedTLS holds after a write that would block;
-        # set here, so that a write never grows the attribute table (a
-        # MemoryError after bytes went out would lose count of them).
-        self.held = 0
-
-    @micropython.native  # (tools/frames.py: its frame on the C stack)
-    def write_now(self, buf, off, n):
-        # mbedTLS keeps a record that could not all go out, and the next
-        # write sends the rest of it and returns its own length, whatever
-        # the record's was: a write asking for more than the record lost
-        # bytes of the stream, one asking for less sent some twice. So the
-        # record is at most _TLS_RECORD bytes, and the write after one was
-        # held asks for exactly its length: every caller writes again from
-        # the first byte not yet out, with at least that many after it
-        # (outbuf.py sends a large payload in pieces of as many).
-        done = 0
-        while done < n:
-            m = self.held or min(n - done, _TLS_RECORD)
-            k = TcpTransport.write_now(self, buf, off + done, m)
-            if not k:
-                self.held = m
-                break
-            self.held = 0
-            done += k
-        return done
-
-    def read_now(self, mv):
-        # A try of its own (its frame then takes heap on a board, as TLS
-        # takes far more): mbedTLS refusing the client's certificate
-        # (require_certificate) raises ValueError, here a failed read like
-        # any other.
-        try:
-            return self.sock.readinto(mv)
-        except ValueError as e:
-            raise OSError("client certificate refused: %s" % str(e).strip())
 
 
 def peer_str(addr):

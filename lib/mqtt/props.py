@@ -61,40 +61,59 @@ _DISCONNECT = const(1 << 14)
 _AUTH = const(1 << 15)
 _WILLM = const(1)
 
-# identifier: (wire type, packet mask, name)
-TABLE = {
-    0x01: (_BYTE, _PUBLISH | _WILLM, "Payload Format Indicator"),
-    0x02: (_U32, _PUBLISH | _WILLM, "Message Expiry Interval"),
-    0x03: (_STR, _PUBLISH | _WILLM, "Content Type"),
-    0x08: (_STR, _PUBLISH | _WILLM, "Response Topic"),
-    0x09: (_BIN, _PUBLISH | _WILLM, "Correlation Data"),
-    0x0B: (_VARINT, _PUBLISH | _SUBSCRIBE, "Subscription Identifier"),
-    0x11: (_U32, _CONNECT | _CONNACK | _DISCONNECT, "Session Expiry Interval"),
-    0x12: (_STR, _CONNACK, "Assigned Client Identifier"),
-    0x13: (_U16, _CONNACK, "Server Keep Alive"),
-    0x15: (_STR, _CONNECT | _CONNACK | _AUTH, "Authentication Method"),
-    0x16: (_BIN, _CONNECT | _CONNACK | _AUTH, "Authentication Data"),
-    0x17: (_BYTE, _CONNECT, "Request Problem Information"),
-    0x18: (_U32, _WILLM, "Will Delay Interval"),
-    0x19: (_BYTE, _CONNECT, "Request Response Information"),
-    0x1A: (_STR, _CONNACK, "Response Information"),
-    0x1C: (_STR, _CONNACK | _DISCONNECT, "Server Reference"),
-    0x1F: (_STR, _CONNACK | _PUBACKS | _SUBACK | _UNSUBACK | _DISCONNECT | _AUTH, "Reason String"),
-    0x21: (_U16, _CONNECT | _CONNACK, "Receive Maximum"),
-    0x22: (_U16, _CONNECT | _CONNACK, "Topic Alias Maximum"),
-    0x23: (_U16, _PUBLISH, "Topic Alias"),
-    0x24: (_BYTE, _CONNACK, "Maximum QoS"),
-    0x25: (_BYTE, _CONNACK, "Retain Available"),
-    0x26: (
+# identifier -> (wire type, packet mask, name), None where no property
+# has that identifier: TABLE[pid] for pid < _IDS. A tuple of constants is
+# in flash with the code; as a dict it took 256 B of heap.
+_IDS = const(0x2B)
+TABLE = (
+    None,  # 0x00
+    (_BYTE, _PUBLISH | _WILLM, "Payload Format Indicator"),  # 0x01
+    (_U32, _PUBLISH | _WILLM, "Message Expiry Interval"),  # 0x02
+    (_STR, _PUBLISH | _WILLM, "Content Type"),  # 0x03
+    None,  # 0x04
+    None,  # 0x05
+    None,  # 0x06
+    None,  # 0x07
+    (_STR, _PUBLISH | _WILLM, "Response Topic"),  # 0x08
+    (_BIN, _PUBLISH | _WILLM, "Correlation Data"),  # 0x09
+    None,  # 0x0A
+    (_VARINT, _PUBLISH | _SUBSCRIBE, "Subscription Identifier"),  # 0x0B
+    None,  # 0x0C
+    None,  # 0x0D
+    None,  # 0x0E
+    None,  # 0x0F
+    None,  # 0x10
+    (_U32, _CONNECT | _CONNACK | _DISCONNECT, "Session Expiry Interval"),  # 0x11
+    (_STR, _CONNACK, "Assigned Client Identifier"),  # 0x12
+    (_U16, _CONNACK, "Server Keep Alive"),  # 0x13
+    None,  # 0x14
+    (_STR, _CONNECT | _CONNACK | _AUTH, "Authentication Method"),  # 0x15
+    (_BIN, _CONNECT | _CONNACK | _AUTH, "Authentication Data"),  # 0x16
+    (_BYTE, _CONNECT, "Request Problem Information"),  # 0x17
+    (_U32, _WILLM, "Will Delay Interval"),  # 0x18
+    (_BYTE, _CONNECT, "Request Response Information"),  # 0x19
+    (_STR, _CONNACK, "Response Information"),  # 0x1A
+    None,  # 0x1B
+    (_STR, _CONNACK | _DISCONNECT, "Server Reference"),  # 0x1C
+    None,  # 0x1D
+    None,  # 0x1E
+    (_STR, _CONNACK | _PUBACKS | _SUBACK | _UNSUBACK | _DISCONNECT | _AUTH, "Reason String"),  # 0x1F
+    None,  # 0x20
+    (_U16, _CONNECT | _CONNACK, "Receive Maximum"),  # 0x21
+    (_U16, _CONNECT | _CONNACK, "Topic Alias Maximum"),  # 0x22
+    (_U16, _PUBLISH, "Topic Alias"),  # 0x23
+    (_BYTE, _CONNACK, "Maximum QoS"),  # 0x24
+    (_BYTE, _CONNACK, "Retain Available"),  # 0x25
+    (  # 0x26
         _PAIR,
         _CONNECT | _CONNACK | _PUBLISH | _WILLM | _PUBACKS | _SUBSCRIBE | _SUBACK | _UNSUBSCRIBE | _UNSUBACK | _DISCONNECT | _AUTH,
         "User Property",
     ),
-    0x27: (_U32, _CONNECT | _CONNACK, "Maximum Packet Size"),
-    0x28: (_BYTE, _CONNACK, "Wildcard Subscription Available"),
-    0x29: (_BYTE, _CONNACK, "Subscription Identifier Available"),
-    0x2A: (_BYTE, _CONNACK, "Shared Subscription Available"),
-}
+    (_U32, _CONNECT | _CONNACK, "Maximum Packet Size"),  # 0x27
+    (_BYTE, _CONNACK, "Wildcard Subscription Available"),  # 0x28
+    (_BYTE, _CONNACK, "Subscription Identifier Available"),  # 0x29
+    (_BYTE, _CONNACK, "Shared Subscription Available"),  # 0x2A
+)
 
 # Properties whose value must be 0 or 1.
 _BOOLEAN = (0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A)
@@ -116,7 +135,7 @@ def decode(buf, off, end, ptype):
     props = {}
     while off < pend:
         pid, off = wire.get_varint(buf, off, pend)
-        spec = TABLE.get(pid)
+        spec = TABLE[pid] if pid < _IDS else None
         if spec is None:
             raise MQTTError(MALFORMED, "unknown property 0x%02X" % pid)
         t = spec[0]
@@ -206,6 +225,6 @@ def check_for(props, ptype):
     if props:
         mask = 1 << ptype
         for pid in props:
-            spec = TABLE.get(pid)
+            spec = TABLE[pid] if 0 <= pid < _IDS else None
             if spec is None or not spec[1] & mask:
                 raise MQTTError(PROTOCOL_ERROR, "property 0x%02X not allowed here" % pid)

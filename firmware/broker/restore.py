@@ -1,0 +1,337 @@
+# Persist.load(): the broker's state back from the store at start (what
+# persist.py writes, its keys and records described there). Code that runs
+# once: persist.py imports it for the restore and drops it after, so none
+# of it stays in the heap the broker runs in.
+import gc
+import json
+import binascii
+from micropython import const
+from mqtt import wire
+from broker import log
+from broker.message import Message
+from broker.persist import _same
+from broker.session import Session, Delivery, info
+from broker.subs import Sub
+
+_FEED_EVERY = const(16)  # records restored between watchdog feeds and collections
+# While restoring, the heap is collected after every this many bytes
+# allocated: each record read leaves garbage between the objects kept, and
+# collected only every _FEED_EVERY records, that garbage spread what was
+# kept over the whole heap. Measured on the esp32 heap: 173 retained
+# messages with 206-byte topics, all taken while running, then restored
+# only 167, with 24 KB free but no piece of 1,784 bytes for the table.
+_RESTORE_GC_BYTES = const(1024)
+# A payload of at least this many bytes, in a record read as a bytearray of
+# its own (Store.items()), stays in it when restored, as a packet past
+# conn._BIG_KEEP read at run time stays in the buffer it was read into,
+# rather than need a second piece of its size. (A smaller one is copied
+# out and packed, as at run time: kept whole, a 4-byte value on a long
+# topic took 300 B more.)
+_KEEP_IN_RECORD = const(4097)  # (past conn._BIG_KEEP, as at run time)
+
+
+def _unpack(b):
+    n = len(b)
+    exp, off = wire.get_u32(b, 2, n)
+    topic, off = wire.get_str(b, off, n)
+    pn, off = wire.get_varint(b, off, n)
+    if off + pn > n:
+        raise ValueError("properties past the record's end")
+    pay = memoryview(b)[off + pn:]
+    if type(b) is not bytearray or len(pay) < _KEEP_IN_RECORD:
+        pay = bytes(pay)
+    m = Message(topic, pay, b[0], bool(b[1]))
+    if pn:
+        # As the message was stored: the properties it goes on with.
+        m.pbody = bytes(b[off : off + pn])
+    if exp:
+        m.expires = exp
+    return m
+
+
+def _shared(kept, m):
+    # The Message already restored for the same message as m (a large
+    # retained value and its queued copy), or m.
+    if type(kept) is Message and type(m.payload) is memoryview and _same(kept, m):
+        return kept
+    return m
+
+
+def _read_varints(b, off):
+    out = []
+    n = len(b)
+    while off < n:
+        v, off = wire.get_varint(b, off, n)
+        out.append(v)
+    return out
+
+
+def load(p, wdt):
+    # Restores what the store holds. Running out of heap part way
+    # leaves the rest on flash, untouched, and the broker still starts:
+    # a boot loop would lose everything. A long restore or compaction
+    # feeds the watchdog as it goes.
+    if wdt is not None:
+        p.store.feed = wdt.feed
+    gc.collect()
+    gc.threshold(_RESTORE_GC_BYTES)
+    try:
+        _load(p, wdt)
+    except MemoryError:
+        # Once more from nothing: what the first try held is garbage
+        # now, and a collected heap is less fragmented.
+        b = p.b
+        b.sessions.clear()
+        b.retained.clear()
+        b.subs.__init__()
+        p.store.discard()
+        gc.collect()
+        try:
+            _load(p, wdt)
+        except MemoryError:
+            gc.collect()
+            p.failed += 1
+            log.error("store: out of memory while restoring; the rest stays on flash")
+            _past_the_rest(p)
+    gc.threshold(-1)  # app.start() sets the board's own
+
+
+def _load(p, wdt):
+    b = p.b
+    p.report = p.store.open()
+    log.info("store opened: %s", p.report)
+    sessions = 0
+    msgs = {}  # mid -> Message
+    queued = []  # (seq, cid, mid, info)
+    inflight = []  # (cid, pid, Delivery, mid)
+    qos2 = []
+    wills = {}  # cid -> (Message, delay, expiry)
+    # One str per client id for all its records: hundreds of queued
+    # messages each kept a copy of it until the end of the restore.
+    cids = {}
+    # Running, a large retained message for persistent sessions is one
+    # Message, the retained value and the queues' (retain._packed); on
+    # flash it is two records. Restored as two, it needed twice the
+    # heap it had: topic -> large Message restored from an "m" record.
+    big = {}
+    retained = 0
+    n = 0
+    for key, val in p.store.items():
+        n += 1
+        if n % _FEED_EVERY == 0:
+            # What is kept would otherwise be strewn across the heap
+            # between the garbage of reading it (see Store.open()); and
+            # a long restore must not trip the watchdog.
+            gc.collect()
+            if wdt is not None:
+                wdt.feed()
+        k = key[0]
+        try:
+            if k == "r":
+                m = _unpack(val)
+                val = None
+                b.retained.load(_shared(big.get(m.topic), m))
+                retained += 1
+            elif k == "m":
+                mid = int(key[1:])
+                m = _unpack(val)
+                val = None
+                kept = b.retained.msgs.get(m.topic)
+                if not (type(kept) is Message and kept.mid):  # (one record each)
+                    m = _shared(kept, m)
+                if m.retain and type(m.payload) is memoryview:
+                    o = big.get(m.topic)
+                    if o is None or o.mid < mid:
+                        big[m.topic] = m
+                m.mid = mid
+                msgs[mid] = m
+                if mid > p.mid:
+                    p.mid = mid
+            elif k == "w":
+                vn = len(val)  # (n counts the records)
+                delay, off = wire.get_varint(val, 0, vn)
+                exp, off = wire.get_varint(val, off, vn)
+                wills[key[1:]] = (_unpack(memoryview(val)[off:]), delay, exp - 1 if exp else None)
+            elif k == "s":
+                # Made at once: the decoded record is garbage right
+                # after, not kept with every other one to the end.
+                cid = key[1:]
+                _session(p, cids.setdefault(cid, cid), json.loads(val))
+                sessions += 1
+            elif k == "q":
+                cid, seq = key[1:].split("\0")
+                cid = cids.setdefault(cid, cid)
+                f = val[0]
+                v = _read_varints(val, 1)
+                queued.append((int(seq), cid, v[0], info(f & 3, f & 4, int(seq), v[1:], True)))
+            elif k == "i":
+                cid, pid = key[1:].split("\0")
+                cid = cids.setdefault(cid, cid)
+                f = val[1]
+                v = _read_varints(val, 2)
+                d = Delivery(None, f & 3, bool(f & 4), v[2:] or None, v[0])
+                d.state = val[0]
+                d.stored = True
+                inflight.append((cid, int(pid), d, v[1]))
+            elif k == "x":
+                cid, pid = key[1:].split("\0")
+                qos2.append((cids.setdefault(cid, cid), int(pid)))
+            elif k == "c":
+                b.clock = p.clock_saved = wire.get_u32(val, 0, 4)[0]
+        except MemoryError:
+            # Not the record's fault, and never a reason to drop it:
+            # load() starts again from nothing, or leaves the rest on
+            # flash.
+            raise
+        except Exception as e:
+            log.warning("store: dropped unreadable record %r: %r", key, e)
+            p.failed += 1
+    for cid in wills:
+        s = b.sessions.get(cid)
+        if s is None or s.will is not None:
+            # No session (it ended), or one written before wills had
+            # records of their own, which holds its will.
+            p.store.delete("w" + cid)
+        else:
+            s.will, s.will_delay, s.will_expiry = wills[cid]
+            s.will_stored = s.will
+    wills = None
+    for s in b.sessions.values():
+        # On the broker clock, whose record may come after theirs.
+        cut = s.gone_at is None
+        if cut:
+            # Its client was connected at a power cut: gone from now,
+            # and written so, or each restart began its expiry again
+            # (and it looked just gone when a full table chose one to
+            # evict).
+            s.gone_at = b.clock
+        if cut or s.will is not None and s.will_stored is None:
+            # (A will inline in its record is written out of it now, or
+            # a will published later would come back after a cut.)
+            if not p.session_fits(s, 0):
+                _commit_at_start(p)
+            p.session_changed(s)
+        if s.will is not None:
+            s.will_at = s.gone_at + min(s.will_delay, s.expiry) if s.will_delay else b.clock
+    queued.sort()
+    top = 0
+    for seq, cid, mid, inf in queued:
+        top = max(top, seq)
+        r = _owner(p, msgs, cid, mid, "q" + cid + "\0" + str(seq))
+        if r is not None:
+            # Kept even past max_queued_messages (a smaller limit than
+            # when they were stored): each was acknowledged.
+            r[0].push(r[1], inf)
+    for cid, pid, d, mid in inflight:
+        top = max(top, d.seq)
+        r = _owner(p, msgs, cid, mid, "i" + cid + "\0" + str(pid))
+        if r is not None:
+            d.msg = r[1]
+            r[0].in_flight()[pid] = d
+    for cid, pid in qos2:
+        s = b.sessions.get(cid)
+        if s is not None:
+            s.qos2()[pid] = True
+    big = None
+    for mid in msgs:
+        m = msgs[mid]
+        if not m.refs:
+            # A message no queue refers to any more (its Message may be
+            # a retained value: it has no record of its own now).
+            p.store.delete("m" + str(mid))
+            m.mid = 0
+    b.seq = top
+    b.retained.on_change = p.retained_changed
+    _commit_at_start(p)
+    log.info("restored %d retained, %d sessions, %d queued, %d in flight, clock %d",
+             retained, sessions, len(queued), len(inflight), b.clock)
+
+
+def _past_the_rest(p):
+    # After a restore that stopped part way, what stays on flash must
+    # not be written over: new message ids and queue sequence numbers
+    # start past all of theirs, and retained values are written as
+    # usual. Before, the ids began again from those restored, so a new
+    # message's record replaced an acknowledged one not restored, and
+    # a new retained value acknowledged was never written (outside
+    # power-cut probe).
+    b = p.b
+    b.retained.on_change = p.retained_changed
+    p.partial = True
+    keys = p.store.keys()
+    try:
+        for key in keys:
+            k = key[0]
+            if k == "m":
+                p.mid = max(p.mid, int(key[1:]))
+            elif k == "q":
+                b.seq = max(b.seq, int(key[key.index("\0") + 1:]))
+    except Exception:  # (no heap to read them, or a key not ours)
+        p.mid += 1000000
+        b.seq += 1000000
+        try:
+            log.warning("store: keys not read; ids start a million on")
+        except MemoryError:
+            pass
+    finally:
+        keys.close()  # (its file)
+
+
+def _commit_at_start(p):
+    # What the restore staged, written now; a failure must not stop the
+    # start (a board would restart into it again): the committer tries
+    # again, as for any commit.
+    if p.store.pending:
+        try:
+            p.store.commit()
+        except Exception as e:
+            log.warning("store: commit at start failed: %r; retrying", e)
+            p.flag.set()
+
+
+def _session(p, cid, d):
+    # A session from its record (session_changed).
+    b = p.b
+    s = Session(cid)
+    s.version = d["v"]
+    s.expiry = d["e"]
+    s.on_flash = True
+    s.gone_at = d.get("g") or None  # (see _load: the clock may not be read yet)
+    s.username = d.get("u")
+    for e in d["s"]:
+        full = e[0]
+        if type(e[1]) is str:
+            # Written before 2026-12: [full, filter, opts, subid, group].
+            flt, opts, subid, group = e[1], e[2], e[3], e[4]
+        else:
+            opts = e[1]
+            subid = e[2] if len(e) > 2 else 0
+            flt, group = (e[3], e[4]) if len(e) > 3 else (None, None)
+        if flt is None or flt == full:
+            flt = full  # one str, as when it was subscribed
+        sub = Sub(s, flt, opts, subid, group)
+        s.subs[full] = sub
+        b.subs.add(sub)
+    w = d.get("w")
+    if w is not None:
+        # Written before wills had records of their own ("w" cid).
+        s.will = _unpack(binascii.a2b_base64(w[0]))
+        s.will_delay = w[1]
+        if len(w) > 2:
+            s.will_expiry = w[2]
+    b.sessions[cid] = s
+
+
+def _owner(p, msgs, cid, mid, key):
+    # (session, message) of a restored queue or in-flight record, the
+    # message now referred to once more; None when either is gone: the
+    # record goes too.
+    s = p.b.sessions.get(cid)
+    m = msgs.get(mid)
+    if s is None or m is None:
+        p.store.delete(key)
+        if m is None:
+            p.failed += 1
+        return None
+    m.refs += 1
+    return s, m
