@@ -738,8 +738,9 @@ def test_the_uplink_reads_on_past_upstream_messages_the_full_heap_would_hold(pro
     import mqttc
 
     m = upstream(procs)
+    # (max_queued_bytes lifted: away's queue, not its byte bound, fills the heap.)
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port],
-                        "topics": ["# out 1 gw/ site/gw/", "# in 1 cmd/ site/cmd/"]})
+                        "topics": ["# out 1 gw/ site/gw/", "# in 1 cmd/ site/cmd/"]}, max_queued_bytes=0)
     wait_state(g, b"1")
     dash = peer(procs, g.port, "dash", [("cmd/#", 1)])
     away = mqttc.Client(g.port, "away", version=4, clean=False, keepalive=0)
