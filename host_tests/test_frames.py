@@ -223,6 +223,64 @@ print(s.inflight, s.qos2_in, s.queue, s.queued_bytes)
 """
 
 
+QUEUE_WITHOUT_HEAP = """
+import gc
+import micropython
+from broker.session import Session, info
+from broker.message import Message
+
+m = Message("t", b"x" * 100, 0, False)
+
+
+def locked(f):
+    gc.collect()
+    micropython.heap_lock()
+    try:
+        f(m, info(0, False, 0)) if f.__name__ != "pop" else f()
+        return "ok"
+    except MemoryError:
+        return "MemoryError"
+    finally:
+        micropython.heap_unlock()
+
+
+def state(s):
+    q = s.queue
+    exact = s.queued_bytes == sum(len(q[i].payload) for i in range(0, len(q), 2))
+    return "%d %d %s" % (len(q) >> 1, s.queued_bytes, exact)
+
+
+for extra in range(10):  # (the attribute table fills up at one of them)
+    s = Session("c")
+    for j in range(extra):
+        setattr(s, "a%d" % j, j)
+    first = locked(s.push)  # no list yet: nothing queued, nothing counted
+    s.push(m, info(0, False, 0))
+    s.push(m, info(0, False, 0))
+    s.pop()
+    again = locked(s.push)  # room in the list and the slot for the count
+    out = locked(s.pop)  # the del's slice takes heap
+    print(extra, first, state(s) if first == "ok" else "", again, out, state(s))
+"""
+
+
+def test_a_queue_entry_and_its_byte_count_change_together_when_the_heap_runs_out():
+    # push() counted the bytes after the appends: the session's first
+    # count grew its attribute table, and a MemoryError there left the
+    # entry queued and uncounted, and route queued it again (twice
+    # delivered). drop() counted before its del, whose slice takes heap
+    # (outside review, with heap_lock on the twin).
+    r = run_mp(QUEUE_WITHOUT_HEAP)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split() for line in r.stdout.splitlines()]
+    assert len(rows) == 10, r.stdout
+    for row in rows:
+        assert row[1] == "MemoryError", row  # no list could be made
+        assert row[-1] == "True", row  # the count is the queue's
+        assert (row[2], row[3]) == ("ok", "MemoryError") or (row[2], row[3]) == ("ok", "ok"), row
+        assert row[4:6] == (["2", "200"] if row[3] == "MemoryError" else ["1", "100"]), row
+
+
 def test_a_session_keeps_its_emptied_containers_until_shrink():
     # A steady QoS 1/2 subscriber's window empties between messages, and
     # a backed-up one's queue between bursts: the dict or list it had is

@@ -2,7 +2,8 @@
 # cannot be taken, so TCP slows the publisher down instead of the broker
 # dropping messages or running out of heap:
 #   - a connected session its message went to is past half of
-#     max_queued_messages: wait until that session drains. Only that
+#     max_queued_messages or of max_queued_bytes (Session.past_half):
+#     wait until that session drains. Only that
 #     publisher waits; others, publishing to other sessions, go on. A
 #     session whose queue makes no progress for _STALL_MS stops holding
 #     publishers back (it then drops messages), and keepalive.py

@@ -12,6 +12,9 @@ class ConfigError(Exception):
 
 _U16 = 65535
 _BIG = 268435455
+# The most a byte count compared for every message may be: a small int on
+# a 32-bit board (2**30 and more is a big int, which takes heap each time).
+_SMALL = (1 << 30) - 1
 
 # key: (default, kind, lo, hi). kind: "int", "bool", "str", "str?", "list",
 # "dict", "level". Range checks apply to ints.
@@ -26,7 +29,7 @@ SCHEMA = {
     "max_sessions": (16, "int", 0, 10000),
     "max_inflight_messages": (10, "int", 1, _U16),
     "max_queued_messages": (32, "int", 0, 100000),
-    "max_queued_bytes": (0, "int", 0, 1 << 30),
+    "max_queued_bytes": (0, "int", 0, _SMALL),
     "queue_qos0_messages": (False, "bool", 0, 0),
     "max_packet_size": (8192, "int", 64, _BIG),
     "max_keepalive": (_U16, "int", 1, _U16),
@@ -34,7 +37,7 @@ SCHEMA = {
     "max_topic_levels": (16, "int", 1, 1000),
     "max_subscriptions": (16, "int", 1, 10000),
     "max_retained_messages": (64, "int", 0, 100000),
-    "max_retained_bytes": (16384, "int", 0, 1 << 30),
+    "max_retained_bytes": (16384, "int", 0, _SMALL),
     "max_topic_alias": (10, "int", 0, _U16),
     "retain_available": (True, "bool", 0, 0),
     "persistence": (False, "bool", 0, 0),

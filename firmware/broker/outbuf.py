@@ -22,7 +22,7 @@ import micropython
 from micropython import const
 from broker import log
 
-_PIECE = const(1024)  # bytes of a large payload written at a time (as TLS records: transport.py)
+_PIECE = const(1024)  # bytes of a large payload written at a time (as TLS records: tls.py)
 
 
 def ack_packet(first, pid, reason=0):

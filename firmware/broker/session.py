@@ -95,7 +95,8 @@ class Session:
     qos2_in = ()  # pid -> True: QoS 2 received, PUBREL pending
     pending_retained = None  # [(Sub, [topic, ...])]: retained messages still to send
     ahead = 0  # queue entries that go before pending_retained (queued before its SUBSCRIBE)
-    # Queue bounds, in messages and in payload bytes (0: none). Broker()
+    # Queue bounds, in messages and in payload bytes (a byte_limit of 0:
+    # no byte bound; a limit of 0 queues nothing). Broker()
     # sets them from max_queued_messages and max_queued_bytes; a bridge's
     # own session has its max_queued and no byte bound: its queue is what
     # the gateway holds for the upstream through an outage, bounded by the
@@ -121,6 +122,10 @@ class Session:
         q = self.queue
         if not isinstance(q, list):  # (the shared (), as in in_flight)
             q = self.queue = []
+            # Its slot made now, before an entry is in: made by the += after
+            # the appends, it could grow the attribute table and fail with
+            # the entry already queued, which the retry then queued twice.
+            self.queued_bytes = 0
         q.append(msg)
         q.append(inf)  # (a MemoryError here leaves half an entry: route._whole)
         self.queued_bytes += len(msg.payload)
@@ -132,8 +137,9 @@ class Session:
     def drop(self, i):
         # Removes the queue entry at q[i], q[i + 1].
         q = self.queue
-        self.queued_bytes -= len(q[i].payload)  # pyright: ignore[reportAttributeAccessIssue] (a list here)
-        del q[i : i + 2]
+        n = len(q[i].payload)  # pyright: ignore[reportAttributeAccessIssue] (a list here)
+        del q[i : i + 2]  # (its slice takes heap: counted after)
+        self.queued_bytes -= n
         if i < self.ahead << 1:
             self.ahead -= 1
 

@@ -1,7 +1,8 @@
 # The TLS transport: a TCP transport whose socket mbedTLS wraps, for the
 # TLS listeners (listeners.py) and the bridges with a cafile. In a module of
-# its own, so that a plain-TCP gateway, which imports neither, holds none of
-# it (192 B of the esp32 twin's heap at start).
+# its own, so that a gateway with plain MQTT listeners and no bridge, which
+# imports neither listeners.py nor bridge.py, holds none of it (192 B of the
+# esp32 twin's heap at start).
 import micropython
 from micropython import const
 from broker.transport import TcpTransport, forget

@@ -96,9 +96,9 @@ def write_now(self, buf, off, n):
     return n
 
 
-async def wait_for_session(b, s):
+async def wait_for_session(s):
     COUNT["pauses"] += 1
-    await _wait_s(b, s)
+    await _wait_s(s)
 
 
 async def wait_recovered(b, ready):
