@@ -364,6 +364,40 @@ def test_an_offline_queue_of_large_messages_stops_at_max_queued_bytes_and_the_he
     assert _serves(shipped.port, "qb")
 
 
+def test_a_3_1_1_message_over_the_read_buffer_to_a_live_subscriber_passes_a_heap_held_at_its_floor(shipped):
+    # Offline sessions' queues, at max_queued_bytes, hold the esp32 heap at
+    # its messages' floor for as long as they live (a week). A message that
+    # would stay (queued for an offline session with room) is held: v5 is
+    # told 0x97. One that every receiver takes at once, or whose offline
+    # receivers' queues are full, is passing garbage and goes through, as a
+    # small one does. A 3.1.1 QoS 1 PUBLISH larger than the 512 B read
+    # buffer, to a topic a live subscriber reads, got no PUBACK and was not
+    # delivered until the heap recovered: counted as staying for the
+    # offline session whose full queue would refuse it, and its buffer of
+    # its own held at the messages' floor. (The fill's payloads are over
+    # 4 KB, which leaves no spare packet buffer to read it into.)
+    port = shipped.port
+    for i in range(5):
+        _offline_session(port, "hf-off%d" % i, "hf/%d" % i)
+    p = Client(port, "hf-fill", version=5)
+    for i in range(4):
+        codes = [p.publish("hf/%d" % i, b"%d|" % i + bytes(4998), qos=1).reason for _ in range(3)]
+        assert codes == [0, 0, 0x97], codes  # 5,000 B under 8,192 takes one more
+    codes = [p.publish("hf/4", bytes(400), qos=1).reason for _ in range(20)]
+    assert 0x97 in codes, "the heap never reached its floor"  # (that queue had room)
+    p.close()
+    live = Client(port, "hf-live", version=5)
+    live.subscribe([("hf/#", 1)])
+    p3 = Client(port, "hf-pub3", version=4)
+    for topic in ("hf/0", "hf/live"):  # a full offline queue; no offline subscriber
+        payload = topic.encode() + b"|" + b"x" * 1994
+        assert p3.publish(topic, payload, qos=1, timeout=10).type == PUBACK, topic
+        assert [(m.topic, bytes(m.payload)) for m in live.messages(n=1, timeout=5)] == [(topic, payload)]
+    p3.close()
+    live.close()
+    assert "MemoryError" not in shipped.log() and "Traceback" not in shipped.log()
+
+
 def test_queued_qos0_messages_make_room_in_a_byte_bound_queue_only_when_that_is_enough():
     # About another setting, so it says so: queue_qos0_messages on. QoS 0
     # entries dropped for a newcomer that the QoS 1 ones alone already
@@ -1216,10 +1250,12 @@ def _fill_heap_with_retained(c):
 
 def test_a_v5_publish_larger_than_the_read_buffer_gets_0x97_when_the_heap_is_at_its_floor():
     # Such a packet is read into a buffer of its own, which the heap cannot
-    # give now. A v5 QoS 1/2 one is told 0x97, as a smaller one is; it
-    # waited for heap that the retained values hold for good. The client
-    # stays connected and served.
+    # give now for a message that would stay in it (here queued for an
+    # offline session). A v5 QoS 1/2 one is told 0x97, as a smaller one
+    # is; it waited for heap that the retained values hold for good. The
+    # client stays connected and served.
     with BrokerProc(board="esp32", config=RETAINED_UNBOUNDED) as b:
+        _offline_session(b.port, "bigfill-away", "bigfill/v5/#")
         c = Client(b.port, "bigfill", version=5)
         _fill_heap_with_retained(c)
         for qos in (1, 2):
@@ -1231,12 +1267,14 @@ def test_a_v5_publish_larger_than_the_read_buffer_gets_0x97_when_the_heap_is_at_
 
 
 def test_a_311_publish_larger_than_the_read_buffer_waits_connected_when_the_heap_is_at_its_floor():
-    # 3.1.1 has no way to refuse it: the packet waits unread, its client
+    # 3.1.1 has no way to refuse it: the packet, whose message would stay
+    # in the heap (queued for an offline session), waits unread, its client
     # connected, until the heap recovers. Its first bytes wait in a pooled
     # buffer; a copy of their own found no piece of 513 B in a heap at its
     # floor, and closed the client with 0x97 (2 of 2 runs with two CPU hogs
     # beside the suite; none of 12 since).
     with BrokerProc(board="esp32", config=RETAINED_UNBOUNDED) as b:
+        _offline_session(b.port, "bigfill-away", "bigfill/311")
         c = Client(b.port, "bigfill", version=5)
         n = _fill_heap_with_retained(c)
         old = Client(b.port, "bigfill-311", version=4)

@@ -22,6 +22,7 @@ from broker.backpressure import Paused, holds_back, wait_for_session, wait_recov
 from broker.pump import pump
 from broker.handle_connect import asked_version, on_connect, refuse
 from broker.handle_publish import on_publish, refuse_for_heap, drop_from_link
+from broker.route import would_hold
 from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
@@ -108,7 +109,7 @@ class Connection(Output):
     session_expiry_set = 0
     held = 0  # packets persist.py holds for this connection until a commit
     connack_held = False  # its CONNACK is one of them: no DISCONNECT may go first
-    big_in = None  # the buffer (over _BIG_KEEP) of the packet being handled, until a message takes it
+    big_in = None  # the buffer (_read_big) of the packet being handled, until a message takes it
     linger_ms = 0  # delay before a refusal goes out (failed login)
     deferred = None  # that refusal
     # A bridge link (bridge.py) maps topics: topic_out(local topic) -> the
@@ -480,10 +481,11 @@ class Connection(Output):
             if big is None:
                 return  # refused, and its bytes read and dropped
         try:
-            if len(big) > _BIG_KEEP:
-                # Not kept for reuse: a message may keep its payload in it
-                # (handle_publish), rather than copy it to a second piece.
-                self.big_in = big
+            # Over _BIG_KEEP, not kept for reuse: a message keeps its
+            # payload in it (handle_publish), rather than copy it to a
+            # second piece; a smaller one's too when the heap has no piece
+            # for the copy.
+            self.big_in = big
             bmv = memoryview(big)
             got = have - pos
             while got < total:
@@ -506,10 +508,11 @@ class Connection(Output):
             if b.congested is not None:
                 self._held_back()
         finally:
+            free = self.big_in is big  # (no message took it)
             self.big_in = None
             if b.connect_big is self:
                 b.connect_big = None
-            if len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
+            if free and len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
 
     async def _big_buffer(self, mv, pos, h, have, total):
@@ -529,7 +532,7 @@ class Connection(Output):
         login = self.session is None  # a CONNECT: nobody has logged in yet
         try:
             while True:
-                if (not login or b.connect_big is None) and b.heap.room_for(total):
+                if (not login or b.connect_big is None) and (b.heap.room_for(total) or self._passes(part, h, total)):
                     try:
                         big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
                         big[0 : len(part)] = part
@@ -567,12 +570,38 @@ class Connection(Output):
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
                 self.heap_wait = True
-                await wait_recovered(b, lambda: (not login or b.connect_big is None) and b.heap.room_for(total))
+                await wait_recovered(b, lambda: (not login or b.connect_big is None)
+                                     and (b.heap.room_for(total) or self._passes(part, h, total)))
                 self.last_rx = b.now_ms()  # (waits_on_broker)
         finally:
             self.heap_wait = False
             if kept is not None:
                 b.rpool.put(kept)
+
+    def _passes(self, part, h, total):
+        # True for a client's PUBLISH (its first bytes in part, topic
+        # included) whose message would not stay in the heap: every
+        # receiver takes it at once, or none keeps it (route.would_hold).
+        # Its buffer is garbage once it is relayed: it may be taken below
+        # the message floor, down to the clients', as a small one is
+        # (handle_publish._admit). Held at the floor, it waited for good
+        # where offline sessions' queues had filled the heap, though a
+        # live subscriber read its topic.
+        first = part[0]
+        if self.session is None or self.topic_in is not None or first >> 4 != _PUBLISH:
+            return False
+        o = h + 2
+        if o > len(part):
+            return False
+        n = part[h] << 8 | part[h + 1]
+        if not n or o + n > len(part):
+            return False  # (a topic alias, or a topic past what was read)
+        b = self.broker
+        try:
+            topic = str(part[o : o + n], "utf-8")
+            return not would_hold(b, topic, (first >> 1) & 3, first & 1, self.session) and b.heap.room_for_client(total)
+        except Exception:
+            return False  # (not UTF-8: on_publish closes it; or no heap even for this)
 
     async def _refuse_big(self, part, h, total, scratch):
         # True when the packet that starts with `part` is a v5 QoS 1/2

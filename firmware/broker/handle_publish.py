@@ -21,6 +21,7 @@ _EXPIRY = const(0x02)
 _PFI = const(0x01)
 _RESPONSE_TOPIC = const(0x08)
 _SUBSCRIPTION_ID = const(0x0B)
+_BIG_KEEP = const(4096)  # conn.py's: a packet buffer up to this size is kept for reuse
 
 # An acknowledgement's first byte is (3 + qos) << 4: PUBACK (0x40) at QoS 1,
 # PUBREC (0x50) at QoS 2. Connection.ack drops the reason code for 3.1.1.
@@ -185,9 +186,11 @@ def on_publish(c, first, mv, off, end):
     s = c.session
     # Read once (each read of an attribute is a lookup in machine code):
     # a bridge link's topic mapping (None for a client), and whether the
-    # packet is in a large buffer of its own (Connection._read_big).
+    # packet is in a large buffer of its own (Connection._read_big) that
+    # its message keeps its payload in (one of a size kept for reuse
+    # gives a copy).
     topic_in = c.topic_in
-    big = c.big_in is not None
+    big = c.big_in is not None and len(c.big_in) > _BIG_KEEP
     qos = (first >> 1) & 3
     retain = first & 1
     try:
@@ -309,16 +312,28 @@ def on_publish(c, first, mv, off, end):
     # needs one free piece of heap its size, not two at once, which a heap
     # in pieces often lacked. Its properties too (Message.keep_props).
     exp = pr.get(_EXPIRY) if pr is not None else None
-    try:
-        msg = Message(topic, part(mv, poff, end) if big else bytes(part(mv, poff, end)),
-                      qos, bool(retain), None, exp, b.now() if exp else 0)
-        if pr is not None:
-            msg.keep_props(pr, mv, off, qos, poff, not big)
-        c.big_in = None  # (taken: not reused)
-    except MemoryError:
+    while True:
+        try:
+            msg = Message(topic, part(mv, poff, end) if big else bytes(part(mv, poff, end)),
+                          qos, bool(retain), None, exp, b.now() if exp else 0)
+            if pr is not None:
+                msg.keep_props(pr, mv, off, qos, poff, not big)
+            if big:
+                c.big_in = None  # (taken: not reused)
+            break
+        except MemoryError:
+            gc.collect()
+        if not big and c.big_in is not None:
+            # In a buffer of its own, of a size kept for reuse: the heap
+            # has no piece for a copy of its payload, and the message keeps
+            # it in the buffer, as a larger one does. (Waiting for the
+            # floor instead, a message relayed to a live subscriber waited
+            # for good where offline sessions' queues held the heap below
+            # it, and the copy still had no piece.)
+            big = True
+            continue
         # Free heap, but not in one piece: as when it is short.
         b.stats_msgs_recv -= 1
-        gc.collect()
         if not qos and pr is not None and not as_sent(pr):
             # A v5 QoS 0 message, whose properties must be encoded (an
             # expiry among thousands of user properties): dropped, as at

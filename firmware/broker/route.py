@@ -268,7 +268,8 @@ def would_hold(b, topic, qos, retain, origin):
             continue
         c = s.conn
         if c is None:
-            if qos and sub.opts & 3 or b.cfg["queue_qos0_messages"]:
+            # (A full queue drops it: it does not stay.)
+            if (qos and sub.opts & 3 or b.cfg["queue_qos0_messages"]) and not s.full():
                 return True
         elif s.queue or s.pending_retained or not c.room(512):
             return True

@@ -172,10 +172,18 @@ class Session:
         self.push(msg, inf)
         return True
 
-    def _make_room(self, n, b):
-        # Drops the oldest QoS 0 entries that free n entries and b bytes,
-        # or none when all of them would not: QoS 0 messages dropped for a
-        # newcomer that is then refused anyway would be lost for nothing.
+    def full(self):
+        # True when enqueue() would drop the next message, whatever its
+        # size: a message that only such queues would keep does not stay
+        # in the heap (route.would_hold).
+        n = (len(self.queue) >> 1) - self.limit + 1
+        b = self.queued_bytes - self.byte_limit + 1 if self.byte_limit else 0
+        return (n > 0 or b > 0) and self._room_to(n, b) < 0
+
+    def _room_to(self, n, b):
+        # Where the oldest QoS 0 entries that free n entries and b bytes
+        # end (their last entry's info slot; 0 for none); -1 when all of
+        # them would not.
         q = self.queue
         end = 0  # the queue up to q[end] holds the QoS 0 entries to drop
         for i in range(1, len(q), 2):
@@ -185,8 +193,16 @@ class Session:
                 n -= 1
                 b -= len(q[i - 1].payload)  # pyright: ignore[reportAttributeAccessIssue] (a list here)
                 end = i
-        if n > 0 or b > 0:
+        return -1 if n > 0 or b > 0 else end
+
+    def _make_room(self, n, b):
+        # Drops the oldest QoS 0 entries that free n entries and b bytes,
+        # or none when all of them would not: QoS 0 messages dropped for a
+        # newcomer that is then refused anyway would be lost for nothing.
+        end = self._room_to(n, b)
+        if end < 0:
             return False
+        q = self.queue
         i = 1
         while i <= end:
             if qos_of(q[i]) == 0:
