@@ -21,13 +21,12 @@ from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
 from broker.handle_connect import asked_version, on_connect, refuse
-from broker.handle_publish import on_publish, refuse_for_heap, drop_from_link
+from broker.handle_publish import on_publish, refuse_for_heap, drop_from_link, BIG_KEEP
 from broker.route import would_hold
 from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
 _CONNECT = const(1)
-_BIG_KEEP = const(4096)  # largest packet buffer kept for reuse
 _DRAIN_IN_MS = const(500)  # _drain_in()
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
@@ -461,7 +460,7 @@ class Connection(Output):
         # Reads one packet that is larger than the receive buffer into a
         # buffer of its own, once the heap can spare it (until then the
         # client waits: TCP backpressure). Its size was already checked
-        # against max_packet_size. Packets up to _BIG_KEEP bytes reuse one
+        # against max_packet_size. Packets up to BIG_KEEP bytes reuse one
         # spare buffer: a fresh one per packet, garbage right after, chops
         # the free heap into holes between the messages that are kept
         # (measured: 35 KB free in blocks of at most 1 KB after a burst of
@@ -481,7 +480,7 @@ class Connection(Output):
             if big is None:
                 return  # refused, and its bytes read and dropped
         try:
-            # Over _BIG_KEEP, not kept for reuse: a message keeps its
+            # Over BIG_KEEP, not kept for reuse: a message keeps its
             # payload in it (handle_publish), rather than copy it to a
             # second piece; a smaller one's too when the heap has no piece
             # for the copy.
@@ -497,7 +496,7 @@ class Connection(Output):
             self.last_rx = b.now_ms()
             # Handlers copy what they keep (as they do from the shared
             # read buffer), so the buffer is free again afterwards, but for
-            # one over _BIG_KEEP that a message took for its payload.
+            # one that a message took for its payload.
             while True:
                 try:
                     self.dispatch(big[0], bmv, h, total)
@@ -512,7 +511,7 @@ class Connection(Output):
             self.big_in = None
             if b.connect_big is self:
                 b.connect_big = None
-            if free and len(big) <= _BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
+            if free and len(big) <= BIG_KEEP and (b.spare_big is None or len(b.spare_big) < len(big)):
                 b.spare_big = big
 
     async def _big_buffer(self, mv, pos, h, have, total):
@@ -534,7 +533,7 @@ class Connection(Output):
             while True:
                 if (not login or b.connect_big is None) and (b.heap.room_for(total) or self._passes(part, h, total)):
                     try:
-                        big = bytearray((total + 255) & ~255 if total <= _BIG_KEEP else total)
+                        big = bytearray((total + 255) & ~255 if total <= BIG_KEEP else total)
                         big[0 : len(part)] = part
                         if login:
                             b.connect_big = self
@@ -600,7 +599,7 @@ class Connection(Output):
         try:
             topic = str(part[o : o + n], "utf-8")
             return not would_hold(b, topic, (first >> 1) & 3, first & 1, self.session) and b.heap.room_for_client(total)
-        except Exception:
+        except (UnicodeError, MemoryError):
             return False  # (not UTF-8: on_publish closes it; or no heap even for this)
 
     async def _refuse_big(self, part, h, total, scratch):

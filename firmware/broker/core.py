@@ -210,8 +210,11 @@ class Broker:
                 # send give their output buffers back now rather than at
                 # the next second's release (keepalive.check). Seven idle
                 # ones (1 KB each) took a hub under its message floor, to
-                # 13 KB free, as its clients came.
+                # 13 KB free, as its clients came. The spare packet buffer
+                # goes too (Connection._read_big): one made for a message
+                # let through below the floor stayed, up to 4 KB of it.
                 self.heap.low = False
+                self.spare_big = None
                 for c in self.conns:
                     c.release()
             # Connections kicked again while served go in the next round,

@@ -21,7 +21,10 @@ _EXPIRY = const(0x02)
 _PFI = const(0x01)
 _RESPONSE_TOPIC = const(0x08)
 _SUBSCRIPTION_ID = const(0x0B)
-_BIG_KEEP = const(4096)  # conn.py's: a packet buffer up to this size is kept for reuse
+# A packet buffer of its own (conn.py, Connection._read_big) up to this
+# size is kept for the next large packet; over it, the message keeps its
+# payload in it.
+BIG_KEEP = const(4096)
 
 # An acknowledgement's first byte is (3 + qos) << 4: PUBACK (0x40) at QoS 1,
 # PUBREC (0x50) at QoS 2. Connection.ack drops the reason code for 3.1.1.
@@ -190,7 +193,7 @@ def on_publish(c, first, mv, off, end):
     # its message keeps its payload in (one of a size kept for reuse
     # gives a copy).
     topic_in = c.topic_in
-    big = c.big_in is not None and len(c.big_in) > _BIG_KEEP
+    big = c.big_in is not None and len(c.big_in) > BIG_KEEP
     qos = (first >> 1) & 3
     retain = first & 1
     try:

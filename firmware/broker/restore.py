@@ -23,11 +23,11 @@ _FEED_EVERY = const(16)  # records restored between watchdog feeds and collectio
 _RESTORE_GC_BYTES = const(1024)
 # A payload of at least this many bytes, in a record read as a bytearray of
 # its own (Store.items()), stays in it when restored, as a packet past
-# conn._BIG_KEEP read at run time stays in the buffer it was read into,
-# rather than need a second piece of its size. (A smaller one is copied
+# handle_publish.BIG_KEEP read at run time stays in the buffer it was read
+# into, rather than need a second piece of its size. (A smaller one is copied
 # out and packed, as at run time: kept whole, a 4-byte value on a long
 # topic took 300 B more.)
-_KEEP_IN_RECORD = const(4097)  # (past conn._BIG_KEEP, as at run time)
+_KEEP_IN_RECORD = const(4097)  # (past handle_publish.BIG_KEEP, as at run time)
 
 
 def _unpack(b):

@@ -163,7 +163,9 @@ class Session:
         # max_queued_bytes, a queue under its byte bound takes one more
         # message of any size). When full, the oldest QoS 0 messages make
         # room (QoS 0 entries are never on flash), if they can; else the
-        # newcomer is dropped. Returns False when msg was dropped.
+        # newcomer is dropped. Returns False when msg was dropped. (The
+        # bounds as full() reads them, kept in step: not a call of it, as
+        # this runs for every message queued.)
         n = (len(self.queue) >> 1) - self.limit + 1  # entries to free
         b = self.queued_bytes - self.byte_limit + 1 if self.byte_limit else 0  # bytes to free
         if (n > 0 or b > 0) and not self._make_room(n, b):
