@@ -126,6 +126,29 @@ def test_session_expiry_counts_broker_uptime_not_the_time_it_was_off():
         c.disconnect(props={SESSION_EXPIRY: 0})
 
 
+def test_a_will_with_the_largest_delay_and_expiry_is_stored_and_comes_back_after_a_power_cut():
+    # Will Delay and Message Expiry are four-byte integers (up to 2^32 - 1
+    # s). The will's record wrote them with MQTT's variable byte integers,
+    # which stop at 2^28 - 1: the encoder raised in the teardown of the
+    # connection, which stopped part way with a traceback in the log, and
+    # the will was not on flash (found by the fuzzer, a random seed). The
+    # session ends first (3 s of uptime), and its will goes out then.
+    with BrokerProc() as b:
+        c = Client(b.port, "farwill", version=5, clean=False, props={SESSION_EXPIRY: 3},
+                   will_topic="farwill/gone", will_payload=b"bye", will_qos=1,
+                   will_props={WILL_DELAY: 0xFFFFFFFF, EXPIRY: 0xFFFFFFFF})
+        c.close()  # (no DISCONNECT: the will stays)
+        assert wait_for(lambda: "client farwill disconnected" in b.log(), timeout=5), b.log()[-1500:]
+        b.kill9()
+        b.start()
+        watcher = Client(b.port, "farwill-watch", version=5)
+        watcher.subscribe([("farwill/gone", 1)])
+        m = watcher.get(timeout=10)
+        assert (m.topic, bytes(m.payload)) == ("farwill/gone", b"bye")
+        assert m.props[EXPIRY] > 0xFFFFFFFF - 60  # (its expiry counts from when it went out)
+        assert "Traceback" not in b.log(), b.log()[b.log().index("Traceback") - 300:][:1500]
+
+
 def test_a_session_whose_client_was_connected_at_power_cuts_expires_after_its_interval_of_uptime():
     # Its record had no time of going: each restart took the restored
     # clock for it, and began the expiry again (outside power-cut probe:
