@@ -99,17 +99,13 @@ def _same(a, b):
 
 
 def _varints(out, *ns):
-    # Seven bits a byte, as MQTT's variable byte integers, but without
-    # their limit of 4 bytes (2^28 - 1): a will delay or expiry is up to
-    # 2^32 - 1 s, and a sequence number passes 2^28 after years. MQTT's
-    # encoder refused them, and the session's teardown stopped part way.
-    # Values under 2^28 are the same bytes, as older records hold them
-    # (restore._read_varint reads both).
+    # MQTT's variable byte integers, up to 5 bytes rather than 4: a will
+    # delay or expiry is up to 2^32 - 1 s, and a sequence number passes
+    # 2^28 after years. At 4 the encoder refused them, and the session's
+    # teardown stopped part way. Values under 2^28 are the same bytes, as
+    # older records hold them (restore.py reads both).
     for n in ns:
-        while n > 0x7F:
-            out.append(n & 0x7F | 0x80)
-            n >>= 7
-        out.append(n)
+        wire.put_varint(out, n, 5)
 
 
 def _list_of(room):

@@ -57,25 +57,11 @@ def _shared(kept, m):
     return m
 
 
-def _read_varint(b, off, end):
-    # One of persist._varints's integers: up to 5 bytes, for 32 bits.
-    v = shift = 0
-    while True:
-        if off >= end or shift > 28:
-            raise ValueError("a damaged integer in a record")
-        c = b[off]
-        off += 1
-        v |= (c & 0x7F) << shift
-        if not c & 0x80:
-            return v, off
-        shift += 7
-
-
 def _read_varints(b, off):
     out = []
     n = len(b)
     while off < n:
-        v, off = _read_varint(b, off, n)
+        v, off = wire.get_varint(b, off, n, 5)
         out.append(v)
     return out
 
@@ -163,8 +149,8 @@ def _load(p, wdt):
                     p.mid = mid
             elif k == "w":
                 vn = len(val)  # (n counts the records)
-                delay, off = _read_varint(val, 0, vn)
-                exp, off = _read_varint(val, off, vn)
+                delay, off = wire.get_varint(val, 0, vn, 5)
+                exp, off = wire.get_varint(val, off, vn, 5)
                 wills[key[1:]] = (_unpack(memoryview(val)[off:]), delay, exp - 1 if exp else None)
             elif k == "s":
                 # Made at once: the decoded record is garbage right

@@ -14,8 +14,10 @@ def varint_len(n):
     return 1 if n < 128 else 2 if n < 16384 else 3 if n < 2097152 else 4
 
 
-def put_varint(out, n):
-    if n < 0 or n > MAX_VARINT:
+def put_varint(out, n, most=4):
+    # most: bytes at most, MQTT's 4 (MAX_VARINT); the broker's store
+    # writes 32-bit values in 5 (persist.py).
+    if n < 0 or n >> 7 * most:
         raise MQTTError(MALFORMED, "variable byte integer out of range")
     while True:
         b = n & 0x7F
@@ -27,7 +29,7 @@ def put_varint(out, n):
             return
 
 
-def get_varint(buf, off, end):
+def get_varint(buf, off, end, most=4):
     n = 0
     shift = 0
     while True:
@@ -39,8 +41,8 @@ def get_varint(buf, off, end):
         if not b & 0x80:
             return n, off
         shift += 7
-        if shift >= 28:
-            raise MQTTError(MALFORMED, "variable byte integer longer than 4 bytes")
+        if shift >= 7 * most:
+            raise MQTTError(MALFORMED, "variable byte integer longer than %d bytes" % most)
 
 
 def get_u8(buf, off, end):
