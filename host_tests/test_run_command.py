@@ -1,13 +1,18 @@
 """`make run`'s command (tools/broker): starts the broker under the unix
-port with the board's heap, stops cleanly on SIGTERM and SIGINT, and refuses
+port with the board's heap, stops cleanly on SIGTERM and SIGINT, ends with
+the command or `make run` when either is killed with SIGKILL, and refuses
 a bad config with an error that names the key, before opening a socket."""
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from brokerproc import twin_binary
 from mqttc import connect_bytes
@@ -21,6 +26,16 @@ def _start(args, cwd):
     # under the current directory), not the checkout.
     return subprocess.Popen(BROKER + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, stdin=subprocess.DEVNULL, cwd=str(cwd))
+
+
+def _make_run(port, tmp_path):
+    # `make run` itself, as a user (or an outside test) starts it, with its
+    # store in the test's directory (a config file that names it).
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"persistence_location": str(tmp_path / "data"), "bind_address": "127.0.0.1"}))
+    return subprocess.Popen(["make", "--no-print-directory", "run", "PORT=%d" % port, "CONFIG=%s" % cfg],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL, cwd=str(REPO))
 
 
 class _Output:
@@ -55,9 +70,9 @@ class _Output:
         return "".join(self.lines)
 
 
-def _stop_with(sig, cwd):
+def _stop_with(sig, cwd, make=False):
     port = free_port()
-    p = _start(["--board", "esp32", "--port", str(port)], cwd)
+    p = _make_run(port, cwd) if make else _start(["--board", "esp32", "--port", str(port)], cwd)
     try:
         o = _Output(p)
         o.wait_ready()
@@ -83,13 +98,27 @@ def test_sigint_stops_the_broker_cleanly(tmp_path):
     assert "stopped" in out and "Traceback" not in out, out
 
 
-def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
+def test_sigterm_of_make_run_stops_the_broker_cleanly(tmp_path):
+    # make passes SIGTERM on to its recipe's command.
+    rc, out = _stop_with(signal.SIGTERM, tmp_path, make=True)
+    assert "stopped" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("started_by", ["the command", "make run"])
+def test_sigkill_of_what_started_the_broker_kills_it_and_frees_its_port(tmp_path, started_by):
     # A power cut as a test makes one, on the PID it started: the broker
-    # must not live on behind the wrapper, holding the port.
+    # must not live on behind the wrapper, or behind make, holding the port
+    # (make passes SIGKILL on to nobody).
     port = free_port()
-    p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    if started_by == "make run":
+        p = _make_run(port, tmp_path)
+    else:
+        p = _start(["--board", "esp32", "--port", str(port)], tmp_path)
+    below = []  # make's child, the wrapper: killed here if the test fails
     try:
         _Output(p).wait_ready()
+        if started_by == "make run":
+            below = [int(x) for x in Path("/proc/%d/task/%d/children" % (p.pid, p.pid)).read_text().split()]
         p.kill()
         p.wait(10)
         end = time.time() + 10
@@ -100,7 +129,7 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
                 break
             time.sleep(0.1)
         else:
-            raise AssertionError("the broker still listens on %d after its command was killed" % port)
+            raise AssertionError("the broker still listens on %d after %s was killed" % (port, started_by))
         q = _start(["--board", "esp32", "--port", str(port)], tmp_path)  # and it starts again there
         try:
             _Output(q).wait_ready()
@@ -111,6 +140,11 @@ def test_sigkill_of_the_command_kills_the_broker_and_frees_its_port(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+        for pid in below:  # (SIGKILL of the wrapper ends the broker: tools/broker)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_local_run_says_anonymous_clients_are_allowed(tmp_path):

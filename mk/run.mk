@@ -7,4 +7,4 @@ BOARD ?= esp32
 .PHONY: run
 run: venv ## run the broker on the board twin: make run [BOARD=esp32] [PORT=1883] [CONFIG=file.json]
 	@$(MAKE) --no-print-directory sysdeps || echo "run: could not install the Debian packages; the twin may not build"
-	@$(PY) tools/broker --board $(BOARD) $(if $(PORT),--port $(PORT)) $(if $(CONFIG),--config $(CONFIG))
+	@$(PY) tools/broker --die-with-parent --board $(BOARD) $(if $(PORT),--port $(PORT)) $(if $(CONFIG),--config $(CONFIG))
