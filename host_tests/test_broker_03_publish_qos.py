@@ -185,6 +185,19 @@ def test_qos2_resent_with_dup_before_pubrel_is_not_delivered_twice(broker, versi
     c.close()
 
 
+def test_v5_qos2_resent_before_pubrel_gets_the_reason_code_of_its_first_pubrec(broker):
+    # 0x10 (no matching subscribers) the first time: the resend is the same
+    # message, answered the same, not as if someone had taken it.
+    c = Client(broker.port, "q03-dup10", version=5)
+    for dup, want in ((False, 0x10), (True, 0x10)):
+        c.send(Publish("dup10/nobody", b"x", 2, False, dup, 8))
+        r = c.expect(PUBREC)
+        assert (r.pid, r.reason) == (8, want), r
+    c.send(Ack(PUBREL, 8))
+    assert c.expect(PUBCOMP).reason == 0
+    c.close()
+
+
 def test_v5_pubrel_for_unknown_identifier_gets_pubcomp_0x92(broker):
     c = Client(broker.port, "q03-rel92", version=5)
     c.send_raw(b"\x62\x02\x00\x63")

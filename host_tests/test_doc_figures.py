@@ -158,6 +158,7 @@ ALLOWED = [
     ("README.md", "500 B", CONFIG + ": store_inline_max of boards/pico_w.json (checked above)"),
     ("README.md", "128 bytes", CODE + ": the client id limit"),
     ("README.md", "1 to 23 bytes", SPEC + ": MQTT's client id range a server must take"),
+    ("README.md", "65,535 bytes", SPEC + ": the longest topic MQTT allows (a two-byte length)"),
     ("README.md", "1024 bytes", CODE + ": the store's key limit"),
     ("README.md", "100 ms", CODE + ": persist._RETRY_MS and server._OOM_WAIT_MS"),
     ("README.md", "500 ms", CODE + ": conn._DRAIN_IN_MS"),

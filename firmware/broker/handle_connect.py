@@ -65,11 +65,14 @@ def refuse(c, reason, why):
 
 def check_topic(cfg, topic):
     # Topic name rules plus the board's limits on length and depth.
-    if not valid_topic(topic):
-        return False
-    if len(topic) > cfg["max_topic_length"]:
-        return False
-    return topic.count("/") < cfg["max_topic_levels"]
+    return valid_topic(topic) and topic_fits(cfg, topic)
+
+
+def topic_fits(cfg, topic):
+    # A valid topic within the board's limits on length and depth (MQTT
+    # allows 65,535 bytes and any depth: going past them is no protocol
+    # error, and a PUBLISH is refused for it, not its connection closed).
+    return len(topic) <= cfg["max_topic_length"] and topic.count("/") < cfg["max_topic_levels"]
 
 
 def busy(b, cid):

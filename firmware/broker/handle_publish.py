@@ -10,9 +10,10 @@ from micropython import const
 from mqtt.errors import MQTTError
 from mqtt.packets import decode_publish
 from mqtt.wire import utf8_valid
+from mqtt.topic import valid_topic
 from broker import log
 from broker.message import Message, as_sent
-from broker.handle_connect import check_topic
+from broker.handle_connect import topic_fits
 from broker.route import route, would_hold
 from broker.backpressure import Paused
 
@@ -226,18 +227,28 @@ def on_publish(c, first, mv, off, end):
             if qos:
                 c.ack((3 + qos) << 4, pid, 0)
             return
-    if not check_topic(cfg, topic):
+    if not valid_topic(topic) or not topic_fits(cfg, topic):
         if topic_in is not None:
             drop_from_link(c, qos, pid, 0x90, "a topic name not valid here (%s)" % topic[:40])
             return
-        raise MQTTError(0x90, "topic name not valid")
+        if not valid_topic(topic):
+            raise MQTTError(0x90, "topic name not valid")
+        # Past max_topic_length or max_topic_levels: refused as an ACL
+        # denial is, 0x90 to v5 (3.1.1: a plain acknowledgement), QoS 0
+        # dropped. Closed for it, a 3.1.1 client with a session sent it
+        # again at every connection, and was closed again.
+        b.stats_dropped += 1
+        if qos:
+            c.ack((3 + qos) << 4, pid, 0x90)
+        return
     if retain and not cfg["retain_available"]:
         if topic_in is None:
             raise MQTTError(0x9A, "retain not available")
         retain = 0  # the upstream's retained values come down as they are, kept by nobody
     if qos == 2 and pid in s.qos2_in:
-        # A resent QoS 2 message we already routed: acknowledge only.
-        c.ack(0x50, pid, 0)
+        # A resent QoS 2 message we already routed: acknowledged only, as
+        # the first time (0x10 when nobody took it).
+        c.ack(0x50, pid, s.qos2_in[pid])
         return
     # Can it be taken now? If not, it is refused or stays unread (Paused)
     # before anything else happens to it.
@@ -386,7 +397,7 @@ def on_publish(c, first, mv, off, end):
         if not (retain and (not keep or b.retained.dropped == kept)) and (qos == 1 or b.missed - missed == n):
             reason = 0x97
     if qos == 2 and reason < 0x80:
-        s.qos2()[pid] = True
+        s.qos2()[pid] = reason
         if p is not None and s.expiry:
             p.qos2_received(s, pid)
     if qos:

@@ -231,7 +231,7 @@ def _load(p, wdt):
     for cid, pid in qos2:
         s = b.sessions.get(cid)
         if s is not None:
-            s.qos2()[pid] = True
+            s.qos2()[pid] = 0  # (its PUBREC's reason: not stored)
     big = None
     for mid in msgs:
         m = msgs[mid]

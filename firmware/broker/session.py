@@ -92,7 +92,7 @@ class Session:
     queue = ()  # [msg, info, ...], see above
     queued_bytes = 0  # the payload bytes of the messages in queue (max_queued_bytes)
     inflight = ()  # pid -> Delivery
-    qos2_in = ()  # pid -> True: QoS 2 received, PUBREL pending
+    qos2_in = ()  # pid -> its PUBREC's reason code: QoS 2 received, PUBREL pending
     pending_retained = None  # [(Sub, [topic, ...])]: retained messages still to send
     ahead = 0  # queue entries that go before pending_retained (queued before its SUBSCRIBE)
     # Queue bounds, in messages and in payload bytes (a byte_limit of 0:
