@@ -17,8 +17,8 @@ import time
 import pytest
 
 from brokerproc import BrokerProc, twin_binary
-from mqttc import (Client, Connect, EXPIRY, PUBACK, Publish, SESSION_EXPIRY, SUBID, TEST_PASSWORD, TEST_USER,
-                   WILL_DELAY, wait_for)
+from mqttc import (CONNACK, Client, Connect, EXPIRY, PUBACK, Publish, SESSION_EXPIRY, SUBID, TEST_PASSWORD, TEST_USER,
+                   WILL_DELAY, decode, wait_for)
 from test_persist_wear import store_counters
 
 
@@ -78,6 +78,37 @@ def test_a_session_a_clean_start_discarded_stays_gone_after_a_power_cut_right_af
             pub.close()
             assert c.messages(timeout=0.4) == [], "attempt %d: the discarded session came back" % attempt
             c.close()
+
+
+def test_a_delayed_will_its_client_came_back_for_stays_cancelled_after_a_power_cut_right_after_the_connack():
+    # A new connection before the will's delay has passed cancels the will
+    # (5.0 3.1.3.2.2). Its record went only after the CONNACK, and a power
+    # cut right after that brought the will back from flash: the restart
+    # published it (power-cut campaign: 9 of 30 tries, cut within 2 ms).
+    # The CONNACK now waits for the delete's commit: here the commits fail
+    # for a while, and it waits for them.
+    with BrokerProc(faults=True) as b:
+        c = v5(b.port, "wc-dev", will_topic="wc/will", will_payload=b"gone", will_qos=1,
+               will_props={WILL_DELAY: 2})
+        c.subscribe([("wc/x", 1)])  # (acknowledged: session and will on flash)
+        c.close()  # no DISCONNECT: the will's delay starts
+        b.set_fault("memory")
+        try:
+            back = Client(b.port, connect=False)
+            back.send(Connect("wc-dev", version=5, clean=False, username=TEST_USER, password=TEST_PASSWORD.encode(),
+                              props={SESSION_EXPIRY: 600}))
+            with pytest.raises(socket.timeout):
+                back.raw.recv_packet(timeout=0.5)  # its CONNACK waits
+        finally:
+            b.set_fault(None)
+        ack = decode(back.raw.recv_packet(timeout=5), 5)
+        assert ack.type == CONNACK and ack.session_present, ack
+        b.kill9()
+        assert "wwc-dev" not in b.store_keys()
+        b.start()
+        watch = v5(b.port, "wc-watch")
+        watch.subscribe([("wc/will", 1)])
+        assert watch.messages(timeout=3) == [], "the cancelled will was published after the restart"
 
 
 def test_a_client_taken_over_while_its_connack_waits_for_the_store_gets_no_disconnect_ahead_of_it():

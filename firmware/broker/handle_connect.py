@@ -379,6 +379,7 @@ def on_connect(c, mv, off, end):
         if old.will is not None and old.will_delay == 0:
             b.publish_will(old)
         oc.close_soon()
+    cancelled = False  # a stored will cancelled here (its delete is staged)
     if old is not None and old.will is not None:
         # A delayed will, and a new connection for its client id before
         # the delay has passed: the will is not sent (MQTT-3.1.2-8), with
@@ -387,6 +388,13 @@ def on_connect(c, mv, off, end):
         # session raised a false "offline".)
         old.will = None
         old.will_at = None
+        if b.persist is not None and old.will_stored is not None:
+            # Its record goes now, and the CONNACK waits for that commit
+            # below: sent at once, a power cut right after it brought the
+            # cancelled will back from flash, and the restart published it
+            # (power-cut campaign: cut within 0.5 ms of the CONNACK).
+            b.persist.will_gone(old)
+            cancelled = True
 
     present = False
     ended = False  # a session with a record on flash ends here
@@ -461,12 +469,12 @@ def on_connect(c, mv, off, end):
     c.session = s  # its slot was made in Connection.__init__
     p = b.persist
     sent = False
-    if ended and p is not None and p.dirty():
+    if (ended or cancelled) and p is not None and p.dirty():
         # The client is told the old session is gone (MQTT-3.1.2-4) once
         # that is on flash, as any acknowledgement: a power cut right after
         # the CONNACK brought it back, queue and subscriptions, in 7 of 12
-        # tries. Its next packets wait, unread, until the CONNACK is out:
-        # nothing may go ahead of it.
+        # tries. So too a will it cancelled. Its next packets wait, unread,
+        # until the CONNACK is out: nothing may go ahead of it.
         try:
             out = c.unheld
             c.connack_held = True

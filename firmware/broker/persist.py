@@ -660,8 +660,8 @@ class Persist:
             s.will_stored = w
 
     def will_gone(self, s):
-        # s's will went out (Broker.publish_will): a restore must not
-        # publish it again.
+        # s's will went out (Broker.publish_will), or a new connection
+        # cancelled it (handle_connect.py): a restore must not publish it.
         if s.will_stored is not None:
             self._will(s)
 
