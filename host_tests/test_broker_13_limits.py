@@ -9,8 +9,8 @@ import time
 import pytest
 
 from mqttc import (BrokerProc, Raw, Client, Closed, Publish, P, PUBLISH, PUBACK, PUBREC, PUBCOMP, DISCONNECT,
-                   CONNACK, PINGRESP, SUBACK, SESSION_EXPIRY, MAX_PACKET, WILL_DELAY, decode, connect_bytes,
-                   sys_round, sys_wait)
+                   CONNACK, PINGRESP, SUBACK, SESSION_EXPIRY, MAX_PACKET, TOPIC_ALIAS, WILL_DELAY, decode,
+                   connect_bytes, sys_round, sys_wait)
 
 
 
@@ -518,9 +518,11 @@ def test_max_topic_levels_applies_to_topics_and_filters(alive):
 @pytest.mark.parametrize("version", [4, 5])
 def test_a_publish_past_max_topic_levels_or_length_is_refused_and_its_connection_kept(alive, version):
     # A valid topic (MQTT allows 65,535 bytes and any depth) past the
-    # board's limits: refused as an ACL denial is, 0x90 to v5, a plain
-    # acknowledgement to 3.1.1, QoS 0 dropped. Closed for it, a 3.1.1
+    # board's limits: refused, 0x90 to v5, a plain acknowledgement to
+    # 3.1.1, QoS 0 dropped, each counted as dropped. Closed for it, a 3.1.1
     # client with a session sent it again at every connection.
+    sys_round(alive.port)  # (the count before: from a round after the tests before)
+    before = int(sys_wait(alive.port, "publish/messages/dropped", lambda v: True))
     s = Client(alive.port, "mtl-sub%d" % version, version=5)
     assert s.subscribe([("l/#", 2)]) == [2]
     c = Client(alive.port, "mtl-pub%d" % version, version=version)
@@ -534,6 +536,15 @@ def test_a_publish_past_max_topic_levels_or_length_is_refused_and_its_connection
     c.ping()
     assert [m.payload for m in s.messages(1, timeout=5)] == [b"within"]
     assert s.poll(0.5) is None
+    after = sys_wait(alive.port, "publish/messages/dropped", lambda v: int(v) >= before + 3)
+    assert int(after) == before + 3
+    if version == 5:
+        # A topic alias that a refused topic set is not kept: ten of them
+        # would hold ten packets' worth of heap for as long as the
+        # connection lasts.
+        assert c.publish(deep, b"alias", qos=1, props={TOPIC_ALIAS: 1}).reason == 0x90
+        c.send(Publish("", b"by alias", 1, False, False, 99, {TOPIC_ALIAS: 1}))
+        assert c.expect(DISCONNECT).reason == 0x82  # unknown topic alias
     c.close()
     s.close()
 

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from brokerproc import BrokerProc, twin_binary
-from mqttc import (CONNACK, Client, Connect, EXPIRY, PUBACK, Publish, SESSION_EXPIRY, SUBID, TEST_PASSWORD, TEST_USER,
-                   WILL_DELAY, decode, wait_for)
+from mqttc import (CONNACK, PUBCOMP, PUBREC, PUBREL, Ack, Client, Connect, EXPIRY, PUBACK, Publish, SESSION_EXPIRY,
+                   SUBID, TEST_PASSWORD, TEST_USER, WILL_DELAY, decode, wait_for)
 from test_persist_wear import store_counters
 
 
@@ -109,6 +109,25 @@ def test_a_delayed_will_its_client_came_back_for_stays_cancelled_after_a_power_c
         watch = v5(b.port, "wc-watch")
         watch.subscribe([("wc/will", 1)])
         assert watch.messages(timeout=3) == [], "the cancelled will was published after the restart"
+
+
+def test_a_v5_qos2_message_resent_after_a_power_cut_gets_the_reason_code_of_its_first_pubrec():
+    # 0x10, nobody took it: the packet id awaiting PUBREL is on flash with
+    # that code, and the resend after the restart is answered the same.
+    with BrokerProc() as b:
+        c = v5(b.port, "x10")
+        c.send(Publish("x10/nobody", b"x", 2, False, False, 8))
+        assert c.expect(PUBREC).reason == 0x10
+        b.kill9()
+        b.start()
+        c = v5(b.port, "x10")
+        assert c.connack.session_present
+        c.send(Publish("x10/nobody", b"x", 2, False, True, 8))
+        r = c.expect(PUBREC)
+        assert (r.pid, r.reason) == (8, 0x10), r
+        c.send(Ack(PUBREL, 8))
+        assert c.expect(PUBCOMP).reason == 0
+        c.disconnect(props={SESSION_EXPIRY: 0})
 
 
 def test_a_client_taken_over_while_its_connack_waits_for_the_store_gets_no_disconnect_ahead_of_it():

@@ -74,8 +74,9 @@ def _heap_short(c, qos, pid, need):
 
 def drop_from_link(c, qos, pid, reason, why):
     # A message from a bridge's upstream that a client would be closed
-    # for (here, and conn.py's oversized one): acknowledged (qos 0: not)
-    # and dropped, and said in the log. Closed for it, the link came up
+    # for (here, and conn.py's oversized one), or refused for (a topic past
+    # the limits): acknowledged (qos 0: not) and dropped, and said in the
+    # log. Closed for it, the link came up
     # again only to be sent it again (QoS 1/2, or a retained value on
     # every SUBSCRIBE), and went down, for good.
     c.broker.stats_dropped += 1
@@ -233,10 +234,13 @@ def on_publish(c, first, mv, off, end):
             return
         if not valid_topic(topic):
             raise MQTTError(0x90, "topic name not valid")
-        # Past max_topic_length or max_topic_levels: refused as an ACL
-        # denial is, 0x90 to v5 (3.1.1: a plain acknowledgement), QoS 0
-        # dropped. Closed for it, a 3.1.1 client with a session sent it
-        # again at every connection, and was closed again.
+        # Past max_topic_length or max_topic_levels: refused, 0x90 to v5
+        # (3.1.1: a plain acknowledgement), QoS 0 dropped. Closed for it, a
+        # 3.1.1 client with a session sent it again at every connection,
+        # and was closed again. A topic alias it set is forgotten: kept,
+        # ten of them held up to ten packets' worth of heap.
+        if alias and c.alias_in.get(a) is topic:
+            del c.alias_in[a]
         b.stats_dropped += 1
         if qos:
             c.ack((3 + qos) << 4, pid, 0x90)
@@ -399,7 +403,7 @@ def on_publish(c, first, mv, off, end):
     if qos == 2 and reason < 0x80:
         s.qos2()[pid] = reason
         if p is not None and s.expiry:
-            p.qos2_received(s, pid)
+            p.qos2_received(s, pid, reason)
     if qos:
         # The PUBACK or PUBREC goes ahead of the copy of the message that
         # route() wrote into the publisher's own output from `mark` on (a

@@ -13,7 +13,8 @@
 #                       retain, subscription identifiers
 #   "i" cid \0 pid      an outgoing QoS 1/2 delivery in flight, its state
 #                       and its sequence number (the resend order)
-#   "x" cid \0 pid      an incoming QoS 2 packet id awaiting PUBREL
+#   "x" cid \0 pid      an incoming QoS 2 packet id awaiting PUBREL; value: its
+#                       PUBREC's reason code when not 0 (else empty)
 # U+0000 cannot occur in MQTT strings, so it separates key parts safely.
 # Times (message expiry, when a session's client left, a delayed will) are
 # on the broker clock.
@@ -660,10 +661,18 @@ class Persist:
             s.will_stored = w
 
     def will_gone(self, s):
-        # s's will went out (Broker.publish_will), or a new connection
-        # cancelled it (handle_connect.py): a restore must not publish it.
+        # s's will went out (Broker.publish_will): a restore must not
+        # publish it again.
         if s.will_stored is not None:
             self._will(s)
+
+    def will_cancelled(self, s):
+        # A new connection cancels s's delayed will (handle_connect.py):
+        # its record goes. Staged while s still has the will, so that no
+        # heap to stage it leaves s as it was, not the will forgotten in
+        # RAM and still on flash.
+        self._del("w" + s.client_id)
+        s.will_stored = None
 
     def session_ended(self, s):
         # Each record's delete is marked done as it is staged, and the
@@ -777,8 +786,8 @@ class Persist:
             self.dequeued(s, d.msg, d.queued)
             d.queued = 0
 
-    def qos2_received(self, s, pid):
-        self._put("x" + s.client_id + "\0" + str(pid), b"")
+    def qos2_received(self, s, pid, reason):
+        self._put("x" + s.client_id + "\0" + str(pid), bytes((reason,)) if reason else b"")
 
     def qos2_released(self, s, pid):
         self._del("x" + s.client_id + "\0" + str(pid))

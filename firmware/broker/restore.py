@@ -175,7 +175,7 @@ def _load(p, wdt):
                 inflight.append((cid, int(pid), d, v[1]))
             elif k == "x":
                 cid, pid = key[1:].split("\0")
-                qos2.append((cids.setdefault(cid, cid), int(pid)))
+                qos2.append((cids.setdefault(cid, cid), int(pid), val[0] if val else 0))
             elif k == "c":
                 b.clock = p.clock_saved = wire.get_u32(val, 0, 4)[0]
         except MemoryError:
@@ -228,10 +228,10 @@ def _load(p, wdt):
         if r is not None:
             d.msg = r[1]
             r[0].in_flight()[pid] = d
-    for cid, pid in qos2:
+    for cid, pid, reason in qos2:
         s = b.sessions.get(cid)
         if s is not None:
-            s.qos2()[pid] = 0  # (its PUBREC's reason: not stored)
+            s.qos2()[pid] = reason
     big = None
     for mid in msgs:
         m = msgs[mid]
