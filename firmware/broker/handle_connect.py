@@ -462,8 +462,8 @@ def on_connect(c, mv, off, end):
     s.put("gone_at", None)
     s.conn = c
     # The commit. Up to here a MemoryError leaves no session in the table
-    # (a delayed will cancelled above stays cancelled, its delete staged)
-    # (Connection.dispatch answers it with CONNACK 0x97); from here to the
+    # (Connection.dispatch answers it with CONNACK 0x97), and a delayed will
+    # cancelled above stays cancelled, its delete staged; from here to the
     # CONNACK nothing allocates but a new session's table entry (and, for
     # a CONNACK held, what holding it takes, or it goes at once).
     b.sessions[cid] = s

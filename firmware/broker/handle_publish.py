@@ -76,9 +76,9 @@ def drop_from_link(c, qos, pid, reason, why):
     # A message from a bridge's upstream that a client would be closed
     # for (here, and conn.py's oversized one), or refused for (a topic past
     # the limits): acknowledged (qos 0: not) and dropped, and said in the
-    # log. Closed for it, the link came up
-    # again only to be sent it again (QoS 1/2, or a retained value on
-    # every SUBSCRIBE), and went down, for good.
+    # log. Closed for it, the link came up again only to be sent it again
+    # (QoS 1/2, or a retained value on every SUBSCRIBE), and went down,
+    # for good.
     c.broker.stats_dropped += 1
     if qos:
         c.ack((3 + qos) << 4, pid, reason)  # (3.1.1: a plain PUBACK or PUBREC)
