@@ -379,7 +379,9 @@ def on_connect(c, mv, off, end):
         if old.will is not None and old.will_delay == 0:
             b.publish_will(old)
         oc.close_soon()
-    cancelled = False  # a stored will cancelled here (its delete is staged)
+    # A record delete staged here (a cancelled will, an ended session): the
+    # CONNACK waits for its commit, below.
+    staged = False
     if old is not None and old.will is not None:
         # A delayed will, and a new connection for its client id before
         # the delay has passed: the will is not sent (MQTT-3.1.2-8), with
@@ -392,17 +394,16 @@ def on_connect(c, mv, off, end):
             # cancelled will back from flash, and the restart published it
             # (power-cut campaign: 9 of 30 tries, cut within 2 ms).
             b.persist.will_cancelled(old)
-            cancelled = True
+            staged = True
         old.will = None
         old.will_at = None
 
     present = False
-    ended = False  # a session with a record on flash ends here
     if old is not None and (pkt.clean or not old.expiry):
         # A clean start; or the old session was to last only as long as the
         # connection just taken over (MQTT-3.1.2-6; expiry 0, 3.1.2.11),
         # so it ends with it, and nothing is resumed.
-        ended = old.on_flash
+        staged = staged or old.on_flash
         b.end_session(old)
         old = None
     if old is not None:
@@ -443,7 +444,7 @@ def on_connect(c, mv, off, end):
         # now, since what follows writes none for a session with expiry 0
         # and would leave these behind (a message sent, or acknowledged,
         # while the old record stays).
-        ended = s.on_flash
+        staged = staged or s.on_flash
         b.persist.session_ended(s)
 
     # Limits the client asked for (v5).
@@ -470,7 +471,7 @@ def on_connect(c, mv, off, end):
     c.session = s  # its slot was made in Connection.__init__
     p = b.persist
     sent = False
-    if (ended or cancelled) and p is not None and p.dirty():
+    if staged and p is not None and p.dirty():
         # The client is told the old session is gone (MQTT-3.1.2-4) once
         # that is on flash, as any acknowledgement: a power cut right after
         # the CONNACK brought it back, queue and subscriptions, in 7 of 12
