@@ -414,6 +414,38 @@ def test_unmasked_frame_closes_1002(broker):
     assert_tcp_ok(broker)
 
 
+def test_a_stream_of_empty_frames_before_any_connect_neither_holds_other_clients_nor_outlives_the_connect_timeout(broker):
+    # Upgraded but never logged in, one socket sends masked pongs and empty
+    # binary frames as fast as loopback takes them. Each frame is read at
+    # once, so unless the reader gives the others their turn, no other
+    # client is served and the connect timeout never comes.
+    w = WS(broker.ws)
+    blob = (b"\x8a\x80abcd" + b"\x82\x80abcd") * 8192
+    ended = threading.Event()
+
+    def flood():
+        try:
+            while True:
+                w.s.sendall(blob)
+        except OSError:
+            ended.set()  # the broker closed it
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        pa = Paho(broker.port, 4, sub="flood/#")
+        try:
+            for i in range(5):
+                pa.publish("flood/x", b"%d" % i, 1)
+                assert len(pa.wait(i + 1)) == i + 1
+        finally:
+            pa.close()
+        assert not ended.is_set(), "served only after the flood was cut"
+        assert ended.wait(30), "the connect timeout did not close a socket that never sent CONNECT"
+    finally:
+        w.close()
+    assert_tcp_ok(broker)
+
+
 def mqtt_from_frames(w, want, timeout=5):
     """The MQTT bytes in the server's binary frames until `want` bytes came
     (the server may put several packets in one frame, or answer pings)."""

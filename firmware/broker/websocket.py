@@ -78,6 +78,8 @@ _TX_DEAD = const(8)  # close sent, or a write broke off mid-frame
 
 _EPIPE = const(32)
 _SPIN_MS = const(5)
+# Frames without payload read between two turns for the other tasks.
+_TURN_FRAMES = const(8)
 
 CLOSE_NORMAL = const(1000)
 CLOSE_PROTOCOL_ERROR = const(1002)
@@ -243,12 +245,23 @@ class WsTransport:
         return self.t.peer
 
     async def recv_into(self, mv):
+        empty = 0
         while not self._st & _RX_END:
             left = self._left
             if not left:
                 # Control frames are handled in there and zero-length data
                 # frames give nothing: loop until payload or the end.
                 await self._header()
+                empty += 1
+                if empty >= _TURN_FRAMES:
+                    # A read that finds bytes waiting returns at once, so
+                    # a stream of empty frames or pongs never let another
+                    # task run: one client that had not even logged in
+                    # held every other client, keep-alive, the connect
+                    # timeout and the watchdog for as long as it sent
+                    # (hostile-input campaign: a 26 s stall).
+                    empty = 0
+                    await sleep_ms(0)
                 continue
             n = len(mv)
             n = await self._recv(mv if n <= left else mv[:left])
