@@ -399,6 +399,26 @@ def test_unknown_path_gets_404_and_post_gets_405(broker):
     assert status == 400
 
 
+def test_an_http_1_1_request_without_host_or_with_two_gets_400(broker):
+    # RFC 9112 3.2, for the page and the upgrade alike; HTTP/1.0 has no Host.
+    for req in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                upgrade_request(extra="Host: other\r\n")):
+        status, _, s, _ = http(broker.ws, req)
+        s.close()
+        assert status == 400, req
+    status, _, s, _ = http(broker.ws, b"GET / HTTP/1.0\r\n\r\n")
+    s.close()
+    assert status == 200
+
+
+def test_an_upgrade_whose_target_is_in_absolute_form_is_served(broker):
+    # A server must take the absolute form (RFC 9112 3.2.2).
+    key = ws_key()
+    status, h, s, rest = http(broker.ws, upgrade_request(key, path="http://127.0.0.1:%d/mqtt" % broker.ws))
+    s.close()
+    assert status == 101 and h["sec-websocket-accept"] == accept_for(key)
+
+
 def test_garbage_instead_of_http_gets_400(broker):
     status, _, s, _ = http(broker.ws, b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\r\n\r\n")
     s.close()

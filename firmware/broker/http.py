@@ -60,6 +60,12 @@ def _parse(head):
         return None
     if rl[2] not in ("HTTP/1.1", "HTTP/1.0"):
         return 505
+    path = rl[1]
+    if path[:7].lower() == "http://" or path[:8].lower() == "https://":
+        # The absolute form, which a server must take (RFC 9112 3.2.2): the
+        # path after its authority.
+        i = path.find("/", path.find("//") + 2)
+        path = path[i:] if i > 0 else "/"
     headers = {}
     for i in range(1, len(lines)):
         line = lines[i]
@@ -70,9 +76,13 @@ def _parse(head):
         name = line[:c].lower()
         value = line[c + 1 :].strip()
         old = headers.get(name)
+        if old is not None and name == "host":
+            return None  # two Host lines: 400 (RFC 9112 3.2)
         # Repeated list headers (Connection, Sec-WebSocket-Protocol) combine.
         headers[name] = value if old is None else old + ", " + value
-    return rl[0], rl[1], headers
+    if rl[2] == "HTTP/1.1" and "host" not in headers:
+        return None  # RFC 9112 3.2: 400 for an HTTP/1.1 request without Host
+    return rl[0], path, headers
 
 
 async def respond(t, status, reason, headers=(), body=b""):
