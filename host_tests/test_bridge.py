@@ -31,7 +31,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 class Mosquitto:
     """One upstream broker; restart() keeps its port and persistence file."""
 
-    def __init__(self, persistence=False, port=None, anonymous=True):
+    def __init__(self, persistence=False, port=None, anonymous=True, extra=""):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="mosq_")
         # Started as root, Mosquitto drops to user "mosquitto", which must be
@@ -42,6 +42,7 @@ class Mosquitto:
             f.write("listener %d 127.0.0.1\nallow_anonymous %s\n" % (self.port, "true" if anonymous else "false"))
             if persistence:
                 f.write("persistence true\npersistence_location %s/\n" % self.dir)
+            f.write(extra)
         self.proc = None
         self.logf = None
 
@@ -163,8 +164,8 @@ def procs():
             pass
 
 
-def upstream(procs, persistence=False, port=None, anonymous=True):
-    m = Mosquitto(persistence, port, anonymous).start()
+def upstream(procs, persistence=False, port=None, anonymous=True, extra=""):
+    m = Mosquitto(persistence, port, anonymous, extra).start()
     procs.append(m)
     return m
 
@@ -398,6 +399,26 @@ def test_a_local_retained_value_set_while_the_upstream_was_down_is_not_replaced_
     local = peer(procs, g.port, "both-local", [("r/x", 1)])
     got = local.wait(lambda ms: ms)
     assert [p for t, p, *_ in got] == [b"new"], g.log()[-3000:]
+
+
+@pytest.mark.parametrize("qos", [1, 2])
+def test_a_message_the_upstream_refuses_with_a_code_no_ack_may_carry_is_dropped_and_the_rest_go_up(procs, qos):
+    # Mosquitto 2.0.11 answers a v5 PUBLISH over its message_size_limit with
+    # PUBACK or PUBREC 0x95, which neither may carry. Taken as a protocol
+    # error, it closed the link, and the message went again at every
+    # connection, holding back all behind it.
+    m = upstream(procs, extra="message_size_limit 500\n")
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": 5, "topics": ["t/# out 2"]})
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "refused-up", [("t/#", 2)], version=5)
+    pub = peer(procs, g.port, "refused-pub")
+    pub.publish("t/big", b"x" * 2000, qos)
+    for i in range(3):
+        pub.publish("t/%d" % i, b"small", qos)
+    got = up.wait(lambda ms: len(ms) >= 3)
+    assert [t for t, *_ in got] == ["t/0", "t/1", "t/2"], g.log()[-3000:]
+    assert "the upstream refused message" in g.log() and "0x95" in g.log()
+    assert "bridge up: link to" not in g.log() and g.alive(), g.log()[-3000:]  # (its "closed" line)
 
 
 def test_an_upstream_address_that_never_answers_is_given_up_at_the_connect_timeout(procs):

@@ -30,7 +30,7 @@ import time
 from micropython import const
 from mqtt import props as P
 from mqtt.errors import MQTTError
-from mqtt.packets import decode, encode, Connect, Subscribe
+from mqtt.packets import decode, encode, Connect, Subscribe, PUBACK_REASONS
 from mqtt.topic import matches
 from broker import log
 from broker.conn import Connection
@@ -45,6 +45,8 @@ from broker.transport import TcpTransport, close_socket, wait_io
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
+_PUBACK = const(4)
+_PUBREC = const(5)
 _SUBACK = const(9)
 _UNSUBACK = const(11)
 _PINGRESP = const(13)
@@ -124,6 +126,20 @@ class Link(Connection):
             d = decode(first, mv, off, end, self.version)
             log.warning("bridge %s: the upstream disconnected us: 0x%02X", self.br.name, d.reason)
             raise Closed()
+        if (t == _PUBACK or t == _PUBREC) and end - off > 2 and mv[off + 2] >= 0x80:
+            # A message of ours refused upstream: its flow ends there (MQTT
+            # 4.3, v5), and the log says so.
+            r = mv[off + 2]
+            log.warning("bridge %s: the upstream refused message %d: 0x%02X", self.br.name,
+                        mv[off] << 8 | mv[off + 1], r)
+            if r not in PUBACK_REASONS:
+                # Mosquitto 2.0.11 answers a PUBLISH over its
+                # message_size_limit with 0x95, which no PUBACK may carry
+                # (MQTT-3.4.2-1). Taken for the refusal it is, as 0x80:
+                # refused as a protocol error, it closed the link, went
+                # again at every connection and held back all behind it
+                # (bridge campaign).
+                mv[off + 2] = 0x80
         Connection.dispatch(self, first, mv, off, end)
 
 

@@ -35,7 +35,7 @@ NAMES = (
 )
 
 # Reason codes each acknowledgement may carry (v5 3.4.2.1, 3.5.2.1, ...).
-_PUBACK_REASONS = (0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99)
+PUBACK_REASONS = (0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99)
 _PUBREL_REASONS = (0x00, 0x92)
 _SUBACK_REASONS = (0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2)
 _UNSUBACK_REASONS = (0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91)
@@ -290,7 +290,7 @@ def decode_ack(t, buf, off, end, version):
         if off < end:
             reason = buf[off]
             off += 1
-            ok = _PUBREL_REASONS if t == PUBREL or t == PUBCOMP else _PUBACK_REASONS
+            ok = _PUBREL_REASONS if t == PUBREL or t == PUBCOMP else PUBACK_REASONS
             if reason not in ok:
                 raise MQTTError(PROTOCOL_ERROR, "%s reason 0x%02X not allowed" % (NAMES[t], reason))
             if off < end:
