@@ -38,7 +38,7 @@ from broker.core import Closed
 from broker.message import Message
 from broker.pump import resend_inflight
 from broker.route import route
-from broker.session import Session, NEVER, RELEASED
+from broker.session import Session, NEVER, RELEASED, retain_of
 from broker.subs import Sub
 from broker.tls import TlsTransport, client_context, client_tls
 from broker.transport import TcpTransport, close_socket, wait_io
@@ -109,8 +109,8 @@ class Link(Connection):
     def topic_out(self, topic):
         return self.br.topic_out(topic)
 
-    def topic_in(self, topic, mv, off, end):
-        return self.br.topic_in(topic, mv, off, end)
+    def topic_in(self, topic, retain):
+        return self.br.topic_in(topic, retain)
 
     def dispatch(self, first, mv, off, end):
         t = first >> 4
@@ -213,7 +213,7 @@ class Bridge:
                 e.pop(0)
         self.sent += 1
 
-    def topic_in(self, topic, mv, off, end):
+    def topic_in(self, topic, retain):
         if self.echoes and topic in self.echoes:
             # Plain 3.1.1 sends our own messages back: one echo dropped
             # per message just sent on that topic.
@@ -221,8 +221,32 @@ class Bridge:
             return None
         for f, q, lp, rp in self.ins:
             if matches(f, topic):
-                return _swap(topic, rp, lp) or None
+                t = _swap(topic, rp, lp) or None
+                if retain and t is not None and self._going_up(t):
+                    # The upstream's retained value, older than ours still
+                    # on its way there: ours is to replace it upstream, and
+                    # here it stays. (Taken, the older one replaced ours
+                    # here behind a long queue, and the two sides disagreed:
+                    # bridge campaign.)
+                    return None
+                return t
         return None
+
+    def _going_up(self, topic):
+        # Whether a retained message of ours on local topic `topic` waits
+        # for the upstream's acknowledgement: queued, or in flight.
+        s = self.s
+        q = s.queue
+        for i in range(0, len(q), 2):
+            if retain_of(q[i + 1]) and q[i].topic == topic:
+                return True
+        inf = s.inflight
+        if inf:
+            for pid in inf:
+                d = inf[pid]
+                if d.retain and d.msg.topic == topic:
+                    return True
+        return False
 
     # ------------------------------------------------------------ link
 
