@@ -426,6 +426,29 @@ def test_a_message_the_upstream_refuses_with_a_code_no_ack_may_carry_is_dropped_
     assert "bridge up: link to" not in g.log() and g.alive(), g.log()[-3000:]  # (its "closed" line)
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_message_over_bridge_max_packet_size_is_dropped_and_the_rest_go_up(procs, version):
+    # 3.1.1 cannot tell the bridge the upstream's max_packet_size: Mosquitto
+    # closed the link for the larger PUBLISH, which went again at every
+    # connection, and all behind it waited. The smaller limit of ours and a
+    # v5 upstream's holds.
+    m = upstream(procs, extra="max_packet_size 600\n")
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": version,
+                        "topics": ["t/# out 1"], "bridge_max_packet_size": 600 if version == 4 else 5000},
+                sys_interval=1)  # (for the dropped count below)
+    wait_state(g, b"1")
+    up = peer(procs, m.port, "mps-up", [("t/#", 1)], version=version)
+    pub = peer(procs, g.port, "mps-pub")
+    pub.publish("t/big", b"x" * 2000, 1)
+    for i in range(3):
+        pub.publish("t/%d" % i, b"small", 1)
+    got = up.wait(lambda ms: len(ms) >= 3)
+    assert [t for t, *_ in got] == ["t/0", "t/1", "t/2"], g.log()[-3000:] + m.log()[-2000:]
+    assert "bridge up: link to" not in g.log() and g.alive(), g.log()[-3000:]  # (its "closed" line)
+    w = peer(procs, g.port, "mps-sys", [("$SYS/broker/publish/messages/dropped", 0)])
+    assert int(w.wait(lambda ms: ms and int(ms[-1][1]) >= 1)[-1][1]) >= 1
+
+
 def test_an_upstream_address_that_never_answers_is_given_up_at_the_connect_timeout(procs):
     # A listener whose backlog is full drops SYNs, as a host that is down
     # behind a firewall does: the TCP connect waited for the kernel's own
@@ -709,7 +732,9 @@ ADDR = ["127.0.0.1:1883"]
     ({"name": "up", "addresses": ADDR, "topics": ["a/# sideways 1"]}, "bridges[0].topics[0]"),
     ({"name": "up", "addresses": ADDR, "topics": ["a/# out 1", "b/# in 3"]}, "bridges[0].topics[1]"),
     ({"name": "up", "addresses": ADDR, "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
-], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued"])
+    ({"name": "up", "addresses": ADDR, "topics": ["#"], "bridge_max_packet_size": -1},
+     "bridges[0].bridge_max_packet_size"),
+], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued", "bad-max-packet-size"])
 def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
     g = BrokerProc(board="esp32", config={"bridges": [bridge]})
     try:

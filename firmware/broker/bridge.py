@@ -308,8 +308,15 @@ class Bridge:
         rm = pr.get(P.RECEIVE_MAXIMUM)
         if rm and rm < self.b.cfg["max_inflight_messages"]:
             L.send_max = rm
-        if P.MAXIMUM_PACKET_SIZE in pr:
-            L.max_out = pr[P.MAXIMUM_PACKET_SIZE]
+        # The smaller of the upstream's limit (v5 CONNACK) and ours for it
+        # (3.1.1 has no way to learn it: Mosquitto closes the link for a
+        # larger PUBLISH, which then went again at every connection).
+        # A larger message is dropped and counted (pump.py).
+        mp = c["bridge_max_packet_size"]
+        if P.MAXIMUM_PACKET_SIZE in pr and not 0 < mp <= pr[P.MAXIMUM_PACKET_SIZE]:
+            mp = pr[P.MAXIMUM_PACKET_SIZE]
+        if mp:
+            L.max_out = mp
         L.keepalive = pr.get(P.SERVER_KEEP_ALIVE, c["keepalive"])
         L.echo = L.version == 4 and not self.private and bool(self.ins) and bool(self.outs)
         s = self.s

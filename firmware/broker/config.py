@@ -165,6 +165,7 @@ _BRIDGE = {  # key: default (None: required)
     "name": None, "addresses": None, "topics": None, "protocol_version": 4, "cleansession": False,
     "keepalive": 60, "username": None, "password": None, "cafile": None, "clientid": None,
     "restart_timeout": [5, 30], "max_queued": 1000, "try_private": True, "bridge_cycle_interval": 0,
+    "bridge_max_packet_size": 0,
 }
 
 
@@ -235,7 +236,7 @@ def _check_bridges(cfg):
                 raise err("topics[%d]" % j, "not a valid topic filter: %r" % (line,))
             B["topics"].append([pat, d, int(q), lp, rp])
         for k, lo, hi in (("protocol_version", 4, 5), ("keepalive", 1, _U16), ("max_queued", 1, 1000000),
-                          ("bridge_cycle_interval", 0, 0xFFFFFFFF)):
+                          ("bridge_cycle_interval", 0, 0xFFFFFFFF), ("bridge_max_packet_size", 0, 268435455)):
             v = B[k]
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise err(k, "expected an integer %d..%d, got %r" % (lo, hi, v))
