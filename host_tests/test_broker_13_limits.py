@@ -112,6 +112,29 @@ def test_full_session_table_evicts_the_offline_session_idle_longest(two_session_
     a.close()
 
 
+def test_full_session_table_evicts_an_offline_session_that_holds_nothing_before_one_with_queued_messages(
+        two_session_broker):
+    port = two_session_broker.port
+    a = Client(port, "ms-q", version=5, clean=False, props={SESSION_EXPIRY: 600})
+    a.subscribe([("ms/q", 1)])
+    a.disconnect()
+    p = Client(port, "ms-pub", version=4)
+    assert p.publish("ms/q", b"kept", qos=1).reason == 0  # acknowledged: queued for ms-q
+    p.disconnect()
+    time.sleep(1.1)  # the broker clock counts whole seconds: ms-e is the younger
+    e = Client(port, "ms-e", version=4, clean=False)
+    e.subscribe([("ms/e", 1)])
+    e.disconnect()
+    c = Client(port, "ms-new", version=4)
+    c.ping()
+    c.close()
+    assert "session table full: evicting ms-e" in two_session_broker.log()
+    a = Client(port, "ms-q", version=5, clean=False, props={SESSION_EXPIRY: 600})
+    assert a.connack.session_present is True
+    assert [m.payload for m in a.messages(1, timeout=5)] == [b"kept"]
+    a.close()
+
+
 def test_full_session_table_of_connected_clients_refuses_with_0x97(two_session_broker):
     port = two_session_broker.port
     a = Client(port, "ms-x", version=5)

@@ -278,10 +278,13 @@ class Broker:
     def new_session_allowed(self):
         # Room for one more session: when the table is full, the offline
         # session idle longest makes way (logged, counted in $SYS) before
-        # anyone is refused. False when every session is connected.
+        # anyone is refused; one that holds nothing before one that holds
+        # messages its publishers were told are taken (an older one with
+        # queued messages went first, and they were lost: full-board
+        # campaign). False when every session is connected.
         if len(self.sessions) < self.cfg["max_sessions"]:
             return True
-        old = self.oldest_offline()
+        old = self.oldest_offline(None, True) or self.oldest_offline()
         if old is None:
             return False
         self._evict(old, "session table full")
