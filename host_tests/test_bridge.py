@@ -426,15 +426,15 @@ def test_a_message_the_upstream_refuses_with_a_code_no_ack_may_carry_is_dropped_
     assert "bridge up: link to" not in g.log() and g.alive(), g.log()[-3000:]  # (its "closed" line)
 
 
-@pytest.mark.parametrize("version", [4, 5])
-def test_a_message_over_bridge_max_packet_size_is_dropped_and_the_rest_go_up(procs, version):
+@pytest.mark.parametrize("version,upstream_limit,ours", [(4, 600, 600), (5, 600, 5000), (5, 0, 600)])
+def test_a_message_over_bridge_max_packet_size_is_dropped_and_the_rest_go_up(procs, version, upstream_limit, ours):
     # 3.1.1 cannot tell the bridge the upstream's max_packet_size: Mosquitto
     # closed the link for the larger PUBLISH, which went again at every
     # connection, and all behind it waited. The smaller limit of ours and a
     # v5 upstream's holds.
-    m = upstream(procs, extra="max_packet_size 600\n")
+    m = upstream(procs, extra="max_packet_size %d\n" % upstream_limit if upstream_limit else "")
     g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": version,
-                        "topics": ["t/# out 1"], "bridge_max_packet_size": 600 if version == 4 else 5000},
+                        "topics": ["t/# out 1"], "bridge_max_packet_size": ours},
                 sys_interval=1)  # (for the dropped count below)
     wait_state(g, b"1")
     up = peer(procs, m.port, "mps-up", [("t/#", 1)], version=version)
@@ -734,7 +734,10 @@ ADDR = ["127.0.0.1:1883"]
     ({"name": "up", "addresses": ADDR, "topics": ["#"], "max_queued": "lots"}, "bridges[0].max_queued"),
     ({"name": "up", "addresses": ADDR, "topics": ["#"], "bridge_max_packet_size": -1},
      "bridges[0].bridge_max_packet_size"),
-], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued", "bad-max-packet-size"])
+    ({"name": "up", "addresses": ADDR, "topics": ["#"], "bridge_max_packet_size": 100},
+     "bridges[0].bridge_max_packet_size"),
+], ids=["missing-addresses", "bad-topic-line", "bad-qos", "bad-max-queued", "bad-max-packet-size",
+        "max-packet-size-below-our-own-packets"])
 def test_bad_bridge_config_stops_the_start_naming_the_key(bridge, key):
     g = BrokerProc(board="esp32", config={"bridges": [bridge]})
     try:

@@ -459,7 +459,6 @@ def test_a_stream_of_empty_frames_before_any_connect_neither_holds_other_clients
                 assert len(pa.wait(i + 1)) == i + 1
         finally:
             pa.close()
-        assert not ended.is_set(), "served only after the flood was cut"
         assert ended.wait(30), "the connect timeout did not close a socket that never sent CONNECT"
     finally:
         w.close()

@@ -223,7 +223,7 @@ def on_publish(c, first, mv, off, end):
     if topic_in is not None:
         # A bridge link: the upstream's topic to ours. None: not ours (or
         # the echo of our own message): acknowledged and dropped.
-        topic = topic_in(topic, retain)
+        topic = topic_in(topic, retain and cfg["retain_available"])  # (else kept by nobody, below)
         if topic is None:
             if qos:
                 c.ack((3 + qos) << 4, pid, 0)

@@ -62,10 +62,12 @@ def _parse(head):
         return 505
     path = rl[1]
     if path[:7].lower() == "http://" or path[:8].lower() == "https://":
-        # The absolute form, which a server must take (RFC 9112 3.2.2): the
-        # path after its authority.
-        i = path.find("/", path.find("//") + 2)
-        path = path[i:] if i > 0 else "/"
+        # The absolute form, which a server must take (RFC 9112 3.2.2): what
+        # follows its authority, which ends at the first "/" or "?".
+        i = j = path.find("//") + 2
+        while j < len(path) and path[j] not in "/?":
+            j += 1
+        path = path[j:] if path[j : j + 1] == "/" else "/" + path[j:]
     headers = {}
     for i in range(1, len(lines)):
         line = lines[i]

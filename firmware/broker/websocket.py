@@ -78,7 +78,8 @@ _TX_DEAD = const(8)  # close sent, or a write broke off mid-frame
 
 _EPIPE = const(32)
 _SPIN_MS = const(5)
-# Frames without payload read between two turns for the other tasks.
+# Frame headers read in one call (only frames without payload loop) between
+# two turns for the other tasks.
 _TURN_FRAMES = const(8)
 
 CLOSE_NORMAL = const(1000)
