@@ -15,17 +15,13 @@
 #   - connecting out: the addresses, failover, backoff and TLS of the link,
 #     and a client's side of CONNECT, CONNACK, SUBSCRIBE and keep-alive;
 #   - topic mapping both ways (topic_out, topic_in);
-#   - loops: a message the bridge routed locally is not sent back up (its
-#     local subscriptions carry No Local); upstream, v5 subscriptions carry
-#     No Local, and 3.1.1 connects with Mosquitto's bridge protocol level
-#     (0x84, try_private), which Mosquitto and EMQX answer with the same
-#     no-echo rule; if the upstream refuses it we reconnect as plain 3.1.1
-#     and drop the echoes of what we just sent (echo()).
+#   - loops: No Local both ways (3.1.1 upstream: Mosquitto's bridge
+#     protocol level 0x84, or plain 3.1.1 with echoes dropped; see
+#     docs/bridge.md);
 #   - its state topic, $SYS/broker/connection/<name>/state, "1" or "0",
 #     retained here and upstream (there with a will).
 import asyncio
 import random
-import socket
 import time
 from micropython import const
 from mqtt import props as P
@@ -38,10 +34,10 @@ from broker.core import Closed
 from broker.message import Message
 from broker.pump import resend_inflight
 from broker.route import route
-from broker.session import Session, NEVER, RELEASED, retain_of
+from broker.session import Session, NEVER, RELEASED
 from broker.subs import Sub
 from broker.tls import TlsTransport, client_context, client_tls
-from broker.transport import TcpTransport, close_socket, wait_io
+from broker.transport import TcpTransport, close_socket, connect_out
 
 _CONNACK = const(2)
 _PUBLISH = const(3)
@@ -61,9 +57,8 @@ _CONNECT_MS = const(10000)  # TCP, TLS and CONNACK together
 
 
 def _hostname(cfg, name):
-    # The board layer has set the host name by now (board.check_net picks
-    # "mqtt-" + chip id bytes when the config gives none); the unix port has
-    # no network module and falls back to the bridge's name.
+    # Set by the board layer by now (board.check_net: "mqtt-" + chip id bytes
+    # unless configured); the unix port, with no network module: the name.
     net = cfg.get("network")
     h = net.get("hostname") if isinstance(net, dict) else None
     if h:
@@ -77,10 +72,9 @@ def _hostname(cfg, name):
 
 
 def _swap(topic, old, new):
-    # topic with its prefix old replaced by new. A pattern "#" matches the
-    # level above it too: "site/b3/cmd/" + "#" matches "site/b3/cmd", which
-    # is new without its last "/" ("cmd/" -> "cmd"), not new + "" ("cmd/",
-    # a topic nobody uses). "" when new has no such level.
+    # topic with its prefix old replaced by new. "#" matches the level above
+    # it too: "site/b3/cmd/" + "#" matches "site/b3/cmd", which is new less
+    # its last "/" ("cmd/" -> "cmd", not a "cmd/" nobody uses); "" if none.
     if topic.startswith(old):
         return new + topic[len(old):]
     return new[:-1] if new[-1:] == "/" else new
@@ -127,18 +121,12 @@ class Link(Connection):
             log.warning("bridge %s: the upstream disconnected us: 0x%02X", self.br.name, d.reason)
             raise Closed()
         if (t == _PUBACK or t == _PUBREC) and self.version == 5 and end - off > 2 and mv[off + 2] >= 0x80:
-            # A message of ours refused upstream: its flow ends there (MQTT
-            # 4.3, v5), and the log says so.
-            r = mv[off + 2]
+            # Refused upstream: the flow ends (MQTT 4.3); so too for 0x95, no
+            # PUBACK code (MQTT-3.4.2-1), Mosquitto 2.0.11's for a message
+            # over its message_size_limit (closed for it, the link resent it).
             log.warning("bridge %s: the upstream refused message %d: 0x%02X", self.br.name,
-                        mv[off] << 8 | mv[off + 1], r)
-            if r not in PUBACK_REASONS:
-                # Mosquitto 2.0.11 answers a PUBLISH over its
-                # message_size_limit with 0x95, which no PUBACK may carry
-                # (MQTT-3.4.2-1). Taken for the refusal it is, as 0x80:
-                # refused as a protocol error, it closed the link, went
-                # again at every connection and held back all behind it
-                # (bridge campaign).
+                        mv[off] << 8 | mv[off + 1], mv[off + 2])
+            if mv[off + 2] not in PUBACK_REASONS:
                 mv[off + 2] = 0x80
         Connection.dispatch(self, first, mv, off, end)
 
@@ -224,40 +212,14 @@ class Bridge:
             if matches(f, topic):
                 t = _swap(topic, rp, lp) or None
                 if retain and t is not None and self.waiting and t in self.waiting:
-                    # Checked again (and the set pruned) only for a topic
-                    # in it: a scan of the queue per retained message cost
-                    # 0.5 ms with 1,000 queued on the twin.
-                    self.waiting = self._ours_waiting()
-                    if t in self.waiting:
-                        # The upstream's older value: ours, kept through
-                        # the outage, is to replace it there, and here it
-                        # stays. (Taken, it replaced ours here behind a long
-                        # queue or at QoS 2, and the two sides disagreed:
-                        # bridge campaign.)
+                    # Older than ours, which the outage kept and which is to
+                    # replace it upstream: dropped. (Pruned when hit: a scan
+                    # per message took 0.5 ms with 1,000 queued, on the twin.)
+                    self.waiting = self.s.retained_waiting()
+                    if self.waiting and t in self.waiting:
                         return None
                 return t
         return None
-
-    def _ours_waiting(self):
-        # The local topics of our retained messages that wait for the
-        # upstream's acknowledgement (queued, or in flight); None when the
-        # heap has no room for the set (the upstream's value is then taken).
-        s = self.s
-        try:
-            out = set()
-            q = s.queue
-            for i in range(0, len(q), 2):
-                if retain_of(q[i + 1]):
-                    out.add(q[i].topic)
-            inf = s.inflight
-            if inf:  # () until the first send
-                for pid in inf:
-                    d = inf[pid]
-                    if d.retain:
-                        out.add(d.msg.topic)
-            return out
-        except MemoryError:
-            return None
 
     # ------------------------------------------------------------ link
 
@@ -276,31 +238,18 @@ class Bridge:
                               props=props))
 
     async def _open(self, host, port):
-        ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
-        s = socket.socket(ai[0], socket.SOCK_STREAM)
+        s = await connect_out(host, port)
+        peer = "%s:%d" % (host, port)
+        if not self.c["cafile"]:
+            return TcpTransport(s, peer)
         try:
-            s.setblocking(False)
-            try:
-                s.connect(ai[-1])
-            except OSError as e:
-                import errno
-
-                if e.args[0] != errno.EINPROGRESS:
-                    raise
-            wait_io(s, 1)
-            yield
-            try:
-                s.setsockopt(6, 1, 1)  # TCP_NODELAY
-            except OSError:
-                pass
-            if self.c["cafile"]:
-                if self.ctx is None:
-                    self.ctx = client_context(self.c["cafile"])
-                s = client_tls(self.ctx, s, host)
+            if self.ctx is None:
+                self.ctx = client_context(self.c["cafile"])
+            s = client_tls(self.ctx, s, host)
+            return TlsTransport(s, peer)
         except BaseException:
             close_socket(s)
             raise
-        return (TlsTransport if self.c["cafile"] else TcpTransport)(s, "%s:%d" % (host, port))
 
     def connack(self, L, ca):
         # The upstream's answer to our CONNECT: the link goes up, and runs
@@ -319,10 +268,8 @@ class Bridge:
         rm = pr.get(P.RECEIVE_MAXIMUM)
         if rm and rm < self.b.cfg["max_inflight_messages"]:
             L.send_max = rm
-        # The smaller of the upstream's limit (v5 CONNACK) and ours for it
-        # (3.1.1 has no way to learn it: Mosquitto closes the link for a
-        # larger PUBLISH, which then went again at every connection).
-        # A larger message is dropped and counted (pump.py).
+        # The smaller of ours for the upstream (3.1.1 cannot learn its) and
+        # its CONNACK's; pump.py drops a larger message.
         mp = c["bridge_max_packet_size"]
         if P.MAXIMUM_PACKET_SIZE in pr and not 0 < mp <= pr[P.MAXIMUM_PACKET_SIZE]:
             mp = pr[P.MAXIMUM_PACKET_SIZE]
@@ -360,13 +307,10 @@ class Bridge:
         resend_inflight(L, s)
         if self.ins:
             # Behind what the outage kept for the upstream (in flight, and
-            # what the output takes of the queue now): a retained value set
-            # here meanwhile at QoS 1 was replaced by the upstream's older
-            # one. So too for the rest of what it kept: an older value of
-            # those topics that comes down is dropped (topic_in). v5: No
-            # Local, Retain As Published, Retain Handling 0: retained
-            # messages come on every link, as with 3.1.1.
-            self.waiting = self._ours_waiting()
+            # what the output takes of the queue now), whose retained values
+            # the upstream's older ones must not replace (topic_in). v5: No
+            # Local, Retain As Published, Retain Handling 0, as 3.1.1.
+            self.waiting = self.s.retained_waiting()  # (None: no heap for it; theirs are taken)
             L.pump()
             o = 0x0C if L.version == 5 else 0
             L.send(encode(Subscribe(s.next_pid(), [(f, q | o) for f, q, lp, rp in self.ins]), L.version))

@@ -220,6 +220,25 @@ class Session:
         # (backpressure.py).
         return len(self.queue) >> 1 >= self.limit >> 1 or 0 < self.byte_limit >> 1 <= self.queued_bytes
 
+    def retained_waiting(self):
+        # The topics of the retained messages queued or in flight here, as
+        # a set (bridge.py: what the outage kept for the upstream); None
+        # when the heap has no room for it.
+        try:
+            out = set()
+            q = self.queue
+            for i in range(1, len(q), 2):
+                if retain_of(q[i]):
+                    out.add(q[i - 1].topic)
+            d = self.inflight
+            if d:  # (the shared () until the first send)
+                for pid in d:
+                    if d[pid].retain:
+                        out.add(d[pid].msg.topic)
+            return out
+        except MemoryError:
+            return None
+
     def in_flight(self):
         # The dict, made when the container is still the shared () (only
         # shrink() gives an empty one back): a steady QoS 1/2 subscriber

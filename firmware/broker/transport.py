@@ -109,6 +109,32 @@ def close_socket(s):
             pass
 
 
+async def connect_out(host, port):
+    # A TCP connection out (a bridge's uplink), with TCP_NODELAY; its socket
+    # is closed when it fails.
+    ai = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)[0]
+    s = socket.socket(ai[0], socket.SOCK_STREAM)
+    try:
+        s.setblocking(False)
+        try:
+            s.connect(ai[-1])
+        except OSError as e:
+            import errno
+
+            if e.args[0] != errno.EINPROGRESS:
+                raise
+        wait_io(s, 1)
+        await until_woken
+        try:
+            s.setsockopt(6, 1, 1)  # TCP_NODELAY
+        except OSError:
+            pass
+    except BaseException:
+        close_socket(s)
+        raise
+    return s
+
+
 class _Wait:
     # Awaited once the task is on a queue that wakes it (wait_io(), or
     # core.Wakeup): yields to asyncio once, and ends when the task runs
