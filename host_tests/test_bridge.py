@@ -449,6 +449,22 @@ def test_a_message_over_bridge_max_packet_size_is_dropped_and_the_rest_go_up(pro
     assert int(w.wait(lambda ms: ms and int(ms[-1][1]) >= 1)[-1][1]) >= 1
 
 
+def test_a_bridge_uplink_counts_against_max_connections(procs):
+    # README, max_connections: clients and bridge uplinks together, so that
+    # a board's sockets suffice with a bridge (here 2: the uplink and one
+    # client).
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "topics": ["t/# out 0"]}, max_connections=2)
+    wait_state(g, b"1")
+    a = Client(g.port, "conn-a")
+    b = Client(g.port, "conn-b", expect_ok=False)
+    assert b.connack.reason == 0x97 and b.closed()  # quota exceeded
+    a.ping()
+    a.close()
+    c = Client(g.port, "conn-c")  # the slot a left
+    c.close()
+
+
 def test_an_upstream_address_that_never_answers_is_given_up_at_the_connect_timeout(procs):
     # A listener whose backlog is full drops SYNs, as a host that is down
     # behind a firewall does: the TCP connect waited for the kernel's own
