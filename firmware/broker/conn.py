@@ -537,6 +537,8 @@ class Connection(Output):
                         big[0 : len(part)] = part
                         if login:
                             b.connect_big = self
+                        if kept is not None:
+                            self.last_rx = b.now_ms()  # the wait is over (waits_on_broker)
                         return big
                     except MemoryError:
                         # Free heap, but no piece this large.
@@ -569,9 +571,13 @@ class Connection(Output):
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
                 self.heap_wait = True
+                # (last_rx stays as it was until the wait is over: set at
+                # each look, a heap with the bytes but no piece of them kept
+                # the client from ever counting as held, and its slot was
+                # never given to a newcomer: WebSocket fuzzing, clients gone
+                # while they waited held every slot.)
                 await wait_recovered(b, lambda: (not login or b.connect_big is None)
                                      and (b.heap.room_for(total) or self._passes(part, h, total)))
-                self.last_rx = b.now_ms()  # (waits_on_broker)
         finally:
             self.heap_wait = False
             if kept is not None:
