@@ -568,10 +568,20 @@ def test_close_with_invalid_code_closes_1002(server, payload):
     c.close()
 
 
-def test_close_with_invalid_utf8_reason_closes_1007(server):
+@pytest.mark.parametrize("reason", [b"\xc3\x28", b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80"],
+                         ids=["truncated", "surrogate", "overlong-2", "overlong-3", "past-10ffff"])
+def test_close_with_invalid_utf8_reason_closes_1007(server, reason):
+    # RFC 6455 8.1; MicroPython's own decoder takes all but the first.
     c = ws_client(server.port)
-    c.send(frame(OP_CLOSE, struct.pack(">H", 1000) + b"\xc3\x28"))
+    c.send(frame(OP_CLOSE, struct.pack(">H", 1000) + reason))
     c.expect_close(1007)
+    c.close()
+
+
+def test_close_with_a_utf8_reason_holding_u0000_is_echoed(server):
+    c = ws_client(server.port)
+    c.send(frame(OP_CLOSE, struct.pack(">H", 1000) + b"bye\x00 \xc3\xa9"))
+    c.expect_close(1000)
     c.close()
 
 

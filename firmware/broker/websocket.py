@@ -54,6 +54,7 @@ from asyncio import sleep_ms
 from micropython import const
 
 from broker.http import respond, tokens
+from mqtt.wire import utf8_valid
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _PROTOCOLS = ("mqtt", "mqttv3.1")
@@ -490,8 +491,8 @@ def _code_ok(code):
 
 
 def _utf8_ok(b):
-    try:
-        str(b, "utf-8")
-        return True
-    except UnicodeError:
-        return False
+    # RFC 3629 as wire.utf8_valid checks it: MicroPython's own decoder takes
+    # encoded surrogates, overlong forms and code points past U+10FFFF.
+    # U+0000, which that refuses for MQTT, may stand in a close reason.
+    b = bytes(b).replace(b"\0", b"")
+    return utf8_valid(b, 0, len(b))
