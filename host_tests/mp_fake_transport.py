@@ -12,3 +12,18 @@ class SentTransport:
 
     def close(self):
         pass
+
+
+def logged_in(b, client_id, t=None):
+    # A Connection to broker b, on t (a SentTransport by default), whose
+    # client has logged in with a new session `client_id`.
+    from broker.conn import Connection
+    from broker.session import Session
+
+    c = Connection(b, t or SentTransport())
+    s = Session(client_id)
+    s.conn = c
+    c.session = s
+    b.sessions[client_id] = s
+    b.conns.append(c)
+    return c

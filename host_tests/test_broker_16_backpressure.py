@@ -78,10 +78,8 @@ import time
 from broker import config
 from broker import conn as connmod
 from broker.core import Broker
-from broker.conn import Connection
-from broker.session import Session
 from mqtt import packets as K
-from mp_fake_transport import SentTransport as T
+from mp_fake_transport import logged_in
 
 b = Broker(config.build({"persistence": False}))
 real = bytearray
@@ -97,12 +95,7 @@ connmod.bytearray = piece
 
 
 async def main():
-    c = Connection(b, T())
-    s = Session("big-waiter")
-    s.conn = c
-    c.session = s
-    b.sessions["big-waiter"] = s
-    b.conns.append(c)
+    c = logged_in(b, "big-waiter")
     pkt = K.encode(K.Publish("big/x", bytes(6000), 1, False, False, 1, None), 4)
     c.last_rx = b.now_ms()
     task = asyncio.create_task(c._big_buffer(memoryview(pkt), 0, 3, 512, len(pkt)))
@@ -139,10 +132,8 @@ WRITER_OOM = r"""
 import asyncio
 from broker import config, route
 from broker.core import Broker
-from broker.conn import Connection
 from broker.message import Message
-from broker.session import Session
-from mp_fake_transport import SentTransport as T
+from mp_fake_transport import SentTransport as T, logged_in
 
 
 b = Broker(config.build({"persistence": False}))
@@ -164,12 +155,8 @@ b.wpool.get = get
 
 async def main():
     flusher = asyncio.create_task(b.flush_all())
-    c = Connection(b, T())
-    s = Session("sub")
-    s.conn = c
-    c.session = s
-    b.sessions["sub"] = s
-    b.conns.append(c)
+    c = logged_in(b, "sub")
+    s = c.session
     short[0] = 1000
     route.deliver(b, s, Message("a/b", b"payload", 0, False), 0, False, None)
     await asyncio.sleep_ms(300)
