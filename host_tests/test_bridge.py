@@ -404,6 +404,10 @@ def test_a_local_retained_value_set_while_the_upstream_was_down_is_not_replaced_
     local = peer(procs, g.port, "both-local", [("r/x", 1)])
     got = local.wait(lambda ms: ms)
     assert [p for t, p, *_ in got] == [b"new"], g.log()[-3000:]
+    # Ours acknowledged, a newer value set upstream comes down as usual.
+    up.publish("r/x", b"newer", 1, retain=True)
+    got = local.wait(lambda ms: len(ms) >= 2)
+    assert [p for t, p, *_ in got] == [b"new", b"newer"], g.log()[-3000:]
 
 
 @pytest.mark.parametrize("qos", [1, 2])

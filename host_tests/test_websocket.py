@@ -568,8 +568,9 @@ def test_close_with_invalid_code_closes_1002(server, payload):
     c.close()
 
 
-@pytest.mark.parametrize("reason", [b"\xc3\x28", b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80"],
-                         ids=["truncated", "surrogate", "overlong-2", "overlong-3", "past-10ffff"])
+@pytest.mark.parametrize("reason", [b"\xc3\x28", b"\xed\xa0\x80", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf4\x90\x80\x80",
+                                    b"\xc3\x00\xa9"],
+                         ids=["truncated", "surrogate", "overlong-2", "overlong-3", "past-10ffff", "split-by-nul"])
 def test_close_with_invalid_utf8_reason_closes_1007(server, reason):
     # RFC 6455 8.1; MicroPython's own decoder takes all but the first.
     c = ws_client(server.port)

@@ -213,10 +213,10 @@ class Bridge:
                 t = _swap(topic, rp, lp) or None
                 if retain and t is not None and self.waiting and t in self.waiting:
                     # Older than ours, which the outage kept and which is to
-                    # replace it upstream: dropped. (Pruned when hit: a scan
-                    # per message took 0.5 ms with 1,000 queued, on the twin.)
-                    self.waiting = self.s.retained_waiting()
-                    if self.waiting and t in self.waiting:
+                    # replace it upstream: dropped. (Pruned when hit, kept
+                    # when no heap: a scan per message took 0.5 ms.)
+                    self.waiting = self.s.retained_waiting(self.waiting)
+                    if t in self.waiting:
                         return None
                 return t
         return None
@@ -376,7 +376,7 @@ class Bridge:
                 log.warning("bridge %s: new link to %s:%d failed: %r", self.name, host, port, e)
         await task
         self.link = None
-        self.echoes = []
+        self.echoes, self.waiting = [], None
         self._state(b"0")
         log.info("bridge %s: link to %s:%d closed", self.name, host, port)
 

@@ -241,7 +241,7 @@ def _check_bridges(cfg):
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise err(k, "expected an integer %d..%d, got %r" % (lo, hi, v))
         if 0 < B["bridge_max_packet_size"] < 256:
-            # (our CONNECT, SUBSCRIBE and state message must fit)
+            # (a limit below a small PUBLISH of ours is a mistake)
             raise err("bridge_max_packet_size", "expected 0 (no limit) or 256 and up, got %r"
                       % B["bridge_max_packet_size"])
         for k in ("cleansession", "try_private"):

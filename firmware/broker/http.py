@@ -64,7 +64,7 @@ def _parse(head):
     if path[:7].lower() == "http://" or path[:8].lower() == "https://":
         # The absolute form, which a server must take (RFC 9112 3.2.2): what
         # follows its authority, which ends at the first "/" or "?".
-        i = j = path.find("//") + 2
+        j = path.find("//") + 2
         while j < len(path) and path[j] not in "/?":
             j += 1
         path = path[j:] if path[j : j + 1] == "/" else "/" + path[j:]

@@ -220,9 +220,9 @@ class Session:
         # (backpressure.py).
         return len(self.queue) >> 1 >= self.limit >> 1 or 0 < self.byte_limit >> 1 <= self.queued_bytes
 
-    def retained_waiting(self):
+    def retained_waiting(self, short=None):
         # The topics of the retained messages queued or in flight here, as
-        # a set (bridge.py: what the outage kept for the upstream); None
+        # a set (bridge.py: what the outage kept for the upstream); `short`
         # when the heap has no room for it.
         try:
             out = set()
@@ -237,7 +237,7 @@ class Session:
                         out.add(d[pid].msg.topic)
             return out
         except MemoryError:
-            return None
+            return short
 
     def in_flight(self):
         # The dict, made when the container is still the shared () (only

@@ -493,6 +493,7 @@ def _code_ok(code):
 def _utf8_ok(b):
     # RFC 3629 as wire.utf8_valid checks it: MicroPython's own decoder takes
     # encoded surrogates, overlong forms and code points past U+10FFFF.
-    # U+0000, which that refuses for MQTT, may stand in a close reason.
-    b = bytes(b).replace(b"\0", b"")
+    # U+0000, which that refuses for MQTT, may stand in a close reason: it
+    # is read as a space (removed, the bytes around it joined up).
+    b = bytes(b).replace(b"\0", b" ")
     return utf8_valid(b, 0, len(b))
