@@ -221,9 +221,11 @@ def on_publish(c, first, mv, off, end):
     elif not topic:
         raise MQTTError(0x82, "empty topic without alias")
     if topic_in is not None:
+        if retain and not cfg["retain_available"]:
+            retain = 0  # the upstream's retained values come down as they are, kept by nobody
         # A bridge link: the upstream's topic to ours. None: not ours (or
         # the echo of our own message): acknowledged and dropped.
-        topic = topic_in(topic, retain and cfg["retain_available"])  # (else kept by nobody, below)
+        topic = topic_in(topic, retain)
         if topic is None:
             if qos:
                 c.ack((3 + qos) << 4, pid, 0)
@@ -246,9 +248,7 @@ def on_publish(c, first, mv, off, end):
             c.ack((3 + qos) << 4, pid, 0x90)
         return
     if retain and not cfg["retain_available"]:
-        if topic_in is None:
-            raise MQTTError(0x9A, "retain not available")
-        retain = 0  # the upstream's retained values come down as they are, kept by nobody
+        raise MQTTError(0x9A, "retain not available")  # (a link's was cleared above)
     if qos == 2 and pid in s.qos2_in:
         # A resent QoS 2 message we already routed: acknowledged only, as
         # the first time (0x10 when nobody took it).
