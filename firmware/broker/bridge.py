@@ -124,8 +124,11 @@ class Link(Connection):
             # Refused upstream: the flow ends (MQTT 4.3); so too for 0x95, no
             # PUBACK code (MQTT-3.4.2-1), Mosquitto 2.0.11's for a message
             # over its message_size_limit (closed for it, the link resent it).
-            log.warning("bridge %s: the upstream refused message %d: 0x%02X", self.br.name,
-                        mv[off] << 8 | mv[off + 1], mv[off + 2])
+            br = self.br
+            n = br.refused = br.refused + 1
+            self.session.dropped += 1
+            if not n & (n - 1):  # the 1st, 2nd, 4th...: no line a message, the log may be on flash
+                log.warning("bridge %s: the upstream refused a message: 0x%02X (%d so far)", br.name, mv[off + 2], n)
             if mv[off + 2] not in PUBACK_REASONS:
                 mv[off + 2] = 0x80
         Connection.dispatch(self, first, mv, off, end)
@@ -155,9 +158,7 @@ class Bridge:
         self.waiting = None  # set of local topics: our retained values the outage kept for the upstream
         self.link = None
         self.ctx = None
-        self.sent = 0
-        self.received = 0
-        self.connects = 0
+        self.sent = self.received = self.refused = self.connects = 0
         self.s = self._session()
 
     def _session(self):
@@ -178,8 +179,7 @@ class Bridge:
         s.limit, s.byte_limit = self.c["max_queued"], 0  # (session.py)
         for f, q, lp, rp in self.outs:
             if f not in s.subs:
-                sub = Sub(s, f, q | _NO_LOCAL | _RAP, 0, None)
-                s.subs[f] = sub
+                sub = s.subs[f] = Sub(s, f, q | _NO_LOCAL | _RAP, 0, None)
                 b.subs.add(sub)
         if b.persist is not None:
             b.persist.session_changed(s)
@@ -239,14 +239,13 @@ class Bridge:
 
     async def _open(self, host, port):
         s = await connect_out(host, port)
-        peer = "%s:%d" % (host, port)
-        if not self.c["cafile"]:
-            return TcpTransport(s, peer)
-        try:
+        try:  # a MemoryError here too must not leave the socket open
+            peer = "%s:%d" % (host, port)
+            if not self.c["cafile"]:
+                return TcpTransport(s, peer)
             if self.ctx is None:
                 self.ctx = client_context(self.c["cafile"])
-            s = client_tls(self.ctx, s, host)
-            return TlsTransport(s, peer)
+            return TlsTransport(client_tls(self.ctx, s, host), peer)
         except BaseException:
             close_socket(s)
             raise
@@ -346,7 +345,7 @@ class Bridge:
         L, task = await self._open_link(host, port)
         self._state(b"1")
         cycle = self.c["bridge_cycle_interval"] * 1000
-        born = time.ticks_ms()
+        born = pinged = time.ticks_ms()
         while True:
             ka = L.keepalive * 1000
             while not task.done():
@@ -363,8 +362,9 @@ class Bridge:
                     log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
                                 self.name, host, port)
                     L.close_soon()
-                elif rx >= ka >> 1:
-                    L.send(b"\xc0\x00")  # PINGREQ
+                elif rx >= ka >> 1 and time.ticks_diff(now, pinged) >= ka >> 1:
+                    L.send(b"\xc0\x00")  # PINGREQ: one, while its PINGRESP may wait unread
+                    pinged = now
             if task.done():
                 break
             log.info("bridge %s: cycling the link to %s:%d", self.name, host, port)
