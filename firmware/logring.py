@@ -16,6 +16,11 @@
 # (debug logging at 100 lines a minute makes it a few batches a minute:
 # years, not decades, so keep flash logging at "info" or above).
 # Error lines are written at once, so the reason for a crash survives it.
+# A flood (a warning a message, say for each message a full store cannot
+# take) could still make a batch a second: writes are at least min_gap_ms
+# apart (30 s: two a minute, 1 million erases a year, 15 years of budget
+# even if the flood never ends), and lines past a full batch meanwhile are
+# dropped and counted, as on a write error.
 # Rotation is os.rename, which only rewrites metadata and is atomic on
 # LittleFS; the oldest file is replaced by the rename, never rewritten.
 # The ring never grows: it holds at most files * file_bytes bytes.
@@ -30,7 +35,8 @@ def _name(d, i):
 
 
 class LogRing:
-    def __init__(self, path="log", files=2, file_bytes=4096, batch_bytes=1024, max_line=_MAX_LINE):
+    def __init__(self, path="log", files=2, file_bytes=4096, batch_bytes=1024, max_line=_MAX_LINE,
+                 min_gap_ms=30000):
         if files < 1 or batch_bytes + max_line + 2 > file_bytes:
             raise ValueError("logring: need files >= 1 and batch_bytes + max_line < file_bytes")
         self.dir = path
@@ -40,8 +46,10 @@ class LogRing:
         self.max_line = max_line
         self._buf = []
         self._n = 0
+        self.min_gap_ms = min_gap_ms
+        self._last = None  # time.ticks_ms() of the last write
         self.writes = 0  # flash writes done (each about one erase)
-        self.dropped = 0  # lines lost to write errors
+        self.dropped = 0  # lines lost to write errors or to a flood
         try:
             os.mkdir(path)
         except OSError:
@@ -55,10 +63,14 @@ class LogRing:
         # The sink: called by broker.log for every line. Never raises.
         if len(line) > self.max_line:
             line = line[: self.max_line - 3] + "..."
+        may = self._last is None or time.ticks_diff(time.ticks_ms(), self._last) >= self.min_gap_ms
+        if self._n >= self.batch_bytes and not may:
+            self.dropped += 1
+            return
         rec = "%d %s\n" % (time.time(), line)
         self._buf.append(rec)
         self._n += len(rec)
-        if self._n >= self.batch_bytes or line[:2] == "E ":
+        if may and (self._n >= self.batch_bytes or line[:2] == "E "):
             self.flush()
 
     def flush(self):
@@ -77,6 +89,7 @@ class LogRing:
             with open(_name(self.dir, 0), "ab") as f:
                 f.write(data)
             self._size += len(data)
+            self._last = time.ticks_ms()
             self.writes += 1
             self.dropped = 0
         except OSError:

@@ -311,7 +311,7 @@ def test_log_ring_is_bounded_and_writes_in_batches(tmp_path):
     mp("""
     import os, logring
     from broker import log
-    ring = logring.LogRing("log", files=3, file_bytes=1024, batch_bytes=256, max_line=100)
+    ring = logring.LogRing("log", files=3, file_bytes=1024, batch_bytes=256, max_line=100, min_gap_ms=0)
     log.set_sinks([ring])
     for i in range(500):
         log.info("line %04d %s", i, "x" * 20)
@@ -344,10 +344,41 @@ def test_log_ring_writes_errors_at_once_and_truncates(tmp_path):
     """, cwd=tmp_path)
 
 
+def test_log_ring_writes_a_flood_of_lines_at_most_once_each_min_gap_and_counts_what_it_drops(tmp_path):
+    # A warning a message (each one a full store cannot take, say) made a
+    # write, about one block erase, every batch_bytes of lines: at 100
+    # lines a second, several a second.
+    mp("""
+    import os, time, logring
+    from broker import log
+    ring = logring.LogRing("log", files=2, file_bytes=4096, batch_bytes=512, max_line=100, min_gap_ms=300)
+    log.set_sinks([ring])
+    t0 = time.ticks_ms()
+    i = 0
+    while time.ticks_diff(time.ticks_ms(), t0) < 1000:
+        log.warning("store full: %d not stored", i)
+        i += 1
+    elapsed = time.ticks_diff(time.ticks_ms(), t0)
+    assert i > 1000, i
+    assert 1 <= ring.writes <= elapsed // 300 + 1, (ring.writes, elapsed)
+    assert ring.dropped > 0 and ring._n < 512 + 120, (ring.dropped, ring._n)   # the buffer stays a batch
+    lost = ring.dropped
+    time.sleep_ms(300)
+    log.warning("calm again")
+    assert ring.writes >= 2
+    text = open("log/0.log").read()
+    assert ("%d log lines lost" % lost) in text and text.endswith("W calm again\\n"), text[-200:]
+    log.error("crash")                             # within the gap: kept, written at the next chance
+    assert "crash" not in open("log/0.log").read()
+    ring.flush()
+    assert open("log/0.log").read().endswith("E crash\\n")
+    """, cwd=tmp_path)
+
+
 def test_log_ring_survives_flash_errors_and_a_reboot(tmp_path):
     mp("""
     import os, logring
-    ring = logring.LogRing("log", files=2, file_bytes=512, batch_bytes=128, max_line=60)
+    ring = logring.LogRing("log", files=2, file_bytes=512, batch_bytes=128, max_line=60, min_gap_ms=0)
     ring("I before")
     ring.flush()
     os.remove("log/0.log"); os.rmdir("log")        # the folder is gone: writes fail
@@ -360,7 +391,8 @@ def test_log_ring_survives_flash_errors_and_a_reboot(tmp_path):
     assert "2 log lines lost" in open("log/0.log").read()
 
     size = os.stat("log/0.log")[6]
-    again = logring.LogRing("log", files=2, file_bytes=512, batch_bytes=128, max_line=60)  # after a reboot
+    again = logring.LogRing("log", files=2, file_bytes=512, batch_bytes=128, max_line=60,
+                            min_gap_ms=0)  # after a reboot
     assert again._size == size
     for i in range(40):
         again("I after reboot %d" % i)
