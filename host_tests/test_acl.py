@@ -144,6 +144,19 @@ CASES = {
             ("w", "c", "a/b", "home/a/b", False),
             ("w", "c", "", "home/", False),
             ("w", "c", "bob", "home/bob", True),
+            ("w", "a$b", None, "devices/a$b/x", True),
+        ],
+    ),
+    "leading_dollar_cannot_reach_sys": (
+        # $-topics are for grants that start with "$" themselves: a client
+        # id "$SYS" read $SYS/#, the dashboard's client list among it.
+        "pattern read %c/#\npattern read %u/x\n",
+        [
+            ("s", "dev1", None, "dev1/#", True),
+            ("s", "$SYS", None, "$SYS/#", False),
+            ("r", "$SYS", None, "$SYS/broker/dashboard/state", False),
+            ("r", "c", "$SYS", "$SYS/x", False),
+            ("r", "c", "bob", "bob/x", True),
         ],
     ),
     "unsafe_value_fails_closed_on_deny_pattern": (
@@ -273,6 +286,10 @@ def test_sys_topics_need_a_dollar_grant_to_read(tmp_path):
 
 def test_acl_wildcard_or_slash_in_id_cannot_widen_access(tmp_path):
     run_case(tmp_path, "substitution_cannot_widen")
+
+
+def test_acl_client_id_or_username_starting_with_dollar_cannot_reach_sys(tmp_path):
+    run_case(tmp_path, "leading_dollar_cannot_reach_sys")
 
 
 def test_acl_unsafe_id_with_deny_pattern_fails_closed(tmp_path):

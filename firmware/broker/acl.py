@@ -32,7 +32,9 @@ _ACCESS = {"read": _READ, "write": _WRITE, "readwrite": _READ | _WRITE, "deny": 
 
 
 def _unsafe(v):
-    return not v or "+" in v or "#" in v or "/" in v
+    # A "$" first: a client id "$SYS" made "pattern read %c/#" a grant of
+    # $SYS/#, the dashboard's client list among it (docs/security.md).
+    return not v or "+" in v or "#" in v or "/" in v or v[0] == "$"
 
 
 def _subst(flt, client_id, username):
@@ -125,6 +127,8 @@ class Acl:
             # grants readwrite on the topic named "read".
             access = _READ | _WRITE
             flt = rest
+        if "\0" in flt:  # (no topic holds U+0000: MQTT-4.7.3-2)
+            raise ValueError("bad topic filter %r" % flt)
         if kw == "topic":
             if not valid_filter(flt):
                 raise ValueError("bad topic filter '%s'" % flt)
