@@ -574,3 +574,32 @@ def test_queues_that_filled_a_board_while_running_all_come_back_after_a_power_cu
             if subid:
                 assert all(m.props[SUBID] in (i + 1, [i + 1]) for m in got), i
             c.disconnect(props={SESSION_EXPIRY: 0})
+
+
+def test_messages_with_the_longest_message_expiry_interval_survive_a_power_cut():
+    # Their expiry time on the broker clock (clock + interval) was written
+    # in 32 bits: an interval near 2**32 lost its high bits and came back
+    # already expired, so the retained value and the queued message, both
+    # acknowledged, were gone after the restart (outside clock probe).
+    with BrokerProc() as b:
+        # (Past the clock's first seconds: at 1 s the bits lost gave 0,
+        # "never", and the loss did not show.)
+        time.sleep(4)
+        away = v5(b.port, "long-expiry", expiry=3000)
+        away.subscribe([("longexp/q", 1)])
+        away.disconnect()
+        pub = Client(b.port, "long-expiry-pub", version=5)
+        for topic, retain in (("longexp/r", True), ("longexp/q", False)):
+            assert pub.publish(topic, b"kept", qos=1, retain=retain, props={EXPIRY: 0xFFFFFFFF}).reason == 0
+        pub.close()
+        b.kill9()
+        b.start()
+        c = v5(b.port, "long-expiry", expiry=3000)
+        got = c.messages(1, timeout=3)
+        assert [(m.topic, m.payload) for m in got] == [("longexp/q", b"kept")], b.log()[-1500:]
+        assert got[0].props[EXPIRY] > 0xFFFF0000, got[0].props
+        r = Client(b.port, "long-expiry-new", version=5)
+        r.subscribe([("longexp/r", 1)])
+        got = r.messages(1, timeout=3)
+        assert [(m.topic, m.payload, m.retain) for m in got] == [("longexp/r", b"kept", True)], b.log()[-1500:]
+        assert got[0].props[EXPIRY] > 0xFFFF0000, got[0].props

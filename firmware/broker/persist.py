@@ -71,7 +71,10 @@ def _pack(msg):
     out = bytearray()
     out.append(msg.qos)
     out.append(1 if msg.retain else 0)
-    wire.put_u32(out, msg.expires if msg.expires is not None else 0)
+    # (At most the u32's top: clock + an interval near 2**32 lost its high
+    # bits, and came back expired. Cut there, it ends as many seconds short
+    # as the broker clock read then.)
+    wire.put_u32(out, min(msg.expires, 0xFFFFFFFF) if msg.expires is not None else 0)
     wire.put_str(out, memoryview(msg.topic))
     wire.put_varint(out, len(msg.pbody))
     out.extend(msg.pbody)
