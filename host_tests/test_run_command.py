@@ -318,3 +318,40 @@ def test_ctrl_c_during_a_garbage_collection_leaves_the_heap_usable(tmp_path):
                 p.wait()
         assert p.returncode == 0 and "the heap still gives 1000" in out, "attempt %d: exit %s\n%s" % (
             attempt + 1, p.returncode, out)
+
+
+@pytest.mark.parametrize("cfg,named", [
+    # (outside config probe: each ended in a traceback, or was taken)
+    ({"listeners": [{"port": 0, "bind_address": 5}]}, "'listeners'[0]: 'bind_address' must be a string"),
+    ({"read_buffer_size": 65536}, "read_buffer_size 65536 and write_buffer_size 1024: no room in the heap"),
+    ({"write_buffer_size": 1 << 20}, "write_buffer_size 1048576: no room in the heap"),
+    ({"max_sessions": 0}, "config key 'max_sessions': 0 is outside 1..10000"),
+    ({"log_dest": "stdout,flie"}, "config key 'log_dest': expected stdout, file or both"),
+])
+def test_a_config_value_the_start_cannot_use_stops_it_naming_the_key(tmp_path, cfg, named):
+    rc, out = _refused(tmp_path, cfg)
+    assert rc == 2 and named in out, out
+    assert "Traceback" not in out and "listening" not in out, out
+
+
+@pytest.mark.parametrize("text", ["[]", "null", "false", "0", '""'])
+def test_a_config_file_that_is_json_but_not_an_object_is_refused(tmp_path, text):
+    # A falsy one was taken for no file at all: the broker started on the
+    # profile's defaults.
+    f = tmp_path / "notobject.json"
+    f.write_text(text)
+    p = subprocess.run(BROKER + ["--port", str(free_port()), "--config", str(f)], capture_output=True, text=True,
+                       timeout=30, stdin=subprocess.DEVNULL, cwd=str(tmp_path))
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "config file %s: expected a JSON object" % f in out, out
+
+
+def test_a_password_or_acl_file_the_broker_cannot_use_is_refused_naming_the_key_and_file(tmp_path):
+    # A folder: "error: [Errno 21] EISDIR", naming neither.
+    rc, out = _refused(tmp_path, {"password_file": str(tmp_path)})
+    assert rc == 2 and "password_file %s: cannot read it (" % tmp_path in out, out
+    # U+0000 is in no topic (MQTT-4.7.3-2): such a line grants nothing anyone can use.
+    acl = tmp_path / "acl"
+    acl.write_text("topic read a\0b\n")
+    rc, out = _refused(tmp_path, {"acl_file": str(acl)})
+    assert rc == 2 and "acl_file %s line 1: bad topic filter" % acl in out, out

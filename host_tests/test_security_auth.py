@@ -116,6 +116,19 @@ def test_password_file_login_is_accepted_in_both_versions(broker):
         c.disconnect()
 
 
+def test_a_password_file_saved_with_a_byte_order_mark_lets_its_first_user_in(tmp_path):
+    # Windows' Notepad starts a UTF-8 file with U+FEFF: it was read as the
+    # start of the first user's name, who then never got in (0x04).
+    pw = make_password_file(tmp_path / "passwords", USERS)
+    pw.write_bytes(b"\xef\xbb\xbf" + pw.read_bytes())
+    cfg = {"password_file": str(pw), "allow_anonymous": False, "max_connection_rate": 0}
+    with BrokerProc(board="esp32", config=cfg) as b:
+        name, secret = USERS[0]
+        c = client_from(b.port, "127.0.0.2", "bom-user", version=4, username=name, password=secret.encode())
+        assert c.connack.reason == 0
+        c.disconnect()
+
+
 def test_logged_in_mosquitto_clients_exchange_messages(broker):
     sub = client_from(broker.port, "127.0.0.3", "bob-sub", username="bob", password=b"b0b-secret")
     sub.subscribe([("auth/demo", 1)])

@@ -80,7 +80,12 @@ def start(cfg, wdt=None):
     # Sets everything up and returns the Broker; the caller runs the loop.
     log.set_level(cfg["log_level"])
     transport.order_wakeups()
-    b = Broker(cfg)
+    try:
+        b = Broker(cfg)
+    except MemoryError:
+        # (The buffers made at start: two spares of each size, and the read buffer.)
+        raise StartError("read_buffer_size %d and write_buffer_size %d: no room in the heap for the buffers "
+                         "made at start" % (cfg["read_buffer_size"], cfg["write_buffer_size"]))
     transport.shed = b.shed_buffers
     asyncio.create_task(b.flush_all())
     restored = 0  # heap taken by what the store restored

@@ -19,9 +19,13 @@ def read_lines(path, key, take):
                 line = f.readline()
                 if not line:
                     break
+                if n == 1 and line[:1] == "\ufeff":
+                    line = line[1:]  # a BOM (Windows' Notepad): not part of the first user's name
                 take(line)
             except UnicodeError:  # from readline; MicroPython's says nothing more
                 raise ValueError("%s %s line %d: not UTF-8 text" % (key, path, n))
+            except OSError as e:  # (a folder opens, and fails here)
+                raise ValueError("%s %s: cannot read it (%s)" % (key, path, e))
             except ValueError as e:
                 raise ValueError("%s %s line %d: %s" % (key, path, n, e))
     finally:

@@ -17,7 +17,7 @@ _BIG = 268435455
 _SMALL = (1 << 30) - 1
 
 # key: (default, kind, lo, hi). kind: "int", "bool", "str", "str?", "list",
-# "dict", "level". Range checks apply to ints.
+# "dict", "level", "dest". Range checks apply to ints.
 SCHEMA = {
     "port": (1883, "int", 0, _U16),
     "bind_address": ("0.0.0.0", "str", 0, 0),
@@ -26,7 +26,7 @@ SCHEMA = {
     "password_file": (None, "str?", 0, 0),
     "acl_file": (None, "str?", 0, 0),
     "max_connections": (8, "int", 1, 1000),
-    "max_sessions": (16, "int", 0, 10000),
+    "max_sessions": (16, "int", 1, 10000),
     "max_inflight_messages": (10, "int", 1, _U16),
     "max_queued_messages": (32, "int", 0, 100000),
     "max_queued_bytes": (0, "int", 0, _SMALL),
@@ -54,7 +54,7 @@ SCHEMA = {
     "write_buffer_size": (1024, "int", 128, 1 << 20),
     "read_buffer_size": (512, "int", 64, 1 << 20),
     "log_level": ("info", "level", 0, 0),
-    "log_dest": ("stdout", "str", 0, 0),
+    "log_dest": ("stdout", "dest", 0, 0),
     "bridges": ([], "list", 0, 0),
     "network": ({}, "dict", 0, 0),
     "max_connection_rate": (30, "int", 0, 10000),
@@ -62,6 +62,7 @@ SCHEMA = {
 }
 
 _LEVELS = ("debug", "info", "warning", "error")
+_DESTS = ("stdout", "file")
 
 
 def _check(key, v):
@@ -89,6 +90,11 @@ def _check(key, v):
     elif kind == "level":
         if v not in _LEVELS:
             raise ConfigError("config key '%s': expected one of %s, got %r" % (key, ", ".join(_LEVELS), v))
+    elif kind == "dest":
+        # (gateway._log_ring: "file" adds the flash log; a typo had turned it off unsaid)
+        if not isinstance(v, str) or [d for d in v.replace("+", ",").split(",") if d.strip() not in _DESTS]:
+            raise ConfigError("config key '%s': expected stdout, file or both (\"stdout,file\"), got %r"
+                              % (key, v))
 
 
 def _merge(cfg, layer, where):
@@ -107,11 +113,13 @@ def build(profile_cfg=None, user_cfg=None, overrides=None):
     for k in SCHEMA:
         d = SCHEMA[k][0]
         cfg[k] = list(d) if isinstance(d, list) else (dict(d) if isinstance(d, dict) else d)
-    if profile_cfg:
+    # (None: no such layer. [] or false is a config file that is not an
+    # object: it had been taken for none.)
+    if profile_cfg is not None:
         _merge(cfg, profile_cfg, "board profile")
-    if user_cfg:
+    if user_cfg is not None:
         _merge(cfg, user_cfg, "config file")
-    if overrides:
+    if overrides is not None:
         _merge(cfg, overrides, "command line")
     _check_listeners(cfg)
     _check_bridges(cfg)
@@ -132,7 +140,8 @@ def _check_listeners(cfg):
         p = L.get("port")
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= _U16:
             raise ConfigError("%s: 'port' must be an integer 0..65535" % where)
-        L.setdefault("bind_address", cfg["bind_address"])
+        if not isinstance(L.setdefault("bind_address", cfg["bind_address"]), str):
+            raise ConfigError("%s: 'bind_address' must be a string" % where)
         L.setdefault("protocol", "mqtt")
         if L["protocol"] not in ("mqtt", "websockets"):
             raise ConfigError("%s: 'protocol' must be mqtt or websockets" % where)
@@ -271,9 +280,12 @@ def load_json(path):
     except UnicodeError:  # MicroPython's says nothing more
         raise ConfigError("config file %s is not UTF-8 text" % path)
     try:
-        return json.loads(text)
+        v = json.loads(text)
     except ValueError as e:
         raise ConfigError("config file %s is not valid JSON: %s" % (path, e))
+    if not isinstance(v, dict):
+        raise ConfigError("config file %s: expected a JSON object, got %r" % (path, v))
+    return v
 
 
 def unload():
