@@ -8,7 +8,9 @@ old).
 - retained QoS 0 values, which nobody acknowledged, wait for the autosave:
   at most one write per topic per autosave_interval, and the latest value
   is what a power cut after it leaves;
-- a clean stop writes what waits for the autosave.
+- a clean stop writes what waits for the autosave;
+- a SUBSCRIBE a persistent session already has, options and identifier
+  the same, writes nothing.
 """
 import time
 
@@ -46,6 +48,41 @@ def test_the_same_retained_value_again_writes_nothing():
         assert c.publish("site/a/temp", b"21.6", qos=1, retain=True).reason == 0
         commits2, written2 = store_counters(b.port)
         assert commits2 > commits and written2 > written
+        c.close()
+
+
+def test_a_subscribe_a_persistent_session_already_has_writes_nothing_and_still_sends_the_retained_value():
+    # The session's record was written again each time: 117 B (v5) and
+    # 119 B (3.1.1) of flash for nothing that changed (outside wear probe).
+    with BrokerProc(config={"sys_interval": 1}) as b:
+        pub = Client(b.port, "wear-sub-pub", version=5)
+        assert pub.publish("wear/sub/x", b"kept", qos=1, retain=True).reason == 0
+        for v in (5, 4):
+            props = {0x11: 3600} if v == 5 else None
+            c = Client(b.port, "wear-sub-%d" % v, version=v, clean=False, props=props)
+            # (QoS 0: a retained value sent at QoS 1 to a persistent session
+            # is written, as in flight.)
+            sub = ([("wear/sub/#", 0)], {0x0B: 3} if v == 5 else None)
+            assert c.subscribe(*sub) == [0]
+            assert [m.payload for m in c.messages(1, timeout=3)] == [b"kept"]
+            before = store_counters(b.port)
+            for _ in range(5):
+                assert c.subscribe(*sub) == [0]
+                # Retain Handling 0: the retained value comes again each time.
+                assert [m.payload for m in c.messages(1, timeout=3)] == [b"kept"]
+            assert store_counters(b.port) == before, v
+            # Other options are a change: written.
+            assert c.subscribe([("wear/sub/#", 2)], {0x0B: 3} if v == 5 else None) == [2]
+            assert c.messages(1, timeout=3)
+            assert store_counters(b.port)[1] > before[1], v
+            c.disconnect()
+        b.restart()  # the changed options were written: QoS 2 now
+        c = Client(b.port, "wear-sub-5", version=5, clean=False, props={0x11: 3600})
+        assert c.connack.session_present
+        pub = Client(b.port, "wear-sub-pub2", version=5)
+        pub.publish("wear/sub/y", b"after", qos=2)
+        m = c.get()
+        assert (m.payload, m.qos) == (b"after", 2)
         c.close()
 
 

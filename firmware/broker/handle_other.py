@@ -243,6 +243,13 @@ def _on_subscribe(c, mv, off, end):
                     retained.append(sub)
                 continue
             old = s.subs.get(full)
+            if old is not None and old.opts == opts and old.subid == subid:
+                # The same again: nothing changes, so nothing is written
+                # (the session's record was, 117 B of flash each time).
+                reasons.append(opts & 3)
+                if group is None and rh == 0 and old not in retained:
+                    retained.append(old)
+                continue
             sub = None
             try:
                 sub = Sub(s, flt, opts, subid, group)
@@ -260,6 +267,8 @@ def _on_subscribe(c, mv, off, end):
                 continue
             if old is not None:
                 b.subs.remove(old)
+                if old in retained:
+                    retained.remove(old)  # (named before in this packet, with other options now)
             made.append((full, old))
             fresh[full] = sub
             reasons.append(opts & 3)
