@@ -7,7 +7,7 @@ import time
 import pytest
 
 from brokerfixtures import broker, still_alive  # noqa: F401
-from mqttc import (BrokerProc, Client, Publish, Ack, enc, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
+from mqttc import (BrokerProc, Client, Publish, Subscribe, Unsubscribe, Ack, enc, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP,
                    DISCONNECT, SESSION_EXPIRY, EXPIRY, TOPIC_ALIAS, TOPIC_ALIAS_MAX, RECEIVE_MAX,
                    MAX_PACKET, PFI, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION, USER, SUBID)
 
@@ -330,6 +330,26 @@ def test_message_over_client_maximum_packet_size_is_not_sent_but_later_ones_are(
     pub.publish("mps/t", b"small", qos=1)
     got = s.messages(timeout=0.5)
     assert [m.payload for m in got] == [b"small"]
+    s.close()
+
+
+@pytest.mark.parametrize("kind", ["subscribe", "unsubscribe"])
+def test_a_suback_or_unsuback_past_the_client_maximum_packet_size_is_not_sent(broker, kind):
+    # MQTT-3.1.2-24. 30 filters make a 35-byte SUBACK or UNSUBACK: it went
+    # to a client that takes 20 at most (outside conformance probe). There
+    # is no shorter answer: DISCONNECT 0x95, Packet too large.
+    s = Client(broker.port, "p12-mps-ack", version=5, props={MAX_PACKET: 20})
+    filters = ["mps/ack/%02d" % i for i in range(30)]
+    if kind == "subscribe":
+        s.send(Subscribe(1, [(f, 0) for f in filters]))
+    else:
+        s.send(Unsubscribe(1, filters))
+    d = s.recv(5)
+    assert d.type == DISCONNECT and d.reason == 0x95, d
+    assert s.closed()
+    # Few enough filters: answered as usual.
+    s = Client(broker.port, "p12-mps-ack", version=5, props={MAX_PACKET: 20})
+    assert s.subscribe([(f, 0) for f in filters[:10]]) == [0] * 10
     s.close()
 
 

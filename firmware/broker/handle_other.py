@@ -159,8 +159,13 @@ def _record_room(c, p, s, more):
 def _answer(c, p, s, pkt, first):
     # SUBACK or UNSUBACK: for a persistent session, once its record is on
     # flash, as any acknowledgement (Connection.ack). `first` holds what
-    # follows (the retained messages after a SUBACK) behind it.
-    if p is not None and s.expiry and p.dirty():
+    # follows (the retained messages after a SUBACK) behind it. One past
+    # the client's Maximum Packet Size, many filters' codes in it, must not
+    # go (MQTT-3.1.2-24) and has no shorter form: the client is told 0x95
+    # and closed; what the packet changed stands, as after a lost SUBACK.
+    if len(pkt) > c.max_out:
+        c.protocol_error(0x95, "its SUBACK or UNSUBACK is past its maximum packet size")
+    elif p is not None and s.expiry and p.dirty():
         p.hold(c, pkt, first)
     else:
         c.send(pkt)
