@@ -603,3 +603,55 @@ def test_messages_with_the_longest_message_expiry_interval_survive_a_power_cut()
         got = r.messages(1, timeout=3)
         assert [(m.topic, m.payload, m.retain) for m in got] == [("longexp/r", b"kept", True)], b.log()[-1500:]
         assert got[0].props[EXPIRY] > 0xFFFF0000, got[0].props
+
+
+QUEUE_FROM_RECORDS = r"""
+# restore._queue: a session's queue records, as read (out of seq order
+# after a compaction can reorder them), become its queue in seq order;
+# a record whose message or session is gone is deleted.
+from broker import restore
+from broker.message import Message
+from broker.session import Session, info, seq_of
+
+
+class Store:
+    deleted = []
+
+    def delete(self, key):
+        Store.deleted.append(key)
+
+
+class B:
+    sessions = {"a": Session("a")}
+
+
+class P:
+    b = B()
+    store = Store()
+    failed = 0
+
+
+p = P()
+msgs = {1: Message("t", b"x1", 1, False), 2: Message("t", b"x22", 2, False), 3: Message("t", b"x333", 1, False)}
+q = [3, info(1, 0, 30, None, True), 1, info(1, 0, 10, None, True), 9, info(1, 0, 20, None, True),
+     2, info(2, 0, 15, (7,), True)]
+top = restore._queue(p, msgs, "a", q)
+s = p.b.sessions["a"]
+print("top", top, "queue", [m.payload for m in s.queue[0::2]], [seq_of(i) for i in s.queue[1::2]],
+      "bytes", s.queued_bytes, "refs", [msgs[k].refs for k in (1, 2, 3)], "is", s.queue is q)
+print("deleted", Store.deleted, "failed", p.failed)
+print("gone top", restore._queue(p, msgs, "gone", [1, info(1, 0, 40, None, True)]), "deleted", Store.deleted,
+      "failed", p.failed, "refs", msgs[1].refs)
+"""
+
+
+def test_a_sessions_queue_records_read_out_of_order_come_back_in_order_and_orphans_are_deleted():
+    from conftest import run_mp
+
+    r = run_mp(QUEUE_FROM_RECORDS)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        "top 30 queue [b'x1', b'x22', b'x333'] [10, 15, 30] bytes 9 refs [1, 1, 1] is True",
+        "deleted ['qa\\x0020'] failed 1",
+        "gone top 40 deleted ['qa\\x0020', 'qgone\\x0040'] failed 1 refs 1",
+    ], r.stdout
