@@ -266,3 +266,22 @@ def test_a_will_topic_that_is_not_valid_is_refused_v5_0x90_and_v311_closed_witho
         else:
             assert c.recv_raw() is None, "3.1.1 got a packet instead of a close"
         c.close()
+
+
+@pytest.mark.parametrize("rt", ["reply/+", "reply/#"])
+def test_a_will_whose_response_topic_holds_a_wildcard_is_refused(broker, rt):
+    # Its PUBLISH would carry the wildcard (MQTT-3.3.2-14), which a client's
+    # own PUBLISH is closed for (0x82): the will was taken and went out so.
+    watcher = Client(broker.port, "w07-rt-watch", version=5)
+    watcher.subscribe([("w07/rt", 0)])
+    c = Client(broker.port, "w07-rt", version=5, will_topic="w07/rt", will_payload=b"gone",
+               will_props={RESPONSE_TOPIC: rt}, expect_ok=False)
+    assert c.connack.reason == 0x82, c.connack
+    assert c.closed()
+    assert watcher.poll(1) is None  # no session, no will
+    ok = Client(broker.port, "w07-rt", version=5, will_topic="w07/rt", will_payload=b"gone",
+                will_props={RESPONSE_TOPIC: "reply/x"})
+    ok.close()  # without DISCONNECT: the will goes, its Response Topic kept
+    m = watcher.get()
+    assert (m.payload, m.props[RESPONSE_TOPIC]) == (b"gone", "reply/x")
+    watcher.close()

@@ -313,6 +313,10 @@ def on_connect(c, mv, off, end):
         wp = pkt.will_props or {}
         if wp.get(P.PAYLOAD_FORMAT) == 1 and not utf8_valid(pkt.will_payload, 0, len(pkt.will_payload)):
             refuse(c, 0x99, "will payload is not UTF-8")
+        rt = wp.get(P.RESPONSE_TOPIC)
+        if rt is not None and ("+" in rt or "#" in rt):
+            # Its PUBLISH would carry it (MQTT-3.3.2-14), as a client's is refused for it.
+            refuse(c, 0x82, "wildcard in the will's Response Topic")
         wdelay = wp.get(P.WILL_DELAY, 0)
         # Its Message Expiry Interval counts from when it is published
         # (MQTT 3.1.3.2.4): publish_will() sets it.
