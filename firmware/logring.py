@@ -15,12 +15,14 @@
 # minute that is about 0.5 million erases a year, some 30 years of budget
 # (debug logging at 100 lines a minute makes it a few batches a minute:
 # years, not decades, so keep flash logging at "info" or above).
-# Error lines are written at once, so the reason for a crash survives it.
-# A flood (a warning a message, say for each message a full store cannot
-# take) could still make a batch a second: writes are at least min_gap_ms
-# apart (30 s: two a minute, 1 million erases a year, 15 years of budget
-# even if the flood never ends), and lines past a full batch meanwhile are
-# dropped and counted, as on a write error.
+# Error lines are written at once, so the reason for a crash survives it,
+# unless the last write was less than min_gap_ms ago: a flood (a warning a
+# message, say for each message a full store cannot take) could make a
+# batch a second, so writes are at least min_gap_ms apart (30 s: two a
+# minute, 1 million erases a year, 15 years of budget even if the flood
+# never ends). Meanwhile lines past a full batch are dropped and counted,
+# as on a write error; error lines have a second batch of room, and wait
+# for the next write (at most run()'s minute, or the flush before a reset).
 # Rotation is os.rename, which only rewrites metadata and is atomic on
 # LittleFS; the oldest file is replaced by the rename, never rewritten.
 # The ring never grows: it holds at most files * file_bytes bytes.
@@ -63,8 +65,12 @@ class LogRing:
         # The sink: called by broker.log for every line. Never raises.
         if len(line) > self.max_line:
             line = line[: self.max_line - 3] + "..."
-        may = self._last is None or time.ticks_diff(time.ticks_ms(), self._last) >= self.min_gap_ms
-        if self._n >= self.batch_bytes and not may:
+        # (Outside 0..gap: ticks_ms wraps after 6.2 days, and a quiet log's
+        # last write may be older than that.)
+        may = self._last is None or not 0 <= time.ticks_diff(time.ticks_ms(), self._last) < self.min_gap_ms
+        # An error line has a second batch of room: the reason for a crash,
+        # written by gateway._restart's flush, is not what a flood pushes out.
+        if not may and self._n >= (self.batch_bytes << 1 if line[:2] == "E " else self.batch_bytes):
             self.dropped += 1
             return
         rec = "%d %s\n" % (time.time(), line)

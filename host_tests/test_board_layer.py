@@ -372,6 +372,16 @@ def test_log_ring_writes_a_flood_of_lines_at_most_once_each_min_gap_and_counts_w
     assert "crash" not in open("log/0.log").read()
     ring.flush()
     assert open("log/0.log").read().endswith("E crash\\n")
+    for i in range(200):                           # a flood fills the batch, then the reason for a crash
+        log.warning("flood %d", i)
+    log.error("Traceback: the reason")
+    ring.flush()                                   # (gateway._restart's, before the reset)
+    assert open("log/0.log").read().endswith("E Traceback: the reason\\n")
+    # ticks_ms wraps after 6.2 days: a last write "ahead" of now is long ago.
+    ring._last = time.ticks_add(time.ticks_ms(), 1000)
+    n = ring.writes
+    log.error("after a quiet week")
+    assert ring.writes == n + 1, (ring.writes, n)
     """, cwd=tmp_path)
 
 

@@ -229,6 +229,21 @@ def test_retain_handling_1_sends_retained_only_for_new_subscription(broker, pub)
     c.close()
 
 
+@pytest.mark.parametrize("first", [0, 2])
+def test_a_filter_named_twice_in_one_subscribe_gets_its_retained_value_once(broker, pub, first):
+    # Named first with Retain Handling 0 (its options unchanged, or
+    # changed), then with Retain Handling 1 on the same subscription: the
+    # value goes once, as the later options say. With the first naming
+    # unchanged it did not go at all.
+    pub.publish("rh01/t", b"kept", qos=1, retain=True)
+    c = Client(broker.port, "s02-rh01-%d" % first, version=5)
+    assert [m.payload for m in _retained_on_subscribe(c, "rh01/t", 0)] == [b"kept"]
+    assert c.subscribe([("rh01/t", first), ("rh01/t", 1 | RH(1))]) == [first, 1]
+    got = [m for m in c.messages(timeout=0.4) if m.retain]
+    assert [(m.payload, m.qos) for m in got] == [(b"kept", 1)]
+    c.close()
+
+
 def test_retain_handling_2_never_sends_retained(broker, pub):
     pub.publish("rh2/t", b"kept", qos=1, retain=True)
     c = Client(broker.port, "s02-rh2", version=5)

@@ -338,7 +338,13 @@ def test_a_suback_or_unsuback_past_the_client_maximum_packet_size_is_not_sent(br
     # MQTT-3.1.2-24. 30 filters make a 35-byte SUBACK or UNSUBACK: it went
     # to a client that takes 20 at most (outside conformance probe). There
     # is no shorter answer: DISCONNECT 0x95, Packet too large.
-    s = Client(broker.port, "p12-mps-ack", version=5, props={MAX_PACKET: 20})
+    # A retained value on one of the filters must not go either: its
+    # SUBSCRIBE was never answered, not on this connection nor the next.
+    keep = Client(broker.port, "p12-mps-ack-pub", version=5)
+    assert keep.publish("mps/ack/07", b"r", qos=1, retain=True).reason == 0
+    cid = "p12-mps-ack-" + kind
+    props = {MAX_PACKET: 20, SESSION_EXPIRY: 60}
+    s = Client(broker.port, cid, version=5, clean=False, props=props)
     filters = ["mps/ack/%02d" % i for i in range(30)]
     if kind == "subscribe":
         s.send(Subscribe(1, [(f, 0) for f in filters]))
@@ -347,10 +353,14 @@ def test_a_suback_or_unsuback_past_the_client_maximum_packet_size_is_not_sent(br
     d = s.recv(5)
     assert d.type == DISCONNECT and d.reason == 0x95, d
     assert s.closed()
+    s = Client(broker.port, cid, version=5, clean=False, props=props)
+    assert s.messages(timeout=0.5) == []
     # Few enough filters: answered as usual.
-    s = Client(broker.port, "p12-mps-ack", version=5, props={MAX_PACKET: 20})
     assert s.subscribe([(f, 0) for f in filters[:10]]) == [0] * 10
-    s.close()
+    assert [m.payload for m in s.messages(1, timeout=3)] == [b"r"]
+    s.disconnect(props={SESSION_EXPIRY: 0})
+    assert keep.publish("mps/ack/07", b"", qos=1, retain=True).reason in (0, 0x10)
+    keep.close()
 
 
 def test_message_exactly_at_client_maximum_packet_size_is_sent(broker, pub):

@@ -284,7 +284,8 @@ def load_json(path):
     except ValueError as e:
         raise ConfigError("config file %s is not valid JSON: %s" % (path, e))
     if not isinstance(v, dict):
-        raise ConfigError("config file %s: expected a JSON object, got %r" % (path, v))
+        # (Its type, not the value: this reads secrets.json too.)
+        raise ConfigError("config file %s: expected a JSON object, got %s" % (path, type(v).__name__))
     return v
 
 

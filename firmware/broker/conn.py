@@ -74,8 +74,8 @@ async def _drop_big_read(c, mv, pos, h, have, total):
         _pick(at, got, mv, 0, a, n)
         a += n
         c.broker.stats_bytes_recv += n
-        c.last_rx = c.broker.now_ms()
         await asyncio.sleep_ms(0)  # (a turn for the others: it may be large)
+    c.last_rx = c.broker.now_ms()  # (a whole packet: see run())
     _dropped(c, first, at, got, total)
 
 

@@ -273,11 +273,13 @@ def _on_subscribe(c, mv, off, end):
             if old is not None:
                 b.subs.remove(old)
                 if old in retained:
-                    retained.remove(old)  # (named before in this packet, with other options now)
+                    # Named before in this packet, unchanged then: its
+                    # retained values go once, as the later options say.
+                    retained[retained.index(old)] = sub
             made.append((full, old))
             fresh[full] = sub
             reasons.append(opts & 3)
-            if group is None and (rh == 0 or (rh == 1 and not existed)):
+            if group is None and (rh == 0 or (rh == 1 and not existed)) and sub not in retained:
                 retained.append(sub)
     except Exception:
         _take_back(c, s, made, reasons)
@@ -286,6 +288,8 @@ def _on_subscribe(c, mv, off, end):
         _take_back(c, s, made, reasons)
         retained = ()
     _answer(c, p, s, encode(Suback(pid, reasons), v), True)
+    if c.closing:
+        retained = ()  # (its SUBACK was past its Maximum Packet Size: closed unanswered)
     for sub in retained:
         # Sent after the SUBACK, one at a time as the output takes them
         # (pump.py): the session holds the list of topics, not the messages.
