@@ -354,6 +354,26 @@ def test_silent_clients_are_closed_at_one_and_a_half_keep_alives_not_on_the_next
         assert closed <= 1.95, took
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_client_that_sends_a_packet_a_byte_at_a_time_is_closed_at_one_and_a_half_keep_alives(broker, version):
+    # MQTT-3.1.2-24 counts Control Packets received: each byte counted, a
+    # client that sent one of a PUBLISH a second was never closed, and held
+    # one of the board's few slots for good (outside clock probe).
+    c = Client(broker.port, "c01-ka-trickle%d" % version, version=version, keepalive=1)
+    t0 = time.time()
+    pkt = P.encode(P.Publish("c01/trickle/x", b"p" * 40), version)
+    for i in range(len(pkt)):
+        try:
+            c.send_raw(pkt[i : i + 1])
+        except OSError:
+            break
+        if c.raw.closed(timeout=0.4):
+            break
+    dt = time.time() - t0
+    assert dt <= 4.5, "not closed after %.1f s of a byte every 0.4 s" % dt
+    assert 1.4 <= dt, dt
+
+
 def test_pingreq_keeps_connection_alive_past_keepalive(broker):
     c = Client(broker.port, "c01-ka-ping", version=4, keepalive=1)
     end = time.time() + 3.2

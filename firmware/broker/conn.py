@@ -74,8 +74,8 @@ async def _drop_big_read(c, mv, pos, h, have, total):
         _pick(at, got, mv, 0, a, n)
         a += n
         c.broker.stats_bytes_recv += n
-        c.last_rx = c.broker.now_ms()
         await asyncio.sleep_ms(0)  # (a turn for the others: it may be large)
+    c.last_rx = c.broker.now_ms()  # (a whole packet: see run())
     _dropped(c, first, at, got, total)
 
 
@@ -268,11 +268,14 @@ class Connection(Output):
                         break
                     cur = mv
                     have += n
-                if n:
-                    self.last_rx = b.now_ms()
-                    b.stats_bytes_recv += n
+                b.stats_bytes_recv += n
                 self.pause = None
                 pos = self._take(cur, have)
+                if pos > 0 or pos < -1:
+                    # Whole packets in: only they count for the keep-alive
+                    # (MQTT-3.1.2-24). Each byte counted, a client that sent
+                    # one of a packet a second held its slot for good.
+                    self.last_rx = b.now_ms()
                 if pos < 0:
                     # A packet larger than a pooled buffer: read it whole.
                     await self._read_big(cur, -pos - 1, have)
