@@ -125,6 +125,21 @@ def held_longest(b):
     return worst
 
 
+def end_held(b):
+    # Closes the client of held_longest(b), if any, so that its socket,
+    # slot and buffers go to a newcomer; True when there was one. Out of
+    # the table at once (the rest of its teardown is its reader's), so
+    # that the socket counts as free (server._make_room).
+    c = held_longest(b)
+    if c is None:
+        return False
+    c.protocol_error(0x97, "held by the broker for over %d s: its slot goes to a new client"
+                     % (STUCK_MS // 1000))
+    c.close_soon()
+    b.conns.remove(c)
+    return True
+
+
 async def login(b, peer, username, password):
     # The one check of a user name and password against the password_file,
     # for an MQTT CONNECT and for HTTP Basic on a WebSocket upgrade alike.
@@ -360,13 +375,9 @@ def on_connect(c, mv, off, end):
         # one. A heap below the clients' floor is full too: those clients
         # hold part of it, and one of them may be the very client that
         # would drain it.
-        held = held_longest(b)
-        if held is None:
+        if not end_held(b):
             # (taken meanwhile)
             refuse(c, 0x97 if full else 0x89, "too many connections" if full else "server busy: low memory")
-        held.protocol_error(0x97, "held by the broker for over %d s: its slot goes to a new client"
-                            % (STUCK_MS // 1000))
-        held.close_soon()
 
     # Take-over (MQTT-3.1.4-3): the old connection goes, v5 with 0x8E.
     if old is not None and old.conn is not None:

@@ -12,7 +12,7 @@ from broker import log
 from broker.addrtable import AddrTable
 from broker.transport import TcpTransport, peer_str, wait_io
 from broker.conn import Connection
-from broker.handle_connect import room_for_newcomer
+from broker.handle_connect import end_held, room_for_newcomer
 
 _WINDOW_MS = const(10000)  # max_connection_rate counts connections per this
 _OOM_WAIT_MS = const(100)  # the listener's pause when the poller found no heap
@@ -158,7 +158,13 @@ def _make_room(broker):
     # probe): nine sockets that sent one byte, for the 10 s of
     # connect_timeout, or ten wrong passwords, each answered 30 s late. A
     # client whose CONNECT comes within the second keeps its place. With
-    # none such, a socket a second into a WebSocket handshake goes.
+    # none such, a socket a second into a WebSocket handshake goes, and
+    # last a client the broker has held for over STUCK_MS (end_held): it
+    # sees no EOF, so four WebSocket clients gone while their large
+    # PUBLISHes waited for heap kept four of eight sockets, and of eight
+    # sensors back at once after Wi-Fi dropped, the three past the one
+    # socket over were refused (WebSocket fuzzing; freed at CONNECT only,
+    # one slot came free per socket let in).
     now = time.ticks_ms()
     old = None
     for c in broker.conns:
@@ -170,7 +176,7 @@ def _make_room(broker):
         if time.ticks_diff(now, c.born) >= _NEWCOMER_MS and (old is None or time.ticks_diff(c.born, old.born) < 0):
             old = c
     if old is None:
-        return _end_handshake(broker, now)
+        return _end_handshake(broker, now) or end_held(broker)
     log.debug("table full: closing %s, there %d ms without a session", old.t.peer,
               time.ticks_diff(now, old.born))
     old.linger_ms = 0  # a refusal held back goes now
