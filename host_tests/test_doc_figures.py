@@ -161,7 +161,7 @@ ALLOWED = [
     ("README.md", "65,535 bytes", SPEC + ": the longest topic MQTT allows (a two-byte length)"),
     ("README.md", "1024 bytes", CODE + ": the store's key limit"),
     ("README.md", "100 ms", CODE + ": persist._RETRY_MS and server._OOM_WAIT_MS"),
-    ("README.md", "500 ms", CODE + ": conn._DRAIN_IN_MS"),
+    ("README.md", "500 ms", CODE + ": transport.DRAIN_IN_MS"),
     ("README.md", "2 KB", CODE + ": heap._PIECE x _PIECES, the heap kept aside for the store's commit"),
     ("README.md", "256 B", CODE + ": heap._PIECE, one piece of the heap kept aside for the store's commit"),
     ("tools/README.md", "44 B", CODE + ": MicroPython's VM_MAX_STATE_ON_STACK on 32 bits (tools/frames.py)"),

@@ -17,6 +17,7 @@ from mqtt.errors import MQTTError
 from mqtt.packets import frame, check_flags, encode, Disconnect
 from broker import log
 from broker.core import Closed
+from broker.transport import drain_in
 from broker.outbuf import Output, ack_packet
 from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
 from broker.pump import pump
@@ -27,7 +28,6 @@ from broker.handle_other import on_packet
 
 _PUBLISH = const(3)
 _CONNECT = const(1)
-_DRAIN_IN_MS = const(500)  # _drain_in()
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
 _ANY = const(0x3FFFFFFF)  # no limit on a packet's size (_take); a small int
@@ -778,25 +778,17 @@ class Connection(Output):
 
     async def _drain_in(self):
         # The client was told why it is closed (a DISCONNECT or a refusing
-        # CONNACK, gone out): what it still sends is read and dropped until
-        # it closes, for at most _DRAIN_IN_MS. A socket closed with input
-        # unread sends a reset, and a reset can make the client's TCP drop
-        # our last packet before the client reads it: Paho's interop suite
+        # CONNACK, gone out): what it still sends is dropped until it
+        # closes (transport.drain_in). Paho's interop suite
         # (test_flow_control2) answers each PUBREC before our DISCONNECT
-        # 0x93 with a PUBREL, and lost the DISCONNECT that way. The session
-        # is already closed; the socket counts as waiting, and a broker
-        # with fewer than two sockets left closes at once instead (a full
-        # one refuses a burst of clients: each must find its socket).
+        # 0x93 with a PUBREL, and lost the DISCONNECT to the reset of a
+        # socket closed with those unread. The session is already closed;
+        # the socket counts as waiting, and a broker with fewer than two
+        # sockets left closes at once instead (a full one refuses a burst
+        # of clients: each must find its socket).
         b = self.broker
         b.conn_waiting += 1
-        try:
-            end = time.ticks_add(time.ticks_ms(), _DRAIN_IN_MS)
-            while True:
-                left = time.ticks_diff(end, time.ticks_ms())
-                if left <= 0 or not await asyncio.wait_for_ms(self.t.recv_into(b.rmv), left):
-                    break
-        except Exception:
-            pass  # the time is up, a reset, or no heap to wait with: close now
+        await drain_in(self.t, b.rmv)
         b.conn_waiting -= 1
 
     async def _drain_out(self):

@@ -9,6 +9,7 @@
 # behind the upgrade request, in the same TCP segment.
 #
 # Timeouts are the caller's job: wrap read_request in asyncio.wait_for.
+from broker.transport import drain_in
 
 _CRLF2 = b"\r\n\r\n"
 _CLOSE = (("Connection", "close"),)
@@ -24,6 +25,9 @@ async def read_request(t, buf):
     while True:
         if have == cap:
             await respond(t, 431, "Request Header Fields Too Large", _CLOSE)
+            # The rest of the head is unread: closed now, the reset could
+            # make the client's TCP drop the 431 before it was read.
+            await drain_in(t, mv)
             return None
         n = await t.recv_into(mv[have:])
         if not n:

@@ -17,9 +17,11 @@
 # Stream.write() copies into an unbounded bytes buffer on every call, and
 # Stream.readinto() waits for readability before every read. Here a read is
 # tried first and the task waits on the poller only when nothing is there.
+import asyncio
 import gc
 import select
 import socket
+import time
 import micropython
 from micropython import const
 from asyncio import core
@@ -31,6 +33,7 @@ _PEEK = getattr(socket, "MSG_PEEK", 0)
 _EVENTS = (0, select.POLLIN, select.POLLOUT, select.POLLIN | select.POLLOUT)
 _FAULT = ~(select.POLLIN | select.POLLOUT)
 _TURN = const(16)  # readers of one turn put in order at most (a board has 5 to 10 sockets)
+DRAIN_IN_MS = const(500)  # drain_in()
 
 
 class TcpTransport:
@@ -107,6 +110,21 @@ def close_socket(s):
             s.close()
         except Exception:
             pass
+
+
+async def drain_in(t, mv):
+    # Reads what the peer still sends into mv and drops it, until it closes
+    # or DRAIN_IN_MS have gone by. A socket closed with input unread sends a
+    # reset, and a reset can make the peer's TCP drop our last words (a
+    # refusal, a DISCONNECT, an error page) before the peer has read them.
+    end = time.ticks_add(time.ticks_ms(), DRAIN_IN_MS)
+    try:
+        while True:
+            left = time.ticks_diff(end, time.ticks_ms())
+            if left <= 0 or not await asyncio.wait_for_ms(t.recv_into(mv), left):
+                return
+    except Exception:
+        pass  # the time is up, a reset, or no heap to wait with: close now
 
 
 async def connect_out(host, port):
