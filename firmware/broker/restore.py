@@ -167,15 +167,13 @@ def _load(p, wdt):
                 _session(p, cids.setdefault(cid, cid), json.loads(val))
                 sessions += 1
             elif k == "q":
-                cid, seq = key[1:].split("\0")
-                cid = cids.setdefault(cid, cid)
+                cid, seq = _cid_key(key, cids)
                 f = val[0]
                 v = _read_varints(val, 1)
                 _pair(queued, cid, v[0], info(f & 3, f & 4, int(seq), v[1:], True))
                 nqueued += 1
             elif k == "i":
-                cid, pid = key[1:].split("\0")
-                cid = cids.setdefault(cid, cid)
+                cid, pid = _cid_key(key, cids)
                 f = val[1]
                 v = _read_varints(val, 2)
                 d = Delivery(v[1], f & 3, bool(f & 4), v[2:] or None, v[0])
@@ -184,8 +182,8 @@ def _load(p, wdt):
                 _pair(inflight, cid, int(pid), d)
                 ninflight += 1
             elif k == "x":
-                cid, pid = key[1:].split("\0")
-                _pair(qos2, cids.setdefault(cid, cid), int(pid), val[0] if val else 0)
+                cid, pid = _cid_key(key, cids)
+                _pair(qos2, cid, int(pid), val[0] if val else 0)
             elif k == "c":
                 b.clock = p.clock_saved = wire.get_u32(val, 0, 4)[0]
         except MemoryError:
@@ -330,6 +328,13 @@ def _session(p, cid, d):
         if len(w) > 2:
             s.will_expiry = w[2]
     b.sessions[cid] = s
+
+
+def _cid_key(key, cids):
+    # A per-session record's key, kind + cid + NUL + its own key, as (cid,
+    # own key); cid is the one string all of the session's records share.
+    cid, own = key[1:].split("\0")
+    return cids.setdefault(cid, cid), own
 
 
 def _pair(table, cid, a, b):
