@@ -94,35 +94,49 @@ def piece(n=0, *more):
 connmod.bytearray = piece
 
 
+async def held(name, c, wait):
+    # Quiet for 20 s before (keep-alive 0), then held for 600 ms.
+    c.last_rx = time.ticks_add(b.now_ms(), -20000)
+    task = asyncio.create_task(wait)
+    await asyncio.sleep_ms(600)
+    print("%s waiting %s for %d ms" % (name, c.waits_on_broker(), time.ticks_diff(b.now_ms(), c.last_rx)))
+    task.cancel()
+    await asyncio.sleep_ms(10)
+
+
 async def main():
     c = logged_in(b, "big-waiter")
     pkt = K.encode(K.Publish("big/x", bytes(6000), 1, False, False, 1, None), 4)
-    c.last_rx = b.now_ms()
-    task = asyncio.create_task(c._big_buffer(memoryview(pkt), 0, 3, 512, len(pkt)))
-    await asyncio.sleep_ms(600)
-    print("waiting %s for %d ms" % (c.waits_on_broker(), time.ticks_diff(b.now_ms(), c.last_rx)))
-    task.cancel()
-    await asyncio.sleep_ms(10)
+    await held("piece", c, c._big_buffer(memoryview(pkt), 0, 3, 512, len(pkt)))
+    c.pause = lambda: False  # (as _take leaves it for a handler's Paused)
+    await held("pause", c, c._wait(c.pause))
+    c.pause = None
+    b.rpool.get = lambda *a: None
+    await held("buffer", c, c._wait_for_buffer(memoryview(pkt)[:100]))
 
 
 asyncio.run(main())
 """
 
 
-def test_a_reader_waiting_for_a_piece_of_heap_counts_as_waiting_from_when_it_began():
-    # Its time since the last read is what makes a held client give its
-    # slot to a newcomer after backpressure.STUCK_MS (handle_connect's
-    # held_longest). Set again at each look, it never grew: WebSocket
-    # clients that went away while their large PUBLISHes waited on a heap
-    # in crumbs held every slot for good (WebSocket fuzzing).
+def test_a_reader_waiting_for_the_broker_counts_as_held_from_when_its_wait_began():
+    # Its time held is what makes a held client give its slot to a
+    # newcomer after backpressure.STUCK_MS (handle_connect's held_longest).
+    # Set again at each look, it never grew: WebSocket clients that went
+    # away while their large PUBLISHes waited on a heap in crumbs held
+    # every slot for good (WebSocket fuzzing). Counted from its last whole
+    # packet, a client quiet for 20 s was evicted a moment into the wait
+    # for its next one (a review). For a piece of heap, for a pause on a
+    # condition, and for a read buffer.
     from conftest import run_mp
 
     r = run_mp(NO_PIECE_WAIT)
     assert r.returncode == 0, r.stdout + r.stderr
-    line = [x for x in r.stdout.splitlines() if x.startswith("waiting ")]
-    assert line, r.stdout + r.stderr
-    waiting, ms = line[0].split()[1], int(line[0].split()[3])
-    assert waiting == "True" and ms >= 500, line[0]
+    for name in ("piece", "pause", "buffer"):
+        line = [x for x in r.stdout.splitlines() if x.startswith(name + " waiting ")]
+        assert line, r.stdout + r.stderr
+        waiting, ms = line[0].split()[2], int(line[0].split()[4])
+        assert waiting == "True" and 500 <= ms < 5000, line[0]
 
 
 WRITER_OOM = r"""

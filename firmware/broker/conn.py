@@ -125,9 +125,10 @@ class Connection(Output):
     def waits_on_broker(self):
         # True while its reader waits for the broker (heap, or the store),
         # with what the client sent unread: its PINGREQs too, so that the
-        # time does not count against its keep-alive (last_rx is set when
-        # the wait ends). A client gone meanwhile is not seen (no read, no
-        # EOF): a full table takes its slot (handle_connect.busy).
+        # time does not count against its keep-alive. last_rx is set when
+        # the wait begins, so that held_longest counts the time held, and
+        # when it ends. A client gone meanwhile is not seen (no read, no
+        # EOF): a full table gives its slot away (handle_connect.end_held).
         return self.heap_wait or callable(self.pause)
 
     def refuses(self):
@@ -141,6 +142,8 @@ class Connection(Output):
     def __init__(self, broker, transport):
         self.broker = broker
         self.t = transport
+        # The last whole packet in (keep-alive), or the start or end of a
+        # wait for the broker (waits_on_broker).
         self.last_rx = self.born = broker.now_ms()
         # Set here, not left to the class defaults: assigning them first
         # later (closing at teardown, session when CONNECT commits) would
@@ -372,6 +375,7 @@ class Connection(Output):
         # (handle_connect.held_longest).
         b = self.broker
         part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
+        self.last_rx = b.now_ms()  # held from now (held_longest)
         self.heap_wait = True
         ms = 50
         try:
@@ -448,6 +452,7 @@ class Connection(Output):
         # A pause: for a condition to hold, a task to end (a login being
         # hashed), or a session to drain.
         if callable(what):
+            self.last_rx = self.broker.now_ms()  # held from now (held_longest)
             await wait_recovered(self.broker, what)
             self.last_rx = self.broker.now_ms()  # (waits_on_broker)
         elif type(what) is asyncio.Task:
@@ -573,12 +578,14 @@ class Connection(Output):
                         raise MemoryError("no buffer to keep a waiting packet in")
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
+                    self.last_rx = b.now_ms()  # held from now, once (held_longest)
                 self.heap_wait = True
-                # (last_rx stays as it was until the wait is over: set at
-                # each look, a heap with the bytes but no piece of them kept
-                # the client from ever counting as held, and its slot was
-                # never given to a newcomer: WebSocket fuzzing, clients gone
-                # while they waited held every slot.)
+                # (last_rx is set when the wait begins and when it is over,
+                # not at each look: set at each look, a heap with the bytes
+                # but no piece of them kept the client from ever counting
+                # as held, and its slot was never given to a newcomer:
+                # WebSocket fuzzing, clients gone while they waited held
+                # every slot.)
                 await wait_recovered(b, lambda: (not login or b.connect_big is None)
                                      and (b.heap.room_for(total) or self._passes(part, h, total)))
         finally:

@@ -246,9 +246,13 @@ class Broker:
     # ------------------------------------------------------------ sessions
 
     def connected_count(self):
+        # Not those closing: one closed to give its slot to a newcomer
+        # (end_held) counted until its teardown ran, up to a second for a
+        # DISCONNECT to a peer gone, and the newcomer was refused meanwhile.
         n = 0
         for s in self.sessions.values():
-            if s.conn is not None:
+            c = s.conn
+            if c is not None and not c.closing:
                 n += 1
         return n
 

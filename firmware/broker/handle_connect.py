@@ -108,12 +108,14 @@ def held_longest(b):
     # On a full table or heap, the client whose reader the broker has held
     # longest (for heap or the store), at least STUCK_MS, or None: its slot
     # and buffers go to a new client once that one has logged in
-    # (on_connect). A paused reader sees no EOF, so seven 3.1.1 publishers
-    # paused on a heap full of an offline session's queue, and then gone,
-    # held their slots for good, and that session's client, whose return
-    # alone would free the heap, was refused every time. A live one sends
-    # again after reconnecting: nothing it was told was taken is lost.
-    # Bridge links are left alone.
+    # (on_connect), and its socket to a new one when none is left
+    # (server._make_room: a socket with no login yet may take it; the
+    # broker was not serving that client anyway). A paused reader sees no
+    # EOF, so seven 3.1.1 publishers paused on a heap full of an offline
+    # session's queue, and then gone, held their slots for good, and that
+    # session's client, whose return alone would free the heap, was
+    # refused every time. A live one sends again after reconnecting:
+    # nothing it was told was taken is lost. Bridge links are left alone.
     now = b.now_ms()
     worst = None
     most = STUCK_MS
@@ -128,8 +130,8 @@ def held_longest(b):
 def end_held(b):
     # Closes the client of held_longest(b), if any, so that its socket,
     # slot and buffers go to a newcomer; True when there was one. Out of
-    # the table at once (the rest of its teardown is its reader's), so
-    # that the socket counts as free (server._make_room).
+    # the table at once, so that its socket counts as free
+    # (server._make_room) a moment before its reader's teardown closes it.
     c = held_longest(b)
     if c is None:
         return False
