@@ -892,6 +892,29 @@ def test_an_uplink_whose_transport_finds_no_heap_closes_its_socket():
     assert r.stdout.splitlines() == ["MemoryError", "peer reads b''"], r.stdout + r.stderr
 
 
+@pytest.mark.parametrize("version", [4, 5])
+def test_a_link_with_only_messages_coming_down_keeps_its_upstream_keep_alive(procs, version):
+    # The link pinged only when it had heard nothing for half its
+    # keep-alive: with QoS 0 messages coming down and nothing going up, it
+    # sent nothing, and Mosquitto dropped it at 1.5 keep-alives
+    # (MQTT-3.1.2-23 binds the sender): three drops in 20 s, a tenth of
+    # the messages lost.
+    m = upstream(procs)
+    g = gateway(procs, {"addresses": ["127.0.0.1:%d" % m.port], "protocol_version": version, "keepalive": 2,
+                        "topics": ["# in 0 cmd/ site/cmd/"]})
+    wait_state(g, b"1")
+    local = peer(procs, g.port, "local-sub", [("cmd/#", 0)])
+    up = peer(procs, m.port, "up-pub")
+    for i in range(40):  # 8 s: four keep-alives, the link's first drop came at 3 s
+        up.publish("site/cmd/x", b"%d" % i, 0)
+        time.sleep(0.2)
+    got = local.wait(lambda ms: len(ms) >= 40, 3)
+    log = g.log()
+    assert "exceeded timeout" not in m.log(), m.log()[-2000:]
+    assert log.count("bridge up: connected") == 1, log[-3000:]
+    assert [p for t, p, q, r, pr in got] == [b"%d" % i for i in range(40)]
+
+
 def test_a_silent_upstream_gets_one_pingreq_each_half_keep_alive_until_the_link_is_dropped(procs):
     # The link pinged every second from half its keep-alive on while no
     # PINGRESP was read: so it did too while its reader waited for heap,

@@ -51,8 +51,7 @@ _NO_LOCAL = const(0x04)
 _RAP = const(0x08)
 _ECHOES = const(16)  # messages remembered for the plain 3.1.1 echo check
 # 3.1.1 CONNACK return codes (v5 reason codes are logged in hex)
-_REFUSALS = ("", "protocol version", "client id", "server unavailable", "bad user name or password",
-             "not authorized")
+_REFUSALS = ("", "protocol version", "client id", "server unavailable", "bad user name or password", "not authorized")
 _CONNECT_MS = const(10000)  # TCP, TLS and CONNACK together
 
 
@@ -345,7 +344,7 @@ class Bridge:
         L, task = await self._open_link(host, port)
         self._state(b"1")
         cycle = self.c["bridge_cycle_interval"] * 1000
-        born = pinged = time.ticks_ms()
+        born = pinged = sent = time.ticks_ms()
         while True:
             ka = L.keepalive * 1000
             while not task.done():
@@ -353,6 +352,9 @@ class Bridge:
                 now = time.ticks_ms()
                 if cycle and time.ticks_diff(now, born) >= cycle:
                     break
+                if L.wrote:  # (not in broker.conns: keepalive.check leaves it)
+                    L.wrote = False
+                    sent = now
                 if not ka:
                     continue
                 rx = time.ticks_diff(now, L.last_rx)
@@ -362,7 +364,9 @@ class Bridge:
                     log.warning("bridge %s: no reply from %s:%d within keep-alive; reconnecting",
                                 self.name, host, port)
                     L.close_soon()
-                elif rx >= ka >> 1 and time.ticks_diff(now, pinged) >= ka >> 1:
+                elif (rx >= ka >> 1 or time.ticks_diff(now, sent) >= ka >> 1) and time.ticks_diff(now, pinged) >= ka >> 1:
+                    # The upstream must hear from us within keep-alive too (MQTT-3.1.2-23):
+                    # with only its messages coming down, Mosquitto dropped the link.
                     L.send(b"\xc0\x00")  # PINGREQ: one, while its PINGRESP may wait unread
                     pinged = now
             if task.done():
@@ -382,9 +386,7 @@ class Bridge:
 
     async def run(self):
         # The supervisor: connect, serve, fail over, back off. Never ends.
-        base, cap = self.c["restart_timeout"]
-        base = int(base * 1000)
-        cap = int(cap * 1000)
+        base, cap = [int(x * 1000) for x in self.c["restart_timeout"]]
         delay = base
         n = len(self.addrs)
         i = random.getrandbits(8) % n
@@ -420,11 +422,9 @@ class Bridge:
     def sys_values(self, v):
         s = self.s
         k = "connection/%s/" % self.name
-        v.append((k + "messages/sent", self.sent))
-        v.append((k + "messages/received", self.received))
-        v.append((k + "messages/dropped", s.dropped))
-        v.append((k + "messages/queued", s.queued() + len(s.inflight)))
-        v.append((k + "connects", self.connects))
+        v.extend(((k + "messages/sent", self.sent), (k + "messages/received", self.received),
+                  (k + "messages/dropped", s.dropped), (k + "messages/queued", s.queued() + len(s.inflight)),
+                  (k + "connects", self.connects)))
 
 
 def start_bridges(b):
@@ -435,8 +435,7 @@ def start_bridges(b):
         br._state(b"0")
         asyncio.create_task(br.run())
         bridges.append(br)
-        log.notice("bridge %s: to %s as %s", br.name, ", ".join("%s:%d" % (h, p) for h, p in br.addrs),
-                   br.cid)
+        log.notice("bridge %s: to %s as %s", br.name, ", ".join("%s:%d" % (h, p) for h, p in br.addrs), br.cid)
     prev = b.sys_extra
 
     def values():
