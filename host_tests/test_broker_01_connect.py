@@ -371,7 +371,9 @@ def test_a_client_that_sends_a_packet_a_byte_at_a_time_is_closed_at_one_and_a_ha
             break
     dt = time.time() - t0
     assert dt <= 4.5, "not closed after %.1f s of a byte every 0.4 s" % dt
-    assert 1.4 <= dt, dt
+    # (1.5 s after its CONNECT was read; t0 comes after the CONNACK, which
+    # a busy machine may take a while to deliver.)
+    assert 1.0 <= dt, dt
 
 
 def test_pingreq_keeps_connection_alive_past_keepalive(broker):

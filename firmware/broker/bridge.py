@@ -344,17 +344,18 @@ class Bridge:
         L, task = await self._open_link(host, port)
         self._state(b"1")
         cycle = self.c["bridge_cycle_interval"] * 1000
-        born = pinged = sent = time.ticks_ms()
+        born = pinged = sent = now = time.ticks_ms()
         while True:
             ka = L.keepalive * 1000
             while not task.done():
+                last = now
                 await asyncio.sleep_ms(1000)
                 now = time.ticks_ms()
                 if cycle and time.ticks_diff(now, born) >= cycle:
                     break
                 if L.wrote:  # (not in broker.conns: keepalive.check leaves it)
                     L.wrote = False
-                    sent = now
+                    sent = last  # (out after the look before: silent at most ka / 2)
                 if not ka:
                     continue
                 rx = time.ticks_diff(now, L.last_rx)

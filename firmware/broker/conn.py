@@ -370,9 +370,9 @@ class Connection(Output):
         # offline sessions' queues was free only in pieces under 512 B.)
         # A look that fails costs a collection, so they come 50 ms apart
         # and then up to a second apart. Cancelled when the connection is
-        # closed; last_rx is set when the wait ends (waits_on_broker), so
-        # that a newcomer may take the slot of one that waits long
-        # (handle_connect.held_longest).
+        # closed; last_rx is set when the wait begins, so that a newcomer
+        # may take the slot of one that waits long (held_longest), and when
+        # it ends (waits_on_broker).
         b = self.broker
         part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
         self.last_rx = b.now_ms()  # held from now (held_longest)

@@ -8,7 +8,8 @@
 # back as `extra`, because a WebSocket client may send its first frame right
 # behind the upgrade request, in the same TCP segment.
 #
-# Timeouts are the caller's job: wrap read_request in asyncio.wait_for.
+# Timeouts are the caller's job: wrap read_request in asyncio.wait_for (a
+# 431 waits up to transport.DRAIN_IN_MS more, for the rest of the head).
 from broker.transport import drain_in
 
 _CRLF2 = b"\r\n\r\n"
@@ -26,8 +27,11 @@ async def read_request(t, buf):
         if have == cap:
             await respond(t, 431, "Request Header Fields Too Large", _CLOSE)
             # The rest of the head is unread: closed now, the reset could
-            # make the client's TCP drop the 431 before it was read.
-            await drain_in(t, mv)
+            # make the client's TCP drop the 431 before it was read. Not
+            # over TLS, as in conn.finish: the wait would hold one of the
+            # listener's few TLS sessions.
+            if getattr(t, "raw", 0) is None:
+                await drain_in(t, mv)
             return None
         n = await t.recv_into(mv[have:])
         if not n:

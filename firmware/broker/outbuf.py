@@ -80,7 +80,7 @@ class Output:
     writer = None  # the task sending what the socket did not take at once
     dirty = False  # on the broker's dirty list
     gone = False  # its transport is closed: nothing more goes out
-    wrote = False  # bytes went out since keepalive.py last looked
+    wrote = False  # bytes went out since keepalive.py (a bridge link: bridge.py) last looked
     drained = None  # Event set whenever the output empties; made when
     # someone first waits for it, since most connections never do
 
