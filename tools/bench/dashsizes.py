@@ -136,6 +136,8 @@ prof = json.load(open(sys.argv[1]))
 b = Broker(build(prof["config"], {"persistence": False}))
 
 class C:
+    closing = False  # (connected_count leaves out connections closing)
+
     class t:
         peer = "192.168.4.23:51234"
 
