@@ -750,26 +750,22 @@ class Connection(Output):
             await self._drain_out()
         except MemoryError:
             gc.collect()
-        drain_in = self.told and not self.pending()
-        self._leave(drain_in)
-        if drain_in:
-            # Plain TCP only (a TcpTransport without TLS under it): over TLS
-            # the wait would hold one of the listener's few TLS sessions
-            # (max_tls_connections, 20-25 KB each), and the next TLS client
-            # would be refused meanwhile.
+        wait_in = self.told and not self.pending()
+        self._leave(wait_in)
+        if wait_in:
             try:
-                if self.broker.sockets_left() > 1 and getattr(self.t, "raw", 0) is None:
+                if self.broker.sockets_left() > 1:
                     await self._drain_in()
             except MemoryError:
                 pass  # (no heap to wait with: closed now)
             self.t.close()
 
-    def _leave(self, drain_in):
+    def _leave(self, wait_in):
         # Out of the broker's tables, whatever the heap has; the socket is
         # closed too unless what the client still sends is to be drained
-        # first.
+        # first (wait_in).
         self.gone = True
-        if not drain_in:
+        if not wait_in:
             self.t.close()
         try:
             self.release()

@@ -27,11 +27,8 @@ async def read_request(t, buf):
         if have == cap:
             await respond(t, 431, "Request Header Fields Too Large", _CLOSE)
             # The rest of the head is unread: closed now, the reset could
-            # make the client's TCP drop the 431 before it was read. Not
-            # over TLS, as in conn.finish: the wait would hold one of the
-            # listener's few TLS sessions.
-            if getattr(t, "raw", 0) is None:
-                await drain_in(t, mv)
+            # make the client's TCP drop the 431 before it was read.
+            await drain_in(t, mv)
             return None
         n = await t.recv_into(mv[have:])
         if not n:

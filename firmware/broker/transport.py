@@ -117,6 +117,12 @@ async def drain_in(t, mv):
     # or DRAIN_IN_MS have gone by. A socket closed with input unread sends a
     # reset, and a reset can make the peer's TCP drop our last words (a
     # refusal, a DISCONNECT, an error page) before the peer has read them.
+    # Plain TCP only (a TcpTransport without TLS under it): over TLS the
+    # wait would hold one of the listener's few TLS sessions
+    # (max_tls_connections, 20-25 KB each), and the next TLS client would
+    # be refused meanwhile.
+    if getattr(t, "raw", 0) is not None:
+        return
     end = time.ticks_add(time.ticks_ms(), DRAIN_IN_MS)
     try:
         while True:
