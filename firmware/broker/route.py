@@ -1,7 +1,8 @@
 # Routing (Mosquitto: database.c, subs__process): a message to every
-# matching subscription, one copy per session at the highest granted QoS
-# carrying every matching subscription identifier (MQTT-3.3.4-2..5), plus
-# one copy per matching share group. A copy for a connected client with
+# matching subscription, plus one copy per matching share group. A 5.0
+# session with overlapping subscriptions gets a copy per subscription, as
+# Mosquitto sends; a 3.1.1 or 3.1 session (and a bridge's) one copy at the
+# highest granted QoS (MQTT-3.3.5-1). A copy for a connected client with
 # nothing queued goes straight into its output buffer (pump.put_message);
 # the rest waits in the session's queue, on flash too when the session
 # persists.
@@ -104,7 +105,13 @@ def _overlap(hits):
 
 
 def _route_many(b, msg, origin, hits):
-    best = {}  # session -> [qos, retain, subids]
+    # Some session has two matching subscriptions. A 5.0 session gets a copy
+    # for each, with its own QoS, Retain As Published and identifier
+    # (MQTT-3.3.4-3, -5); an older one, or a bridge's, one copy at the
+    # highest QoS, retained if one subscription asks so. Returns the number
+    # of copies.
+    best = {}  # an older session -> [qos, retain] of its one copy
+    sent = 0
     for sub in hits:
         s = sub.session
         if sub.opts & _NO_LOCAL and s is origin:
@@ -113,24 +120,20 @@ def _route_many(b, msg, origin, hits):
         if q > msg.qos:
             q = msg.qos
         r = msg.retain and sub.opts & _RAP
+        if s.version == 5:
+            deliver(b, s, msg, q, r, (sub.subid,) if sub.subid else None)
+            sent += 1
+            continue
         e = best.get(s)
         if e is None:
-            best[s] = [q, r, [sub.subid] if sub.subid else None]
+            best[s] = [q, r]
         else:
-            if q > e[0]:
-                e[0] = q
-            if r:
-                e[1] = r
-            if sub.subid:
-                if e[2] is None:
-                    e[2] = [sub.subid]
-                elif sub.subid not in e[2]:
-                    # (filters of one SUBSCRIBE share its identifier)
-                    e[2].append(sub.subid)
+            e[0] = max(e[0], q)
+            e[1] = e[1] or r
     for s in best:
         e = best[s]
-        deliver(b, s, msg, e[0], e[1], e[2])
-    return len(best)
+        deliver(b, s, msg, e[0], e[1], None)
+    return sent + len(best)
 
 
 @micropython.native  # (tools/frames.py: its frame on the C stack)
