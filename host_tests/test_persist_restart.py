@@ -46,6 +46,32 @@ def test_subscription_identifiers_survive_a_restart_and_a_power_cut():
         c.disconnect(props={SESSION_EXPIRY: 0})
 
 
+def test_each_copy_for_overlapping_subscriptions_comes_back_once_after_a_power_cut():
+    # A 5.0 session gets a copy per matching subscription: both wait on
+    # flash for the offline session, come back after a power cut, each
+    # once, and once acknowledged neither comes back after a restart.
+    with BrokerProc() as b:
+        c = v5(b.port, "ovq")
+        c.subscribe([("ovq/#", 2)], props={SUBID: 1})
+        c.subscribe([("ovq/+", 1)], props={SUBID: 2})
+        c.disconnect()
+        pub = Client(b.port, "ovq-pub", version=5)
+        assert pub.publish("ovq/a", b"m", qos=2).type == PUBCOMP
+        pub.close()
+        b.kill9()
+        b.start()
+        c = v5(b.port, "ovq")
+        got = c.messages(2, timeout=5)
+        assert sorted((m.props[SUBID], m.qos) for m in got) == [([1], 2), ([2], 1)], got
+        assert c.poll(0.5) is None
+        c.disconnect()
+        b.restart()
+        c = v5(b.port, "ovq")
+        assert c.connack.session_present
+        assert c.poll(0.5) is None
+        c.disconnect(props={SESSION_EXPIRY: 0})
+
+
 @pytest.mark.parametrize("version", [5, 4])
 def test_a_session_a_clean_start_discarded_stays_gone_after_a_power_cut_right_after_the_connack(version):
     # MQTT-3.1.2-4: the CONNACK says the old session is gone; a power cut
