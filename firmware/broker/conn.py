@@ -30,6 +30,8 @@ _PUBLISH = const(3)
 _CONNECT = const(1)
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
+WAIT_BYTES = const(1)  # Connection.heap_wait: too few bytes free
+WAIT_PIECE = const(2)  # the bytes free, but in no piece as large (keepalive.check)
 _ANY = const(0x3FFFFFFF)  # no limit on a packet's size (_take); a small int
 _NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
 _NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
@@ -129,7 +131,7 @@ class Connection(Output):
         # the wait begins, so that held_longest counts the time held, and
         # when it ends. A client gone meanwhile is not seen (no read, no
         # EOF): a full table gives its slot away (handle_connect.end_held).
-        return self.heap_wait or callable(self.pause)
+        return bool(self.heap_wait) or callable(self.pause)
 
     def refuses(self):
         # Whether a message this client sent may be refused with a reason
@@ -163,7 +165,10 @@ class Connection(Output):
         # by a handler before it raises Paused, or when a session fills up.
         self.pause = None
         self.waiting_for = None  # the session whose queue it waits for now
-        self.heap_wait = False  # its reader waits for heap to read a big packet
+        # Its reader waits for heap to read a big packet: False, or
+        # WAIT_BYTES (too few bytes free) or WAIT_PIECE (the bytes, but not
+        # in one piece: keepalive.check).
+        self.heap_wait = False
         self.login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
         # The protocol version whose QoS 0 messages this client takes as
         # they came (route._copy), decided at its CONNECT: 0 for none (topic
@@ -376,7 +381,7 @@ class Connection(Output):
         b = self.broker
         part = bytes(part)  # (MemoryError: nothing to keep it in; closed)
         self.last_rx = b.now_ms()  # held from now (held_longest)
-        self.heap_wait = True
+        self.heap_wait = WAIT_BYTES
         ms = 50
         try:
             while True:
@@ -537,8 +542,10 @@ class Connection(Output):
         part = mv[pos:have]
         kept = None  # the pooled buffer that holds part while this waits
         login = self.session is None  # a CONNECT: nobody has logged in yet
+        ms = 0  # once no piece was found: how long until the next look
         try:
             while True:
+                wait = WAIT_BYTES
                 if (not login or b.connect_big is None) and (b.heap.room_for(total) or self._passes(part, h, total)):
                     try:
                         big = bytearray((total + 255) & ~255 if total <= BIG_KEEP else total)
@@ -549,7 +556,16 @@ class Connection(Output):
                             self.last_rx = b.now_ms()  # the wait is over (waits_on_broker)
                         return big
                     except MemoryError:
-                        # Free heap, but no piece this large.
+                        # Free heap, but no piece this large (the allocator
+                        # collected before it gave up). A shortage too
+                        # (keepalive.check: who holds messages is stuck
+                        # then); and each try costs collections, so the
+                        # looks come further apart, up to a second: 20 a
+                        # second each, clients gone in a WebSocket fuzz
+                        # waited on each other's crumbs.
+                        b.heap.refused_at = time.ticks_ms()
+                        wait = WAIT_PIECE
+                        ms = min(ms << 1, 1000) if ms else 100
                         if self.session is None and part[0] >> 4 == _CONNECT:
                             self._no_heap_for_connect(part, h, len(part))
                         if kept is None and b.heap.may_tell():  # (the first try)
@@ -559,7 +575,6 @@ class Connection(Output):
                                             self.client_label(), total, gc.mem_free())
                             except MemoryError:
                                 pass
-                        gc.collect()
                 if await self._refuse_big(part, h, total, mv):
                     return None
                 if total > b.heap.most:
@@ -579,15 +594,18 @@ class Connection(Output):
                     kept[0 : len(part)] = part
                     part = memoryview(kept)[0 : len(part)]
                     self.last_rx = b.now_ms()  # held from now, once (held_longest)
-                self.heap_wait = True
+                self.heap_wait = wait
                 # (last_rx is set when the wait begins and when it is over,
                 # not at each look: set at each look, a heap with the bytes
                 # but no piece of them kept the client from ever counting
                 # as held, and its slot was never given to a newcomer:
                 # WebSocket fuzzing, clients gone while they waited held
                 # every slot.)
-                await wait_recovered(b, lambda: (not login or b.connect_big is None)
-                                     and (b.heap.room_for(total) or self._passes(part, h, total)))
+                if wait == WAIT_PIECE:
+                    await asyncio.sleep_ms(ms)
+                else:
+                    await wait_recovered(b, lambda: (not login or b.connect_big is None)
+                                         and (b.heap.room_for(total) or self._passes(part, h, total)))
         finally:
             self.heap_wait = False
             if kept is not None:

@@ -127,16 +127,16 @@ def held_longest(b):
     return worst
 
 
-def end_held(b):
+def end_held(b, why="its slot goes to a new client"):
     # Closes the client of held_longest(b), if any, so that its socket,
-    # slot and buffers go to a newcomer; True when there was one. Out of
-    # the table at once, so that its socket counts as free
-    # (server._make_room) a moment before its reader's teardown closes it.
+    # slot and buffers go to a newcomer (or to those it held up:
+    # keepalive.check); True when there was one. Out of the table at once,
+    # so that its socket counts as free (server._make_room) a moment before
+    # its reader's teardown closes it.
     c = held_longest(b)
     if c is None:
         return False
-    c.protocol_error(0x97, "held by the broker for over %d s: its slot goes to a new client"
-                     % (STUCK_MS // 1000))
+    c.protocol_error(0x97, "held by the broker for over %d s: %s" % (STUCK_MS // 1000, why))
     c.close_soon()
     b.conns.remove(c)
     return True
