@@ -136,7 +136,7 @@ def _released(c, s, pid, d):
 def _sub_reason(c, cfg, flt, opts, group):
     if group is None and flt is None:
         return 0x8F  # malformed $share
-    if not valid_filter(flt) or len(flt) > cfg["max_topic_length"]:
+    if len(flt) > cfg["max_topic_length"]:  # (its form: _check_filter, split_shared)
         return 0x8F
     if flt.count("/") >= cfg["max_topic_levels"] and not flt.startswith("$SYS/"):
         # $SYS names are ours: a low level limit must not hide them.
@@ -171,18 +171,19 @@ def _answer(c, p, s, pkt, first):
         c.send(pkt)
 
 
-def _check_v3(c, cfg, full, opts):
-    # 3.1 and 3.1.1, for each filter of a SUBSCRIBE (opts: its options) or
-    # an UNSUBSCRIBE (None), before any of the packet's is taken: a filter
-    # that is not valid (MQTT-4.7.1-2, -3, 4.7.3-1) is a protocol
-    # violation, which closes the connection (MQTT-4.8.0-1), as Mosquitto
-    # does. A 3.1 SUBACK has no failure code, so there a filter past our
-    # own limits (length, levels, a $share without a filter) closes it
-    # too; 3.1.1 answers those 0x80. Refusals by the ACL or
-    # max_subscriptions answer 0x80 in both, rather than close a client
-    # that would only come back.
+def _check_filter(c, cfg, full, opts):
+    # For each filter of a SUBSCRIBE (opts: its options) or an UNSUBSCRIBE
+    # (None), before any of the packet's is taken: a filter the spec forbids
+    # (MQTT-4.7.1-2, -3, 4.7.3-1) is a protocol violation, which closes the
+    # connection (MQTT-4.8.0-1), in 5.0 after DISCONNECT 0x81, as Mosquitto
+    # does (5.0's 0x8F is for a filter correctly formed but not taken). A
+    # 3.1 SUBACK has no failure code, so there a filter past our own limits
+    # (length, levels, a $share without a filter) closes it too; 3.1.1 and
+    # 5.0 answer those 0x80 and 0x8F. Refusals by the ACL or
+    # max_subscriptions answer 0x80 (0x87, 0x97) in all three, rather than
+    # close a client that would only come back.
     if not valid_filter(full):
-        raise MQTTError(0x8F, "topic filter not valid")
+        raise MQTTError(0x81, "topic filter not valid")
     if c.v31 and opts is not None:
         group, flt = split_shared(full)
         if _sub_reason(c, cfg, flt, opts, group) == 0x8F:
@@ -204,8 +205,7 @@ def _on_subscribe(c, mv, off, end):
     pid, props, at = filters_head(_SUBSCRIBE, mv, off, end, v)
     more = 0
     for full, opts in subscribe_filters(mv, at, end, v):
-        if v < 5:
-            _check_v3(c, cfg, full, opts)
+        _check_filter(c, cfg, full, opts)
         more += 2 * len(full) + 24
     _record_room(c, p, s, more)
     subid = 0
@@ -344,8 +344,7 @@ def _on_unsubscribe(c, mv, off, end):
     v = c.version
     pid, _, at = filters_head(_UNSUBSCRIBE, mv, off, end, v)
     for full in unsubscribe_filters(mv, at, end):
-        if v < 5:
-            _check_v3(c, b.cfg, full, None)
+        _check_filter(c, b.cfg, full, None)
     _record_room(c, p, s, 0)
     reasons = bytearray()
     gone = []
@@ -356,9 +355,9 @@ def _on_unsubscribe(c, mv, off, end):
             gone.append((full, sub, len(reasons)))
             reasons.append(0)
         else:
-            # None such: 0x11, or 0x8F for a filter no SUBSCRIBE could make.
+            # None such: 0x11, or 0x8F for a shared one no SUBSCRIBE could make.
             group, flt = split_shared(full)
-            reasons.append(0x8F if flt is None or not valid_filter(flt) else 0x11)
+            reasons.append(0x8F if flt is None else 0x11)
     if p is not None and s.expiry and gone and not _stored(p, s):
         # A power cut would bring them back (the store is full): they stay,
         # refused with 0x80. 3.1.1's UNSUBACK cannot refuse: closed
