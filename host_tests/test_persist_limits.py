@@ -780,6 +780,50 @@ def test_large_retained_values_queued_for_a_session_are_all_restored_after_a_pow
         b.tmp.cleanup()
 
 
+NEED_PER_COPY = r"""
+# The records a QoS 1 message makes for two offline persistent sessions,
+# each with three overlapping subscriptions: a 5.0 one gets three copies,
+# each a queue record; a 3.1.1 one gets one.
+import sys
+from broker import config
+from broker.core import Broker
+from broker.persist import Persist, _entry
+from broker.session import Session
+from broker.subs import Sub
+
+b = Broker(config.build({"persistence": True}))
+p = b.persist = Persist(b, sys.argv[1], 262144)
+p.store.open()
+
+
+def need(version):
+    b.subs.__init__()
+    s = Session("%s-%d" % ("x" * 30, version))
+    s.expiry = 3600
+    s.version = version
+    for f in ("t/#", "t/+", "+/x"):
+        b.subs.add(Sub(s, f, 1, 0, None))
+    return p.need("t/x", False, 10, 17), _entry(s)
+
+
+(n5, e), (n4, _) = need(5), need(4)
+print("5.0 needs", (n5 - n4) // e, "entries more")
+"""
+
+
+def test_the_store_reckons_a_record_for_each_copy_a_50_session_gets(tmp_path):
+    # A 5.0 session gets a copy per matching subscription, each a queue
+    # record: reckoned once per session, a message's records could pass the
+    # checks (too_large, batch_takes, can_take) at a third of their size,
+    # and the store then refused copies acknowledged to a 3.1.1 publisher
+    # (review of 46db26a).
+    from conftest import run_mp
+
+    r = run_mp(NEED_PER_COPY, args=[tmp_path / "store"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "5.0 needs 2 entries more" in r.stdout, r.stdout + r.stderr
+
+
 def test_small_messages_for_many_sessions_with_overlapping_subscriptions_are_never_taken_for_too_large():
     # The store's reckoning counted a queue entry for each subscription
     # that matched, at 4 bytes a character of a 120-character client id:

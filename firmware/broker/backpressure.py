@@ -18,6 +18,8 @@ from micropython import const
 
 _STALL_MS = const(2000)
 STUCK_MS = const(10000)
+WAIT_BYTES = const(1)  # Connection.heap_wait: too few bytes free
+WAIT_PIECE = const(2)  # the bytes free, but in no piece as large (handle_connect.held_longest)
 _RECOVER_MS = const(50)  # how often a paused publisher looks again
 
 

@@ -19,7 +19,7 @@ from broker import log
 from broker.core import Closed
 from broker.transport import drain_in
 from broker.outbuf import Output, ack_packet
-from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered
+from broker.backpressure import Paused, holds_back, wait_for_session, wait_recovered, WAIT_BYTES, WAIT_PIECE
 from broker.pump import pump
 from broker.handle_connect import asked_version, on_connect, refuse
 from broker.handle_publish import on_publish, refuse_for_heap, drop_from_link, BIG_KEEP
@@ -30,8 +30,6 @@ _PUBLISH = const(3)
 _CONNECT = const(1)
 _TURN_PASSES = const(8)  # reader passes between two turns for the other tasks
 _LINGER_STEP_MS = const(100)  # _drain_out(): how soon a cut-short refusal goes
-WAIT_BYTES = const(1)  # Connection.heap_wait: too few bytes free
-WAIT_PIECE = const(2)  # the bytes free, but in no piece as large (keepalive.check)
 _ANY = const(0x3FFFFFFF)  # no limit on a packet's size (_take); a small int
 _NO_HEAP_V5 = b"\x20\x03\x00\x97\x00"  # CONNACK 0x97 (quota exceeded)
 _NO_HEAP_V3 = b"\x20\x02\x00\x03"  # CONNACK 3 (server unavailable)
@@ -167,7 +165,7 @@ class Connection(Output):
         self.waiting_for = None  # the session whose queue it waits for now
         # Its reader waits for heap to read a big packet: False, or
         # WAIT_BYTES (too few bytes free) or WAIT_PIECE (the bytes, but not
-        # in one piece: keepalive.check).
+        # in one piece: handle_connect.held_longest).
         self.heap_wait = False
         self.login_wait = None  # a hashed login's verdict: -1 ok, else ms to hold the refusal
         # The protocol version whose QoS 0 messages this client takes as

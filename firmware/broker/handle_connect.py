@@ -16,7 +16,7 @@ from mqtt.wire import utf8_valid
 from broker import log
 from broker.session import Session, NEVER, SENT, stored_of, seq_of
 from broker.message import Message
-from broker.backpressure import Paused, STUCK_MS
+from broker.backpressure import Paused, STUCK_MS, WAIT_PIECE
 from broker.core import Closed
 from broker.pump import resend_inflight
 
@@ -104,7 +104,7 @@ def room_for_newcomer(b, old=None):
     return b.heap.room_for_client() or held_longest(b) is not None or b.oldest_offline(old, True) is not None
 
 
-def held_longest(b):
+def held_longest(b, piece=False):
     # On a full table or heap, the client whose reader the broker has held
     # longest (for heap or the store), at least STUCK_MS, or None: its slot
     # and buffers go to a new client once that one has logged in
@@ -116,24 +116,30 @@ def held_longest(b):
     # session's client, whose return alone would free the heap, was
     # refused every time. A live one sends again after reconnecting:
     # nothing it was told was taken is lost. Bridge links are left alone.
+    # piece: only of clients whose big packets wait for a piece of heap,
+    # and only when two or more have waited so long (keepalive.check).
     now = b.now_ms()
     worst = None
     most = STUCK_MS
+    n = 0
     for c in b.conns:
-        if c.session is not None and not c.closing and c.topic_in is None and c.waits_on_broker():
+        if (c.session is not None and not c.closing and c.topic_in is None and c.waits_on_broker()
+                and (not piece or c.heap_wait == WAIT_PIECE)):
             age = time.ticks_diff(now, c.last_rx)
-            if age > most:
-                worst, most = c, age
-    return worst
+            if age > STUCK_MS:
+                n += 1
+                if age > most:
+                    worst, most = c, age
+    return worst if n > 1 or not piece else None
 
 
-def end_held(b, why="its slot goes to a new client"):
-    # Closes the client of held_longest(b), if any, so that its socket,
-    # slot and buffers go to a newcomer (or to those it held up:
+def end_held(b, why="its slot goes to a new client", piece=False):
+    # Closes the client of held_longest(b, piece), if any, so that its
+    # socket, slot and buffers go to a newcomer (or to those it held up:
     # keepalive.check); True when there was one. Out of the table at once,
     # so that its socket counts as free (server._make_room) a moment before
     # its reader's teardown closes it.
-    c = held_longest(b)
+    c = held_longest(b, piece)
     if c is None:
         return False
     c.protocol_error(0x97, "held by the broker for over %d s: %s" % (STUCK_MS // 1000, why))

@@ -180,7 +180,8 @@ class Heap:
 
     def refused_lately(self, now_ms):
         # True while something waits for heap: a paused reader asks again
-        # every 50 ms (backpressure.wait_recovered).
+        # every 50 ms (backpressure.wait_recovered), one waiting for a piece
+        # at least once a second (conn._big_buffer).
         t = self.refused_at
         if t is None:
             return False

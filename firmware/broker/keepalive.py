@@ -11,7 +11,6 @@
 import time
 from broker import log
 from broker.backpressure import STUCK_MS
-from broker.conn import WAIT_PIECE
 from broker.handle_connect import end_held
 
 
@@ -42,13 +41,10 @@ def check(b):
     now_ms = time.ticks_ms()
     cto = b.cfg["connect_timeout"] * 1000
     short = b.heap.refused_lately(now_ms)
-    pieces = 0  # clients held over STUCK_MS for a piece of heap
     for c in b.conns:
         c.release()
         if c.closing:
             continue
-        if c.heap_wait == WAIT_PIECE and time.ticks_diff(now_ms, c.last_rx) > STUCK_MS:
-            pieces += 1
         if c.pending() and not c.dirty and c.writer is None:
             c.kick()  # output a MemoryError left unsent (core.flush_now)
         s = c.session
@@ -90,13 +86,11 @@ def check(b):
             # client got none of its 200. And what is to go again on a
             # resumption (pump.resend), once the heap has a piece for it.
             c.kick()
-    if pieces > 1:
-        # Their packets wait for pieces of heap that their own buffers,
-        # connections and sessions break up: none goes on until one
-        # leaves. The client held longest goes, as for a newcomer
-        # (handle_connect.end_held): a live one sends again after
-        # reconnecting, and nothing it was told was taken is lost. One a
-        # second, until the rest find their pieces. (Clients gone during a
-        # WebSocket fuzz held 30 KB this way, with the bytes free, until
-        # a newcomer came.) One such client alone is left to wait.
-        end_held(b, "its buffers go to the others")
+    # Clients whose big packets wait for pieces of heap that their own
+    # buffers, connections and sessions break up: none goes on until one
+    # leaves. Of two or more held over STUCK_MS so, the one held longest
+    # goes, as for a newcomer: a live one sends again after reconnecting,
+    # and nothing it was told was taken is lost. One a second, until the
+    # rest find their pieces. (Clients gone during a WebSocket fuzz held
+    # 30 KB this way, with the bytes free, until a newcomer came.)
+    end_held(b, "its buffers go to the others", True)

@@ -262,8 +262,8 @@ class Persist:
     def need(self, topic, retain, size, n, x=None):
         # Bytes of records a message on topic makes, of size bytes of
         # payload and n bytes after the fixed header: its retained record,
-        # and its own record and a queue entry per persistent session it is
-        # held for. Its records hold its properties too. x: the persistent
+        # and its own record and a queue entry per copy held for a
+        # persistent session. Its records hold its properties too. x: the persistent
         # session of a QoS 2 publisher, whose record that it received the
         # message (qos2_received) must be kept too: refused for a full
         # store, a power cut let the publisher's resend through as a new
@@ -278,8 +278,9 @@ class Persist:
         b.subs.match(topic, hits)
         plain = len(hits)
         b.subs.match_shared(topic, hits, False)
-        # A queue entry per session its plain subscriptions match, however
-        # many do (route() delivers once), and one per share group.
+        # A queue entry per copy route() makes: per matching subscription of
+        # a 5.0 session, per older session however many of its plain ones
+        # match, and per share group.
         held = None
         for i in range(len(hits)):
             sub = hits[i]
@@ -287,7 +288,7 @@ class Persist:
             if s.expiry and sub.opts & 3:
                 if held is None:
                     held = []
-                elif i < plain and s in held:
+                elif i < plain and s.version != 5 and s in held:
                     continue
                 held.append(s)
                 need += _entry(s)

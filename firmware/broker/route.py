@@ -9,7 +9,7 @@
 import gc
 import micropython
 from micropython import const
-from broker.session import info
+from broker.session import info, seq_of
 from broker.message import Raw
 from broker.pump import put_message, SENT, GONE
 from broker.outbuf import reserve, kick
@@ -32,7 +32,7 @@ del _Slicer
 
 @micropython.native  # (tools/frames.py: its frame on the C stack)
 def route(b, msg, origin, keep=True):
-    # Returns the number of sessions msg went to. msg is a Message, or a
+    # Returns the number of copies of msg sent or queued. msg is a Message, or a
     # message.Raw (a QoS 0 message straight from the read buffer). keep: a
     # retained message replaces the stored one (False for $SYS, and where
     # the caller has set it already: handle_publish, the bridge).
@@ -145,6 +145,7 @@ def deliver(b, s, msg, qos, retain, subids):
     if b.acl is not None and s.bridge is None and not b.acl.can_read(s.client_id, s.username, msg.topic):
         b.missed += 1
         return
+    seq = b.seq  # a copy placed below takes a later one (Broker.next_seq)
     try:
         c = s.conn
         retain = bool(retain)
@@ -171,20 +172,22 @@ def deliver(b, s, msg, qos, retain, subids):
         return
     except MemoryError:
         # (Nothing in here may take heap: a MemoryError out of it would end
-        # the publisher's connection. c and r are reused: each local is a
-        # word of this frame, which every call takes from the heap.)
+        # the publisher's connection.)
         gc.collect()
         if not qos:
             b.stats_dropped += 1
             b.missed += 1
             return
+        # This copy, not another copy of msg for s (a 5.0 session gets one
+        # per matching subscription): the second found the first and was
+        # dropped unsaid, its publisher told it was taken.
         c = s.inflight
         for r in c:
-            if c[r].msg is msg:
+            if c[r].msg is msg and c[r].seq > seq:
                 return  # out, in flight: it met the error after that
         c = s.queue
         for r in range(0, len(c), 2):
-            if c[r] is msg:
+            if c[r] is msg and seq_of(c[r + 1]) > seq:
                 return  # queued
     # Neither (put_message leaves nothing sent when it fails): queued, once
     # more, as when the output is full. Else counted like a full queue (v5
