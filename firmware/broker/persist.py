@@ -263,11 +263,11 @@ class Persist:
         # Bytes of records a message on topic makes, of size bytes of
         # payload and n bytes after the fixed header: its retained record,
         # and its own record and a queue entry per copy held for a
-        # persistent session. Its records hold its properties too. x: the persistent
-        # session of a QoS 2 publisher, whose record that it received the
-        # message (qos2_received) must be kept too: refused for a full
-        # store, a power cut let the publisher's resend through as a new
-        # message, a second copy for every subscriber.
+        # persistent session. Its records hold its properties too. x: the
+        # persistent session of a QoS 2 publisher, whose record that it
+        # received the message (qos2_received) must be kept too: refused
+        # for a full store, a power cut let the publisher's resend through
+        # as a new message, a second copy for every subscriber.
         b = self.b
         rec = _record_max(n, topic)
         need = rec if retain and size else 0  # a delete makes room
